@@ -1,0 +1,3 @@
+from speedtrain.cli import main
+
+main()

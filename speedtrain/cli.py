@@ -1,0 +1,276 @@
+"""The `speedtrain` command line: flags in, one library call, rich output; errors become one line and an exit code."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+from speedtrain import hardware, report, workflow
+from speedtrain.errors import SpeedtrainError
+from speedtrain.planner import DEFAULT_TARGET_MAP, Overrides
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+class _Commands(TyperGroup):
+    """The one place where a SpeedtrainError becomes one line on stderr and its exit code."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SpeedtrainError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[bold red]interrupted[/]")
+            raise typer.Exit(130) from None
+
+
+app = typer.Typer(
+    cls=_Commands,
+    name="speedtrain",
+    help="Plan and run fast Ultralytics YOLO training for this machine, and report how fast it went.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_show_locals=False,
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": ["-h", "--help"]}
+
+
+class Cache(str, Enum):
+    ram = "ram"
+    disk = "disk"
+    none = "none"
+
+
+class Finetune(str, Enum):
+    yes = "yes"
+    no = "no"
+    auto = "auto"
+    ask = "ask"
+
+
+DatasetOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--dataset",
+        "-d",
+        help="Dataset folder (with data.yaml or images/+labels/) or a data yaml. Default: the embedded sample.",
+    ),
+]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="A .pt file or model yaml. Default: yolo26n.")]
+EpochsOpt = Annotated[int | None, typer.Option("--epochs", "-e", min=1, help="Main-stage epochs. Default: 50.")]
+BatchOpt = Annotated[
+    int | None,
+    typer.Option("--batch-size", "--batch", "-b", help="Total batch size. Default: sized from free VRAM."),
+]
+ImgszOpt = Annotated[
+    int | None,
+    typer.Option("--img-size", "--imgsz", help="Main-stage image size (multiple of 32). Default: 416."),
+]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", "-w", help="Dataloader workers per GPU. Default: by RAM.")]
+CacheOpt = Annotated[Cache | None, typer.Option("--cache", help="Image cache. Default: ram if it fits, else disk.")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, mps, 0 or 0,1. Default: all visible GPUs.")]
+RectOpt = Annotated[
+    bool | None,
+    typer.Option("--rect/--no-rect", help="Rectangular batches (turns shuffle and mosaic off). Default: on."),
+]
+FinetuneOpt = Annotated[
+    Finetune,
+    typer.Option("--finetune", help="640-px fine-tune: yes, no, auto (by --target-map) or ask at the end."),
+]
+FinetuneEpochsOpt = Annotated[
+    int | None, typer.Option("--finetune-epochs", min=1, help="Fine-tune epochs. Default: 25.")
+]
+FinetuneImgszOpt = Annotated[
+    int | None, typer.Option("--finetune-img-size", help="Fine-tune image size. Default: 640.")
+]
+TargetMapOpt = Annotated[
+    float, typer.Option("--target-map", min=0.0, max=1.0, help="--finetune auto runs it below this mAP50-95.")
+]
+OptimizerOpt = Annotated[str | None, typer.Option("--optimizer", help="Ultralytics optimizer name. Default: Adam.")]
+Lr0Opt = Annotated[float | None, typer.Option("--lr0", min=0.0, help="Initial learning rate. Default: 0.001.")]
+PatienceOpt = Annotated[int | None, typer.Option("--patience", min=0, help="Early-stopping patience. Default: 10.")]
+HardwareOpt = Annotated[
+    Path | None,
+    typer.Option("--hardware", help="Plan for the machine in this snapshot (from `speedtrain probe --json`)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+
+def _overrides(**kw: Any) -> Overrides:
+    cache, finetune = kw.pop("cache"), kw.pop("finetune")
+    return Overrides(cache=cache.value if cache else None, finetune=finetune.value, **kw)
+
+
+@app.command()
+def probe(
+    *,
+    as_json: JsonOpt = False,
+    save: Annotated[Path | None, typer.Option("--save", help="Also write the snapshot to this JSON file.")] = None,
+    path: Annotated[Path, typer.Option("--path", help="Measure free disk where this folder lives.")] = Path("."),
+) -> None:
+    """Show this machine's GPUs, RAM, CPU cores and free disk.
+
+    Example: speedtrain probe --json > my_machine.json
+    """
+    snapshot = hardware.probe(path)
+    if save:
+        hardware.save(snapshot, save)
+    if as_json:
+        typer.echo(json.dumps(hardware.to_dict(snapshot), indent=2))
+    else:
+        console.print(report.render_hardware(hardware.to_dict(snapshot)))
+
+
+@app.command(context_settings=EXTRA_ARGS)
+def plan(
+    ctx: typer.Context,
+    *,
+    dataset: DatasetOpt = None,
+    hardware_file: HardwareOpt = None,
+    as_json: JsonOpt = False,
+    model: ModelOpt = None,
+    epochs: EpochsOpt = None,
+    batch: BatchOpt = None,
+    imgsz: ImgszOpt = None,
+    workers: WorkersOpt = None,
+    cache: CacheOpt = None,
+    device: DeviceOpt = None,
+    rect: RectOpt = None,
+    finetune: FinetuneOpt = Finetune.ask,
+    finetune_epochs: FinetuneEpochsOpt = None,
+    finetune_imgsz: FinetuneImgszOpt = None,
+    target_map: TargetMapOpt = DEFAULT_TARGET_MAP,
+    optimizer: OptimizerOpt = None,
+    lr0: Lr0Opt = None,
+    patience: PatienceOpt = None,
+) -> None:
+    """Print the training plan and its reasons without training. Extra key=value go to Ultralytics.
+
+    Example: speedtrain plan --dataset datasets/coco128 --hardware my_gpu_box.json mosaic=0.5
+    """
+    ov = _overrides(
+        model=model,
+        epochs=epochs,
+        batch=batch,
+        imgsz=imgsz,
+        workers=workers,
+        cache=cache,
+        device=device,
+        rect=rect,
+        finetune=finetune,
+        finetune_epochs=finetune_epochs,
+        finetune_imgsz=finetune_imgsz,
+        target_map=target_map,
+        optimizer=optimizer,
+        lr0=lr0,
+        patience=patience,
+    )
+    hw, stats, the_plan = workflow.make_plan(dataset, ov, ctx.args, hardware_file)
+    doc = report.plan_document(hw, stats, the_plan)
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    console.print(report.render_hardware(doc["hardware"]))
+    console.print(report.render_dataset(doc["dataset"]))
+    console.print(report.render_plan(doc))
+
+
+@app.command(context_settings=EXTRA_ARGS)
+def train(
+    ctx: typer.Context,
+    *,
+    dataset: DatasetOpt = None,
+    model: ModelOpt = None,
+    epochs: EpochsOpt = None,
+    batch: BatchOpt = None,
+    imgsz: ImgszOpt = None,
+    workers: WorkersOpt = None,
+    cache: CacheOpt = None,
+    device: DeviceOpt = None,
+    rect: RectOpt = None,
+    finetune: FinetuneOpt = Finetune.ask,
+    finetune_epochs: FinetuneEpochsOpt = None,
+    finetune_imgsz: FinetuneImgszOpt = None,
+    target_map: TargetMapOpt = DEFAULT_TARGET_MAP,
+    optimizer: OptimizerOpt = None,
+    lr0: Lr0Opt = None,
+    patience: PatienceOpt = None,
+    project: Annotated[Path, typer.Option("--project", help="Folder for run folders.")] = workflow.DEFAULT_PROJECT,
+    name: Annotated[str, typer.Option("--name", help="Run folder name; taken names get 2, 3, ...")] = "train",
+) -> None:
+    """Plan and train, then print and save the speed report. Extra key=value go to Ultralytics.
+
+    Example: speedtrain train --dataset dataset --epochs 50 --batch-size 32 --img-size 416 mosaic=0.5
+    """
+    ov = _overrides(
+        model=model,
+        epochs=epochs,
+        batch=batch,
+        imgsz=imgsz,
+        workers=workers,
+        cache=cache,
+        device=device,
+        rect=rect,
+        finetune=finetune,
+        finetune_epochs=finetune_epochs,
+        finetune_imgsz=finetune_imgsz,
+        target_map=target_map,
+        optimizer=optimizer,
+        lr0=lr0,
+        patience=patience,
+    )
+    hw, stats, the_plan = workflow.make_plan(dataset, ov, ctx.args)
+    doc = report.plan_document(hw, stats, the_plan)
+    console.print(report.render_dataset(doc["dataset"]))
+    console.print(report.render_plan(doc))
+    result, path = workflow.execute(hw, stats, the_plan, project, name, ask=_ask_finetune, log=_log)
+    console.rule("speed report")
+    console.print(report.render_report(result))
+    console.print(f"report: {path}")
+
+
+@app.command("report")
+def show_report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (or its speed_report.json).")],
+    *,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a finished run's speed report again from its speed_report.json.
+
+    Example: speedtrain report runs/speedtrain/train
+    """
+    doc = report.load_report(run_dir)
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+    else:
+        console.print(report.render_report(doc))
+
+
+def _ask_finetune(main_result: Any) -> bool | None:
+    """Ask on an interactive terminal; None (skip) when nobody can answer."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return None
+    score = main_result.metric("mAP50-95")
+    shown = f"{score:.3f}" if score is not None else "unknown"
+    return typer.confirm(f"Main stage mAP50-95 is {shown}. Fine-tune at 640 px now?", default=False)
+
+
+def _log(message: str) -> None:
+    console.print(f"[bold cyan]speedtrain:[/] {message}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `speedtrain` script, `python -m speedtrain` and the top-level shims."""
+    app(args=argv, prog_name="speedtrain")

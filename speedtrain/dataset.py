@@ -1,0 +1,366 @@
+"""Find and read a YOLO dataset (data.yaml or images/ + labels/ layout) into DatasetStats; never writes."""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from speedtrain.errors import DatasetError
+
+# The extensions Ultralytics 8.4 loads as images (ultralytics/data/utils.py IMG_FORMATS).
+IMG_FORMATS = frozenset(
+    {
+        "avif",
+        "bmp",
+        "dng",
+        "heic",
+        "heif",
+        "jp2",
+        "jpeg",
+        "jpeg2000",
+        "jpg",
+        "mpo",
+        "png",
+        "tif",
+        "tiff",
+        "webp",
+    }
+)
+YAML_NAMES = ("data.yaml", "dataset.yaml", "data.yml", "dataset.yml")
+VAL_DIR_NAMES = ("val", "valid", "validation")
+SIZE_SAMPLE = 1000  # image headers read for the size summary; more images are sampled, and the stats say so
+COORD_TOLERANCE = 0.01  # Ultralytics accepts normalised coordinates up to 1.01 (verify_image_label)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    severity: str  # "error" stops training; "warning" is reported and Ultralytics skips the file
+    kind: str
+    file: str
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.file}: {self.detail}"
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    name: str
+    sources: tuple[str, ...]  # absolute folders, list files or image files, as in data.yaml
+    image_files: tuple[str, ...]
+    label_files: tuple[str, ...]  # the label path Ultralytics would read for each image (may not exist)
+    labelled: int  # images whose label file exists
+    backgrounds: int  # images with no label file or an empty one
+    instances: int
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSizes:
+    """(width, height) of a sample of the training images, read from headers."""
+
+    dims: tuple[tuple[int, int], ...]
+    total: int
+
+    @property
+    def sampled(self) -> bool:
+        return len(self.dims) < self.total
+
+    def median_long_side(self) -> int:
+        return int(statistics.median(max(d) for d in self.dims)) if self.dims else 0
+
+    def max_long_side(self) -> int:
+        return max((max(d) for d in self.dims), default=0)
+
+    def share_larger_than(self, long_side: int) -> float:
+        """Fraction of sampled images whose long side exceeds `long_side`."""
+        return sum(max(d) > long_side for d in self.dims) / len(self.dims) if self.dims else 0.0
+
+    def decoded_bytes_per_image(self, imgsz: int) -> float:
+        """Mean bytes of one image as Ultralytics caches it: long side resized to imgsz, 3 channels uint8."""
+        if not self.dims:
+            return imgsz * imgsz * 3.0
+        total = 0.0
+        for w, h in self.dims:
+            r = imgsz / max(w, h)
+            total += round(w * r) * round(h * r) * 3
+        return total / len(self.dims)
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetStats:
+    yaml_path: str | None  # the user's yaml, or None when the layout was read without one
+    root: str
+    names: tuple[str, ...]
+    splits: tuple[Split, ...]
+    image_sizes: ImageSizes
+    problems: tuple[Problem, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+    has_download_script: bool = False
+
+    def split(self, name: str) -> Split | None:
+        return next((s for s in self.splits if s.name == name), None)
+
+    @property
+    def train_images(self) -> int:
+        split = self.split("train")
+        return len(split.image_files) if split else 0
+
+    @property
+    def val_images(self) -> int:
+        split = self.split("val")
+        return len(split.image_files) if split else 0
+
+    @property
+    def label_files(self) -> int:
+        return sum(s.labelled for s in self.splits)
+
+    @property
+    def background_images(self) -> int:
+        return sum(s.backgrounds for s in self.splits)
+
+    @property
+    def classes(self) -> int:
+        return len(self.names)
+
+    @property
+    def sampled(self) -> bool:
+        return self.image_sizes.sampled
+
+    @property
+    def errors(self) -> tuple[Problem, ...]:
+        return tuple(p for p in self.problems if p.severity == "error")
+
+    def decoded_gb(self, imgsz: int) -> float:
+        """Estimated RAM for Ultralytics' image cache at imgsz: train and val datasets each cache their images."""
+        per_image = self.image_sizes.decoded_bytes_per_image(imgsz)
+        return per_image * (self.train_images + self.val_images) / 1024**3
+
+
+def scan(path: str | Path, sample: int = SIZE_SAMPLE) -> DatasetStats:
+    """Read the dataset at `path` (a folder or a yaml file) without modifying anything."""
+    yaml_path, data, root, notes = _resolve(Path(path))
+    names = _names(data, yaml_path)
+    splits, problems = [], []
+    for split_name in ("train", "val", "test"):
+        if split_name not in data or data[split_name] in (None, ""):
+            continue
+        split, split_problems = _scan_split(split_name, data[split_name], root, len(names), yaml_path)
+        splits.append(split)
+        problems += split_problems
+    train = next(s for s in splits if s.name == "train")
+    sizes, size_problems = _image_sizes(train.image_files, sample)
+    return DatasetStats(
+        yaml_path=str(yaml_path) if yaml_path else None,
+        root=str(root),
+        names=names,
+        splits=tuple(splits),
+        image_sizes=sizes,
+        problems=tuple(problems + size_problems),
+        notes=tuple(notes),
+        has_download_script=bool(data.get("download")),
+    )
+
+
+def _resolve(path: Path) -> tuple[Path | None, dict[str, Any], Path, list[str]]:
+    """Return (yaml path or None, data mapping, dataset root, notes) for a folder or a yaml path."""
+    if not path.exists():
+        raise DatasetError(f"dataset not found: {path}")
+    path = path.absolute()
+    if path.is_file():
+        if path.suffix.lower() not in (".yaml", ".yml"):
+            raise DatasetError(f"{path}: expected a dataset folder or a .yaml file")
+        return _read_yaml(path)
+    for name in YAML_NAMES:
+        if (path / name).is_file():
+            return _read_yaml(path / name)
+    yamls = sorted(path.glob("*.yaml")) + sorted(path.glob("*.yml"))
+    if len(yamls) == 1:
+        return _read_yaml(yamls[0])
+    if (path / "images").is_dir():
+        return (None, *_layout_data(path))
+    if len(yamls) > 1:
+        raise DatasetError(f"{path}: several yaml files and no data.yaml; pass the yaml file itself")
+    raise DatasetError(f"{path}: no data.yaml and no images/ folder; not a YOLO dataset")
+
+
+def _read_yaml(path: Path) -> tuple[Path, dict[str, Any], Path, list[str]]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DatasetError(f"{path}: cannot read yaml ({first})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: expected a mapping with train, val and names keys")
+    missing = [k for k in ("train", "val") if not data.get(k)]
+    if missing:
+        raise DatasetError(f"{path}: missing required key(s): {', '.join(missing)}")
+    notes = []
+    raw_root = data.get("path")
+    if raw_root in (None, ""):
+        root = path.parent
+    else:
+        root = Path(str(raw_root)).expanduser()
+        if not root.is_absolute():
+            # Plain Ultralytics resolves a relative `path:` against its global datasets_dir; the user meant
+            # the folder the yaml lives in, so resolve it there and say so.
+            root = (path.parent / root).absolute()
+            notes.append(f"relative path '{raw_root}' resolved against the yaml's folder: {root}")
+    return path, data, Path(os.path.normpath(root)), notes
+
+
+def _layout_data(path: Path) -> tuple[dict[str, Any], Path, list[str]]:
+    """Build the data mapping for an images/ + labels/ folder without a yaml."""
+    images = path / "images"
+    train = images / "train" if (images / "train").is_dir() else images
+    val = next((images / v for v in VAL_DIR_NAMES if (images / v).is_dir()), None)
+    notes = [f"no data.yaml in {path}; read the images/ + labels/ layout"]
+    if val is None:
+        val = train
+        notes.append("no validation split found; validating on the training images")
+    data: dict[str, Any] = {"train": str(train), "val": str(val)}
+    classes_txt = path / "classes.txt"
+    if classes_txt.is_file():
+        data["names"] = [n.strip() for n in classes_txt.read_text(encoding="utf-8").splitlines() if n.strip()]
+    return data, path, notes
+
+
+def _names(data: dict[str, Any], yaml_path: Path | None) -> tuple[str, ...]:
+    where = str(yaml_path) if yaml_path else "dataset"
+    names, nc = data.get("names"), data.get("nc")
+    if isinstance(names, dict):
+        try:
+            keys = sorted(int(k) for k in names)
+        except (TypeError, ValueError):
+            raise DatasetError(f"{where}: names keys must be class ids 0, 1, 2, ...") from None
+        if keys != list(range(len(keys))):
+            raise DatasetError(f"{where}: names keys must run 0..{len(keys) - 1} without gaps")
+        names = [names.get(k, names.get(str(k))) for k in keys]
+    if names is None:
+        if nc is None:
+            return _names_from_labels(data)
+        names = [f"class{i}" for i in range(int(nc))]
+    if not isinstance(names, list) or not names:
+        raise DatasetError(f"{where}: names must be a non-empty list or mapping")
+    if nc is not None and int(nc) != len(names):
+        raise DatasetError(f"{where}: nc is {nc} but names lists {len(names)} classes")
+    return tuple(str(n) for n in names)
+
+
+def _names_from_labels(data: dict[str, Any]) -> tuple[str, ...]:
+    """Name classes class0..classN after the largest id in the training labels (layout without classes.txt)."""
+    root = Path(str(data["train"]))
+    top = -1
+    for image in list_images([root]):
+        for row in _label_rows(Path(label_path(image))) or []:
+            if row and row[0].lstrip("-").isdigit():
+                top = max(top, int(row[0]))
+    if top < 0:
+        raise DatasetError(f"{root}: no names, no classes.txt and no labels to count classes from")
+    return tuple(f"class{i}" for i in range(top + 1))
+
+
+def _scan_split(name: str, entry: Any, root: Path, nc: int, yaml_path: Path | None) -> tuple[Split, list[Problem]]:
+    entries = entry if isinstance(entry, list) else [entry]
+    sources = []
+    for item in entries:
+        p = Path(str(item)).expanduser()
+        p = p if p.is_absolute() else root / p
+        if not p.exists():
+            where = f" (from {yaml_path})" if yaml_path else ""
+            raise DatasetError(f"{name} split not found: {p}{where}")
+        sources.append(p)
+    images = list_images(sources)
+    if not images:
+        raise DatasetError(f"{name} split has no images: {', '.join(map(str, sources))}")
+    labels = tuple(label_path(i) for i in images)
+    problems: list[Problem] = []
+    labelled = backgrounds = instances = 0
+    for label in labels:
+        rows = _label_rows(Path(label))
+        if rows is None:
+            backgrounds += 1
+            continue
+        labelled += 1
+        good = _check_rows(rows, label, nc, problems)
+        instances += good
+        backgrounds += not rows
+    split = Split(name, tuple(map(str, sources)), images, labels, labelled, backgrounds, instances)
+    return split, problems
+
+
+def _check_rows(rows: list[list[str]], label: str, nc: int, problems: list[Problem]) -> int:
+    """Validate label rows like Ultralytics' verify_image_label; return the count of usable rows."""
+    good = 0
+    for n, row in enumerate(rows, 1):
+        if len(row) < 5 or (len(row) > 5 and len(row) % 2 == 0):
+            problems.append(Problem("warning", "malformed-label", label, f"line {n}: {len(row)} columns"))
+            continue
+        try:
+            cls, coords = float(row[0]), [float(v) for v in row[1:]]
+        except ValueError:
+            problems.append(Problem("warning", "malformed-label", label, f"line {n}: not numbers"))
+            continue
+        if cls != int(cls) or not 0 <= cls < nc:
+            problems.append(
+                Problem("error", "class-out-of-range", label, f"line {n}: class id {row[0]} outside 0..{nc - 1}")
+            )
+            continue
+        if min(coords) < -COORD_TOLERANCE or max(coords) > 1 + COORD_TOLERANCE:
+            problems.append(Problem("warning", "coords-out-of-range", label, f"line {n}: coordinates outside [0, 1]"))
+            continue
+        good += 1
+    return good
+
+
+def _label_rows(label: Path) -> list[list[str]] | None:
+    """Rows of a label file split on whitespace (CRLF-safe), or None when the file does not exist."""
+    try:
+        text = label.read_text(encoding="utf-8", errors="replace")
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+    return [line.split() for line in text.splitlines() if line.strip()]
+
+
+def label_path(image: str) -> str:
+    """The label file Ultralytics reads for an image: last /images/ becomes /labels/, extension .txt."""
+    sa, sb = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+    return sb.join(image.rsplit(sa, 1)).rsplit(".", 1)[0] + ".txt"
+
+
+def list_images(sources: Iterable[Path]) -> tuple[str, ...]:
+    """Image files under folders, in list files (one path per line), or given directly, sorted like Ultralytics."""
+    files: list[str] = []
+    for source in sources:
+        if source.is_dir():
+            files += [str(p) for p in source.rglob("*") if p.is_file()]
+        elif source.suffix.lower() == ".txt":
+            parent = source.parent
+            for line in source.read_text(encoding="utf-8-sig").splitlines():
+                line = line.strip()
+                if line:
+                    p = Path(line)
+                    files.append(str(p if p.is_absolute() else parent / p))
+        else:
+            files.append(str(source))
+    return tuple(sorted({f for f in files if f.rpartition(".")[-1].lower() in IMG_FORMATS}))
+
+
+def _image_sizes(images: tuple[str, ...], sample: int) -> tuple[ImageSizes, list[Problem]]:
+    from PIL import Image, UnidentifiedImageError
+
+    picked = images if len(images) <= sample else tuple(random.Random(0).sample(images, sample))
+    dims, problems = [], []
+    for image in picked:
+        try:
+            with Image.open(image) as im:
+                dims.append(im.size)
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            problems.append(Problem("warning", "unreadable-image", image, f"cannot read image ({exc})"))
+    return ImageSizes(tuple(dims), len(images)), problems

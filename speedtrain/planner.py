@@ -1,0 +1,480 @@
+"""Turn (HardwareSnapshot, DatasetStats, Overrides) into a TrainPlan. Pure: no I/O, no torch, no ultralytics."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from speedtrain.dataset import DatasetStats
+from speedtrain.errors import UsageError
+from speedtrain.hardware import HardwareSnapshot
+
+DEFAULT_MODEL = "yolo26n"
+MAIN_IMGSZ = 416
+FINETUNE_IMGSZ = 640
+MAIN_EPOCHS = 50
+FINETUNE_EPOCHS = 25
+SAMPLE_EPOCHS = (3, 2)  # main, fine-tune epochs on the embedded sample: a demo that ends in minutes on a CPU
+MAIN_LR0 = 0.001  # Adam's usual rate; Ultralytics' 0.01 default is tuned for SGD
+FINETUNE_LR_FACTOR = 0.1
+PATIENCE = 10
+CLOSE_MOSAIC = 10
+DEFAULT_TARGET_MAP = 0.5
+STRIDE = 32  # Ultralytics rounds imgsz up to a multiple of the model's largest stride
+
+BATCH_CHAIN = (48, 32, 16, 8)  # per GPU; the OOM fallback walks it left to right
+CPU_BATCH_CHAIN = (16, 8, 4)
+CPU_BATCH_BY_RAM_GB = ((16.0, 16), (8.0, 8), (0.0, 4))  # (available RAM at least, batch)
+WORKERS_BY_RAM_GB = ((16.0, 16), (8.0, 12), (4.0, 8), (0.0, 4))  # (available RAM at least, workers)
+
+# VRAM model (estimate, to be replaced by measurement in `speedtrain tune`): a nano YOLO model at 416 px with
+# AMP takes about 0.09 GB per image of activations and gradients; larger scales take more. A CUDA context and
+# cuDNN workspaces take about 1 GB, and only 70% of the rest is counted so that allocator fragmentation and
+# the validation pass fit. A wrong guess costs one OOM retry down the fallback chain, not the run.
+GB_PER_IMAGE_NANO_416 = 0.09
+MODEL_SCALE_MEMORY = {"n": 1.0, "s": 2.0, "m": 3.5, "l": 5.0, "x": 7.5}
+CUDA_CONTEXT_GB = 1.0
+VRAM_USABLE_FRACTION = 0.7
+
+# RAM cache margin: Ultralytics' own check (BaseDataset.check_cache_ram) wants 1.5x the decoded size; on top,
+# each dataloader worker holds its own augmentation buffers (about 0.5 GB seen per worker at 640 px, an
+# estimate), and 2 GB stay free for the OS and the training process itself.
+RAM_CACHE_FACTOR = 1.5
+WORKER_RAM_GB = 0.5
+RAM_RESERVE_GB = 2.0
+DISK_RESERVE_GB = 1.0
+
+BASELINE = {"imgsz": 640, "batch": 16, "cache": "disk", "workers": 8}  # Ultralytics-tutorial settings
+
+# Ultralytics train arguments that speedtrain owns: they come from its own flags.
+RESERVED_ARGS = {
+    "data": "--dataset",
+    "model": "--model",
+    "project": "--project",
+    "name": "--name",
+    "resume": "--resume",
+    "mode": None,
+    "task": None,
+    "exist_ok": None,
+    "save_dir": None,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """What the user set; None means 'let the planner decide'."""
+
+    epochs: int | None = None
+    batch: int | None = None
+    imgsz: int | None = None
+    workers: int | None = None
+    cache: str | None = None  # "ram", "disk" or "none"
+    device: str | None = None
+    rect: bool | None = None
+    optimizer: str | None = None
+    lr0: float | None = None
+    patience: int | None = None
+    model: str | None = None
+    finetune: str = "ask"  # "yes", "no", "auto" or "ask"
+    finetune_epochs: int | None = None
+    finetune_imgsz: int | None = None
+    target_map: float = DEFAULT_TARGET_MAP
+    extra: tuple[tuple[str, Any], ...] = ()  # other Ultralytics train arguments, key=value
+    sample: bool = False  # training on the embedded sample
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """One model.train() call; fields named like Ultralytics' train arguments."""
+
+    name: str
+    imgsz: int
+    epochs: int
+    batch: int
+    batch_fallbacks: tuple[int, ...]
+    workers: int
+    cache: str | bool  # "ram", "disk" or False, as Ultralytics takes it
+    optimizer: str
+    lr0: float
+    cos_lr: bool
+    close_mosaic: int
+    rect: bool
+    patience: int
+    amp: bool
+    device: str
+    warmup_epochs: float = 3.0
+    when: str = "always"  # "always", or for the fine-tune: "auto" or "ask"
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    def train_args(self) -> dict[str, Any]:
+        """Arguments for model.train(); every key is an Ultralytics train argument."""
+        skip = {"name", "batch_fallbacks", "when", "extra"}
+        args = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        args.update(self.extra)
+        return args
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["batch_fallbacks"] = list(self.batch_fallbacks)
+        data["extra"] = dict(self.extra)
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class TrainPlan:
+    device: str
+    model: str
+    stages: tuple[Stage, ...]
+    reasons: tuple[tuple[str, str], ...]
+    target_map: float
+    estimates: tuple[tuple[str, str], ...] = ()
+    warnings: tuple[str, ...] = ()
+    cache_estimate_gb: float = 0.0
+    baseline: dict[str, Any] = field(default_factory=lambda: dict(BASELINE))
+
+    def reason(self, key: str) -> str:
+        return dict(self.reasons).get(key, "")
+
+    def stage(self, name: str) -> Stage | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "model": self.model,
+            "stages": [s.to_dict() for s in self.stages],
+            "reasons": dict(self.reasons),
+            "target_map": self.target_map,
+            "estimates": dict(self.estimates),
+            "warnings": list(self.warnings),
+            "cache_estimate_gb": self.cache_estimate_gb,
+            "baseline": dict(self.baseline),
+        }
+
+
+def plan(hw: HardwareSnapshot, stats: DatasetStats, overrides: Overrides | None = None) -> TrainPlan:
+    """Decide every knob of the run, each with a one-line reason."""
+    ov = _fold_extra(overrides or Overrides())
+    reasons: dict[str, str] = {}
+    warnings: list[str] = []
+    device, gpus = _device(hw, ov.device, reasons)
+    model = ov.model or DEFAULT_MODEL
+    reasons["model"] = "set by user" if ov.model else f"{DEFAULT_MODEL}: the current Ultralytics nano model"
+    imgsz = _imgsz(ov.imgsz, "img-size", MAIN_IMGSZ, warnings)
+    reasons["imgsz"] = (
+        "set by user" if ov.imgsz else f"{MAIN_IMGSZ}: (640/416)^2 = 2.4x fewer pixels than 640 per image"
+    )
+    main = _main_stage(hw, stats, ov, device, gpus, model, imgsz, reasons)
+    stages = [main]
+    finetune = _finetune_stage(hw, stats, ov, main, gpus, model, reasons, warnings)
+    if finetune:
+        stages.append(finetune)
+    return TrainPlan(
+        device=device,
+        model=model,
+        stages=tuple(stages),
+        reasons=tuple(reasons.items()),
+        target_map=ov.target_map,
+        estimates=tuple(_estimates(stats, main).items()),
+        warnings=tuple(warnings),
+        cache_estimate_gb=round(stats.decoded_gb(main.imgsz), 3),
+    )
+
+
+def _main_stage(
+    hw: HardwareSnapshot,
+    stats: DatasetStats,
+    ov: Overrides,
+    device: str,
+    gpus: int,
+    model: str,
+    imgsz: int,
+    reasons: dict[str, str],
+) -> Stage:
+    batch, fallbacks, reasons["batch"] = _batch(hw, gpus, model, imgsz, ov.batch)
+    workers, reasons["workers"] = _workers(hw, gpus, ov.workers)
+    cache, reasons["cache"] = _cache(hw, stats, imgsz, workers, gpus, ov.cache)
+    epochs = ov.epochs or (SAMPLE_EPOCHS[0] if ov.sample else MAIN_EPOCHS)
+    reasons["epochs"] = (
+        "set by user"
+        if ov.epochs
+        else (
+            f"{epochs}: a short demo on the embedded sample"
+            if ov.sample
+            else f"{MAIN_EPOCHS}, with early stopping after {PATIENCE} epochs without improvement"
+        )
+    )
+    rect = True if ov.rect is None else ov.rect
+    reasons["rect"] = ("set by user; " if ov.rect is not None else "") + (
+        "rect=True: batches of similar aspect ratio, less padding; Ultralytics then turns off shuffle "
+        "and mosaic (use --no-rect to keep them)"
+        if rect
+        else "rect=False: shuffled batches with mosaic augmentation"
+    )
+    close_mosaic = min(CLOSE_MOSAIC, epochs)
+    reasons["close_mosaic"] = f"mosaic off for the last {close_mosaic} epochs" + (
+        " (moot while rect=True, which disables mosaic)" if rect else ""
+    )
+    optimizer = ov.optimizer or "Adam"
+    reasons["optimizer"] = "set by user" if ov.optimizer else "Adam: converges quickly from lr0=0.001"
+    reasons["lr0"] = "set by user" if ov.lr0 else f"{MAIN_LR0}: Adam's usual learning rate, cosine schedule"
+    patience = ov.patience if ov.patience is not None else PATIENCE
+    reasons["patience"] = "set by user" if ov.patience is not None else f"stop after {PATIENCE} epochs without gain"
+    amp = gpus > 0
+    reasons["amp"] = "mixed precision on the GPU" if amp else "AMP is for GPUs; off on CPU"
+    return Stage(
+        name="main",
+        imgsz=imgsz,
+        epochs=epochs,
+        batch=batch,
+        batch_fallbacks=fallbacks,
+        workers=workers,
+        cache=cache,
+        optimizer=optimizer,
+        lr0=ov.lr0 or MAIN_LR0,
+        cos_lr=True,
+        close_mosaic=close_mosaic,
+        rect=rect,
+        patience=patience,
+        amp=amp,
+        device=device,
+        extra=ov.extra,
+    )
+
+
+def _finetune_stage(
+    hw: HardwareSnapshot,
+    stats: DatasetStats,
+    ov: Overrides,
+    main: Stage,
+    gpus: int,
+    model: str,
+    reasons: dict[str, str],
+    warnings: list[str],
+) -> Stage | None:
+    if ov.finetune == "no":
+        reasons["finetune"] = "off (--finetune no)"
+        return None
+    imgsz = _imgsz(ov.finetune_imgsz, "finetune-img-size", FINETUNE_IMGSZ, warnings)
+    if imgsz <= main.imgsz:
+        reasons["finetune"] = f"skipped: the main stage already trains at {main.imgsz} >= {imgsz}"
+        return None
+    reasons["finetune"] = {
+        "yes": f"runs at {imgsz} from the main stage's best weights (--finetune yes)",
+        "auto": f"runs at {imgsz} only if the main stage's mAP50-95 is under {ov.target_map} (--finetune auto)",
+        "ask": f"at {imgsz} from the main stage's best weights: asked at the end; skipped when not interactive",
+    }[ov.finetune]
+    user_batch = None if ov.batch is None else max(BATCH_CHAIN[-1], _scaled_batch(ov.batch, main.imgsz, imgsz))
+    batch, fallbacks, reasons["finetune.batch"] = _batch(hw, gpus, model, imgsz, user_batch)
+    if user_batch is not None:
+        reasons["finetune.batch"] = f"user batch scaled by ({main.imgsz}/{imgsz})^2 for the larger images"
+    cache, reasons["finetune.cache"] = _cache(hw, stats, imgsz, main.workers, gpus, ov.cache)
+    epochs = ov.finetune_epochs or (SAMPLE_EPOCHS[1] if ov.sample else FINETUNE_EPOCHS)
+    reasons["finetune.lr0"] = f"main lr0 x {FINETUNE_LR_FACTOR}: refine, don't relearn; no warmup"
+    return replace(
+        main,
+        name="finetune",
+        imgsz=imgsz,
+        epochs=epochs,
+        batch=batch,
+        batch_fallbacks=fallbacks,
+        cache=cache,
+        lr0=round(main.lr0 * FINETUNE_LR_FACTOR, 8),
+        close_mosaic=min(CLOSE_MOSAIC, epochs),
+        warmup_epochs=0.0,
+        when={"yes": "always", "auto": "auto", "ask": "ask"}[ov.finetune],
+    )
+
+
+def _device(hw: HardwareSnapshot, requested: str | None, reasons: dict[str, str]) -> tuple[str, int]:
+    """Return (Ultralytics device string, number of GPUs used)."""
+    if requested is None:
+        if not hw.gpus:
+            reasons["device"] = "cpu: no CUDA GPU found"
+            return "cpu", 0
+        ids = ",".join(str(g.index) for g in hw.gpus)
+        reasons["device"] = (
+            f"GPU {ids}: {hw.gpus[0].name}"
+            if len(hw.gpus) == 1
+            else f"GPUs {ids}: all {len(hw.gpus)} visible GPUs through Ultralytics DDP"
+        )
+        return ids, len(hw.gpus)
+    text = requested.strip().lower().replace("cuda:", "").replace(" ", "")
+    text = "0" if text == "cuda" else text
+    reasons["device"] = "set by user"
+    if text in ("cpu", "mps"):
+        return text, 0
+    parts = text.split(",")
+    if not all(p.isdigit() for p in parts) or len(set(parts)) != len(parts):
+        raise UsageError(f"--device {requested!r}: expected cpu, mps, a GPU index like 0, or a list like 0,1")
+    known = {g.index for g in hw.gpus}
+    missing = [p for p in parts if int(p) not in known]
+    if missing:
+        have = f"GPUs {', '.join(map(str, sorted(known)))}" if known else "no CUDA GPU"
+        raise UsageError(f"--device {requested}: GPU {', '.join(missing)} does not exist (this machine has {have})")
+    return ",".join(parts), len(parts)
+
+
+def _batch(
+    hw: HardwareSnapshot, gpus: int, model: str, imgsz: int, requested: int | None
+) -> tuple[int, tuple[int, ...], str]:
+    """Return (total batch, fallback chain, reason); multi-GPU totals are per-GPU batch x GPUs."""
+    n = max(gpus, 1)
+    chain = BATCH_CHAIN if gpus else CPU_BATCH_CHAIN
+    if requested is not None:
+        if requested <= 0:
+            raise UsageError(f"--batch-size {requested}: must be a positive number of images")
+        per_gpu = max(1, requested // n)
+        return requested, tuple(c * n for c in chain if c < per_gpu), "set by user"
+    if not gpus:
+        batch = next(b for ram, b in CPU_BATCH_BY_RAM_GB if hw.ram_available_gb >= ram)
+        return (
+            batch,
+            tuple(c for c in chain if c < batch),
+            f"{batch}: CPU training, sized by {hw.ram_available_gb:.0f} GB RAM",
+        )
+    free = min(g.free_vram_gb for g in hw.gpus[:n]) if hw.gpus else 0.0
+    scale = model_scale(model)
+    per_image = GB_PER_IMAGE_NANO_416 * MODEL_SCALE_MEMORY[scale] * (imgsz / MAIN_IMGSZ) ** 2
+    fits = max(0.0, free - CUDA_CONTEXT_GB) * VRAM_USABLE_FRACTION / per_image
+    per_gpu = next((b for b in chain if b <= fits), chain[-1])
+    need = per_image * per_gpu + CUDA_CONTEXT_GB
+    reason = f"{per_gpu}: est. {need:.1f} of {free:.1f} GB free VRAM ({scale}-scale model at {imgsz})"
+    if per_gpu == chain[-1] and fits < chain[-1]:
+        reason = f"{per_gpu}: the smallest batch tried; {free:.1f} GB free VRAM is tight at {imgsz}"
+    if n > 1:
+        reason += f"; x {n} GPUs = {per_gpu * n}"
+    return per_gpu * n, tuple(c * n for c in chain if c < per_gpu), reason
+
+
+def _scaled_batch(batch: int, from_imgsz: int, to_imgsz: int) -> int:
+    return int(batch * (from_imgsz / to_imgsz) ** 2)
+
+
+def model_scale(model: str) -> str:
+    """The n/s/m/l/x scale in a YOLO model name (yolo26n, yolov8s.pt, yolo11m.yaml); 'n' when unknown."""
+    name = model.replace("\\", "/").rsplit("/", 1)[-1].lower()
+    match = re.match(r"yolo(?:v?\d+)?([nsmlx])(?:[-_.]|$)", name)
+    return match.group(1) if match else "n"
+
+
+def _workers(hw: HardwareSnapshot, gpus: int, requested: int | None) -> tuple[int, str]:
+    if requested is not None:
+        if requested < 0:
+            raise UsageError(f"--workers {requested}: must be 0 or more")
+        return requested, "set by user"
+    if not gpus:
+        # ultralytics/engine/trainer.py sets workers=0 for CPU training: loading is not the bottleneck there.
+        return 0, "0: Ultralytics loads data in the training process on CPU"
+    by_ram = next(w for ram, w in WORKERS_BY_RAM_GB if hw.ram_available_gb >= ram)
+    per_rank = max(1, hw.cpu_cores_logical // gpus)
+    workers = min(by_ram, per_rank)
+    reason = f"{workers}: {by_ram} for {hw.ram_available_gb:.0f} GB available RAM"
+    if workers < by_ram:
+        reason += f", capped at {per_rank} CPU cores" + (" per GPU" if gpus > 1 else "")
+    return workers, reason
+
+
+def _cache(
+    hw: HardwareSnapshot, stats: DatasetStats, imgsz: int, workers: int, gpus: int, requested: str | None
+) -> tuple[str | bool, str]:
+    if requested is not None:
+        value = {"ram": "ram", "disk": "disk", "none": False}.get(requested)
+        if value is None:
+            raise UsageError(f"--cache {requested!r}: expected ram, disk or none")
+        return value, "set by user"
+    ranks = max(gpus, 1)  # every DDP rank caches its own copy
+    decoded = stats.decoded_gb(imgsz) * ranks
+    need = decoded * RAM_CACHE_FACTOR + WORKER_RAM_GB * workers * ranks + RAM_RESERVE_GB
+    if need <= hw.ram_available_gb:
+        return "ram", (
+            f"ram: {decoded:.2f} GB decoded at {imgsz}; needs {need:.1f} GB with margin "
+            f"(x{RAM_CACHE_FACTOR} + {WORKER_RAM_GB} GB/worker + {RAM_RESERVE_GB:.0f} GB), "
+            f"{hw.ram_available_gb:.1f} GB available"
+        )
+    # Ultralytics' disk cache stores each image as a full-resolution .npy beside the training images.
+    disk = stats.decoded_gb(0) if stats.image_sizes.dims else decoded
+    if disk + DISK_RESERVE_GB <= hw.disk_free_gb:
+        return "disk", (
+            f"disk: RAM cache would need {need:.1f} GB with margin, {hw.ram_available_gb:.1f} GB available; "
+            f"~{disk:.1f} GB of .npy files"
+        )
+    return False, f"none: neither RAM ({need:.1f} GB needed) nor disk ({disk:.1f} GB needed) has room"
+
+
+def _imgsz(value: int | None, flag: str, default: int, warnings: list[str]) -> int:
+    if value is None:
+        return default
+    if value <= 0:
+        raise UsageError(f"--{flag} {value}: must be a positive number of pixels")
+    rounded = math.ceil(value / STRIDE) * STRIDE
+    if rounded != value:
+        warnings.append(f"--{flag} {value} is not a multiple of {STRIDE}; using {rounded} (as Ultralytics does)")
+    return rounded
+
+
+def _estimates(stats: DatasetStats, main: Stage) -> dict[str, str]:
+    """Theoretical factors against the baseline; labelled as estimates, never as measurements."""
+    res = (BASELINE["imgsz"] / main.imgsz) ** 2
+    n = max(stats.train_images, 1)
+    iters = math.ceil(n / BASELINE["batch"]) / math.ceil(n / main.batch)
+    out = {
+        "resolution": f"{res:.2f}x fewer pixels per image than {BASELINE['imgsz']} (estimate: compute ~ pixels)",
+        "iterations": f"{iters:.2f}x fewer iterations per epoch than batch {BASELINE['batch']} (estimate)",
+    }
+    if main.cache == "ram":
+        out["cache"] = "no disk reads of cached images (estimate: helps when loading is the bottleneck)"
+    return out
+
+
+def _fold_extra(ov: Overrides) -> Overrides:
+    """Move key=value arguments that name a planned knob into the matching override."""
+    mapping = {
+        "epochs": "epochs",
+        "batch": "batch",
+        "imgsz": "imgsz",
+        "workers": "workers",
+        "cache": "cache",
+        "device": "device",
+        "rect": "rect",
+        "optimizer": "optimizer",
+        "lr0": "lr0",
+        "patience": "patience",
+    }
+    changes: dict[str, Any] = {}
+    rest = []
+    for key, value in ov.extra:
+        if key in mapping:
+            if key == "cache":
+                value = {True: "ram", False: "none"}.get(value, value)
+            changes[mapping[key]] = value
+        else:
+            rest.append((key, value))
+    return replace(ov, extra=tuple(rest), **changes)
+
+
+def parse_extra_args(tokens: list[str], known: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """Parse yolo-CLI style key=value tokens, checked against Ultralytics' own argument names."""
+    import yaml  # values are parsed as the yolo CLI does: numbers, booleans, null, lists
+
+    out = []
+    for token in tokens:
+        key, sep, raw = token.partition("=")
+        key = key.strip().lstrip("-")
+        if not sep or not key:
+            raise UsageError(f"unexpected argument {token!r}: extra Ultralytics arguments look like key=value")
+        if key in RESERVED_ARGS:
+            flag = RESERVED_ARGS[key]
+            raise UsageError(f"{key}= is set by speedtrain" + (f"; use {flag}" if flag else ""))
+        if key not in known:
+            raise UsageError(f"{key}= is not an Ultralytics train argument")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(known[key], bool) and not isinstance(value, bool):
+            raise UsageError(f"{key}={raw}: expected True or False")
+        out.append((key, value))
+    return tuple(out)

@@ -1,0 +1,243 @@
+"""Build speed_report.json from plan + result, and render it (and probes and plans) as rich renderables."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from speedtrain import hardware
+from speedtrain.dataset import DatasetStats
+from speedtrain.errors import SpeedtrainError
+from speedtrain.hardware import HardwareSnapshot
+from speedtrain.planner import TrainPlan
+from speedtrain.prepare import write_atomic
+from speedtrain.runner import RunResult
+
+REPORT_NAME = "speed_report.json"
+REPORT_VERSION = 1
+
+
+def dataset_summary(stats: DatasetStats) -> dict[str, Any]:
+    """The dataset block of plan and report JSON."""
+    sizes = stats.image_sizes
+    return {
+        "yaml_path": stats.yaml_path,
+        "root": stats.root,
+        "train_images": stats.train_images,
+        "val_images": stats.val_images,
+        "label_files": stats.label_files,
+        "background_images": stats.background_images,
+        "classes": stats.classes,
+        "image_size": {
+            "median_long_side": sizes.median_long_side(),
+            "max_long_side": sizes.max_long_side(),
+            "sampled": sizes.sampled,
+            "sample_size": len(sizes.dims),
+        },
+        "problems": [
+            {"severity": p.severity, "kind": p.kind, "file": p.file, "detail": p.detail} for p in stats.problems
+        ],
+        "notes": list(stats.notes),
+    }
+
+
+def plan_document(hw: HardwareSnapshot, stats: DatasetStats, plan: TrainPlan) -> dict[str, Any]:
+    """What `speedtrain plan --json` prints: the plan with the hardware and dataset it was made for."""
+    return {**plan.to_dict(), "hardware": hardware.to_dict(hw), "dataset": dataset_summary(stats)}
+
+
+def build_report(hw: HardwareSnapshot, stats: DatasetStats, plan: TrainPlan, result: RunResult) -> dict[str, Any]:
+    """The speed_report.json document: the plan, and per stage what was measured."""
+    doc = plan_document(hw, stats, plan)
+    by_name = {r.name: r for r in result.stages}
+    stages = []
+    for stage in doc["stages"]:
+        res = by_name.get(stage["name"])
+        stage = {**stage, "status": res.status if res else "not run", "note": res.note if res else ""}
+        stage["measured"] = res.measured() if res and res.status != "skipped" else None
+        stages.append(stage)
+    doc["stages"] = stages
+    doc["run"] = {
+        "version": REPORT_VERSION,
+        "run_dir": result.run_dir,
+        "model_source": result.model_source,
+        "model_note": result.model_note,
+        "started_at": result.started_at,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_time_s": result.wall_time_s,
+        "interrupted": result.interrupted,
+    }
+    return doc
+
+
+def save_report(doc: dict[str, Any], run_dir: str | Path) -> Path:
+    path = Path(run_dir) / REPORT_NAME
+    write_atomic(path, (json.dumps(doc, indent=2) + "\n").encode())
+    return path
+
+
+def load_report(run_dir: str | Path) -> dict[str, Any]:
+    """Read a run folder's speed_report.json (or the file itself)."""
+    path = Path(run_dir)
+    path = path / REPORT_NAME if path.is_dir() else path
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpeedtrainError(f"no {REPORT_NAME} in {path.parent}") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SpeedtrainError(f"{path}: cannot read report ({exc})") from None
+    if not isinstance(doc, dict) or "stages" not in doc:
+        raise SpeedtrainError(f"{path}: not a speedtrain speed report")
+    return doc
+
+
+def render_hardware(hw: dict[str, Any]) -> RenderableType:
+    table = Table(title="Hardware", show_header=False, box=None, padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    for g in hw["gpus"]:
+        table.add_row(f"GPU {g['index']}", f"{g['name']}: {g['free_vram_gb']:.1f} of {g['total_vram_gb']:.1f} GB free")
+    if not hw["gpus"]:
+        table.add_row("GPU", "none (CPU training)")
+    table.add_row("RAM", f"{hw['ram_available_gb']:.1f} of {hw['ram_total_gb']:.1f} GB available")
+    if hw.get("swap_total_gb"):
+        table.add_row("Swap", f"{hw.get('swap_free_gb', 0):.1f} of {hw['swap_total_gb']:.1f} GB free")
+    table.add_row("CPU", f"{hw['cpu_cores_physical']} physical / {hw['cpu_cores_logical']} logical cores")
+    table.add_row("Disk", f"{hw['disk_free_gb']:.1f} GB free")
+    for note in hw.get("notes", []):
+        table.add_row("Note", note)
+    return table
+
+
+def render_dataset(ds: dict[str, Any]) -> RenderableType:
+    size = ds["image_size"]
+    sampled = f" (sampled {size['sample_size']})" if size["sampled"] else ""
+    lines = [
+        f"{ds['train_images']} train / {ds['val_images']} val images, {ds['classes']} classes, "
+        f"{ds['background_images']} backgrounds",
+        f"image long side: median {size['median_long_side']} px, max {size['max_long_side']} px{sampled}",
+    ]
+    errors = sum(p["severity"] == "error" for p in ds["problems"])
+    if ds["problems"]:
+        lines.append(f"{len(ds['problems'])} problems ({errors} errors); `speedtrain check` lists them")
+    lines += ds.get("notes", [])
+    return Panel("\n".join(lines), title="Dataset", title_align="left")
+
+
+def render_plan(doc: dict[str, Any]) -> RenderableType:
+    """The plan against the untuned baseline, knob by knob, with the reasons."""
+    reasons, base = doc["reasons"], doc["baseline"]
+    main = doc["stages"][0]
+    table = Table(title=f"Plan: {doc['model']} on {doc['device']}", title_justify="left", expand=False)
+    table.add_column("knob", style="bold")
+    table.add_column("baseline")
+    table.add_column("plan", style="green")
+    table.add_column("why", overflow="fold", ratio=1)
+    fallbacks = "->".join(map(str, main["batch_fallbacks"]))
+    rows = [
+        ("imgsz", base["imgsz"], main["imgsz"], reasons.get("imgsz")),
+        (
+            "batch",
+            base["batch"],
+            f"{main['batch']}" + (f" ->{fallbacks}" if fallbacks else ""),
+            reasons.get("batch"),
+        ),
+        ("cache", base["cache"], main["cache"] or "none", reasons.get("cache")),
+        ("workers", base["workers"], main["workers"], reasons.get("workers")),
+        ("epochs", "100", main["epochs"], reasons.get("epochs")),
+        ("optimizer", "auto", f"{main['optimizer']} lr0={main['lr0']}", reasons.get("optimizer")),
+        ("cos_lr", "False", main["cos_lr"], reasons.get("lr0")),
+        ("rect", "False", main["rect"], reasons.get("rect")),
+        ("close_mosaic", "10", main["close_mosaic"], reasons.get("close_mosaic")),
+        ("patience", "100", main["patience"], reasons.get("patience")),
+        ("amp", "True", main["amp"], reasons.get("amp")),
+    ]
+    for knob, b, p, why in rows:
+        table.add_row(knob, str(b), str(p), why or "")
+    for key, value in main.get("extra", {}).items():
+        table.add_row(key, "", str(value), "set by user")
+    parts: list[RenderableType] = [table]
+    parts.append(Text(f"fine-tune: {reasons.get('finetune', 'off')}"))
+    if len(doc["stages"]) > 1:
+        ft = doc["stages"][1]
+        parts.append(
+            Text(
+                f"  {ft['epochs']} epochs at {ft['imgsz']}, batch {ft['batch']}, "
+                f"lr0 {ft['lr0']}, cache {ft['cache'] or 'none'}"
+            )
+        )
+    if doc.get("estimates"):
+        parts.append(Text("Estimated factors (not measured):", style="bold"))
+        parts += [Text(f"  {k}: {v}") for k, v in doc["estimates"].items()]
+    parts += [Text(f"warning: {w}", style="yellow") for w in doc.get("warnings", [])]
+    return Group(*parts)
+
+
+def render_report(doc: dict[str, Any]) -> RenderableType:
+    """The whole speed report: hardware, dataset, plan, and what each stage measured."""
+    parts: list[RenderableType] = [
+        render_hardware(doc["hardware"]),
+        render_dataset(doc["dataset"]),
+        render_plan(doc),
+    ]
+    parts.append(render_measured(doc))
+    run = doc.get("run", {})
+    if run:
+        parts.append(Text(run.get("model_note", "")))
+        status = "interrupted" if run.get("interrupted") else "finished"
+        parts.append(
+            Text(f"Run {status} in {_duration(run.get('wall_time_s', 0))}: {run.get('run_dir')}", style="bold")
+        )
+    return Group(*parts)
+
+
+def render_measured(doc: dict[str, Any]) -> RenderableType:
+    table = Table(title="Measured on this machine", title_justify="left")
+    for col in ("stage", "epochs", "batch", "epoch s", "img/s", "GPU %", "GPU GB", "mAP50-95"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    notes = []
+    for stage in doc["stages"]:
+        m = stage.get("measured")
+        if not m:
+            table.add_row(stage["name"], "-", "-", "-", "-", "-", "-", stage.get("status", "-"))
+            if stage.get("note"):
+                notes.append(f"{stage['name']}: {stage['note']}")
+            continue
+        times = m["epoch_times_s"]
+        mean_epoch = f"{statistics.fmean(times):.1f}" if times else "-"
+        score = m["best_metrics"].get("mAP50-95")
+        table.add_row(
+            stage["name"],
+            f"{m['epochs_done']}/{stage['epochs']}",
+            str(m["batch"]),
+            mean_epoch,
+            _num(m["images_per_s"], "{:.1f}"),
+            _num(m["gpu_util_mean"], "{:.0f}"),
+            _num(m["gpu_mem_peak_gb"], "{:.1f}"),
+            _num(score, "{:.3f}"),
+        )
+        for oom in m.get("oom_fallbacks", []):
+            notes.append(
+                f"{stage['name']}: out of memory at batch {oom['from_batch']}, continued with {oom['to_batch']}"
+            )
+        if m.get("weights"):
+            notes.append(f"{stage['name']} weights: {m['weights']}")
+    return Group(table, *[Text(n) for n in notes])
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
