@@ -11,8 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from PIL import Image
 
 from speedtrain.errors import DatasetError
+
+# Bound before ultralytics is imported (speedtrain imports it later, lazily): Ultralytics replaces Image.open with
+# a wrapper that runs check_requirements("pi-heif") -- a pip install when online -- on any file Pillow cannot
+# identify, so a corrupt JPEG met by the scan would start an install.
+_open_image = Image.open
 
 # The extensions Ultralytics 8.4 loads as images (ultralytics/data/utils.py IMG_FORMATS).
 IMG_FORMATS = frozenset(
@@ -82,13 +88,13 @@ class ImageSizes:
         """Fraction of sampled images whose long side exceeds `long_side`."""
         return sum(max(d) > long_side for d in self.dims) / len(self.dims) if self.dims else 0.0
 
-    def decoded_bytes_per_image(self, imgsz: int) -> float:
-        """Mean bytes of one image as Ultralytics caches it: long side resized to imgsz, 3 channels uint8."""
+    def decoded_bytes_per_image(self, imgsz: int | None) -> float:
+        """Mean bytes of one decoded image (3 channels uint8): long side resized to imgsz, or as stored if None."""
         if not self.dims:
-            return imgsz * imgsz * 3.0
+            return (imgsz or 640) ** 2 * 3.0
         total = 0.0
         for w, h in self.dims:
-            r = imgsz / max(w, h)
+            r = 1.0 if imgsz is None else imgsz / max(w, h)
             total += round(w * r) * round(h * r) * 3
         return total / len(self.dims)
 
@@ -137,8 +143,8 @@ class DatasetStats:
     def errors(self) -> tuple[Problem, ...]:
         return tuple(p for p in self.problems if p.severity == "error")
 
-    def decoded_gb(self, imgsz: int) -> float:
-        """Estimated RAM for Ultralytics' image cache at imgsz: train and val datasets each cache their images."""
+    def decoded_gb(self, imgsz: int | None) -> float:
+        """Estimated size of Ultralytics' image cache: train and val each cache their images; None = full size."""
         per_image = self.image_sizes.decoded_bytes_per_image(imgsz)
         return per_image * (self.train_images + self.val_images) / 1024**3
 
@@ -353,14 +359,12 @@ def list_images(sources: Iterable[Path]) -> tuple[str, ...]:
 
 
 def _image_sizes(images: tuple[str, ...], sample: int) -> tuple[ImageSizes, list[Problem]]:
-    from PIL import Image, UnidentifiedImageError
-
     picked = images if len(images) <= sample else tuple(random.Random(0).sample(images, sample))
     dims, problems = [], []
     for image in picked:
         try:
-            with Image.open(image) as im:
+            with _open_image(image) as im:
                 dims.append(im.size)
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
+        except Exception as exc:  # any failure reading one image makes it unreadable, never the scan's failure
             problems.append(Problem("warning", "unreadable-image", image, f"cannot read image ({exc})"))
     return ImageSizes(tuple(dims), len(images)), problems

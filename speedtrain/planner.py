@@ -39,10 +39,11 @@ CUDA_CONTEXT_GB = 1.0
 VRAM_USABLE_FRACTION = 0.7
 
 # RAM cache margin: Ultralytics' own check (BaseDataset.check_cache_ram) wants 1.5x the decoded size; on top,
-# each dataloader worker holds its own augmentation buffers (about 0.5 GB seen per worker at 640 px, an
-# estimate), and 2 GB stay free for the OS and the training process itself.
+# each forked dataloader worker holds its own private memory (torch runtime, augmentation and prefetch buffers;
+# an estimate of 0.3 GB each, the cached images themselves are shared copy-on-write), and 2 GB stay free for
+# the OS and the training process.
 RAM_CACHE_FACTOR = 1.5
-WORKER_RAM_GB = 0.5
+WORKER_RAM_GB = 0.3
 RAM_RESERVE_GB = 2.0
 DISK_RESERVE_GB = 1.0
 
@@ -395,7 +396,7 @@ def _cache(
             f"{hw.ram_available_gb:.1f} GB available"
         )
     # Ultralytics' disk cache stores each image as a full-resolution .npy beside the training images.
-    disk = stats.decoded_gb(0) if stats.image_sizes.dims else decoded
+    disk = stats.decoded_gb(None)
     if disk + DISK_RESERVE_GB <= hw.disk_free_gb:
         return "disk", (
             f"disk: RAM cache would need {need:.1f} GB with margin, {hw.ram_available_gb:.1f} GB available; "

@@ -23,6 +23,7 @@ from speedtrain.runner import RunResult
 
 REPORT_NAME = "speed_report.json"
 REPORT_VERSION = 1
+MEASURED_CAPTION = "img/s: training pass, after the first epoch when there are several"
 
 
 def dataset_summary(stats: DatasetStats) -> dict[str, Any]:
@@ -200,7 +201,7 @@ def render_report(doc: dict[str, Any]) -> RenderableType:
 
 
 def render_measured(doc: dict[str, Any]) -> RenderableType:
-    table = Table(title="Measured on this machine", title_justify="left")
+    table = Table(title="Measured on this machine", title_justify="left", caption=MEASURED_CAPTION)
     for col in ("stage", "epochs", "batch", "epoch s", "img/s", "GPU %", "GPU GB", "mAP50-95"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     notes = []
@@ -219,7 +220,7 @@ def render_measured(doc: dict[str, Any]) -> RenderableType:
             f"{m['epochs_done']}/{stage['epochs']}",
             str(m["batch"]),
             mean_epoch,
-            _num(m["images_per_s"], "{:.1f}"),
+            _num(m.get("images_per_s_steady") or m["images_per_s"], "{:.1f}"),
             _num(m["gpu_util_mean"], "{:.0f}"),
             _num(m["gpu_mem_peak_gb"], "{:.1f}"),
             _num(score, "{:.3f}"),

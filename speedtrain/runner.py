@@ -54,6 +54,7 @@ class StageResult:
     images_per_epoch: int = 0
     iterations_per_epoch: int = 0
     images_per_s: float | None = None  # training images / training-pass seconds, all epochs
+    images_per_s_steady: float | None = None  # the same without the first epoch (start-up, warm caches)
     gpu_util_mean: float | None = None
     gpu_mem_peak_gb: float | None = None
     cpu_util_mean: float | None = None
@@ -290,7 +291,7 @@ def _stage_result(
     if not epochs:  # DDP trains in child processes where callbacks do not reach; read results.csv instead
         epoch_times = _epoch_times_from_csv(save_dir / "results.csv")
     timed = train_times or epoch_times
-    ips = round(images * len(timed) / sum(timed), 2) if timed and images and sum(timed) > 0 else None
+    ips, steady = _rate(images, timed), _rate(images, timed[1:])
     done = (epochs[-1] + 1) if epochs else len(epoch_times)
     summary = monitor.summary()
     best, last = Path(trainer.best), Path(trainer.last)
@@ -306,6 +307,7 @@ def _stage_result(
         images_per_epoch=images,
         iterations_per_epoch=iterations or (math.ceil(images / stage.batch) if images else 0),
         images_per_s=ips,
+        images_per_s_steady=steady,
         gpu_util_mean=summary.gpu_util_mean,
         gpu_mem_peak_gb=_peak_memory_gb(summary.gpu_mem_peak_gb),
         cpu_util_mean=summary.cpu_util_mean,
@@ -316,6 +318,12 @@ def _stage_result(
         save_dir=str(save_dir),
         wall_time_s=round(wall, 2),
     )
+
+
+def _rate(images: int, seconds: tuple[float, ...]) -> float | None:
+    """Images per second over the given epochs, or None when nothing was timed."""
+    total = sum(seconds)
+    return round(images * len(seconds) / total, 2) if images and total > 0 else None
 
 
 def _metrics(metrics: Any) -> tuple[tuple[str, float], ...]:

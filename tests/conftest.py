@@ -1,0 +1,112 @@
+"""Shared fixtures: offline Ultralytics in a temporary config dir, fake machines, real COCO images in tmp dirs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from speedtrain.dataset import DatasetStats, ImageSizes, Split
+from speedtrain.hardware import Gpu, HardwareSnapshot
+
+REPO = Path(__file__).resolve().parents[1]
+COCO128 = REPO.parent / "shared" / "datasets" / "coco128"
+SAMPLE = REPO / "speedtrain" / "sample"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Before anything imports ultralytics: no network, and settings written to a throwaway folder.
+    os.environ["YOLO_OFFLINE"] = "1"
+    os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="speedtrain-yolo-cfg-"))
+    os.environ["YOLO_VERBOSE"] = "False"
+
+
+def coco_source() -> tuple[Path, Path]:
+    """Images and labels folders of real COCO photos: shared COCO128 where present, else the embedded sample."""
+    if (COCO128 / "images" / "train2017").is_dir():
+        return COCO128 / "images" / "train2017", COCO128 / "labels" / "train2017"
+    return SAMPLE / "images" / "train", SAMPLE / "labels" / "train"
+
+
+def names_80() -> list[str]:
+    import yaml
+
+    return list(yaml.safe_load((SAMPLE / "data.yaml").read_text())["names"].values())
+
+
+@pytest.fixture
+def make_dataset(tmp_path: Path) -> Callable[..., Path]:
+    """Copy `n` real COCO images (and labels) into tmp_path/name as images/{train,val} + data.yaml."""
+
+    def make(n: int = 8, n_val: int = 4, name: str = "ds", start: int = 0) -> Path:
+        images, labels = coco_source()
+        files = sorted(images.glob("*.jpg"))[start : start + n + n_val]
+        root = tmp_path / name
+        for i, img in enumerate(files):
+            split = "train" if i < n else "val"
+            (root / "images" / split).mkdir(parents=True, exist_ok=True)
+            (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(img, root / "images" / split / img.name)
+            label = labels / f"{img.stem}.txt"
+            if label.exists():
+                shutil.copy2(label, root / "labels" / split / label.name)
+        import yaml
+
+        data = {"train": "images/train", "val": "images/val", "names": dict(enumerate(names_80()))}
+        (root / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        return root
+
+    return make
+
+
+def tree_hash(root: Path) -> str:
+    """Hash of every file's relative path and bytes under root: equal before and after means untouched."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*")):
+        h.update(str(path.relative_to(root)).encode())
+        if path.is_file():
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def snapshot(
+    vram: tuple[float, ...] = (),
+    ram: float = 32.0,
+    cores: int = 16,
+    free_ratio: float = 0.95,
+    disk: float = 500.0,
+    ram_available: float | None = None,
+) -> HardwareSnapshot:
+    """A fake machine: one GPU per entry in `vram` (total GB), `free_ratio` of it free."""
+    gpus = tuple(Gpu(i, f"Fake GPU {v:g}GB", v, round(v * free_ratio, 2)) for i, v in enumerate(vram))
+    return HardwareSnapshot(
+        gpus=gpus,
+        ram_total_gb=ram,
+        ram_available_gb=ram if ram_available is None else ram_available,
+        cpu_cores_logical=cores,
+        cpu_cores_physical=max(1, cores // 2),
+        disk_free_gb=disk,
+        gpu_backend="nvml" if gpus else "none",
+        source="fake",
+    )
+
+
+def fake_stats(train: int = 1000, val: int = 200, size: tuple[int, int] = (640, 480)) -> DatasetStats:
+    """Dataset stats as a scan would return them for `train` + `val` images of one size."""
+    imgs = tuple(f"/d/images/train/{i}.jpg" for i in range(train))
+    vals = tuple(f"/d/images/val/{i}.jpg" for i in range(val))
+    return DatasetStats(
+        yaml_path="/d/data.yaml",
+        root="/d",
+        names=tuple(f"c{i}" for i in range(80)),
+        splits=(
+            Split("train", ("/d/images/train",), imgs, imgs, train, 0, train * 3),
+            Split("val", ("/d/images/val",), vals, vals, val, 0, val * 3),
+        ),
+        image_sizes=ImageSizes(tuple([size] * min(train, 100)), train),
+    )

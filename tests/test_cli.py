@@ -1,0 +1,215 @@
+"""Every command through typer's CliRunner, every bad input, and the import-cost promise."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+from typer.testing import CliRunner
+
+from speedtrain import hardware
+from speedtrain.cli import app
+from speedtrain.hardware import Gpu
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for var in ("CUDA_VISIBLE_DEVICES", "NO_COLOR", "FORCE_COLOR", "TERM"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("COLUMNS", "200")  # rich tables unwrapped, so assertions see whole reasons
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def gpu_box(tmp_path) -> Path:
+    """A snapshot file of a machine with one 24 GB GPU, as `probe --json` writes it."""
+    snap = hardware.probe(tmp_path)
+    snap = type(snap)(**{**{f: getattr(snap, f) for f in snap.__slots__}, "gpus": (Gpu(0, "RTX 4090", 24, 23),)})
+    return hardware.save(snap, tmp_path / "box.json")
+
+
+def test_probe_table_and_json(tmp_path):
+    result = invoke("probe")
+    assert result.exit_code == 0
+    assert "RAM" in result.output
+    assert "CPU" in result.output
+    result = invoke("probe", "--json", "--save", tmp_path / "me.json")
+    doc = json.loads(result.output)
+    assert doc["cpu_cores_logical"] >= 1
+    assert isinstance(doc["gpus"], list)
+    assert hardware.load(tmp_path / "me.json").ram_total_gb == doc["ram_total_gb"]
+
+
+def test_plan_on_the_embedded_sample():
+    result = invoke("plan")
+    assert result.exit_code == 0, result.output
+    assert "Plan: yolo26n on cpu" in result.output
+    assert "a short demo on the embedded sample" in result.output
+
+
+def test_plan_json_for_another_machine(gpu_box, make_dataset):
+    result = invoke("plan", "--dataset", make_dataset(4, 2), "--hardware", gpu_box, "--json", "mosaic=0.5")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    main = doc["stages"][0]
+    assert (doc["device"], main["batch"], main["batch_fallbacks"], main["extra"]) == (
+        "0",
+        48,
+        [32, 16, 8],
+        {"mosaic": 0.5},
+    )
+    assert doc["hardware"]["gpus"][0]["name"] == "RTX 4090"
+    assert doc["dataset"]["train_images"] == 4
+
+
+def test_original_workflow_flags(make_dataset):
+    args = ["--dataset", make_dataset(4, 2), "--epochs", 50, "--batch-size", 32, "--img-size", 416]
+    result = invoke("plan", *args, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    main = doc["stages"][0]
+    assert (main["epochs"], main["batch"], main["imgsz"]) == (50, 32, 416)
+    assert main["batch_fallbacks"] == [16, 8, 4]  # on CPU the chain below a user batch continues to 4
+    assert doc["reasons"]["batch"] == doc["reasons"]["epochs"] == doc["reasons"]["imgsz"] == "set by user"
+
+
+def test_img_size_not_multiple_of_32_is_rounded_with_a_warning(make_dataset):
+    result = invoke("plan", "--dataset", make_dataset(2, 1), "--img-size", 100)
+    assert result.exit_code == 0
+    assert "--img-size 100 is not a multiple of 32; using 128" in result.output
+
+
+@pytest.mark.slow
+def test_train_and_report(make_dataset, tmp_path):
+    args = ["train", "--dataset", make_dataset(6, 2), "--img-size", 64, "--epochs", 1, "--finetune-img-size", 96]
+    result = invoke(*args, "--project", tmp_path / "runs", "--name", "cli", "plots=False")
+    assert result.exit_code == 0, result.output
+    report_path = tmp_path / "runs" / "cli" / "speed_report.json"
+    doc = json.loads(report_path.read_text())
+    assert doc["stages"][0]["status"] == "completed"
+    # --finetune ask with nobody at the terminal: skipped, and the report says why
+    assert doc["stages"][1]["status"] == "skipped"
+    assert "not an interactive terminal" in doc["stages"][1]["note"]
+    assert "Measured on this machine" in result.output
+    again = invoke("report", tmp_path / "runs" / "cli")
+    assert again.exit_code == 0
+    assert "Measured on this machine" in again.output
+    assert json.loads(invoke("report", report_path, "--json").output) == doc
+
+
+def _yaml(root: Path, data) -> Path:
+    (root / "data.yaml").write_text(yaml.safe_dump(data))
+    return root
+
+
+def _bad_label(root: Path) -> Path:
+    next((root / "labels" / "train").iterdir()).write_text("99 0.5 0.5 0.1 0.1\n")
+    return root
+
+
+def _empty_val(root: Path) -> Path:
+    for p in (root / "images" / "val").iterdir():
+        p.unlink()
+    return root
+
+
+BAD_INPUTS = [
+    # (id, how to break a fresh dataset, extra args, expected exit code, message)
+    ("missing-dataset", lambda r: r / "nope", [], 3, "dataset not found"),
+    (
+        "yaml-without-val",
+        lambda r: _yaml(r, {"train": "images/train", "nc": 80}),
+        [],
+        3,
+        "missing required key(s): val",
+    ),
+    ("empty-split", _empty_val, [], 3, "val split has no images"),
+    ("class-outside-names", _bad_label, [], 3, "class id 99 outside 0..79"),
+    ("batch-zero", lambda r: r, ["--batch-size", "0"], 2, "--batch-size 0: must be a positive"),
+    ("batch-negative", lambda r: r, ["--batch-size", "-8"], 2, "--batch-size -8"),
+    ("unknown-device", lambda r: r, ["--device", "7"], 2, "--device 7: GPU 7 does not exist"),
+    ("device-garbage", lambda r: r, ["--device", "tpu"], 2, "expected cpu, mps"),
+    ("unknown-extra-arg", lambda r: r, ["mosiac=0.5"], 2, "mosiac= is not an Ultralytics train argument"),
+    ("reserved-extra-arg", lambda r: r, ["data=coco.yaml"], 2, "use --dataset"),
+    ("not-key-value", lambda r: r, ["stray"], 2, "extra Ultralytics arguments look like key=value"),
+]
+
+
+@pytest.mark.parametrize("command", ["plan", "train"])
+@pytest.mark.parametrize(
+    ("breaker", "extra", "code", "message"), [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS]
+)
+def test_bad_input_is_one_line_and_an_exit_code(make_dataset, tmp_path, command, breaker, extra, code, message):
+    root = breaker(make_dataset(3, 1))
+    result = (
+        invoke(command, "--dataset", root, "--project", tmp_path / "runs", *extra)
+        if command == "train"
+        else invoke(command, "--dataset", root, *extra)
+    )
+    assert result.exit_code == code, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+def test_bad_hardware_file_and_missing_report(tmp_path):
+    (tmp_path / "hw.json").write_text("{broken")
+    result = invoke("plan", "--hardware", tmp_path / "hw.json")
+    assert result.exit_code == 4
+    assert "cannot read hardware snapshot" in result.stderr
+    result = invoke("report", tmp_path)
+    assert result.exit_code == 1
+    assert "no speed_report.json" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_bad_choice_is_a_usage_error_without_traceback():
+    result = invoke("plan", "--cache", "fast")
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+
+
+def test_every_command_has_help_with_an_example():
+    for name in ("probe", "plan", "train", "report"):
+        result = invoke(name, "--help")
+        assert result.exit_code == 0, name
+        assert "Example:" in result.output, name
+
+
+def test_python_dash_m_help_runs():
+    out = subprocess.run([sys.executable, "-m", "speedtrain", "--help"], capture_output=True, text=True, check=True)
+    assert "probe" in out.stdout
+    assert "train" in out.stdout
+
+
+def test_train_py_shim_help():
+    out = subprocess.run([sys.executable, str(REPO / "train.py"), "--help"], capture_output=True, text=True, check=True)
+    assert "--batch-size" in out.stdout
+    assert "--img-size" in out.stdout
+
+
+def test_help_probe_and_plan_import_neither_torch_nor_ultralytics():
+    code = (
+        "import sys\n"
+        "from speedtrain.cli import app\n"
+        "for args in (['--help'], ['probe', '--json'], ['plan', '--json']):\n"
+        "    try:\n"
+        "        app(args, standalone_mode=False)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'ultralytics', 'cv2') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "HEAVY []" in out.stdout

@@ -1,0 +1,215 @@
+"""The planner over a table of fake machines: batch, fallback chain, cache, workers and their reasons."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import fake_stats, snapshot
+
+from speedtrain import planner, runner
+from speedtrain.errors import UsageError
+from speedtrain.planner import Overrides, plan
+
+# fake_stats(): 1000 train + 200 val images of 640x480 -> 0.435 GB decoded at 416, 1.03 GB at 640.
+MACHINES = [
+    # id, snapshot, device, batch, fallbacks, cache, workers
+    ("cpu-2core-16gb", snapshot((), ram=16, cores=2), "cpu", 16, (8, 4), "ram", 0),
+    # CPU with little RAM: the smallest CPU batch, and no fallback below it
+    ("cpu-4gb", snapshot((), ram=4, cores=4), "cpu", 4, (), "ram", 0),
+    ("gpu-6gb", snapshot((6,), ram=16, cores=16), "0", 32, (16, 8), "ram", 16),
+    ("gpu-12gb-8gb-ram", snapshot((12,), ram=8, cores=16), "0", 48, (32, 16, 8), "ram", 12),
+    # 4 GB RAM: 8 workers; cache needs 0.65 + 8 x 0.3 + 2 = 5.05 GB > 4 -> disk
+    ("gpu-24gb-4gb-ram", snapshot((24,), ram=4, cores=16), "0", 48, (32, 16, 8), "disk", 8),
+    ("gpu-80gb-64gb-ram", snapshot((80,), ram=64, cores=16), "0", 48, (32, 16, 8), "ram", 16),
+    ("gpu-4gb", snapshot((4,), ram=16, cores=8), "0", 16, (8,), "ram", 8),
+    # 2 GB card: even batch 8 does not fit the estimate; 8 is still tried, with nothing below it
+    ("gpu-2gb", snapshot((2,), ram=16, cores=8), "0", 8, (), "ram", 8),
+    # two GPUs: batch and chain are per-GPU x 2, workers split across the GPUs' share of 16 cores
+    ("2x-gpu-24gb", snapshot((24, 24), ram=64, cores=16), "0,1", 96, (64, 32, 16), "ram", 8),
+    ("gpu-24gb-2-cores", snapshot((24,), ram=64, cores=2), "0", 48, (32, 16, 8), "ram", 2),
+    ("gpu-tiny-ram", snapshot((24,), ram=2, cores=16), "0", 48, (32, 16, 8), "disk", 4),
+    # neither RAM nor disk has room for a cache
+    ("gpu-no-room", snapshot((24,), ram=2, cores=16, disk=1.5), "0", 48, (32, 16, 8), False, 4),
+]
+
+
+@pytest.mark.parametrize(
+    ("hw", "device", "batch", "fallbacks", "cache", "workers"),
+    [m[1:] for m in MACHINES],
+    ids=[m[0] for m in MACHINES],
+)
+def test_plan_for_machine(hw, device, batch, fallbacks, cache, workers):
+    p = plan(hw, fake_stats())
+    main = p.stage("main")
+    assert (p.device, main.batch, main.batch_fallbacks, main.cache, main.workers) == (
+        device,
+        batch,
+        fallbacks,
+        cache,
+        workers,
+    )
+    for key in ("device", "batch", "cache", "workers", "imgsz", "rect", "epochs", "finetune"):
+        assert p.reason(key), f"no reason for {key}"
+    assert main.amp is bool(hw.gpus)
+    assert main.train_args()["batch"] == batch
+
+
+def test_main_stage_defaults_follow_the_recipe():
+    main = plan(snapshot((24,)), fake_stats()).stage("main")
+    assert (main.imgsz, main.epochs, main.optimizer, main.lr0, main.cos_lr) == (416, 50, "Adam", 0.001, True)
+    assert (main.rect, main.patience, main.close_mosaic) == (True, 10, 10)
+
+
+def test_reasons_say_why_in_figures():
+    p = plan(snapshot((24,), ram=4), fake_stats())
+    assert "GB free VRAM" in p.reason("batch")
+    assert "4 GB available RAM" in p.reason("workers")
+    # 0.435 GB x 1.5 + 8 workers x 0.3 GB + 2 GB = 5.05 GB; the .npy files are full size: 1.03 GB
+    assert p.reason("cache").startswith("disk: RAM cache would need 5.1 GB")
+    assert "~1.0 GB of .npy files" in p.reason("cache")
+    assert "shuffle" in p.reason("rect")
+    assert "mosaic" in p.reason("rect")
+
+
+def test_larger_model_gets_smaller_batch():
+    hw = snapshot((6,))
+    assert plan(hw, fake_stats()).stage("main").batch == 32
+    assert plan(hw, fake_stats(), Overrides(model="yolo26s.pt")).stage("main").batch == 16
+
+
+@pytest.mark.parametrize(
+    ("name", "scale"),
+    [("yolo26n", "n"), ("yolov8s.pt", "s"), ("models/yolo11m.yaml", "m"), ("yolo26x", "x"), ("best.pt", "n")],
+)
+def test_model_scale(name, scale):
+    assert planner.model_scale(name) == scale
+
+
+def test_finetune_stage_at_640_needs_its_own_smaller_batch():
+    p = plan(snapshot((6,)), fake_stats(), Overrides(finetune="yes"))
+    main, ft = p.stage("main"), p.stage("finetune")
+    assert (ft.imgsz, ft.epochs, ft.when, ft.warmup_epochs) == (640, 25, "always", 0.0)
+    assert ft.lr0 == pytest.approx(main.lr0 / 10)
+    # 640^2 / 416^2 = 2.4x the memory per image: 32 at 416 becomes 8 at 640 on a 6 GB card
+    assert (main.batch, ft.batch) == (32, 8)
+
+
+@pytest.mark.parametrize(("mode", "when"), [("yes", "always"), ("auto", "auto"), ("ask", "ask")])
+def test_finetune_modes(mode, when):
+    p = plan(snapshot((24,)), fake_stats(), Overrides(finetune=mode, target_map=0.3))
+    assert p.stage("finetune").when == when
+    assert p.target_map == 0.3
+
+
+def test_finetune_no_and_pointless_finetune_are_left_out():
+    assert plan(snapshot((24,)), fake_stats(), Overrides(finetune="no")).stage("finetune") is None
+    p = plan(snapshot((24,)), fake_stats(), Overrides(imgsz=640, finetune="yes"))
+    assert p.stage("finetune") is None
+    assert "already trains at 640" in p.reason("finetune")
+
+
+def test_user_overrides_win_and_say_so():
+    ov = Overrides(epochs=7, batch=24, imgsz=320, workers=3, cache="disk", device="0", rect=False, lr0=0.01)
+    p = plan(snapshot((24,)), fake_stats(), ov)
+    main = p.stage("main")
+    assert (main.epochs, main.batch, main.imgsz, main.workers, main.cache, main.rect, main.lr0) == (
+        7,
+        24,
+        320,
+        3,
+        "disk",
+        False,
+        0.01,
+    )
+    for key in ("epochs", "batch", "imgsz", "workers", "cache", "device"):
+        assert p.reason(key).startswith("set by user"), key
+    assert main.batch_fallbacks == (16, 8)  # the chain continues below a user batch
+
+
+def test_user_batch_is_scaled_for_the_finetune():
+    p = plan(snapshot((24,)), fake_stats(), Overrides(batch=32, finetune="yes"))
+    assert p.stage("finetune").batch == 13  # 32 x (416/640)^2
+    assert "scaled" in p.reason("finetune.batch")
+
+
+def test_img_size_is_rounded_up_to_a_multiple_of_32_with_a_warning():
+    p = plan(snapshot((24,)), fake_stats(), Overrides(imgsz=400))
+    assert p.stage("main").imgsz == 416
+    assert any("400 is not a multiple of 32" in w for w in p.warnings)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (Overrides(batch=0), "--batch-size 0"),
+        (Overrides(batch=-4), "--batch-size -4"),
+        (Overrides(imgsz=-32), "--img-size -32"),
+        (Overrides(device="3"), "GPU 3 does not exist"),
+        (Overrides(device="gpu"), "expected cpu, mps"),
+        (Overrides(workers=-1), "--workers -1"),
+        (Overrides(cache="fast"), "--cache 'fast'"),
+    ],
+)
+def test_bad_overrides_raise_usage_errors(overrides, message):
+    with pytest.raises(UsageError) as err:
+        plan(snapshot((24, 24)), fake_stats(), overrides)
+    assert message in str(err.value)
+
+
+def test_device_on_a_cpu_machine_is_refused():
+    with pytest.raises(UsageError) as err:
+        plan(snapshot(()), fake_stats(), Overrides(device="0"))
+    assert "no CUDA GPU" in str(err.value)
+
+
+def test_device_subset_uses_only_those_gpus():
+    p = plan(snapshot((24, 24, 24)), fake_stats(), Overrides(device="cuda:1"))
+    assert (p.device, p.stage("main").batch) == ("1", 48)
+
+
+def test_estimates_are_labelled_and_computed():
+    p = plan(snapshot((24,)), fake_stats())
+    est = dict(p.estimates)
+    assert est["resolution"].startswith("2.37x")
+    assert "estimate" in est["resolution"]
+    assert est["iterations"].startswith("3.00x")  # ceil(1000/16) / ceil(1000/48) = 63 / 21
+
+
+def test_extra_args_pass_through_and_fold_into_planned_knobs():
+    known = runner.ultralytics_defaults()
+    extra = planner.parse_extra_args(["mosaic=0.5", "lr0=0.002", "fliplr=0", "plots=False"], known)
+    p = plan(snapshot((24,)), fake_stats(), Overrides(extra=extra))
+    args = p.stage("main").train_args()
+    assert (args["mosaic"], args["lr0"], args["fliplr"], args["plots"]) == (0.5, 0.002, 0, False)
+    assert p.reason("lr0") == "set by user"
+    assert p.stage("finetune").train_args()["mosaic"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("token", "message"),
+    [
+        ("data=x.yaml", "use --dataset"),
+        ("model=yolo.pt", "use --model"),
+        ("mosiac=0.5", "not an Ultralytics train argument"),
+        ("plots=maybe", "expected True or False"),
+        ("mosaic", "look like key=value"),
+    ],
+)
+def test_bad_extra_args(token, message):
+    with pytest.raises(UsageError) as err:
+        planner.parse_extra_args([token], runner.ultralytics_defaults())
+    assert message in str(err.value)
+
+
+def test_every_stage_key_is_an_ultralytics_train_argument():
+    known = runner.ultralytics_defaults()
+    p = plan(snapshot((24,)), fake_stats(), Overrides(finetune="yes"))
+    for stage in p.stages:
+        assert set(stage.train_args()) <= set(known)
+
+
+def test_plan_json_has_the_documented_keys():
+    doc = plan(snapshot((24,)), fake_stats()).to_dict()
+    assert {"device", "stages", "reasons"} <= set(doc)
+    keys = {"name", "imgsz", "epochs", "batch", "batch_fallbacks", "workers", "cache", "optimizer", "lr0"}
+    keys |= {"cos_lr", "close_mosaic", "rect", "patience"}
+    assert keys <= set(doc["stages"][0])
