@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import sys
+import time
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from typer.core import TyperGroup
 
+from speedtrain import dataset as dataset_mod
 from speedtrain import hardware, report, workflow
+from speedtrain import prepare as prepare_mod
 from speedtrain.errors import SpeedtrainError
 from speedtrain.planner import DEFAULT_TARGET_MAP, Overrides
 
@@ -51,6 +58,12 @@ class Cache(str, Enum):
     ram = "ram"
     disk = "disk"
     none = "none"
+
+
+class Prepare(str, Enum):
+    auto = "auto"
+    yes = "yes"
+    no = "no"
 
 
 class Finetune(str, Enum):
@@ -106,11 +119,22 @@ HardwareOpt = Annotated[
     typer.Option("--hardware", help="Plan for the machine in this snapshot (from `speedtrain probe --json`)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+PrepareOpt = Annotated[
+    Prepare,
+    typer.Option("--prepare", help="Pre-resize the dataset once: auto (when most images are much larger), yes, no."),
+]
+ProjectOpt = Annotated[Path, typer.Option("--project", help="Folder for run folders.")]
+RequiredDatasetOpt = Annotated[
+    Path, typer.Option("--dataset", "-d", help="Dataset folder (with data.yaml or images/+labels/) or a data yaml.")
+]
+ProcsOpt = Annotated[int | None, typer.Option("--workers", "-w", min=1, help="Processes. Default: all cores.")]
 
 
-def _overrides(**kw: Any) -> Overrides:
-    cache, finetune = kw.pop("cache"), kw.pop("finetune")
-    return Overrides(cache=cache.value if cache else None, finetune=finetune.value, **kw)
+def _overrides(params: dict[str, Any]) -> Overrides:
+    """Overrides from a command's parameters: those named like Overrides fields, enums as their values."""
+    names = {f.name for f in dataclasses.fields(Overrides)}
+    picked = {k: (v.value if isinstance(v, Enum) else v) for k, v in params.items() if k in names and k != "extra"}
+    return Overrides(**picked)
 
 
 @app.command()
@@ -155,30 +179,15 @@ def plan(
     optimizer: OptimizerOpt = None,
     lr0: Lr0Opt = None,
     patience: PatienceOpt = None,
+    prepare: PrepareOpt = Prepare.auto,
 ) -> None:
     """Print the training plan and its reasons without training. Extra key=value go to Ultralytics.
 
     Example: speedtrain plan --dataset datasets/coco128 --hardware my_gpu_box.json mosaic=0.5
     """
-    ov = _overrides(
-        model=model,
-        epochs=epochs,
-        batch=batch,
-        imgsz=imgsz,
-        workers=workers,
-        cache=cache,
-        device=device,
-        rect=rect,
-        finetune=finetune,
-        finetune_epochs=finetune_epochs,
-        finetune_imgsz=finetune_imgsz,
-        target_map=target_map,
-        optimizer=optimizer,
-        lr0=lr0,
-        patience=patience,
-    )
-    hw, stats, the_plan = workflow.make_plan(dataset, ov, ctx.args, hardware_file)
-    doc = report.plan_document(hw, stats, the_plan)
+    ov = _overrides(locals())
+    planned = workflow.make_plan(dataset, ov, ctx.args, hardware_file)
+    doc = report.plan_document(planned.hw, planned.stats, planned.plan)
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return
@@ -207,38 +216,81 @@ def train(
     optimizer: OptimizerOpt = None,
     lr0: Lr0Opt = None,
     patience: PatienceOpt = None,
-    project: Annotated[Path, typer.Option("--project", help="Folder for run folders.")] = workflow.DEFAULT_PROJECT,
+    prepare: PrepareOpt = Prepare.auto,
+    project: ProjectOpt = workflow.DEFAULT_PROJECT,
     name: Annotated[str, typer.Option("--name", help="Run folder name; taken names get 2, 3, ...")] = "train",
 ) -> None:
     """Plan and train, then print and save the speed report. Extra key=value go to Ultralytics.
 
     Example: speedtrain train --dataset dataset --epochs 50 --batch-size 32 --img-size 416 mosaic=0.5
     """
-    ov = _overrides(
-        model=model,
-        epochs=epochs,
-        batch=batch,
-        imgsz=imgsz,
-        workers=workers,
-        cache=cache,
-        device=device,
-        rect=rect,
-        finetune=finetune,
-        finetune_epochs=finetune_epochs,
-        finetune_imgsz=finetune_imgsz,
-        target_map=target_map,
-        optimizer=optimizer,
-        lr0=lr0,
-        patience=patience,
-    )
-    hw, stats, the_plan = workflow.make_plan(dataset, ov, ctx.args)
-    doc = report.plan_document(hw, stats, the_plan)
+    ov = _overrides(locals())
+    planned = workflow.make_plan(dataset, ov, ctx.args)
+    if planned.plan.prepare_size:
+        with _progress(f"resizing to {planned.plan.prepare_size} px") as progress:
+            planned = workflow.prepare_dataset(planned, project, progress)
+        console.print(report.render_prepared(planned.prepared))
+    doc = report.plan_document(planned.hw, planned.stats, planned.plan)
     console.print(report.render_dataset(doc["dataset"]))
     console.print(report.render_plan(doc))
-    result, path = workflow.execute(hw, stats, the_plan, project, name, ask=_ask_finetune, log=_log)
+    result, path = workflow.execute(planned, project, name, ask=_ask_finetune, log=_log)
     console.rule("speed report")
     console.print(report.render_report(result))
     console.print(f"report: {path}")
+
+
+@app.command("prepare")
+def prepare_command(
+    *,
+    dataset: RequiredDatasetOpt,
+    size: Annotated[int, typer.Option("--size", "-s", help="Long side of the resized images.")] = 416,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output folder. Default: DATASET_SIZE beside it.")
+    ] = None,
+    workers: ProcsOpt = None,
+    quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality.")] = 95,
+    in_place: Annotated[bool, typer.Option("--in-place", help="Overwrite the images themselves (atomically).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a copy of the dataset with images resized to --size on the long side, in parallel; labels copied.
+
+    Example: speedtrain prepare --dataset datasets/mine --size 416
+    """
+    stats = workflow.scan_dataset(dataset)
+    with _progress(f"resizing to {size} px", quiet=as_json) as progress:
+        summary = prepare_mod.resize_dataset(
+            stats, size, out, workers=workers, quality=quality, in_place=in_place, progress=progress
+        )
+    if as_json:
+        typer.echo(json.dumps(summary.to_dict(), indent=2))
+    else:
+        console.print(report.render_resize(summary.to_dict()))
+        if summary.yaml_path:
+            console.print(f"train on it: speedtrain train --dataset {summary.yaml_path}")
+
+
+@app.command()
+def check(
+    *,
+    dataset: RequiredDatasetOpt,
+    workers: ProcsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate a dataset: unreadable images, labels without images, bad label lines, duplicates. Exit 1 if any.
+
+    Example: speedtrain check --dataset datasets/mine
+    """
+    stats = dataset_mod.scan(dataset)
+    with _progress("checking images", quiet=as_json) as progress:
+        problems = report.problem_dicts(dataset_mod.check(stats, workers, progress))
+    summary = report.dataset_summary(stats) | {"problems": problems}
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        console.print(report.render_dataset(summary))
+        console.print(report.render_problems(problems))
+    if problems:
+        raise typer.Exit(1)
 
 
 @app.command("report")
@@ -265,6 +317,31 @@ def _ask_finetune(main_result: Any) -> bool | None:
     score = main_result.metric("mAP50-95")
     shown = f"{score:.3f}" if score is not None else "unknown"
     return typer.confirm(f"Main stage mAP50-95 is {shown}. Fine-tune at 640 px now?", default=False)
+
+
+@contextlib.contextmanager
+def _progress(label: str, quiet: bool = False) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar (count, rate, ETA) fed by a (done, total) callback; plain output when not a terminal."""
+    if quiet:
+        yield None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err_console, transient=False) as bar:
+        task = bar.add_task(label, total=None, rate="")
+        t0 = time.perf_counter()
+
+        def update(done: int, total: int) -> None:
+            elapsed = time.perf_counter() - t0
+            rate = f"{done / elapsed:.0f} img/s" if done and elapsed > 0 else ""
+            bar.update(task, completed=done, total=total, rate=rate)
+
+        yield update
 
 
 def _log(message: str) -> None:

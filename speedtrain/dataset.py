@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import random
 import statistics
@@ -14,11 +16,12 @@ import yaml
 from PIL import Image
 
 from speedtrain.errors import DatasetError
+from speedtrain.parallel import Progress, pmap
 
 # Bound before ultralytics is imported (speedtrain imports it later, lazily): Ultralytics replaces Image.open with
 # a wrapper that runs check_requirements("pi-heif") -- a pip install when online -- on any file Pillow cannot
 # identify, so a corrupt JPEG met by the scan would start an install.
-_open_image = Image.open
+open_image = Image.open
 
 # The extensions Ultralytics 8.4 loads as images (ultralytics/data/utils.py IMG_FORMATS).
 IMG_FORMATS = frozenset(
@@ -363,8 +366,55 @@ def _image_sizes(images: tuple[str, ...], sample: int) -> tuple[ImageSizes, list
     dims, problems = [], []
     for image in picked:
         try:
-            with _open_image(image) as im:
+            with open_image(image) as im:
                 dims.append(im.size)
         except Exception as exc:  # any failure reading one image makes it unreadable, never the scan's failure
             problems.append(Problem("warning", "unreadable-image", image, f"cannot read image ({exc})"))
     return ImageSizes(tuple(dims), len(images)), problems
+
+
+def check(stats: DatasetStats, workers: int | None = None, progress: Progress | None = None) -> tuple[Problem, ...]:
+    """Full validation: every image decoded (corrupt, truncated), duplicates by content, labels without images.
+
+    Adds to the scan's label checks; reads only.
+    """
+    images = sorted({i for s in stats.splits for i in s.image_files})
+    problems = [p for p in stats.problems if p.kind != "unreadable-image"]  # re-checked below, all images
+    first_by_hash: dict[str, str] = {}
+    for image, digest, error in sorted(pmap(_inspect_image, images, workers, progress)):  # sorted: first is first
+        if error:
+            problems.append(Problem("warning", "unreadable-image", image, f"cannot decode ({error})"))
+        elif digest in first_by_hash:
+            problems.append(Problem("warning", "duplicate-image", image, f"same bytes as {first_by_hash[digest]}"))
+        else:
+            first_by_hash[digest] = image
+    problems += _orphan_labels(stats)
+    return tuple(problems)
+
+
+def _inspect_image(image: str) -> tuple[str, str, str]:
+    """Worker: (image, content hash, decode error or '')."""
+    try:
+        data = Path(image).read_bytes()
+        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+        with open_image(io.BytesIO(data)) as im:
+            im.load()  # a truncated JPEG fails here ("image file is truncated"), not at open
+        return image, digest, ""
+    except Exception as exc:  # any decode failure makes this image unreadable, never the check's failure
+        return image, "", str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _orphan_labels(stats: DatasetStats) -> list[Problem]:
+    """Label files in the splits' label folders that belong to no image."""
+    expected = {label for s in stats.splits for label in s.label_files}
+    folders = set()
+    for split in stats.splits:
+        for source in map(Path, split.sources):
+            if source.is_dir():
+                folders.add(Path(label_path(str(source / "x.jpg"))).parent)
+    orphans = []
+    for folder in sorted(f for f in folders if f.is_dir()):
+        for label in sorted(folder.rglob("*.txt")):
+            if str(label) not in expected and label.name != "classes.txt":
+                orphans.append(Problem("warning", "label-without-image", str(label), "no image for this label"))
+    return orphans

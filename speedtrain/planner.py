@@ -47,6 +47,11 @@ WORKER_RAM_GB = 0.3
 RAM_RESERVE_GB = 2.0
 DISK_RESERVE_GB = 1.0
 
+# --prepare auto resizes when more than half the images are over 1.5x the largest training size: below that,
+# Ultralytics' own per-epoch resize costs little.
+PREPARE_FACTOR = 1.5
+PREPARE_SHARE = 0.5
+
 BASELINE = {"imgsz": 640, "batch": 16, "cache": "disk", "workers": 8}  # Ultralytics-tutorial settings
 
 # Ultralytics train arguments that speedtrain owns: they come from its own flags.
@@ -82,6 +87,7 @@ class Overrides:
     finetune_epochs: int | None = None
     finetune_imgsz: int | None = None
     target_map: float = DEFAULT_TARGET_MAP
+    prepare: str = "auto"  # pre-resize the dataset: "auto", "yes" or "no"
     extra: tuple[tuple[str, Any], ...] = ()  # other Ultralytics train arguments, key=value
     sample: bool = False  # training on the embedded sample
 
@@ -133,6 +139,7 @@ class TrainPlan:
     estimates: tuple[tuple[str, str], ...] = ()
     warnings: tuple[str, ...] = ()
     cache_estimate_gb: float = 0.0
+    prepare_size: int | None = None  # resize the dataset to this long side before training; None: train as is
     baseline: dict[str, Any] = field(default_factory=lambda: dict(BASELINE))
 
     def reason(self, key: str) -> str:
@@ -151,6 +158,7 @@ class TrainPlan:
             "estimates": dict(self.estimates),
             "warnings": list(self.warnings),
             "cache_estimate_gb": self.cache_estimate_gb,
+            "prepare_size": self.prepare_size,
             "baseline": dict(self.baseline),
         }
 
@@ -172,6 +180,7 @@ def plan(hw: HardwareSnapshot, stats: DatasetStats, overrides: Overrides | None 
     finetune = _finetune_stage(hw, stats, ov, main, gpus, model, reasons, warnings)
     if finetune:
         stages.append(finetune)
+    prepare_size, reasons["prepare"] = _prepare(stats, stages, ov.prepare)
     return TrainPlan(
         device=device,
         model=model,
@@ -181,6 +190,7 @@ def plan(hw: HardwareSnapshot, stats: DatasetStats, overrides: Overrides | None 
         estimates=tuple(_estimates(stats, main).items()),
         warnings=tuple(warnings),
         cache_estimate_gb=round(stats.decoded_gb(main.imgsz), 3),
+        prepare_size=prepare_size,
     )
 
 
@@ -287,6 +297,26 @@ def _finetune_stage(
         warmup_epochs=0.0,
         when={"yes": "always", "auto": "auto", "ask": "ask"}[ov.finetune],
     )
+
+
+def _prepare(stats: DatasetStats, stages: list[Stage], mode: str) -> tuple[int | None, str]:
+    """Pre-resize to the largest training size when most images are much larger (auto), or always (yes)."""
+    if mode not in ("auto", "yes", "no"):
+        raise UsageError(f"--prepare {mode!r}: expected auto, yes or no")
+    if mode == "no":
+        return None, "off (--prepare no)"
+    size = max(s.imgsz for s in stages)
+    sizes = stats.image_sizes
+    which = "the fine-tune's size" if len(stages) > 1 else "the training size"
+    larger = sizes.share_larger_than(size)
+    if larger == 0:
+        return None, f"not needed: every image is already at most {size} px ({which})"
+    share = sizes.share_larger_than(round(size * PREPARE_FACTOR))
+    median = sizes.median_long_side()
+    if mode == "yes" or share > PREPARE_SHARE:
+        why = "--prepare yes" if mode == "yes" else f"{share:.0%} of images exceed {PREPARE_FACTOR}x that"
+        return size, f"resize to {size} px ({which}) once before training: {why} (median long side {median} px)"
+    return None, f"not needed: {share:.0%} of images exceed {PREPARE_FACTOR}x {size} px (median {median} px)"
 
 
 def _device(hw: HardwareSnapshot, requested: str | None, reasons: dict[str, str]) -> tuple[str, int]:

@@ -6,16 +6,22 @@ Nothing here writes inside the user's dataset.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
 import tempfile
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from PIL import Image, ImageOps
 
-from speedtrain.dataset import DatasetStats, label_path, list_images
+from speedtrain.dataset import DatasetStats, Problem, label_path, list_images, open_image
+from speedtrain.errors import DiskSpaceError, UsageError
+from speedtrain.parallel import Progress, default_workers, pmap
 
 VIEW_DIR = ".datasets"
 
@@ -26,6 +32,12 @@ def view_dir(stats: DatasetStats, project: str | Path) -> Path:
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(stats.root).name)[:40] or "dataset"
     return Path(project) / VIEW_DIR / f"{slug}-{digest}"
+
+
+def prepared_dir(stats: DatasetStats, project: str | Path, size: int) -> Path:
+    """Where `train --prepare` keeps its resized copy: beside the view, one per dataset and size, reused."""
+    view = view_dir(stats, project)
+    return view.with_name(f"{view.name}_{size}")
 
 
 def make_view(stats: DatasetStats, dest: str | Path) -> Path:
@@ -101,13 +113,7 @@ def _siblings(npy: Path) -> list[Path]:
 def _same_target(link: Path, target: Path) -> bool:
     if link.is_symlink():
         return Path(os.readlink(link)) == target
-    try:  # a hard link or copy (Windows without symlink rights): same file, same size and time
-        st, tt = link.stat(), target.stat()
-    except OSError:
-        return False
-    return (st.st_ino == tt.st_ino and st.st_dev == tt.st_dev) or (
-        st.st_size == tt.st_size and st.st_mtime >= tt.st_mtime
-    )
+    return _up_to_date(link, target)  # a hard link or copy (Windows without symlink rights)
 
 
 def _link(target: Path, link: Path) -> None:
@@ -141,3 +147,330 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# --- resized copies (`speedtrain prepare`, `optimize_training_speed.py --resize`) -------------------------------
+
+MANIFEST = ".speedtrain-manifest.json"
+TMP_PREFIX = ".st-"
+JPEG_QUALITY = 95
+PIL_FORMATS = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".webp": "WEBP",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ResizeSummary:
+    out_dir: str
+    yaml_path: str | None  # None for --in-place, where the dataset's own yaml stays as it is
+    size: int
+    images: int
+    resized: int
+    copied: int  # already no larger than size: copied unchanged
+    unchanged: int  # done by an earlier run and not changed since: skipped
+    failed: tuple[Problem, ...]
+    labels_copied: int
+    removed: int  # outputs whose source image is gone
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+    workers: int
+
+    @property
+    def processed(self) -> int:
+        return self.resized + self.copied
+
+    @property
+    def images_per_s(self) -> float | None:
+        return round(self.processed / self.seconds, 1) if self.processed and self.seconds > 0 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["failed"] = [p.line() for p in self.failed]
+        data["images_per_s"] = self.images_per_s
+        return data
+
+
+def default_out(stats: DatasetStats, size: int) -> Path:
+    """The sibling folder a resized copy goes to by default: dataset_416 next to dataset."""
+    root = Path(stats.root)
+    return root.with_name(f"{root.name}_{size}")
+
+
+def resize_dataset(
+    stats: DatasetStats,
+    size: int,
+    out: str | Path | None = None,
+    *,
+    workers: int | None = None,
+    quality: int = JPEG_QUALITY,
+    in_place: bool = False,
+    progress: Progress | None = None,
+) -> ResizeSummary:
+    """Write a copy of the dataset whose images' long side is at most `size`; labels are copied unchanged.
+
+    Incremental (a manifest records each source's size and mtime), parallel across processes, and every file is
+    written to a temporary name and renamed, so an interrupted run never leaves half an image.
+    """
+    if size < 32:
+        raise UsageError(f"--size {size}: must be at least 32 pixels")
+    t0 = time.perf_counter()
+    root = Path(stats.root)
+    out_dir = root if in_place else Path(out or default_out(stats, size)).absolute()
+    if not in_place and (out_dir == root or root in out_dir.parents):
+        raise UsageError(f"--out {out_dir}: must be outside the dataset (or pass --in-place)")
+    pairs = _image_pairs(stats, root, out_dir)
+    _check_disk(stats, size, out_dir, pairs, in_place)
+    _remove_temp_files(out_dir)
+    manifest = _load_manifest(out_dir)
+    todo, unchanged = _pending(pairs, manifest, size, quality, out_dir)
+    workers = workers or default_workers()
+    counts = {"resized": 0, "copied": 0}
+    failed: list[Problem] = []
+    before = after = 0
+    last_save = time.monotonic()
+    jobs = [(str(src), str(dst), size, quality) for src, dst in todo]
+    try:
+        for src, dst, status, n_before, n_after, error in pmap(_resize_one, jobs, workers, progress):
+            if status == "failed":
+                failed.append(Problem("warning", "unreadable-image", src, f"skipped: {error}"))
+                continue
+            counts[status] += 1
+            before, after = before + n_before, after + n_after
+            manifest[_key(Path(dst), out_dir)] = _stamp(Path(src), size, quality)
+            if time.monotonic() - last_save > 2:  # a killed run keeps most of its progress
+                _save_manifest(out_dir, manifest)
+                last_save = time.monotonic()
+    finally:
+        _save_manifest(out_dir, manifest)
+    removed = _remove_orphans(pairs, manifest, out_dir) if not in_place else 0
+    _save_manifest(out_dir, manifest)
+    labels = 0 if in_place else _copy_labels(pairs)
+    yaml_path = None if in_place else _write_yaml(stats, root, out_dir)
+    return ResizeSummary(
+        out_dir=str(out_dir),
+        yaml_path=str(yaml_path) if yaml_path else None,
+        size=size,
+        images=len(pairs),
+        resized=counts["resized"],
+        copied=counts["copied"],
+        unchanged=unchanged,
+        failed=tuple(failed),
+        labels_copied=labels,
+        removed=removed,
+        bytes_before=before,
+        bytes_after=after,
+        seconds=round(time.perf_counter() - t0, 3),
+        workers=min(workers, max(1, len(jobs))),
+    )
+
+
+def _image_pairs(stats: DatasetStats, root: Path, out_dir: Path) -> list[tuple[Path, Path]]:
+    """(source image, output image) for every image of every split, each once."""
+    seen: dict[Path, Path] = {}
+    for split in stats.splits:
+        for image in split.image_files:
+            src = Path(image)
+            if src not in seen:
+                seen[src] = out_dir / _relative(src, root)
+    return list(seen.items())
+
+
+def _relative(path: Path, root: Path) -> Path:
+    """Path inside the copy: relative to the dataset root, or under external/ for files outside it."""
+    try:
+        return path.relative_to(root)
+    except ValueError:
+        digest = hashlib.sha1(str(path.parent).encode()).hexdigest()[:8]
+        return Path("external") / digest / "images" / path.name
+
+
+def _key(dst: Path, out_dir: Path) -> str:
+    return dst.relative_to(out_dir).as_posix()
+
+
+def _stamp(src: Path, size: int, quality: int) -> list[int]:
+    st = src.stat()
+    return [st.st_size, st.st_mtime_ns, size, quality]
+
+
+def _pending(
+    pairs: list[tuple[Path, Path]], manifest: dict[str, list[int]], size: int, quality: int, out_dir: Path
+) -> tuple[list[tuple[Path, Path]], int]:
+    todo, unchanged = [], 0
+    for src, dst in pairs:
+        if manifest.get(_key(dst, out_dir)) == _stamp(src, size, quality) and dst.is_file():
+            unchanged += 1
+        else:
+            todo.append((src, dst))
+    return todo, unchanged
+
+
+def _resize_one(job: tuple[str, str, int, int]) -> tuple[str, str, str, int, int, str]:
+    """Worker: resize (or copy) one image to its output atomically; never raises."""
+    src, dst, size, quality = job
+    try:
+        before = os.path.getsize(src)
+        Path(dst).parent.mkdir(parents=True, exist_ok=True)
+        with open_image(src) as im:
+            w, h = im.size
+            fmt = im.format or PIL_FORMATS.get(Path(src).suffix.lower(), "PNG")
+            if max(w, h) <= size:  # never upscale: the file is copied byte for byte
+                _copy_atomic(Path(src), Path(dst))
+                return src, dst, "copied", before, before, ""
+            r = size / max(w, h)
+            target = (max(1, round(w * r)), max(1, round(h * r)))
+            im.draft(None, target)  # JPEG: decode at 1/2, 1/4 or 1/8 scale, never below the target
+            resized = _downscale(im, target)
+            icc = im.info.get("icc_profile")
+        resized = ImageOps.exif_transpose(resized)  # rotate the pixels per EXIF; the orientation tag is dropped
+        _save_atomic(resized, Path(dst), fmt, quality, icc)
+        return src, dst, "resized", before, os.path.getsize(dst), ""
+    except Exception as exc:  # a corrupt image is reported and skipped, never the run's end
+        return src, dst, "failed", 0, 0, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _downscale(im: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """Area-averaging downscale (Pillow's BOX filter); 16-bit images go through 32-bit integer mode."""
+    if im.mode in ("I;16", "I;16B", "I;16L"):
+        return im.convert("I").resize(target, Image.Resampling.BOX).convert(im.mode)
+    return im.resize(target, Image.Resampling.BOX)
+
+
+def _save_atomic(im: Image.Image, dst: Path, fmt: str, quality: int, icc: bytes | None) -> None:
+    kwargs: dict[str, Any] = {"exif": im.getexif().tobytes()} if fmt in ("JPEG", "PNG", "WEBP", "TIFF") else {}
+    if icc:
+        kwargs["icc_profile"] = icc
+    if fmt == "JPEG":
+        im = im.convert("RGB") if im.mode not in ("RGB", "L", "CMYK") else im
+        kwargs.update(quality=quality, optimize=False)
+    elif fmt == "WEBP":
+        kwargs.update(quality=quality)
+    tmp = dst.with_name(f"{TMP_PREFIX}{dst.name}.{os.getpid()}.tmp")
+    try:
+        im.save(tmp, format=fmt, **kwargs)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f"{TMP_PREFIX}{dst.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _copy_labels(pairs: list[tuple[Path, Path]]) -> int:
+    """Copy each image's label file unchanged (YOLO labels are normalised) to the label path of its copy."""
+    copied = 0
+    for src_image, dst_image in pairs:
+        src, dst = Path(label_path(str(src_image))), Path(label_path(str(dst_image)))
+        if not src.is_file() or _up_to_date(dst, src):
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        _copy_atomic(src, dst)
+        copied += 1
+    return copied
+
+
+def _up_to_date(copy: Path, original: Path) -> bool:
+    """True when `copy` has the original's size and is not older (copy2 keeps the mtime)."""
+    try:
+        c, o = copy.stat(), original.stat()
+    except OSError:
+        return False
+    return c.st_size == o.st_size and c.st_mtime >= o.st_mtime
+
+
+def _write_yaml(stats: DatasetStats, root: Path, out_dir: Path) -> Path:
+    """data.yaml of the copy: the original's keys, splits relative to the copy, no path: and no download:."""
+    data: dict[str, Any] = {}
+    if stats.yaml_path:
+        original = yaml.safe_load(Path(stats.yaml_path).read_text(encoding="utf-8-sig")) or {}
+        data = {k: v for k, v in original.items() if k not in ("path", "download")}
+    for split in stats.splits:
+        entries = [_relative(Path(s), root).as_posix() for s in split.sources]
+        data[split.name] = entries[0] if len(entries) == 1 else entries
+    data.setdefault("names", dict(enumerate(stats.names)))
+    path = out_dir / "data.yaml"
+    write_atomic(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode())
+    return path
+
+
+def _remove_orphans(pairs: list[tuple[Path, Path]], manifest: dict[str, list[int]], out_dir: Path) -> int:
+    """Delete outputs this tool wrote earlier whose source image no longer exists."""
+    live = {_key(dst, out_dir) for _, dst in pairs}
+    removed = 0
+    for key in [k for k in manifest if k not in live]:
+        (out_dir / key).unlink(missing_ok=True)
+        del manifest[key]
+        removed += 1
+    return removed
+
+
+def _remove_temp_files(out_dir: Path) -> None:
+    """Temporary files a killed run left behind."""
+    if out_dir.is_dir():
+        for tmp in out_dir.rglob(f"{TMP_PREFIX}*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def _load_manifest(out_dir: Path) -> dict[str, list[int]]:
+    try:
+        data = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data.get("files", {}) if isinstance(data, dict) else {}
+
+
+def _save_manifest(out_dir: Path, manifest: dict[str, list[int]]) -> None:
+    doc = {"version": 1, "fields": ["size", "mtime_ns", "target_size", "quality"], "files": manifest}
+    write_atomic(out_dir / MANIFEST, json.dumps(doc).encode())
+
+
+def _check_disk(stats: DatasetStats, size: int, out_dir: Path, pairs: list[tuple[Path, Path]], in_place: bool) -> None:
+    """Refuse to start when the copy clearly cannot fit: estimate from the sources' bytes and the size ratio."""
+    if in_place or not pairs:
+        return
+    total = sum(src.stat().st_size for src, _ in pairs)
+    long_side = stats.image_sizes.median_long_side() or size
+    need_gb = total * min(1.0, (size / long_side) ** 2) * 1.1 / 1024**3 + 0.1
+    free_gb = shutil.disk_usage(_existing_parent(out_dir)).free / 1024**3
+    if need_gb > free_gb:
+        raise DiskSpaceError(f"{out_dir}: about {need_gb:.1f} GB needed for the resized copy, {free_gb:.1f} GB free")
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def measure_load_ms(images: list[str], imgsz: int, sample: int = 16) -> float | None:
+    """Milliseconds to load one image as Ultralytics does (cv2.imread, then resize to imgsz), over a sample."""
+    import cv2
+
+    picked = images[:: max(1, len(images) // sample)][:sample]
+    if not picked:
+        return None
+    t0 = time.perf_counter()
+    for image in picked:
+        im = cv2.imread(image)
+        if im is None:
+            continue
+        h, w = im.shape[:2]
+        r = imgsz / max(h, w)
+        if r != 1:
+            cv2.resize(im, (max(1, round(w * r)), max(1, round(h * r))), interpolation=cv2.INTER_AREA)
+    return round((time.perf_counter() - t0) * 1000 / len(picked), 2)

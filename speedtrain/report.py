@@ -55,9 +55,16 @@ def plan_document(hw: HardwareSnapshot, stats: DatasetStats, plan: TrainPlan) ->
     return {**plan.to_dict(), "hardware": hardware.to_dict(hw), "dataset": dataset_summary(stats)}
 
 
-def build_report(hw: HardwareSnapshot, stats: DatasetStats, plan: TrainPlan, result: RunResult) -> dict[str, Any]:
-    """The speed_report.json document: the plan, and per stage what was measured."""
+def build_report(
+    hw: HardwareSnapshot,
+    stats: DatasetStats,
+    plan: TrainPlan,
+    result: RunResult,
+    prepared: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The speed_report.json document: the plan, the dataset preparation, and per stage what was measured."""
     doc = plan_document(hw, stats, plan)
+    doc["prepare"] = prepared
     by_name = {r.name: r for r in result.stages}
     stages = []
     for stage in doc["stages"]:
@@ -166,6 +173,7 @@ def render_plan(doc: dict[str, Any]) -> RenderableType:
     for key, value in main.get("extra", {}).items():
         table.add_row(key, "", str(value), "set by user")
     parts: list[RenderableType] = [table]
+    parts.append(Text(f"prepare: {reasons.get('prepare', 'off')}"))
     parts.append(Text(f"fine-tune: {reasons.get('finetune', 'off')}"))
     if len(doc["stages"]) > 1:
         ft = doc["stages"][1]
@@ -198,6 +206,68 @@ def render_report(doc: dict[str, Any]) -> RenderableType:
             Text(f"Run {status} in {_duration(run.get('wall_time_s', 0))}: {run.get('run_dir')}", style="bold")
         )
     return Group(*parts)
+
+
+def render_resize(summary: dict[str, Any]) -> RenderableType:
+    """The summary of one `speedtrain prepare` run."""
+    table = Table(title=f"Resized to {summary['size']} px: {summary['out_dir']}", title_justify="left", box=None)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    rate = summary.get("images_per_s")
+    rows = [
+        ("images", summary["images"]),
+        ("resized", summary["resized"]),
+        ("copied (already small)", summary["copied"]),
+        ("unchanged since last run", summary["unchanged"]),
+        ("failed (skipped)", len(summary["failed"])),
+        ("labels copied", summary["labels_copied"]),
+        ("removed (source gone)", summary["removed"]),
+        ("MB before -> after", f"{summary['bytes_before'] / 1e6:.1f} -> {summary['bytes_after'] / 1e6:.1f}"),
+        ("time", f"{summary['seconds']:.2f} s"),
+        ("images/s", f"{rate:.1f} ({summary['workers']} processes)" if rate else "-"),
+    ]
+    for key, value in rows:
+        table.add_row(key, str(value))
+    return Group(table, *[Text(f"failed: {line}", style="yellow") for line in summary["failed"]])
+
+
+def render_prepared(record: dict[str, Any]) -> RenderableType:
+    """What pre-resizing cost and saved, in a training report."""
+    s = record["summary"]
+    lines = [
+        record["decision"],
+        f"{s['resized'] + s['copied']} images written in {s['seconds']:.1f} s "
+        f"({s['unchanged']} unchanged since an earlier run), {s['bytes_before'] / 1e6:.1f} -> "
+        f"{s['bytes_after'] / 1e6:.1f} MB",
+    ]
+    if record.get("load_ms_original") and record.get("load_ms_prepared"):
+        lines.append(
+            f"loading one image: {record['load_ms_original']:.1f} ms original vs {record['load_ms_prepared']:.1f} ms "
+            f"prepared (measured on {record['load_sample']} images, one process): about "
+            f"{record['saving_s_per_epoch']:.1f} s of loading saved per epoch"
+        )
+    return Panel("\n".join(lines), title="Preparation", title_align="left")
+
+
+def render_problems(problems: list[dict[str, Any]], limit: int = 10) -> RenderableType:
+    """Problems grouped by kind, with up to `limit` file names each."""
+    if not problems:
+        return Text("no problems found", style="green")
+    kinds: dict[str, list[dict[str, Any]]] = {}
+    for p in problems:
+        kinds.setdefault(p["kind"], []).append(p)
+    parts: list[RenderableType] = []
+    for kind, items in kinds.items():
+        style = "red" if items[0]["severity"] == "error" else "yellow"
+        parts.append(Text(f"{kind}: {len(items)} ({items[0]['severity']})", style=f"bold {style}"))
+        parts += [Text(f"  {p['file']}: {p['detail']}") for p in items[:limit]]
+        if len(items) > limit:
+            parts.append(Text(f"  ... and {len(items) - limit} more (--json lists all)"))
+    return Group(*parts)
+
+
+def problem_dicts(problems: Any) -> list[dict[str, Any]]:
+    return [{"severity": p.severity, "kind": p.kind, "file": p.file, "detail": p.detail} for p in problems]
 
 
 def render_measured(doc: dict[str, Any]) -> RenderableType:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ from speedtrain import dataset, hardware, planner, prepare, report, runner
 from speedtrain.dataset import DatasetStats
 from speedtrain.errors import DatasetError
 from speedtrain.hardware import HardwareSnapshot
+from speedtrain.parallel import Progress
 from speedtrain.planner import Overrides, TrainPlan
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
@@ -28,12 +28,23 @@ def scan_dataset(path: str | Path | None) -> DatasetStats:
     return stats
 
 
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """What a run is planned from: the machine, the dataset, the user's overrides, and the plan."""
+
+    hw: HardwareSnapshot
+    stats: DatasetStats
+    overrides: Overrides
+    plan: TrainPlan
+    prepared: dict[str, Any] | None = None  # the preparation record, once the dataset was resized
+
+
 def make_plan(
     dataset_path: str | Path | None,
     overrides: Overrides,
     extra_args: list[str] | tuple[str, ...] = (),
     hardware_file: str | Path | None = None,
-) -> tuple[HardwareSnapshot, DatasetStats, TrainPlan]:
+) -> Planned:
     """Probe (or load) the hardware, scan the dataset and plan the run."""
     stats = scan_dataset(dataset_path)
     hw = hardware.load(hardware_file) if hardware_file else hardware.probe(stats.root)
@@ -41,7 +52,36 @@ def make_plan(
         extra = planner.parse_extra_args(list(extra_args), runner.ultralytics_defaults())
         overrides = replace(overrides, extra=overrides.extra + extra)
     overrides = replace(overrides, sample=dataset_path is None)
-    return hw, stats, planner.plan(hw, stats, overrides)
+    return Planned(hw, stats, overrides, planner.plan(hw, stats, overrides))
+
+
+def prepare_dataset(
+    planned: Planned, project: str | Path = DEFAULT_PROJECT, progress: Progress | None = None
+) -> Planned:
+    """Resize the dataset as the plan says (into the project folder) and re-plan on the copy; else as is."""
+    size = planned.plan.prepare_size
+    if size is None:
+        return planned
+    out = prepare.prepared_dir(planned.stats, project, size)
+    summary = prepare.resize_dataset(planned.stats, size, out, progress=progress)
+    stats = scan_dataset(summary.yaml_path)
+    plan = planner.plan(planned.hw, stats, planned.overrides)
+    decision = planned.plan.reason("prepare")
+    plan = replace(plan, reasons=tuple((k, decision if k == "prepare" else v) for k, v in plan.reasons))
+    train_images = [i for s in planned.stats.splits if s.name == "train" for i in s.image_files]
+    copies = [i for s in stats.splits if s.name == "train" for i in s.image_files]
+    imgsz = plan.stages[0].imgsz
+    before, after = prepare.measure_load_ms(train_images, imgsz), prepare.measure_load_ms(copies, imgsz)
+    record = {
+        "decision": decision,
+        "summary": summary.to_dict(),
+        "load_ms_original": before,
+        "load_ms_prepared": after,
+        "load_sample": min(16, len(train_images)),
+        "saving_s_per_epoch": round((before - after) * len(train_images) / 1000, 2) if before and after else None,
+        "original_dataset": report.dataset_summary(planned.stats),
+    }
+    return Planned(planned.hw, stats, planned.overrides, plan, record)
 
 
 def new_run_dir(project: str | Path, name: str) -> Path:
@@ -59,9 +99,7 @@ def new_run_dir(project: str | Path, name: str) -> Path:
 
 
 def execute(
-    hw: HardwareSnapshot,
-    stats: DatasetStats,
-    plan: TrainPlan,
+    planned: Planned,
     project: str | Path = DEFAULT_PROJECT,
     name: str = "train",
     *,
@@ -69,10 +107,9 @@ def execute(
     log: Callable[[str], None] = lambda _: None,
 ) -> tuple[dict[str, Any], Path]:
     """Train the plan through a linked view of the dataset; write speed_report.json; return it and its path."""
-    os.environ.setdefault("YOLO_VERBOSE", "True")
     run_dir = new_run_dir(project, name)
-    view_yaml = prepare.make_view(stats, prepare.view_dir(stats, project))
+    view_yaml = prepare.make_view(planned.stats, prepare.view_dir(planned.stats, project))
     log(f"run folder: {run_dir}")
-    result = runner.run(plan, view_yaml, run_dir, decide_finetune=ask, log=log)
-    doc = report.build_report(hw, stats, plan, result)
+    result = runner.run(planned.plan, view_yaml, run_dir, decide_finetune=ask, log=log)
+    doc = report.build_report(planned.hw, planned.stats, planned.plan, result, planned.prepared)
     return doc, report.save_report(doc, run_dir)

@@ -213,3 +213,54 @@ def test_help_probe_and_plan_import_neither_torch_nor_ultralytics():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "HEAVY []" in out.stdout
+
+
+def test_check_command_exit_codes(make_dataset):
+    root = make_dataset(3, 1)
+    clean = invoke("check", "--dataset", root)
+    assert clean.exit_code == 0, clean.output
+    assert "no problems found" in clean.output
+    (root / "labels" / "train" / "ghost.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    found = invoke("check", "--dataset", root, "--json")
+    assert found.exit_code == 1
+    assert [p["kind"] for p in json.loads(found.output)["problems"]] == ["label-without-image"]
+
+
+def test_prepare_command(make_dataset, tmp_path):
+    result = invoke("prepare", "--dataset", make_dataset(3, 1), "--size", 256, "--out", tmp_path / "small", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert (summary["resized"], summary["size"]) == (4, 256)
+    assert (tmp_path / "small" / "data.yaml").is_file()
+    assert invoke("prepare", "--dataset", tmp_path / "missing").exit_code == 3
+
+
+@pytest.mark.slow
+def test_train_prepares_the_dataset_when_images_are_much_larger(make_dataset, tmp_path):
+    root = make_dataset(6, 2)
+    args = ["train", "--dataset", root, "--img-size", 64, "--epochs", 1, "--finetune", "no"]
+    result = invoke(*args, "--project", tmp_path / "runs", "plots=False")
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "runs" / "train" / "speed_report.json").read_text())
+    prep = doc["prepare"]
+    assert prep["decision"].startswith("resize to 64 px")
+    assert prep["summary"]["resized"] == 8
+    assert prep["load_ms_original"] > prep["load_ms_prepared"] > 0  # measured, not assumed
+    assert prep["original_dataset"]["root"] == str(root)
+    assert doc["dataset"]["image_size"]["max_long_side"] == 64  # trained on the copy
+    assert "Preparation" in result.output
+
+
+def test_optimize_training_speed_shim(make_dataset):
+    root = make_dataset(3, 1)
+    script = str(REPO / "optimize_training_speed.py")
+    out = subprocess.run(
+        [sys.executable, script, "--resize", "--dataset", str(root), "--size", "320"], capture_output=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert (root.with_name("ds_320") / "data.yaml").is_file()
+    check = subprocess.run([sys.executable, script, "--check", "--dataset", str(root)], capture_output=True)
+    assert check.returncode == 0, check.stderr
+    nothing = subprocess.run([sys.executable, script, "--dataset", str(root)], capture_output=True, text=True)
+    assert nothing.returncode == 2
+    assert "--resize, --check" in nothing.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -181,3 +182,28 @@ def test_scan_never_writes(make_dataset):
     before = tree_hash(root)
     dataset.scan(root)
     assert tree_hash(root) == before
+
+
+def test_check_finds_every_kind_of_problem(make_dataset):
+    root = make_dataset(6, 2)
+    images = sorted((root / "images" / "train").iterdir())
+    images[0].write_bytes(b"\xff\xd8 not a jpeg")  # corrupt
+    data = images[1].read_bytes()
+    images[1].write_bytes(data[: len(data) // 2])  # truncated: opens, fails to decode
+    shutil.copy2(images[2], images[2].with_name("copy_of_" + images[2].name))  # duplicate
+    (root / "labels" / "train" / "ghost.txt").write_text("0 0.5 0.5 0.1 0.1\n")  # label without image
+    (root / "labels" / "train" / f"{images[3].stem}.txt").write_text("0 0.5 0.5\n")  # malformed
+    before = tree_hash(root)
+    problems = dataset.check(dataset.scan(root), workers=2)
+    found = {(p.kind, Path(p.file).name) for p in problems}
+    assert ("unreadable-image", images[0].name) in found
+    assert ("unreadable-image", images[1].name) in found
+    assert ("duplicate-image", "copy_of_" + images[2].name) in found
+    assert ("label-without-image", "ghost.txt") in found
+    assert ("malformed-label", f"{images[3].stem}.txt") in found
+    assert tree_hash(root) == before
+
+
+def test_check_on_clean_copy_finds_nothing(make_dataset):
+    root = make_dataset(4, 2)
+    assert dataset.check(dataset.scan(root), workers=1) == ()

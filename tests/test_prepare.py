@@ -1,13 +1,21 @@
-"""The linked training view: Ultralytics' caches land in it, never in the dataset."""
+"""prepare.py: the linked training view (caches never land in the dataset) and resized copies."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pytest
 import yaml
 from conftest import tree_hash
+from PIL import Image, ImageOps
 
 from speedtrain import dataset, prepare
+from speedtrain.errors import UsageError
 
 
 def test_view_links_every_image_and_label_and_leaves_the_dataset_alone(make_dataset, tmp_path):
@@ -63,3 +71,175 @@ def test_write_atomic_leaves_no_temporary_files(tmp_path):
     prepare.write_atomic(target, b'{"a": 1}')
     assert target.read_bytes() == b'{"a": 1}'
     assert [p.name for p in target.parent.iterdir()] == ["f.json"]
+
+
+# --- resizing -------------------------------------------------------------------------------------------------
+
+
+def _long_side(path: Path) -> int:
+    with Image.open(path) as im:
+        return max(ImageOps.exif_transpose(im).size)
+
+
+def test_resized_copy_sizes_labels_and_untouched_original(make_dataset):
+    root = make_dataset(8, 2)
+    small = sorted((root / "images" / "train").iterdir())[0]
+    with Image.open(small) as im:
+        im.resize((300, 200)).save(small, quality=90)  # smaller than --size: must be copied, not upscaled
+    before = tree_hash(root)
+    stats = dataset.scan(root)
+    summary = prepare.resize_dataset(stats, 320, workers=2)
+    out = Path(summary.out_dir)
+    assert out == root.with_name("ds_320")
+    assert tree_hash(root) == before
+    assert (summary.resized, summary.copied, summary.failed) == (9, 1, ())
+    for src in stats.split("train").image_files + stats.split("val").image_files:
+        src = Path(src)
+        dst = out / src.relative_to(root)
+        with Image.open(src) as a, Image.open(dst) as b:
+            assert b.format == a.format
+            if max(a.size) > 320:
+                assert max(b.size) == 320
+                assert b.size[0] / b.size[1] == pytest.approx(a.size[0] / a.size[1], rel=0.01)
+            else:
+                assert dst.read_bytes() == src.read_bytes()
+    labels = sorted((root / "labels").rglob("*.txt"))
+    assert labels
+    for label in labels:
+        assert (out / label.relative_to(root)).read_bytes() == label.read_bytes()
+    copy = dataset.scan(summary.yaml_path)
+    assert (copy.train_images, copy.val_images, copy.label_files) == (8, 2, stats.label_files)
+    assert "path" not in yaml.safe_load(Path(summary.yaml_path).read_text())
+
+
+def test_exif_rotation_is_applied_to_pixels(make_dataset):
+    root = make_dataset(1, 1)
+    img = next((root / "images" / "train").iterdir())
+    raw = Image.new("RGB", (800, 600), "blue")
+    raw.paste((255, 0, 0), (0, 0, 400, 600))  # left half red in the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation 6: viewers rotate the stored pixels 90 degrees clockwise
+    raw.save(img, exif=exif.tobytes(), quality=95)
+    summary = prepare.resize_dataset(dataset.scan(root), 400, workers=1)
+    out = Path(summary.out_dir) / img.relative_to(root)
+    with Image.open(out) as im:
+        assert im.getexif().get(0x0112, 1) == 1  # the tag is gone: pixels are already upright
+        assert im.size == (300, 400)  # portrait, as viewers showed the original
+        top, bottom = im.getpixel((150, 20)), im.getpixel((150, 380))
+    assert top[0] > 200
+    assert top[2] < 60
+    assert bottom[2] > 200
+    assert bottom[0] < 60
+    # the label file is unchanged: YOLO labels refer to the displayed (upright) image
+    label = root / "labels" / "train" / f"{img.stem}.txt"
+    if label.exists():
+        assert (Path(summary.out_dir) / label.relative_to(root)).read_bytes() == label.read_bytes()
+
+
+def test_png_stays_png_and_16_bit_survives(make_dataset):
+    root = make_dataset(2, 1)
+    jpg = sorted((root / "images" / "train").iterdir())[0]
+    with Image.open(jpg) as im:
+        im.save(jpg.with_suffix(".png"))
+    jpg.unlink()
+    deep = sorted((root / "images" / "train").iterdir())[0]
+    Image.new("I;16", (1000, 500), 40000).save(deep.with_name("deep.png"))
+    summary = prepare.resize_dataset(dataset.scan(root), 256, workers=1)
+    out = Path(summary.out_dir) / "images" / "train"
+    with Image.open(out / jpg.with_suffix(".png").name) as im:
+        assert (im.format, max(im.size)) == ("PNG", 256)
+    with Image.open(out / "deep.png") as im:
+        assert im.format == "PNG"
+        assert im.size == (256, 128)
+        assert im.mode.startswith("I")
+    assert summary.failed == ()
+
+
+def test_corrupt_image_is_skipped_and_reported(make_dataset):
+    root = make_dataset(4, 1)
+    bad = sorted((root / "images" / "train").iterdir())[1]
+    bad.write_bytes(b"\xff\xd8 broken")
+    summary = prepare.resize_dataset(dataset.scan(root), 320, workers=2)
+    assert [p.file for p in summary.failed] == [str(bad)]
+    assert summary.resized == 4
+
+
+def test_second_run_is_incremental(make_dataset):
+    root = make_dataset(6, 2)
+    first = prepare.resize_dataset(dataset.scan(root), 320, workers=2)
+    second = prepare.resize_dataset(dataset.scan(root), 320, workers=2)
+    assert (first.processed, first.unchanged) == (8, 0)
+    assert (second.processed, second.unchanged, second.labels_copied) == (0, 8, 0)
+    changed = sorted((root / "images" / "train").iterdir())[2]
+    with Image.open(changed) as im:
+        im.rotate(180).save(changed, quality=90)
+    gone = sorted((root / "images" / "train").iterdir())[3]
+    gone.unlink()
+    third = prepare.resize_dataset(dataset.scan(root), 320, workers=2)
+    assert (third.processed, third.unchanged, third.removed) == (1, 6, 1)
+    assert not (Path(third.out_dir) / gone.relative_to(root)).exists()
+    # a different size is a different job: everything is redone
+    assert prepare.resize_dataset(dataset.scan(root), 256, out=Path(third.out_dir)).processed == 7
+
+
+def test_out_inside_the_dataset_is_refused(make_dataset):
+    root = make_dataset(2, 1)
+    with pytest.raises(UsageError, match="must be outside the dataset"):
+        prepare.resize_dataset(dataset.scan(root), 320, out=root / "small")
+
+
+def test_in_place_resizes_atomically_and_keeps_labels(make_dataset):
+    root = make_dataset(3, 1)
+    labels = {p: p.read_bytes() for p in (root / "labels").rglob("*.txt")}
+    summary = prepare.resize_dataset(dataset.scan(root), 320, in_place=True, workers=2)
+    assert summary.resized == 4
+    assert summary.yaml_path is None
+    assert all(_long_side(p) == 320 for p in (root / "images").rglob("*.jpg"))
+    assert {p: p.read_bytes() for p in (root / "labels").rglob("*.txt")} == labels
+    assert not list(root.rglob("*.tmp"))
+
+
+def _wait_for(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _big_dataset(make_dataset, n: int) -> Path:
+    """n real COCO photos scaled up 3x and stored as PNG (no reduced-scale decoding), so resizing takes a while."""
+    root = make_dataset(n, 1)
+    for p in (root / "images" / "train").iterdir():
+        with Image.open(p) as im:
+            big = im.resize((im.width * 3, im.height * 3), Image.Resampling.NEAREST)
+        big.save(p.with_suffix(".png"), compress_level=1)
+        p.unlink()
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_run_then_rerun_leaves_every_image_valid(make_dataset, tmp_path, sig):
+    root = _big_dataset(make_dataset, 32)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "speedtrain", "prepare", "--dataset", str(root), "--out", str(out), "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    started = _wait_for(lambda: proc.poll() is not None or (out.is_dir() and any(out.rglob("*.png"))), timeout=60)
+    assert started
+    assert proc.poll() is None, proc.stderr.read().decode()
+    os.killpg(proc.pid, sig)
+    proc.wait(timeout=30)
+    done_at_kill = len(list(out.rglob("*.png")))
+    assert 0 < done_at_kill < 32, "the run was not interrupted midway"
+    assert proc.returncode != 0
+    summary = prepare.resize_dataset(dataset.scan(root), 416, out, workers=2)
+    assert summary.processed + summary.unchanged == 33
+    if sig == signal.SIGINT:  # Ctrl-C saves the manifest: what was finished is not redone
+        assert summary.unchanged > 0
+    assert not list(out.rglob("*.tmp"))
+    for p in out.rglob("*.png"):
+        with Image.open(p) as im:
+            im.load()  # raises on a truncated file
+            assert max(im.size) == 416

@@ -84,7 +84,7 @@ def test_model_yaml_and_unknown_models():
 
 
 def _cpu_plan(root: Path, **kw):
-    ov = Overrides(imgsz=64, epochs=1, finetune="no", **kw)
+    ov = Overrides(imgsz=64, epochs=1, finetune="no", prepare="no", **kw)
     return workflow.make_plan(root, ov, ["plots=False", "val=False"])
 
 
@@ -112,9 +112,9 @@ def fake_cuda_oom(monkeypatch):
 @pytest.mark.slow
 def test_oom_walks_the_plans_batch_chain(make_dataset, tmp_path, fake_cuda_oom):
     tried, _ = fake_cuda_oom
-    hw, stats, plan = _cpu_plan(make_dataset(8, 2), batch=16)
-    assert plan.stage("main").batch_fallbacks == (8, 4)
-    doc, path = workflow.execute(hw, stats, plan, tmp_path / "runs")
+    planned = _cpu_plan(make_dataset(8, 2), batch=16)
+    assert planned.plan.stage("main").batch_fallbacks == (8, 4)
+    doc, path = workflow.execute(planned, tmp_path / "runs")
     assert tried == [16, 8, 4]
     main = doc["stages"][0]["measured"]
     assert [(o["from_batch"], o["to_batch"]) for o in main["oom_fallbacks"]] == [(16, 8), (8, 4)]
@@ -127,9 +127,9 @@ def test_oom_walks_the_plans_batch_chain(make_dataset, tmp_path, fake_cuda_oom):
 def test_oom_below_the_last_batch_stops_with_remedies(make_dataset, tmp_path, fake_cuda_oom):
     tried, limit = fake_cuda_oom
     limit["max"] = 0
-    hw, stats, plan = _cpu_plan(make_dataset(4, 1), batch=8)
+    planned = _cpu_plan(make_dataset(4, 1), batch=8)
     with pytest.raises(TrainingError) as err:
-        workflow.execute(hw, stats, plan, tmp_path / "runs")
+        workflow.execute(planned, tmp_path / "runs")
     assert tried == [8, 4]
     assert "out of memory at batch 4, the smallest in the plan" in str(err.value)
     assert "--img-size" in str(err.value)
@@ -139,9 +139,9 @@ def test_oom_below_the_last_batch_stops_with_remedies(make_dataset, tmp_path, fa
 def test_two_stage_training_end_to_end(make_dataset, tmp_path):
     root = make_dataset(8, 4)
     before = tree_hash(root)
-    ov = Overrides(imgsz=64, epochs=1, finetune="yes", finetune_epochs=1, finetune_imgsz=96)
-    hw, stats, plan = workflow.make_plan(root, ov, ["plots=False"])
-    doc, path = workflow.execute(hw, stats, plan, tmp_path / "runs", "e2e")
+    ov = Overrides(imgsz=64, epochs=1, finetune="yes", finetune_epochs=1, finetune_imgsz=96, prepare="no")
+    planned = workflow.make_plan(root, ov, ["plots=False"])
+    doc, path = workflow.execute(planned, tmp_path / "runs", "e2e")
     assert path == tmp_path / "runs" / "e2e" / "speed_report.json"
     assert json.loads(path.read_text()) == doc
     assert [s["name"] for s in doc["stages"]] == ["main", "finetune"]
@@ -174,9 +174,9 @@ def test_two_stage_training_end_to_end(make_dataset, tmp_path):
 
 @pytest.mark.slow
 def test_finetune_auto_is_skipped_when_the_target_is_met(make_dataset, tmp_path):
-    ov = Overrides(imgsz=64, epochs=1, finetune="auto", target_map=0.0, finetune_imgsz=96)
-    hw, stats, plan = workflow.make_plan(make_dataset(4, 2), ov, ["plots=False"])
-    doc, _ = workflow.execute(hw, stats, plan, tmp_path / "runs")
+    ov = Overrides(imgsz=64, epochs=1, finetune="auto", target_map=0.0, finetune_imgsz=96, prepare="no")
+    planned = workflow.make_plan(make_dataset(4, 2), ov, ["plots=False"])
+    doc, _ = workflow.execute(planned, tmp_path / "runs")
     ft = doc["stages"][1]
     assert ft["status"] == "skipped"
     assert ft["measured"] is None
