@@ -23,8 +23,17 @@ from speedtrain import prepare as prepare_mod
 from speedtrain.errors import SpeedtrainError
 from speedtrain.planner import DEFAULT_TARGET_MAP, Overrides
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+
+class _Console(Console):
+    """Rich output on a terminal; plain ASCII (no colours, no box-drawing characters) in logs and pipes."""
+
+    @property
+    def encoding(self) -> str:
+        return super().encoding if self.is_terminal else "ascii"
+
+
+console = _Console(highlight=False)
+err_console = _Console(stderr=True, highlight=False)
 
 
 class _Commands(TyperGroup):
@@ -236,7 +245,7 @@ def train(
     result, path = workflow.execute(planned, project, name, ask=_ask_finetune, log=_log)
     console.rule("speed report")
     console.print(report.render_report(result))
-    console.print(f"report: {path}")
+    console.print(f"report: {path} and {path.with_name(report.PNG_NAME)}")
 
 
 @app.command("prepare")
@@ -298,12 +307,15 @@ def show_report(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (or its speed_report.json).")],
     *,
     as_json: JsonOpt = False,
+    png: Annotated[Path | None, typer.Option("--png", help="Also draw the report's picture to this PNG file.")] = None,
 ) -> None:
     """Print a finished run's speed report again from its speed_report.json.
 
-    Example: speedtrain report runs/speedtrain/train
+    Example: speedtrain report runs/speedtrain/train --png report.png
     """
     doc = report.load_report(run_dir)
+    if png:
+        report.save_png(doc, png)
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
     else:

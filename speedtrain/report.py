@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import textwrap
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -312,3 +313,81 @@ def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
+
+
+PNG_NAME = "speed_report.png"
+PNG_SIZE_IN, PNG_DPI = (12.0, 4.5), 100  # 1200 x 450 pixels
+
+
+def save_png(doc: dict[str, Any], path: str | Path) -> Path:
+    """Write the speed report's picture: per-epoch time and images/s per stage, and the plan against the baseline."""
+    from matplotlib.figure import Figure  # matplotlib comes with Ultralytics; imported only when a PNG is made
+
+    fig = Figure(figsize=PNG_SIZE_IN, dpi=PNG_DPI, layout="constrained")
+    ax_time, ax_rate, ax_plan = fig.subplots(1, 3, width_ratios=[1, 1, 1.15])
+    measured = [(s["name"], s["measured"]) for s in doc["stages"] if s.get("measured")]
+    offset = 0  # stages share one epoch axis: the run as a timeline
+    for name, m in measured:
+        epochs = list(range(offset + 1, offset + len(m["epoch_times_s"]) + 1))
+        ax_time.plot(epochs, m["epoch_times_s"], marker="o", label=f"{name}: whole epoch")
+        if m.get("train_times_s"):
+            ax_time.plot(epochs, m["train_times_s"], marker=".", linestyle="--", label=f"{name}: training pass")
+            rates = [m["images_per_epoch"] / t if t > 0 else 0 for t in m["train_times_s"]]
+            ax_rate.plot(epochs[: len(rates)], rates, marker="o", label=name)
+        if offset:
+            for ax in (ax_time, ax_rate):
+                ax.axvline(offset + 0.5, color="grey", linewidth=0.8)
+        offset = epochs[-1] if epochs else offset
+    _style(ax_time, "Seconds per epoch", "epoch of the run", "s", offset)
+    _style(ax_rate, "Training images per second", "epoch of the run", "images/s", offset)
+    if not measured:
+        ax_time.text(0.5, 0.5, "no stage ran", ha="center", transform=ax_time.transAxes)
+    _plan_table(ax_plan, doc)
+    hw = doc.get("hardware", {})
+    gpus = ", ".join(g["name"] for g in hw.get("gpus", [])) or "CPU only"
+    fig.suptitle(f"speedtrain: {doc.get('model', '')} on {gpus}", fontsize=11)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=PNG_DPI)
+    tmp.replace(path)
+    return path
+
+
+def _style(ax: Any, title: str, xlabel: str, ylabel: str, epochs: int) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.set_xlim(0.5, max(epochs, 1) + 0.5)
+    ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
+def _plan_table(ax: Any, doc: dict[str, Any]) -> None:
+    """Baseline vs plan, knob by knob; estimates are labelled as such."""
+    base, main = doc["baseline"], doc["stages"][0]
+    m = main.get("measured") or {}
+    rows = [
+        ["image size", base["imgsz"], main["imgsz"]],
+        ["batch", base["batch"], m.get("batch", main["batch"])],
+        ["cache", base["cache"], main["cache"] or "none"],
+        ["workers", base["workers"], main["workers"]],
+        ["rect / cos_lr", "False / False", f"{main['rect']} / {main['cos_lr']}"],
+        ["optimizer", "auto", main["optimizer"]],
+    ]
+    if m.get("images_per_s"):
+        rows.append(["measured img/s", "not run", f"{m.get('images_per_s_steady') or m['images_per_s']:.1f}"])
+    ax.axis("off")
+    table = ax.table(
+        cellText=[[str(c) for c in r] for r in rows], colLabels=["knob", "baseline", "plan"], loc="upper center"
+    )
+    table.auto_set_font_size(False)
+    table.set_fontsize(8)
+    table.scale(1, 1.3)
+    ax.set_title("Plan vs untuned baseline", fontsize=10)
+    notes = [textwrap.fill(f"{k}: {v}", 62) for k, v in doc.get("estimates", {}).items()]
+    ax.text(0, 0.0, "\n".join(notes), fontsize=7, transform=ax.transAxes, va="bottom")

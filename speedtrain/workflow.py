@@ -112,4 +112,6 @@ def execute(
     log(f"run folder: {run_dir}")
     result = runner.run(planned.plan, view_yaml, run_dir, decide_finetune=ask, log=log)
     doc = report.build_report(planned.hw, planned.stats, planned.plan, result, planned.prepared)
-    return doc, report.save_report(doc, run_dir)
+    path = report.save_report(doc, run_dir)
+    report.save_png(doc, run_dir / report.PNG_NAME)
+    return doc, path

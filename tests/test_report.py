@@ -70,3 +70,35 @@ def test_stored_report_has_the_documented_shape():
     keys = {"epoch_times_s", "images_per_s", "iterations_per_epoch", "gpu_util_mean", "gpu_mem_peak_gb"}
     assert keys | {"oom_fallbacks", "best_metrics", "weights"} <= set(measured)
     assert {"device", "stages", "reasons", "hardware", "dataset", "run"} <= set(doc)
+
+
+def test_png_from_the_stored_report(tmp_path):
+    from PIL import Image
+
+    doc = report.load_report(STORED)
+    path = report.save_png(doc, tmp_path / "speed_report.png")
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert im.size == (1200, 450)
+        colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert len(colours) > 50  # lines, text and a table were drawn, not a blank canvas
+    assert [p.name for p in tmp_path.iterdir()] == ["speed_report.png"]  # no temporary file left
+
+
+def test_png_with_two_measured_stages_and_no_stage(tmp_path):
+    doc = copy.deepcopy(report.load_report(STORED))
+    assert report.save_png(doc, tmp_path / "two.png").stat().st_size > 0
+    for stage in doc["stages"]:
+        stage["measured"] = None
+    assert report.save_png(doc, tmp_path / "none.png").stat().st_size > 0
+
+
+def test_console_is_plain_ascii_when_not_a_terminal():
+    from speedtrain.cli import _Console
+
+    out = io.StringIO()
+    _Console(file=out, width=80).print(report.render_report(report.load_report(STORED)))
+    text = out.getvalue()
+    assert "\x1b" not in text
+    assert all(ord(ch) < 128 for ch in text)
+    assert "| knob" in text  # tables drawn with ASCII characters

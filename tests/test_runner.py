@@ -144,6 +144,7 @@ def test_two_stage_training_end_to_end(make_dataset, tmp_path):
     doc, path = workflow.execute(planned, tmp_path / "runs", "e2e")
     assert path == tmp_path / "runs" / "e2e" / "speed_report.json"
     assert json.loads(path.read_text()) == doc
+    assert (path.parent / "speed_report.png").is_file()
     assert [s["name"] for s in doc["stages"]] == ["main", "finetune"]
     for stage in doc["stages"]:
         m = stage["measured"]
