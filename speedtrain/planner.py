@@ -113,11 +113,12 @@ class Stage:
     device: str
     warmup_epochs: float = 3.0
     when: str = "always"  # "always", or for the fine-tune: "auto" or "ask"
+    ram_cache_need_gb: float = 0.0  # available RAM a RAM cache needs, margins included; re-checked before training
     extra: tuple[tuple[str, Any], ...] = ()
 
     def train_args(self) -> dict[str, Any]:
         """Arguments for model.train(); every key is an Ultralytics train argument."""
-        skip = {"name", "batch_fallbacks", "when", "extra"}
+        skip = {"name", "batch_fallbacks", "when", "ram_cache_need_gb", "extra"}
         args = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         args.update(self.extra)
         return args
@@ -237,6 +238,7 @@ def _main_stage(
     reasons["amp"] = "mixed precision on the GPU" if amp else "AMP is for GPUs; off on CPU"
     return Stage(
         name="main",
+        ram_cache_need_gb=round(ram_cache_need_gb(stats, imgsz, workers, gpus), 2),
         imgsz=imgsz,
         epochs=epochs,
         batch=batch,
@@ -295,6 +297,7 @@ def _finetune_stage(
         lr0=round(main.lr0 * FINETUNE_LR_FACTOR, 8),
         close_mosaic=min(CLOSE_MOSAIC, epochs),
         warmup_epochs=0.0,
+        ram_cache_need_gb=round(ram_cache_need_gb(stats, imgsz, main.workers, gpus), 2),
         when={"yes": "always", "auto": "auto", "ask": "ask"}[ov.finetune],
     )
 
@@ -317,6 +320,40 @@ def _prepare(stats: DatasetStats, stages: list[Stage], mode: str) -> tuple[int |
         why = "--prepare yes" if mode == "yes" else f"{share:.0%} of images exceed {PREPARE_FACTOR}x that"
         return size, f"resize to {size} px ({which}) once before training: {why} (median long side {median} px)"
     return None, f"not needed: {share:.0%} of images exceed {PREPARE_FACTOR}x {size} px (median {median} px)"
+
+
+def recheck_cache(stage: Stage, ram_available_gb: float) -> tuple[Stage, str]:
+    """Just before training: a planned RAM cache that no longer fits falls back to disk; the note says so."""
+    if stage.cache != "ram" or stage.ram_cache_need_gb <= ram_available_gb:
+        return stage, ""
+    note = (
+        f"{stage.name}: available RAM fell to {ram_available_gb:.1f} GB since planning, under the "
+        f"{stage.ram_cache_need_gb:.1f} GB a RAM cache needs; using the disk cache instead"
+    )
+    return replace(stage, cache="disk"), note
+
+
+def plan_from_dict(doc: dict[str, Any]) -> TrainPlan:
+    """Rebuild a plan from its JSON (plan --json, or speed_report.json for --resume)."""
+    names = {f.name for f in fields(Stage)}
+    stages = []
+    for raw in doc["stages"]:
+        kw = {k: v for k, v in raw.items() if k in names}
+        kw["batch_fallbacks"] = tuple(kw.get("batch_fallbacks", ()))
+        kw["extra"] = tuple((kw.get("extra") or {}).items())
+        stages.append(Stage(**kw))
+    return TrainPlan(
+        device=doc["device"],
+        model=doc["model"],
+        stages=tuple(stages),
+        reasons=tuple(doc.get("reasons", {}).items()),
+        target_map=doc.get("target_map", DEFAULT_TARGET_MAP),
+        estimates=tuple(doc.get("estimates", {}).items()),
+        warnings=tuple(doc.get("warnings", ())),
+        cache_estimate_gb=doc.get("cache_estimate_gb", 0.0),
+        prepare_size=doc.get("prepare_size"),
+        baseline=dict(doc.get("baseline", BASELINE)),
+    )
 
 
 def _device(hw: HardwareSnapshot, requested: str | None, reasons: dict[str, str]) -> tuple[str, int]:
@@ -408,6 +445,13 @@ def _workers(hw: HardwareSnapshot, gpus: int, requested: int | None) -> tuple[in
     return workers, reason
 
 
+def ram_cache_need_gb(stats: DatasetStats, imgsz: int, workers: int, gpus: int) -> float:
+    """Available RAM a RAM cache needs: decoded images x 1.5, each worker's own memory, and a reserve."""
+    ranks = max(gpus, 1)  # every DDP rank caches its own copy
+    decoded = stats.decoded_gb(imgsz) * ranks
+    return decoded * RAM_CACHE_FACTOR + WORKER_RAM_GB * workers * ranks + RAM_RESERVE_GB
+
+
 def _cache(
     hw: HardwareSnapshot, stats: DatasetStats, imgsz: int, workers: int, gpus: int, requested: str | None
 ) -> tuple[str | bool, str]:
@@ -416,9 +460,8 @@ def _cache(
         if value is None:
             raise UsageError(f"--cache {requested!r}: expected ram, disk or none")
         return value, "set by user"
-    ranks = max(gpus, 1)  # every DDP rank caches its own copy
-    decoded = stats.decoded_gb(imgsz) * ranks
-    need = decoded * RAM_CACHE_FACTOR + WORKER_RAM_GB * workers * ranks + RAM_RESERVE_GB
+    decoded = stats.decoded_gb(imgsz) * max(gpus, 1)
+    need = ram_cache_need_gb(stats, imgsz, workers, gpus)
     if need <= hw.ram_available_gb:
         return "ram", (
             f"ram: {decoded:.2f} GB decoded at {imgsz}; needs {need:.1f} GB with margin "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import textwrap
@@ -20,7 +21,7 @@ from speedtrain.errors import SpeedtrainError
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.planner import TrainPlan
 from speedtrain.prepare import write_atomic
-from speedtrain.runner import RunResult
+from speedtrain.runner import RunResult, StageResult
 
 REPORT_NAME = "speed_report.json"
 REPORT_VERSION = 1
@@ -57,25 +58,30 @@ def plan_document(hw: HardwareSnapshot, stats: DatasetStats, plan: TrainPlan) ->
 
 
 def build_report(
-    hw: HardwareSnapshot,
-    stats: DatasetStats,
-    plan: TrainPlan,
-    result: RunResult,
-    prepared: dict[str, Any] | None = None,
+    base: dict[str, Any],
+    results: tuple[StageResult, ...],
+    running: str | None = None,
+    run: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The speed_report.json document: the plan, the dataset preparation, and per stage what was measured."""
-    doc = plan_document(hw, stats, plan)
-    doc["prepare"] = prepared
-    by_name = {r.name: r for r in result.stages}
-    stages = []
+    """The speed_report.json document: the plan document `base`, and per stage its status and measured figures.
+
+    Written when a run starts, after every stage and at the end; a stage not reached is "pending", the one
+    training is "running" (what `--resume` looks for after a crash).
+    """
+    doc = copy.deepcopy(base)
+    by_name = {r.name: r for r in results}
     for stage in doc["stages"]:
         res = by_name.get(stage["name"])
-        stage = {**stage, "status": res.status if res else "not run", "note": res.note if res else ""}
+        stage["status"] = res.status if res else ("running" if stage["name"] == running else "pending")
+        stage["note"] = res.note if res else ""
         stage["measured"] = res.measured() if res and res.status != "skipped" else None
-        stages.append(stage)
-    doc["stages"] = stages
-    doc["run"] = {
-        "version": REPORT_VERSION,
+    doc["run"] = {"version": REPORT_VERSION, **doc.get("run", {}), **(run or {})}
+    return doc
+
+
+def run_info(result: RunResult) -> dict[str, Any]:
+    """The `run` block's fields that only a finished (or interrupted) run knows."""
+    return {
         "run_dir": result.run_dir,
         "model_source": result.model_source,
         "model_note": result.model_note,
@@ -83,8 +89,12 @@ def build_report(
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_time_s": result.wall_time_s,
         "interrupted": result.interrupted,
+        "status": "interrupted" if result.interrupted else "finished",
     }
-    return doc
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def save_report(doc: dict[str, Any], run_dir: str | Path) -> Path:

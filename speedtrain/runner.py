@@ -1,16 +1,21 @@
-"""Run a TrainPlan's stages with Ultralytics, measure them, and fall back down the batch chain on OOM.
+"""Run a TrainPlan's stages with Ultralytics, measure them, survive OOM and Ctrl-C, and resume.
 
 The only module (with tune.py and pipeline.py) that imports ultralytics or torch, always inside functions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gc
 import importlib.util
 import math
+import os
+import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,11 +35,13 @@ OOM_MARKERS = (
     "CUDNN_STATUS_ALLOC_FAILED",
     "unable to find an engine",  # cuDNN v9 when no algorithm fits the remaining memory
 )
+RESUME_NAME = "resume.pt"  # an atomic copy of each saved last.pt: Ultralytics writes last.pt in place and strips it
+FINISHED = ("completed", "early-stopped", "skipped")
 
 
 @dataclass(frozen=True, slots=True)
 class OomFallback:
-    epoch: int
+    epoch: int  # the epoch (1-based) that ran out of memory; training went on from the checkpoint before it
     from_batch: int
     to_batch: int
     at: str
@@ -44,7 +51,7 @@ class OomFallback:
 @dataclass(frozen=True, slots=True)
 class StageResult:
     name: str
-    status: str  # "completed", "early-stopped", "skipped"
+    status: str  # "completed", "early-stopped", "skipped", "interrupted"
     imgsz: int
     batch: int  # the batch size the stage finished with
     epochs_planned: int
@@ -81,6 +88,27 @@ class StageResult:
         data["best_metrics"] = dict(self.best_metrics)
         return data
 
+    @classmethod
+    def from_report(cls, stage: dict[str, Any]) -> StageResult:
+        """Rebuild a result from a speed_report.json stage (for --resume)."""
+        m = stage.get("measured") or {}
+        known = set(cls.__dataclass_fields__)
+        kw = {k: v for k, v in m.items() if k in known}
+        kw.update(
+            name=stage["name"],
+            status=stage.get("status", "pending"),
+            imgsz=stage["imgsz"],
+            batch=m.get("batch", stage["batch"]),
+            epochs_planned=stage["epochs"],
+            epochs_done=m.get("epochs_done", 0),
+            note=stage.get("note", ""),
+            epoch_times_s=tuple(m.get("epoch_times_s", ())),
+            train_times_s=tuple(m.get("train_times_s", ())),
+            oom_fallbacks=tuple(OomFallback(**o) for o in m.get("oom_fallbacks", [])),
+            best_metrics=tuple(m.get("best_metrics", {}).items()),
+        )
+        return cls(**kw)
+
 
 @dataclass(frozen=True, slots=True)
 class RunResult:
@@ -93,26 +121,26 @@ class RunResult:
     interrupted: bool = False
 
 
+class StopRequested(Exception):  # noqa: N818 -- a request, not an error
+    """Raised from a callback after the epoch's checkpoint is safe, to stop before Ultralytics strips it."""
+
+
 @dataclass(slots=True)
 class _Recorder:
-    """Ultralytics callbacks that time each epoch and catch batch changes."""
+    """Ultralytics callbacks: time each epoch, keep a resumable checkpoint, honour a stop request."""
 
     starts: dict[int, float] = field(default_factory=dict)
-    train_end: dict[int, float] = field(default_factory=dict)
     epoch_times: dict[int, float] = field(default_factory=dict)
     train_times: dict[int, float] = field(default_factory=dict)
     images: int = 0
     iterations: int = 0
-    start_epoch: int = 0
+    stop_requested: bool = False
 
     def attach(self, model: Any) -> None:
-        model.add_callback("on_train_start", self.on_train_start)
         model.add_callback("on_train_epoch_start", self.on_train_epoch_start)
         model.add_callback("on_train_epoch_end", self.on_train_epoch_end)
+        model.add_callback("on_model_save", self.on_model_save)
         model.add_callback("on_fit_epoch_end", self.on_fit_epoch_end)
-
-    def on_train_start(self, trainer: Any) -> None:
-        self.start_epoch = trainer.start_epoch
 
     def on_train_epoch_start(self, trainer: Any) -> None:
         # Ultralytics halves the batch itself on a first-epoch OOM (trainer._do_train); speedtrain walks the
@@ -121,16 +149,24 @@ class _Recorder:
         self.starts[trainer.epoch] = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: Any) -> None:
-        now = time.perf_counter()
-        self.train_end[trainer.epoch] = now
-        self.train_times[trainer.epoch] = now - self.starts[trainer.epoch]
+        self.train_times[trainer.epoch] = time.perf_counter() - self.starts[trainer.epoch]
         self.images = len(trainer.train_loader.dataset)
         self.iterations = len(trainer.train_loader)
+
+    def on_model_save(self, trainer: Any) -> None:
+        # last.pt is written in place (a kill mid-write corrupts it) and stripped of its optimizer by final_eval();
+        # resume.pt is an atomic copy that always holds the last complete, resumable epoch.
+        last = Path(trainer.last)
+        tmp = last.with_name(f".{RESUME_NAME}.tmp")
+        shutil.copyfile(last, tmp)
+        os.replace(tmp, last.with_name(RESUME_NAME))
 
     def on_fit_epoch_end(self, trainer: Any) -> None:
         # Also fired once more by final_eval() for the last epoch; keep the first (the epoch's own).
         if trainer.epoch in self.starts and trainer.epoch not in self.epoch_times:
             self.epoch_times[trainer.epoch] = time.perf_counter() - self.starts[trainer.epoch]
+            if self.stop_requested and not trainer.stop:
+                raise StopRequested(f"stopped after epoch {trainer.epoch + 1}")
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -188,25 +224,43 @@ def run(
     data_yaml: str | Path,
     run_dir: str | Path,
     *,
+    previous: tuple[StageResult, ...] = (),
     decide_finetune: Callable[[StageResult], bool | None] | None = None,
+    before_stage: Callable[[Stage], Stage] = lambda s: s,
+    on_progress: Callable[[tuple[StageResult, ...], str | None], None] = lambda _r, _s: None,
     log: Log = lambda _: None,
 ) -> RunResult:
-    """Train every stage of the plan in order and return what was measured."""
+    """Train the plan's stages in order (finished ones from `previous` are kept) and return what was measured.
+
+    `on_progress(results, running_stage)` is called before each stage and after it, so the caller can keep a
+    report on disk that a later --resume reads.
+    """
     started, t0 = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
     _quiet_ultralytics()
     source, note = resolve_model(plan.model)
     log(note)
+    earlier = {r.name: r for r in previous}
     results: list[StageResult] = []
     weights = source
     for stage in plan.stages:
-        skip = _skip_reason(stage, results, plan.target_map, decide_finetune)
-        if skip:
-            log(f"{stage.name}: skipped ({skip})")
-            results.append(StageResult(stage.name, "skipped", stage.imgsz, stage.batch, stage.epochs, 0, note=skip))
-            continue
-        result = train_stage(stage, weights, data_yaml, Path(run_dir), log=log)
-        results.append(result)
-        weights = result.weights or result.last_weights or weights
+        prior = earlier.get(stage.name)
+        if prior and prior.status in FINISHED:
+            results.append(prior)
+        else:
+            skip = _skip_reason(stage, results, plan.target_map, decide_finetune)
+            if skip:
+                log(f"{stage.name}: skipped ({skip})")
+                results.append(StageResult(stage.name, "skipped", stage.imgsz, stage.batch, stage.epochs, 0, note=skip))
+                continue
+            stage = before_stage(stage)
+            on_progress(tuple(results), stage.name)
+            result = train_stage(stage, weights, data_yaml, Path(run_dir), log=log, previous=prior)
+            results.append(result)
+            on_progress(tuple(results), None)
+            if result.status == "interrupted":
+                wall = round(time.perf_counter() - t0, 2)
+                return RunResult(str(run_dir), source, note, tuple(results), started, wall, interrupted=True)
+        weights = results[-1].weights or results[-1].last_weights or weights
     return RunResult(str(run_dir), source, note, tuple(results), started, round(time.perf_counter() - t0, 2))
 
 
@@ -230,100 +284,220 @@ def _skip_reason(
     return "" if answer else "declined at the prompt"
 
 
-def train_stage(stage: Stage, weights: str, data_yaml: str | Path, project: Path, log: Log = print) -> StageResult:
-    """Train one stage, stepping down the batch chain on out-of-memory until it fits."""
-    fallbacks: list[OomFallback] = []
-    batch = stage.batch
-    while True:
-        try:
-            result = _train_once(replace(stage, batch=batch), weights, data_yaml, project)
-            return replace(result, oom_fallbacks=tuple(fallbacks))
-        except Exception as exc:
-            if not is_oom(exc):
-                raise
-            _free_memory()
-            smaller = next_batch(stage.batch_fallbacks, batch)
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            if smaller is None:
-                raise TrainingError(
-                    f"{stage.name}: out of memory at batch {batch}, the smallest in the plan; "
-                    f"try a smaller --img-size or model (for example --model yolo26n.yaml)"
-                ) from None
-            at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            fallbacks.append(OomFallback(0, batch, smaller, at, first))
-            log(f"{stage.name}: out of memory at batch {batch}; retrying with batch {smaller}")
-            batch = smaller
+def train_stage(
+    stage: Stage,
+    weights: str,
+    data_yaml: str | Path,
+    project: Path,
+    log: Log = print,
+    previous: StageResult | None = None,
+) -> StageResult:
+    """Train one stage; on out-of-memory step down the batch chain and go on from the last checkpoint.
 
-
-def _train_once(stage: Stage, weights: str, data_yaml: str | Path, project: Path) -> StageResult:
-    from ultralytics import YOLO
-
+    With `previous` (an interrupted stage of an earlier run), training resumes from that stage's checkpoint.
+    """
+    stage_dir = project / stage.name
+    checkpoint = resume_point(stage_dir) if previous else None
+    if previous and checkpoint is None:
+        log(f"{stage.name}: no checkpoint of an earlier epoch; starting the stage again")
     recorder = _Recorder()
-    model = YOLO(weights)
-    recorder.attach(model)
+    fallbacks: list[OomFallback] = list(previous.oom_fallbacks) if previous else []
+    batch = previous.batch if previous and checkpoint else stage.batch
     gpu_ids = tuple(int(d) for d in stage.device.split(",")) if stage.device[0].isdigit() else ()
     t0 = time.perf_counter()
     _reset_peak_memory(gpu_ids)
+    with Monitor(gpu_ids) as monitor, _graceful_sigint(recorder, log):
+        while True:
+            try:
+                trainer, metrics = _train_once(
+                    replace(stage, batch=batch), weights, data_yaml, project, recorder, checkpoint
+                )
+                status = ""
+                break
+            except StopRequested:
+                trainer, metrics, status = None, None, "interrupted"
+                break
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                _free_memory()
+                smaller = next_batch(stage.batch_fallbacks, batch)
+                if smaller is None:
+                    raise TrainingError(
+                        f"{stage.name}: out of memory at batch {batch}, the smallest in the plan; "
+                        f"try a smaller --img-size or model (for example --model yolo26n.yaml)"
+                    ) from None
+                checkpoint = resume_point(stage_dir)
+                epoch = (checkpoint_epoch(checkpoint) + 1 if checkpoint else 0) + 1
+                fallbacks.append(OomFallback(epoch, batch, smaller, _now(), _first_line(exc)))
+                where = f"from the checkpoint after epoch {epoch - 1}" if checkpoint else "from the start"
+                log(f"{stage.name}: out of memory in epoch {epoch} at batch {batch}; going on with {smaller} {where}")
+                batch = smaller
+    return _stage_result(
+        stage,
+        batch,
+        recorder,
+        monitor,
+        trainer,
+        metrics,
+        stage_dir,
+        time.perf_counter() - t0,
+        fallbacks,
+        status,
+        previous,
+    )
+
+
+def _train_once(
+    stage: Stage,
+    weights: str,
+    data_yaml: str | Path,
+    project: Path,
+    recorder: _Recorder,
+    checkpoint: Path | None,
+) -> tuple[Any, Any]:
+    """One model.train() call: a fresh start from `weights`, or a resume from `checkpoint`."""
+    from ultralytics import YOLO
+
+    model = YOLO(str(checkpoint) if checkpoint else weights)
+    recorder.attach(model)
     try:
-        with Monitor(gpu_ids) as monitor:
+        if checkpoint:  # Ultralytics keeps the checkpoint's arguments; these may change on resume
+            args = stage.train_args()
+            allowed = ("batch", "device", "workers", "cache", "patience", "plots", "val")
             metrics = model.train(
-                data=str(data_yaml),
-                project=str(project),
-                name=stage.name,
-                exist_ok=True,
-                **stage.train_args(),
+                data=str(data_yaml), resume=str(checkpoint), **{k: args[k] for k in allowed if k in args}
             )
-        trainer = model.trainer
-        save_dir = Path(trainer.save_dir)
-        return _stage_result(stage, recorder, monitor, trainer, metrics, save_dir, time.perf_counter() - t0)
+        else:
+            metrics = model.train(
+                data=str(data_yaml), project=str(project), name=stage.name, exist_ok=True, **stage.train_args()
+            )
+        return model.trainer, metrics
     finally:
         del model
         _free_memory()
 
 
+def resume_point(stage_dir: Path) -> Path | None:
+    """The checkpoint to go on from: resume.pt (always whole) if present, else an unstripped last.pt."""
+    for candidate in (stage_dir / "weights" / RESUME_NAME, stage_dir / "weights" / "last.pt"):
+        if candidate.is_file() and checkpoint_epoch(candidate) >= 0:
+            return candidate
+    return None
+
+
+def checkpoint_epoch(path: Path) -> int:
+    """The 0-based epoch a checkpoint was saved after; -1 for a finished (stripped) or unreadable one."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # a truncated or foreign file is simply not a resume point
+        return -1
+    return int(ckpt.get("epoch", -1)) if isinstance(ckpt, dict) and ckpt.get("optimizer") is not None else -1
+
+
+@contextlib.contextmanager
+def _graceful_sigint(recorder: _Recorder, log: Log) -> Iterator[None]:
+    """First Ctrl-C: finish the epoch, save, stop. Second Ctrl-C: stop now (the running epoch is lost)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if recorder.stop_requested:
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        recorder.stop_requested = True
+        log("Ctrl-C: stopping after this epoch is saved; press Ctrl-C again to stop at once (loses this epoch)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _stage_result(
-    stage: Stage, rec: _Recorder, monitor: Monitor, trainer: Any, metrics: Any, save_dir: Path, wall: float
+    stage: Stage,
+    batch: int,
+    rec: _Recorder,
+    monitor: Monitor,
+    trainer: Any,
+    metrics: Any,
+    stage_dir: Path,
+    wall: float,
+    fallbacks: list[OomFallback],
+    status: str,
+    previous: StageResult | None,
 ) -> StageResult:
-    epochs = sorted(rec.epoch_times)
-    epoch_times = tuple(round(rec.epoch_times[e], 3) for e in epochs)
-    train_times = tuple(round(rec.train_times[e], 3) for e in epochs if e in rec.train_times)
-    images, iterations = rec.images, rec.iterations
-    if not epochs:  # DDP trains in child processes where callbacks do not reach; read results.csv instead
-        epoch_times = _epoch_times_from_csv(save_dir / "results.csv")
+    epoch_times, train_times = _merged_times(rec, stage_dir, previous)
+    images, iterations = rec.images or (previous.images_per_epoch if previous else 0), rec.iterations
     timed = train_times or epoch_times
-    ips, steady = _rate(images, timed), _rate(images, timed[1:])
-    done = (epochs[-1] + 1) if epochs else len(epoch_times)
+    done = max([*rec.epoch_times, -1]) + 1 or len(epoch_times)
     summary = monitor.summary()
-    best, last = Path(trainer.best), Path(trainer.last)
+    best, last = stage_dir / "weights" / "best.pt", stage_dir / "weights" / "last.pt"
+    if not status:
+        status = "completed" if done >= stage.epochs else "early-stopped"
+    note = f"interrupted after epoch {done}; resume with --resume" if status == "interrupted" else ""
     return StageResult(
         name=stage.name,
-        status="completed" if done >= stage.epochs else "early-stopped",
+        status=status,
         imgsz=stage.imgsz,
-        batch=int(getattr(trainer, "batch_size", stage.batch)),
+        batch=int(getattr(trainer, "batch_size", batch)) if trainer else batch,
         epochs_planned=stage.epochs,
         epochs_done=done,
         epoch_times_s=epoch_times,
         train_times_s=train_times,
         images_per_epoch=images,
-        iterations_per_epoch=iterations or (math.ceil(images / stage.batch) if images else 0),
-        images_per_s=ips,
-        images_per_s_steady=steady,
+        iterations_per_epoch=iterations or (math.ceil(images / batch) if images else 0),
+        images_per_s=_rate(images, timed),
+        images_per_s_steady=_rate(images, timed[1:]),
         gpu_util_mean=summary.gpu_util_mean,
         gpu_mem_peak_gb=_peak_memory_gb(summary.gpu_mem_peak_gb),
         cpu_util_mean=summary.cpu_util_mean,
         ram_used_peak_gb=summary.ram_used_peak_gb,
+        oom_fallbacks=tuple(fallbacks),
         best_metrics=_metrics(metrics),
         weights=str(best) if best.is_file() else None,
         last_weights=str(last) if last.is_file() else None,
-        save_dir=str(save_dir),
-        wall_time_s=round(wall, 2),
+        save_dir=str(stage_dir),
+        wall_time_s=round(wall + (previous.wall_time_s if previous else 0.0), 2),
+        note=note,
     )
+
+
+def _merged_times(
+    rec: _Recorder, stage_dir: Path, previous: StageResult | None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-epoch times: this process's callbacks, and for earlier epochs the earlier run's (or results.csv)."""
+    epochs = sorted(rec.epoch_times)
+    first = epochs[0] if epochs else None
+    if previous and previous.epoch_times_s:
+        before_e, before_t = previous.epoch_times_s, previous.train_times_s
+    else:  # killed runs left no report figures; DDP runs no callbacks here: results.csv has every epoch
+        before_e = _epoch_times_from_csv(stage_dir / "results.csv")
+        before_t = ()
+    n_before = first if first is not None else len(before_e)
+    epoch_times = tuple(before_e[:n_before]) + tuple(round(rec.epoch_times[e], 3) for e in epochs)
+    train_now = tuple(round(rec.train_times[e], 3) for e in epochs if e in rec.train_times)
+    train_times = tuple(before_t[:n_before]) + train_now if len(before_t) >= n_before else train_now
+    return epoch_times, train_times
 
 
 def _rate(images: int, seconds: tuple[float, ...]) -> float | None:
     """Images per second over the given epochs, or None when nothing was timed."""
     total = sum(seconds)
     return round(images * len(seconds) / total, 2) if images and total > 0 else None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _metrics(metrics: Any) -> tuple[tuple[str, float], ...]:

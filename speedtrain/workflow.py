@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from speedtrain import dataset, hardware, planner, prepare, report, runner
 from speedtrain.dataset import DatasetStats
-from speedtrain.errors import DatasetError
+from speedtrain.errors import DatasetError, DiskSpaceError, UsageError
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.parallel import Progress
-from speedtrain.planner import Overrides, TrainPlan
+from speedtrain.planner import Overrides, Stage, TrainPlan
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
 DEFAULT_PROJECT = Path("runs") / "speedtrain"
@@ -106,12 +109,93 @@ def execute(
     ask: Callable[[runner.StageResult], bool | None] | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> tuple[dict[str, Any], Path]:
-    """Train the plan through a linked view of the dataset; write speed_report.json; return it and its path."""
+    """Train the plan through a linked view of the dataset; keep speed_report.json current; return it and its path."""
+    _check_disk(planned, Path(project))
     run_dir = new_run_dir(project, name)
     view_yaml = prepare.make_view(planned.stats, prepare.view_dir(planned.stats, project))
     log(f"run folder: {run_dir}")
-    result = runner.run(planned.plan, view_yaml, run_dir, decide_finetune=ask, log=log)
-    doc = report.build_report(planned.hw, planned.stats, planned.plan, result, planned.prepared)
-    path = report.save_report(doc, run_dir)
+    base = report.plan_document(planned.hw, planned.stats, planned.plan)
+    base["prepare"] = planned.prepared
+    base["run"] = {"run_dir": str(run_dir), "data_yaml": str(view_yaml), "status": "running"}
+    return _run(base, planned.plan, run_dir, (), ask, log)
+
+
+def resume(
+    run_dir: str | Path,
+    *,
+    ask: Callable[[runner.StageResult], bool | None] | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> tuple[dict[str, Any], Path]:
+    """Go on with an interrupted or killed run: the running stage from its last checkpoint, then the rest."""
+    run_dir = Path(run_dir).absolute()
+    doc = report.load_report(run_dir)
+    if doc.get("run", {}).get("status") == "finished":
+        raise UsageError(f"{run_dir}: this run finished; start a new one instead of --resume")
+    data_yaml = doc.get("run", {}).get("data_yaml")
+    if not data_yaml or not Path(data_yaml).is_file():
+        raise DatasetError(f"{run_dir}: the dataset view {data_yaml} is gone; start a new run")
+    previous = tuple(runner.StageResult.from_report(s) for s in doc["stages"] if s.get("status") not in PENDING)
+    base = dict(doc)
+    base["stages"] = [{k: v for k, v in s.items() if k not in ("status", "note", "measured")} for s in doc["stages"]]
+    base["run"] = {**doc["run"], "status": "running", "resumed_at": report.now()}
+    log(f"resuming {run_dir}")
+    return _run(base, planner.plan_from_dict(doc), run_dir, previous, ask, log)
+
+
+PENDING = ("pending", "not run")  # stages a run never reached; "running" ones resume from their checkpoint
+
+
+def _run(
+    base: dict[str, Any],
+    plan: TrainPlan,
+    run_dir: Path,
+    previous: tuple[runner.StageResult, ...],
+    ask: Callable[[runner.StageResult], bool | None] | None,
+    log: Callable[[str], None],
+) -> tuple[dict[str, Any], Path]:
+    """Run the stages, saving the report before and after each one, and draw the PNG at the end."""
+    path = run_dir / report.REPORT_NAME
+
+    def save(results: tuple[runner.StageResult, ...], running: str | None) -> None:
+        report.save_report(report.build_report(base, results, running), run_dir)
+
+    def before_stage(stage: Stage) -> Stage:
+        stage, note = planner.recheck_cache(stage, psutil.virtual_memory().available / 1024**3)
+        if note:
+            log(note)
+            base.setdefault("warnings", []).append(note)
+            next(s for s in base["stages"] if s["name"] == stage.name)["cache"] = stage.cache
+        return stage
+
+    save(previous, None)
+    result = runner.run(
+        plan, base["run"]["data_yaml"], run_dir, previous=previous, decide_finetune=ask,
+        before_stage=before_stage, on_progress=save, log=log,
+    )  # fmt: skip
+    doc = report.build_report(base, result.stages, run=report.run_info(result))
+    report.save_report(doc, run_dir)
     report.save_png(doc, run_dir / report.PNG_NAME)
     return doc, path
+
+
+CHECKPOINT_ROOM_GB = 1.0  # checkpoints, results.csv and plots of a run; a yolo26n checkpoint is about 5.5 MB
+
+
+def _check_disk(planned: Planned, project: Path) -> None:
+    """Refuse to start a run that cannot fit its checkpoints (and disk cache) on the disk."""
+    need = CHECKPOINT_ROOM_GB
+    if any(s.cache == "disk" for s in planned.plan.stages):
+        need += planned.stats.decoded_gb(None)
+    free = shutil.disk_usage(_existing(project)).free / 1024**3
+    if free < need:
+        raise DiskSpaceError(
+            f"{project}: {free:.1f} GB free, the run needs about {need:.1f} GB (checkpoints"
+            + (" and the disk image cache); try --cache none or free some space)" if need > CHECKPOINT_ROOM_GB else ")")
+        )
+
+
+def _existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
