@@ -46,7 +46,9 @@ class _Commands(TyperGroup):
             err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            err_console.print("[bold red]interrupted[/]")
+            err_console.print(
+                "[bold red]interrupted[/]: a training run goes on with --resume RUN_DIR (its folder is above)"
+            )
             raise typer.Exit(130) from None
 
 
@@ -132,6 +134,9 @@ PrepareOpt = Annotated[
     Prepare,
     typer.Option("--prepare", help="Pre-resize the dataset once: auto (when most images are much larger), yes, no."),
 ]
+AllowDownloadOpt = Annotated[
+    bool, typer.Option("--allow-download", help="Let Ultralytics run the dataset yaml's download: script.")
+]
 ProjectOpt = Annotated[Path, typer.Option("--project", help="Folder for run folders.")]
 RequiredDatasetOpt = Annotated[
     Path, typer.Option("--dataset", "-d", help="Dataset folder (with data.yaml or images/+labels/) or a data yaml.")
@@ -189,13 +194,14 @@ def plan(
     lr0: Lr0Opt = None,
     patience: PatienceOpt = None,
     prepare: PrepareOpt = Prepare.auto,
+    allow_download: AllowDownloadOpt = False,
 ) -> None:
     """Print the training plan and its reasons without training. Extra key=value go to Ultralytics.
 
     Example: speedtrain plan --dataset datasets/coco128 --hardware my_gpu_box.json mosaic=0.5
     """
     ov = _overrides(locals())
-    planned = workflow.make_plan(dataset, ov, ctx.args, hardware_file)
+    planned = workflow.make_plan(dataset, ov, ctx.args, hardware_file, allow_download)
     doc = report.plan_document(planned.hw, planned.stats, planned.plan)
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
@@ -228,13 +234,21 @@ def train(
     prepare: PrepareOpt = Prepare.auto,
     project: ProjectOpt = workflow.DEFAULT_PROJECT,
     name: Annotated[str, typer.Option("--name", help="Run folder name; taken names get 2, 3, ...")] = "train",
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Go on with an interrupted run folder (other flags are ignored).")
+    ] = None,
+    allow_download: AllowDownloadOpt = False,
 ) -> None:
     """Plan and train, then print and save the speed report. Extra key=value go to Ultralytics.
 
     Example: speedtrain train --dataset dataset --epochs 50 --batch-size 32 --img-size 416 mosaic=0.5
     """
+    if resume:
+        result, path = workflow.resume(resume, ask=_ask_finetune, log=_log)
+        _finish(result, path)
+        return
     ov = _overrides(locals())
-    planned = workflow.make_plan(dataset, ov, ctx.args)
+    planned = workflow.make_plan(dataset, ov, ctx.args, allow_download=allow_download)
     if planned.plan.prepare_size:
         with _progress(f"resizing to {planned.plan.prepare_size} px") as progress:
             planned = workflow.prepare_dataset(planned, project, progress)
@@ -243,9 +257,17 @@ def train(
     console.print(report.render_dataset(doc["dataset"]))
     console.print(report.render_plan(doc))
     result, path = workflow.execute(planned, project, name, ask=_ask_finetune, log=_log)
+    _finish(result, path)
+
+
+def _finish(result: dict[str, Any], path: Path) -> None:
+    """Print the speed report; an interrupted run exits 130 and says how to go on."""
     console.rule("speed report")
     console.print(report.render_report(result))
     console.print(f"report: {path} and {path.with_name(report.PNG_NAME)}")
+    if result["run"].get("interrupted"):
+        err_console.print(f"interrupted; go on with: speedtrain train --resume {path.parent}", soft_wrap=True)
+        raise typer.Exit(130)
 
 
 @app.command("prepare")

@@ -182,21 +182,41 @@ def _resolve(path: Path) -> tuple[Path | None, dict[str, Any], Path, list[str]]:
     if not path.exists():
         raise DatasetError(f"dataset not found: {path}")
     path = path.absolute()
-    if path.is_file():
-        if path.suffix.lower() not in (".yaml", ".yml"):
-            raise DatasetError(f"{path}: expected a dataset folder or a .yaml file")
-        return _read_yaml(path)
-    for name in YAML_NAMES:
-        if (path / name).is_file():
-            return _read_yaml(path / name)
-    yamls = sorted(path.glob("*.yaml")) + sorted(path.glob("*.yml"))
-    if len(yamls) == 1:
-        return _read_yaml(yamls[0])
+    if path.is_file() and path.suffix.lower() not in (".yaml", ".yml"):
+        raise DatasetError(f"{path}: expected a dataset folder or a .yaml file")
+    yaml_path = find_yaml(path)
+    if yaml_path:
+        return _read_yaml(yaml_path)
     if (path / "images").is_dir():
         return (None, *_layout_data(path))
-    if len(yamls) > 1:
+    if len(list(path.glob("*.y*ml"))) > 1:
         raise DatasetError(f"{path}: several yaml files and no data.yaml; pass the yaml file itself")
     raise DatasetError(f"{path}: no data.yaml and no images/ folder; not a YOLO dataset")
+
+
+def find_yaml(path: Path) -> Path | None:
+    """The yaml a dataset path stands for: the file itself, data.yaml (or the like), or a folder's only yaml."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        return None
+    for name in YAML_NAMES:
+        if (path / name).is_file():
+            return path / name
+    yamls = sorted(path.glob("*.yaml")) + sorted(path.glob("*.yml"))
+    return yamls[0] if len(yamls) == 1 else None
+
+
+def download_script(path: Path) -> str | None:
+    """The `download:` entry of the dataset's yaml: a URL or code that plain Ultralytics runs when data is missing."""
+    yaml_path = find_yaml(path)
+    try:
+        data = yaml.safe_load(yaml_path.read_text(encoding="utf-8-sig")) if yaml_path else None
+    except (OSError, yaml.YAMLError):
+        return None
+    script = data.get("download") if isinstance(data, dict) else None
+    return str(script) if script else None
 
 
 def _read_yaml(path: Path) -> tuple[Path, dict[str, Any], Path, list[str]]:

@@ -340,10 +340,12 @@ def save_png(doc: dict[str, Any], path: str | Path) -> Path:
     for name, m in measured:
         epochs = list(range(offset + 1, offset + len(m["epoch_times_s"]) + 1))
         ax_time.plot(epochs, m["epoch_times_s"], marker="o", label=f"{name}: whole epoch")
-        if m.get("train_times_s"):
-            ax_time.plot(epochs, m["train_times_s"], marker=".", linestyle="--", label=f"{name}: training pass")
-            rates = [m["images_per_epoch"] / t if t > 0 else 0 for t in m["train_times_s"]]
-            ax_rate.plot(epochs[: len(rates)], rates, marker="o", label=name)
+        train = m.get("train_times_s") or []
+        if train:  # after a kill and --resume, the epochs before it have whole-epoch times only: align to the end
+            timed = epochs[len(epochs) - len(train) :]
+            ax_time.plot(timed, train, marker=".", linestyle="--", label=f"{name}: training pass")
+            rates = [m["images_per_epoch"] / t if t > 0 else 0 for t in train]
+            ax_rate.plot(timed, rates, marker="o", label=name)
         if offset:
             for ax in (ax_time, ax_rate):
                 ax.axvline(offset + 0.5, color="grey", linewidth=0.8)

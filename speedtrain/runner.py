@@ -219,6 +219,32 @@ def resolve_model(requested: str, online: bool | None = None) -> tuple[str, str]
     )
 
 
+def _fetch(source: str, note: str) -> tuple[str, str]:
+    """Download pretrained weights now (Ultralytics does it) when resolve_model asked for it; else the yaml."""
+    if not source.endswith(".pt") or Path(source).is_file():
+        return source, note
+    from ultralytics import YOLO
+
+    try:
+        YOLO(source)
+    except Exception as exc:  # no network after all, or the download broke off
+        stem = Path(source).stem
+        return f"{stem}.yaml", f"model {stem}: download failed ({_first_line(exc)}), so built from {stem}.yaml"
+    return source, note
+
+
+def run_download_script(yaml_path: Path | None) -> None:
+    """Let Ultralytics run a dataset yaml's download: entry (only ever on the user's explicit request)."""
+    from ultralytics.data.utils import check_det_dataset
+
+    if yaml_path is None:
+        raise TrainingError("no dataset yaml to take a download: script from")
+    try:
+        check_det_dataset(str(yaml_path), autodownload=True)
+    except Exception as exc:  # whatever the script did, the scan that follows says what is still missing
+        raise TrainingError(f"{yaml_path}: the download: script failed ({_first_line(exc)})") from None
+
+
 def run(
     plan: TrainPlan,
     data_yaml: str | Path,
@@ -237,7 +263,9 @@ def run(
     """
     started, t0 = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
     _quiet_ultralytics()
-    source, note = resolve_model(plan.model)
+    source, note = _fetch(*resolve_model(plan.model))
+    # From here on nothing needs the network: no hub calls, no AMP-check download (DDP children inherit this).
+    os.environ["YOLO_OFFLINE"] = "1"
     log(note)
     earlier = {r.name: r for r in previous}
     results: list[StageResult] = []

@@ -21,9 +21,26 @@ SAMPLE_DIR = Path(__file__).parent / "sample"
 DEFAULT_PROJECT = Path("runs") / "speedtrain"
 
 
-def scan_dataset(path: str | Path | None) -> DatasetStats:
-    """Scan the dataset (the embedded sample when `path` is None) and refuse one training cannot use."""
-    stats = dataset.scan(path if path is not None else SAMPLE_DIR)
+def scan_dataset(path: str | Path | None, allow_download: bool = False) -> DatasetStats:
+    """Scan the dataset (the embedded sample when `path` is None) and refuse one training cannot use.
+
+    A yaml's `download:` script (which plain Ultralytics runs when data is missing) runs only with
+    `allow_download`.
+    """
+    path = Path(path) if path is not None else SAMPLE_DIR
+    try:
+        stats = dataset.scan(path)
+    except DatasetError as exc:
+        script = dataset.download_script(path)
+        if not script or "split" not in str(exc):
+            raise
+        if not allow_download:
+            raise DatasetError(
+                f"{exc}; the yaml has a download: script, which speedtrain does not run (it executes code from the "
+                f"dataset): pass --allow-download to let Ultralytics run it"
+            ) from None
+        runner.run_download_script(dataset.find_yaml(path))
+        stats = dataset.scan(path)
     if stats.errors:
         first = stats.errors[0]
         more = f" (and {len(stats.errors) - 1} more; run `speedtrain check`)" if len(stats.errors) > 1 else ""
@@ -47,9 +64,10 @@ def make_plan(
     overrides: Overrides,
     extra_args: list[str] | tuple[str, ...] = (),
     hardware_file: str | Path | None = None,
+    allow_download: bool = False,
 ) -> Planned:
     """Probe (or load) the hardware, scan the dataset and plan the run."""
-    stats = scan_dataset(dataset_path)
+    stats = scan_dataset(dataset_path, allow_download)
     hw = hardware.load(hardware_file) if hardware_file else hardware.probe(stats.root)
     if extra_args:
         extra = planner.parse_extra_args(list(extra_args), runner.ultralytics_defaults())
@@ -174,7 +192,10 @@ def _run(
     )  # fmt: skip
     doc = report.build_report(base, result.stages, run=report.run_info(result))
     report.save_report(doc, run_dir)
-    report.save_png(doc, run_dir / report.PNG_NAME)
+    try:
+        report.save_png(doc, run_dir / report.PNG_NAME)
+    except Exception as exc:  # the picture is a convenience: its failure must not hide a finished run's report
+        log(f"could not draw {report.PNG_NAME} ({type(exc).__name__}: {exc}); the JSON report is complete")
     return doc, path
 
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -26,11 +27,13 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["YOLO_VERBOSE"] = "False"
 
 
-def coco_source() -> tuple[Path, Path]:
-    """Images and labels folders of real COCO photos: shared COCO128 where present, else the embedded sample."""
+def coco_images() -> list[tuple[Path, Path]]:
+    """(image, label path) of real COCO photos: shared COCO128 (128) where present, else the embedded sample (32)."""
     if (COCO128 / "images" / "train2017").is_dir():
-        return COCO128 / "images" / "train2017", COCO128 / "labels" / "train2017"
-    return SAMPLE / "images" / "train", SAMPLE / "labels" / "train"
+        folders = [(COCO128 / "images" / "train2017", COCO128 / "labels" / "train2017")]
+    else:
+        folders = [(SAMPLE / "images" / s, SAMPLE / "labels" / s) for s in ("train", "val")]
+    return [(img, labels / f"{img.stem}.txt") for images, labels in folders for img in sorted(images.glob("*.jpg"))]
 
 
 def names_80() -> list[str]:
@@ -44,15 +47,14 @@ def make_dataset(tmp_path: Path) -> Callable[..., Path]:
     """Copy `n` real COCO images (and labels) into tmp_path/name as images/{train,val} + data.yaml."""
 
     def make(n: int = 8, n_val: int = 4, name: str = "ds", start: int = 0) -> Path:
-        images, labels = coco_source()
-        files = sorted(images.glob("*.jpg"))[start : start + n + n_val]
+        files = coco_images()[start : start + n + n_val]
+        assert len(files) == n + n_val, f"only {len(files)} COCO images available"
         root = tmp_path / name
-        for i, img in enumerate(files):
+        for i, (img, label) in enumerate(files):
             split = "train" if i < n else "val"
             (root / "images" / split).mkdir(parents=True, exist_ok=True)
             (root / "labels" / split).mkdir(parents=True, exist_ok=True)
             shutil.copy2(img, root / "images" / split / img.name)
-            label = labels / f"{img.stem}.txt"
             if label.exists():
                 shutil.copy2(label, root / "labels" / split / label.name)
         import yaml
@@ -110,3 +112,44 @@ def fake_stats(train: int = 1000, val: int = 200, size: tuple[int, int] = (640, 
         ),
         image_sizes=ImageSizes(tuple([size] * min(train, 100)), train),
     )
+
+
+# The message torch prints for a real CUDA OOM (torch/csrc/CUDACachingAllocator), shortened.
+CUDA_OOM = (
+    "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+    "1.06 GiB is free. Of the allocated memory 76.02 GiB is allocated by PyTorch."
+)
+
+
+@dataclass
+class FakeOom:
+    """Settings and record of the fake: OOM when batch > max_batch from epoch from_epoch (0-based) on."""
+
+    max_batch: int = 4
+    from_epoch: int = 0
+    tried: list[int] = field(default_factory=list)  # the batch of each training attempt (a new trainer each)
+    epochs_started: list[tuple[int, int]] = field(default_factory=list)  # (epoch, batch) of each epoch begun
+
+
+@pytest.fixture
+def fake_cuda_oom(monkeypatch) -> FakeOom:
+    """Make Ultralytics' training step raise a real-looking CUDA OOM (torch.OutOfMemoryError, CUDA's message)."""
+    import torch
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    fake = FakeOom()
+    original = DetectionTrainer.preprocess_batch
+
+    def step(self, batch):
+        if not getattr(self, "_seen_by_test", False):
+            self._seen_by_test = True
+            fake.tried.append(self.batch_size)
+        if getattr(self, "_epoch_seen_by_test", None) != self.epoch:
+            self._epoch_seen_by_test = self.epoch
+            fake.epochs_started.append((self.epoch, self.batch_size))
+        if self.epoch >= fake.from_epoch and self.batch_size > fake.max_batch:
+            raise torch.OutOfMemoryError(CUDA_OOM)
+        return original(self, batch)
+
+    monkeypatch.setattr(DetectionTrainer, "preprocess_batch", step)
+    return fake

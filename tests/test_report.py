@@ -88,6 +88,9 @@ def test_png_from_the_stored_report(tmp_path):
 def test_png_with_two_measured_stages_and_no_stage(tmp_path):
     doc = copy.deepcopy(report.load_report(STORED))
     assert report.save_png(doc, tmp_path / "two.png").stat().st_size > 0
+    m = doc["stages"][0]["measured"]  # resumed after kill -9: earlier epochs have whole-epoch times only
+    m["epoch_times_s"], m["train_times_s"] = [3.0, 2.0, 2.0], [1.5, 1.4]
+    assert report.save_png(doc, tmp_path / "resumed.png").stat().st_size > 0
     for stage in doc["stages"]:
         stage["measured"] = None
     assert report.save_png(doc, tmp_path / "none.png").stat().st_size > 0

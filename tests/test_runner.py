@@ -7,17 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tree_hash
+from conftest import CUDA_OOM, tree_hash
 
 from speedtrain import runner, workflow
 from speedtrain.errors import TrainingError, UsageError
 from speedtrain.planner import Overrides
-
-# The message torch prints for a real CUDA OOM (torch/csrc/CUDACachingAllocator), shortened.
-CUDA_OOM = (
-    "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
-    "1.06 GiB is free. Of the allocated memory 76.02 GiB is allocated by PyTorch."
-)
 
 
 def _chained() -> RuntimeError:
@@ -88,30 +82,9 @@ def _cpu_plan(root: Path, **kw):
     return workflow.make_plan(root, ov, ["plots=False", "val=False"])
 
 
-@pytest.fixture
-def fake_cuda_oom(monkeypatch):
-    """Make the training step raise a real-looking CUDA OOM whenever the trainer's batch exceeds a limit."""
-    from ultralytics.models.yolo.detect import DetectionTrainer
-
-    tried: list[int] = []
-    limit = {"max": 4}
-    original = DetectionTrainer.preprocess_batch
-
-    def step(self, batch):
-        if not getattr(self, "_seen_by_test", False):  # one entry per training attempt (a new trainer each)
-            self._seen_by_test = True
-            tried.append(self.batch_size)
-        if self.batch_size > limit["max"]:
-            raise torch.OutOfMemoryError(CUDA_OOM)
-        return original(self, batch)
-
-    monkeypatch.setattr(DetectionTrainer, "preprocess_batch", step)
-    return tried, limit
-
-
 @pytest.mark.slow
 def test_oom_walks_the_plans_batch_chain(make_dataset, tmp_path, fake_cuda_oom):
-    tried, _ = fake_cuda_oom
+    tried = fake_cuda_oom.tried
     planned = _cpu_plan(make_dataset(8, 2), batch=16)
     assert planned.plan.stage("main").batch_fallbacks == (8, 4)
     doc, path = workflow.execute(planned, tmp_path / "runs")
@@ -125,8 +98,8 @@ def test_oom_walks_the_plans_batch_chain(make_dataset, tmp_path, fake_cuda_oom):
 
 @pytest.mark.slow
 def test_oom_below_the_last_batch_stops_with_remedies(make_dataset, tmp_path, fake_cuda_oom):
-    tried, limit = fake_cuda_oom
-    limit["max"] = 0
+    tried = fake_cuda_oom.tried
+    fake_cuda_oom.max_batch = 0
     planned = _cpu_plan(make_dataset(4, 1), batch=8)
     with pytest.raises(TrainingError) as err:
         workflow.execute(planned, tmp_path / "runs")

@@ -1,0 +1,248 @@
+"""Surviving OOM, Ctrl-C and kill -9 (with --resume), memory and disk pressure, dataset scripts and odd inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tree_hash
+from PIL import Image
+from typer.testing import CliRunner
+
+from speedtrain import planner, report, runner, workflow
+from speedtrain.cli import app
+from speedtrain.planner import Overrides
+
+TINY = {"imgsz": 64, "finetune": "no", "prepare": "no"}
+
+
+def csv_epochs(stage_dir: Path) -> list[int]:
+    with (stage_dir / "results.csv").open(newline="") as f:
+        return [int(float(row["epoch"])) for row in csv.DictReader(f)]
+
+
+@pytest.mark.slow
+def test_oom_mid_training_goes_on_from_the_checkpoint_with_smaller_batches(make_dataset, tmp_path, fake_cuda_oom):
+    fake_cuda_oom.from_epoch = 1  # the second epoch runs out of memory at any batch over 4
+    planned = workflow.make_plan(make_dataset(8, 2), Overrides(epochs=3, batch=16, **TINY), ["plots=False"])
+    doc, _ = workflow.execute(planned, tmp_path / "runs")
+    m = doc["stages"][0]["measured"]
+    assert (m["batch"], m["epochs_done"], doc["stages"][0]["status"]) == (4, 3, "completed")
+    assert [(o["epoch"], o["from_batch"], o["to_batch"]) for o in m["oom_fallbacks"]] == [(2, 16, 8), (2, 8, 4)]
+    # epoch 1 trained once, at 16; epoch 2 was tried at 16 and 8 and done at 4, from epoch 1's checkpoint
+    assert [b for e, b in fake_cuda_oom.epochs_started if e == 0] == [16]
+    assert [b for e, b in fake_cuda_oom.epochs_started if e == 1] == [16, 8, 4]
+    assert csv_epochs(Path(m["save_dir"])) == [1, 2, 3]
+    assert len(m["epoch_times_s"]) == 3
+    text = report.render_measured(doc)
+    assert text  # the fallbacks are part of the rendered report (see test_report for the wording)
+
+
+def _train_cmd(root: Path, project: Path, epochs: int) -> list[str]:
+    args = ["--dataset", str(root), "--img-size", "64", "--epochs", str(epochs), "--finetune", "no"]
+    return [
+        sys.executable,
+        "-m",
+        "speedtrain",
+        "train",
+        *args,
+        "--prepare",
+        "no",
+        "--project",
+        str(project),
+        "plots=False",
+    ]
+
+
+def _wait_for(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_interrupted_training_resumes_where_it_stopped(make_dataset, tmp_path, sig):
+    root, project, epochs = make_dataset(16, 4), tmp_path / "runs", 6
+    proc = subprocess.Popen(
+        _train_cmd(root, project, epochs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    checkpoint = project / "train" / "main" / "weights" / runner.RESUME_NAME
+    assert _wait_for(lambda: checkpoint.exists() or proc.poll() is not None, timeout=180)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=180)
+    doc = json.loads((project / "train" / "speed_report.json").read_text())
+    main = doc["stages"][0]
+    if sig == signal.SIGINT:  # the epoch in progress was finished and saved, then the run stopped
+        assert proc.returncode == 130, output[-3000:]
+        assert "--resume" in output
+        assert main["status"] == "interrupted"
+        assert 1 <= main["measured"]["epochs_done"] < epochs
+    else:  # killed: the report still says which stage was running
+        assert proc.returncode == -signal.SIGKILL
+        assert main["status"] == "running"
+    done_before = runner.checkpoint_epoch(checkpoint) + 1
+    assert 1 <= done_before < epochs
+    again = subprocess.run([*_train_cmd(root, project, epochs)[:4], "--resume", str(project / "train")],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    doc = json.loads((project / "train" / "speed_report.json").read_text())
+    m = doc["stages"][0]["measured"]
+    assert (doc["stages"][0]["status"], m["epochs_done"], doc["run"]["status"]) == ("completed", epochs, "finished")
+    assert csv_epochs(project / "train" / "main") == list(range(1, epochs + 1))  # no epoch repeated or lost
+    assert len(m["epoch_times_s"]) == epochs
+    assert (project / "train" / "speed_report.png").is_file()
+    import torch
+
+    best = torch.load(m["weights"], map_location="cpu", weights_only=False)
+    assert best["train_args"]["epochs"] == epochs
+    assert not (project / "train2").exists()  # the same run folder went on
+
+
+def test_resume_refuses_a_finished_run_and_a_missing_report(tmp_path):
+    (tmp_path / "speed_report.json").write_text(json.dumps({"stages": [], "run": {"status": "finished"}}))
+    result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "this run finished" in result.stderr
+    result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path / "nope")])
+    assert result.exit_code == 1
+    assert "no speed_report.json" in result.stderr
+
+
+def _with_download(root: Path, marker: Path, val: str) -> Path:
+    data = yaml.safe_load((root / "data.yaml").read_text())
+    data.update(val=val, download=f"open({str(marker)!r}, 'w').write('ran')")
+    (root / "data.yaml").write_text(yaml.safe_dump(data))
+    return root
+
+
+def test_download_script_is_refused_without_the_flag(make_dataset, tmp_path):
+    marker = tmp_path / "MARKER"
+    root = _with_download(make_dataset(2, 1), marker, "images/missing")
+    result = CliRunner().invoke(app, ["plan", "--dataset", str(root)])
+    assert result.exit_code == 3
+    assert "download: script, which speedtrain does not run" in result.stderr
+    assert "--allow-download" in result.stderr
+    assert not marker.exists()
+    allowed = CliRunner().invoke(app, ["plan", "--dataset", str(root), "--allow-download"])
+    assert marker.exists()  # the user asked: Ultralytics ran it
+    assert allowed.exit_code != 0  # and the script did not bring the missing split
+
+
+@pytest.mark.slow
+def test_download_script_of_a_complete_dataset_never_runs(make_dataset, tmp_path):
+    marker = tmp_path / "MARKER"
+    root = _with_download(make_dataset(4, 2), marker, "images/val")
+    planned = workflow.make_plan(root, Overrides(epochs=1, **TINY), ["plots=False"])
+    workflow.execute(planned, tmp_path / "runs")
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_ram_cache_falls_back_to_disk_when_memory_dropped(make_dataset, tmp_path, monkeypatch):
+    planned = workflow.make_plan(make_dataset(4, 2), Overrides(epochs=1, **TINY), ["plots=False"])
+    assert planned.plan.stages[0].cache == "ram"
+    real = workflow.psutil.virtual_memory
+    monkeypatch.setattr(workflow.psutil, "virtual_memory", lambda: real()._replace(available=int(0.5 * 1024**3)))
+    doc, _ = workflow.execute(planned, tmp_path / "runs")
+    assert doc["stages"][0]["cache"] == "disk"
+    assert any("using the disk cache instead" in w for w in doc["warnings"])
+    args = (Path(doc["stages"][0]["measured"]["save_dir"]) / "args.yaml").read_text()
+    assert "cache: disk" in args  # what Ultralytics actually trained with
+
+
+def test_recheck_cache_keeps_what_still_fits():
+    stage = planner.Stage("main", 416, 1, 16, (), 8, "ram", "Adam", 0.001, True, 1, True, 10, True, "0",
+                          ram_cache_need_gb=6.0)  # fmt: skip
+    assert planner.recheck_cache(stage, 8.0) == (stage, "")
+    moved, note = planner.recheck_cache(stage, 5.0)
+    assert moved.cache == "disk"
+    assert "5.0 GB" in note
+
+
+def test_full_disk_stops_before_anything_is_written(make_dataset, tmp_path, monkeypatch):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=200 * 1024**2))
+    result = CliRunner().invoke(app, ["train", "--dataset", str(make_dataset(2, 1)), "--project", str(tmp_path / "r")])
+    assert result.exit_code == 6
+    assert "GB free, the run needs about" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def _odd_dataset(tmp_path: Path, make_dataset) -> tuple[Path, Path]:
+    """Real COCO photos in a path with spaces and non-ASCII characters, reached through a symlink, with every
+    odd file the issue lists: grayscale, RGBA and 16-bit PNGs, a truncated JPEG, an 8000x6000 photo, CRLF,
+    empty and polygon labels, names as a list."""
+    src = make_dataset(8, 2)
+    root = tmp_path / "my data" / "jeu de données ü"
+    root.parent.mkdir()
+    shutil.move(src, root)
+    images = sorted((root / "images" / "train").iterdir())
+    labels = root / "labels" / "train"
+    with Image.open(images[0]) as im:
+        im.convert("L").save(images[0])  # grayscale JPEG
+    with Image.open(images[1]) as im:
+        im.convert("RGBA").save(images[1].with_suffix(".png"))
+    images[1].unlink()
+    with Image.open(images[2]) as im:
+        im.convert("I").point(lambda v: v * 256).convert("I;16").save(images[2].with_suffix(".png"))
+    images[2].unlink()
+    data = images[3].read_bytes()
+    images[3].write_bytes(data[: len(data) - 2000])  # truncated: no end-of-image marker
+    with Image.open(images[4]) as im:
+        im.resize((8000, 6000)).save(images[4], quality=40)
+    (labels / f"{images[5].stem}.txt").write_bytes(b"0 0.5 0.5 0.2 0.2\r\n1 0.3 0.3 0.1 0.1\r\n")
+    (labels / f"{images[6].stem}.txt").write_text("")
+    (labels / f"{images[7].stem}.txt").write_text("2 0.1 0.1 0.4 0.1 0.4 0.5 0.1 0.5\n")
+    names = list(yaml.safe_load((root / "data.yaml").read_text())["names"].values())
+    (root / "data.yaml").write_text(yaml.safe_dump({"train": "images/train", "val": "images/val", "names": names}))
+    link = tmp_path / "linked dataset"
+    link.symlink_to(root, target_is_directory=True)
+    return root, link
+
+
+@pytest.mark.slow
+def test_odd_inputs_train_and_the_dataset_stays_untouched(make_dataset, tmp_path):
+    root, link = _odd_dataset(tmp_path, make_dataset)
+    before = tree_hash(root)
+    result = CliRunner().invoke(app, [*_train_cmd(link, tmp_path / "runs", 1)[3:]])
+    assert result.exit_code == 0, result.output[-3000:]
+    doc = json.loads((tmp_path / "runs" / "train" / "speed_report.json").read_text())
+    assert doc["stages"][0]["status"] == "completed"
+    assert doc["dataset"]["train_images"] == 8
+    assert tree_hash(root) == before  # Ultralytics' "corrupt JPEG restored" rewrite hit the view, not the data
+
+
+@pytest.mark.slow
+def test_odd_inputs_prepare(make_dataset, tmp_path):
+    root, link = _odd_dataset(tmp_path, make_dataset)
+    before = tree_hash(root)
+    out = CliRunner().invoke(app, ["prepare", "--dataset", str(link), "--size", "320", "--out", str(tmp_path / "p")])
+    assert out.exit_code == 0, out.output[-2000:]
+    assert tree_hash(root) == before
+    sizes = {}
+    for src in (root / "images" / "train").iterdir():
+        with Image.open(src) as a:
+            sizes[src.name] = max(a.size)
+    big = next(name for name, side in sizes.items() if side == 8000)
+    with Image.open(tmp_path / "p" / "images" / "train" / big) as im:
+        assert max(im.size) == 320
+
+
+def test_existing_run_folder_gets_a_new_suffix(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "keep.txt").write_text("earlier run")
+    assert workflow.new_run_dir(tmp_path, "train").name == "train2"
+    assert (tmp_path / "train" / "keep.txt").read_text() == "earlier run"
