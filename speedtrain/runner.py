@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import gc
 import importlib.util
 import math
@@ -23,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from speedtrain.errors import TrainingError, UsageError
+from speedtrain.errors import DiskSpaceError, TrainingError, UsageError
 from speedtrain.monitor import Monitor
 from speedtrain.planner import Stage, TrainPlan
 
@@ -345,6 +346,13 @@ def train_stage(
             except StopRequested:
                 trainer, metrics, status = None, None, "interrupted"
                 break
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                raise DiskSpaceError(
+                    f"{stage.name}: the disk filled up while training ({exc.filename or stage_dir}); free some space "
+                    f"and go on with --resume (the last complete checkpoint is {stage_dir / 'weights' / RESUME_NAME})"
+                ) from None
             except Exception as exc:
                 if not is_oom(exc):
                     raise

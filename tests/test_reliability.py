@@ -246,3 +246,18 @@ def test_existing_run_folder_gets_a_new_suffix(tmp_path):
     (tmp_path / "train" / "keep.txt").write_text("earlier run")
     assert workflow.new_run_dir(tmp_path, "train").name == "train2"
     assert (tmp_path / "train" / "keep.txt").read_text() == "earlier run"
+
+
+@pytest.mark.slow
+def test_disk_full_during_training_is_one_clear_error(make_dataset, tmp_path, monkeypatch):
+    from ultralytics.engine.trainer import BaseTrainer
+
+    def full(self):
+        raise OSError(28, "No space left on device", str(self.last))  # what write_bytes raises on a full disk
+
+    monkeypatch.setattr(BaseTrainer, "save_model", full)
+    result = CliRunner().invoke(app, [*_train_cmd(make_dataset(4, 1), tmp_path / "runs", 1)[3:]])
+    assert result.exit_code == 6
+    assert "the disk filled up while training" in result.stderr
+    assert "--resume" in result.stderr
+    assert "Traceback" not in result.output
