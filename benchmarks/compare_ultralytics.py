@@ -5,7 +5,8 @@
     python benchmarks/compare_ultralytics.py --tiny      # CI smoke run: 8 images, 64 px, 1 epoch
 
 Rows: (a) Ultralytics defaults (640 px, batch 16, 8 workers, no cache, SGD/auto), (b) the same with batch=-1
-(Ultralytics' AutoBatch; on CPU it keeps 16), (c) the speedtrain plan for this machine (main stage only). Each
+(Ultralytics' AutoBatch; on CPU it keeps 16), (c) the speedtrain plan for this machine (main stage only), (d) the
+plan after `speedtrain tune` (its probes' time is reported separately, not counted in the rate). Each
 trains from the same weights on a copy of the data through speedtrain's runner, so the timing callbacks are the
 same, after one unrecorded warm-up training. Steady images/s leaves out the first epoch. With --tiny every row
 trains at 64 px (a smoke test of the script, not a speed comparison).
@@ -48,7 +49,7 @@ def copy_dataset(source: Path, n: int, dest: Path) -> Path:
     return dest
 
 
-def rows_to_run(plan: planner.TrainPlan, epochs: int, tiny: bool) -> dict[str, Stage]:
+def rows_to_run(plan: planner.TrainPlan, tuned: planner.TrainPlan, epochs: int, tiny: bool) -> dict[str, Stage]:
     main = replace(plan.stages[0], epochs=epochs, patience=100)
     gpu = plan.device != "cpu"
     defaults = replace(
@@ -59,6 +60,7 @@ def rows_to_run(plan: planner.TrainPlan, epochs: int, tiny: bool) -> dict[str, S
         "(a) Ultralytics defaults": defaults,
         "(b) Ultralytics batch=-1": replace(defaults, batch=-1 if gpu else 16),
         "(c) speedtrain plan": main,
+        "(d) speedtrain autotune": replace(tuned.stages[0], epochs=epochs, patience=100),
     }
     if tiny:
         rows = {k: replace(v, imgsz=64) for k, v in rows.items()}
@@ -86,6 +88,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--model", default="yolo26n")
     ap.add_argument("--tiny", action="store_true", help="smoke run: 8 images, 64 px, 1 epoch")
+    ap.add_argument("--tune-budget-s", type=float, default=60.0, help="time budget of the autotune probes")
     ap.add_argument("--out", type=Path, help="also write the table to this markdown file")
     args = ap.parse_args()
     if args.tiny:
@@ -95,12 +98,14 @@ def main() -> None:
         planned = workflow.make_plan(root, Overrides(model=args.model, finetune="no", prepare="no"), ["plots=False"])
         view = prepare.make_view(planned.stats, Path(tmp) / "view")
         weights, note = runner.resolve_model(args.model)
+        budget = 20.0 if args.tiny else args.tune_budget_s
+        tuned, tune_result = workflow.autotune(planned, Path(tmp) / "tune", budget_s=budget, retune=True)
         # The first training in a process pays one-off costs (thread pools, allocator, lazy imports): spend them
         # on an unrecorded run so that row order cannot bias the table.
         warm = replace(planned.plan.stages[0], imgsz=64, epochs=1)
         runner.train_stage(warm, weights, view, Path(tmp) / "runs" / "warmup", log=lambda _: None)
         results = {}
-        for name, stage in rows_to_run(planned.plan, args.epochs, args.tiny).items():
+        for name, stage in rows_to_run(planned.plan, tuned.plan, args.epochs, args.tiny).items():
             results[name] = measure(stage, weights, view, Path(tmp) / "runs" / name[:3].strip("()"))
     hw = planned.hw
     gpu = ", ".join(g.name for g in hw.gpus) or f"CPU only ({hw.cpu_cores_logical} cores)"
@@ -113,6 +118,7 @@ def main() -> None:
         "|---" * (len(cols) + 1) + "|",
     ]
     lines += [f"| {name} | " + " | ".join(r[c] for c in cols) + " |" for name, r in results.items()]
+    lines += ["", f"autotune: {tune_result.elapsed_s} s of probes; " + "; ".join(tune_result.diagnosis)]
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -137,6 +137,8 @@ PrepareOpt = Annotated[
 AllowDownloadOpt = Annotated[
     bool, typer.Option("--allow-download", help="Let Ultralytics run the dataset yaml's download: script.")
 ]
+RetuneOpt = Annotated[bool, typer.Option("--retune", help="Measure again even when a cached tune result exists.")]
+BudgetOpt = Annotated[float, typer.Option("--budget-s", min=5.0, help="Time budget of the tune probes, seconds.")]
 ProjectOpt = Annotated[Path, typer.Option("--project", help="Folder for run folders.")]
 RequiredDatasetOpt = Annotated[
     Path, typer.Option("--dataset", "-d", help="Dataset folder (with data.yaml or images/+labels/) or a data yaml.")
@@ -238,6 +240,11 @@ def train(
         Path | None, typer.Option("--resume", help="Go on with an interrupted run folder (other flags are ignored).")
     ] = None,
     allow_download: AllowDownloadOpt = False,
+    autotune: Annotated[
+        bool, typer.Option("--autotune", help="Measure batch, workers and cache first (speedtrain tune) and use them.")
+    ] = False,
+    retune: RetuneOpt = False,
+    budget_s: BudgetOpt = 90.0,
 ) -> None:
     """Plan and train, then print and save the speed report. Extra key=value go to Ultralytics.
 
@@ -253,6 +260,9 @@ def train(
         with _progress(f"resizing to {planned.plan.prepare_size} px") as progress:
             planned = workflow.prepare_dataset(planned, project, progress)
         console.print(report.render_prepared(planned.prepared))
+    if autotune or retune:
+        planned, tuned = workflow.autotune(planned, project, budget_s=budget_s, retune=retune, log=_log)
+        console.print(report.render_tune(tuned.to_dict()))
     doc = report.plan_document(planned.hw, planned.stats, planned.plan)
     console.print(report.render_dataset(doc["dataset"]))
     console.print(report.render_plan(doc))
@@ -324,6 +334,34 @@ def check(
         raise typer.Exit(1)
 
 
+@app.command("tune", context_settings=EXTRA_ARGS)
+def tune_command(
+    ctx: typer.Context,
+    *,
+    dataset: DatasetOpt = None,
+    model: ModelOpt = None,
+    imgsz: ImgszOpt = None,
+    device: DeviceOpt = None,
+    budget_s: BudgetOpt = 90.0,
+    retune: RetuneOpt = False,
+    project: ProjectOpt = workflow.DEFAULT_PROJECT,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure the model's step rate per batch and the dataloader's rate per workers and cache; pick the fastest.
+
+    Example: speedtrain tune --dataset datasets/mine --budget-s 60
+    """
+    ov = Overrides(model=model, imgsz=imgsz, device=device, finetune="no", prepare="no")
+    planned = workflow.make_plan(dataset, ov, ctx.args)
+    _, result = workflow.autotune(
+        planned, project, budget_s=budget_s, retune=retune, log=_log if not as_json else _quiet
+    )
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        console.print(report.render_tune(result.to_dict()))
+
+
 @app.command("report")
 def show_report(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (or its speed_report.json).")],
@@ -376,6 +414,10 @@ def _progress(label: str, quiet: bool = False) -> Iterator[Callable[[int, int], 
             bar.update(task, completed=done, total=total, rate=rate)
 
         yield update
+
+
+def _quiet(message: str) -> None:
+    """Progress lines go nowhere when --json owns standard output."""
 
 
 def _log(message: str) -> None:

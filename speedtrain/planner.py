@@ -322,6 +322,17 @@ def _prepare(stats: DatasetStats, stages: list[Stage], mode: str) -> tuple[int |
     return None, f"not needed: {share:.0%} of images exceed {PREPARE_FACTOR}x {size} px (median {median} px)"
 
 
+def apply_tuned(plan: TrainPlan, batch: int, workers: int, cache: str | bool, why: str) -> TrainPlan:
+    """The plan with the main stage's batch, workers and cache as `speedtrain tune` measured them."""
+    main = plan.stages[0]
+    chain = tuple(sorted({b for b in (main.batch, *main.batch_fallbacks) if b < batch}, reverse=True))
+    tuned = replace(main, batch=batch, batch_fallbacks=chain, workers=workers, cache=cache)
+    reasons = dict(plan.reasons)
+    for key, value in (("batch", batch), ("workers", workers), ("cache", cache or "none")):
+        reasons[key] = f"{value}: measured by speedtrain tune ({why})"
+    return replace(plan, stages=(tuned, *plan.stages[1:]), reasons=tuple(reasons.items()))
+
+
 def recheck_cache(stage: Stage, ram_available_gb: float) -> tuple[Stage, str]:
     """Just before training: a planned RAM cache that no longer fits falls back to disk; the note says so."""
     if stage.cache != "ram" or stage.ram_cache_need_gb <= ram_available_gb:

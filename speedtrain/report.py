@@ -260,6 +260,33 @@ def render_prepared(record: dict[str, Any]) -> RenderableType:
     return Panel("\n".join(lines), title="Preparation", title_align="left")
 
 
+def render_tune(t: dict[str, Any]) -> RenderableType:
+    """What `speedtrain tune` measured, what it chose and why."""
+    steps = Table(title="Model step (batches already on the device)", title_justify="left")
+    for col in ("batch", "img/s", "peak GB"):
+        steps.add_column(col, justify="right")
+    for s in t["steps"]:
+        rate = "out of memory" if s["oom"] else _num(s["images_per_s"], "{:.1f}")
+        steps.add_row(str(s["batch"]), rate, _num(s["peak_mem_gb"], "{:.1f}"))
+    loaders = Table(title="Training dataloader (augmentation included, no model)", title_justify="left")
+    for col in ("workers", "cache", "img/s", "peak RAM GB"):
+        loaders.add_column(col, justify="right")
+    for x in t["loaders"]:
+        loaders.add_row(
+            str(x["workers"]), str(x["cache"] or "none"), f"{x['images_per_s']:.1f}", f"{x['peak_ram_gb']:.1f}"
+        )
+    achieved = t.get("achieved_images_per_s")
+    lines = [
+        f"choice: batch {t['batch']}, {t['workers']} workers, cache {t['cache'] or 'none'}: "
+        f"{t['predicted_images_per_s']} img/s predicted"
+        + (f", {achieved} img/s achieved in a short real run" if achieved else ""),
+        *t["diagnosis"],
+        ("reused the measurement of " if t.get("cached") else "measured in ")
+        + (t["created_at"] if t.get("cached") else f"{t['elapsed_s']} s of a {t['budget_s']:.0f} s budget"),
+    ]
+    return Group(steps, loaders, Panel("\n".join(lines), title="Tune", title_align="left"))
+
+
 def render_problems(problems: list[dict[str, Any]], limit: int = 10) -> RenderableType:
     """Problems grouped by kind, with up to `limit` file names each."""
     if not problems:

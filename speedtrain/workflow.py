@@ -57,6 +57,7 @@ class Planned:
     overrides: Overrides
     plan: TrainPlan
     prepared: dict[str, Any] | None = None  # the preparation record, once the dataset was resized
+    tuned: dict[str, Any] | None = None  # the tune result applied to the plan (train --autotune)
 
 
 def make_plan(
@@ -102,7 +103,32 @@ def prepare_dataset(
         "saving_s_per_epoch": round((before - after) * len(train_images) / 1000, 2) if before and after else None,
         "original_dataset": report.dataset_summary(planned.stats),
     }
-    return Planned(planned.hw, stats, planned.overrides, plan, record)
+    return replace(planned, stats=stats, plan=plan, prepared=record)
+
+
+def autotune(
+    planned: Planned,
+    project: str | Path = DEFAULT_PROJECT,
+    *,
+    budget_s: float = 90.0,
+    retune: bool = False,
+    log: Callable[[str], None] = lambda _: None,
+) -> tuple[Planned, Any]:
+    """Measure the main stage's batch, workers and cache (or reuse a cached measurement) and apply the winner."""
+    from speedtrain import tune
+
+    project = Path(project)
+    view_yaml = prepare.make_view(planned.stats, prepare.view_dir(planned.stats, project))
+    source, _ = runner.resolve_model(planned.plan.model)
+    result = tune.tune(
+        planned.plan.stages[0], source, view_yaml, planned.hw, planned.stats,
+        budget_s=budget_s, cache_dir=project / ".tune", retune=retune, project=project, log=log,
+    )  # fmt: skip
+    if not result.predicted_images_per_s:
+        return planned, result
+    why = f"{result.predicted_images_per_s} img/s predicted, {result.bound}-bound"
+    plan = planner.apply_tuned(planned.plan, result.batch, result.workers, result.cache, why)
+    return replace(planned, plan=plan, tuned=result.to_dict()), result
 
 
 def new_run_dir(project: str | Path, name: str) -> Path:
@@ -134,6 +160,7 @@ def execute(
     log(f"run folder: {run_dir}")
     base = report.plan_document(planned.hw, planned.stats, planned.plan)
     base["prepare"] = planned.prepared
+    base["tune"] = planned.tuned
     base["run"] = {"run_dir": str(run_dir), "data_yaml": str(view_yaml), "status": "running"}
     return _run(base, planned.plan, run_dir, (), ask, log)
 

@@ -180,5 +180,6 @@ def test_compare_ultralytics_benchmark_smoke(tmp_path):
         "(a) Ultralytics defaults",
         "(b) Ultralytics batch=-1",
         "(c) speedtrain plan",
+        "(d) speedtrain autotune",
     ]
     assert all(float(r.split("|")[3]) > 0 for r in rows)  # steady img/s was measured for every row
