@@ -62,7 +62,7 @@ def rows_to_run(plan: planner.TrainPlan, tuned: planner.TrainPlan, epochs: int, 
         "(c) speedtrain plan": main,
         "(d) speedtrain autotune": replace(tuned.stages[0], epochs=epochs, patience=100),
     }
-    if tiny:
+    if tiny:  # (c) and (d) were planned and tuned at 64 px already
         rows = {k: replace(v, imgsz=64) for k, v in rows.items()}
     return rows
 
@@ -95,7 +95,8 @@ def main() -> None:
         args.images, args.epochs = 8, 1
     with tempfile.TemporaryDirectory() as tmp:
         root = copy_dataset(args.dataset, args.images, Path(tmp) / "data")
-        planned = workflow.make_plan(root, Overrides(model=args.model, finetune="no", prepare="no"), ["plots=False"])
+        ov = Overrides(model=args.model, finetune="no", prepare="no", imgsz=64 if args.tiny else None)
+        planned = workflow.make_plan(root, ov, ["plots=False"])
         view = prepare.make_view(planned.stats, Path(tmp) / "view")
         weights, note = runner.resolve_model(args.model)
         budget = 20.0 if args.tiny else args.tune_budget_s

@@ -353,9 +353,10 @@ def tune_command(
     """
     ov = Overrides(model=model, imgsz=imgsz, device=device, finetune="no", prepare="no")
     planned = workflow.make_plan(dataset, ov, ctx.args)
-    _, result = workflow.autotune(
-        planned, project, budget_s=budget_s, retune=retune, log=_log if not as_json else _quiet
-    )
+    log = _quiet if as_json else _log
+    # With --json, stdout carries the JSON alone: Ultralytics' logs and progress bars go to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        _, result = workflow.autotune(planned, project, budget_s=budget_s, retune=retune, log=log)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:

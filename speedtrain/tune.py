@@ -344,9 +344,9 @@ def _diagnose(
         out.append("more CPU cores, or a faster local disk, feed the loader faster")
         return out
     out = [f"compute-bound: {where} sets the pace; the loader could deliver {factor}x more"]
-    bigger = [s for s in steps if s.batch > step.batch and s.images_per_s]
-    if bigger:
-        out.append(f"batch {bigger[-1].batch} ran at {bigger[-1].images_per_s} img/s in the step probe")
+    faster = [s for s in steps if s.batch > step.batch and (s.images_per_s or 0) > (step.images_per_s or 0) * (1 + TIE)]
+    if faster:  # only when the larger batch lost on the loader side or on memory
+        out.append(f"a larger batch would step faster ({faster[-1].batch}: {faster[-1].images_per_s} img/s)")
     out.append("a smaller --img-size or model is the remaining lever; AMP is on where the GPU supports it")
     return out
 

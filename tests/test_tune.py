@@ -1,0 +1,116 @@
+"""speedtrain tune: the decision over fake probe tables, and real probes on CPU through the CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from conftest import fake_stats, snapshot
+from typer.testing import CliRunner
+
+from speedtrain import planner, tune
+from speedtrain.cli import app
+from speedtrain.tune import LoaderProbe, StepProbe
+
+STAGE = planner.plan(snapshot((24,)), fake_stats()).stages[0]  # batch 48, 16 workers, RAM cache
+
+STEPS = (
+    StepProbe(16, 400.0, 3.0),
+    StepProbe(32, 700.0, 5.5),
+    StepProbe(48, 800.0, 8.0),
+    StepProbe(64, None, None, True),
+)
+
+
+@pytest.mark.parametrize(
+    ("loaders", "expected", "bound"),
+    [
+        # data-bound: 8 workers are within 5% of 16, so the fewer win; the step side can take batch 32 (700 >= 340)
+        (
+            (LoaderProbe(4, False, 200.0, 2.0), LoaderProbe(8, False, 340.0, 3.0), LoaderProbe(16, False, 350.0, 5.0)),
+            (16, 8, False),
+            "data",
+        ),
+        # a RAM cache 3% faster than no cache is a tie: no cache holds less memory
+        ((LoaderProbe(8, False, 1000.0, 3.0), LoaderProbe(8, "ram", 1030.0, 9.0)), (48, 8, False), "compute"),
+        # a RAM cache that is clearly faster wins
+        ((LoaderProbe(8, False, 500.0, 3.0), LoaderProbe(8, "ram", 900.0, 9.0)), (48, 8, "ram"), "compute"),
+        # compute-bound: the largest batch that fits is fastest; the out-of-memory probe is never chosen
+        ((LoaderProbe(2, "disk", 5000.0, 2.0),), (48, 2, "disk"), "compute"),
+    ],
+    ids=["data-bound-fewer-workers", "tie-less-memory", "ram-clearly-faster", "compute-bound"],
+)
+def test_decide(loaders, expected, bound):
+    result = tune.decide(STAGE, STEPS, loaders, fake_stats())
+    assert (result.batch, result.workers, result.cache) == expected
+    assert result.bound == bound
+    assert result.predicted_images_per_s == pytest.approx(min(
+        next(s.images_per_s for s in STEPS if s.batch == expected[0]),
+        next(x.images_per_s for x in loaders if (x.workers, x.cache) == expected[1:]),
+    ))  # fmt: skip
+
+
+def test_decide_explains_a_data_bound_run():
+    loaders = (LoaderProbe(8, False, 200.0, 3.0),)
+    result = tune.decide(STAGE, STEPS, loaders, fake_stats(size=(1920, 1080)))
+    assert result.bound == "data"
+    assert result.bound_factor == 2.0  # the step at batch 16 runs 400 img/s, the loader 200
+    assert result.diagnosis[0].startswith("data-bound: the model could train 2.0x faster")
+    assert any("pre-resize" in d for d in result.diagnosis)  # 1920-px images, training at 416
+
+
+def test_decide_multi_gpu_totals_and_nothing_measured():
+    two = replace(STAGE, device="0,1", batch=96)
+    result = tune.decide(two, STEPS, (LoaderProbe(8, False, 5000.0, 3.0),), fake_stats())
+    assert (result.batch, result.predicted_images_per_s) == (96, 1600.0)  # per-GPU 48 x 2 GPUs
+    nothing = tune.decide(STAGE, (StepProbe(8, None, None, True),), (), fake_stats())
+    assert (nothing.batch, nothing.bound, nothing.predicted_images_per_s) == (48, "unknown", 0.0)
+
+
+def test_fingerprint_changes_with_what_matters():
+    hw, stats = snapshot((24,)), fake_stats()
+    key = tune.fingerprint(hw, stats, "yolo26n.yaml", 416, "0")
+    assert key == tune.fingerprint(hw, stats, "yolo26n.yaml", 416, "0")
+    assert key != tune.fingerprint(hw, stats, "yolo26s.yaml", 416, "0")
+    assert key != tune.fingerprint(hw, stats, "yolo26n.yaml", 640, "0")
+    assert key != tune.fingerprint(snapshot((80,)), stats, "yolo26n.yaml", 416, "0")
+    assert key != tune.fingerprint(hw, fake_stats(train=999), "yolo26n.yaml", 416, "0")
+
+
+@pytest.mark.slow
+def test_tune_on_cpu_measures_caches_and_retunes(make_dataset, tmp_path):
+    root, project = make_dataset(16, 4), tmp_path / "runs"
+    args = ["tune", "--dataset", str(root), "--img-size", "64", "--budget-s", "20", "--project", str(project), "--json"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output[-2000:]
+    result = json.loads(first.stdout)  # stdout is the JSON alone; Ultralytics' logs went to stderr
+    assert [s["batch"] for s in result["steps"]] == [2, 4, 8, 16][: len(result["steps"])]
+    assert all(s["images_per_s"] > 0 for s in result["steps"])
+    assert {(x["workers"], x["cache"]) for x in result["loaders"]} >= {(0, False)}  # CPU training uses 0 workers
+    assert all(x["images_per_s"] > 0 for x in result["loaders"])
+    assert result["predicted_images_per_s"] > 0
+    assert result["achieved_images_per_s"] > 0  # confirmed by a short real run
+    assert result["bound"] in ("data", "compute")
+    assert result["elapsed_s"] < 20 + 30  # probes within the budget; the confirm run comes on top
+    again = json.loads(CliRunner().invoke(app, args).stdout)
+    assert again["cached"] is True
+    assert again["fingerprint"] == result["fingerprint"]
+    fresh = json.loads(CliRunner().invoke(app, [*args, "--retune"]).stdout)
+    assert fresh["cached"] is False
+
+
+@pytest.mark.slow
+def test_train_autotune_uses_the_measured_configuration(make_dataset, tmp_path):
+    root, project = make_dataset(8, 2), tmp_path / "runs"
+    args = ["train", "--dataset", str(root), "--img-size", "64", "--epochs", "1", "--finetune", "no", "--prepare", "no"]
+    result = CliRunner().invoke(
+        app, [*args, "--autotune", "--budget-s", "15", "--project", str(project), "plots=False"]
+    )
+    assert result.exit_code == 0, result.output[-3000:]
+    doc = json.loads((project / "train" / "speed_report.json").read_text())
+    main, tuned = doc["stages"][0], doc["tune"]
+    assert (main["batch"], main["workers"], main["cache"]) == (tuned["batch"], tuned["workers"], tuned["cache"])
+    assert "measured by speedtrain tune" in doc["reasons"]["batch"]
+    assert main["measured"]["batch"] == tuned["batch"]
+    assert "Tune" in result.output
