@@ -6,12 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tree_hash
+from conftest import tree_hash, wait_for
 from PIL import Image, ImageOps
 
 from speedtrain import dataset, prepare
@@ -199,15 +198,6 @@ def test_in_place_resizes_atomically_and_keeps_labels(make_dataset):
     assert not list(root.rglob("*.tmp"))
 
 
-def _wait_for(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def _big_dataset(make_dataset, n: int) -> Path:
     """n real COCO photos scaled up 3x and stored as PNG (no reduced-scale decoding), so resizing takes a while."""
     root = make_dataset(n, 1)
@@ -226,7 +216,7 @@ def test_interrupted_run_then_rerun_leaves_every_image_valid(make_dataset, tmp_p
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "speedtrain", "prepare", "--dataset", str(root), "--out", str(out), "--workers", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    started = _wait_for(lambda: proc.poll() is not None or (out.is_dir() and any(out.rglob("*.png"))), timeout=60)
+    started = wait_for(lambda: proc.poll() is not None or (out.is_dir() and any(out.rglob("*.png"))), timeout=60)
     assert started
     assert proc.poll() is None, proc.stderr.read().decode()
     os.killpg(proc.pid, sig)

@@ -8,12 +8,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tree_hash
+from conftest import tree_hash, wait_for
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -62,15 +61,6 @@ def _train_cmd(root: Path, project: Path, epochs: int) -> list[str]:
     ]
 
 
-def _wait_for(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
 def test_interrupted_training_resumes_where_it_stopped(make_dataset, tmp_path, sig):
@@ -79,7 +69,7 @@ def test_interrupted_training_resumes_where_it_stopped(make_dataset, tmp_path, s
         _train_cmd(root, project, epochs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     checkpoint = project / "train" / "main" / "weights" / runner.RESUME_NAME
-    assert _wait_for(lambda: checkpoint.exists() or proc.poll() is not None, timeout=180)
+    assert wait_for(lambda: checkpoint.exists() or proc.poll() is not None, timeout=180)
     assert proc.poll() is None, proc.communicate()[0][-3000:]
     proc.send_signal(sig)
     output, _ = proc.communicate(timeout=180)
