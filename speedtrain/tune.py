@@ -306,7 +306,7 @@ def decide(
         why = "the probes ran out of time or memory; the plan stays as it was"
         return TuneResult("", stage.device, "", stage.imgsz, steps, loaders, stage.batch, stage.workers,
                           stage.cache, 0.0, "unknown", 1.0, (why,))  # fmt: skip
-    options = [(min(s.images_per_s or 0.0, x.images_per_s), s, x) for s in timed for x in loaders]
+    options = [(predicted_rate(s.images_per_s or 0.0, x), s, x) for s in timed for x in loaders]
     best = max(rate for rate, _, _ in options)
     close = [o for o in options if o[0] >= best * (1 - TIE)]
     rate, step, loader = min(close, key=lambda o: (o[2].workers, CACHE_MEMORY_RANK[o[2].cache], o[1].batch))
@@ -330,6 +330,16 @@ def decide(
         bound_factor=factor,
         diagnosis=tuple(_diagnose(data_bound, factor, step, steps, stats, stage)),
     )
+
+
+def predicted_rate(step_rate: float, loader: LoaderProbe) -> float:
+    """End-to-end images/s: with worker processes loading overlaps the step (the slower side sets the pace);
+    with 0 workers (CPU training) the same process loads, then steps, so the two times add up."""
+    if loader.workers > 0:
+        return min(step_rate, loader.images_per_s)
+    if step_rate <= 0 or loader.images_per_s <= 0:
+        return 0.0
+    return 1 / (1 / step_rate + 1 / loader.images_per_s)
 
 
 def _diagnose(

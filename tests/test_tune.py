@@ -51,6 +51,16 @@ def test_decide(loaders, expected, bound):
     ))  # fmt: skip
 
 
+def test_zero_workers_load_and_step_in_turn():
+    # 0 workers: one process loads, then steps: 1 / (1/400 + 1/400) = 200 img/s, not min(400, 400)
+    cpu = replace(STAGE, device="cpu", batch=16)
+    result = tune.decide(cpu, (StepProbe(16, 400.0, None),), (LoaderProbe(0, False, 400.0, 1.0),), fake_stats())
+    assert result.predicted_images_per_s == 200.0
+    # a loader twice as fast is no longer a 5% tie: the RAM cache wins (1/(1/400+1/1600) = 320 vs 200)
+    both = (LoaderProbe(0, False, 400.0, 1.0), LoaderProbe(0, "ram", 1600.0, 2.0))
+    assert tune.decide(cpu, (StepProbe(16, 400.0, None),), both, fake_stats()).cache == "ram"
+
+
 def test_decide_explains_a_data_bound_run():
     loaders = (LoaderProbe(8, False, 200.0, 3.0),)
     result = tune.decide(STAGE, STEPS, loaders, fake_stats(size=(1920, 1080)))
