@@ -77,6 +77,12 @@ class Prepare(str, Enum):
     no = "no"
 
 
+class Pipeline(str, Enum):
+    auto = "auto"
+    fast = "fast"
+    ultralytics = "ultralytics"
+
+
 class Finetune(str, Enum):
     yes = "yes"
     no = "no"
@@ -139,6 +145,9 @@ AllowDownloadOpt = Annotated[
 ]
 RetuneOpt = Annotated[bool, typer.Option("--retune", help="Measure again even when a cached tune result exists.")]
 BudgetOpt = Annotated[float, typer.Option("--budget-s", min=5.0, help="Time budget of the tune probes, seconds.")]
+PipelineOpt = Annotated[
+    Pipeline, typer.Option("--pipeline", help="Training input: fast (decode once, augment batches), ultralytics, auto.")
+]
 ProjectOpt = Annotated[Path, typer.Option("--project", help="Folder for run folders.")]
 RequiredDatasetOpt = Annotated[
     Path, typer.Option("--dataset", "-d", help="Dataset folder (with data.yaml or images/+labels/) or a data yaml.")
@@ -196,6 +205,7 @@ def plan(
     lr0: Lr0Opt = None,
     patience: PatienceOpt = None,
     prepare: PrepareOpt = Prepare.auto,
+    pipeline: PipelineOpt = Pipeline.auto,
     allow_download: AllowDownloadOpt = False,
 ) -> None:
     """Print the training plan and its reasons without training. Extra key=value go to Ultralytics.
@@ -234,6 +244,7 @@ def train(
     lr0: Lr0Opt = None,
     patience: PatienceOpt = None,
     prepare: PrepareOpt = Prepare.auto,
+    pipeline: PipelineOpt = Pipeline.auto,
     project: ProjectOpt = workflow.DEFAULT_PROJECT,
     name: Annotated[str, typer.Option("--name", help="Run folder name; taken names get 2, 3, ...")] = "train",
     resume: Annotated[

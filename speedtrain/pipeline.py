@@ -254,7 +254,9 @@ def mosaic4(
 def _slot(store: Store, j: int, device: Any) -> Any:
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(store.images[j])).to(device).permute(2, 0, 1).float()
+    return (
+        torch.from_numpy(np.array(store.images[j])).to(device).permute(2, 0, 1).float()
+    )  # a copy: memmaps are read-only
 
 
 def affine_matrices(n: int, in_size: int, out_size: int, hyp: Hyp, gen: Any) -> Any:

@@ -88,6 +88,7 @@ class Overrides:
     finetune_imgsz: int | None = None
     target_map: float = DEFAULT_TARGET_MAP
     prepare: str = "auto"  # pre-resize the dataset: "auto", "yes" or "no"
+    pipeline: str = "auto"  # training input pipeline: "auto", "fast" or "ultralytics"
     extra: tuple[tuple[str, Any], ...] = ()  # other Ultralytics train arguments, key=value
     sample: bool = False  # training on the embedded sample
 
@@ -114,11 +115,12 @@ class Stage:
     warmup_epochs: float = 3.0
     when: str = "always"  # "always", or for the fine-tune: "auto" or "ask"
     ram_cache_need_gb: float = 0.0  # available RAM a RAM cache needs, margins included; re-checked before training
+    pipeline: str = "ultralytics"  # "fast": speedtrain.pipeline's decode-once store and batched augmentation
     extra: tuple[tuple[str, Any], ...] = ()
 
     def train_args(self) -> dict[str, Any]:
         """Arguments for model.train(); every key is an Ultralytics train argument."""
-        skip = {"name", "batch_fallbacks", "when", "ram_cache_need_gb", "extra"}
+        skip = {"name", "batch_fallbacks", "when", "ram_cache_need_gb", "pipeline", "extra"}
         args = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         args.update(self.extra)
         return args
@@ -218,7 +220,10 @@ def _main_stage(
             else f"{MAIN_EPOCHS}, with early stopping after {PATIENCE} epochs without improvement"
         )
     )
-    rect = True if ov.rect is None else ov.rect
+    pipeline, reasons["pipeline"] = _pipeline(ov.pipeline, gpus)
+    rect = (pipeline != "fast") if ov.rect is None else ov.rect
+    if pipeline == "fast" and rect:
+        raise UsageError("--pipeline fast trains on square mosaic batches; it cannot be combined with --rect")
     reasons["rect"] = ("set by user; " if ov.rect is not None else "") + (
         "rect=True: batches of similar aspect ratio, less padding; Ultralytics then turns off shuffle "
         "and mosaic (use --no-rect to keep them)"
@@ -253,6 +258,7 @@ def _main_stage(
         patience=patience,
         amp=amp,
         device=device,
+        pipeline=pipeline,
         extra=ov.extra,
     )
 
@@ -302,6 +308,20 @@ def _finetune_stage(
     )
 
 
+def _pipeline(requested: str, gpus: int) -> tuple[str, str]:
+    """Ultralytics' CPU pipeline unless asked, or unless `speedtrain tune` measured the run data-bound on a GPU."""
+    if requested not in ("auto", "fast", "ultralytics"):
+        raise UsageError(f"--pipeline {requested!r}: expected auto, fast or ultralytics")
+    if requested != "auto":
+        return requested, f"{requested}: set by user"
+    if not gpus:
+        return "ultralytics", "ultralytics: on CPU the model step, not loading, sets the pace"
+    return "ultralytics", (
+        "ultralytics: not measured data-bound; --autotune measures it and switches to fast if so, "
+        "--pipeline fast forces it"
+    )
+
+
 def _prepare(stats: DatasetStats, stages: list[Stage], mode: str) -> tuple[int | None, str]:
     """Pre-resize to the largest training size when most images are much larger (auto), or always (yes)."""
     if mode not in ("auto", "yes", "no"):
@@ -322,12 +342,18 @@ def _prepare(stats: DatasetStats, stages: list[Stage], mode: str) -> tuple[int |
     return None, f"not needed: {share:.0%} of images exceed {PREPARE_FACTOR}x {size} px (median {median} px)"
 
 
-def apply_tuned(plan: TrainPlan, batch: int, workers: int, cache: str | bool, why: str) -> TrainPlan:
-    """The plan with the main stage's batch, workers and cache as `speedtrain tune` measured them."""
+def apply_tuned(
+    plan: TrainPlan, batch: int, workers: int, cache: str | bool, why: str, data_bound: bool = False
+) -> TrainPlan:
+    """The plan with the main stage's batch, workers and cache as `speedtrain tune` measured them; a data-bound
+    GPU run left on `--pipeline auto` switches to the fast pipeline."""
     main = plan.stages[0]
     chain = tuple(sorted({b for b in (main.batch, *main.batch_fallbacks) if b < batch}, reverse=True))
     tuned = replace(main, batch=batch, batch_fallbacks=chain, workers=workers, cache=cache)
     reasons = dict(plan.reasons)
+    if data_bound and main.device[0].isdigit() and reasons.get("pipeline", "").startswith("ultralytics: not measured"):
+        tuned = replace(tuned, pipeline="fast", rect=False)
+        reasons["pipeline"] = f"fast: speedtrain tune measured the run data-bound ({why})"
     for key, value in (("batch", batch), ("workers", workers), ("cache", cache or "none")):
         reasons[key] = f"{value}: measured by speedtrain tune ({why})"
     return replace(plan, stages=(tuned, *plan.stages[1:]), reasons=tuple(reasons.items()))

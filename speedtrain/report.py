@@ -178,6 +178,7 @@ def render_plan(doc: dict[str, Any]) -> RenderableType:
         ("close_mosaic", "10", main["close_mosaic"], reasons.get("close_mosaic")),
         ("patience", "100", main["patience"], reasons.get("patience")),
         ("amp", "True", main["amp"], reasons.get("amp")),
+        ("pipeline", "ultralytics", main.get("pipeline", "ultralytics"), reasons.get("pipeline")),
     ]
     for knob, b, p, why in rows:
         table.add_row(knob, str(b), str(p), why or "")

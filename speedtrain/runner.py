@@ -401,17 +401,24 @@ def _train_once(
         if checkpoint:  # Ultralytics keeps the checkpoint's arguments; these may change on resume
             args = stage.train_args()
             allowed = ("batch", "device", "workers", "cache", "patience", "plots", "val")
-            metrics = model.train(
-                data=str(data_yaml), resume=str(checkpoint), **{k: args[k] for k in allowed if k in args}
-            )
+            kept = {k: args[k] for k in allowed if k in args}
+            metrics = model.train(data=str(data_yaml), resume=str(checkpoint), **_trainer(stage), **kept)
         else:
-            metrics = model.train(
-                data=str(data_yaml), project=str(project), name=stage.name, exist_ok=True, **stage.train_args()
-            )
+            args = {**_trainer(stage), **stage.train_args()}
+            metrics = model.train(data=str(data_yaml), project=str(project), name=stage.name, exist_ok=True, **args)
         return model.trainer, metrics
     finally:
         del model
         _free_memory()
+
+
+def _trainer(stage: Stage) -> dict[str, Any]:
+    """model.train()'s trainer argument: the fast pipeline's DetectionTrainer subclass, or Ultralytics' own."""
+    if stage.pipeline != "fast":
+        return {}
+    from speedtrain.pipeline import FastDetectionTrainer
+
+    return {"trainer": FastDetectionTrainer}
 
 
 def resume_point(stage_dir: Path) -> Path | None:

@@ -127,7 +127,7 @@ def autotune(
     if not result.predicted_images_per_s:
         return planned, result
     why = f"{result.predicted_images_per_s} img/s predicted, {result.bound}-bound"
-    plan = planner.apply_tuned(planned.plan, result.batch, result.workers, result.cache, why)
+    plan = planner.apply_tuned(planned.plan, result.batch, result.workers, result.cache, why, result.bound == "data")
     return replace(planned, plan=plan, tuned=result.to_dict()), result
 
 
