@@ -76,6 +76,7 @@ def measure(stage: Stage, weights: str, data_yaml: Path, project: Path) -> dict[
         "steady img/s": f"{steady:.1f}" if steady else "-",
         "epoch s (mean)": f"{statistics.fmean(times):.1f}" if times else "-",
         "GPU busy %": f"{result.gpu_util_mean:.0f}" if result.gpu_util_mean is not None else "-",
+        "CPU %": f"{result.cpu_util_mean:.0f}" if result.cpu_util_mean is not None else "-",
         "peak VRAM GB": f"{result.gpu_mem_peak_gb:.1f}" if result.gpu_mem_peak_gb is not None else "-",
         "mAP50-95": f"{result.metric('mAP50-95'):.3f}" if result.metric("mAP50-95") is not None else "-",
     }

@@ -183,3 +183,21 @@ def test_training_with_the_fast_pipeline(make_dataset, tmp_path):
     assert main["measured"]["images_per_epoch"] == 8
     assert main["measured"]["epochs_done"] == 2
     assert doc["reasons"]["pipeline"] == "fast: set by user"
+
+
+@pytest.mark.slow
+def test_pipeline_benchmark_smoke(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "table.md"
+    script = REPO / "benchmarks" / "pipeline.py"
+    done = subprocess.run([sys.executable, str(script), "--tiny", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = out.read_text()
+    rows = [ln for ln in text.splitlines() if ln.startswith("| Ultralytics") or ln.startswith("| speedtrain")]
+    assert len(rows) == 2
+    assert all(float(r.split("|")[3]) > 0 for r in rows)  # steady img/s measured for both pipelines
+    assert "step floor" in text
