@@ -21,6 +21,7 @@ import statistics
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -82,6 +83,27 @@ def measure(stage: Stage, weights: str, data_yaml: Path, project: Path) -> dict[
     }
 
 
+def publish(
+    heading: str, hw: Any, first_col: str, results: dict[str, dict[str, str]], notes: list[str], out: Path | None
+) -> str:
+    """Print (and write to `out`) a markdown table of measured rows, headed by the data and the machine."""
+    gpu = ", ".join(g.name for g in hw.gpus) or f"CPU only ({hw.cpu_cores_logical} cores)"
+    cols = list(next(iter(results.values())))
+    lines = [
+        f"{heading}; {gpu}, {hw.ram_total_gb:.0f} GB RAM, Python {platform.python_version()}",
+        "",
+        f"| {first_col} | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+        *(f"| {name} | " + " | ".join(r[c] for c in cols) + " |" for name, r in results.items()),
+    ]
+    lines += ["", *notes] if notes else []
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", type=Path, default=COCO if COCO.is_dir() else REPO / "speedtrain" / "sample")
@@ -109,22 +131,9 @@ def main() -> None:
         results = {}
         for name, stage in rows_to_run(planned.plan, tuned.plan, args.epochs, args.tiny).items():
             results[name] = measure(stage, weights, view, Path(tmp) / "runs" / name[:3].strip("()"))
-    hw = planned.hw
-    gpu = ", ".join(g.name for g in hw.gpus) or f"CPU only ({hw.cpu_cores_logical} cores)"
-    cols = list(next(iter(results.values())))
-    lines = [
-        f"{args.images} images of {args.dataset.name}, {args.epochs} epochs, {note}; {gpu}, "
-        f"{hw.ram_total_gb:.0f} GB RAM, Python {platform.python_version()}",
-        "",
-        "| run | " + " | ".join(cols) + " |",
-        "|---" * (len(cols) + 1) + "|",
-    ]
-    lines += [f"| {name} | " + " | ".join(r[c] for c in cols) + " |" for name, r in results.items()]
-    lines += ["", f"autotune: {tune_result.elapsed_s} s of probes; " + "; ".join(tune_result.diagnosis)]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    heading = f"{args.images} images of {args.dataset.name}, {args.epochs} epochs, {note}"
+    tail = f"autotune: {tune_result.elapsed_s} s of probes; " + "; ".join(tune_result.diagnosis)
+    publish(heading, planned.hw, "run", results, [tail], args.out)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,11 @@ input pipeline can beat. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from compare_ultralytics import COCO, REPO, copy_dataset, measure
+from compare_ultralytics import COCO, REPO, copy_dataset, measure, publish
 
 from speedtrain import prepare, runner, tune, workflow
 from speedtrain.planner import Overrides
@@ -54,26 +53,11 @@ def main() -> None:
         }
         floor = tune.probe_steps(base, weights, base.device[0].isdigit(), float("inf"), log=lambda _: None)
         at_batch = [s for s in floor if s.batch <= base.batch and s.images_per_s]
-    hw = planned.hw
-    gpu = ", ".join(g.name for g in hw.gpus) or f"CPU only ({hw.cpu_cores_logical} cores)"
-    cols = list(next(iter(results.values())))
-    lines = [
-        f"{args.images} images of {args.dataset.name}, {args.epochs} epochs at {args.imgsz} px, batch {base.batch}, "
-        f"{note}; {gpu}, Python {platform.python_version()}",
-        "",
-        "| pipeline | " + " | ".join(cols) + " |",
-        "|---" * (len(cols) + 1) + "|",
-    ]
-    lines += [f"| {name} | " + " | ".join(r[c] for c in cols) + " |" for name, r in results.items()]
-    if at_batch:
-        lines += [
-            "",
-            f"step floor (batch {at_batch[-1].batch}, data already on the device): {at_batch[-1].images_per_s} img/s",
-        ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    heading = f"{args.images} images of {args.dataset.name}, {args.epochs} epochs at {args.imgsz} px"
+    heading += f", batch {base.batch}, {note}"
+    top = at_batch[-1] if at_batch else None
+    notes = [f"step floor (batch {top.batch}, data already on the device): {top.images_per_s} img/s"] if top else []
+    publish(heading, planned.hw, "pipeline", results, notes, args.out)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,24 @@ def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
     return False
 
 
+def run_benchmark(name: str, tmp_path: Path, *args: str) -> str:
+    """Run benchmarks/<name> with --tiny (a smoke run) and return the markdown table it wrote."""
+    import subprocess
+    import sys
+
+    out = tmp_path / f"{Path(name).stem}.md"
+    cmd = [sys.executable, str(REPO / "benchmarks" / name), "--tiny", "--out", str(out), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out.read_text()
+
+
+def table_rows(text: str, *starts: str) -> list[list[str]]:
+    """The cells of a markdown table's rows whose first cell starts with one of `starts`."""
+    rows = [ln for ln in text.splitlines() if ln.startswith(tuple(f"| {s}" for s in starts))]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in rows]
+
+
 def snapshot(
     vram: tuple[float, ...] = (),
     ram: float = 32.0,

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_benchmark, table_rows
 from typer.testing import CliRunner
 
 from speedtrain import dataset, pipeline
@@ -187,17 +188,8 @@ def test_training_with_the_fast_pipeline(make_dataset, tmp_path):
 
 @pytest.mark.slow
 def test_pipeline_benchmark_smoke(tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
-    out = tmp_path / "table.md"
-    script = REPO / "benchmarks" / "pipeline.py"
-    done = subprocess.run([sys.executable, str(script), "--tiny", "--out", str(out)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    text = out.read_text()
-    rows = [ln for ln in text.splitlines() if ln.startswith("| Ultralytics") or ln.startswith("| speedtrain")]
-    assert len(rows) == 2
-    assert all(float(r.split("|")[3]) > 0 for r in rows)  # steady img/s measured for both pipelines
+    text = run_benchmark("pipeline.py", tmp_path)
+    rows = table_rows(text, "Ultralytics", "speedtrain")
+    assert [r[0] for r in rows] == ["Ultralytics pipeline", "speedtrain --pipeline fast"]
+    assert all(float(r[2]) > 0 for r in rows)  # steady img/s measured for both pipelines
     assert "step floor" in text

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CUDA_OOM, tree_hash
+from conftest import CUDA_OOM, run_benchmark, table_rows, tree_hash
 
 from speedtrain import runner, workflow
 from speedtrain.errors import TrainingError, UsageError
@@ -166,20 +166,11 @@ def test_run_folders_are_never_reused(tmp_path):
 @pytest.mark.slow
 def test_compare_ultralytics_benchmark_smoke(tmp_path):
     """The benchmark script runs end to end (tiny: 8 images, 64 px, 1 epoch) and writes its table."""
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
-    out = tmp_path / "table.md"
-    script = REPO / "benchmarks" / "compare_ultralytics.py"
-    done = subprocess.run([sys.executable, str(script), "--tiny", "--out", str(out)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| (")]
-    assert [r.split("|")[1].strip() for r in rows] == [
+    rows = table_rows(run_benchmark("compare_ultralytics.py", tmp_path), "(")
+    assert [r[0] for r in rows] == [
         "(a) Ultralytics defaults",
         "(b) Ultralytics batch=-1",
         "(c) speedtrain plan",
         "(d) speedtrain autotune",
     ]
-    assert all(float(r.split("|")[3]) > 0 for r in rows)  # steady img/s was measured for every row
+    assert all(float(r[2]) > 0 for r in rows)  # steady img/s was measured for every row
