@@ -75,6 +75,7 @@ def build_store(train_source: str | list[str], imgsz: int, root: Path, workers: 
     folder = root / STORE_DIR / f"{store_key(files, imgsz)}-{imgsz}"
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
+        _check_room(root, len(files) * imgsz * imgsz * 3)
         folder.mkdir(parents=True, exist_ok=True)
         data_path = folder / "images.u8"
         np.lib.format.open_memmap(data_path, mode="w+", dtype=np.uint8, shape=(len(files), imgsz, imgsz, 3)).flush()
@@ -87,6 +88,23 @@ def build_store(train_source: str | list[str], imgsz: int, root: Path, workers: 
                  rows=np.concatenate(labels) if labels else np.zeros((0, 5), np.float32))  # fmt: skip
         write_atomic(meta_path, json.dumps({"files": files, "imgsz": imgsz}).encode())  # written last: complete
     return load_store(folder)
+
+
+def _check_room(root: Path, nbytes: int) -> None:
+    """The store is written once, in full: refuse before writing when the disk cannot hold it."""
+    import shutil
+
+    from speedtrain.errors import DiskSpaceError
+
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if nbytes * 1.05 + 2**28 > free:
+        raise DiskSpaceError(
+            f"{root}: the fast pipeline's decoded store needs {nbytes / 1024**3:.1f} GB, {free / 1024**3:.1f} GB "
+            f"free; free space, lower --img-size, or use --pipeline ultralytics"
+        )
 
 
 def load_store(folder: Path) -> Store:
@@ -477,7 +495,7 @@ def _trainer_class() -> Any:
         return _TRAINER
     import torch
     from ultralytics.models.yolo.detect import DetectionTrainer
-    from ultralytics.utils import RANK
+    from ultralytics.utils import LOGGER, RANK
 
     class FastDetectionTrainer(DetectionTrainer):
         """Ultralytics' DetectionTrainer with the training loader and batch augmentation of the fast pipeline."""
@@ -487,6 +505,10 @@ def _trainer_class() -> Any:
                 return super().get_dataloader(dataset_path, batch_size, rank, mode)  # validation stays Ultralytics'
             first = Path(dataset_path[0] if isinstance(dataset_path, list) else dataset_path)
             store = build_store(dataset_path, int(self.args.imgsz), first.parent.parent, self.args.workers or None)
+            LOGGER.info(
+                f"speedtrain fast pipeline: {len(store)} images decoded at {store.imgsz} px in {store.folder} "
+                f"({store.size_gb:.2f} GB, memory-mapped; reused while the images and labels stay the same)"
+            )
             self.fast_store, self.fast_hyp = store, Hyp.from_args(self.args)
             self.fast_gen = torch.Generator().manual_seed(int(self.args.seed) + max(RANK, 0))
             world = max(self.world_size, 1) if rank != -1 else 1

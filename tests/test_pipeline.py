@@ -193,3 +193,16 @@ def test_pipeline_benchmark_smoke(tmp_path):
     assert [r[0] for r in rows] == ["Ultralytics pipeline", "speedtrain --pipeline fast"]
     assert all(float(r[2]) > 0 for r in rows)  # steady img/s measured for both pipelines
     assert "step floor" in text
+
+
+def test_store_refuses_a_disk_too_small(make_dataset, tmp_path, monkeypatch):
+    import shutil
+
+    from speedtrain.errors import DiskSpaceError
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1024))
+    source = dataset.scan(make_dataset(2, 1)).split("train").sources[0]
+    with pytest.raises(DiskSpaceError, match="decoded store needs"):
+        pipeline.build_store(source, 64, tmp_path / "s", workers=1)
+    assert not (tmp_path / "s").exists()  # nothing written
