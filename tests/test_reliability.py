@@ -251,3 +251,30 @@ def test_disk_full_during_training_is_one_clear_error(make_dataset, tmp_path, mo
     assert "the disk filled up while training" in result.stderr
     assert "--resume" in result.stderr
     assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_oom_during_validation_goes_on_from_the_checkpoint(make_dataset, tmp_path, monkeypatch):
+    import torch
+    from conftest import CUDA_OOM
+    from ultralytics.models.yolo.detect import DetectionValidator
+
+    original = DetectionValidator.preprocess
+    batches_seen: dict[int, int] = {}
+
+    def preprocess(self, batch):
+        # A trainer's validator (one per training attempt) runs out of memory from its second validation on,
+        # while the training batch is over 4: the first attempt in epoch 2, the resumed one in epoch 3.
+        if self.training and self.args.batch > 4:
+            batches_seen[id(self)] = batches_seen.get(id(self), 0) + 1
+            if batches_seen[id(self)] > 1:
+                raise torch.OutOfMemoryError(CUDA_OOM)
+        return original(self, batch)
+
+    monkeypatch.setattr(DetectionValidator, "preprocess", preprocess)
+    planned = workflow.make_plan(make_dataset(8, 2), Overrides(epochs=3, batch=16, **TINY), ["plots=False"])
+    doc, _ = workflow.execute(planned, tmp_path / "runs")
+    m = doc["stages"][0]["measured"]
+    assert (m["batch"], m["epochs_done"]) == (4, 3)
+    assert [(o["epoch"], o["from_batch"], o["to_batch"]) for o in m["oom_fallbacks"]] == [(2, 16, 8), (3, 8, 4)]
+    assert csv_epochs(Path(m["save_dir"])) == [1, 2, 3]  # each saved epoch kept; none trained twice into the log
