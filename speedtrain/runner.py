@@ -349,38 +349,40 @@ def train_stage(
             except OSError as exc:
                 if exc.errno != errno.ENOSPC:
                     raise
-                raise DiskSpaceError(
-                    f"{stage.name}: the disk filled up while training ({exc.filename or stage_dir}); free some space "
-                    f"and go on with --resume (the last complete checkpoint is {stage_dir / 'weights' / RESUME_NAME})"
-                ) from None
+                raise _disk_full(stage.name, stage_dir, exc) from None
             except Exception as exc:
                 if not is_oom(exc):
                     raise
-                _free_memory()
-                smaller = next_batch(stage.batch_fallbacks, batch)
-                if smaller is None:
-                    raise TrainingError(
-                        f"{stage.name}: out of memory at batch {batch}, the smallest in the plan; "
-                        f"try a smaller --img-size or model (for example --model yolo26n.yaml)"
-                    ) from None
-                checkpoint = resume_point(stage_dir)
-                epoch = (checkpoint_epoch(checkpoint) + 1 if checkpoint else 0) + 1
-                fallbacks.append(OomFallback(epoch, batch, smaller, _now(), _first_line(exc)))
-                where = f"from the checkpoint after epoch {epoch - 1}" if checkpoint else "from the start"
-                log(f"{stage.name}: out of memory in epoch {epoch} at batch {batch}; going on with {smaller} {where}")
-                batch = smaller
+                batch, checkpoint, fallback = _step_down(stage, stage_dir, batch, exc, log)
+                fallbacks.append(fallback)
+    wall = time.perf_counter() - t0
     return _stage_result(
-        stage,
-        batch,
-        recorder,
-        monitor,
-        trainer,
-        metrics,
-        stage_dir,
-        time.perf_counter() - t0,
-        fallbacks,
-        status,
-        previous,
+        stage, batch, recorder, monitor, trainer, metrics, stage_dir, wall, fallbacks, status, previous
+    )
+
+
+def _step_down(
+    stage: Stage, stage_dir: Path, batch: int, exc: BaseException, log: Log
+) -> tuple[int, Path | None, OomFallback]:
+    """The OOM policy: free memory, take the next batch of the chain, go on from the last saved epoch."""
+    _free_memory()
+    smaller = next_batch(stage.batch_fallbacks, batch)
+    if smaller is None:
+        raise TrainingError(
+            f"{stage.name}: out of memory at batch {batch}, the smallest in the plan; "
+            f"try a smaller --img-size or model (for example --model yolo26n.yaml)"
+        ) from None
+    checkpoint = resume_point(stage_dir)
+    epoch = (checkpoint_epoch(checkpoint) + 1 if checkpoint else 0) + 1
+    where = f"from the checkpoint after epoch {epoch - 1}" if checkpoint else "from the start"
+    log(f"{stage.name}: out of memory in epoch {epoch} at batch {batch}; going on with {smaller} {where}")
+    return smaller, checkpoint, OomFallback(epoch, batch, smaller, _now(), _first_line(exc))
+
+
+def _disk_full(stage_name: str, stage_dir: Path, exc: OSError) -> DiskSpaceError:
+    return DiskSpaceError(
+        f"{stage_name}: the disk filled up while training ({exc.filename or stage_dir}); free some space "
+        f"and go on with --resume (the last complete checkpoint is {stage_dir / 'weights' / RESUME_NAME})"
     )
 
 
