@@ -210,26 +210,9 @@ def _main_stage(
     batch, fallbacks, reasons["batch"] = _batch(hw, gpus, model, imgsz, ov.batch)
     workers, reasons["workers"] = _workers(hw, gpus, ov.workers)
     cache, reasons["cache"] = _cache(hw, stats, imgsz, workers, gpus, ov.cache)
-    epochs = ov.epochs or (SAMPLE_EPOCHS[0] if ov.sample else MAIN_EPOCHS)
-    reasons["epochs"] = (
-        "set by user"
-        if ov.epochs
-        else (
-            f"{epochs}: a short demo on the embedded sample"
-            if ov.sample
-            else f"{MAIN_EPOCHS}, with early stopping after {PATIENCE} epochs without improvement"
-        )
-    )
+    epochs, reasons["epochs"] = _epochs(ov)
     pipeline, reasons["pipeline"] = _pipeline(ov.pipeline, gpus)
-    rect = (pipeline != "fast") if ov.rect is None else ov.rect
-    if pipeline == "fast" and rect:
-        raise UsageError("--pipeline fast trains on square mosaic batches; it cannot be combined with --rect")
-    reasons["rect"] = ("set by user; " if ov.rect is not None else "") + (
-        "rect=True: batches of similar aspect ratio, less padding; Ultralytics then turns off shuffle "
-        "and mosaic (use --no-rect to keep them)"
-        if rect
-        else "rect=False: shuffled batches with mosaic augmentation"
-    )
+    rect, reasons["rect"] = _rect(ov.rect, pipeline)
     close_mosaic = min(CLOSE_MOSAIC, epochs)
     reasons["close_mosaic"] = f"mosaic off for the last {close_mosaic} epochs" + (
         " (moot while rect=True, which disables mosaic)" if rect else ""
@@ -306,6 +289,30 @@ def _finetune_stage(
         ram_cache_need_gb=round(ram_cache_need_gb(stats, imgsz, main.workers, gpus), 2),
         when={"yes": "always", "auto": "auto", "ask": "ask"}[ov.finetune],
     )
+
+
+def _epochs(ov: Overrides) -> tuple[int, str]:
+    if ov.epochs:
+        return ov.epochs, "set by user"
+    if ov.sample:
+        return SAMPLE_EPOCHS[0], f"{SAMPLE_EPOCHS[0]}: a short demo on the embedded sample"
+    return MAIN_EPOCHS, f"{MAIN_EPOCHS}, with early stopping after {PATIENCE} epochs without improvement"
+
+
+def _rect(requested: bool | None, pipeline: str) -> tuple[bool, str]:
+    """Rectangular batches by default; the fast pipeline always trains on square, shuffled mosaic batches."""
+    rect = (pipeline != "fast") if requested is None else requested
+    if pipeline == "fast" and rect:
+        raise UsageError("--pipeline fast trains on square mosaic batches; it cannot be combined with --rect")
+    if rect:
+        why = (
+            "rect=True: batches of similar aspect ratio, less padding; Ultralytics then turns off shuffle "
+            "and mosaic (use --no-rect to keep them)"
+        )
+    else:
+        why = "rect=False: shuffled batches with mosaic augmentation"
+        why += " (the fast pipeline always trains this way)" if pipeline == "fast" and requested is None else ""
+    return rect, ("set by user; " if requested is not None else "") + why
 
 
 def _pipeline(requested: str, gpus: int) -> tuple[str, str]:

@@ -12,7 +12,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -231,24 +231,8 @@ def resize_dataset(
     manifest = _load_manifest(out_dir)
     todo, unchanged = _pending(pairs, manifest, size, quality, out_dir)
     workers = workers or default_workers()
-    counts = {"resized": 0, "copied": 0}
-    failed: list[Problem] = []
-    before = after = 0
-    last_save = time.monotonic()
     jobs = [(str(src), str(dst), size, quality) for src, dst in todo]
-    try:
-        for src, dst, status, n_before, n_after, error in pmap(_resize_one, jobs, workers, progress):
-            if status == "failed":
-                failed.append(Problem("warning", "unreadable-image", src, f"skipped: {error}"))
-                continue
-            counts[status] += 1
-            before, after = before + n_before, after + n_after
-            manifest[_key(Path(dst), out_dir)] = _stamp(Path(src), size, quality)
-            if time.monotonic() - last_save > 2:  # a killed run keeps most of its progress
-                _save_manifest(out_dir, manifest)
-                last_save = time.monotonic()
-    finally:
-        _save_manifest(out_dir, manifest)
+    tally = _run_jobs(jobs, workers, progress, manifest, out_dir, (size, quality))
     removed = _remove_orphans(pairs, manifest, out_dir) if not in_place else 0
     _save_manifest(out_dir, manifest)
     labels = 0 if in_place else _copy_labels(pairs)
@@ -258,17 +242,53 @@ def resize_dataset(
         yaml_path=str(yaml_path) if yaml_path else None,
         size=size,
         images=len(pairs),
-        resized=counts["resized"],
-        copied=counts["copied"],
+        resized=tally.resized,
+        copied=tally.copied,
         unchanged=unchanged,
-        failed=tuple(failed),
+        failed=tuple(tally.failed),
         labels_copied=labels,
         removed=removed,
-        bytes_before=before,
-        bytes_after=after,
+        bytes_before=tally.bytes_before,
+        bytes_after=tally.bytes_after,
         seconds=round(time.perf_counter() - t0, 3),
         workers=min(workers, max(1, len(jobs))),
     )
+
+
+@dataclass
+class _Tally:
+    resized: int = 0
+    copied: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    failed: list[Problem] = field(default_factory=list)
+
+
+def _run_jobs(
+    jobs: list[tuple[str, str, int, int]],
+    workers: int,
+    progress: Progress | None,
+    manifest: dict[str, list[int]],
+    out_dir: Path,
+    settings: tuple[int, int],
+) -> _Tally:
+    """Resize in worker processes, recording each finished image in the manifest (saved every 2 s and at the end,
+    so a killed run keeps most of its progress and an interrupted one all of it)."""
+    tally, last_save = _Tally(), time.monotonic()
+    try:
+        for src, dst, status, n_before, n_after, error in pmap(_resize_one, jobs, workers, progress):
+            if status == "failed":
+                tally.failed.append(Problem("warning", "unreadable-image", src, f"skipped: {error}"))
+                continue
+            setattr(tally, status, getattr(tally, status) + 1)
+            tally.bytes_before, tally.bytes_after = tally.bytes_before + n_before, tally.bytes_after + n_after
+            manifest[_key(Path(dst), out_dir)] = _stamp(Path(src), *settings)  # (size, quality) of this run
+            if time.monotonic() - last_save > 2:
+                _save_manifest(out_dir, manifest)
+                last_save = time.monotonic()
+    finally:
+        _save_manifest(out_dir, manifest)
+    return tally
 
 
 def _image_pairs(stats: DatasetStats, root: Path, out_dir: Path) -> list[tuple[Path, Path]]:
