@@ -336,8 +336,11 @@ def render_measured(doc: dict[str, Any]) -> RenderableType:
         )
         for oom in m.get("oom_fallbacks", []):
             notes.append(
-                f"{stage['name']}: out of memory at batch {oom['from_batch']}, continued with {oom['to_batch']}"
+                f"{stage['name']}: out of memory at batch {oom['from_batch']}, continued with {oom['to_batch']} "
+                f"(epoch {oom['epoch']}, {oom['at']})"
             )
+        if stage.get("status") == "interrupted" and stage.get("note"):
+            notes.append(f"{stage['name']}: {stage['note']}")
         if m.get("weights"):
             notes.append(f"{stage['name']} weights: {m['weights']}")
     return Group(table, *[Text(n) for n in notes])

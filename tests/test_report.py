@@ -41,9 +41,15 @@ def test_report_shows_oom_fallbacks_and_gpu_figures():
     m["oom_fallbacks"] = [{"epoch": 0, "from_batch": 48, "to_batch": 32, "at": "t", "error": "CUDA out of memory"}]
     m["gpu_util_mean"], m["gpu_mem_peak_gb"] = 87.25, 11.5
     text = render(report.render_measured(doc))
-    assert "out of memory at batch 48, continued with 32" in text
+    assert "out of memory at batch 48, continued with 32 (epoch 0, t)" in text
     assert "87" in text
     assert "11.5" in text
+
+
+def test_interrupted_stage_says_how_to_go_on():
+    doc = copy.deepcopy(report.load_report(STORED))
+    doc["stages"][0].update(status="interrupted", note="interrupted after epoch 1; resume with --resume")
+    assert "main: interrupted after epoch 1; resume with --resume" in render(report.render_measured(doc), 120)
 
 
 def test_skipped_stage_says_why():
