@@ -5,7 +5,8 @@
     python benchmarks/compare_ultralytics.py --tiny      # CI smoke run: 8 images, 64 px, 1 epoch
 
 Rows: (a) Ultralytics defaults (640 px, batch 16, 8 workers, no cache, SGD/auto), (b) the same with batch=-1
-(Ultralytics' AutoBatch; on CPU it keeps 16), (c) the speedtrain plan for this machine (main stage only), (d) the
+(Ultralytics' AutoBatch; on CPU it keeps 16), (c0) the plan with Ultralytics' own torch thread count (on CPU:
+min(8, cores - 1)), (c) the speedtrain plan for this machine (main stage only), (d) the
 plan after `speedtrain tune` (its probes' time is reported separately, not counted in the rate). Each
 trains from the same weights on a copy of the data through speedtrain's runner, so the timing callbacks are the
 same, after one unrecorded warm-up training. Steady images/s leaves out the first epoch. With --tiny every row
@@ -55,11 +56,12 @@ def rows_to_run(plan: planner.TrainPlan, tuned: planner.TrainPlan, epochs: int, 
     gpu = plan.device != "cpu"
     defaults = replace(
         main, imgsz=640, batch=16, batch_fallbacks=(8,), workers=8, cache=False, optimizer="auto", lr0=0.01,
-        cos_lr=False, close_mosaic=10, rect=False, amp=gpu, warmup_epochs=3.0,
+        cos_lr=False, close_mosaic=10, rect=False, amp=gpu, warmup_epochs=3.0, threads=None, deterministic=True,
     )  # fmt: skip
     rows = {
         "(a) Ultralytics defaults": defaults,
         "(b) Ultralytics batch=-1": replace(defaults, batch=-1 if gpu else 16),
+        "(c0) plan, Ultralytics' torch threads": replace(main, threads=None),
         "(c) speedtrain plan": main,
         "(d) speedtrain autotune": replace(tuned.stages[0], epochs=epochs, patience=100),
     }
@@ -74,6 +76,7 @@ def measure(stage: Stage, weights: str, data_yaml: Path, project: Path) -> dict[
     steady = result.images_per_s_steady or result.images_per_s
     return {
         "imgsz / batch / workers / cache": f"{stage.imgsz} / {result.batch} / {stage.workers} / {stage.cache or '-'}",
+        "threads": str(result.threads or "-"),
         "steady img/s": f"{steady:.1f}" if steady else "-",
         "epoch s (mean)": f"{statistics.fmean(times):.1f}" if times else "-",
         "GPU busy %": f"{result.gpu_util_mean:.0f}" if result.gpu_util_mean is not None else "-",
@@ -130,7 +133,7 @@ def main() -> None:
         runner.train_stage(warm, weights, view, Path(tmp) / "runs" / "warmup", log=lambda _: None)
         results = {}
         for name, stage in rows_to_run(planned.plan, tuned.plan, args.epochs, args.tiny).items():
-            results[name] = measure(stage, weights, view, Path(tmp) / "runs" / name[:3].strip("()"))
+            results[name] = measure(stage, weights, view, Path(tmp) / "runs" / name.split(")")[0].strip("("))
     heading = f"{args.images} images of {args.dataset.name}, {args.epochs} epochs, {note}"
     tail = f"autotune: {tune_result.elapsed_s} s of probes; " + "; ".join(tune_result.diagnosis)
     publish(heading, planned.hw, "run", results, [tail], args.out)

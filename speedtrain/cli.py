@@ -109,6 +109,14 @@ ImgszOpt = Annotated[
     typer.Option("--img-size", "--imgsz", help="Main-stage image size (multiple of 32). Default: 416."),
 ]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", "-w", help="Dataloader workers per GPU. Default: by RAM.")]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option("--threads", min=1, help="torch threads in the training process. Default: physical cores on CPU."),
+]
+DeterministicOpt = Annotated[
+    bool | None,
+    typer.Option("--deterministic/--no-deterministic", help="Bitwise-repeatable runs (slower on a GPU). Default: off."),
+]
 CacheOpt = Annotated[Cache | None, typer.Option("--cache", help="Image cache. Default: ram if it fits, else disk.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, mps, 0 or 0,1. Default: all visible GPUs.")]
 RectOpt = Annotated[
@@ -194,6 +202,8 @@ def plan(
     batch: BatchOpt = None,
     imgsz: ImgszOpt = None,
     workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
+    deterministic: DeterministicOpt = None,
     cache: CacheOpt = None,
     device: DeviceOpt = None,
     rect: RectOpt = None,
@@ -233,6 +243,8 @@ def train(
     batch: BatchOpt = None,
     imgsz: ImgszOpt = None,
     workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
+    deterministic: DeterministicOpt = None,
     cache: CacheOpt = None,
     device: DeviceOpt = None,
     rect: RectOpt = None,
@@ -353,6 +365,7 @@ def tune_command(
     model: ModelOpt = None,
     imgsz: ImgszOpt = None,
     device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
     budget_s: BudgetOpt = 90.0,
     retune: RetuneOpt = False,
     project: ProjectOpt = workflow.DEFAULT_PROJECT,
@@ -362,7 +375,7 @@ def tune_command(
 
     Example: speedtrain tune --dataset datasets/mine --budget-s 60
     """
-    ov = Overrides(model=model, imgsz=imgsz, device=device, finetune="no", prepare="no")
+    ov = Overrides(model=model, imgsz=imgsz, device=device, threads=threads, finetune="no", prepare="no")
     planned = workflow.make_plan(dataset, ov, ctx.args)
     log = _quiet if as_json else _log
     # With --json, stdout carries the JSON alone: Ultralytics' logs and progress bars go to stderr.

@@ -24,6 +24,7 @@ class Monitor:
     """Context manager: samples every `interval` seconds until it exits; never blocks or fails training."""
 
     def __init__(self, gpu_indices: tuple[int, ...] = (), interval: float = 0.5) -> None:
+        """`gpu_indices` are CUDA indices (as in --device); they are mapped to NVML's devices here."""
         self._indices = gpu_indices
         self._interval = interval
         self._stop = threading.Event()
@@ -66,9 +67,14 @@ class Monitor:
         try:
             import pynvml
 
+            from speedtrain.hardware import visible_gpus
+
+            # CUDA index -> NVML device: under CUDA_VISIBLE_DEVICES=1 (SLURM, shared servers) CUDA's device 0 is
+            # NVML's device 1; a MIG slice is a handle below its GPU's.
+            by_cuda = {g.index: g for g in visible_gpus()}
             pynvml.nvmlInit()
             self._nvml = pynvml
-            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in self._indices]
+            self._handles = [_handle(pynvml, by_cuda[i]) for i in self._indices if i in by_cuda]
         except Exception:  # no NVML: GPU figures stay None, CPU/RAM are still sampled
             self._nvml, self._handles = None, []
 
@@ -81,10 +87,18 @@ class Monitor:
         self._ram.append(psutil.virtual_memory().used / 1024**3)
         if not self._handles:
             return
-        try:
+        # Each figure on its own: a MIG slice reports memory but no utilisation (NVML: NOT_SUPPORTED), and a GPU
+        # that stops answering mid-run loses its samples, not the run.
+        with contextlib.suppress(Exception):
+            self._gpu_mem.append(max(self._nvml.nvmlDeviceGetMemoryInfo(h).used / 1024**3 for h in self._handles))
+        with contextlib.suppress(Exception):
             utils = [self._nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._handles]
-            mems = [self._nvml.nvmlDeviceGetMemoryInfo(h).used / 1024**3 for h in self._handles]
-        except Exception:  # a GPU that stops answering mid-run loses its samples, not the run
-            return
-        self._gpu_util.append(statistics.fmean(utils))
-        self._gpu_mem.append(max(mems))
+            self._gpu_util.append(statistics.fmean(utils))
+
+
+def _handle(pynvml: Any, gpu: Any) -> Any:
+    """The NVML handle of a visible GPU or MIG slice."""
+    handle = pynvml.nvmlDeviceGetHandleByIndex(gpu.nvml_index)
+    if gpu.mig_index is not None:
+        handle = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, gpu.mig_index)
+    return handle

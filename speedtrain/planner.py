@@ -9,7 +9,7 @@ from typing import Any
 
 from speedtrain.dataset import DatasetStats
 from speedtrain.errors import UsageError
-from speedtrain.hardware import HardwareSnapshot
+from speedtrain.hardware import Gpu, HardwareSnapshot
 
 DEFAULT_MODEL = "yolo26n"
 MAIN_IMGSZ = 416
@@ -46,6 +46,7 @@ RAM_CACHE_FACTOR = 1.5
 WORKER_RAM_GB = 0.3
 RAM_RESERVE_GB = 2.0
 DISK_RESERVE_GB = 1.0
+SHM_PREFETCH = 4  # batches each training DataLoader worker holds in /dev/shm (Ultralytics' prefetch_factor)
 
 # --prepare auto resizes when more than half the images are over 1.5x the largest training size: below that,
 # Ultralytics' own per-epoch resize costs little.
@@ -89,6 +90,8 @@ class Overrides:
     target_map: float = DEFAULT_TARGET_MAP
     prepare: str = "auto"  # pre-resize the dataset: "auto", "yes" or "no"
     pipeline: str = "auto"  # training input pipeline: "auto", "fast" or "ultralytics"
+    threads: int | None = None  # torch intra-op threads in the training process
+    deterministic: bool | None = None
     extra: tuple[tuple[str, Any], ...] = ()  # other Ultralytics train arguments, key=value
     sample: bool = False  # training on the embedded sample
 
@@ -112,15 +115,17 @@ class Stage:
     patience: int
     amp: bool
     device: str
+    deterministic: bool = False
     warmup_epochs: float = 3.0
     when: str = "always"  # "always", or for the fine-tune: "auto" or "ask"
     ram_cache_need_gb: float = 0.0  # available RAM a RAM cache needs, margins included; re-checked before training
     pipeline: str = "ultralytics"  # "fast": speedtrain.pipeline's decode-once store and batched augmentation
+    threads: int | None = None  # torch intra-op threads, set after Ultralytics' device selection; None: its own
     extra: tuple[tuple[str, Any], ...] = ()
 
     def train_args(self) -> dict[str, Any]:
         """Arguments for model.train(); every key is an Ultralytics train argument."""
-        skip = {"name", "batch_fallbacks", "when", "ram_cache_need_gb", "pipeline", "extra"}
+        skip = {"name", "batch_fallbacks", "when", "ram_cache_need_gb", "pipeline", "threads", "extra"}
         args = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         args.update(self.extra)
         return args
@@ -178,7 +183,7 @@ def plan(hw: HardwareSnapshot, stats: DatasetStats, overrides: Overrides | None 
     reasons["imgsz"] = (
         "set by user" if ov.imgsz else f"{MAIN_IMGSZ}: (640/416)^2 = 2.4x fewer pixels than 640 per image"
     )
-    main = _main_stage(hw, stats, ov, device, gpus, model, imgsz, reasons)
+    main = _main_stage(hw, stats, ov, device, gpus, model, imgsz, reasons, warnings)
     stages = [main]
     finetune = _finetune_stage(hw, stats, ov, main, gpus, model, reasons, warnings)
     if finetune:
@@ -206,9 +211,11 @@ def _main_stage(
     model: str,
     imgsz: int,
     reasons: dict[str, str],
+    warnings: list[str],
 ) -> Stage:
-    batch, fallbacks, reasons["batch"] = _batch(hw, gpus, model, imgsz, ov.batch)
-    workers, reasons["workers"] = _workers(hw, gpus, ov.workers)
+    batch, fallbacks, reasons["batch"] = _batch(hw, gpus, model, imgsz, ov.batch, device)
+    workers, reasons["workers"] = _workers(hw, gpus, ov.workers, batch, imgsz, warnings)
+    threads, reasons["threads"] = _threads(hw, gpus, ov.threads)
     cache, reasons["cache"] = _cache(hw, stats, imgsz, workers, gpus, ov.cache)
     epochs, reasons["epochs"] = _epochs(ov)
     pipeline, reasons["pipeline"] = _pipeline(ov.pipeline, gpus)
@@ -224,6 +231,7 @@ def _main_stage(
     reasons["patience"] = "set by user" if ov.patience is not None else f"stop after {PATIENCE} epochs without gain"
     amp = gpus > 0
     reasons["amp"] = "mixed precision on the GPU" if amp else "AMP is for GPUs; off on CPU"
+    deterministic, reasons["deterministic"] = _deterministic(ov.deterministic)
     return Stage(
         name="main",
         ram_cache_need_gb=round(ram_cache_need_gb(stats, imgsz, workers, gpus), 2),
@@ -241,7 +249,9 @@ def _main_stage(
         patience=patience,
         amp=amp,
         device=device,
+        deterministic=deterministic,
         pipeline=pipeline,
+        threads=threads,
         extra=ov.extra,
     )
 
@@ -269,7 +279,7 @@ def _finetune_stage(
         "ask": f"at {imgsz} from the main stage's best weights: asked at the end; skipped when not interactive",
     }[ov.finetune]
     user_batch = None if ov.batch is None else max(BATCH_CHAIN[-1], _scaled_batch(ov.batch, main.imgsz, imgsz))
-    batch, fallbacks, reasons["finetune.batch"] = _batch(hw, gpus, model, imgsz, user_batch)
+    batch, fallbacks, reasons["finetune.batch"] = _batch(hw, gpus, model, imgsz, user_batch, main.device)
     if user_batch is not None:
         reasons["finetune.batch"] = f"user batch scaled by ({main.imgsz}/{imgsz})^2 for the larger images"
     cache, reasons["finetune.cache"] = _cache(hw, stats, imgsz, main.workers, gpus, ov.cache)
@@ -313,6 +323,21 @@ def _rect(requested: bool | None, pipeline: str) -> tuple[bool, str]:
         why = "rect=False: shuffled batches with mosaic augmentation"
         why += " (the fast pipeline always trains this way)" if pipeline == "fast" and requested is None else ""
     return rect, ("set by user; " if requested is not None else "") + why
+
+
+def _deterministic(requested: bool | None) -> tuple[bool, str]:
+    """Speed by default; bitwise-repeatable runs on request.
+
+    Ultralytics' default deterministic=True calls torch.use_deterministic_algorithms(True) and sets
+    cudnn.deterministic, which rules out cuDNN's fastest (non-deterministic) kernels on a GPU. Published speed-ups
+    measured with deterministic=False do not reproduce with it on, so it is a decision with a reason here.
+    """
+    if requested is not None:
+        return requested, f"set by user: deterministic algorithms {'on' if requested else 'off'}"
+    return False, (
+        "off: deterministic kernels cost speed on a GPU (Ultralytics' default is on); --deterministic makes runs "
+        "bitwise repeatable"
+    )
 
 
 def _pipeline(requested: str, gpus: int) -> tuple[str, str]:
@@ -429,8 +454,14 @@ def _device(hw: HardwareSnapshot, requested: str | None, reasons: dict[str, str]
     return ",".join(parts), len(parts)
 
 
+def selected_gpus(hw: HardwareSnapshot, device: str) -> tuple[Gpu, ...]:
+    """The snapshot's GPUs that a device string ("0", "1,3", "cpu") names, by CUDA index."""
+    ids = {int(p) for p in device.split(",") if p.isdigit()}
+    return tuple(g for g in hw.gpus if g.index in ids)
+
+
 def _batch(
-    hw: HardwareSnapshot, gpus: int, model: str, imgsz: int, requested: int | None
+    hw: HardwareSnapshot, gpus: int, model: str, imgsz: int, requested: int | None, device: str
 ) -> tuple[int, tuple[int, ...], str]:
     """Return (total batch, fallback chain, reason); multi-GPU totals are per-GPU batch x GPUs."""
     n = max(gpus, 1)
@@ -447,7 +478,7 @@ def _batch(
             tuple(c for c in chain if c < batch),
             f"{batch}: CPU training, sized by {hw.ram_available_gb:.0f} GB RAM",
         )
-    free = min(g.free_vram_gb for g in hw.gpus[:n]) if hw.gpus else 0.0
+    free = min((g.free_vram_gb for g in selected_gpus(hw, device)), default=0.0)
     scale = model_scale(model)
     per_image = GB_PER_IMAGE_NANO_416 * MODEL_SCALE_MEMORY[scale] * (imgsz / MAIN_IMGSZ) ** 2
     fits = max(0.0, free - CUDA_CONTEXT_GB) * VRAM_USABLE_FRACTION / per_image
@@ -472,10 +503,20 @@ def model_scale(model: str) -> str:
     return match.group(1) if match else "n"
 
 
-def _workers(hw: HardwareSnapshot, gpus: int, requested: int | None) -> tuple[int, str]:
+def _workers(
+    hw: HardwareSnapshot, gpus: int, requested: int | None, batch: int, imgsz: int, warnings: list[str]
+) -> tuple[int, str]:
+    """Workers per GPU: by available RAM, capped at the cores per GPU and at what /dev/shm can hold."""
+    per_gpu_batch = max(1, batch // max(gpus, 1))
     if requested is not None:
         if requested < 0:
             raise UsageError(f"--workers {requested}: must be 0 or more")
+        need = shm_need_gb(requested, per_gpu_batch, imgsz, gpus, hw.cpu_cores_logical)
+        if gpus and hw.shm_free_gb is not None and need > hw.shm_free_gb:
+            warnings.append(
+                f"--workers {requested}: their batches need about {need:.1f} GB of /dev/shm, which has "
+                f"{hw.shm_free_gb:.2f} GB free; workers may die with 'Bus error' (Docker: --shm-size=8g)"
+            )
         return requested, "set by user"
     if not gpus:
         # ultralytics/engine/trainer.py sets workers=0 for CPU training: loading is not the bottleneck there.
@@ -486,7 +527,53 @@ def _workers(hw: HardwareSnapshot, gpus: int, requested: int | None) -> tuple[in
     reason = f"{workers}: {by_ram} for {hw.ram_available_gb:.0f} GB available RAM"
     if workers < by_ram:
         reason += f", capped at {per_rank} CPU cores" + (" per GPU" if gpus > 1 else "")
-    return workers, reason
+    if hw.shm_free_gb is None:
+        return workers, reason
+    fits = [w for w in range(workers, -1, -1) if shm_need_gb(w, per_gpu_batch, imgsz, gpus, per_rank) <= hw.shm_free_gb]
+    if fits[0] == workers:
+        return workers, reason
+    need = shm_need_gb(workers, per_gpu_batch, imgsz, gpus, per_rank)
+    reason = (
+        f"{fits[0]}: /dev/shm has {hw.shm_free_gb:.2f} GB free and {workers} workers' batches would need about "
+        f"{need:.1f} GB (est.); a larger /dev/shm (Docker: --shm-size=8g) allows {workers}"
+    )
+    warnings.append(f"workers cut to {fits[0]} by a small /dev/shm ({hw.shm_free_gb:.2f} GB free)")
+    return fits[0], reason
+
+
+def shm_need_gb(workers: int, per_gpu_batch: int, imgsz: int, gpus: int, cores_per_gpu: int) -> float:
+    """/dev/shm the DataLoader workers of all GPUs fill (an estimate): each worker hands whole uint8 batches over
+    through shared memory. Ultralytics 8.4.190 (data/build.py) prefetches 4 batches per training worker, and its
+    validation loader (persistent too) has 2x the workers, capped at the cores, 2 batches each of 2x the batch."""
+    if workers <= 0:
+        return 0.0
+    batch_gb = per_gpu_batch * imgsz * imgsz * 3 / 1024**3
+    val_workers = min(2 * workers, max(cores_per_gpu, 1))
+    return max(gpus, 1) * batch_gb * (workers * SHM_PREFETCH + val_workers * 2 * 2)
+
+
+def _threads(hw: HardwareSnapshot, gpus: int, requested: int | None) -> tuple[int | None, str]:
+    """torch's intra-op threads: on CPU one per physical core; on a GPU Ultralytics' own setting.
+
+    Ultralytics sets OMP_NUM_THREADS=1 at import and, for CPU training, torch.set_num_threads(min(8, cores - 1)):
+    one thread on a 2-core machine, 8 on a 64-core one. CPU training loads data in the training process itself
+    (Ultralytics forces workers=0), between steps, so no other process needs a core while the step runs: the
+    step gets one thread per physical core, PyTorch's own default (SMT siblings share the vector units; measured
+    on the 2-core development VM: 2 threads trained 1.4x faster than Ultralytics' 1, see the README). On a GPU
+    the training process mostly launches kernels and the cores feed the dataloader workers, so it is left alone.
+    """
+    if requested is not None:
+        if requested <= 0:
+            raise UsageError(f"--threads {requested}: must be 1 or more")
+        return requested, "set by user"
+    if gpus:
+        return None, "Ultralytics' own: on a GPU the training process launches kernels; cores feed the workers"
+    cores = max(1, min(hw.cpu_cores_physical, hw.cpu_cores_logical))
+    ultra = min(8, max(1, hw.cpu_cores_logical - 1))
+    return cores, (
+        f"{cores}: one per physical core; CPU training loads data between steps in the same process, so the "
+        f"step can use every core (Ultralytics' own setting would be {ultra})"
+    )
 
 
 def ram_cache_need_gb(stats: DatasetStats, imgsz: int, workers: int, gpus: int) -> float:
@@ -560,6 +647,7 @@ def _fold_extra(ov: Overrides) -> Overrides:
         "optimizer": "optimizer",
         "lr0": "lr0",
         "patience": "patience",
+        "deterministic": "deterministic",
     }
     changes: dict[str, Any] = {}
     rest = []

@@ -178,6 +178,8 @@ def render_plan(doc: dict[str, Any]) -> RenderableType:
         ("close_mosaic", "10", main["close_mosaic"], reasons.get("close_mosaic")),
         ("patience", "100", main["patience"], reasons.get("patience")),
         ("amp", "True", main["amp"], reasons.get("amp")),
+        ("threads", "auto", main.get("threads") or "auto", reasons.get("threads")),
+        ("deterministic", "True", main.get("deterministic", True), reasons.get("deterministic")),
         ("pipeline", "ultralytics", main.get("pipeline", "ultralytics"), reasons.get("pipeline")),
     ]
     for knob, b, p, why in rows:
@@ -264,23 +266,33 @@ def render_prepared(record: dict[str, Any]) -> RenderableType:
 def render_tune(t: dict[str, Any]) -> RenderableType:
     """What `speedtrain tune` measured, what it chose and why."""
     steps = Table(title="Model step (batches already on the device)", title_justify="left")
-    for col in ("batch", "img/s", "peak GB"):
+    for col in ("batch", "img/s", "+-", "peak GB"):
         steps.add_column(col, justify="right")
     for s in t["steps"]:
         rate = "out of memory" if s["oom"] else _num(s["images_per_s"], "{:.1f}")
-        steps.add_row(str(s["batch"]), rate, _num(s["peak_mem_gb"], "{:.1f}"))
+        steps.add_row(str(s["batch"]), rate, _pct(s.get("rel_err")), _num(s["peak_mem_gb"], "{:.1f}"))
     loaders = Table(title="Training dataloader (augmentation included, no model)", title_justify="left")
-    for col in ("workers", "cache", "img/s", "peak RAM GB"):
+    for col in ("workers", "cache", "img/s", "+-", "peak RAM GB"):
         loaders.add_column(col, justify="right")
     for x in t["loaders"]:
         loaders.add_row(
-            str(x["workers"]), str(x["cache"] or "none"), f"{x['images_per_s']:.1f}", f"{x['peak_ram_gb']:.1f}"
+            str(x["workers"]),
+            str(x["cache"] or "none"),
+            f"{x['images_per_s']:.1f}",
+            _pct(x.get("rel_err")),
+            f"{x['peak_ram_gb']:.1f}",
         )
-    achieved = t.get("achieved_images_per_s")
+    achieved, plan_achieved = t.get("achieved_images_per_s"), t.get("plan_achieved_images_per_s")
     lines = [
-        f"choice: batch {t['batch']}, {t['workers']} workers, cache {t['cache'] or 'none'}: "
-        f"{t['predicted_images_per_s']} img/s predicted"
+        f"choice: batch {t['batch']}, {t['workers']} workers, cache {t['cache'] or 'none'}"
+        + (" (the plan's)" if t.get("kept_plan") else "")
+        + f": {t['predicted_images_per_s']} img/s predicted"
         + (f", {achieved} img/s achieved in a short real run" if achieved else ""),
+        *(
+            [f"the plan's configuration in the same run: {plan_achieved} img/s"]
+            if plan_achieved is not None and not t.get("kept_plan")
+            else []
+        ),
         *t["diagnosis"],
         ("reused the measurement of " if t.get("cached") else "measured in ")
         + (t["created_at"] if t.get("cached") else f"{t['elapsed_s']} s of a {t['budget_s']:.0f} s budget"),
@@ -341,9 +353,17 @@ def render_measured(doc: dict[str, Any]) -> RenderableType:
             )
         if stage.get("status") == "interrupted" and stage.get("note"):
             notes.append(f"{stage['name']}: {stage['note']}")
+        if m.get("threads") or m.get("cpu_util_mean") is not None:
+            threads = f"{m['threads']} torch threads, " if m.get("threads") else ""
+            notes.append(f"{stage['name']}: {threads}CPU busy {_num(m.get('cpu_util_mean'), '{:.0f}')} % (all cores)")
         if m.get("weights"):
             notes.append(f"{stage['name']} weights: {m['weights']}")
     return Group(table, *[Text(n) for n in notes])
+
+
+def _pct(rel_err: float | None) -> str:
+    """A relative standard error as a percentage; '-' where it was not measured."""
+    return "-" if not rel_err else f"{rel_err:.0%}" if rel_err >= 0.01 else "<1%"
 
 
 def _num(value: float | None, fmt: str) -> str:

@@ -35,7 +35,12 @@ OOM_MARKERS = (
     "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE",
     "CUDNN_STATUS_ALLOC_FAILED",
     "unable to find an engine",  # cuDNN v9 when no algorithm fits the remaining memory
+    # cuDNN's catch-all when it cannot allocate its workspace; Ultralytics' own OOM retry counts it as memory too
+    # (engine/trainer.py, 8.4.190)
+    "CUDNN_STATUS_INTERNAL_ERROR",
 )
+# torch's words for a DataLoader worker killed by SIGBUS, which is what a full /dev/shm does to it
+SHM_MARKERS = ("is killed by signal: Bus error", "out of shared memory", "insufficient shared memory")
 RESUME_NAME = "resume.pt"  # an atomic copy of each saved last.pt: Ultralytics writes last.pt in place and strips it
 FINISHED = ("completed", "early-stopped", "skipped")
 
@@ -47,6 +52,8 @@ class OomFallback:
     to_batch: int
     at: str
     error: str
+    kind: str = "device"  # "device": the batch stepped down; "host": RAM ran out, `change` says what was given up
+    change: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +74,7 @@ class StageResult:
     gpu_mem_peak_gb: float | None = None
     cpu_util_mean: float | None = None
     ram_used_peak_gb: float | None = None
+    threads: int | None = None  # torch intra-op threads the training process ran with (read, not planned)
     oom_fallbacks: tuple[OomFallback, ...] = ()
     best_metrics: tuple[tuple[str, float], ...] = ()
     weights: str | None = None
@@ -136,8 +144,16 @@ class _Recorder:
     images: int = 0
     iterations: int = 0
     stop_requested: bool = False
+    in_final_eval: bool = False  # Ultralytics' validation of best.pt after the last epoch has begun
+    threads: int | None = None  # the plan's torch threads; None leaves Ultralytics' setting
+    threads_used: int | None = None
 
     def attach(self, model: Any) -> None:
+        # Ultralytics' select_device() sets torch's threads for CPU training (min(8, cores - 1)) in the trainer's
+        # __init__ and again when final_eval validates best.pt; these two callbacks run right after each.
+        model.add_callback("on_pretrain_routine_start", self.apply_threads)
+        model.add_callback("on_val_start", self.apply_threads)
+        model.add_callback("on_val_start", self.on_val_start)
         model.add_callback("on_train_epoch_start", self.on_train_epoch_start)
         model.add_callback("on_train_epoch_end", self.on_train_epoch_end)
         model.add_callback("on_model_save", self.on_model_save)
@@ -149,7 +165,20 @@ class _Recorder:
         trainer._oom_retries = 3
         self.starts[trainer.epoch] = time.perf_counter()
 
+    def on_val_start(self, validator: Any) -> None:
+        # The per-epoch validation runs with the trainer (validator.training); final_eval() validates best.pt alone.
+        self.in_final_eval = not validator.training
+
+    def apply_threads(self, _trainer_or_validator: Any) -> None:
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+
     def on_train_epoch_end(self, trainer: Any) -> None:
+        import torch
+
+        self.threads_used = torch.get_num_threads()
         self.train_times[trainer.epoch] = time.perf_counter() - self.starts[trainer.epoch]
         self.images = len(trainer.train_loader.dataset)
         self.iterations = len(trainer.train_loader)
@@ -171,15 +200,9 @@ class _Recorder:
 
 
 def is_oom(exc: BaseException) -> bool:
-    """True when `exc` (or what caused it) is an out-of-memory error from torch, cuBLAS or cuDNN."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, RuntimeError | MemoryError) and (
-            isinstance(seen, MemoryError) or any(m.lower() in str(seen).lower() for m in OOM_MARKERS)
-        ):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    """True when `exc` (or what caused it) is an out-of-memory error from torch, cuBLAS or cuDNN (or, for CPU
+    training, host RAM): the kind a smaller batch helps."""
+    return memory_kind(exc, on_gpu=False) == "device"
 
 
 def next_batch(fallbacks: tuple[int, ...], current: int) -> int | None:
@@ -329,41 +352,73 @@ def train_stage(
     checkpoint = resume_point(stage_dir) if previous else None
     if previous and checkpoint is None:
         log(f"{stage.name}: no checkpoint of an earlier epoch; starting the stage again")
-    recorder = _Recorder()
+    recorder = _Recorder(threads=stage.threads)
     fallbacks: list[OomFallback] = list(previous.oom_fallbacks) if previous else []
-    batch = previous.batch if previous and checkpoint else stage.batch
+    current = replace(stage, batch=previous.batch if previous and checkpoint else stage.batch)
     gpu_ids = tuple(int(d) for d in stage.device.split(",")) if stage.device[0].isdigit() else ()
+    trainer, metrics, status, note = None, None, "", ""
     t0 = time.perf_counter()
-    _reset_peak_memory(gpu_ids)
-    with Monitor(gpu_ids) as monitor, _graceful_sigint(recorder, log):
+    with Monitor(gpu_ids) as monitor, _graceful_sigint(recorder, log), torch_threads_restored():
         while True:
+            _reset_peak_memory(gpu_ids)  # per attempt: after a fallback the report shows the batch that ran
             try:
-                trainer, metrics = _train_once(
-                    replace(stage, batch=batch), weights, data_yaml, project, recorder, checkpoint
-                )
-                status = ""
+                trainer, metrics = _train_once(current, weights, data_yaml, project, recorder, checkpoint)
                 break
             except StopRequested:
-                trainer, metrics, status = None, None, "interrupted"
+                status = "interrupted"
                 break
             except OSError as exc:
                 if exc.errno != errno.ENOSPC:
                     raise
                 raise _disk_full(stage.name, stage_dir, exc) from None
             except Exception as exc:
-                if not is_oom(exc):
+                kind = memory_kind(exc, on_gpu=bool(gpu_ids))
+                if kind is None:
                     raise
-                batch, checkpoint, fallback = _step_down(stage, stage_dir, batch, exc, log)
+                if kind == "shm":
+                    raise _shm_exhausted(current, exc) from None
+                if kind == "device" and recorder.in_final_eval:
+                    metrics, note = _validate_again(current, stage_dir, data_yaml, exc, log)
+                    break
+                if kind == "host":
+                    current, fallback = _relieve_host_memory(current, stage_dir, exc, log)
+                else:
+                    batch, fallback = _step_down(stage, stage_dir, current.batch, exc, log)
+                    current = replace(current, batch=batch)
+                checkpoint = resume_point(stage_dir)
                 fallbacks.append(fallback)
     wall = time.perf_counter() - t0
-    return _stage_result(
-        stage, batch, recorder, monitor, trainer, metrics, stage_dir, wall, fallbacks, status, previous
+    result = _stage_result(
+        stage, current.batch, recorder, monitor, trainer, metrics, stage_dir, wall, fallbacks, status, previous
     )
+    return replace(result, note=note) if note else result
 
 
-def _step_down(
-    stage: Stage, stage_dir: Path, batch: int, exc: BaseException, log: Log
-) -> tuple[int, Path | None, OomFallback]:
+def memory_kind(exc: BaseException, on_gpu: bool) -> str | None:
+    """Which memory ran out, from `exc` or what caused it: "device" (the training device's: a smaller batch
+    helps), "host" (RAM on a GPU run: a smaller cache or fewer workers help, not the batch), "shm" (/dev/shm,
+    where DataLoader workers hand batches over), or None for anything else.
+
+    On CPU the batch lives in host RAM, so a MemoryError there is "device". Messages are torch's own:
+    torch/utils/data/dataloader.py and _utils/signal_handling.py (2.x) for dead workers; ExceptionWrapper re-raises
+    a worker's MemoryError in the main process as "Caught MemoryError in DataLoader worker process N".
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        if isinstance(seen, RuntimeError) and any(m in text for m in SHM_MARKERS):
+            return "shm"
+        if isinstance(seen, RuntimeError) and "is killed by signal: Killed" in text:  # the kernel's OOM killer
+            return "host"
+        if isinstance(seen, MemoryError):
+            return "host" if on_gpu or "DataLoader worker" in text else "device"
+        if isinstance(seen, RuntimeError) and any(m.lower() in text.lower() for m in OOM_MARKERS):
+            return "device"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _step_down(stage: Stage, stage_dir: Path, batch: int, exc: BaseException, log: Log) -> tuple[int, OomFallback]:
     """The OOM policy: free memory, take the next batch of the chain, go on from the last saved epoch."""
     _free_memory()
     smaller = next_batch(stage.batch_fallbacks, batch)
@@ -372,11 +427,71 @@ def _step_down(
             f"{stage.name}: out of memory at batch {batch}, the smallest in the plan; "
             f"try a smaller --img-size or model (for example --model yolo26n.yaml)"
         ) from None
+    epoch, where = _going_on_from(stage_dir)
+    log(f"{stage.name}: out of memory in epoch {epoch} at batch {batch}; going on with {smaller} {where}")
+    return smaller, OomFallback(epoch, batch, smaller, _now(), _first_line(exc))
+
+
+def _relieve_host_memory(stage: Stage, stage_dir: Path, exc: BaseException, log: Log) -> tuple[Stage, OomFallback]:
+    """Host RAM ran out on a GPU run: drop the RAM cache to disk, else halve the workers; the batch stays."""
+    _free_memory()
+    if stage.cache == "ram":
+        smaller, change = replace(stage, cache="disk"), "cache ram -> disk"
+    elif stage.workers > 0:
+        smaller, change = replace(stage, workers=stage.workers // 2), f"workers {stage.workers} -> {stage.workers // 2}"
+    else:
+        raise TrainingError(
+            f"{stage.name}: host RAM ran out with no RAM cache and no dataloader workers ({_first_line(exc)}); "
+            "close other programs or train on a machine with more memory"
+        ) from None
+    epoch, where = _going_on_from(stage_dir)
+    log(f"{stage.name}: host RAM ran out in epoch {epoch} ({_first_line(exc)}); going on with {change} {where}")
+    return smaller, OomFallback(epoch, stage.batch, stage.batch, _now(), _first_line(exc), kind="host", change=change)
+
+
+def _going_on_from(stage_dir: Path) -> tuple[int, str]:
+    """The 1-based epoch that was running (the one after the last checkpoint), and where training goes on from."""
     checkpoint = resume_point(stage_dir)
     epoch = (checkpoint_epoch(checkpoint) + 1 if checkpoint else 0) + 1
-    where = f"from the checkpoint after epoch {epoch - 1}" if checkpoint else "from the start"
-    log(f"{stage.name}: out of memory in epoch {epoch} at batch {batch}; going on with {smaller} {where}")
-    return smaller, checkpoint, OomFallback(epoch, batch, smaller, _now(), _first_line(exc))
+    return epoch, f"from the checkpoint after epoch {epoch - 1}" if checkpoint else "from the start"
+
+
+def _shm_exhausted(stage: Stage, exc: BaseException) -> TrainingError:
+    return TrainingError(
+        f"{stage.name}: a dataloader worker ran out of shared memory in /dev/shm ({_first_line(exc)}); in Docker "
+        f"start the container with a larger --shm-size (for example docker run --shm-size=8g), or train with "
+        f"fewer workers (--workers {stage.workers // 2}); go on with --resume"
+    )
+
+
+def _validate_again(
+    stage: Stage, stage_dir: Path, data_yaml: str | Path, exc: BaseException, log: Log
+) -> tuple[Any, str]:
+    """Ultralytics' final validation of best.pt ran out of memory after training finished: the weights are saved,
+    so validate them again with smaller validation batches (Ultralytics validates at twice the training batch)."""
+    from ultralytics import YOLO
+
+    best = stage_dir / "weights" / "best.pt"
+    if not best.is_file():
+        best = stage_dir / "weights" / "last.pt"
+    batch = max(1, stage.batch)
+    while True:
+        _free_memory()
+        log(f"{stage.name}: the final validation ran out of memory; validating {best.name} again at batch {batch}")
+        try:
+            metrics = YOLO(str(best)).val(
+                data=str(data_yaml), batch=batch, imgsz=stage.imgsz, device=stage.device, plots=False, verbose=False,
+                project=str(stage_dir), name="final-val", exist_ok=True,
+            )  # fmt: skip
+            note = f"the final validation ran out of memory ({_first_line(exc)}); validated again at batch {batch}"
+            return metrics, note
+        except Exception as again:
+            if memory_kind(again, stage.device[0].isdigit()) != "device" or batch == 1:
+                raise TrainingError(
+                    f"{stage.name}: training finished and {best} is saved, but validating it ran out of memory "
+                    f"down to batch {batch}: validate it later with `yolo val model={best} batch=1`"
+                ) from None
+            batch = max(1, batch // 2)
 
 
 def _disk_full(stage_name: str, stage_dir: Path, exc: OSError) -> DiskSpaceError:
@@ -443,13 +558,34 @@ def checkpoint_epoch(path: Path) -> int:
 
 
 @contextlib.contextmanager
+def torch_threads_restored(threads: int | None = None) -> Iterator[None]:
+    """Leave torch's thread count as it was found (Ultralytics and the plan change it for CPU training);
+    with `threads`, set it for the block."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
 def _graceful_sigint(recorder: _Recorder, log: Log) -> Iterator[None]:
     """First Ctrl-C: finish the epoch, save, stop. Second Ctrl-C: stop now (the running epoch is lost)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
+    owner = os.getpid()
+
     def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:
+            # A forked DataLoader worker inherits this handler, and a terminal's Ctrl-C reaches the whole process
+            # group: the worker ignores it and keeps feeding the epoch the training process is finishing.
+            return
         if recorder.stop_requested:
             signal.signal(signal.SIGINT, previous)
             raise KeyboardInterrupt
@@ -502,6 +638,7 @@ def _stage_result(
         gpu_mem_peak_gb=_peak_memory_gb(summary.gpu_mem_peak_gb),
         cpu_util_mean=summary.cpu_util_mean,
         ram_used_peak_gb=summary.ram_used_peak_gb,
+        threads=rec.threads_used or (previous.threads if previous else None),
         oom_fallbacks=tuple(fallbacks),
         best_metrics=_metrics(metrics),
         weights=str(best) if best.is_file() else None,

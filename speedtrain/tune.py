@@ -1,15 +1,20 @@
 """Measured auto-tune: time the model's training step per batch size and the real dataloader per workers/cache.
 
-The end-to-end rate of a configuration is bounded by the slower of the two; the winner is the fastest predicted
-configuration, preferring fewer workers, less cache memory and then the larger batch within 5%, confirmed by a
-short real run. Results are
-cached per machine, dataset, model and image size. Imports torch and ultralytics inside functions only.
+The end-to-end rate of a configuration is bounded by the slower of the two. The plan's own configuration is
+always measured, and another one replaces it only when it is predicted faster by more than the measurements'
+own noise (twice the combined standard error of the two predictions, from the spread of the timed steps and
+batches), and then only when a short real training run of it is not slower than the same run of the plan.
+Among the configurations that beat the plan, the fastest wins, preferring fewer workers, less cache memory and
+then the larger batch within 5%. Results are cached per machine, dataset, model and image size. Imports torch
+and ultralytics inside functions only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -25,13 +30,15 @@ from speedtrain.planner import Stage
 from speedtrain.prepare import write_atomic
 
 Log = Callable[[str], None]
-TIE = 0.05  # configurations within 5% of the best predicted rate count as ties
+TIE = 0.05  # among configurations that beat the plan, those within 5% of the best predicted rate count as ties
+NOISE_SIGMAS = 2.0  # a challenger must beat the plan by this many combined standard errors (about 95%)
 CACHE_MEMORY_RANK = {False: 0, "disk": 1, "ram": 2}  # on a tie, the cache that holds the least memory wins
 GPU_BATCHES = (8, 16, 32, 48, 64, 96, 128)
 CPU_BATCHES = (2, 4, 8, 16)
 WORKER_CANDIDATES = (2, 4, 8, 12, 16)
 PROBE_IMAGES = {"gpu": 512, "cpu": 48}  # the loader and confirm probes use at most this many training images
 LOADER_SECONDS = {"gpu": 4.0, "cpu": 1.5}  # each loader configuration is timed this long (at least 3 batches)
+TIMED_STEPS = {"gpu": 8, "cpu": 3}  # after 2 warm-up steps; at least 3, so that their spread can be measured
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +47,7 @@ class StepProbe:
     images_per_s: float | None  # None: out of memory, or the budget ran out before it was timed
     peak_mem_gb: float | None
     oom: bool = False
+    rel_err: float = 0.0  # standard error of the rate, relative: spread of the timed steps / sqrt(steps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +56,7 @@ class LoaderProbe:
     cache: str | bool
     images_per_s: float
     peak_ram_gb: float
+    rel_err: float = 0.0  # standard error of the rate, relative: spread of the timed batches / sqrt(batches)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +75,12 @@ class TuneResult:
     bound_factor: float  # how many times faster the other side could go
     diagnosis: tuple[str, ...]
     achieved_images_per_s: float | None = None  # the confirming short run
+    plan_batch: int = 0  # the plan's configuration, always among the candidates
+    plan_workers: int = 0
+    plan_cache: str | bool = False
+    plan_predicted_images_per_s: float | None = None
+    plan_achieved_images_per_s: float | None = None  # the same short run with the plan's configuration
+    kept_plan: bool = False  # True when the plan's configuration was kept (nothing measurably faster)
     elapsed_s: float = 0.0
     budget_s: float = 0.0
     created_at: str = ""
@@ -134,13 +149,13 @@ def tune(
         return cached
     t0 = time.perf_counter()
     on_gpu = stage.device[0].isdigit()
-    deadline = t0 + budget_s * (0.8 if confirm else 1.0)
-    steps = probe_steps(stage, model_source, on_gpu, t0 + budget_s * 0.4, log)
+    # The probes take at most 60% of the budget when two short confirming runs follow, all of it otherwise.
+    deadline = t0 + budget_s * (0.6 if confirm else 1.0)
+    steps = probe_steps(stage, model_source, on_gpu, t0 + budget_s * (0.3 if confirm else 0.5), log)
     loaders = probe_loaders(stage, data_yaml, hw, stats, on_gpu, deadline, log)
     result = decide(stage, steps, loaders, stats)
-    if confirm and project is not None:
-        achieved = _confirm(stage, result, model_source, data_yaml, project, stats)
-        result = replace(result, achieved_images_per_s=achieved)
+    if confirm and project is not None and result.predicted_images_per_s:
+        result = confirm_against_plan(stage, result, model_source, data_yaml, project, stats, log)
     result = replace(
         result,
         fingerprint=key,
@@ -154,7 +169,18 @@ def tune(
 
 
 def probe_steps(stage: Stage, model_source: str, on_gpu: bool, deadline: float, log: Log) -> tuple[StepProbe, ...]:
-    """Time forward + loss + backward + Adam step of the real model on batches already on the device."""
+    """Time forward + loss + backward + Adam step of the real model on batches already on the device.
+
+    The plan's own per-GPU batch is always timed (first, so that a short budget still measures it), then the
+    candidate sizes in order up to the first out-of-memory one.
+    """
+    from speedtrain.runner import torch_threads_restored
+
+    with torch_threads_restored(stage.threads):
+        return _probe_steps(stage, model_source, on_gpu, deadline, log)
+
+
+def _probe_steps(stage: Stage, model_source: str, on_gpu: bool, deadline: float, log: Log) -> tuple[StepProbe, ...]:
     import torch
     from ultralytics import YOLO
     from ultralytics.cfg import get_cfg
@@ -168,18 +194,25 @@ def probe_steps(stage: Stage, model_source: str, on_gpu: bool, deadline: float, 
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=on_gpu)
-    results = []
-    for batch in GPU_BATCHES if on_gpu else CPU_BATCHES:
-        if time.perf_counter() > deadline:
+    planned = _plan_batch(stage)
+    results: dict[int, StepProbe] = {}
+    for batch in (planned, *sorted(set(GPU_BATCHES if on_gpu else CPU_BATCHES) - {planned})):
+        if results and time.perf_counter() > deadline:
             break
         probe = _time_steps(model, optimizer, scaler, batch, stage.imgsz, device, on_gpu)
-        results.append(probe)
+        results[batch] = probe
         log(f"tune: step batch {batch}: " + ("out of memory" if probe.oom else f"{probe.images_per_s} img/s"))
-        if probe.oom:
+        if probe.oom and batch != planned:
             break
     del model, optimizer
     _free(on_gpu)
-    return tuple(results)
+    return tuple(results[b] for b in sorted(results))
+
+
+def _plan_batch(stage: Stage) -> int:
+    """The plan's batch per GPU (the step probe runs on one GPU)."""
+    gpus = len(stage.device.split(",")) if stage.device[0].isdigit() else 1
+    return max(1, stage.batch // gpus)
 
 
 def _time_steps(model: Any, optimizer: Any, scaler: Any, batch: int, imgsz: int, device: Any, amp: bool) -> StepProbe:
@@ -198,22 +231,22 @@ def _time_steps(model: Any, optimizer: Any, scaler: Any, batch: int, imgsz: int,
     if amp:
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        timed, t0 = 0, 0.0
-        for i in range(2 + (8 if amp else 2)):  # 2 warm-up steps, then timed ones
-            if i == 2:
-                _sync(amp)
-                t0 = time.perf_counter()
+        times = []
+        for i in range(2 + TIMED_STEPS["gpu" if amp else "cpu"]):  # 2 warm-up steps, then timed ones
+            _sync(amp)
+            t0 = time.perf_counter()
             with torch.autocast(device.type, enabled=amp):
                 loss, _ = model.loss(data)
             scaler.scale(loss.sum()).backward()
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            timed += i >= 2
-        _sync(amp)
-        rate = round(batch * timed / (time.perf_counter() - t0), 1)
+            _sync(amp)  # one sync per step: each step's own time, so that their spread is the noise
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        rate = round(batch * len(times) / sum(times), 1)
         peak = round(torch.cuda.max_memory_reserved(device) / 1024**3, 2) if amp else None
-        return StepProbe(batch, rate, peak)
+        return StepProbe(batch, rate, peak, rel_err=relative_error(times))
     except Exception as exc:
         if not is_oom(exc):
             raise
@@ -222,6 +255,13 @@ def _time_steps(model: Any, optimizer: Any, scaler: Any, batch: int, imgsz: int,
     finally:
         del data
         _free(amp)
+
+
+def relative_error(samples: list[float]) -> float:
+    """Standard error of the mean of `samples`, relative to the mean (0 for fewer than two samples)."""
+    if len(samples) < 2 or statistics.fmean(samples) <= 0:
+        return 0.0
+    return round(statistics.stdev(samples) / statistics.fmean(samples) / math.sqrt(len(samples)), 4)
 
 
 def probe_loaders(
@@ -233,7 +273,10 @@ def probe_loaders(
     deadline: float,
     log: Log,
 ) -> tuple[LoaderProbe, ...]:
-    """Iterate Ultralytics' real training dataloader (augmentation included) per worker count and cache mode."""
+    """Iterate Ultralytics' real training dataloader (augmentation included) per worker count and cache mode.
+
+    The plan's own workers and cache are measured first, so that a short budget still times the plan.
+    """
     from speedtrain.planner import ram_cache_need_gb
 
     n_gpus = max(1, len(stage.device.split(","))) if on_gpu else 1
@@ -241,14 +284,15 @@ def probe_loaders(
     caches: list[str | bool] = [False, "disk"]
     if ram_cache_need_gb(stats, stage.imgsz, max(workers or [0]), n_gpus) <= hw.ram_available_gb:
         caches.append("ram")
+    planned = (stage.workers if on_gpu else 0, stage.cache)
+    combos = [planned, *((w, c) for c in caches for w in workers or [0] if (w, c) != planned)]
     results = []
-    for cache in caches:
-        for w in workers or [0]:
-            if time.perf_counter() > deadline:
-                return tuple(results)
-            probe = _time_loader(stage, data_yaml, stats, w, cache, on_gpu, deadline)
-            results.append(probe)
-            log(f"tune: loader {w} workers, cache {cache or 'none'}: {probe.images_per_s} img/s")
+    for w, cache in combos:
+        if results and time.perf_counter() > deadline:
+            break
+        probe = _time_loader(stage, data_yaml, stats, w, cache, on_gpu, deadline)
+        results.append(probe)
+        log(f"tune: loader {w} workers, cache {cache or 'none'}: {probe.images_per_s} img/s")
     return tuple(results)
 
 
@@ -274,18 +318,21 @@ def _time_loader(
     dataset = build_yolo_dataset(cfg, data["train"], stage.batch, data, mode="train", rect=stage.rect, stride=32)
     loader = build_dataloader(dataset, stage.batch, workers, shuffle=not stage.rect, rank=-1, device="cpu")
     proc = psutil.Process()
-    peak, images, batches, t0 = 0.0, 0, 0, 0.0
+    peak, images, t0, last = 0.0, 0, 0.0, 0.0
+    gaps: list[float] = []  # seconds per image between consecutive batches: their spread is the noise
     enough = LOADER_SECONDS["gpu" if on_gpu else "cpu"]
     try:
         while True:  # passes over the (sliced) training set until enough batches were timed
             for batch in loader:
+                now = time.perf_counter()
                 if not t0:  # the first batch pays for starting the workers: timing starts after it
-                    t0 = time.perf_counter()
+                    t0 = last = now
                     continue
-                images, batches = images + len(batch["img"]), batches + 1
+                images += len(batch["img"])
+                gaps.append((now - last) / max(1, len(batch["img"])))
+                last = now
                 peak = max(peak, _tree_rss_gb(proc))
-                elapsed = time.perf_counter() - t0
-                if batches >= 3 and (elapsed > enough or time.perf_counter() > deadline):
+                if len(gaps) >= 3 and (now - t0 > enough or now > deadline):
                     break
             else:
                 continue
@@ -293,32 +340,47 @@ def _time_loader(
     finally:
         if hasattr(loader, "close"):
             loader.close()
-    elapsed = time.perf_counter() - t0 if t0 else 0.0
-    return LoaderProbe(workers, cache, round(images / elapsed, 1) if elapsed > 0 else 0.0, round(peak, 2))
+    elapsed = last - t0 if t0 else 0.0
+    rate = round(images / elapsed, 1) if elapsed > 0 else 0.0
+    return LoaderProbe(workers, cache, rate, round(peak, 2), rel_err=relative_error(gaps))
+
+
+@dataclass(frozen=True, slots=True)
+class _Option:
+    rate: float  # predicted images/s on one GPU (or the CPU)
+    rel_err: float  # its relative standard error
+    step: StepProbe
+    loader: LoaderProbe
 
 
 def decide(
     stage: Stage, steps: tuple[StepProbe, ...], loaders: tuple[LoaderProbe, ...], stats: DatasetStats
 ) -> TuneResult:
-    """Pick the configuration with the best predicted rate, min(step rate, loader rate); ties prefer less."""
+    """Keep the plan's configuration unless another is predicted faster by more than the measurements' noise."""
     timed = [s for s in steps if s.images_per_s]
     gpus = len(stage.device.split(",")) if stage.device[0].isdigit() else 1
+    plan_key = (_plan_batch(stage), stage.workers if stage.device[0].isdigit() else 0, stage.cache)
+    plan_fields = {"plan_batch": stage.batch, "plan_workers": plan_key[1], "plan_cache": stage.cache}
     if not timed or not loaders:
         why = "the probes ran out of time or memory; the plan stays as it was"
         return TuneResult("", stage.device, "", stage.imgsz, steps, loaders, stage.batch, stage.workers,
-                          stage.cache, 0.0, "unknown", 1.0, (why,))  # fmt: skip
-    options = [(predicted_rate(s.images_per_s or 0.0, x), s, x) for s in timed for x in loaders]
-    best = max(rate for rate, _, _ in options)
-    close = [o for o in options if o[0] >= best * (1 - TIE)]
-    # Ties: fewer workers, then less cache memory (RAM the run would hold), then the LARGER batch: it fits (the
-    # probe ran it) and amortises per-iteration costs the step probe leaves out (EMA, logging, loader overhead);
-    # measured on the 2-core VM, batch 2 from a flat CPU probe trained at 8.3 img/s where batch 16 trained at 10.2.
-    rate, step, loader = min(close, key=lambda o: (o[2].workers, CACHE_MEMORY_RANK[o[2].cache], -o[1].batch))
-    step_rate, load_rate = step.images_per_s or 0.0, loader.images_per_s
+                          stage.cache, 0.0, "unknown", 1.0, (why,), kept_plan=True, **plan_fields)  # fmt: skip
+    options = [_option(s, x) for s in timed for x in loaders]
+    incumbent = next((o for o in options if (o.step.batch, o.loader.workers, o.loader.cache) == plan_key), None)
+    if incumbent is None:  # the plan's configuration could not be timed (out of memory, or no time): best wins
+        challengers = options
+    else:
+        challengers = [o for o in options if o.rate > incumbent.rate * (1 + beat_margin(incumbent, o))]
+    chosen = _best(challengers) if challengers else incumbent
+    assert chosen is not None
+    step_rate, load_rate = chosen.step.images_per_s or 0.0, chosen.loader.images_per_s
     data_bound = load_rate < step_rate
     factor = (
         round(step_rate / load_rate if data_bound else load_rate / step_rate, 2) if min(step_rate, load_rate) else 1.0
     )
+    diagnosis = _diagnose(data_bound, factor, chosen.step, steps, stats, stage)
+    if incumbent is not None:
+        diagnosis.insert(0, _against_plan(chosen, incumbent, options, gpus))
     return TuneResult(
         fingerprint="",
         device=stage.device,
@@ -326,13 +388,63 @@ def decide(
         imgsz=stage.imgsz,
         steps=steps,
         loaders=loaders,
-        batch=step.batch * gpus,  # the step probe runs on one GPU; DDP splits the total batch across them
-        workers=loader.workers,
-        cache=loader.cache,
-        predicted_images_per_s=round(rate * gpus, 1),
+        batch=chosen.step.batch * gpus,  # the step probe runs on one GPU; DDP splits the total batch across them
+        workers=chosen.loader.workers,
+        cache=chosen.loader.cache,
+        predicted_images_per_s=round(chosen.rate * gpus, 1),
         bound="data" if data_bound else "compute",
         bound_factor=factor,
-        diagnosis=tuple(_diagnose(data_bound, factor, step, steps, stats, stage)),
+        diagnosis=tuple(diagnosis),
+        plan_predicted_images_per_s=round(incumbent.rate * gpus, 1) if incumbent else None,
+        kept_plan=chosen is incumbent,
+        **plan_fields,
+    )
+
+
+def _option(step: StepProbe, loader: LoaderProbe) -> _Option:
+    step_rate = step.images_per_s or 0.0
+    rate = predicted_rate(step_rate, loader)
+    if loader.workers > 0:  # the slower side sets the pace, and its noise
+        err = step.rel_err if step_rate <= loader.images_per_s else loader.rel_err
+    elif rate > 0:  # 1/r = 1/s + 1/l: each side's error weighs by its share of the time
+        err = math.hypot(rate / step_rate * step.rel_err, rate / loader.images_per_s * loader.rel_err)
+    else:
+        err = 0.0
+    return _Option(rate, err, step, loader)
+
+
+def beat_margin(incumbent: _Option, challenger: _Option) -> float:
+    """How much faster (relative) a challenger must be predicted to replace the plan: NOISE_SIGMAS standard
+    errors of the difference of two independent measurements."""
+    return NOISE_SIGMAS * math.hypot(incumbent.rel_err, challenger.rel_err)
+
+
+def _best(options: list[_Option]) -> _Option:
+    """The fastest; within TIE of it, fewer workers, then less cache memory, then the LARGER batch: it fits (the
+    probe ran it) and amortises per-iteration costs the step probe leaves out (EMA, logging, loader overhead);
+    measured on the 2-core VM, batch 2 from a flat CPU probe trained at 8.3 img/s where batch 16 trained at 10.2."""
+    best = max(o.rate for o in options)
+    close = [o for o in options if o.rate >= best * (1 - TIE)]
+    return min(close, key=lambda o: (o.loader.workers, CACHE_MEMORY_RANK[o.loader.cache], -o.step.batch))
+
+
+def _against_plan(chosen: _Option, plan: _Option, options: list[_Option], gpus: int) -> str:
+    """One line: why the plan's configuration was kept or replaced."""
+    plan_text = f"batch {plan.step.batch * gpus}, {plan.loader.workers} workers, cache {plan.loader.cache or 'none'}"
+    if chosen is not plan:
+        gain = chosen.rate / plan.rate - 1 if plan.rate else 0.0
+        return (
+            f"beats the plan ({plan_text}: {plan.rate * gpus:.1f} img/s predicted) by {gain:.0%}, more than the "
+            f"measurement noise (+-{beat_margin(plan, chosen):.0%})"
+        )
+    rival = max((o for o in options if o is not plan), key=lambda o: o.rate, default=None)
+    if rival is None or rival.rate <= plan.rate:
+        return f"kept the plan ({plan_text}): nothing measured faster"
+    gain = rival.rate / plan.rate - 1
+    return (
+        f"kept the plan ({plan_text}): the fastest other (batch {rival.step.batch * gpus}, {rival.loader.workers} "
+        f"workers, cache {rival.loader.cache or 'none'}) was {gain:.0%} faster, within the measurement noise "
+        f"(+-{beat_margin(plan, rival):.0%})"
     )
 
 
@@ -365,17 +477,59 @@ def _diagnose(
     return out
 
 
+def confirm_against_plan(
+    stage: Stage,
+    result: TuneResult,
+    model_source: str,
+    data_yaml: str | Path,
+    project: Path,
+    stats: DatasetStats,
+    log: Log,
+) -> TuneResult:
+    """A short real training pass with the winner, and (when it is not the plan) the same with the plan; the
+    plan's configuration stays unless the winner's pass is at least as fast."""
+    achieved = _confirm(stage, result.batch, result.workers, result.cache, model_source, data_yaml, project, stats)
+    result = replace(result, achieved_images_per_s=achieved)
+    if result.kept_plan:
+        return replace(result, plan_achieved_images_per_s=achieved)
+    plan_rate = _confirm(stage, stage.batch, result.plan_workers, stage.cache, model_source, data_yaml, project, stats)
+    result = replace(result, plan_achieved_images_per_s=plan_rate)
+    log(f"tune: confirming runs: tuned {achieved} img/s, plan {plan_rate} img/s")
+    if achieved is None or plan_rate is None or achieved >= plan_rate:
+        return result
+    line = (
+        f"kept the plan: in a short real run the tuned configuration trained at {achieved} img/s, the plan's at "
+        f"{plan_rate} img/s"
+    )
+    return replace(
+        result,
+        batch=stage.batch,
+        workers=result.plan_workers,
+        cache=stage.cache,
+        predicted_images_per_s=result.plan_predicted_images_per_s or result.predicted_images_per_s,
+        achieved_images_per_s=plan_rate,
+        kept_plan=True,
+        diagnosis=(line, *result.diagnosis[1:]),
+    )
+
+
 def _confirm(
-    stage: Stage, result: TuneResult, model_source: str, data_yaml: str | Path, project: Path, stats: DatasetStats
+    stage: Stage,
+    batch: int,
+    workers: int,
+    cache: str | bool,
+    model_source: str,
+    data_yaml: str | Path,
+    project: Path,
+    stats: DatasetStats,
 ) -> float | None:
-    """A short real training pass with the winner, on a slice of the training set: predicted against achieved."""
+    """One epoch of real training on a slice of the training set with this configuration: its images/s."""
     from speedtrain.runner import train_stage
 
     limit = PROBE_IMAGES["gpu" if stage.device[0].isdigit() else "cpu"]
     extra = {**dict(stage.extra), "fraction": min(1.0, limit / max(1, stats.train_images)), "plots": False}
     trial = replace(
-        stage, name="tune-confirm", epochs=1, batch=result.batch, workers=result.workers, cache=result.cache,
-        extra=tuple(extra.items()),
+        stage, name="tune-confirm", epochs=1, batch=batch, workers=workers, cache=cache, extra=tuple(extra.items()),
     )  # fmt: skip
     return train_stage(trial, model_source, data_yaml, project / ".tune-runs", log=lambda _: None).images_per_s
 

@@ -126,7 +126,9 @@ def autotune(
     )  # fmt: skip
     if not result.predicted_images_per_s:
         return planned, result
-    why = f"{result.predicted_images_per_s} img/s predicted, {result.bound}-bound"
+    why = f"{result.predicted_images_per_s} img/s predicted, {result.bound}-bound" + (
+        "; the plan's own configuration, nothing measurably faster" if result.kept_plan else ""
+    )
     plan = planner.apply_tuned(planned.plan, result.batch, result.workers, result.cache, why, result.bound == "data")
     return replace(planned, plan=plan, tuned=result.to_dict()), result
 

@@ -7,6 +7,8 @@ import os
 import shutil
 import tempfile
 import time
+import types
+from collections import namedtuple
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,15 +114,17 @@ def snapshot(
     free_ratio: float = 0.95,
     disk: float = 500.0,
     ram_available: float | None = None,
+    physical: int | None = None,
 ) -> HardwareSnapshot:
-    """A fake machine: one GPU per entry in `vram` (total GB), `free_ratio` of it free."""
+    """A fake machine: one GPU per entry in `vram` (total GB), `free_ratio` of it free; physical cores default
+    to half the logical ones (two hardware threads per core)."""
     gpus = tuple(Gpu(i, f"Fake GPU {v:g}GB", v, round(v * free_ratio, 2)) for i, v in enumerate(vram))
     return HardwareSnapshot(
         gpus=gpus,
         ram_total_gb=ram,
         ram_available_gb=ram if ram_available is None else ram_available,
         cpu_cores_logical=cores,
-        cpu_cores_physical=max(1, cores // 2),
+        cpu_cores_physical=physical or max(1, cores // 2),
         disk_free_gb=disk,
         gpu_backend="nvml" if gpus else "none",
         source="fake",
@@ -182,3 +186,52 @@ def fake_cuda_oom(monkeypatch) -> FakeOom:
 
     monkeypatch.setattr(DetectionTrainer, "preprocess_batch", step)
     return fake
+
+
+# A fake NVML for machines without an NVIDIA driver (every test machine): the calls the probe and monitor use.
+Mem = namedtuple("Mem", "total free used")
+GIB = 1024**3
+
+
+class FakeNVMLError(Exception):
+    pass
+
+
+def fake_nvml(devices: list[tuple], migs: dict[int, list[tuple]] | None = None) -> types.ModuleType:
+    """A stand-in for pynvml with the calls the probe and the monitor use: (uuid, name, total GB, free GB[, util %])
+    per device, and the MIG slices of devices in MIG mode. Like the real library, a GPU without MIG answers
+    nvmlDeviceGetMigMode with NVMLError (NOT_SUPPORTED), an empty MIG slot with NVMLError (NOT_FOUND), and a MIG
+    slice's utilisation with NVMLError (NOT_SUPPORTED)."""
+    migs = migs or {}
+    mod = types.ModuleType("pynvml")
+    mod.NVMLError = FakeNVMLError
+    mod.NVML_DEVICE_MIG_ENABLE = 1
+    mod.nvmlInit = lambda: None
+    mod.nvmlShutdown = lambda: None
+    mod.nvmlDeviceGetCount = lambda: len(devices)
+    mod.nvmlDeviceGetHandleByIndex = lambda i: ("gpu", i, devices[i])
+    mod.nvmlDeviceGetName = lambda h: h[2][1]
+    mod.nvmlDeviceGetUUID = lambda h: h[2][0]
+    mod.nvmlDeviceGetMemoryInfo = lambda h: Mem(int(h[2][2] * GIB), int(h[2][3] * GIB), int((h[2][2] - h[2][3]) * GIB))
+
+    def mig_mode(h):
+        if h[1] not in migs:
+            raise FakeNVMLError("Not Supported")
+        return (1, 1)
+
+    def mig_handle(h, m):
+        slots = migs[h[1]]
+        if m >= len(slots) or slots[m] is None:
+            raise FakeNVMLError("Not Found")
+        return ("mig", h[1], slots[m])
+
+    def utilization(h):
+        if h[0] == "mig":
+            raise FakeNVMLError("Not Supported")
+        return types.SimpleNamespace(gpu=h[2][4] if len(h[2]) > 4 else 0, memory=0)
+
+    mod.nvmlDeviceGetMigMode = mig_mode
+    mod.nvmlDeviceGetMaxMigDeviceCount = lambda h: 7
+    mod.nvmlDeviceGetMigDeviceHandleByIndex = mig_handle
+    mod.nvmlDeviceGetUtilizationRates = utilization
+    return mod

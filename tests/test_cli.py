@@ -91,6 +91,9 @@ def test_img_size_not_multiple_of_32_is_rounded_with_a_warning(make_dataset):
 
 @pytest.mark.slow
 def test_train_and_report(make_dataset, tmp_path):
+    import torch
+
+    threads_before = torch.get_num_threads()
     args = ["train", "--dataset", make_dataset(6, 2), "--img-size", 64, "--epochs", 1, "--finetune-img-size", 96]
     result = invoke(*args, "--project", tmp_path / "runs", "--name", "cli", "plots=False")
     assert result.exit_code == 0, result.output
@@ -101,6 +104,12 @@ def test_train_and_report(make_dataset, tmp_path):
     assert doc["stages"][1]["status"] == "skipped"
     assert "not an interactive terminal" in doc["stages"][1]["note"]
     assert "Measured on this machine" in result.output
+    # CPU training ran with the plan's torch threads (read inside the training process, not copied from the plan)
+    # and the process got its own thread count back afterwards
+    main = doc["stages"][0]
+    assert main["threads"] == doc["hardware"]["cpu_cores_physical"]
+    assert main["measured"]["threads"] == main["threads"]
+    assert torch.get_num_threads() == threads_before
     again = invoke("report", tmp_path / "runs" / "cli")
     assert again.exit_code == 0
     assert "Measured on this machine" in again.output

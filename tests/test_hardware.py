@@ -5,33 +5,12 @@ from __future__ import annotations
 import json
 import sys
 import types
-from collections import namedtuple
 
 import pytest
+from conftest import GIB, FakeNVMLError, fake_nvml
 
 from speedtrain import hardware
 from speedtrain.errors import HardwareError
-
-Mem = namedtuple("Mem", "total free used")
-GIB = 1024**3
-
-
-class FakeNVMLError(Exception):
-    pass
-
-
-def fake_nvml(devices: list[tuple[str, str, float, float]]) -> types.ModuleType:
-    """A stand-in for pynvml with the calls the probe uses: (uuid, name, total GB, free GB) per device."""
-    mod = types.ModuleType("pynvml")
-    mod.NVMLError = FakeNVMLError
-    mod.nvmlInit = lambda: None
-    mod.nvmlShutdown = lambda: None
-    mod.nvmlDeviceGetCount = lambda: len(devices)
-    mod.nvmlDeviceGetHandleByIndex = lambda i: devices[i]
-    mod.nvmlDeviceGetName = lambda h: h[1]
-    mod.nvmlDeviceGetUUID = lambda h: h[0]
-    mod.nvmlDeviceGetMemoryInfo = lambda h: Mem(int(h[2] * GIB), int(h[3] * GIB), int((h[2] - h[3]) * GIB))
-    return mod
 
 
 def broken_nvml() -> types.ModuleType:
@@ -144,3 +123,88 @@ def test_missing_snapshot_file(tmp_path):
     with pytest.raises(HardwareError) as err:
         hardware.load(tmp_path / "nope.json")
     assert "not found" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [
+        ("max 100000", 16),  # no quota: the affinity mask (here all 16) counts
+        ("200000 100000", 2),  # docker --cpus 2
+        ("150000 100000", 2),  # docker --cpus 1.5: a second core is partly usable
+        ("50000 100000", 1),  # docker --cpus 0.5 still has one core to run on
+    ],
+)
+def test_usable_cores_follow_affinity_and_cgroup_quota(tmp_path, monkeypatch, cpu_max, expected):
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
+    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
+    assert hardware.usable_cores(32, tmp_path / "cpu.max") == expected
+
+
+def test_usable_cores_follow_a_narrow_affinity_mask(tmp_path, monkeypatch):
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda _pid: {0, 1, 2}, raising=False)  # taskset -c 0-2
+    assert hardware.usable_cores(32, tmp_path / "absent") == 3
+
+
+def test_a_mig_slice_is_probed_with_its_own_memory(monkeypatch, small_machine):
+    # GPU 0 whole; GPU 1 an A100 in MIG mode with two slices (slot 1 empty); CUDA_VISIBLE_DEVICES names a slice
+    devices = [("GPU-aaa", "NVIDIA A100-SXM4-80GB", 80.0, 79.0), ("GPU-bbb", "NVIDIA A100-SXM4-80GB", 80.0, 80.0)]
+    slices = {1: [("MIG-1111", "", 19.5, 19.0), None, ("MIG-2222", "", 9.75, 9.5)]}
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(devices, slices))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-2222")
+    snap = hardware.probe()
+    assert [(g.index, g.total_vram_gb, g.free_vram_gb) for g in snap.gpus] == [(0, 9.75, 9.5)]
+    assert (snap.gpus[0].nvml_index, snap.gpus[0].mig_index, snap.gpus[0].uuid) == (1, 2, "MIG-2222")
+    assert "MIG" in snap.gpus[0].name
+    # unset: the whole GPU and the first slice (a CUDA process sees one MIG slice)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert [g.uuid for g in hardware.probe().gpus] == ["GPU-aaa", "MIG-1111"]
+    # a plan for the slice sizes the batch from the slice's 9.5 GB, not the whole GPU's 80
+    from conftest import fake_stats
+
+    from speedtrain import planner
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-2222")
+    assert "of 9.5 GB free VRAM" in planner.plan(hardware.probe(), fake_stats()).reason("batch")
+
+
+def test_snapshot_keeps_the_nvml_mapping_through_json(monkeypatch, small_machine, tmp_path):
+    devices = [("GPU-aaa", "A", 80.0, 79.0), ("GPU-bbb", "B", 80.0, 40.5)]
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(devices))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    snap = hardware.probe(tmp_path)
+    assert hardware.load(hardware.save(snap, tmp_path / "hw.json")).gpus == snap.gpus
+    assert (snap.gpus[0].index, snap.gpus[0].nvml_index, snap.gpus[0].uuid) == (0, 1, "GPU-bbb")
+
+
+def test_without_nvml_torch_is_asked_in_a_child_process(tmp_path):
+    """The fallback probe must not open CUDA contexts in the training process: torch is asked in a child."""
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "from speedtrain import hardware\n"
+        "hardware._probe_nvml = lambda: (_ for _ in ()).throw(RuntimeError('NVML Shared Library Not Found'))\n"
+        "hardware._gpu_may_exist_without_nvml = lambda: True\n"
+        "snap = hardware.probe()\n"
+        "print(snap.gpu_backend, 'torch' in sys.modules, '|'.join(snap.notes))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    backend, imported, notes = done.stdout.strip().split(" ", 2)
+    assert imported == "False"  # this process never imported torch; the child did and exited
+    assert backend == "none"  # no CUDA on this machine: the child found no GPU
+    assert "torch sees no CUDA GPU" in notes
+
+
+def test_a_torch_probe_that_fails_in_the_child_is_one_note(monkeypatch, small_machine):
+    monkeypatch.setitem(sys.modules, "pynvml", broken_nvml())
+    monkeypatch.setattr(hardware, "_gpu_may_exist_without_nvml", lambda: True)
+    monkeypatch.setattr(hardware, "_TORCH_PROBE", "raise RuntimeError('CUDA driver initialization failed')")
+    snap = hardware.probe()
+    assert snap.gpus == ()
+    assert any("torch could not query GPUs (RuntimeError: CUDA driver initialization failed)" in n for n in snap.notes)
+
+
+def test_shm_free_space_is_probed(tmp_path):
+    assert hardware.shm_free_gb(tmp_path) > 0
+    assert hardware.shm_free_gb(tmp_path / "absent") is None

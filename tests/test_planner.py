@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from conftest import fake_stats, snapshot
 
@@ -213,3 +215,89 @@ def test_plan_json_has_the_documented_keys():
     keys = {"name", "imgsz", "epochs", "batch", "batch_fallbacks", "workers", "cache", "optimizer", "lr0"}
     keys |= {"cos_lr", "close_mosaic", "rect", "patience"}
     assert keys <= set(doc["stages"][0])
+
+
+THREADS = [
+    # id, snapshot, override, expected threads, reason contains
+    # the 2-core development VM (no SMT): both cores; Ultralytics' own min(8, cores - 1) would be 1
+    ("cpu-2-cores", snapshot((), cores=2, physical=2), None, 2, "Ultralytics' own setting would be 1"),
+    ("cpu-8-logical-4-physical", snapshot((), cores=8, physical=4), None, 4, "one per physical core"),
+    ("cpu-16-cores", snapshot((), cores=16, physical=16), None, 16, "would be 8"),
+    # a 64-core server: every physical core, where Ultralytics caps at 8
+    ("cpu-64-logical-32-physical", snapshot((), cores=64, physical=32), None, 32, "would be 8"),
+    # on a GPU the training process is left as Ultralytics sets it: the cores feed the dataloader workers
+    ("gpu-16-cores", snapshot((24,), cores=16), None, None, "on a GPU"),
+    ("cpu-user-3", snapshot((), cores=16), 3, 3, "set by user"),
+    ("gpu-user-4", snapshot((24,), cores=16), 4, 4, "set by user"),
+]
+
+
+@pytest.mark.parametrize(("hw", "override", "threads", "why"), [t[1:] for t in THREADS], ids=[t[0] for t in THREADS])
+def test_threads_decision(hw, override, threads, why):
+    p = plan(hw, fake_stats(), Overrides(threads=override))
+    assert p.stage("main").threads == threads
+    assert why in p.reason("threads")
+    assert "threads" not in p.stage("main").train_args()  # not an Ultralytics argument: the runner applies it
+
+
+def test_threads_override_must_be_positive():
+    with pytest.raises(UsageError, match="--threads 0"):
+        plan(snapshot(), fake_stats(), Overrides(threads=0))
+
+
+@pytest.mark.parametrize(
+    ("shm_gb", "workers", "why"),
+    [
+        # no /dev/shm to check (macOS, Windows, or a hand-written snapshot): the RAM/cores rule alone
+        (None, 16, "16: 16 for 64 GB available RAM"),
+        # a host's /dev/shm (half the RAM): room for every worker
+        (32.0, 16, "16: 16 for 64 GB available RAM"),
+        # a batch of 48 at 416 px is 23.2 MiB; 16 workers hold 16 x 4 + 16 (validation: 2 x 16, capped at the 16
+        # cores) x 2 x 2 = 128 batches = 3.0 GB; 7 hold 7 x 4 + 14 x 2 x 2 = 84 = 1.95 GB, the most that fit in 2
+        (2.0, 7, "/dev/shm has 2.00 GB free and 16 workers' batches would need about 3.0 GB"),
+        # Docker's default 64 MB: not even one worker's 4 + 2 x 2 batches fit; load in the training process
+        (0.06, 0, "Docker: --shm-size=8g"),
+    ],
+    ids=["no-shm", "roomy", "2gb", "docker-64mb"],
+)
+def test_workers_fit_in_dev_shm(shm_gb, workers, why):
+    hw = replace(snapshot((80,), ram=64, cores=16), shm_free_gb=shm_gb)
+    p = plan(hw, fake_stats())
+    assert p.stage("main").batch == 48
+    assert p.stage("main").workers == workers
+    assert why in p.reason("workers")
+    assert bool(p.warnings) is (workers < 16)
+
+
+def test_user_workers_beyond_dev_shm_are_kept_with_a_warning():
+    hw = replace(snapshot((80,), ram=64, cores=16), shm_free_gb=0.06)
+    p = plan(hw, fake_stats(), Overrides(workers=8))
+    assert p.stage("main").workers == 8
+    assert any("Bus error" in w and "--shm-size" in w for w in p.warnings)
+
+
+def test_batch_is_sized_from_the_gpus_in_device():
+    # GPU 0 is nearly full (another job), GPU 1 is free: --device 1 plans from GPU 1's memory, not GPU 0's
+    hw = snapshot((80, 80))
+    hw = replace(hw, gpus=(replace(hw.gpus[0], free_vram_gb=3.0), hw.gpus[1]))
+    on_1 = plan(hw, fake_stats(), Overrides(device="1"))
+    assert (on_1.device, on_1.stage("main").batch) == ("1", 48)
+    assert "of 76.0 GB free VRAM" in on_1.reason("batch")
+    on_0 = plan(hw, fake_stats(), Overrides(device="0"))
+    assert on_0.stage("main").batch == 8  # 3 GB free: (3 - 1) x 0.7 / 0.09 = 15.6 images fit, so 8 of the chain
+    assert "of 3.0 GB free VRAM" in on_0.reason("batch")
+
+
+@pytest.mark.parametrize(
+    ("override", "extra", "expected", "why"),
+    [
+        (None, (), False, "deterministic kernels cost speed on a GPU"),
+        (True, (), True, "set by user: deterministic algorithms on"),
+        (None, (("deterministic", True),), True, "set by user"),  # deterministic=True as key=value
+    ],
+)
+def test_deterministic_is_a_decision(override, extra, expected, why):
+    p = plan(snapshot((24,)), fake_stats(), Overrides(deterministic=override, extra=extra))
+    assert p.stage("main").deterministic is expected
+    assert p.stage("main").train_args()["deterministic"] is expected  # Ultralytics receives it
+    assert why in p.reason("deterministic")

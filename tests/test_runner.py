@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,8 @@ def _chained() -> RuntimeError:
         (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
         (RuntimeError("cuDNN error: CUDNN_STATUS_NOT_ENOUGH_WORKSPACE"), True),
         (RuntimeError("GET was unable to find an engine to execute this computation"), True),
+        # cuDNN's catch-all when its workspace cannot be allocated (Ultralytics' own retry counts it as memory)
+        (RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"), True),
         (MemoryError(), True),
         (_chained(), True),  # an OOM wrapped by whatever caught it first
         (RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED"), False),
@@ -40,6 +43,61 @@ def _chained() -> RuntimeError:
 )
 def test_is_oom(exc, expected):
     assert runner.is_oom(exc) is expected
+
+
+# torch's own messages (torch/utils/data/dataloader.py, _utils/signal_handling.py and ExceptionWrapper, 2.x)
+BUS_ERROR = (
+    "DataLoader worker (pid 4242) is killed by signal: Bus error. It is possible that dataloader's workers are out "
+    "of shared memory. Please try to raise your shared memory limit."
+)
+OOM_KILLED = "DataLoader worker (pid 4243) is killed by signal: Killed. "
+WORKER_MEMORY = "Caught MemoryError in DataLoader worker process 3.\nOriginal Traceback (most recent call last):\n"
+
+
+@pytest.mark.parametrize(
+    ("exc", "on_gpu", "kind"),
+    [
+        (torch.OutOfMemoryError(CUDA_OOM), True, "device"),
+        (RuntimeError(BUS_ERROR), True, "shm"),
+        (RuntimeError(OOM_KILLED), True, "host"),  # the kernel's OOM killer took a worker: host RAM
+        (MemoryError(WORKER_MEMORY), True, "host"),
+        (MemoryError(WORKER_MEMORY), False, "host"),
+        # in the GPU run's own process a MemoryError is host RAM too; on CPU the batch itself lives there
+        (MemoryError(), True, "host"),
+        (MemoryError(), False, "device"),
+        (RuntimeError("shape mismatch"), True, None),
+    ],
+)
+def test_which_memory_ran_out(exc, on_gpu, kind):
+    assert runner.memory_kind(exc, on_gpu) == kind
+
+
+def test_host_memory_policy_gives_up_cache_then_workers_never_the_batch(tmp_path):
+    from dataclasses import replace
+
+    from conftest import fake_stats, snapshot
+
+    from speedtrain import planner
+
+    stage = planner.plan(snapshot((24,), ram=64), fake_stats()).stage("main")
+    assert (stage.batch, stage.workers, stage.cache) == (48, 16, "ram")
+    steps = []
+    for _ in range(5):
+        stage, fallback = runner._relieve_host_memory(stage, tmp_path, MemoryError(WORKER_MEMORY), lambda _: None)
+        steps.append((fallback.change, fallback.kind, stage.batch))
+        if stage.workers == 1:
+            break
+    assert steps == [
+        ("cache ram -> disk", "host", 48),
+        ("workers 16 -> 8", "host", 48),
+        ("workers 8 -> 4", "host", 48),
+        ("workers 4 -> 2", "host", 48),
+        ("workers 2 -> 1", "host", 48),
+    ]
+    last = replace(stage, workers=0)
+    with pytest.raises(TrainingError) as err:
+        runner._relieve_host_memory(last, tmp_path, MemoryError(WORKER_MEMORY), lambda _: None)
+    assert "host RAM ran out with no RAM cache and no dataloader workers" in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -170,7 +228,97 @@ def test_compare_ultralytics_benchmark_smoke(tmp_path):
     assert [r[0] for r in rows] == [
         "(a) Ultralytics defaults",
         "(b) Ultralytics batch=-1",
+        "(c0) plan, Ultralytics' torch threads",
         "(c) speedtrain plan",
         "(d) speedtrain autotune",
     ]
-    assert all(float(r[2]) > 0 for r in rows)  # steady img/s was measured for every row
+    assert all(float(r[3]) > 0 for r in rows)  # steady img/s was measured for every row
+    # the threads column is read inside each training: Ultralytics' min(8, cores - 1), and the plan's own
+    from speedtrain import hardware
+
+    threads = {r[0][:4]: int(r[2]) for r in rows}
+    assert threads["(c0)"] == min(8, max(1, os.cpu_count() - 1))
+    assert threads["(c) "] == hardware.probe().cpu_cores_physical
+
+
+@pytest.mark.slow
+def test_a_dataloader_worker_killed_by_sigbus_is_one_line_about_dev_shm(make_dataset, tmp_path, monkeypatch):
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    def bus_error(self, batch):
+        raise RuntimeError(BUS_ERROR)  # what the main process sees when /dev/shm fills up under a worker
+
+    monkeypatch.setattr(DetectionTrainer, "preprocess_batch", bus_error)
+    planned = _cpu_plan(make_dataset(4, 1), batch=4)
+    with pytest.raises(TrainingError) as err:
+        workflow.execute(planned, tmp_path / "runs")
+    message = str(err.value)
+    assert "ran out of shared memory in /dev/shm" in message
+    assert "--shm-size" in message
+    assert "\n" not in message
+
+
+@pytest.mark.slow
+def test_oom_in_the_final_validation_keeps_the_run(make_dataset, tmp_path, monkeypatch):
+    """Ultralytics validates best.pt once more after the last epoch, at twice the batch: an OOM there must not
+    lose a finished training. speedtrain validates the saved weights again with smaller batches."""
+    from conftest import CUDA_OOM
+    from ultralytics.models.yolo.detect import DetectionValidator
+
+    original = DetectionValidator.preprocess
+    sizes = []
+
+    def preprocess(self, batch):
+        if not self.training:  # the final validation (and speedtrain's own re-validation)
+            sizes.append(self.args.batch)
+            if self.args.batch > 4:
+                raise torch.OutOfMemoryError(CUDA_OOM)
+        return original(self, batch)
+
+    monkeypatch.setattr(DetectionValidator, "preprocess", preprocess)
+    planned = _cpu_plan(make_dataset(8, 2), batch=8)
+    doc, _ = workflow.execute(planned, tmp_path / "runs")
+    main = doc["stages"][0]
+    assert main["status"] == "completed"
+    assert sizes == [8, 8, 4]  # Ultralytics' final validation, then speedtrain's at 8 and 4
+    assert main["measured"]["oom_fallbacks"] == []  # training itself never stepped down
+    assert "mAP50-95" in main["measured"]["best_metrics"]
+    assert Path(main["measured"]["weights"]).is_file()
+    assert "validated again at batch 4" in main["note"]
+
+
+@pytest.mark.slow
+def test_peak_memory_is_reset_for_every_attempt(make_dataset, tmp_path, fake_cuda_oom, monkeypatch):
+    resets = []
+    monkeypatch.setattr(runner, "_reset_peak_memory", lambda ids: resets.append(ids))
+    planned = _cpu_plan(make_dataset(8, 2), batch=16)
+    workflow.execute(planned, tmp_path / "runs")
+    assert fake_cuda_oom.tried == [16, 8, 4]
+    assert len(resets) == 3  # before each attempt: the report's peak is the batch that finished, not the failed one
+
+
+def test_ctrl_c_in_a_forked_dataloader_worker_is_ignored():
+    """A terminal's Ctrl-C reaches the whole process group, DataLoader workers included (forked, so they inherit
+    speedtrain's handler): a worker must keep running, and only the training process asks to stop."""
+    import multiprocessing
+    import signal
+
+    recorder, lines = runner._Recorder(), []
+
+    def worker(queue):
+        os.kill(os.getpid(), signal.SIGINT)  # twice: a second Ctrl-C would raise KeyboardInterrupt in the owner
+        os.kill(os.getpid(), signal.SIGINT)
+        queue.put(recorder.stop_requested)
+
+    with runner._graceful_sigint(recorder, lines.append):
+        queue = multiprocessing.get_context("fork").Queue()
+        child = multiprocessing.get_context("fork").Process(target=worker, args=(queue,))
+        child.start()
+        child.join(timeout=30)
+        assert child.exitcode == 0  # the worker survived both signals
+        assert queue.get(timeout=5) is False  # and did not take the request for itself
+        assert lines == []  # nor printed the stop message once per worker
+        os.kill(os.getpid(), signal.SIGINT)  # the training process itself: the first Ctrl-C asks to stop
+        assert recorder.stop_requested
+        assert len(lines) == 1
+        assert "stopping after this epoch is saved" in lines[0]

@@ -96,12 +96,15 @@ def test_tune_on_cpu_measures_caches_and_retunes(make_dataset, tmp_path):
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output[-2000:]
     result = json.loads(first.stdout)  # stdout is the JSON alone; Ultralytics' logs went to stderr
-    assert [s["batch"] for s in result["steps"]] == [2, 4, 8, 16][: len(result["steps"])]
+    assert result["plan_batch"] in [s["batch"] for s in result["steps"]]  # the plan's batch is always timed
     assert all(s["images_per_s"] > 0 for s in result["steps"])
     assert {(x["workers"], x["cache"]) for x in result["loaders"]} >= {(0, False)}  # CPU training uses 0 workers
     assert all(x["images_per_s"] > 0 for x in result["loaders"])
     assert result["predicted_images_per_s"] > 0
     assert result["achieved_images_per_s"] > 0  # confirmed by a short real run
+    # never worse than the plan: either the plan's own configuration, or one whose real run was at least as fast
+    assert result["plan_achieved_images_per_s"] > 0
+    assert result["kept_plan"] or result["achieved_images_per_s"] >= result["plan_achieved_images_per_s"]
     assert result["bound"] in ("data", "compute")
     assert result["elapsed_s"] < 20 + 30  # probes within the budget; the confirm run comes on top
     again = json.loads(CliRunner().invoke(app, args).stdout)
@@ -125,3 +128,83 @@ def test_train_autotune_uses_the_measured_configuration(make_dataset, tmp_path):
     assert "measured by speedtrain tune" in doc["reasons"]["batch"]
     assert main["measured"]["batch"] == tuned["batch"]
     assert "Tune" in result.output
+
+
+CPU_STAGE = planner.plan(snapshot((), ram=24, cores=2, physical=2), fake_stats()).stages[0]  # batch 16, 0 workers, ram
+
+
+@pytest.mark.parametrize(
+    ("step8", "step16", "err", "expected_batch", "kept"),
+    [
+        # batch 8 looks 2% faster, but each step rate is only known to +-2%: the margin is 2 x sqrt(2) x 2% = 5.7%,
+        # so the plan's batch 16 is kept
+        (102.0, 100.0, 0.02, 16, True),
+        # the same 2% with a steady machine (+-0.2%: margin 0.57%) is real: batch 8 wins
+        (102.0, 100.0, 0.002, 8, False),
+        # 20% faster beats a noisy +-2% measurement
+        (120.0, 100.0, 0.02, 8, False),
+        # the plan's batch measured fastest: kept, nothing to beat it
+        (90.0, 100.0, 0.02, 16, True),
+    ],
+    ids=["2pct-within-noise", "2pct-beyond-noise", "20pct-beyond-noise", "plan-fastest"],
+)
+def test_the_plan_is_kept_unless_beaten_beyond_the_noise(step8, step16, err, expected_batch, kept):
+    steps = (StepProbe(8, step8, None, rel_err=err), StepProbe(16, step16, None, rel_err=err))
+    # a loader 100x faster than the step, known to +-0.1%: the step's noise decides
+    loaders = (LoaderProbe(0, "ram", 10000.0, 1.0, rel_err=0.001),)
+    result = tune.decide(CPU_STAGE, steps, loaders, fake_stats())
+    assert (result.batch, result.kept_plan) == (expected_batch, kept)
+    assert (result.plan_batch, result.plan_workers, result.plan_cache) == (16, 0, "ram")
+    assert result.diagnosis[0].startswith("kept the plan" if kept else "beats the plan")
+    if (step8, err) == (102.0, 0.02):
+        assert "within the measurement noise (+-6%)" in result.diagnosis[0]
+
+
+def test_the_plan_is_always_measured_first(monkeypatch):
+    """A budget that runs out after one probe still times the plan's own batch and loader configuration."""
+    calls = []
+
+    def fake_time_loader(stage, data_yaml, stats, workers, cache, on_gpu, deadline):
+        calls.append((workers, cache))
+        return LoaderProbe(workers, cache, 100.0, 1.0)
+
+    monkeypatch.setattr(tune, "_time_loader", fake_time_loader)
+    hw = snapshot((24,), ram=64, cores=16)
+    gpu_stage = planner.plan(hw, fake_stats()).stages[0]  # 16 workers, RAM cache
+    tune.probe_loaders(gpu_stage, "d.yaml", hw, fake_stats(), True, deadline=0.0, log=lambda _: None)
+    assert calls == [(16, "ram")]
+
+
+def test_a_slower_confirming_run_keeps_the_plan(monkeypatch):
+    steps = (StepProbe(8, 150.0, None, rel_err=0.001), StepProbe(16, 100.0, None, rel_err=0.001))
+    loaders = (LoaderProbe(0, "ram", 10000.0, 1.0, rel_err=0.001),)
+    predicted = tune.decide(CPU_STAGE, steps, loaders, fake_stats())
+    assert (predicted.batch, predicted.kept_plan) == (8, False)
+    # the short real runs disagree with the prediction: batch 8 trains slower than the plan's 16
+    rates = {8: 9.0, 16: 10.0}
+    tried = []
+
+    def fake_confirm(stage, batch, workers, cache, *args):
+        tried.append((batch, workers, cache))
+        return rates[batch]
+
+    monkeypatch.setattr(tune, "_confirm", fake_confirm)
+    result = tune.confirm_against_plan(CPU_STAGE, predicted, "m.yaml", "d.yaml", None, fake_stats(), lambda _: None)
+    assert tried == [(8, 0, "ram"), (16, 0, "ram")]
+    assert (result.batch, result.workers, result.cache, result.kept_plan) == (16, 0, "ram", True)
+    assert (result.achieved_images_per_s, result.plan_achieved_images_per_s) == (10.0, 10.0)
+    assert result.diagnosis[0] == (
+        "kept the plan: in a short real run the tuned configuration trained at 9.0 img/s, the plan's at 10.0 img/s"
+    )
+    # and when the real run agrees, the tuned configuration stays
+    rates[8] = 12.0
+    tried.clear()
+    agreed = tune.confirm_against_plan(CPU_STAGE, predicted, "m.yaml", "d.yaml", None, fake_stats(), lambda _: None)
+    assert (agreed.batch, agreed.kept_plan, agreed.plan_achieved_images_per_s) == (8, False, 10.0)
+
+
+def test_relative_error_of_repeated_timings():
+    assert tune.relative_error([1.0, 1.0, 1.0]) == 0.0
+    assert tune.relative_error([1.0]) == 0.0  # one sample has no spread to measure
+    # stdev 0.1 of mean 1.0 over 4 samples: 0.1 / 1.0 / 2 = 5%
+    assert tune.relative_error([0.9, 1.1, 0.9, 1.1]) == pytest.approx(0.0577, abs=1e-3)
