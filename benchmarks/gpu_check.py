@@ -335,12 +335,14 @@ def step_oom(out: Path, work: Path, _args: argparse.Namespace) -> None:
         record(out, "oom", {"skipped": "needs CUDA (set_per_process_memory_fraction caps GPU memory only)"})
         return
     s = settings(out)
-    cap_gb = 4.0
+    # A 6 GB card: yolo26n at 640 with AMP fits a batch of a few dozen there, never 256 (the planner's estimate
+    # is 0.21 GB per image at 640, 54 GB for 256); each failed attempt costs a trainer and its workers' start.
+    cap_gb = 6.0
     total = torch.cuda.get_device_properties(0).total_memory / 1024**3
     torch.cuda.set_per_process_memory_fraction(cap_gb / total, 0)
     stage = replace(
-        _plan_stage(out), imgsz=640, batch=512, batch_fallbacks=(256, 128, 64, 32, 16, 8), epochs=1, cache=False,
-        extra=(("plots", False), ("fraction", min(1.0, 1024 / s["images"]))),
+        _plan_stage(out), imgsz=640, batch=256, batch_fallbacks=(128, 64, 32, 16, 8, 4), epochs=1, cache=False,
+        workers=4, extra=(("plots", False), ("fraction", min(1.0, 512 / s["images"]))),
     )  # fmt: skip
     at_start: list[float] = []
     original = runner._train_once
