@@ -349,8 +349,8 @@ def _pipeline(requested: str, gpus: int) -> tuple[str, str]:
     if not gpus:
         return "ultralytics", "ultralytics: on CPU the model step, not loading, sets the pace"
     return "ultralytics", (
-        "ultralytics: not measured data-bound; --autotune measures it and switches to fast if so, "
-        "--pipeline fast forces it"
+        "ultralytics: not measured; --autotune times both pipelines on a data-bound GPU run and switches to fast "
+        "only if it is faster, --pipeline fast forces it"
     )
 
 
@@ -375,17 +375,18 @@ def _prepare(stats: DatasetStats, stages: list[Stage], mode: str) -> tuple[int |
 
 
 def apply_tuned(
-    plan: TrainPlan, batch: int, workers: int, cache: str | bool, why: str, data_bound: bool = False
+    plan: TrainPlan, batch: int, workers: int, cache: str | bool, why: str, fast_measured_faster: bool = False
 ) -> TrainPlan:
-    """The plan with the main stage's batch, workers and cache as `speedtrain tune` measured them; a data-bound
-    GPU run left on `--pipeline auto` switches to the fast pipeline."""
+    """The plan with the main stage's batch, workers and cache as `speedtrain tune` measured them; a GPU run left
+    on `--pipeline auto` switches to the fast pipeline only when tune measured it faster on this machine."""
     main = plan.stages[0]
     chain = tuple(sorted({b for b in (main.batch, *main.batch_fallbacks) if b < batch}, reverse=True))
     tuned = replace(main, batch=batch, batch_fallbacks=chain, workers=workers, cache=cache)
     reasons = dict(plan.reasons)
-    if data_bound and main.device[0].isdigit() and reasons.get("pipeline", "").startswith("ultralytics: not measured"):
+    auto = reasons.get("pipeline", "").startswith("ultralytics: not measured")
+    if fast_measured_faster and main.device[0].isdigit() and auto:
         tuned = replace(tuned, pipeline="fast", rect=False)
-        reasons["pipeline"] = f"fast: speedtrain tune measured the run data-bound ({why})"
+        reasons["pipeline"] = f"fast: speedtrain tune measured it faster than Ultralytics' pipeline here ({why})"
     for key, value in (("batch", batch), ("workers", workers), ("cache", cache or "none")):
         reasons[key] = f"{value}: measured by speedtrain tune ({why})"
     return replace(plan, stages=(tuned, *plan.stages[1:]), reasons=tuple(reasons.items()))

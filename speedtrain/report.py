@@ -356,6 +356,9 @@ def render_measured(doc: dict[str, Any]) -> RenderableType:
         if m.get("threads") or m.get("cpu_util_mean") is not None:
             threads = f"{m['threads']} torch threads, " if m.get("threads") else ""
             notes.append(f"{stage['name']}: {threads}CPU busy {_num(m.get('cpu_util_mean'), '{:.0f}')} % (all cores)")
+        if m.get("fast_store"):
+            where = "read into RAM" if m["fast_store"] == "ram" else "memory-mapped from disk"
+            notes.append(f"{stage['name']}: fast pipeline store {where}")
         if m.get("weights"):
             notes.append(f"{stage['name']} weights: {m['weights']}")
     return Group(table, *[Text(n) for n in notes])

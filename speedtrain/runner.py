@@ -75,6 +75,7 @@ class StageResult:
     cpu_util_mean: float | None = None
     ram_used_peak_gb: float | None = None
     threads: int | None = None  # torch intra-op threads the training process ran with (read, not planned)
+    fast_store: str | None = None  # --pipeline fast: "ram" (read into RAM) or "memmap" (read from disk as needed)
     oom_fallbacks: tuple[OomFallback, ...] = ()
     best_metrics: tuple[tuple[str, float], ...] = ()
     weights: str | None = None
@@ -147,6 +148,7 @@ class _Recorder:
     in_final_eval: bool = False  # Ultralytics' validation of best.pt after the last epoch has begun
     threads: int | None = None  # the plan's torch threads; None leaves Ultralytics' setting
     threads_used: int | None = None
+    fast_store: str | None = None
 
     def attach(self, model: Any) -> None:
         # Ultralytics' select_device() sets torch's threads for CPU training (min(8, cores - 1)) in the trainer's
@@ -179,6 +181,8 @@ class _Recorder:
         import torch
 
         self.threads_used = torch.get_num_threads()
+        resident = getattr(trainer, "fast_resident", None)
+        self.fast_store = None if resident is None else "ram" if resident else "memmap"
         self.train_times[trainer.epoch] = time.perf_counter() - self.starts[trainer.epoch]
         self.images = len(trainer.train_loader.dataset)
         self.iterations = len(trainer.train_loader)
@@ -639,6 +643,7 @@ def _stage_result(
         cpu_util_mean=summary.cpu_util_mean,
         ram_used_peak_gb=summary.ram_used_peak_gb,
         threads=rec.threads_used or (previous.threads if previous else None),
+        fast_store=rec.fast_store or (previous.fast_store if previous else None),
         oom_fallbacks=tuple(fallbacks),
         best_metrics=_metrics(metrics),
         weights=str(best) if best.is_file() else None,

@@ -11,6 +11,7 @@ and ultralytics inside functions only.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -81,6 +82,7 @@ class TuneResult:
     plan_predicted_images_per_s: float | None = None
     plan_achieved_images_per_s: float | None = None  # the same short run with the plan's configuration
     kept_plan: bool = False  # True when the plan's configuration was kept (nothing measurably faster)
+    fast_achieved_images_per_s: float | None = None  # the same short run with --pipeline fast (data-bound GPU runs)
     elapsed_s: float = 0.0
     budget_s: float = 0.0
     created_at: str = ""
@@ -155,7 +157,11 @@ def tune(
     loaders = probe_loaders(stage, data_yaml, hw, stats, on_gpu, deadline, log)
     result = decide(stage, steps, loaders, stats)
     if confirm and project is not None and result.predicted_images_per_s:
-        result = confirm_against_plan(stage, result, model_source, data_yaml, project, stats, log)
+        trial = functools.partial(_confirm, model_source=model_source, data_yaml=data_yaml, project=project,
+                                  stats=stats)  # fmt: skip
+        result = confirm_against_plan(stage, result, trial, log)
+        if on_gpu and result.bound == "data" and stage.pipeline != "fast":
+            result = confirm_fast_pipeline(stage, result, trial, log)
     result = replace(
         result,
         fingerprint=key,
@@ -477,22 +483,17 @@ def _diagnose(
     return out
 
 
-def confirm_against_plan(
-    stage: Stage,
-    result: TuneResult,
-    model_source: str,
-    data_yaml: str | Path,
-    project: Path,
-    stats: DatasetStats,
-    log: Log,
-) -> TuneResult:
+Trial = Callable[[Stage, int, int, "str | bool"], "float | None"]  # (stage, batch, workers, cache) -> images/s
+
+
+def confirm_against_plan(stage: Stage, result: TuneResult, trial: Trial, log: Log) -> TuneResult:
     """A short real training pass with the winner, and (when it is not the plan) the same with the plan; the
     plan's configuration stays unless the winner's pass is at least as fast."""
-    achieved = _confirm(stage, result.batch, result.workers, result.cache, model_source, data_yaml, project, stats)
+    achieved = trial(stage, result.batch, result.workers, result.cache)
     result = replace(result, achieved_images_per_s=achieved)
     if result.kept_plan:
         return replace(result, plan_achieved_images_per_s=achieved)
-    plan_rate = _confirm(stage, stage.batch, result.plan_workers, stage.cache, model_source, data_yaml, project, stats)
+    plan_rate = trial(stage, stage.batch, result.plan_workers, stage.cache)
     result = replace(result, plan_achieved_images_per_s=plan_rate)
     log(f"tune: confirming runs: tuned {achieved} img/s, plan {plan_rate} img/s")
     if achieved is None or plan_rate is None or achieved >= plan_rate:
@@ -513,11 +514,30 @@ def confirm_against_plan(
     )
 
 
+def confirm_fast_pipeline(stage: Stage, result: TuneResult, trial: Trial, log: Log) -> TuneResult:
+    """A data-bound GPU run: the same short real run with --pipeline fast; it is chosen only if measured faster."""
+    fast = trial(replace(stage, pipeline="fast", rect=False), result.batch, result.workers, result.cache)
+    base = result.achieved_images_per_s
+    log(f"tune: the fast pipeline trained at {fast} img/s, Ultralytics' at {base} img/s")
+    faster = bool(fast and base and fast > base)
+    line = f"fast pipeline: {fast} img/s against Ultralytics' pipeline's {base} img/s in the same short run: " + (
+        "chosen" if faster else "not chosen, it is not faster here"
+    )
+    return replace(result, fast_achieved_images_per_s=fast, diagnosis=(*result.diagnosis, line))
+
+
+def fast_pipeline_faster(result: TuneResult) -> bool:
+    """True when the confirming runs measured the fast pipeline faster than Ultralytics' on this machine."""
+    fast, base = result.fast_achieved_images_per_s, result.achieved_images_per_s
+    return bool(fast and base and fast > base)
+
+
 def _confirm(
     stage: Stage,
     batch: int,
     workers: int,
     cache: str | bool,
+    *,
     model_source: str,
     data_yaml: str | Path,
     project: Path,

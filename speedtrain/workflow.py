@@ -129,7 +129,8 @@ def autotune(
     why = f"{result.predicted_images_per_s} img/s predicted, {result.bound}-bound" + (
         "; the plan's own configuration, nothing measurably faster" if result.kept_plan else ""
     )
-    plan = planner.apply_tuned(planned.plan, result.batch, result.workers, result.cache, why, result.bound == "data")
+    fast = tune.fast_pipeline_faster(result)
+    plan = planner.apply_tuned(planned.plan, result.batch, result.workers, result.cache, why, fast_measured_faster=fast)
     return replace(planned, plan=plan, tuned=result.to_dict()), result
 
 

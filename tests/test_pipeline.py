@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
+import math
+import sys
+import types
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_benchmark, table_rows
+from conftest import REPO, run_benchmark, table_rows
 from typer.testing import CliRunner
 
 from speedtrain import dataset, pipeline
@@ -63,6 +68,12 @@ def assert_colour_inside(img: torch.Tensor, box: torch.Tensor, rgb: tuple[int, i
         assert abs(qy[1] + 1 - y2) <= 2.5
 
 
+def _batch(store, indices, hyp, mosaic_on=False, seed=0):
+    """make_batch in Ultralytics' flat format, plus the padded output (images 0-255) for pixel checks."""
+    out = pipeline.make_batch(store, indices, hyp, mosaic_on, torch.Generator().manual_seed(seed), "cpu")
+    return out, pipeline.to_ultralytics(out, [store.files[i] for i in indices])
+
+
 @pytest.mark.parametrize(
     ("hyp", "tight"),
     [
@@ -75,30 +86,31 @@ def assert_colour_inside(img: torch.Tensor, box: torch.Tensor, rgb: tuple[int, i
 )
 def test_boxes_follow_the_pixels(painted, hyp, tight):
     for seed in range(3):
-        gen = torch.Generator().manual_seed(seed)
-        imgs = torch.from_numpy(painted.images[:1].copy()).permute(0, 3, 1, 2).float()
-        canvas, boxes = pipeline.letterbox(painted, [0], imgs, "cpu")
-        warped, boxes = pipeline.random_affine(canvas, boxes, hyp, 128, gen)
-        warped, boxes = pipeline.flips(warped, boxes, hyp, gen)
-        if len(boxes[0]):  # a box pushed mostly out of the picture is dropped, like Ultralytics does
-            assert_colour_inside(warped[0], boxes[0][0, 1:], COLOURS["red"], tight)
+        out, _ = _batch(painted, [0], hyp, seed=seed)
+        boxes = out["boxes"][0][out["mask"][0]]
+        if len(boxes):  # a box pushed mostly out of the picture is dropped, like Ultralytics does
+            assert_colour_inside(out["img"][0] * 255, boxes[0, 1:], COLOURS["red"], tight)
 
 
 def test_mosaic_combines_four_images_with_their_boxes(painted):
-    gen = torch.Generator().manual_seed(1)
-    imgs = torch.from_numpy(painted.images[:1].copy()).permute(0, 3, 1, 2).float()
-    canvas, boxes = pipeline.mosaic4(painted, [0], [[1, 2, 3]], imgs, gen, "cpu")
-    assert canvas.shape == (1, 3, 256, 256)
-    assert sorted(boxes[0][:, 0].int().tolist()) == [0, 1, 2, 3]  # one box from each of the four images
-    for row in boxes[0]:
-        rgb = list(COLOURS.values())[int(row[0])]
-        clipped = row[1:]
-        if (clipped[2] - clipped[0]) * (clipped[3] - clipped[1]) > 100:  # a tile may be cut by the canvas edge
-            assert_colour_inside(canvas[0], clipped, rgb, tight=False)
+    """The four tiles around the centre, seen whole through a matrix that halves the 2S canvas into S."""
+    st = pipeline.StoreTensors.of(painted)
+    tiles = torch.tensor([[0, 1, 2, 3]])
+    s = painted.imgsz
+    mosaic, centre = torch.tensor([True]), torch.tensor([[150.0, 110.0]])
+    offsets, used = pipeline._tile_offsets(st.hw[tiles], mosaic, centre, s)
+    half = torch.tensor([[[0.5, 0, 0], [0, 0.5, 0], [0, 0, 1.0]]])
+    img = pipeline.warp(st.images[tiles], offsets, used, mosaic, centre, torch.tensor([2.0 * s]), half, s)
+    boxes, mask = pipeline._place_boxes(st.labels[tiles], st.counts[tiles], offsets, used, torch.tensor([2.0 * s]))
+    boxes, mask = pipeline.warp_boxes(boxes, mask, half, torch.tensor([0.5]), s)
+    kept = boxes[0][mask[0]]
+    assert sorted(kept[:, 0].int().tolist()) == [0, 1, 2, 3]  # one box from each of the four images
+    for row in kept:
+        assert_colour_inside(img[0], row[1:], list(COLOURS.values())[int(row[0])], tight=False)
 
 
 def test_full_batch_in_ultralytics_format(painted):
-    batch = pipeline.make_batch(painted, [0, 1, 2, 3], Hyp(), True, torch.Generator().manual_seed(0), "cpu")
+    _, batch = _batch(painted, [0, 1, 2, 3], Hyp(), mosaic_on=True)
     assert batch["img"].shape == (4, 3, 128, 128)
     assert batch["img"].min() >= 0
     assert batch["img"].max() <= 1
@@ -109,8 +121,7 @@ def test_full_batch_in_ultralytics_format(painted):
 
 
 def test_close_mosaic_uses_single_letterboxed_images(painted):
-    hyp = replace(NO_AUG, mosaic=1.0)
-    batch = pipeline.make_batch(painted, [0], hyp, False, torch.Generator().manual_seed(0), "cpu")
+    _, batch = _batch(painted, [0], replace(NO_AUG, mosaic=1.0), mosaic_on=False)
     assert batch["cls"].flatten().tolist() == [0.0]  # only its own box: no other image was mixed in
     img = batch["img"][0] * 255
     box = batch["bboxes"][0] * 128
@@ -119,11 +130,11 @@ def test_close_mosaic_uses_single_letterboxed_images(painted):
 
 
 def test_identical_seeds_give_identical_batches(painted):
-    a = pipeline.make_batch(painted, [0, 1, 2, 3], Hyp(degrees=10), True, torch.Generator().manual_seed(7), "cpu")
-    b = pipeline.make_batch(painted, [0, 1, 2, 3], Hyp(degrees=10), True, torch.Generator().manual_seed(7), "cpu")
-    c = pipeline.make_batch(painted, [0, 1, 2, 3], Hyp(degrees=10), True, torch.Generator().manual_seed(8), "cpu")
+    a, _ = _batch(painted, [0, 1, 2, 3], Hyp(degrees=10), True, seed=7)
+    b, _ = _batch(painted, [0, 1, 2, 3], Hyp(degrees=10), True, seed=7)
+    c, _ = _batch(painted, [0, 1, 2, 3], Hyp(degrees=10), True, seed=8)
     assert torch.equal(a["img"], b["img"])
-    assert torch.equal(a["bboxes"], b["bboxes"])
+    assert torch.equal(a["boxes"], b["boxes"])
     assert not torch.equal(a["img"], c["img"])
 
 
@@ -142,12 +153,73 @@ def test_box_filter_matches_ultralytics():
 
 def test_hsv_changes_colours_within_range_and_zero_gain_is_identity(painted):
     imgs = torch.from_numpy(painted.images[:2].copy()).permute(0, 3, 1, 2).float()
-    assert torch.equal(pipeline.hsv(imgs, NO_AUG, torch.Generator().manual_seed(0)), imgs)
-    out = pipeline.hsv(imgs, Hyp(hsv_h=0.5, hsv_s=0.7, hsv_v=0.4), torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
+    assert torch.equal(pipeline.hsv(imgs, NO_AUG, rand), imgs)
+    out = pipeline.hsv(imgs, Hyp(hsv_h=0.5, hsv_s=0.7, hsv_v=0.4), rand)
     assert out.shape == imgs.shape
     assert out.min() >= 0
     assert out.max() <= 255.01
     assert (out - imgs).abs().mean() > 5
+
+
+def _bench():
+    """benchmarks/pipeline.py, whose op counter these structural tests share (one definition of a syncing op)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return importlib.import_module("pipeline")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+@pytest.mark.parametrize("mosaic_on", [True, False], ids=["mosaic", "close-mosaic"])
+def test_a_batch_costs_the_same_ops_at_any_size_and_never_syncs(painted, mosaic_on):
+    """Structural, not timed: the op count does not grow with the batch (no per-image Python loops), and none of
+    the ops that read a GPU value back to the host runs (on CUDA each would stall the pipeline)."""
+    st = pipeline.StoreTensors.of(painted)
+    counts = {}
+    bench = _bench()
+    for b in (8, 64):
+        indices = [i % len(painted) for i in range(b)]
+        batch = functools.partial(pipeline.make_batch, st, indices, Hyp(degrees=10, shear=2), mosaic_on)
+        calls = bench.op_names(functools.partial(batch, torch.Generator().manual_seed(0), "cpu"))
+        counts[b] = len(calls)
+        assert not bench.SYNCING & set(calls), sorted(bench.SYNCING & set(calls))
+    assert counts[64] < 1.5 * counts[8], counts
+    assert counts[64] == counts[8]  # in fact identical
+
+
+def test_the_hand_off_to_the_loss_is_the_one_sync(painted):
+    out, _ = _batch(painted, [0, 1, 2, 3], Hyp(), mosaic_on=True)
+    _, syncs = _bench().count_ops(lambda: pipeline.to_ultralytics(out, ["f"] * 4))
+    assert syncs == 1  # the nonzero that counts the surviving boxes
+
+
+@pytest.mark.parametrize(("n", "world", "batch"), [(33, 2, 16), (8, 3, 2), (5, 1, 2)])
+def test_every_rank_gets_the_same_number_of_batches(n, world, batch):
+    shards = [pipeline._ShardSampler(n, seed=0, rank=r, world=world).indices() for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # equal: no rank waits for a batch the others never send
+    assert len({math.ceil(len(s) / batch) for s in shards}) == 1
+    assert set().union(*map(set, shards)) == set(range(n))  # every image, the padding repeats a few
+    assert sum(map(len, shards)) - n < world
+
+
+def test_the_loader_prefetches_in_order_and_repeats_with_the_seed(painted):
+    def epoch():
+        loader = pipeline.StoreLoader(painted, 3, seed=5, hyp=Hyp())
+        return [(b["chunk"], b["fast"]["tiles"].sum().item()) for b in loader]
+
+    first = epoch()
+    assert len(first) == 2  # 4 images, batches of 3
+    assert sorted(i for chunk, _ in first for i in chunk) == [0, 1, 2, 3]
+    assert epoch() == first  # the background thread keeps the order and the random draws
+
+
+def test_the_store_is_read_into_ram_only_when_it_fits():
+    store = types.SimpleNamespace(size_gb=4.0)
+    assert pipeline.keep_resident(store, ram_available_gb=64, world=1)
+    assert not pipeline.keep_resident(store, ram_available_gb=6, world=1)  # 4 x 1.5 + 2 GB reserve > 6
+    assert not pipeline.keep_resident(store, ram_available_gb=64, world=2)  # ranks share the page cache instead
 
 
 def test_store_is_reused_and_rebuilt_when_images_change(make_dataset, tmp_path):
@@ -183,15 +255,21 @@ def test_training_with_the_fast_pipeline(make_dataset, tmp_path):
     assert Path(main["measured"]["weights"]).is_file()
     assert main["measured"]["images_per_epoch"] == 8
     assert main["measured"]["epochs_done"] == 2
+    assert main["measured"]["fast_store"] == "ram"  # 8 images at 64 px fit in RAM many times over
+    assert "fast pipeline store read into RAM" in result.output
     assert doc["reasons"]["pipeline"] == "fast: set by user"
 
 
 @pytest.mark.slow
 def test_pipeline_benchmark_smoke(tmp_path):
     text = run_benchmark("pipeline.py", tmp_path)
-    rows = table_rows(text, "Ultralytics", "speedtrain")
+    aug = table_rows(text, "speedtrain (batched", "kornia")
+    assert [r[0] for r in aug] == ["speedtrain (batched torch)", "kornia AugmentationSequential"]
+    assert float(aug[0][3]) > 0  # augmentation-only images/s
+    assert aug[0][5] == "0"  # no syncing op in our batch
+    rows = table_rows(text, "Ultralytics", "speedtrain --")
     assert [r[0] for r in rows] == ["Ultralytics pipeline", "speedtrain --pipeline fast"]
-    assert all(float(r[2]) > 0 for r in rows)  # steady img/s measured for both pipelines
+    assert all(float(r[3]) > 0 for r in rows)  # steady img/s measured for both pipelines
     assert "step floor" in text
 
 

@@ -175,7 +175,7 @@ def test_the_plan_is_always_measured_first(monkeypatch):
     assert calls == [(16, "ram")]
 
 
-def test_a_slower_confirming_run_keeps_the_plan(monkeypatch):
+def test_a_slower_confirming_run_keeps_the_plan():
     steps = (StepProbe(8, 150.0, None, rel_err=0.001), StepProbe(16, 100.0, None, rel_err=0.001))
     loaders = (LoaderProbe(0, "ram", 10000.0, 1.0, rel_err=0.001),)
     predicted = tune.decide(CPU_STAGE, steps, loaders, fake_stats())
@@ -184,12 +184,11 @@ def test_a_slower_confirming_run_keeps_the_plan(monkeypatch):
     rates = {8: 9.0, 16: 10.0}
     tried = []
 
-    def fake_confirm(stage, batch, workers, cache, *args):
+    def fake_confirm(stage, batch, workers, cache):
         tried.append((batch, workers, cache))
         return rates[batch]
 
-    monkeypatch.setattr(tune, "_confirm", fake_confirm)
-    result = tune.confirm_against_plan(CPU_STAGE, predicted, "m.yaml", "d.yaml", None, fake_stats(), lambda _: None)
+    result = tune.confirm_against_plan(CPU_STAGE, predicted, fake_confirm, lambda _: None)
     assert tried == [(8, 0, "ram"), (16, 0, "ram")]
     assert (result.batch, result.workers, result.cache, result.kept_plan) == (16, 0, "ram", True)
     assert (result.achieved_images_per_s, result.plan_achieved_images_per_s) == (10.0, 10.0)
@@ -199,7 +198,7 @@ def test_a_slower_confirming_run_keeps_the_plan(monkeypatch):
     # and when the real run agrees, the tuned configuration stays
     rates[8] = 12.0
     tried.clear()
-    agreed = tune.confirm_against_plan(CPU_STAGE, predicted, "m.yaml", "d.yaml", None, fake_stats(), lambda _: None)
+    agreed = tune.confirm_against_plan(CPU_STAGE, predicted, fake_confirm, lambda _: None)
     assert (agreed.batch, agreed.kept_plan, agreed.plan_achieved_images_per_s) == (8, False, 10.0)
 
 
@@ -208,3 +207,33 @@ def test_relative_error_of_repeated_timings():
     assert tune.relative_error([1.0]) == 0.0  # one sample has no spread to measure
     # stdev 0.1 of mean 1.0 over 4 samples: 0.1 / 1.0 / 2 = 5%
     assert tune.relative_error([0.9, 1.1, 0.9, 1.1]) == pytest.approx(0.0577, abs=1e-3)
+
+
+@pytest.mark.parametrize(("fast_rate", "chosen"), [(900.0, "fast"), (500.0, "ultralytics")], ids=["faster", "slower"])
+def test_the_fast_pipeline_is_chosen_only_when_measured_faster(fast_rate, chosen):
+    """A data-bound GPU run: tune times the fast pipeline in the same short run, and the plan switches to it only
+    when it trained faster there (the rates are what the fake confirming runs report)."""
+    hw = snapshot((80,), ram=64, cores=16)
+    plan = planner.plan(hw, fake_stats())
+    stage = plan.stages[0]
+    steps = (StepProbe(48, 2000.0, 8.0, rel_err=0.01),)
+    loaders = (LoaderProbe(16, "ram", 700.0, 9.0, rel_err=0.01),)  # the loader is the bottleneck: data-bound
+    result = tune.decide(stage, steps, loaders, fake_stats())
+    assert result.bound == "data"
+    result = replace(result, achieved_images_per_s=680.0)
+    tried = []
+
+    def fake_confirm(st, batch, workers, cache):
+        tried.append(st.pipeline)
+        return fast_rate
+
+    result = tune.confirm_fast_pipeline(stage, result, fake_confirm, lambda _: None)
+    assert tried == ["fast"]
+    assert result.fast_achieved_images_per_s == fast_rate
+    tuned = planner.apply_tuned(plan, result.batch, result.workers, result.cache, "why",
+                                fast_measured_faster=tune.fast_pipeline_faster(result))  # fmt: skip
+    assert tuned.stages[0].pipeline == chosen
+    assert ("chosen" if chosen == "fast" else "not chosen") in result.diagnosis[-1]
+    if chosen == "fast":
+        assert tuned.stages[0].rect is False
+        assert "measured it faster" in tuned.reason("pipeline")
