@@ -278,6 +278,7 @@ def train(
         _finish(result, path)
         return
     ov = _overrides(locals())
+    workflow.check_run_folder(project, name)
     planned = workflow.make_plan(dataset, ov, ctx.args, allow_download=allow_download)
     if planned.plan.prepare_size:
         with _progress(f"resizing to {planned.plan.prepare_size} px") as progress:
@@ -398,9 +399,10 @@ def show_report(
 
     Example: speedtrain report runs/speedtrain/train --png report.png
     """
-    doc = report.load_report(run_dir)
+    doc = report.check_report(report.load_report(run_dir), run_dir)
     if png:
         report.save_png(doc, png)
+        err_console.print(f"picture: {png}")
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
     else:

@@ -43,6 +43,10 @@ IMG_FORMATS = frozenset(
     }
 )
 YAML_NAMES = ("data.yaml", "dataset.yaml", "data.yml", "dataset.yml")
+# Limits for a dataset yaml, which comes from anyone: COCO's own data.yaml is 3 KB and about 250 nodes. A few
+# hundred bytes of nested aliases ("billion laughs") expand to billions of nodes when walked.
+YAML_MAX_BYTES = 1024**2
+YAML_MAX_NODES = 100_000
 VAL_DIR_NAMES = ("val", "valid", "validation")
 SIZE_SAMPLE = 1000  # image headers read for the size summary; more images are sampled, and the stats say so
 COORD_TOLERANCE = 0.01  # Ultralytics accepts normalised coordinates up to 1.01 (verify_image_label)
@@ -164,6 +168,13 @@ def scan(path: str | Path, sample: int = SIZE_SAMPLE) -> DatasetStats:
         splits.append(split)
         problems += split_problems
     train = next(s for s in splits if s.name == "train")
+    if train.instances == 0:
+        problems.append(Problem(
+            "error", "no-labels", str(Path(train.sources[0])),
+            f"none of the {len(train.image_files)} training images has a usable box "
+            f"({train.labelled} label files, all empty or invalid): a detector cannot learn from background "
+            f"images alone; label files go in labels/ beside images/, one 'class x y w h' line per box",
+        ))  # fmt: skip
     sizes, size_problems = _image_sizes(train.image_files, sample)
     return DatasetStats(
         yaml_path=str(yaml_path) if yaml_path else None,
@@ -208,23 +219,55 @@ def find_yaml(path: Path) -> Path | None:
     return yamls[0] if len(yamls) == 1 else None
 
 
+def load_yaml(path: Path) -> Any:
+    """yaml.safe_load with limits: at most YAML_MAX_BYTES, and at most YAML_MAX_NODES nodes once every alias is
+    expanded (counted on the composed node graph, shared nodes once each, so the count itself stays cheap).
+    Raises DatasetError with one line naming the file."""
+    try:
+        size = path.stat().st_size
+        if size > YAML_MAX_BYTES:
+            raise DatasetError(f"{path}: {size / 1024**2:.1f} MB is too large for a dataset yaml (limit 1 MB)")
+        text = path.read_text(encoding="utf-8-sig")
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DatasetError(f"{path}: cannot read yaml ({first})") from None
+    if node is not None and _expanded_nodes(node, {}) > YAML_MAX_NODES:
+        raise DatasetError(
+            f"{path}: its aliases expand to more than {YAML_MAX_NODES:,} values (a 'billion laughs' yaml?); refused"
+        )
+    return yaml.safe_load(text)
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Nodes in the document with every alias expanded; each distinct node is visited once (memo by id)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = YAML_MAX_NODES + 1  # a node reached again while being counted: a cycle, refuse it
+    if isinstance(node, yaml.SequenceNode):
+        total = 1 + sum(_expanded_nodes(child, memo) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total = 1 + sum(_expanded_nodes(k, memo) + _expanded_nodes(v, memo) for k, v in node.value)
+    else:
+        total = 1
+    memo[key] = min(total, YAML_MAX_NODES + 1)  # capped: the sums stay small numbers
+    return memo[key]
+
+
 def download_script(path: Path) -> str | None:
     """The `download:` entry of the dataset's yaml: a URL or code that plain Ultralytics runs when data is missing."""
     yaml_path = find_yaml(path)
     try:
-        data = yaml.safe_load(yaml_path.read_text(encoding="utf-8-sig")) if yaml_path else None
-    except (OSError, yaml.YAMLError):
+        data = load_yaml(yaml_path) if yaml_path else None
+    except DatasetError:
         return None
     script = data.get("download") if isinstance(data, dict) else None
     return str(script) if script else None
 
 
 def _read_yaml(path: Path) -> tuple[Path, dict[str, Any], Path, list[str]]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DatasetError(f"{path}: cannot read yaml ({first})") from None
+    data = load_yaml(path)
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: expected a mapping with train, val and names keys")
     missing = [k for k in ("train", "val") if not data.get(k)]

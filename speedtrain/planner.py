@@ -188,6 +188,8 @@ def plan(hw: HardwareSnapshot, stats: DatasetStats, overrides: Overrides | None 
     finetune = _finetune_stage(hw, stats, ov, main, gpus, model, reasons, warnings)
     if finetune:
         stages.append(finetune)
+    for stage in stages:
+        _refuse_impossible_batch(hw, stage, gpus)
     prepare_size, reasons["prepare"] = _prepare(stats, stages, ov.prepare)
     return TrainPlan(
         device=device,
@@ -493,6 +495,25 @@ def _batch(
     return per_gpu * n, tuple(c * n for c in chain if c < per_gpu), reason
 
 
+def _refuse_impossible_batch(hw: HardwareSnapshot, stage: Stage, gpus: int) -> None:
+    """Refuse, before any work, a stage whose smallest batch cannot even hold its input images in memory (float32
+    tensors of batch x 3 x imgsz^2, before a single activation): `--img-size 100000` would otherwise be killed by
+    the kernel after minutes, or exhaust the GPU."""
+    per_gpu = max(1, min((stage.batch, *stage.batch_fallbacks)) // max(gpus, 1))
+    need = per_gpu * 3 * stage.imgsz**2 * 4 / 1024**3
+    room, where = (
+        (min((g.free_vram_gb for g in selected_gpus(hw, stage.device)), default=0.0), "free GPU memory")
+        if gpus
+        else (hw.ram_available_gb, "available RAM")
+    )
+    if need > room:
+        flag = "--img-size" if stage.name == "main" else "--finetune-img-size"
+        raise UsageError(
+            f"{flag} {stage.imgsz}: a batch of {per_gpu} images at that size needs {need:,.1f} GB for its input "
+            f"tensor alone, more than the {room:.1f} GB of {where}; YOLO trains at 320 to 1280"
+        )
+
+
 def _scaled_batch(batch: int, from_imgsz: int, to_imgsz: int) -> int:
     return int(batch * (from_imgsz / to_imgsz) ** 2)
 
@@ -662,6 +683,21 @@ def _fold_extra(ov: Overrides) -> Overrides:
     return replace(ov, extra=tuple(rest), **changes)
 
 
+def _check_type(key: str, raw: str, value: Any, default: Any) -> None:
+    """Ultralytics' own rule for an argument's type, from its default (cfg/default.yaml): a boolean stays a
+    boolean, a number a number, a whole number whole; checked here so that training never starts with lr0=abc."""
+    if value is None:
+        return
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UsageError(f"{key}={raw}: expected True or False")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UsageError(f"{key}={raw}: expected a whole number (default {default})")
+    elif isinstance(default, float) and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise UsageError(f"{key}={raw}: expected a number (default {default})")
+
+
 def parse_extra_args(tokens: list[str], known: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     """Parse yolo-CLI style key=value tokens, checked against Ultralytics' own argument names."""
     import yaml  # values are parsed as the yolo CLI does: numbers, booleans, null, lists
@@ -681,7 +717,6 @@ def parse_extra_args(tokens: list[str], known: dict[str, Any]) -> tuple[tuple[st
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
-        if isinstance(known[key], bool) and not isinstance(value, bool):
-            raise UsageError(f"{key}={raw}: expected True or False")
+        _check_type(key, raw, value, known[key])
         out.append((key, value))
     return tuple(out)

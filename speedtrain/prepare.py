@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from PIL import Image, ImageOps
 
-from speedtrain.dataset import DatasetStats, Problem, label_path, list_images, open_image
+from speedtrain.dataset import DatasetStats, Problem, label_path, list_images, load_yaml, open_image
 from speedtrain.errors import DiskSpaceError, UsageError
 from speedtrain.parallel import Progress, default_workers, pmap
 
@@ -417,7 +417,7 @@ def _write_yaml(stats: DatasetStats, root: Path, out_dir: Path) -> Path:
     """data.yaml of the copy: the original's keys, splits relative to the copy, no path: and no download:."""
     data: dict[str, Any] = {}
     if stats.yaml_path:
-        original = yaml.safe_load(Path(stats.yaml_path).read_text(encoding="utf-8-sig")) or {}
+        original = load_yaml(Path(stats.yaml_path)) or {}
         data = {k: v for k, v in original.items() if k not in ("path", "download")}
     for split in stats.splits:
         entries = [_relative(Path(s), root).as_posix() for s in split.sources]

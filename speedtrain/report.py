@@ -118,6 +118,19 @@ def load_report(run_dir: str | Path) -> dict[str, Any]:
     return doc
 
 
+def check_report(doc: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    """The report's shape, checked before anything renders or resumes it: one line instead of a KeyError."""
+    path = Path(run_dir)
+    path = path / REPORT_NAME if path.is_dir() else path
+    shape = {"stages": list, "reasons": dict, "baseline": dict, "hardware": dict, "dataset": dict}
+    wrong = [k for k, kind in shape.items() if not isinstance(doc.get(k), kind)]
+    stages = doc["stages"] if isinstance(doc["stages"], list) else []
+    if wrong or not stages or not all(isinstance(s, dict) and {"name", "imgsz", "epochs"} <= set(s) for s in stages):
+        what = ", ".join(wrong) if wrong else "stages"
+        raise SpeedtrainError(f"{path}: not a complete speedtrain speed report ({what} missing or malformed)")
+    return doc
+
+
 def render_hardware(hw: dict[str, Any]) -> RenderableType:
     table = Table(title="Hardware", show_header=False, box=None, padding=(0, 2))
     table.add_column(style="bold")

@@ -223,6 +223,38 @@ def ultralytics_defaults() -> dict[str, Any]:
     return yaml.safe_load(cfg.read_text(encoding="utf-8"))
 
 
+def check_model(requested: str | None) -> None:
+    """Refuse a --model file that cannot be a YOLO model, with what was found, before any work (no import)."""
+    if not requested:
+        return
+    path = Path(requested)
+    if not path.exists():
+        return  # a model name (yolo26n, yolo11s.yaml) that Ultralytics resolves; resolve_model checks it
+    if path.is_dir():
+        raise UsageError(f"--model {requested}: a folder; expected a .pt checkpoint or a model .yaml file")
+    suffix = path.suffix.lower()
+    if suffix == ".pt":
+        with path.open("rb") as f:
+            head = f.read(4)
+        if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save: a zip, or a legacy pickle
+            found = "an empty file" if not head else "text" if head.isascii() else f"bytes {head.hex()}"
+            raise UsageError(f"--model {requested}: not a PyTorch checkpoint (found {found}); expected a YOLO .pt")
+    elif suffix in (".yaml", ".yml"):
+        from speedtrain.dataset import load_yaml
+        from speedtrain.errors import DatasetError
+
+        try:
+            cfg = load_yaml(path)
+        except DatasetError as exc:
+            raise UsageError(f"--model {exc}") from None
+        if not isinstance(cfg, dict) or not {"backbone", "head"} <= set(cfg):
+            raise UsageError(f"--model {requested}: not a YOLO model yaml (no backbone: and head: sections)")
+    else:
+        raise UsageError(
+            f"--model {requested}: a {suffix or 'suffix-less'} file; expected a .pt checkpoint or a model .yaml"
+        )
+
+
 def resolve_model(requested: str, online: bool | None = None) -> tuple[str, str]:
     """Return (what to pass to YOLO(), one line saying where it came from); never downloads by itself."""
     from ultralytics.utils import WEIGHTS_DIR, is_online
@@ -245,6 +277,16 @@ def resolve_model(requested: str, online: bool | None = None) -> tuple[str, str]
         f"{stem}.yaml",
         f"model {stem}: offline and {stem}.pt not on disk, so built from {stem}.yaml (no pretraining)",
     )
+
+
+def _check_loads(source: str) -> None:
+    """Build the model once before the first stage: a broken checkpoint or yaml is one line, not a traceback."""
+    from ultralytics import YOLO
+
+    try:
+        YOLO(source)
+    except Exception as exc:  # whatever Ultralytics raises for a file it cannot use
+        raise TrainingError(f"--model {source}: Ultralytics cannot load it ({_first_line(exc)})") from None
 
 
 def _fetch(source: str, note: str) -> tuple[str, str]:
@@ -292,6 +334,7 @@ def run(
     started, t0 = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
     _quiet_ultralytics()
     source, note = _fetch(*resolve_model(plan.model))
+    _check_loads(source)
     # From here on nothing needs the network: no hub calls, no AMP-check download (DDP children inherit this).
     os.environ["YOLO_OFFLINE"] = "1"
     log(note)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -48,6 +49,14 @@ def scan_dataset(path: str | Path | None, allow_download: bool = False) -> Datas
     return stats
 
 
+def is_sample(dataset_path: str | Path | None) -> bool:
+    """The embedded sample, by default or named (the one-click script passes its path): the short demo plan."""
+    if dataset_path is None:
+        return True
+    path = Path(dataset_path).absolute()
+    return path in (SAMPLE_DIR.absolute(), (SAMPLE_DIR / "data.yaml").absolute())
+
+
 @dataclass(frozen=True, slots=True)
 class Planned:
     """What a run is planned from: the machine, the dataset, the user's overrides, and the plan."""
@@ -73,7 +82,8 @@ def make_plan(
     if extra_args:
         extra = planner.parse_extra_args(list(extra_args), runner.ultralytics_defaults())
         overrides = replace(overrides, extra=overrides.extra + extra)
-    overrides = replace(overrides, sample=dataset_path is None)
+    runner.check_model(overrides.model)
+    overrides = replace(overrides, sample=is_sample(dataset_path))
     return Planned(hw, stats, overrides, planner.plan(hw, stats, overrides))
 
 
@@ -134,10 +144,26 @@ def autotune(
     return replace(planned, plan=plan, tuned=result.to_dict()), result
 
 
+def check_run_folder(project: str | Path, name: str) -> Path:
+    """--project must be (or become) a folder and --name a plain folder name inside it; checked before any work."""
+    project = Path(project)
+    if not name or name in (".", "..") or any(sep in name for sep in ("/", "\\")):
+        raise UsageError(f"--name {name!r}: a run folder name, without / or \\ (it stays inside --project)")
+    parent = _existing(project)  # nothing is created here: a refused run leaves no folder behind
+    if not parent.is_dir():
+        raise UsageError(f"--project {project}: cannot hold run folders ({parent} is a file)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--project {project}: cannot hold run folders ({parent} is not writable)")
+    return project
+
+
 def new_run_dir(project: str | Path, name: str) -> Path:
     """A fresh run folder: project/name, or name2, name3, ... when taken; an earlier run is never reused."""
-    project = Path(project)
-    project.mkdir(parents=True, exist_ok=True)
+    project = check_run_folder(project, name)
+    try:
+        project.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--project {project}: cannot hold run folders ({exc.strerror or exc})") from None
     for n in range(1, 10_000):
         candidate = project / (name if n == 1 else f"{name}{n}")
         try:
@@ -179,6 +205,7 @@ def resume(
     doc = report.load_report(run_dir)
     if doc.get("run", {}).get("status") == "finished":
         raise UsageError(f"{run_dir}: this run finished; start a new one instead of --resume")
+    report.check_report(doc, run_dir)
     data_yaml = doc.get("run", {}).get("data_yaml")
     if not data_yaml or not Path(data_yaml).is_file():
         raise DatasetError(f"{run_dir}: the dataset view {data_yaml} is gone; start a new run")

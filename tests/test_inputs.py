@@ -1,0 +1,181 @@
+"""Bad and unusual input: one clear line and its exit code, never a traceback, a hang or runaway memory, and the
+dataset byte for byte unchanged. Datasets are built from real COCO photos in temporary folders."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, tree_hash
+from typer.testing import CliRunner
+
+from speedtrain import planner, workflow
+from speedtrain.cli import app
+
+BOMB = """train: images/train
+val: images/val
+a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+names: *i
+"""
+
+
+@pytest.fixture(autouse=True)
+def _wide(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+def one_line_error(result, code: int, *words: str) -> str:
+    """The CLI failed with `code` and one stderr line holding every word, and no traceback anywhere."""
+    assert result.exit_code == code, (result.exit_code, result.output[-2000:])
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def test_an_alias_bomb_yaml_is_refused_fast_and_small(tmp_path):
+    """A few hundred bytes of nested aliases expand to 9^9 values: refused in well under 2 s and 200 MB."""
+    (tmp_path / "data.yaml").write_text(BOMB)
+    code = (
+        "import resource, sys, time\n"
+        "from speedtrain.cli import main\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "t0 = time.perf_counter()\n"
+        "try:\n"
+        f"    main(['plan', '--dataset', {str(tmp_path)!r}])\n"
+        "except SystemExit as e:\n"
+        "    code = e.code\n"
+        "grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024\n"
+        "print(code, round(time.perf_counter() - t0, 3), round(grown, 1))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    exit_code, seconds, grown_mb = done.stdout.split()
+    assert exit_code == "3"
+    assert float(seconds) < 2.0
+    assert float(grown_mb) < 200
+    assert "aliases expand to more than 100,000 values" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_an_oversized_yaml_is_refused(tmp_path):
+    (tmp_path / "data.yaml").write_text("train: images/train\nval: images/val\n# " + "x" * (1024**2 + 10) + "\n")
+    one_line_error(CliRunner().invoke(app, ["plan", "--dataset", str(tmp_path)]), 3, "too large for a dataset yaml")
+
+
+def test_an_absurd_image_size_is_refused_before_any_allocation(make_dataset):
+    root = make_dataset(4, 1)
+    t0 = time.perf_counter()
+    result = CliRunner().invoke(app, ["train", "--dataset", str(root), "--img-size", "100000"])
+    one_line_error(result, 2, "--img-size 100000", "GB for its input tensor alone")
+    assert time.perf_counter() - t0 < 5  # refused at planning: nothing was decoded, nothing trained
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "words"),
+    [
+        ("notes.pt", b"these are my notes\n", ("not a PyTorch checkpoint (found text)",)),
+        ("empty.pt", b"", ("found an empty file",)),
+        ("model.yaml", b"nc: 80\nscales: {}\n", ("not a YOLO model yaml",)),
+        ("bomb.yaml", BOMB.encode(), ("aliases expand",)),
+        ("weights.txt", b"0.1 0.2\n", ("a .txt file; expected a .pt checkpoint or a model .yaml",)),
+    ],
+    ids=["text-as-pt", "empty-pt", "yaml-without-backbone", "alias-bomb-model", "other-suffix"],
+)
+def test_a_model_file_that_is_not_a_model_is_one_line(make_dataset, tmp_path, name, content, words):
+    root = make_dataset(4, 1)
+    before = tree_hash(root)
+    model = tmp_path / name
+    model.write_bytes(content)
+    result = CliRunner().invoke(app, ["plan", "--dataset", str(root), "--model", str(model)])
+    one_line_error(result, 2, str(model), *words)
+    assert tree_hash(root) == before
+
+
+def test_a_model_folder_is_one_line(tmp_path):
+    one_line_error(CliRunner().invoke(app, ["plan", "--model", str(tmp_path)]), 2, "a folder")
+
+
+@pytest.mark.parametrize(
+    ("arg", "words"),
+    [
+        ("lr0=abc", ("lr0=abc: expected a number",)),
+        ("epochs=1.5", ("epochs=1.5: expected a whole number",)),
+        ("mosaic=yes", ("mosaic=yes: expected a number",)),  # yaml reads "yes" as a string, not a number
+        ("amp=maybe", ("amp=maybe: expected True or False",)),
+    ],
+)
+def test_an_ultralytics_argument_of_the_wrong_type_is_refused_before_training(arg, words):
+    one_line_error(CliRunner().invoke(app, ["plan", arg]), 2, *words)
+
+
+def test_argument_types_follow_ultralytics_defaults():
+    known = {"lr0": 0.01, "epochs": 100, "amp": True, "optimizer": "auto", "name": None}
+    assert planner.parse_extra_args(["lr0=1", "epochs=3", "amp=False", "optimizer=SGD"], known) == (
+        ("lr0", 1),
+        ("epochs", 3),
+        ("amp", False),
+        ("optimizer", "SGD"),
+    )
+
+
+def test_project_that_is_a_file_and_a_name_that_escapes(make_dataset, tmp_path):
+    root = make_dataset(4, 1)
+    afile = tmp_path / "runs.txt"
+    afile.write_text("not a folder")
+    args = ["train", "--dataset", str(root), "--img-size", "64", "--epochs", "1", "--finetune", "no"]
+    one_line_error(CliRunner().invoke(app, [*args, "--project", str(afile)]), 2, "--project", "cannot hold run folders")
+    result = CliRunner().invoke(app, [*args, "--project", str(tmp_path / "p"), "--name", "../.."])
+    one_line_error(result, 2, "--name '../..'", "stays inside --project")
+    assert not any(tmp_path.parent.glob("train*"))
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        ("{not json", ("cannot read report",)),
+        (json.dumps({"stages": "main"}), ("not a complete speedtrain speed report",)),
+        (json.dumps({"stages": [{"name": "main"}], "reasons": {}}), ("not a complete speedtrain speed report",)),
+    ],
+    ids=["corrupt", "stages-not-a-list", "stage-without-fields"],
+)
+def test_report_on_a_broken_file_is_one_line(tmp_path, content, words):
+    (tmp_path / "speed_report.json").write_text(content)
+    code = 1
+    one_line_error(CliRunner().invoke(app, ["report", str(tmp_path)]), code, *words)
+
+
+def test_a_dataset_of_background_images_only_is_refused_before_training(make_dataset):
+    root = make_dataset(4, 1)
+    for label in (root / "labels").rglob("*.txt"):
+        label.write_text("")  # every image a background
+    before = tree_hash(root)
+    result = CliRunner().invoke(app, ["train", "--dataset", str(root), "--img-size", "64", "--epochs", "1"])
+    one_line_error(result, 3, "none of the 4 training images has a usable box")
+    check = CliRunner().invoke(app, ["check", "--dataset", str(root)])
+    assert check.exit_code == 1
+    assert "no-labels" in check.output
+    assert tree_hash(root) == before
+
+
+def test_the_one_click_script_and_train_py_plan_the_same_demo():
+    """./quick_train_ultra_fast.sh passes the sample's path; python train.py passes none: both are the demo."""
+    sample = REPO / "speedtrain" / "sample"
+    assert workflow.is_sample(None)
+    assert workflow.is_sample(sample)
+    assert workflow.is_sample(sample / "data.yaml")
+    by_path = workflow.make_plan(sample, planner.Overrides(finetune="no", prepare="no")).plan
+    default = workflow.make_plan(None, planner.Overrides(finetune="no", prepare="no")).plan
+    assert by_path.stages[0].epochs == default.stages[0].epochs == planner.SAMPLE_EPOCHS[0]
