@@ -7,6 +7,7 @@ import dataclasses
 import json
 import sys
 import time
+import types
 from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
@@ -18,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from typer.core import TyperGroup
 
 from speedtrain import dataset as dataset_mod
-from speedtrain import hardware, report, workflow
+from speedtrain import hardware, report, runner, workflow
 from speedtrain import prepare as prepare_mod
 from speedtrain.errors import SpeedtrainError
 from speedtrain.planner import DEFAULT_TARGET_MAP, Overrides
@@ -273,24 +274,31 @@ def train(
 
     Example: speedtrain train --dataset dataset --epochs 50 --batch-size 32 --img-size 416 mosaic=0.5
     """
-    if resume:
-        result, path = workflow.resume(resume, ask=_ask_finetune, log=_log)
+    with runner.plain_text_when_piped():
+        _train(ctx, locals())
+
+
+def _train(ctx: typer.Context, params: dict[str, Any]) -> None:
+    """The train command's steps: resume, or plan, prepare, tune, run, and the report."""
+    p = types.SimpleNamespace(**params)
+    if p.resume:
+        result, path = workflow.resume(p.resume, ask=_ask_finetune, log=_log)
         _finish(result, path)
         return
-    ov = _overrides(locals())
-    workflow.check_run_folder(project, name)
-    planned = workflow.make_plan(dataset, ov, ctx.args, allow_download=allow_download)
+    ov = _overrides(params)
+    workflow.check_run_folder(p.project, p.name)
+    planned = workflow.make_plan(p.dataset, ov, ctx.args, allow_download=p.allow_download)
     if planned.plan.prepare_size:
         with _progress(f"resizing to {planned.plan.prepare_size} px") as progress:
-            planned = workflow.prepare_dataset(planned, project, progress)
+            planned = workflow.prepare_dataset(planned, p.project, progress)
         console.print(report.render_prepared(planned.prepared))
-    if autotune or retune:
-        planned, tuned = workflow.autotune(planned, project, budget_s=budget_s, retune=retune, log=_log)
+    if p.autotune or p.retune:
+        planned, tuned = workflow.autotune(planned, p.project, budget_s=p.budget_s, retune=p.retune, log=_log)
         console.print(report.render_tune(tuned.to_dict()))
     doc = report.plan_document(planned.hw, planned.stats, planned.plan)
     console.print(report.render_dataset(doc["dataset"]))
     console.print(report.render_plan(doc))
-    result, path = workflow.execute(planned, project, name, ask=_ask_finetune, log=_log)
+    result, path = workflow.execute(planned, p.project, p.name, ask=_ask_finetune, log=_log)
     _finish(result, path)
 
 
@@ -380,7 +388,10 @@ def tune_command(
     planned = workflow.make_plan(dataset, ov, ctx.args)
     log = _quiet if as_json else _log
     # With --json, stdout carries the JSON alone: Ultralytics' logs and progress bars go to stderr.
-    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+    with (
+        contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext(),
+        runner.plain_text_when_piped(),
+    ):
         _, result = workflow.autotune(planned, project, budget_s=budget_s, retune=retune, log=log)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))

@@ -421,11 +421,25 @@ def _write_yaml(stats: DatasetStats, root: Path, out_dir: Path) -> Path:
         data = {k: v for k, v in original.items() if k not in ("path", "download")}
     for split in stats.splits:
         entries = [_relative(Path(s), root).as_posix() for s in split.sources]
+        for source, entry in zip(split.sources, entries, strict=True):
+            if Path(source).suffix.lower() == ".txt":  # a list of image paths: list the copies instead
+                _write_list(Path(source), out_dir / entry, root, out_dir)
         data[split.name] = entries[0] if len(entries) == 1 else entries
     data.setdefault("names", dict(enumerate(stats.names)))
     path = out_dir / "data.yaml"
     write_atomic(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode())
     return path
+
+
+def _write_list(source: Path, dest: Path, root: Path, out_dir: Path) -> None:
+    """The copy's version of a split given as a .txt list: each listed image's copy, relative to the list's own
+    folder as ./path (how Ultralytics resolves a list's relative lines)."""
+    lines = []
+    for image in list_images([source]):
+        copy = out_dir / _relative(Path(image), root)
+        lines.append("./" + os.path.relpath(copy, dest.parent).replace(os.sep, "/"))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(dest, ("\n".join(lines) + "\n").encode())
 
 
 def _remove_orphans(pairs: list[tuple[Path, Path]], manifest: dict[str, list[int]], out_dir: Path) -> int:

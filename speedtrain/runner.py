@@ -10,10 +10,13 @@ import csv
 import errno
 import gc
 import importlib.util
+import logging
 import math
 import os
+import re
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -749,6 +752,51 @@ def _epoch_times_from_csv(path: Path) -> tuple[float, ...]:
         return ()
     cumulative = [float(r["time"]) for r in rows if r.get("time")]
     return tuple(round(b - a, 3) for a, b in zip([0.0, *cumulative], cumulative, strict=False))
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+class _PlainStream:
+    """A text stream that drops ANSI colour codes on their way to a file or pipe."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(ANSI.sub("", text))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class _PlainRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = ANSI.sub("", record.getMessage()), ()
+        return True
+
+
+@contextlib.contextmanager
+def plain_text_when_piped() -> Iterator[None]:
+    """Ultralytics colours its log lines and progress bars unconditionally (colorstr, 8.4.190); where the output
+    is a file or a pipe (CI logs, `> train.log`, SLURM), strip the escape codes for the block, then restore."""
+    if sys.stdout.isatty():
+        yield
+        return
+    from ultralytics.utils import LOGGER  # its handlers exist once Ultralytics is imported
+
+    logger, plain = LOGGER, _PlainRecords()
+    handlers = list(logger.handlers)
+    out, err = sys.stdout, sys.stderr
+    for handler in handlers:
+        handler.addFilter(plain)
+    sys.stdout, sys.stderr = _PlainStream(out), _PlainStream(err)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = out, err
+        for handler in handlers:
+            handler.removeFilter(plain)
 
 
 def _quiet_ultralytics() -> None:

@@ -4,6 +4,7 @@ dataset byte for byte unchanged. Datasets are built from real COCO photos in tem
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -179,3 +180,50 @@ def test_the_one_click_script_and_train_py_plan_the_same_demo():
     by_path = workflow.make_plan(sample, planner.Overrides(finetune="no", prepare="no")).plan
     default = workflow.make_plan(None, planner.Overrides(finetune="no", prepare="no")).plan
     assert by_path.stages[0].epochs == default.stages[0].epochs == planner.SAMPLE_EPOCHS[0]
+
+
+def _as_txt_lists(root):
+    """The dataset rewritten as COCO's yaml does it: splits are .txt files of ./-relative image paths."""
+    import yaml
+
+    for split in ("train", "val"):
+        images = sorted((root / "images" / split).glob("*.jpg"))
+        (root / f"{split}.txt").write_text("".join(f"./images/{split}/{p.name}\n" for p in images))
+    data = yaml.safe_load((root / "data.yaml").read_text())
+    data.update(train="train.txt", val="val.txt")
+    (root / "data.yaml").write_text(yaml.safe_dump(data))
+    return root
+
+
+@pytest.mark.slow
+def test_a_txt_list_dataset_works_everywhere(make_dataset, tmp_path):
+    """train (with the automatic pre-resize), prepare, check and --pipeline fast all take splits given as lists."""
+    root = _as_txt_lists(make_dataset(6, 2))
+    before = tree_hash(root)
+    runner = CliRunner()
+    check = runner.invoke(app, ["check", "--dataset", str(root)])
+    assert check.exit_code == 0, check.output[-2000:]
+    prepared = runner.invoke(app, ["prepare", "--dataset", str(root), "--size", "96", "--out", str(tmp_path / "p")])
+    assert prepared.exit_code == 0, prepared.output[-2000:]
+    assert (tmp_path / "p" / "train.txt").read_text().count("./images/train/") == 6  # the copy lists its copies
+    base = ["train", "--img-size", "64", "--epochs", "1", "--finetune", "no", "plots=False"]
+    for dataset, extra in ((root, ["--prepare", "yes"]), (tmp_path / "p", ["--pipeline", "fast"])):
+        project = tmp_path / f"runs-{len(extra)}-{extra[-1]}"
+        result = runner.invoke(app, [*base, "--dataset", str(dataset), "--project", str(project), *extra])
+        assert result.exit_code == 0, result.output[-3000:]
+        doc = json.loads((project / "train" / "speed_report.json").read_text())
+        assert doc["stages"][0]["measured"]["images_per_epoch"] == 6
+    assert tree_hash(root) == before
+
+
+@pytest.mark.slow
+def test_a_piped_run_log_has_no_colour_codes(make_dataset, tmp_path):
+    """Ultralytics colours its lines unconditionally; in a file or pipe (CI logs, SLURM) they arrive plain."""
+    root = make_dataset(4, 1)
+    cmd = [sys.executable, "-m", "speedtrain", "train", "--dataset", str(root), "--img-size", "64", "--epochs", "1",
+           "--finetune", "no", "--project", str(tmp_path / "runs"), "plots=False"]  # fmt: skip
+    env = {**os.environ, "YOLO_VERBOSE": "True"}  # the tests run Ultralytics quiet; here its log is the point
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Starting training" in done.stdout + done.stderr  # Ultralytics' own log is there
+    assert "\x1b[" not in done.stdout + done.stderr
