@@ -47,9 +47,13 @@ class _Commands(TyperGroup):
             err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            err_console.print(
-                "[bold red]interrupted[/]: a training run goes on with --resume RUN_DIR (its folder is above)"
-            )
+            what = {
+                "train": "a training run goes on with --resume RUN_DIR (its folder is above)",
+                "prepare": "the images finished so far are kept; run the same prepare again to complete the copy",
+                "check": "nothing was changed; run check again",
+                "tune": "nothing was cached; run tune again",
+            }.get(ctx.invoked_subcommand or "", "nothing was changed")
+            err_console.print(f"[bold red]interrupted[/]: {what}")
             raise typer.Exit(130) from None
 
 

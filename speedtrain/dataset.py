@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import random
 import statistics
@@ -168,6 +169,10 @@ def scan(path: str | Path, sample: int = SIZE_SAMPLE) -> DatasetStats:
         splits.append(split)
         problems += split_problems
     train = next(s for s in splits if s.name == "train")
+    val = next((s for s in splits if s.name == "val"), None)
+    same = val is not None and set(val.image_files) == set(train.image_files)
+    if same and not any("validating on the train" in n for n in notes):
+        notes.append("val is the training images: its mAP measures memorisation, not how well the model generalises")
     if train.instances == 0:
         problems.append(Problem(
             "error", "no-labels", str(Path(train.sources[0])),
@@ -371,6 +376,10 @@ def _check_rows(rows: list[list[str]], label: str, nc: int, problems: list[Probl
     """Validate label rows like Ultralytics' verify_image_label; return the count of usable rows."""
     good = 0
     for n, row in enumerate(rows, 1):
+        if row and row[0] in ("<too-large>", "<binary>"):
+            what = f"{row[1]}, too large to be a label file" if row[0] == "<too-large>" else "binary content"
+            problems.append(Problem("error", "not-a-label-file", label, f"{what}; Ultralytics cannot read it"))
+            return 0
         if len(row) < 5 or (len(row) > 5 and len(row) % 2 == 0):
             problems.append(Problem("warning", "malformed-label", label, f"line {n}: {len(row)} columns"))
             continue
@@ -384,6 +393,9 @@ def _check_rows(rows: list[list[str]], label: str, nc: int, problems: list[Probl
                 Problem("error", "class-out-of-range", label, f"line {n}: class id {row[0]} outside 0..{nc - 1}")
             )
             continue
+        if not all(math.isfinite(v) for v in coords):
+            problems.append(Problem("error", "coords-not-finite", label, f"line {n}: NaN or infinite coordinate"))
+            continue
         if min(coords) < -COORD_TOLERANCE or max(coords) > 1 + COORD_TOLERANCE:
             problems.append(Problem("warning", "coords-out-of-range", label, f"line {n}: coordinates outside [0, 1]"))
             continue
@@ -391,12 +403,22 @@ def _check_rows(rows: list[list[str]], label: str, nc: int, problems: list[Probl
     return good
 
 
+LABEL_MAX_BYTES = 4 * 1024**2  # about 100,000 boxes; a label file larger than this is not a label file
+
+
 def _label_rows(label: Path) -> list[list[str]] | None:
-    """Rows of a label file split on whitespace (CRLF-safe), or None when the file does not exist."""
+    """Rows of a label file split on whitespace (CRLF-safe), or None when the file does not exist. A file too
+    large to be labels, or with binary content, is read as one malformed row (reported, never loaded whole)."""
     try:
-        text = label.read_text(encoding="utf-8", errors="replace")
-    except (FileNotFoundError, IsADirectoryError):
+        size = label.stat().st_size
+        if size > LABEL_MAX_BYTES:
+            return [["<too-large>", f"{size / 1024**2:.0f}MB"]]
+        data = label.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
+    if b"\0" in data:
+        return [["<binary>"]]
+    text = data.decode("utf-8", errors="replace")
     return [line.split() for line in text.splitlines() if line.strip()]
 
 

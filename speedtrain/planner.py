@@ -649,7 +649,13 @@ def _estimates(stats: DatasetStats, main: Stage) -> dict[str, str]:
     iters = math.ceil(n / BASELINE["batch"]) / math.ceil(n / main.batch)
     out = {
         "resolution": f"{res:.2f}x fewer pixels per image than {BASELINE['imgsz']} (estimate: compute ~ pixels)",
-        "iterations": f"{iters:.2f}x fewer iterations per epoch than batch {BASELINE['batch']} (estimate)",
+        "iterations": (
+            f"as many iterations per epoch as batch {BASELINE['batch']}"
+            if round(iters, 2) == 1
+            else f"{iters:.2f}x fewer iterations per epoch than batch {BASELINE['batch']} (estimate)"
+            if iters > 1
+            else f"{1 / iters:.2f}x more iterations per epoch than batch {BASELINE['batch']} (estimate)"
+        ),
     }
     if main.cache == "ram":
         out["cache"] = "no disk reads of cached images (estimate: helps when loading is the bottleneck)"

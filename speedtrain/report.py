@@ -159,7 +159,8 @@ def render_dataset(ds: dict[str, Any]) -> RenderableType:
     ]
     errors = sum(p["severity"] == "error" for p in ds["problems"])
     if ds["problems"]:
-        lines.append(f"{len(ds['problems'])} problems ({errors} errors); `speedtrain check` lists them")
+        n = len(ds["problems"])
+        lines.append(f"{_plural(n, 'problem')} ({_plural(errors, 'error')}); `speedtrain check` lists them")
     lines += ds.get("notes", [])
     return Panel("\n".join(lines), title="Dataset", title_align="left")
 
@@ -228,10 +229,12 @@ def render_report(doc: dict[str, Any]) -> RenderableType:
     run = doc.get("run", {})
     if run:
         parts.append(Text(run.get("model_note", "")))
-        status = "interrupted" if run.get("interrupted") else "finished"
-        parts.append(
-            Text(f"Run {status} in {_duration(run.get('wall_time_s', 0))}: {run.get('run_dir')}", style="bold")
-        )
+        status = run.get("status") or ("interrupted" if run.get("interrupted") else "finished")
+        if status == "running":  # the report of a run that was killed or crashed: it never finished
+            line = f"Run stopped before it finished (killed or crashed): go on with --resume {run.get('run_dir')}"
+        else:
+            line = f"Run {status} in {_duration(run.get('wall_time_s', 0))}: {run.get('run_dir')}"
+        parts.append(Text(line, style="bold"))
     return Group(*parts)
 
 
@@ -375,6 +378,10 @@ def render_measured(doc: dict[str, Any]) -> RenderableType:
         if m.get("weights"):
             notes.append(f"{stage['name']} weights: {m['weights']}")
     return Group(table, *[Text(n) for n in notes])
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _pct(rel_err: float | None) -> str:

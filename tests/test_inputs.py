@@ -227,3 +227,69 @@ def test_a_piped_run_log_has_no_colour_codes(make_dataset, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Starting training" in done.stdout + done.stderr  # Ultralytics' own log is there
     assert "\x1b[" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "kind"),
+    [
+        ("0 nan 0.5 0.1 0.1\n", "coords-not-finite"),
+        (b"\x00\x01\x02 binary".decode("latin-1"), "not-a-label-file"),
+    ],
+    ids=["nan", "binary"],
+)
+def test_check_finds_what_training_would_trip_on(make_dataset, content, kind):
+    root = make_dataset(4, 1)
+    label = sorted((root / "labels" / "train").iterdir())[0]
+    label.write_text(content, encoding="latin-1")
+    result = CliRunner().invoke(app, ["check", "--dataset", str(root), "--json"])
+    assert result.exit_code == 1
+    kinds = {p["kind"] for p in json.loads(result.stdout)["problems"]}
+    assert kind in kinds
+
+
+def test_a_huge_label_file_is_reported_not_loaded(make_dataset, monkeypatch):
+    from speedtrain import dataset
+
+    root = make_dataset(4, 1)
+    monkeypatch.setattr(dataset, "LABEL_MAX_BYTES", 1000)  # a 1 KB limit stands for the 4 MB one
+    label = sorted((root / "labels" / "train").iterdir())[0]
+    label.write_text("0 0.5 0.5 0.1 0.1\n" * 100)
+    stats = dataset.scan(root)
+    assert any(p.kind == "not-a-label-file" and "too large" in p.detail for p in stats.problems)
+
+
+def test_val_being_the_training_images_is_noted(make_dataset):
+    import yaml
+
+    from speedtrain import dataset
+
+    root = make_dataset(4, 1)
+    data = yaml.safe_load((root / "data.yaml").read_text())
+    (root / "data.yaml").write_text(yaml.safe_dump({**data, "val": data["train"]}))
+    assert any("val is the training images" in n for n in dataset.scan(root).notes)
+
+
+def test_interrupting_prepare_talks_about_prepare(make_dataset, monkeypatch):
+    from speedtrain import prepare
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "resize_dataset", interrupted)
+    result = CliRunner().invoke(app, ["prepare", "--dataset", str(make_dataset(4, 1))])
+    assert result.exit_code == 130
+    assert "run the same prepare again" in result.stderr
+    assert "--resume" not in result.stderr
+
+
+def test_a_killed_runs_report_does_not_say_finished(tmp_path):
+    from speedtrain import report
+
+    doc = json.loads((REPO / "tests" / "data" / "speed_report.json").read_text())
+    doc["run"] = {**doc.get("run", {}), "status": "running", "run_dir": str(tmp_path)}
+    (tmp_path / "speed_report.json").write_text(json.dumps(doc))
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 0
+    assert "Run stopped before it finished" in result.output
+    assert "Run finished" not in result.output
+    assert report.load_report(tmp_path)["run"]["status"] == "running"
