@@ -18,6 +18,7 @@ import psutil
 from speedtrain.errors import HardwareError
 
 GIB = 1024**3
+JSON_MAX_BYTES = 16 * 1024**2  # snapshots are about 1 KB, reports tens of KB: anything this large is not one
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,6 +290,8 @@ def load(path: str | Path) -> HardwareSnapshot:
     """Read a snapshot written by `speedtrain probe --json` (or by hand, for another machine)."""
     path = Path(path)
     try:
+        if path.stat().st_size > JSON_MAX_BYTES:
+            raise HardwareError(f"{path}: too large for a hardware snapshot (over {JSON_MAX_BYTES // 1024**2} MB)")
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise HardwareError(f"hardware snapshot not found: {path}") from None

@@ -18,7 +18,7 @@ from rich.text import Text
 from speedtrain import hardware
 from speedtrain.dataset import DatasetStats
 from speedtrain.errors import SpeedtrainError
-from speedtrain.hardware import HardwareSnapshot
+from speedtrain.hardware import JSON_MAX_BYTES, HardwareSnapshot
 from speedtrain.planner import TrainPlan
 from speedtrain.prepare import write_atomic
 from speedtrain.runner import RunResult, StageResult
@@ -108,6 +108,8 @@ def load_report(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir)
     path = path / REPORT_NAME if path.is_dir() else path
     try:
+        if path.stat().st_size > JSON_MAX_BYTES:
+            raise SpeedtrainError(f"{path}: too large for a speed report (over {JSON_MAX_BYTES // 1024**2} MB)")
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SpeedtrainError(f"no {REPORT_NAME} in {path.parent}") from None

@@ -293,3 +293,17 @@ def test_a_killed_runs_report_does_not_say_finished(tmp_path):
     assert "Run stopped before it finished" in result.output
     assert "Run finished" not in result.output
     assert report.load_report(tmp_path)["run"]["status"] == "running"
+
+
+def test_json_inputs_are_bounded(tmp_path, monkeypatch):
+    from speedtrain import hardware, report
+    from speedtrain.errors import HardwareError, SpeedtrainError
+
+    monkeypatch.setattr(hardware, "JSON_MAX_BYTES", 100)
+    monkeypatch.setattr(report, "JSON_MAX_BYTES", 100)
+    big = tmp_path / "speed_report.json"
+    big.write_text(json.dumps({"stages": [], "pad": "x" * 200}))
+    with pytest.raises(SpeedtrainError, match="too large for a speed report"):
+        report.load_report(big)
+    with pytest.raises(HardwareError, match="too large for a hardware snapshot"):
+        hardware.load(big)
