@@ -273,6 +273,9 @@ def train(
     ] = False,
     retune: RetuneOpt = False,
     budget_s: BudgetOpt = 90.0,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Show Ultralytics' own output while training (else in the run folder).")
+    ] = False,
 ) -> None:
     """Plan and train, then print and save the speed report. Extra key=value go to Ultralytics.
 
@@ -285,8 +288,15 @@ def train(
 def _train(ctx: typer.Context, params: dict[str, Any]) -> None:
     """The train command's steps: resume, or plan, prepare, tune, run, and the report."""
     p = types.SimpleNamespace(**params)
+    out = _Console(file=sys.stdout, highlight=False)  # the real output: Ultralytics' goes to the run's log file
+
+    def log(message: str) -> None:
+        out.print(f"[bold cyan]speedtrain:[/] {message}")
+
     if p.resume:
-        result, path = workflow.resume(p.resume, ask=_ask_finetune, log=_log)
+        with _run_display(out, p.verbose) as on_update:
+            result, path = workflow.resume(p.resume, ask=_ask_finetune, log=log, on_update=on_update,
+                                           quiet=not p.verbose)  # fmt: skip
         _finish(result, path)
         return
     ov = _overrides(params)
@@ -302,14 +312,64 @@ def _train(ctx: typer.Context, params: dict[str, Any]) -> None:
     doc = report.plan_document(planned.hw, planned.stats, planned.plan)
     console.print(report.render_dataset(doc["dataset"]))
     console.print(report.render_plan(doc))
-    result, path = workflow.execute(planned, p.project, p.name, ask=_ask_finetune, log=_log)
-    _finish(result, path)
+    with _run_display(out, p.verbose) as on_update:
+        result, path = workflow.execute(
+            planned, p.project, p.name, ask=_ask_finetune, log=log, on_update=on_update, quiet=not p.verbose
+        )
+    _finish(result, path, plan_shown=True)
 
 
-def _finish(result: dict[str, Any], path: Path) -> None:
-    """Print the speed report; an interrupted run exits 130 and says how to go on."""
+@contextlib.contextmanager
+def _run_display(out: Console, verbose: bool) -> Iterator[Callable[[Any], None] | None]:
+    """One progress line per stage (epoch x/N, images/s, last mAP, ETA) on a terminal, a line per epoch in a log;
+    with --verbose, Ultralytics' own output instead."""
+    if verbose:
+        yield None
+        return
+    if not out.is_terminal:
+
+        def line(ev: Any) -> None:
+            if ev.epoch_done:
+                rate = f"{ev.images_per_s} img/s" if ev.images_per_s else "-"
+                score = f"mAP50-95 {ev.map50_95:.3f}" if ev.map50_95 is not None else ""
+                out.print(f"{ev.stage}: epoch {ev.epoch + 1}/{ev.epochs}  {rate}  {score}".rstrip())
+
+        yield line
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("epoch {task.fields[epoch]}"),
+        TextColumn("{task.fields[rate]}"),
+        TextColumn("{task.fields[score]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=out, redirect_stdout=False, redirect_stderr=False) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(ev: Any) -> None:
+            if ev.stage not in tasks:
+                tasks[ev.stage] = bar.add_task(ev.stage, total=ev.epochs, epoch="", rate="", score="")
+            bar.update(
+                tasks[ev.stage],
+                completed=ev.epoch + ev.fraction,
+                total=ev.epochs,
+                epoch=f"{min(ev.epoch + 1, ev.epochs)}/{ev.epochs}",
+                rate=f"{ev.images_per_s} img/s" if ev.images_per_s else "",
+                score=f"mAP50-95 {ev.map50_95:.3f}" if ev.map50_95 is not None else "",
+            )
+
+        yield update
+
+
+def _finish(result: dict[str, Any], path: Path, plan_shown: bool = False) -> None:
+    """Print the speed report (without the plan when it was shown before the run); an interrupted run exits 130
+    and says how to go on."""
     console.rule("speed report")
-    console.print(report.render_report(result))
+    console.print(report.render_report(result, with_plan=not plan_shown))
+    log_file = path.with_name(workflow.ULTRALYTICS_LOG)
+    if log_file.is_file():
+        console.print(f"Ultralytics' full log: {log_file} (--verbose shows it while training)")
     console.print(f"report: {path} and {path.with_name(report.PNG_NAME)}")
     if result["run"].get("interrupted"):
         err_console.print(f"interrupted; go on with: speedtrain train --resume {path.parent}", soft_wrap=True)

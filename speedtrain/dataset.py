@@ -160,7 +160,7 @@ class DatasetStats:
 def scan(path: str | Path, sample: int = SIZE_SAMPLE) -> DatasetStats:
     """Read the dataset at `path` (a folder or a yaml file) without modifying anything."""
     yaml_path, data, root, notes = _resolve(Path(path))
-    names = _names(data, yaml_path)
+    names = _names(data, yaml_path, root)
     splits, problems = [], []
     for split_name in ("train", "val", "test"):
         if split_name not in data or data[split_name] in (None, ""):
@@ -308,7 +308,7 @@ def _layout_data(path: Path) -> tuple[dict[str, Any], Path, list[str]]:
     return data, path, notes
 
 
-def _names(data: dict[str, Any], yaml_path: Path | None) -> tuple[str, ...]:
+def _names(data: dict[str, Any], yaml_path: Path | None, root: Path) -> tuple[str, ...]:
     where = str(yaml_path) if yaml_path else "dataset"
     names, nc = data.get("names"), data.get("nc")
     if isinstance(names, dict):
@@ -321,7 +321,7 @@ def _names(data: dict[str, Any], yaml_path: Path | None) -> tuple[str, ...]:
         names = [names.get(k, names.get(str(k))) for k in keys]
     if names is None:
         if nc is None:
-            return _names_from_labels(data)
+            return _names_from_labels(data, root, yaml_path)
         names = [f"class{i}" for i in range(int(nc))]
     if not isinstance(names, list) or not names:
         raise DatasetError(f"{where}: names must be a non-empty list or mapping")
@@ -330,16 +330,19 @@ def _names(data: dict[str, Any], yaml_path: Path | None) -> tuple[str, ...]:
     return tuple(str(n) for n in names)
 
 
-def _names_from_labels(data: dict[str, Any]) -> tuple[str, ...]:
-    """Name classes class0..classN after the largest id in the training labels (layout without classes.txt)."""
-    root = Path(str(data["train"]))
+def _names_from_labels(data: dict[str, Any], root: Path, yaml_path: Path | None) -> tuple[str, ...]:
+    """Name classes class0..classN after the largest id in the training labels (no names, no nc, no classes.txt);
+    the train entries resolve against the dataset root, as the splits themselves do."""
+    entries = data["train"] if isinstance(data["train"], list) else [data["train"]]
+    sources = [p if p.is_absolute() else root / p for p in (Path(str(e)).expanduser() for e in entries)]
     top = -1
-    for image in list_images([root]):
+    for image in list_images([s for s in sources if s.exists()]):
         for row in _label_rows(Path(label_path(image))) or []:
             if row and row[0].lstrip("-").isdigit():
                 top = max(top, int(row[0]))
     if top < 0:
-        raise DatasetError(f"{root}: no names, no classes.txt and no labels to count classes from")
+        where = f"{yaml_path} has no names: or nc: key, and" if yaml_path else f"{root}: no classes.txt, and"
+        raise DatasetError(f"{where} the training labels hold no class ids to name classes from")
     return tuple(f"class{i}" for i in range(top + 1))
 
 

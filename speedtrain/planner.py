@@ -216,6 +216,13 @@ def _main_stage(
     warnings: list[str],
 ) -> Stage:
     batch, fallbacks, reasons["batch"] = _batch(hw, gpus, model, imgsz, ov.batch, device)
+    n = max(gpus, 1)
+    if ov.batch is not None and stats.train_images and batch > max(stats.train_images, n):
+        # a user's batch beyond the dataset: Ultralytics would cut it to the dataset size anyway; say so here
+        clamped = max(n, stats.train_images // n * n)
+        fallbacks = tuple(b for b in fallbacks if b < clamped)
+        reasons["batch"] += f"; clamped to {clamped}: the dataset has {stats.train_images} training images"
+        batch = clamped
     workers, reasons["workers"] = _workers(hw, gpus, ov.workers, batch, imgsz, warnings)
     threads, reasons["threads"] = _threads(hw, gpus, ov.threads)
     cache, reasons["cache"] = _cache(hw, stats, imgsz, workers, gpus, ov.cache)

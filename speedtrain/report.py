@@ -220,13 +220,11 @@ def render_plan(doc: dict[str, Any]) -> RenderableType:
     return Group(*parts)
 
 
-def render_report(doc: dict[str, Any]) -> RenderableType:
-    """The whole speed report: hardware, dataset, plan, and what each stage measured."""
-    parts: list[RenderableType] = [
-        render_hardware(doc["hardware"]),
-        render_dataset(doc["dataset"]),
-        render_plan(doc),
-    ]
+def render_report(doc: dict[str, Any], with_plan: bool = True) -> RenderableType:
+    """The whole speed report: hardware, dataset, plan (unless it was just shown), and what each stage measured."""
+    parts: list[RenderableType] = [render_hardware(doc["hardware"])]
+    if with_plan:
+        parts += [render_dataset(doc["dataset"]), render_plan(doc)]
     parts.append(render_measured(doc))
     run = doc.get("run", {})
     if run:
@@ -278,6 +276,10 @@ def render_prepared(record: dict[str, Any]) -> RenderableType:
             f"prepared (measured on {record['load_sample']} images, one process): about "
             f"{record['saving_s_per_epoch']:.1f} s of loading saved per epoch"
         )
+    failed = s.get("failed") or []
+    lines += [f"skipped (unreadable: not in the copy, not trained on): {f}" for f in failed[:10]]
+    if len(failed) > 10:
+        lines.append(f"... and {len(failed) - 10} more skipped (the report's prepare.summary.failed lists all)")
     return Panel("\n".join(lines), title="Preparation", title_align="left")
 
 

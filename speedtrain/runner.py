@@ -138,6 +138,22 @@ class StopRequested(Exception):  # noqa: N818 -- a request, not an error
     """Raised from a callback after the epoch's checkpoint is safe, to stop before Ultralytics strips it."""
 
 
+@dataclass(frozen=True, slots=True)
+class StageProgress:
+    """Where a stage's training is, for a progress display: sent after every batch and every validation."""
+
+    stage: str
+    epoch: int  # the running epoch, 0-based
+    epochs: int
+    fraction: float  # of the running epoch done
+    images_per_s: float | None  # the last finished epoch's training pass
+    map50_95: float | None  # the last validation's
+    epoch_done: bool = False  # True once the epoch is trained, validated and saved
+
+
+OnProgress = Callable[[StageProgress], None]
+
+
 @dataclass(slots=True)
 class _Recorder:
     """Ultralytics callbacks: time each epoch, keep a resumable checkpoint, honour a stop request."""
@@ -152,6 +168,11 @@ class _Recorder:
     threads: int | None = None  # the plan's torch threads; None leaves Ultralytics' setting
     threads_used: int | None = None
     fast_store: str | None = None
+    stage: str = ""
+    on_update: OnProgress | None = None
+    batches: int = 0
+    last_rate: float | None = None
+    last_map: float | None = None
 
     def attach(self, model: Any) -> None:
         # Ultralytics' select_device() sets torch's threads for CPU training (min(8, cores - 1)) in the trainer's
@@ -163,12 +184,25 @@ class _Recorder:
         model.add_callback("on_train_epoch_end", self.on_train_epoch_end)
         model.add_callback("on_model_save", self.on_model_save)
         model.add_callback("on_fit_epoch_end", self.on_fit_epoch_end)
+        if self.on_update:
+            model.add_callback("on_train_batch_end", self.on_train_batch_end)
 
     def on_train_epoch_start(self, trainer: Any) -> None:
         # Ultralytics halves the batch itself on a first-epoch OOM (trainer._do_train); speedtrain walks the
         # plan's own chain instead, so the batch sizes tried are the ones the plan printed.
         trainer._oom_retries = 3
         self.starts[trainer.epoch] = time.perf_counter()
+        self.batches = 0
+
+    def on_train_batch_end(self, trainer: Any) -> None:
+        self.batches += 1
+        self._update(trainer, min(1.0, self.batches / max(1, len(trainer.train_loader))))
+
+    def _update(self, trainer: Any, fraction: float, done: bool = False) -> None:
+        if self.on_update:
+            self.on_update(
+                StageProgress(self.stage, trainer.epoch, trainer.epochs, fraction, self.last_rate, self.last_map, done)
+            )
 
     def on_val_start(self, validator: Any) -> None:
         # The per-epoch validation runs with the trainer (validator.training); final_eval() validates best.pt alone.
@@ -189,6 +223,8 @@ class _Recorder:
         self.train_times[trainer.epoch] = time.perf_counter() - self.starts[trainer.epoch]
         self.images = len(trainer.train_loader.dataset)
         self.iterations = len(trainer.train_loader)
+        seconds = self.train_times[trainer.epoch]
+        self.last_rate = round(self.images / seconds, 1) if seconds > 0 else None
 
     def on_model_save(self, trainer: Any) -> None:
         # last.pt is written in place (a kill mid-write corrupts it) and stripped of its optimizer by final_eval();
@@ -202,6 +238,9 @@ class _Recorder:
         # Also fired once more by final_eval() for the last epoch; keep the first (the epoch's own).
         if trainer.epoch in self.starts and trainer.epoch not in self.epoch_times:
             self.epoch_times[trainer.epoch] = time.perf_counter() - self.starts[trainer.epoch]
+            score = (getattr(trainer, "metrics", None) or {}).get("metrics/mAP50-95(B)")
+            self.last_map = round(float(score), 4) if score is not None else self.last_map
+            self._update(trainer, 1.0, done=True)
             if self.stop_requested and not trainer.stop:
                 raise StopRequested(f"stopped after epoch {trainer.epoch + 1}")
 
@@ -327,6 +366,8 @@ def run(
     decide_finetune: Callable[[StageResult], bool | None] | None = None,
     before_stage: Callable[[Stage], Stage] = lambda s: s,
     on_progress: Callable[[tuple[StageResult, ...], str | None], None] = lambda _r, _s: None,
+    on_update: OnProgress | None = None,
+    log_file: Path | None = None,
     log: Log = lambda _: None,
 ) -> RunResult:
     """Train the plan's stages in order (finished ones from `previous` are kept) and return what was measured.
@@ -356,7 +397,10 @@ def run(
                 continue
             stage = before_stage(stage)
             on_progress(tuple(results), stage.name)
-            result = train_stage(stage, weights, data_yaml, Path(run_dir), log=log, previous=prior)
+            result = train_stage(
+                stage, weights, data_yaml, Path(run_dir), log=log, previous=prior, on_update=on_update,
+                log_file=log_file,
+            )  # fmt: skip
             results.append(result)
             on_progress(tuple(results), None)
             if result.status == "interrupted":
@@ -393,22 +437,31 @@ def train_stage(
     project: Path,
     log: Log = print,
     previous: StageResult | None = None,
+    on_update: OnProgress | None = None,
+    log_file: Path | None = None,
 ) -> StageResult:
     """Train one stage; on out-of-memory step down the batch chain and go on from the last checkpoint.
 
     With `previous` (an interrupted stage of an earlier run), training resumes from that stage's checkpoint.
+    `on_update` receives the stage's progress after every batch; with `log_file`, Ultralytics' own output (its
+    argument dump, layer table, progress bars) goes to that file instead of the console.
     """
     stage_dir = project / stage.name
     checkpoint = resume_point(stage_dir) if previous else None
     if previous and checkpoint is None:
         log(f"{stage.name}: no checkpoint of an earlier epoch; starting the stage again")
-    recorder = _Recorder(threads=stage.threads)
+    recorder = _Recorder(threads=stage.threads, stage=stage.name, on_update=on_update)
     fallbacks: list[OomFallback] = list(previous.oom_fallbacks) if previous else []
     current = replace(stage, batch=previous.batch if previous and checkpoint else stage.batch)
     gpu_ids = tuple(int(d) for d in stage.device.split(",")) if stage.device[0].isdigit() else ()
     trainer, metrics, status, note = None, None, "", ""
     t0 = time.perf_counter()
-    with Monitor(gpu_ids) as monitor, _graceful_sigint(recorder, log), torch_threads_restored():
+    with (
+        Monitor(gpu_ids) as monitor,
+        _graceful_sigint(recorder, log),
+        torch_threads_restored(),
+        ultralytics_output_to(log_file),
+    ):
         while True:
             _reset_peak_memory(gpu_ids)  # per attempt: after a fallback the report shows the batch that ran
             try:
@@ -797,6 +850,38 @@ def plain_text_when_piped() -> Iterator[None]:
         sys.stdout, sys.stderr = out, err
         for handler in handlers:
             handler.removeFilter(plain)
+
+
+@contextlib.contextmanager
+def ultralytics_output_to(log_file: Path | None) -> Iterator[None]:
+    """Send Ultralytics' console output (LOGGER's stream handlers, its progress bars on sys.stdout/stderr) to
+    `log_file` for the block, without colour codes; None leaves it on the console."""
+    if log_file is None:
+        yield
+        return
+    from ultralytics.utils import LOGGER
+
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("a", encoding="utf-8", buffering=1) as f:
+        plain = _PlainStream(f)
+        handlers = [h for h in LOGGER.handlers if type(h) is logging.StreamHandler]
+        streams = [_swap_stream(h, plain) for h in handlers]
+        out, err = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = plain
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = out, err
+            for handler, stream in zip(handlers, streams, strict=True):
+                _swap_stream(handler, stream)
+
+
+def _swap_stream(handler: logging.StreamHandler, stream: Any) -> Any:
+    """Point a handler at another stream and return the old one. Not StreamHandler.setStream: it flushes the old
+    stream first, and Ultralytics' handler may hold one that is closed by now (a test runner's captured output)."""
+    with handler.lock or contextlib.nullcontext():
+        old, handler.stream = handler.stream, stream
+    return old
 
 
 def _quiet_ultralytics() -> None:

@@ -20,6 +20,7 @@ from speedtrain.planner import Overrides, Stage, TrainPlan
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
 DEFAULT_PROJECT = Path("runs") / "speedtrain"
+ULTRALYTICS_LOG = "ultralytics.log"  # Ultralytics' own output of a run, unless --verbose shows it
 
 
 def scan_dataset(path: str | Path | None, allow_download: bool = False) -> DatasetStats:
@@ -181,8 +182,14 @@ def execute(
     *,
     ask: Callable[[runner.StageResult], bool | None] | None = None,
     log: Callable[[str], None] = lambda _: None,
+    on_update: runner.OnProgress | None = None,
+    quiet: bool = False,
 ) -> tuple[dict[str, Any], Path]:
-    """Train the plan through a linked view of the dataset; keep speed_report.json current; return it and its path."""
+    """Train the plan through a linked view of the dataset; keep speed_report.json current; return it and its path.
+
+    `on_update` gets each stage's progress after every batch; with `quiet`, Ultralytics' own output goes to
+    RUN_DIR/ultralytics.log instead of the console.
+    """
     _check_disk(planned, Path(project))
     run_dir = new_run_dir(project, name)
     view_yaml = prepare.make_view(planned.stats, prepare.view_dir(planned.stats, project))
@@ -191,7 +198,7 @@ def execute(
     base["prepare"] = planned.prepared
     base["tune"] = planned.tuned
     base["run"] = {"run_dir": str(run_dir), "data_yaml": str(view_yaml), "status": "running"}
-    return _run(base, planned.plan, run_dir, (), ask, log)
+    return _run(base, planned.plan, run_dir, (), ask, log, on_update, quiet)
 
 
 def resume(
@@ -199,6 +206,8 @@ def resume(
     *,
     ask: Callable[[runner.StageResult], bool | None] | None = None,
     log: Callable[[str], None] = lambda _: None,
+    on_update: runner.OnProgress | None = None,
+    quiet: bool = False,
 ) -> tuple[dict[str, Any], Path]:
     """Go on with an interrupted or killed run: the running stage from its last checkpoint, then the rest."""
     run_dir = Path(run_dir).absolute()
@@ -214,7 +223,7 @@ def resume(
     base["stages"] = [{k: v for k, v in s.items() if k not in ("status", "note", "measured")} for s in doc["stages"]]
     base["run"] = {**doc["run"], "status": "running", "resumed_at": report.now()}
     log(f"resuming {run_dir}")
-    return _run(base, planner.plan_from_dict(doc), run_dir, previous, ask, log)
+    return _run(base, planner.plan_from_dict(doc), run_dir, previous, ask, log, on_update, quiet)
 
 
 PENDING = ("pending", "not run")  # stages a run never reached; "running" ones resume from their checkpoint
@@ -227,6 +236,8 @@ def _run(
     previous: tuple[runner.StageResult, ...],
     ask: Callable[[runner.StageResult], bool | None] | None,
     log: Callable[[str], None],
+    on_update: runner.OnProgress | None = None,
+    quiet: bool = False,
 ) -> tuple[dict[str, Any], Path]:
     """Run the stages, saving the report before and after each one, and draw the PNG at the end."""
     path = run_dir / report.REPORT_NAME
@@ -245,7 +256,8 @@ def _run(
     save(previous, None)
     result = runner.run(
         plan, base["run"]["data_yaml"], run_dir, previous=previous, decide_finetune=ask,
-        before_stage=before_stage, on_progress=save, log=log,
+        before_stage=before_stage, on_progress=save, log=log, on_update=on_update,
+        log_file=run_dir / ULTRALYTICS_LOG if quiet else None,
     )  # fmt: skip
     doc = report.build_report(base, result.stages, run=report.run_info(result))
     report.save_report(doc, run_dir)

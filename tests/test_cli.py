@@ -73,14 +73,22 @@ def test_plan_json_for_another_machine(gpu_box, make_dataset):
 
 
 def test_original_workflow_flags(make_dataset):
-    args = ["--dataset", make_dataset(4, 2), "--epochs", 50, "--batch-size", 32, "--img-size", 416]
+    args = ["--dataset", make_dataset(20, 2), "--epochs", 50, "--batch-size", 16, "--img-size", 416]
     result = invoke("plan", *args, "--json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
     main = doc["stages"][0]
-    assert (main["epochs"], main["batch"], main["imgsz"]) == (50, 32, 416)
-    assert main["batch_fallbacks"] == [16, 8, 4]  # on CPU the chain below a user batch continues to 4
+    assert (main["epochs"], main["batch"], main["imgsz"]) == (50, 16, 416)
+    assert main["batch_fallbacks"] == [8, 4]  # on CPU the chain below a user batch continues to 4
     assert doc["reasons"]["batch"] == doc["reasons"]["epochs"] == doc["reasons"]["imgsz"] == "set by user"
+
+
+def test_a_batch_beyond_the_dataset_is_clamped_with_the_reason(make_dataset):
+    result = invoke("plan", "--dataset", make_dataset(4, 2), "--batch-size", 32, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert (doc["stages"][0]["batch"], doc["stages"][0]["batch_fallbacks"]) == (4, [])
+    assert doc["reasons"]["batch"] == "set by user; clamped to 4: the dataset has 4 training images"
 
 
 def test_img_size_not_multiple_of_32_is_rounded_with_a_warning(make_dataset):

@@ -217,16 +217,34 @@ def test_a_txt_list_dataset_works_everywhere(make_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_piped_run_log_has_no_colour_codes(make_dataset, tmp_path):
-    """Ultralytics colours its lines unconditionally; in a file or pipe (CI logs, SLURM) they arrive plain."""
+@pytest.mark.parametrize("verbose", [False, True], ids=["default", "verbose"])
+def test_a_piped_run_reads_clean(make_dataset, tmp_path, verbose):
+    """The console shows the plan once, a line per epoch and the report; Ultralytics' own ~100 lines (argument
+    dump, layer table, progress bars) go to RUN_DIR/ultralytics.log, or to the console with --verbose. In a file
+    or pipe (CI logs, SLURM) nothing carries colour codes, which Ultralytics writes unconditionally."""
     root = make_dataset(4, 1)
-    cmd = [sys.executable, "-m", "speedtrain", "train", "--dataset", str(root), "--img-size", "64", "--epochs", "1",
+    cmd = [sys.executable, "-m", "speedtrain", "train", "--dataset", str(root), "--img-size", "64", "--epochs", "2",
            "--finetune", "no", "--project", str(tmp_path / "runs"), "plots=False"]  # fmt: skip
+    cmd += ["--verbose"] if verbose else []
     env = {**os.environ, "YOLO_VERBOSE": "True"}  # the tests run Ultralytics quiet; here its log is the point
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "Starting training" in done.stdout + done.stderr  # Ultralytics' own log is there
-    assert "\x1b[" not in done.stdout + done.stderr
+    console = done.stdout + done.stderr
+    log = tmp_path / "runs" / "train" / "ultralytics.log"
+    assert "\x1b[" not in console
+    assert console.count("Plan: ") == 1  # shown before the run, not again in the final report
+    if verbose:
+        assert "Starting training" in console
+        assert not log.exists()
+    else:
+        assert "Starting training" not in console
+        assert "Starting training" in log.read_text()
+        assert "\x1b[" not in log.read_text()
+        assert [ln.split("  ")[0] for ln in console.splitlines() if ln.startswith("main: epoch")] == [
+            "main: epoch 1/2",
+            "main: epoch 2/2",
+        ]
+        assert f"Ultralytics' full log: {log}" in console.replace("\n", " ")
 
 
 @pytest.mark.parametrize(
@@ -307,3 +325,25 @@ def test_json_inputs_are_bounded(tmp_path, monkeypatch):
         report.load_report(big)
     with pytest.raises(HardwareError, match="too large for a hardware snapshot"):
         hardware.load(big)
+
+
+def test_missing_names_with_relative_splits_count_classes_from_the_labels(make_dataset):
+    import yaml
+
+    from speedtrain import dataset
+
+    root = make_dataset(4, 1)
+    data = yaml.safe_load((root / "data.yaml").read_text())
+    del data["names"]
+    (root / "data.yaml").write_text(yaml.safe_dump(data))  # train: images/train, relative to the yaml's folder
+    names = dataset.scan(root).names
+    assert names[0] == "class0"
+    assert len(names) > 1  # read from the labels, which exist, whatever the working directory
+
+
+def test_a_dataset_folder_starting_with_a_dash(make_dataset, tmp_path, monkeypatch):
+    make_dataset(4, 1).rename(tmp_path / "-ds")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["plan", "--dataset", "-ds", "--json"])  # the value of --dataset, not a flag
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["dataset"]["train_images"] == 4

@@ -98,7 +98,9 @@ def test_tune_on_cpu_measures_caches_and_retunes(make_dataset, tmp_path):
     result = json.loads(first.stdout)  # stdout is the JSON alone; Ultralytics' logs went to stderr
     assert result["plan_batch"] in [s["batch"] for s in result["steps"]]  # the plan's batch is always timed
     assert all(s["images_per_s"] > 0 for s in result["steps"])
-    assert {(x["workers"], x["cache"]) for x in result["loaders"]} >= {(0, False)}  # CPU training uses 0 workers
+    loaders = {(x["workers"], x["cache"]) for x in result["loaders"]}
+    assert (result["plan_workers"], result["plan_cache"]) in loaders  # the plan's own, always measured first
+    assert {w for w, _ in loaders} == {0}  # CPU training uses 0 workers
     assert all(x["images_per_s"] > 0 for x in result["loaders"])
     assert result["predicted_images_per_s"] > 0
     assert result["achieved_images_per_s"] > 0  # confirmed by a short real run
