@@ -217,8 +217,9 @@ def _main_stage(
 ) -> Stage:
     batch, fallbacks, reasons["batch"] = _batch(hw, gpus, model, imgsz, ov.batch, device)
     n = max(gpus, 1)
-    if ov.batch is not None and stats.train_images and batch > max(stats.train_images, n):
-        # a user's batch beyond the dataset: Ultralytics would cut it to the dataset size anyway; say so here
+    if ov.batch is not None and stats.train_images and batch > max(2 * stats.train_images, n):
+        # a user's batch far beyond the dataset (over twice its size): Ultralytics would cut it to the dataset's
+        # size anyway, after sizing memory and the OOM chain for the larger number; say so here instead
         clamped = max(n, stats.train_images // n * n)
         fallbacks = tuple(b for b in fallbacks if b < clamped)
         reasons["batch"] += f"; clamped to {clamped}: the dataset has {stats.train_images} training images"

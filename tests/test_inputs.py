@@ -207,7 +207,8 @@ def test_a_txt_list_dataset_works_everywhere(make_dataset, tmp_path):
     assert prepared.exit_code == 0, prepared.output[-2000:]
     assert (tmp_path / "p" / "train.txt").read_text().count("./images/train/") == 6  # the copy lists its copies
     base = ["train", "--img-size", "64", "--epochs", "1", "--finetune", "no", "plots=False"]
-    for dataset, extra in ((root, ["--prepare", "yes"]), (tmp_path / "p", ["--pipeline", "fast"])):
+    # the default --prepare auto resizes these 640-px photos for 64-px training; then the fast pipeline
+    for dataset, extra in ((root, ["--prepare", "auto"]), (tmp_path / "p", ["--pipeline", "fast"])):
         project = tmp_path / f"runs-{len(extra)}-{extra[-1]}"
         result = runner.invoke(app, [*base, "--dataset", str(dataset), "--project", str(project), *extra])
         assert result.exit_code == 0, result.output[-3000:]
