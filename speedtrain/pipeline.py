@@ -11,10 +11,11 @@ into pinned memory and copies them on a side CUDA stream while the current step 
 pattern). Geometry runs in float32 regardless of AMP.
 
 Why hand-written torch rather than kornia (measured on the 2-vCPU development VM, CPU tensors, augmentation
-alone, `python benchmarks/pipeline.py --augment-only`): at 416 px this code did 59 images/s at batch 16 and 25 at
-batch 64 against kornia 0.9's AugmentationSequential (RandomMosaic, RandomAffine, ColorJiggle, flips, bbox_xyxy)
-49 and 23; at 640, 13 and 8 against 12 and 8. It dispatches 420 aten ops per batch at any batch size and none
-that syncs; kornia 1,212 at batch 16, 1,452 at 64, and 13 syncing ops per batch. Both keep a painted box on its
+alone, `python benchmarks/pipeline.py --augment-only`): at 416 px this code did 43 images/s at batch 16 and 24
+at batch 64 against kornia 0.9's AugmentationSequential (RandomMosaic, RandomAffine, ColorJiggle, flips,
+bbox_xyxy) 47 and 21; at 640, 12 and 8 against 13 and 8: as fast within run-to-run noise. It dispatches 423 aten
+ops per batch at any batch size and none that syncs; kornia 1,212 at batch 16, 1,452 at 64, and 13 syncing ops
+per batch. Both keep a painted box on its
 pixels. kornia's mosaic and colour jitter are not Ultralytics' (its RandomMosaic crops differently, ColorJiggle
 is not Ultralytics' HSV gains) and it does not apply Ultralytics' box filter, so it would change the training
 recipe as well as cost more; torchvision.transforms.v2 draws one set of parameters per call, not per image.
@@ -370,10 +371,12 @@ def warp(tiles: Any, offsets: Any, used: Any, mosaic: Any, centre: Any, canvas: 
     offset = offsets.gather(1, q[..., None].expand(-1, -1, 2))  # (B, S*S, 2)
     slot = torch.stack([q % cols, q // cols], -1) * s  # where that tile sits in the atlas
     atlas_xy = src - offset + slot
-    grid = (2 * atlas_xy + 1) / (cols * s) - 1 if cols == 2 else (2 * atlas_xy + 1) / s - 1
     rows = 2 if t == 4 else 1
+    if t == 4:  # a single image in a mosaic batch: its last half pixel must not blend with the next atlas slot
+        atlas_xy = torch.where(mosaic.view(b, 1, 1), atlas_xy, atlas_xy.clamp(max=s - 0.5))
     atlas = (tiles.view(b, rows, cols, s, s, 3).permute(0, 5, 1, 3, 2, 4).reshape(b, 3, rows * s, cols * s).float()
              - PAD)  # PAD becomes 0, like grid_sample's zero padding  # fmt: skip
+    grid = (2 * atlas_xy + 1) / (cols * s) - 1
     sampled = F.grid_sample(atlas, grid.view(b, size, size, 2), mode="bilinear", padding_mode="zeros",
                             align_corners=False)  # fmt: skip
     keep = inside & used.gather(1, q)
