@@ -200,7 +200,7 @@ def step_floor(out: Path, _work: Path, _args: argparse.Namespace) -> None:
     from speedtrain import tune
 
     stage = _plan_stage(out)
-    on_gpu = stage.device[0].isdigit()
+    on_gpu = stage.on_gpu
     steps = tune.probe_steps(stage, MODEL, on_gpu, time.perf_counter() + 60, log=lambda _: None)
     mine = next(p for p in steps if p.batch == tune._plan_batch(stage))
     record(out, "floor", {

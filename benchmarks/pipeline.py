@@ -227,7 +227,7 @@ def main() -> None:
         results = {
             name: measure(stage, weights, view, Path(tmp) / "runs" / stage.pipeline) for name, stage in rows.items()
         }
-        floor = tune.probe_steps(base, weights, base.device[0].isdigit(), float("inf"), log=lambda _: None)
+        floor = tune.probe_steps(base, weights, base.on_gpu, float("inf"), log=lambda _: None)
         at_batch = [s for s in floor if s.batch <= base.batch and s.images_per_s]
     heading = f"{args.images} images of {args.dataset.name}, {args.epochs} epochs at {args.imgsz} px"
     heading += f", batch {base.batch}, {note}"

@@ -18,6 +18,7 @@ from PIL import Image
 
 from speedtrain.errors import DatasetError
 from speedtrain.parallel import Progress, pmap
+from speedtrain.util import first_line
 
 # Bound before ultralytics is imported (speedtrain imports it later, lazily): Ultralytics replaces Image.open with
 # a wrapper that runs check_requirements("pi-heif") -- a pip install when online -- on any file Pillow cannot
@@ -235,8 +236,7 @@ def load_yaml(path: Path) -> Any:
         text = path.read_text(encoding="utf-8-sig")
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DatasetError(f"{path}: cannot read yaml ({first})") from None
+        raise DatasetError(f"{path}: cannot read yaml ({first_line(exc)})") from None
     if node is not None and _expanded_nodes(node, {}) > YAML_MAX_NODES:
         raise DatasetError(
             f"{path}: its aliases expand to more than {YAML_MAX_NODES:,} values (a 'billion laughs' yaml?); refused"
@@ -489,7 +489,7 @@ def _inspect_image(image: str) -> tuple[str, str, str]:
             im.load()  # a truncated JPEG fails here ("image file is truncated"), not at open
         return image, digest, ""
     except Exception as exc:  # any decode failure makes this image unreadable, never the check's failure
-        return image, "", str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return image, "", first_line(exc)
 
 
 def _orphan_labels(stats: DatasetStats) -> list[Problem]:

@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 
 from speedtrain.errors import HardwareError
+from speedtrain.util import existing_parent, first_line
 
 GIB = 1024**3
 JSON_MAX_BYTES = 16 * 1024**2  # snapshots are about 1 KB, reports tens of KB: anything this large is not one
@@ -64,7 +65,7 @@ def probe(path: str | Path = ".") -> HardwareSnapshot:
         ram_available_gb=_gb(mem.available),
         cpu_cores_logical=logical,
         cpu_cores_physical=physical,
-        disk_free_gb=_gb(shutil.disk_usage(_existing_parent(Path(path))).free),
+        disk_free_gb=_gb(shutil.disk_usage(existing_parent(Path(path))).free),
         swap_total_gb=_gb(swap.total),
         swap_free_gb=_gb(swap.free),
         shm_free_gb=shm_free_gb(),
@@ -100,14 +101,14 @@ def _probe_gpus() -> tuple[tuple[Gpu, ...], str, list[str]]:
     try:
         return _filter_visible(_probe_nvml()), "nvml", notes
     except Exception as exc:  # NVML raises its own error family, or the library is absent
-        notes.append(f"NVML unavailable ({_one_line(exc)})")
+        notes.append(f"NVML unavailable ({first_line(exc)})")
     if not _gpu_may_exist_without_nvml():
         notes.append("no GPU device found; planning for CPU")
         return (), "none", notes
     try:
         gpus = _probe_torch()
     except Exception as exc:  # a broken driver makes torch.cuda raise at first use
-        notes.append(f"torch could not query GPUs ({_one_line(exc)}); planning for CPU")
+        notes.append(f"torch could not query GPUs ({first_line(exc)}); planning for CPU")
         return (), "none", notes
     if not gpus:
         notes.append("torch sees no CUDA GPU; planning for CPU")
@@ -273,7 +274,9 @@ def from_dict(data: Any, source: str = "dict") -> HardwareSnapshot:
             notes=tuple(str(n) for n in data.get("notes", [])),
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise HardwareError(f"{source}: not a valid hardware snapshot ({_one_line(exc)} is missing or wrong)") from None
+        raise HardwareError(
+            f"{source}: not a valid hardware snapshot ({first_line(exc)} is missing or wrong)"
+        ) from None
     if snapshot.ram_total_gb <= 0 or snapshot.cpu_cores_logical <= 0:
         raise HardwareError(f"{source}: RAM and CPU cores must be positive")
     return snapshot
@@ -296,15 +299,8 @@ def load(path: str | Path) -> HardwareSnapshot:
     except FileNotFoundError:
         raise HardwareError(f"hardware snapshot not found: {path}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HardwareError(f"{path}: cannot read hardware snapshot ({_one_line(exc)})") from None
+        raise HardwareError(f"{path}: cannot read hardware snapshot ({first_line(exc)})") from None
     return from_dict(data, source=str(path))
-
-
-def _existing_parent(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 def _gb(n_bytes: float) -> float:
@@ -313,8 +309,3 @@ def _gb(n_bytes: float) -> float:
 
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -38,7 +38,7 @@ import numpy as np
 
 from speedtrain.dataset import label_path, list_images
 from speedtrain.parallel import pmap
-from speedtrain.prepare import write_atomic
+from speedtrain.util import existing_parent, write_atomic
 
 PAD = 114  # Ultralytics' fill value for letterbox and mosaic borders
 WH_THR, AR_THR, AREA_THR = 2.0, 100.0, 0.1  # Ultralytics' RandomPerspective.box_candidates defaults (boxes)
@@ -109,10 +109,7 @@ def _check_room(root: Path, nbytes: int) -> None:
 
     from speedtrain.errors import DiskSpaceError
 
-    probe = root
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = shutil.disk_usage(existing_parent(root)).free
     if nbytes * 1.05 + 2**28 > free:
         raise DiskSpaceError(
             f"{root}: the fast pipeline's decoded store needs {nbytes / 1024**3:.1f} GB, {free / 1024**3:.1f} GB "

@@ -123,6 +123,15 @@ class Stage:
     threads: int | None = None  # torch intra-op threads, set after Ultralytics' device selection; None: its own
     extra: tuple[tuple[str, Any], ...] = ()
 
+    @property
+    def gpu_ids(self) -> tuple[int, ...]:
+        """The CUDA indices this stage trains on; () on the CPU or MPS."""
+        return tuple(int(d) for d in self.device.split(",")) if self.device[:1].isdigit() else ()
+
+    @property
+    def on_gpu(self) -> bool:
+        return bool(self.gpu_ids)
+
     def train_args(self) -> dict[str, Any]:
         """Arguments for model.train(); every key is an Ultralytics train argument."""
         skip = {"name", "batch_fallbacks", "when", "ram_cache_need_gb", "pipeline", "threads", "extra"}
@@ -394,7 +403,7 @@ def apply_tuned(
     tuned = replace(main, batch=batch, batch_fallbacks=chain, workers=workers, cache=cache)
     reasons = dict(plan.reasons)
     auto = reasons.get("pipeline", "").startswith("ultralytics: not measured")
-    if fast_measured_faster and main.device[0].isdigit() and auto:
+    if fast_measured_faster and main.on_gpu and auto:
         tuned = replace(tuned, pipeline="fast", rect=False)
         reasons["pipeline"] = f"fast: speedtrain tune measured it faster than Ultralytics' pipeline here ({why})"
     for key, value in (("batch", batch), ("workers", workers), ("cache", cache or "none")):

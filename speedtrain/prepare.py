@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from PIL import Image, ImageOps
 from speedtrain.dataset import DatasetStats, Problem, label_path, list_images, load_yaml, open_image
 from speedtrain.errors import DiskSpaceError, UsageError
 from speedtrain.parallel import Progress, default_workers, pmap
+from speedtrain.util import existing_parent, first_line, write_atomic
 
 VIEW_DIR = ".datasets"
 
@@ -134,19 +134,6 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except OSError:
         return 0.0
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- resized copies (`speedtrain prepare`, `optimize_training_speed.py --resize`) -------------------------------
@@ -353,7 +340,7 @@ def _resize_one(job: tuple[str, str, int, int]) -> tuple[str, str, str, int, int
         _save_atomic(resized, Path(dst), fmt, quality, icc)
         return src, dst, "resized", before, os.path.getsize(dst), ""
     except Exception as exc:  # a corrupt image is reported and skipped, never the run's end
-        return src, dst, "failed", 0, 0, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return src, dst, "failed", 0, 0, first_line(exc)
 
 
 def _downscale(im: Image.Image, target: tuple[int, int]) -> Image.Image:
@@ -480,15 +467,9 @@ def _check_disk(stats: DatasetStats, size: int, out_dir: Path, pairs: list[tuple
     total = sum(src.stat().st_size for src, _ in pairs)
     long_side = stats.image_sizes.median_long_side() or size
     need_gb = total * min(1.0, (size / long_side) ** 2) * 1.1 / 1024**3 + 0.1
-    free_gb = shutil.disk_usage(_existing_parent(out_dir)).free / 1024**3
+    free_gb = shutil.disk_usage(existing_parent(out_dir)).free / 1024**3
     if need_gb > free_gb:
         raise DiskSpaceError(f"{out_dir}: about {need_gb:.1f} GB needed for the resized copy, {free_gb:.1f} GB free")
-
-
-def _existing_parent(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 def measure_load_ms(images: list[str], imgsz: int, sample: int = 16) -> float | None:

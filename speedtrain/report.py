@@ -6,7 +6,6 @@ import copy
 import json
 import statistics
 import textwrap
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,8 @@ from speedtrain.dataset import DatasetStats
 from speedtrain.errors import SpeedtrainError
 from speedtrain.hardware import JSON_MAX_BYTES, HardwareSnapshot
 from speedtrain.planner import TrainPlan
-from speedtrain.prepare import write_atomic
 from speedtrain.runner import RunResult, StageResult
+from speedtrain.util import utc_now, write_atomic
 
 REPORT_NAME = "speed_report.json"
 REPORT_VERSION = 1
@@ -86,15 +85,11 @@ def run_info(result: RunResult) -> dict[str, Any]:
         "model_source": result.model_source,
         "model_note": result.model_note,
         "started_at": result.started_at,
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": utc_now(),
         "wall_time_s": result.wall_time_s,
         "interrupted": result.interrupted,
         "status": "interrupted" if result.interrupted else "finished",
     }
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def save_report(doc: dict[str, Any], run_dir: str | Path) -> Path:

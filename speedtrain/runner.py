@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import yaml
 from speedtrain.errors import DiskSpaceError, TrainingError, UsageError
 from speedtrain.monitor import Monitor
 from speedtrain.planner import Stage, TrainPlan
+from speedtrain.util import first_line, utc_now
 
 Log = Callable[[str], None]
 OOM_MARKERS = (
@@ -328,7 +328,7 @@ def _check_loads(source: str) -> None:
     try:
         YOLO(source)
     except Exception as exc:  # whatever Ultralytics raises for a file it cannot use
-        raise TrainingError(f"--model {source}: Ultralytics cannot load it ({_first_line(exc)})") from None
+        raise TrainingError(f"--model {source}: Ultralytics cannot load it ({first_line(exc)})") from None
 
 
 def _fetch(source: str, note: str) -> tuple[str, str]:
@@ -341,7 +341,7 @@ def _fetch(source: str, note: str) -> tuple[str, str]:
         YOLO(source)
     except Exception as exc:  # no network after all, or the download broke off
         stem = Path(source).stem
-        return f"{stem}.yaml", f"model {stem}: download failed ({_first_line(exc)}), so built from {stem}.yaml"
+        return f"{stem}.yaml", f"model {stem}: download failed ({first_line(exc)}), so built from {stem}.yaml"
     return source, note
 
 
@@ -354,7 +354,7 @@ def run_download_script(yaml_path: Path | None) -> None:
     try:
         check_det_dataset(str(yaml_path), autodownload=True)
     except Exception as exc:  # whatever the script did, the scan that follows says what is still missing
-        raise TrainingError(f"{yaml_path}: the download: script failed ({_first_line(exc)})") from None
+        raise TrainingError(f"{yaml_path}: the download: script failed ({first_line(exc)})") from None
 
 
 def run(
@@ -375,7 +375,7 @@ def run(
     `on_progress(results, running_stage)` is called before each stage and after it, so the caller can keep a
     report on disk that a later --resume reads.
     """
-    started, t0 = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
+    started, t0 = utc_now(), time.perf_counter()
     _quiet_ultralytics()
     source, note = _fetch(*resolve_model(plan.model))
     _check_loads(source)
@@ -453,7 +453,7 @@ def train_stage(
     recorder = _Recorder(threads=stage.threads, stage=stage.name, on_update=on_update)
     fallbacks: list[OomFallback] = list(previous.oom_fallbacks) if previous else []
     current = replace(stage, batch=previous.batch if previous and checkpoint else stage.batch)
-    gpu_ids = tuple(int(d) for d in stage.device.split(",")) if stage.device[0].isdigit() else ()
+    gpu_ids = stage.gpu_ids
     trainer, metrics, status, note = None, None, "", ""
     t0 = time.perf_counter()
     with (
@@ -532,7 +532,7 @@ def _step_down(stage: Stage, stage_dir: Path, batch: int, exc: BaseException, lo
         ) from None
     epoch, where = _going_on_from(stage_dir)
     log(f"{stage.name}: out of memory in epoch {epoch} at batch {batch}; going on with {smaller} {where}")
-    return smaller, OomFallback(epoch, batch, smaller, _now(), _first_line(exc))
+    return smaller, OomFallback(epoch, batch, smaller, utc_now(), first_line(exc))
 
 
 def _relieve_host_memory(stage: Stage, stage_dir: Path, exc: BaseException, log: Log) -> tuple[Stage, OomFallback]:
@@ -544,12 +544,12 @@ def _relieve_host_memory(stage: Stage, stage_dir: Path, exc: BaseException, log:
         smaller, change = replace(stage, workers=stage.workers // 2), f"workers {stage.workers} -> {stage.workers // 2}"
     else:
         raise TrainingError(
-            f"{stage.name}: host RAM ran out with no RAM cache and no dataloader workers ({_first_line(exc)}); "
+            f"{stage.name}: host RAM ran out with no RAM cache and no dataloader workers ({first_line(exc)}); "
             "close other programs or train on a machine with more memory"
         ) from None
     epoch, where = _going_on_from(stage_dir)
-    log(f"{stage.name}: host RAM ran out in epoch {epoch} ({_first_line(exc)}); going on with {change} {where}")
-    return smaller, OomFallback(epoch, stage.batch, stage.batch, _now(), _first_line(exc), kind="host", change=change)
+    log(f"{stage.name}: host RAM ran out in epoch {epoch} ({first_line(exc)}); going on with {change} {where}")
+    return smaller, OomFallback(epoch, stage.batch, stage.batch, utc_now(), first_line(exc), kind="host", change=change)
 
 
 def _going_on_from(stage_dir: Path) -> tuple[int, str]:
@@ -561,7 +561,7 @@ def _going_on_from(stage_dir: Path) -> tuple[int, str]:
 
 def _shm_exhausted(stage: Stage, exc: BaseException) -> TrainingError:
     return TrainingError(
-        f"{stage.name}: a dataloader worker ran out of shared memory in /dev/shm ({_first_line(exc)}); in Docker "
+        f"{stage.name}: a dataloader worker ran out of shared memory in /dev/shm ({first_line(exc)}); in Docker "
         f"start the container with a larger --shm-size (for example docker run --shm-size=8g), or train with "
         f"fewer workers (--workers {stage.workers // 2}); go on with --resume"
     )
@@ -586,10 +586,10 @@ def _validate_again(
                 data=str(data_yaml), batch=batch, imgsz=stage.imgsz, device=stage.device, plots=False, verbose=False,
                 project=str(stage_dir), name="final-val", exist_ok=True,
             )  # fmt: skip
-            note = f"the final validation ran out of memory ({_first_line(exc)}); validated again at batch {batch}"
+            note = f"the final validation ran out of memory ({first_line(exc)}); validated again at batch {batch}"
             return metrics, note
         except Exception as again:
-            if memory_kind(again, stage.device[0].isdigit()) != "device" or batch == 1:
+            if memory_kind(again, stage.on_gpu) != "device" or batch == 1:
                 raise TrainingError(
                     f"{stage.name}: training finished and {best} is saved, but validating it ran out of memory "
                     f"down to batch {batch}: validate it later with `yolo val model={best} batch=1`"
@@ -775,15 +775,6 @@ def _rate(images: int, seconds: tuple[float, ...]) -> float | None:
     """Images per second over the given epochs, or None when nothing was timed."""
     total = sum(seconds)
     return round(images * len(seconds) / total, 2) if images and total > 0 else None
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _metrics(metrics: Any) -> tuple[tuple[str, float], ...]:

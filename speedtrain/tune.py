@@ -28,7 +28,7 @@ from speedtrain import __version__
 from speedtrain.dataset import DatasetStats
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.planner import Stage
-from speedtrain.prepare import write_atomic
+from speedtrain.util import write_atomic
 
 Log = Callable[[str], None]
 TIE = 0.05  # among configurations that beat the plan, those within 5% of the best predicted rate count as ties
@@ -150,7 +150,7 @@ def tune(
         log(f"tune: using the result measured {cached.created_at} (--retune measures again)")
         return cached
     t0 = time.perf_counter()
-    on_gpu = stage.device[0].isdigit()
+    on_gpu = stage.on_gpu
     # The probes take at most 60% of the budget when two short confirming runs follow, all of it otherwise.
     deadline = t0 + budget_s * (0.6 if confirm else 1.0)
     steps = probe_steps(stage, model_source, on_gpu, t0 + budget_s * (0.3 if confirm else 0.5), log)
@@ -192,7 +192,7 @@ def _probe_steps(stage: Stage, model_source: str, on_gpu: bool, deadline: float,
     from ultralytics.cfg import get_cfg
     from ultralytics.utils import DEFAULT_CFG
 
-    device = torch.device(f"cuda:{stage.device.split(',')[0]}" if on_gpu else "cpu")
+    device = torch.device(f"cuda:{stage.gpu_ids[0]}" if on_gpu else "cpu")
     model = YOLO(model_source).model.to(device)
     model.args = get_cfg(DEFAULT_CFG)
     model.train()
@@ -217,7 +217,7 @@ def _probe_steps(stage: Stage, model_source: str, on_gpu: bool, deadline: float,
 
 def _plan_batch(stage: Stage) -> int:
     """The plan's batch per GPU (the step probe runs on one GPU)."""
-    gpus = len(stage.device.split(",")) if stage.device[0].isdigit() else 1
+    gpus = max(1, len(stage.gpu_ids))
     return max(1, stage.batch // gpus)
 
 
@@ -285,7 +285,7 @@ def probe_loaders(
     """
     from speedtrain.planner import ram_cache_need_gb
 
-    n_gpus = max(1, len(stage.device.split(","))) if on_gpu else 1
+    n_gpus = max(1, len(stage.gpu_ids))
     workers = [w for w in WORKER_CANDIDATES if w <= hw.cpu_cores_logical // n_gpus] if on_gpu else [0]
     caches: list[str | bool] = [False, "disk"]
     if ram_cache_need_gb(stats, stage.imgsz, max(workers or [0]), n_gpus) <= hw.ram_available_gb:
@@ -364,8 +364,8 @@ def decide(
 ) -> TuneResult:
     """Keep the plan's configuration unless another is predicted faster by more than the measurements' noise."""
     timed = [s for s in steps if s.images_per_s]
-    gpus = len(stage.device.split(",")) if stage.device[0].isdigit() else 1
-    plan_key = (_plan_batch(stage), stage.workers if stage.device[0].isdigit() else 0, stage.cache)
+    gpus = max(1, len(stage.gpu_ids))
+    plan_key = (_plan_batch(stage), stage.workers if stage.on_gpu else 0, stage.cache)
     plan_fields = {"plan_batch": stage.batch, "plan_workers": plan_key[1], "plan_cache": stage.cache}
     if not timed or not loaders:
         why = "the probes ran out of time or memory; the plan stays as it was"
@@ -467,7 +467,7 @@ def predicted_rate(step_rate: float, loader: LoaderProbe) -> float:
 def _diagnose(
     data_bound: bool, factor: float, step: StepProbe, steps: tuple[StepProbe, ...], stats: DatasetStats, stage: Stage
 ) -> list[str]:
-    where = "the GPU" if stage.device[0].isdigit() else "the CPU"
+    where = "the GPU" if stage.on_gpu else "the CPU"
     if data_bound:
         out = [f"data-bound: the model could train {factor}x faster than the loader delivers images"]
         if stats.image_sizes.share_larger_than(round(stage.imgsz * 1.5)) > 0.5:
@@ -546,7 +546,7 @@ def _confirm(
     """One epoch of real training on a slice of the training set with this configuration: its images/s."""
     from speedtrain.runner import train_stage
 
-    limit = PROBE_IMAGES["gpu" if stage.device[0].isdigit() else "cpu"]
+    limit = PROBE_IMAGES["gpu" if stage.on_gpu else "cpu"]
     extra = {**dict(stage.extra), "fraction": min(1.0, limit / max(1, stats.train_images)), "plots": False}
     trial = replace(
         stage, name="tune-confirm", epochs=1, batch=batch, workers=workers, cache=cache, extra=tuple(extra.items()),

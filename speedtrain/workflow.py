@@ -17,6 +17,7 @@ from speedtrain.errors import DatasetError, DiskSpaceError, UsageError
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.parallel import Progress
 from speedtrain.planner import Overrides, Stage, TrainPlan
+from speedtrain.util import existing_parent, utc_now
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
 DEFAULT_PROJECT = Path("runs") / "speedtrain"
@@ -150,7 +151,7 @@ def check_run_folder(project: str | Path, name: str) -> Path:
     project = Path(project)
     if not name or name in (".", "..") or any(sep in name for sep in ("/", "\\")):
         raise UsageError(f"--name {name!r}: a run folder name, without / or \\ (it stays inside --project)")
-    parent = _existing(project)  # nothing is created here: a refused run leaves no folder behind
+    parent = existing_parent(project)  # nothing is created here: a refused run leaves no folder behind
     if not parent.is_dir():
         raise UsageError(f"--project {project}: cannot hold run folders ({parent} is a file)")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -221,7 +222,7 @@ def resume(
     previous = tuple(runner.StageResult.from_report(s) for s in doc["stages"] if s.get("status") not in PENDING)
     base = dict(doc)
     base["stages"] = [{k: v for k, v in s.items() if k not in ("status", "note", "measured")} for s in doc["stages"]]
-    base["run"] = {**doc["run"], "status": "running", "resumed_at": report.now()}
+    base["run"] = {**doc["run"], "status": "running", "resumed_at": utc_now()}
     log(f"resuming {run_dir}")
     return _run(base, planner.plan_from_dict(doc), run_dir, previous, ask, log, on_update, quiet)
 
@@ -276,16 +277,9 @@ def _check_disk(planned: Planned, project: Path) -> None:
     need = CHECKPOINT_ROOM_GB
     if any(s.cache == "disk" for s in planned.plan.stages):
         need += planned.stats.decoded_gb(None)
-    free = shutil.disk_usage(_existing(project)).free / 1024**3
+    free = shutil.disk_usage(existing_parent(project)).free / 1024**3
     if free < need:
         raise DiskSpaceError(
             f"{project}: {free:.1f} GB free, the run needs about {need:.1f} GB (checkpoints"
             + (" and the disk image cache); try --cache none or free some space)" if need > CHECKPOINT_ROOM_GB else ")")
         )
-
-
-def _existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path

@@ -13,7 +13,7 @@ import yaml
 from conftest import tree_hash, wait_for
 from PIL import Image, ImageOps
 
-from speedtrain import dataset, prepare
+from speedtrain import dataset, prepare, util
 from speedtrain.errors import UsageError
 
 
@@ -66,8 +66,8 @@ def test_view_dir_is_stable_per_dataset(make_dataset, tmp_path):
 
 def test_write_atomic_leaves_no_temporary_files(tmp_path):
     target = tmp_path / "sub" / "f.json"
-    prepare.write_atomic(target, b"{}")
-    prepare.write_atomic(target, b'{"a": 1}')
+    util.write_atomic(target, b"{}")
+    util.write_atomic(target, b'{"a": 1}')
     assert target.read_bytes() == b'{"a": 1}'
     assert [p.name for p in target.parent.iterdir()] == ["f.json"]
 

@@ -1,0 +1,41 @@
+"""Small helpers every module needs the same way: atomic writes, the nearest existing folder, an exception's
+first line, a UTC timestamp. Defined once here."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def existing_parent(path: Path) -> Path:
+    """`path` made absolute, or its nearest ancestor that exists (where free disk space can be measured)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message as one line (its first), or its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
+def utc_now() -> str:
+    """Now, as an ISO 8601 UTC timestamp to the second (the reports' format)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
