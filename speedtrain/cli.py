@@ -305,7 +305,8 @@ def _train(ctx: typer.Context, params: dict[str, Any]) -> None:
     if planned.plan.prepare_size:
         with _progress(f"resizing to {planned.plan.prepare_size} px") as progress:
             planned = workflow.prepare_dataset(planned, p.project, progress)
-        console.print(report.render_prepared(planned.prepared))
+        if planned.prepared:
+            console.print(report.render_prepared(planned.prepared))
     if p.autotune or p.retune:
         planned, tuned = workflow.autotune(planned, p.project, budget_s=p.budget_s, retune=p.retune, log=_log)
         console.print(report.render_tune(tuned.to_dict()))

@@ -53,7 +53,7 @@ SHM_PREFETCH = 4  # batches each training DataLoader worker holds in /dev/shm (U
 PREPARE_FACTOR = 1.5
 PREPARE_SHARE = 0.5
 
-BASELINE = {"imgsz": 640, "batch": 16, "cache": "disk", "workers": 8}  # Ultralytics-tutorial settings
+BASELINE: dict[str, Any] = {"imgsz": 640, "batch": 16, "cache": "disk", "workers": 8}  # Ultralytics-tutorial settings
 
 # Ultralytics train arguments that speedtrain owns: they come from its own flags.
 RESERVED_ARGS = {
@@ -626,7 +626,8 @@ def _cache(
     hw: HardwareSnapshot, stats: DatasetStats, imgsz: int, workers: int, gpus: int, requested: str | None
 ) -> tuple[str | bool, str]:
     if requested is not None:
-        value = {"ram": "ram", "disk": "disk", "none": False}.get(requested)
+        choices: dict[str, str | bool] = {"ram": "ram", "disk": "disk", "none": False}
+        value = choices.get(requested)
         if value is None:
             raise UsageError(f"--cache {requested!r}: expected ram, disk or none")
         return value, "set by user"

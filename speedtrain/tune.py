@@ -193,7 +193,8 @@ def _probe_steps(stage: Stage, model_source: str, on_gpu: bool, deadline: float,
     from ultralytics.utils import DEFAULT_CFG
 
     device = torch.device(f"cuda:{stage.gpu_ids[0]}" if on_gpu else "cpu")
-    model = YOLO(model_source).model.to(device)
+    model: Any = YOLO(model_source).model  # an nn.Module once built (Ultralytics types it loosely)
+    model = model.to(device)
     model.args = get_cfg(DEFAULT_CFG)
     model.train()
     for p in model.parameters():
@@ -292,7 +293,7 @@ def probe_loaders(
         caches.append("ram")
     planned = (stage.workers if on_gpu else 0, stage.cache)
     combos = [planned, *((w, c) for c in caches for w in workers or [0] if (w, c) != planned)]
-    results = []
+    results: list[LoaderProbe] = []
     for w, cache in combos:
         if results and time.perf_counter() > deadline:
             break
@@ -320,7 +321,7 @@ def _time_loader(
     limit = PROBE_IMAGES["gpu" if on_gpu else "cpu"]
     fraction = min(1.0, limit / max(stats.train_images, 1))
     overrides = {**dict(stage.extra), "imgsz": stage.imgsz, "cache": cache, "rect": stage.rect, "fraction": fraction}
-    cfg = get_cfg(DEFAULT_CFG, overrides={k: v for k, v in overrides.items() if k in DEFAULT_CFG.__dict__})
+    cfg: Any = get_cfg(DEFAULT_CFG, overrides={k: v for k, v in overrides.items() if k in DEFAULT_CFG.__dict__})
     dataset = build_yolo_dataset(cfg, data["train"], stage.batch, data, mode="train", rect=stage.rect, stride=32)
     loader = build_dataloader(dataset, stage.batch, workers, shuffle=not stage.rect, rank=-1, device="cpu")
     proc = psutil.Process()
@@ -366,11 +367,11 @@ def decide(
     timed = [s for s in steps if s.images_per_s]
     gpus = max(1, len(stage.gpu_ids))
     plan_key = (_plan_batch(stage), stage.workers if stage.on_gpu else 0, stage.cache)
-    plan_fields = {"plan_batch": stage.batch, "plan_workers": plan_key[1], "plan_cache": stage.cache}
     if not timed or not loaders:
         why = "the probes ran out of time or memory; the plan stays as it was"
         return TuneResult("", stage.device, "", stage.imgsz, steps, loaders, stage.batch, stage.workers,
-                          stage.cache, 0.0, "unknown", 1.0, (why,), kept_plan=True, **plan_fields)  # fmt: skip
+                          stage.cache, 0.0, "unknown", 1.0, (why,), kept_plan=True, plan_batch=stage.batch,
+                          plan_workers=plan_key[1], plan_cache=stage.cache)  # fmt: skip
     options = [_option(s, x) for s in timed for x in loaders]
     incumbent = next((o for o in options if (o.step.batch, o.loader.workers, o.loader.cache) == plan_key), None)
     if incumbent is None:  # the plan's configuration could not be timed (out of memory, or no time): best wins
@@ -403,7 +404,9 @@ def decide(
         diagnosis=tuple(diagnosis),
         plan_predicted_images_per_s=round(incumbent.rate * gpus, 1) if incumbent else None,
         kept_plan=chosen is incumbent,
-        **plan_fields,
+        plan_batch=stage.batch,
+        plan_workers=plan_key[1],
+        plan_cache=stage.cache,
     )
 
 

@@ -56,3 +56,8 @@ def test_json_keys_are_documented():
         "best_metrics",
     ):
         assert f'"{key}"' in README, key
+
+
+def test_every_command_help_ends_with_an_example():
+    for name, command in _commands().items():
+        assert "Example: speedtrain " in (command.help or ""), name
