@@ -238,7 +238,7 @@ def _main_stage(
     cache, reasons["cache"] = _cache(hw, stats, imgsz, workers, gpus, ov.cache)
     epochs, reasons["epochs"] = _epochs(ov)
     pipeline, reasons["pipeline"] = _pipeline(ov.pipeline, gpus)
-    rect, reasons["rect"] = _rect(ov.rect, pipeline)
+    rect, reasons["rect"] = _rect(ov.rect, pipeline, gpus)
     close_mosaic = min(CLOSE_MOSAIC, epochs)
     reasons["close_mosaic"] = f"mosaic off for the last {close_mosaic} epochs" + (
         " (moot while rect=True, which disables mosaic)" if rect else ""
@@ -328,8 +328,13 @@ def _epochs(ov: Overrides) -> tuple[int, str]:
     return MAIN_EPOCHS, f"{MAIN_EPOCHS}, with early stopping after {PATIENCE} epochs without improvement"
 
 
-def _rect(requested: bool | None, pipeline: str) -> tuple[bool, str]:
-    """Rectangular batches by default; the fast pipeline always trains on square, shuffled mosaic batches."""
+def _rect(requested: bool | None, pipeline: str, gpus: int = 0) -> tuple[bool, str]:
+    """Rectangular batches by default; the fast pipeline always trains on square, shuffled mosaic batches, and so
+    does Ultralytics' multi-GPU (DDP) training: the plan says so instead of showing a rect it will not get."""
+    if gpus > 1 and requested is not False:
+        # ultralytics/engine/trainer.py (8.4.190, train()): "'rect=True' is incompatible with Multi-GPU training"
+        why = f"rect=False: Ultralytics turns rect off when training on {gpus} GPUs; shuffled batches with mosaic"
+        return False, ("set by user, but " if requested else "") + why
     rect = (pipeline != "fast") if requested is None else requested
     if pipeline == "fast" and rect:
         raise UsageError("--pipeline fast trains on square mosaic batches; it cannot be combined with --rect")

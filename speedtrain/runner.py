@@ -778,8 +778,9 @@ def _rate(images: int, seconds: tuple[float, ...]) -> float | None:
 
 
 def _metrics(metrics: Any) -> tuple[tuple[str, float], ...]:
-    """Ultralytics' 'metrics/mAP50-95(B)' keys as 'mAP50-95', from the final validation of best.pt."""
-    raw = getattr(metrics, "results_dict", None) or {}
+    """Ultralytics' 'metrics/mAP50-95(B)' keys as 'mAP50-95', from the final validation of best.pt: a metrics
+    object, or (what model.train() returns after Ultralytics' multi-GPU run, 8.4.190) a plain dict."""
+    raw = metrics if isinstance(metrics, dict) else getattr(metrics, "results_dict", None) or {}
     out = []
     for key, value in raw.items():
         short = key.removeprefix("metrics/").removesuffix("(B)")

@@ -301,3 +301,18 @@ def test_deterministic_is_a_decision(override, extra, expected, why):
     assert p.stage("main").deterministic is expected
     assert p.stage("main").train_args()["deterministic"] is expected  # Ultralytics receives it
     assert why in p.reason("deterministic")
+
+
+@pytest.mark.parametrize(
+    ("vram", "rect", "expected", "why"),
+    [
+        ((24,), None, True, "rect=True"),
+        ((24, 24), None, False, "Ultralytics turns rect off when training on 2 GPUs"),
+        ((24, 24), True, False, "set by user, but rect=False"),  # Ultralytics would drop it silently
+        ((24, 24), False, False, "set by user"),
+    ],
+)
+def test_rect_under_multi_gpu_says_what_ultralytics_will_do(vram, rect, expected, why):
+    p = plan(snapshot(vram), fake_stats(), Overrides(rect=rect))
+    assert p.stage("main").rect is expected
+    assert why in p.reason("rect")

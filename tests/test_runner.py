@@ -322,3 +322,16 @@ def test_ctrl_c_in_a_forked_dataloader_worker_is_ignored():
         assert recorder.stop_requested
         assert len(lines) == 1
         assert "stopping after this epoch is saved" in lines[0]
+
+
+def test_metrics_from_a_metrics_object_and_from_the_dict_ddp_returns():
+    """model.train() returns Ultralytics' metrics object on one GPU and a plain dict after its DDP run (8.4.190)."""
+    raw = {"metrics/precision(B)": 0.5, "metrics/mAP50-95(B)": 0.4, "fitness": 0.41}
+
+    class Metrics:
+        results_dict = raw
+
+    expected = (("precision", 0.5), ("mAP50-95", 0.4), ("fitness", 0.41))
+    assert runner._metrics(Metrics()) == expected
+    assert runner._metrics(raw) == expected
+    assert runner._metrics(None) == ()
