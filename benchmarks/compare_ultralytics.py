@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from speedtrain import planner, prepare, runner, workflow
+from speedtrain import planner, prepare, runner, ultra, workflow
 from speedtrain.planner import Overrides, Stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ def main() -> None:
         ov = Overrides(model=args.model, finetune="no", prepare="no", imgsz=64 if args.tiny else None)
         planned = workflow.make_plan(root, ov, ["plots=False"])
         view = prepare.make_view(planned.stats, Path(tmp) / "view")
-        weights, note = runner.resolve_model(args.model)
+        weights, note = ultra.resolve_model(args.model)
         budget = 20.0 if args.tiny else args.tune_budget_s
         tuned, tune_result = workflow.autotune(planned, Path(tmp) / "tune", budget_s=budget, retune=True)
         # The first training in a process pays one-off costs (thread pools, allocator, lazy imports): spend them

@@ -28,7 +28,7 @@ from typing import Any
 
 from compare_ultralytics import COCO, REPO, copy_dataset, measure, publish
 
-from speedtrain import pipeline, prepare, runner, tune, workflow
+from speedtrain import pipeline, prepare, runner, tune, ultra, workflow
 from speedtrain.planner import Overrides
 
 SYNCING = {"_local_scalar_dense", "nonzero", "item", "masked_select", "unique", "is_nonzero", "index(bool mask)"}
@@ -217,7 +217,7 @@ def main() -> None:
         ov = Overrides(model=args.model, imgsz=args.imgsz, batch=args.batch, finetune="no", prepare="no", rect=False)
         planned = workflow.make_plan(root, ov, ["plots=False", "seed=0", "deterministic=False"])
         view = prepare.make_view(planned.stats, Path(tmp) / "view")
-        weights, note = runner.resolve_model(args.model)
+        weights, note = ultra.resolve_model(args.model)
         base = replace(planned.plan.stages[0], epochs=args.epochs, patience=100, rect=False)
         runner.train_stage(replace(base, imgsz=64, epochs=1), weights, view, Path(tmp) / "warmup", log=lambda _: None)
         rows = {

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from typer.core import TyperGroup
 
 from speedtrain import dataset as dataset_mod
-from speedtrain import hardware, report, runner, workflow
+from speedtrain import hardware, report, workflow
 from speedtrain import prepare as prepare_mod
 from speedtrain.errors import SpeedtrainError
 from speedtrain.planner import DEFAULT_TARGET_MAP, Overrides
@@ -281,7 +281,7 @@ def train(
 
     Example: speedtrain train --dataset dataset --epochs 50 --batch-size 32 --img-size 416 mosaic=0.5
     """
-    with runner.plain_text_when_piped():
+    with _plain_text_when_piped():
         _train(ctx, locals())
 
 
@@ -455,7 +455,7 @@ def tune_command(
     # With --json, stdout carries the JSON alone: Ultralytics' logs and progress bars go to stderr.
     with (
         contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext(),
-        runner.plain_text_when_piped(),
+        _plain_text_when_piped(),
     ):
         _, result = workflow.autotune(planned, project, budget_s=budget_s, retune=retune, log=log)
     if as_json:
@@ -530,3 +530,9 @@ def _log(message: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `speedtrain` script, `python -m speedtrain` and the top-level shims."""
     app(args=argv, prog_name="speedtrain")
+
+
+def _plain_text_when_piped() -> contextlib.AbstractContextManager[None]:
+    from speedtrain import ultra  # imports Ultralytics: only the commands that train or tune pay for it
+
+    return ultra.plain_text_when_piped()

@@ -20,8 +20,8 @@ pixels. kornia's mosaic and colour jitter are not Ultralytics' (its RandomMosaic
 is not Ultralytics' HSV gains) and it does not apply Ultralytics' box filter, so it would change the training
 recipe as well as cost more; torchvision.transforms.v2 draws one set of parameters per call, not per image.
 DALI needs CUDA, and this code must also run on CPU tensors for the tests. Losses, validation (Ultralytics' own
-loader), checkpoints, EMA, AMP, resume and DDP stay Ultralytics' own: FastDetectionTrainer only replaces the
-training loader and the per-batch preprocessing.
+loader), checkpoints, EMA, AMP, resume and DDP stay Ultralytics' own: speedtrain.ultra.FastDetectionTrainer only
+replaces the training loader and the per-batch preprocessing.
 """
 
 from __future__ import annotations
@@ -635,56 +635,3 @@ def keep_resident(store: Store, ram_available_gb: float, world: int) -> bool:
     from speedtrain.planner import RAM_CACHE_FACTOR, RAM_RESERVE_GB
 
     return world <= 1 and store.size_gb * RAM_CACHE_FACTOR + RAM_RESERVE_GB <= ram_available_gb
-
-
-_TRAINER: Any = None
-
-
-def _trainer_class() -> Any:
-    """FastDetectionTrainer, defined on first use so that importing speedtrain does not import ultralytics."""
-    global _TRAINER
-    if _TRAINER is not None:
-        return _TRAINER
-    import torch
-    from ultralytics.models.yolo.detect import DetectionTrainer
-    from ultralytics.utils import LOGGER, RANK
-
-    class FastDetectionTrainer(DetectionTrainer):
-        """Ultralytics' DetectionTrainer with the training loader and batch augmentation of the fast pipeline."""
-
-        def get_dataloader(self, dataset_path: Any, batch_size: int = 16, rank: int = 0, mode: str = "train") -> Any:
-            if mode != "train":
-                return super().get_dataloader(dataset_path, batch_size, rank, mode)  # validation stays Ultralytics'
-            import psutil
-
-            first = Path(dataset_path[0] if isinstance(dataset_path, list) else dataset_path)
-            store = build_store(dataset_path, int(self.args.imgsz), first.parent.parent, self.args.workers or None)
-            world = max(self.world_size, 1) if rank != -1 else 1
-            resident = keep_resident(store, psutil.virtual_memory().available / 1024**3, world)
-            LOGGER.info(
-                f"speedtrain fast pipeline: {len(store)} images decoded at {store.imgsz} px in {store.folder} "
-                f"({store.size_gb:.2f} GB, {'read into RAM' if resident else 'memory-mapped'}; reused while the "
-                f"images and labels stay the same)"
-            )
-            self.fast_store, self.fast_hyp, self.fast_resident = store, Hyp.from_args(self.args), resident
-            seed = int(self.args.seed) + max(RANK, 0)
-            self.fast_dgen = torch.Generator(device=self.device).manual_seed(seed)  # augmentation, on the device
-            return StoreLoader(store, batch_size, int(self.args.seed), self.fast_hyp, self.device,
-                               rank if world > 1 else -1, world, resident)  # fmt: skip
-
-        def preprocess_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
-            if "fast" not in batch:
-                return super().preprocess_batch(batch)
-            out = augment(take(batch), self.fast_hyp, self.fast_store.imgsz, self.fast_dgen)
-            return to_ultralytics(out, [self.fast_store.files[i] for i in batch["chunk"]])
-
-    FastDetectionTrainer.__module__ = __name__
-    FastDetectionTrainer.__qualname__ = "FastDetectionTrainer"
-    _TRAINER = FastDetectionTrainer
-    return _TRAINER
-
-
-def __getattr__(name: str) -> Any:  # PEP 562: `from speedtrain.pipeline import FastDetectionTrainer` (DDP does)
-    if name == "FastDetectionTrainer":
-        return _trainer_class()
-    raise AttributeError(name)

@@ -1,6 +1,6 @@
 """Run a TrainPlan's stages with Ultralytics, measure them, survive OOM and Ctrl-C, and resume.
 
-The only module (with tune.py and pipeline.py) that imports ultralytics or torch, always inside functions.
+Ultralytics is reached through speedtrain.ultra only; torch is imported inside functions.
 """
 
 from __future__ import annotations
@@ -9,14 +9,10 @@ import contextlib
 import csv
 import errno
 import gc
-import importlib.util
-import logging
 import math
 import os
-import re
 import shutil
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,26 +20,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from speedtrain import oom
 from speedtrain.errors import DiskSpaceError, TrainingError, UsageError
 from speedtrain.monitor import Monitor
 from speedtrain.planner import Stage, TrainPlan
 from speedtrain.util import first_line, utc_now
 
 Log = Callable[[str], None]
-OOM_MARKERS = (
-    "out of memory",  # torch.OutOfMemoryError, and CPU allocators
-    "CUBLAS_STATUS_ALLOC_FAILED",  # cuBLAS could not allocate its workspace
-    "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE",
-    "CUDNN_STATUS_ALLOC_FAILED",
-    "unable to find an engine",  # cuDNN v9 when no algorithm fits the remaining memory
-    # cuDNN's catch-all when it cannot allocate its workspace; Ultralytics' own OOM retry counts it as memory too
-    # (engine/trainer.py, 8.4.190)
-    "CUDNN_STATUS_INTERNAL_ERROR",
-)
-# torch's words for a DataLoader worker killed by SIGBUS, which is what a full /dev/shm does to it
-SHM_MARKERS = ("is killed by signal: Bus error", "out of shared memory", "insufficient shared memory")
 RESUME_NAME = "resume.pt"  # an atomic copy of each saved last.pt: Ultralytics writes last.pt in place and strips it
 FINISHED = ("completed", "early-stopped", "skipped")
 
@@ -174,23 +157,23 @@ class _Recorder:
     last_rate: float | None = None
     last_map: float | None = None
 
-    def attach(self, model: Any) -> None:
+    def callbacks(self) -> dict[str, list[Callable[[Any], None]]]:
+        """Ultralytics callback events and what runs on each."""
         # Ultralytics' select_device() sets torch's threads for CPU training (min(8, cores - 1)) in the trainer's
-        # __init__ and again when final_eval validates best.pt; these two callbacks run right after each.
-        model.add_callback("on_pretrain_routine_start", self.apply_threads)
-        model.add_callback("on_val_start", self.apply_threads)
-        model.add_callback("on_val_start", self.on_val_start)
-        model.add_callback("on_train_epoch_start", self.on_train_epoch_start)
-        model.add_callback("on_train_epoch_end", self.on_train_epoch_end)
-        model.add_callback("on_model_save", self.on_model_save)
-        model.add_callback("on_fit_epoch_end", self.on_fit_epoch_end)
+        # __init__ and again when final_eval validates best.pt; the thread callbacks run right after each.
+        events: dict[str, list[Callable[[Any], None]]] = {
+            "on_pretrain_routine_start": [self.apply_threads],
+            "on_val_start": [self.apply_threads, self.on_val_start],
+            "on_train_epoch_start": [self.on_train_epoch_start],
+            "on_train_epoch_end": [self.on_train_epoch_end],
+            "on_model_save": [self.on_model_save],
+            "on_fit_epoch_end": [self.on_fit_epoch_end],
+        }
         if self.on_update:
-            model.add_callback("on_train_batch_end", self.on_train_batch_end)
+            events["on_train_batch_end"] = [self.on_train_batch_end]
+        return events
 
     def on_train_epoch_start(self, trainer: Any) -> None:
-        # Ultralytics halves the batch itself on a first-epoch OOM (trainer._do_train); speedtrain walks the
-        # plan's own chain instead, so the batch sizes tried are the ones the plan printed.
-        trainer._oom_retries = 3
         self.starts[trainer.epoch] = time.perf_counter()
         self.batches = 0
 
@@ -245,26 +228,6 @@ class _Recorder:
                 raise StopRequested(f"stopped after epoch {trainer.epoch + 1}")
 
 
-def is_oom(exc: BaseException) -> bool:
-    """True when `exc` (or what caused it) is an out-of-memory error from torch, cuBLAS or cuDNN (or, for CPU
-    training, host RAM): the kind a smaller batch helps."""
-    return memory_kind(exc, on_gpu=False) == "device"
-
-
-def next_batch(fallbacks: tuple[int, ...], current: int) -> int | None:
-    """The next smaller batch in the plan's chain, or None when the chain is exhausted."""
-    return next((b for b in fallbacks if b < current), None)
-
-
-def ultralytics_defaults() -> dict[str, Any]:
-    """Ultralytics' train arguments and defaults, read from its default.yaml without importing ultralytics."""
-    spec = importlib.util.find_spec("ultralytics")
-    if spec is None or not spec.submodule_search_locations:
-        raise TrainingError("ultralytics is not installed: pip install ultralytics")
-    cfg = Path(next(iter(spec.submodule_search_locations))) / "cfg" / "default.yaml"
-    return yaml.safe_load(cfg.read_text(encoding="utf-8"))
-
-
 def check_model(requested: str | None) -> None:
     """Refuse a --model file that cannot be a YOLO model, with what was found, before any work (no import)."""
     if not requested:
@@ -297,66 +260,6 @@ def check_model(requested: str | None) -> None:
         )
 
 
-def resolve_model(requested: str, online: bool | None = None) -> tuple[str, str]:
-    """Return (what to pass to YOLO(), one line saying where it came from); never downloads by itself."""
-    from ultralytics.utils import WEIGHTS_DIR, is_online
-    from ultralytics.utils.downloads import GITHUB_ASSETS_STEMS
-
-    path = Path(requested)
-    if path.suffix.lower() in (".yaml", ".yml"):
-        return requested, f"model {requested}: built from scratch (no pretrained weights)"
-    stem = path.stem if path.suffix.lower() == ".pt" else path.name
-    for candidate in (path.with_suffix(".pt"), WEIGHTS_DIR / f"{stem}.pt"):
-        if candidate.is_file():
-            return str(candidate), f"model {stem}: pretrained weights {candidate}"
-    if stem not in GITHUB_ASSETS_STEMS:
-        raise UsageError(f"--model {requested}: no such file, and not an Ultralytics model name")
-    if online is None:
-        online = is_online()
-    if online:
-        return f"{stem}.pt", f"model {stem}: pretrained weights, fetched by Ultralytics"
-    return (
-        f"{stem}.yaml",
-        f"model {stem}: offline and {stem}.pt not on disk, so built from {stem}.yaml (no pretraining)",
-    )
-
-
-def _check_loads(source: str) -> None:
-    """Build the model once before the first stage: a broken checkpoint or yaml is one line, not a traceback."""
-    from ultralytics import YOLO
-
-    try:
-        YOLO(source)
-    except Exception as exc:  # whatever Ultralytics raises for a file it cannot use
-        raise TrainingError(f"--model {source}: Ultralytics cannot load it ({first_line(exc)})") from None
-
-
-def _fetch(source: str, note: str) -> tuple[str, str]:
-    """Download pretrained weights now (Ultralytics does it) when resolve_model asked for it; else the yaml."""
-    if not source.endswith(".pt") or Path(source).is_file():
-        return source, note
-    from ultralytics import YOLO
-
-    try:
-        YOLO(source)
-    except Exception as exc:  # no network after all, or the download broke off
-        stem = Path(source).stem
-        return f"{stem}.yaml", f"model {stem}: download failed ({first_line(exc)}), so built from {stem}.yaml"
-    return source, note
-
-
-def run_download_script(yaml_path: Path | None) -> None:
-    """Let Ultralytics run a dataset yaml's download: entry (only ever on the user's explicit request)."""
-    from ultralytics.data.utils import check_det_dataset
-
-    if yaml_path is None:
-        raise TrainingError("no dataset yaml to take a download: script from")
-    try:
-        check_det_dataset(str(yaml_path), autodownload=True)
-    except Exception as exc:  # whatever the script did, the scan that follows says what is still missing
-        raise TrainingError(f"{yaml_path}: the download: script failed ({first_line(exc)})") from None
-
-
 def run(
     plan: TrainPlan,
     data_yaml: str | Path,
@@ -376,11 +279,32 @@ def run(
     report on disk that a later --resume reads.
     """
     started, t0 = utc_now(), time.perf_counter()
-    _quiet_ultralytics()
-    source, note = _fetch(*resolve_model(plan.model))
-    _check_loads(source)
-    # From here on nothing needs the network: no hub calls, no AMP-check download (DDP children inherit this).
-    os.environ["YOLO_OFFLINE"] = "1"
+    from speedtrain import ultra
+
+    with ultra.session():
+        return _run(plan, data_yaml, run_dir, started, t0, previous, decide_finetune, before_stage, on_progress,
+                    on_update, log_file, log)  # fmt: skip
+
+
+def _run(
+    plan: TrainPlan,
+    data_yaml: str | Path,
+    run_dir: str | Path,
+    started: str,
+    t0: float,
+    previous: tuple[StageResult, ...],
+    decide_finetune: Callable[[StageResult], bool | None] | None,
+    before_stage: Callable[[Stage], Stage],
+    on_progress: Callable[[tuple[StageResult, ...], str | None], None],
+    on_update: OnProgress | None,
+    log_file: Path | None,
+    log: Log,
+) -> RunResult:
+    from speedtrain import ultra
+
+    source, note = ultra.fetch(*ultra.resolve_model(plan.model))
+    ultra.check_loads(source)
+    ultra.go_offline()
     log(note)
     earlier = {r.name: r for r in previous}
     results: list[StageResult] = []
@@ -446,6 +370,8 @@ def train_stage(
     `on_update` receives the stage's progress after every batch; with `log_file`, Ultralytics' own output (its
     argument dump, layer table, progress bars) goes to that file instead of the console.
     """
+    from speedtrain import ultra
+
     stage_dir = project / stage.name
     checkpoint = resume_point(stage_dir) if previous else None
     if previous and checkpoint is None:
@@ -460,7 +386,7 @@ def train_stage(
         Monitor(gpu_ids) as monitor,
         _graceful_sigint(recorder, log),
         torch_threads_restored(),
-        ultralytics_output_to(log_file),
+        ultra.output_to(log_file),
     ):
         while True:
             _reset_peak_memory(gpu_ids)  # per attempt: after a fallback the report shows the batch that ran
@@ -475,7 +401,7 @@ def train_stage(
                     raise
                 raise _disk_full(stage.name, stage_dir, exc) from None
             except Exception as exc:
-                kind = memory_kind(exc, on_gpu=bool(gpu_ids))
+                kind = oom.memory_kind(exc, on_gpu=bool(gpu_ids))
                 if kind is None:
                     raise
                 if kind == "shm":
@@ -497,34 +423,10 @@ def train_stage(
     return replace(result, note=note) if note else result
 
 
-def memory_kind(exc: BaseException, on_gpu: bool) -> str | None:
-    """Which memory ran out, from `exc` or what caused it: "device" (the training device's: a smaller batch
-    helps), "host" (RAM on a GPU run: a smaller cache or fewer workers help, not the batch), "shm" (/dev/shm,
-    where DataLoader workers hand batches over), or None for anything else.
-
-    On CPU the batch lives in host RAM, so a MemoryError there is "device". Messages are torch's own:
-    torch/utils/data/dataloader.py and _utils/signal_handling.py (2.x) for dead workers; ExceptionWrapper re-raises
-    a worker's MemoryError in the main process as "Caught MemoryError in DataLoader worker process N".
-    """
-    seen: BaseException | None = exc
-    while seen is not None:
-        text = str(seen)
-        if isinstance(seen, RuntimeError) and any(m in text for m in SHM_MARKERS):
-            return "shm"
-        if isinstance(seen, RuntimeError) and "is killed by signal: Killed" in text:  # the kernel's OOM killer
-            return "host"
-        if isinstance(seen, MemoryError):
-            return "host" if on_gpu or "DataLoader worker" in text else "device"
-        if isinstance(seen, RuntimeError) and any(m.lower() in text.lower() for m in OOM_MARKERS):
-            return "device"
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
 def _step_down(stage: Stage, stage_dir: Path, batch: int, exc: BaseException, log: Log) -> tuple[int, OomFallback]:
     """The OOM policy: free memory, take the next batch of the chain, go on from the last saved epoch."""
     _free_memory()
-    smaller = next_batch(stage.batch_fallbacks, batch)
+    smaller = oom.next_batch(stage.batch_fallbacks, batch)
     if smaller is None:
         raise TrainingError(
             f"{stage.name}: out of memory at batch {batch}, the smallest in the plan; "
@@ -572,7 +474,7 @@ def _validate_again(
 ) -> tuple[Any, str]:
     """Ultralytics' final validation of best.pt ran out of memory after training finished: the weights are saved,
     so validate them again with smaller validation batches (Ultralytics validates at twice the training batch)."""
-    from ultralytics import YOLO
+    from speedtrain import ultra
 
     best = stage_dir / "weights" / "best.pt"
     if not best.is_file():
@@ -582,14 +484,14 @@ def _validate_again(
         _free_memory()
         log(f"{stage.name}: the final validation ran out of memory; validating {best.name} again at batch {batch}")
         try:
-            metrics = YOLO(str(best)).val(
-                data=str(data_yaml), batch=batch, imgsz=stage.imgsz, device=stage.device, plots=False, verbose=False,
+            metrics = ultra.validate(
+                best, data_yaml, batch=batch, imgsz=stage.imgsz, device=stage.device, plots=False, verbose=False,
                 project=str(stage_dir), name="final-val", exist_ok=True,
             )  # fmt: skip
             note = f"the final validation ran out of memory ({first_line(exc)}); validated again at batch {batch}"
             return metrics, note
         except Exception as again:
-            if memory_kind(again, stage.on_gpu) != "device" or batch == 1:
+            if oom.memory_kind(again, stage.on_gpu) != "device" or batch == 1:
                 raise TrainingError(
                     f"{stage.name}: training finished and {best} is saved, but validating it ran out of memory "
                     f"down to batch {batch}: validate it later with `yolo val model={best} batch=1`"
@@ -613,32 +515,14 @@ def _train_once(
     checkpoint: Path | None,
 ) -> tuple[Any, Any]:
     """One model.train() call: a fresh start from `weights`, or a resume from `checkpoint`."""
-    from ultralytics import YOLO
+    from speedtrain import ultra
 
-    model = YOLO(str(checkpoint) if checkpoint else weights)
-    recorder.attach(model)
+    args = stage.train_args() | {"project": str(project), "name": stage.name, "exist_ok": True}
     try:
-        if checkpoint:  # Ultralytics keeps the checkpoint's arguments; these may change on resume
-            args = stage.train_args()
-            allowed = ("batch", "device", "workers", "cache", "patience", "plots", "val")
-            kept = {k: args[k] for k in allowed if k in args}
-            metrics = model.train(data=str(data_yaml), resume=str(checkpoint), **_trainer(stage), **kept)
-        else:
-            args = {**_trainer(stage), **stage.train_args()}
-            metrics = model.train(data=str(data_yaml), project=str(project), name=stage.name, exist_ok=True, **args)
-        return model.trainer, metrics
+        return ultra.train(weights, data_yaml, args, recorder.callbacks(), resume=checkpoint,
+                           fast=stage.pipeline == "fast")  # fmt: skip
     finally:
-        del model
         _free_memory()
-
-
-def _trainer(stage: Stage) -> dict[str, Any]:
-    """model.train()'s trainer argument: the fast pipeline's DetectionTrainer subclass, or Ultralytics' own."""
-    if stage.pipeline != "fast":
-        return {}
-    from speedtrain.pipeline import FastDetectionTrainer
-
-    return {"trainer": FastDetectionTrainer}
 
 
 def resume_point(stage_dir: Path) -> Path | None:
@@ -778,14 +662,11 @@ def _rate(images: int, seconds: tuple[float, ...]) -> float | None:
 
 
 def _metrics(metrics: Any) -> tuple[tuple[str, float], ...]:
-    """Ultralytics' 'metrics/mAP50-95(B)' keys as 'mAP50-95', from the final validation of best.pt: a metrics
-    object, or (what model.train() returns after Ultralytics' multi-GPU run, 8.4.190) a plain dict."""
-    raw = metrics if isinstance(metrics, dict) else getattr(metrics, "results_dict", None) or {}
-    out = []
-    for key, value in raw.items():
-        short = key.removeprefix("metrics/").removesuffix("(B)")
-        out.append((short, round(float(value), 5)))
-    return tuple(out)
+    """Ultralytics' 'metrics/mAP50-95(B)' keys as 'mAP50-95', from the final validation of best.pt."""
+    from speedtrain import ultra
+
+    raw = ultra.metrics_dict(metrics)
+    return tuple((key.removeprefix("metrics/").removesuffix("(B)"), round(value, 5)) for key, value in raw.items())
 
 
 def _epoch_times_from_csv(path: Path) -> tuple[float, ...]:
@@ -797,93 +678,6 @@ def _epoch_times_from_csv(path: Path) -> tuple[float, ...]:
         return ()
     cumulative = [float(r["time"]) for r in rows if r.get("time")]
     return tuple(round(b - a, 3) for a, b in zip([0.0, *cumulative], cumulative, strict=False))
-
-
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-class _PlainStream:
-    """A text stream that drops ANSI colour codes on their way to a file or pipe."""
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-
-    def write(self, text: str) -> int:
-        return self._stream.write(ANSI.sub("", text))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-
-class _PlainRecords(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = ANSI.sub("", record.getMessage()), ()
-        return True
-
-
-@contextlib.contextmanager
-def plain_text_when_piped() -> Iterator[None]:
-    """Ultralytics colours its log lines and progress bars unconditionally (colorstr, 8.4.190); where the output
-    is a file or a pipe (CI logs, `> train.log`, SLURM), strip the escape codes for the block, then restore."""
-    if sys.stdout.isatty():
-        yield
-        return
-    from ultralytics.utils import LOGGER  # its handlers exist once Ultralytics is imported
-
-    logger, plain = LOGGER, _PlainRecords()
-    handlers = list(logger.handlers)
-    out, err = sys.stdout, sys.stderr
-    for handler in handlers:
-        handler.addFilter(plain)
-    sys.stdout, sys.stderr = _PlainStream(out), _PlainStream(err)
-    try:
-        yield
-    finally:
-        sys.stdout, sys.stderr = out, err
-        for handler in handlers:
-            handler.removeFilter(plain)
-
-
-@contextlib.contextmanager
-def ultralytics_output_to(log_file: Path | None) -> Iterator[None]:
-    """Send Ultralytics' console output (LOGGER's stream handlers, its progress bars on sys.stdout/stderr) to
-    `log_file` for the block, without colour codes; None leaves it on the console."""
-    if log_file is None:
-        yield
-        return
-    from ultralytics.utils import LOGGER
-
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("a", encoding="utf-8", buffering=1) as f:
-        plain = _PlainStream(f)
-        handlers = [h for h in LOGGER.handlers if type(h) is logging.StreamHandler]
-        streams = [_swap_stream(h, plain) for h in handlers]
-        out, err = sys.stdout, sys.stderr
-        sys.stdout = sys.stderr = plain
-        try:
-            yield
-        finally:
-            sys.stdout, sys.stderr = out, err
-            for handler, stream in zip(handlers, streams, strict=True):
-                _swap_stream(handler, stream)
-
-
-def _swap_stream(handler: logging.StreamHandler, stream: Any) -> Any:
-    """Point a handler at another stream and return the old one. Not StreamHandler.setStream: it flushes the old
-    stream first, and Ultralytics' handler may hold one that is closed by now (a test runner's captured output)."""
-    with handler.lock or contextlib.nullcontext():
-        old, handler.stream = handler.stream, stream
-    return old
-
-
-def _quiet_ultralytics() -> None:
-    """Turn off Ultralytics' usage analytics for this process without changing the user's settings file."""
-    try:
-        from ultralytics.utils.events import events
-
-        events.enabled = False
-    except (ImportError, AttributeError):  # older or newer Ultralytics without this singleton
-        pass
 
 
 def _reset_peak_memory(gpu_ids: tuple[int, ...]) -> None:

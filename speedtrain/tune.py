@@ -188,17 +188,11 @@ def probe_steps(stage: Stage, model_source: str, on_gpu: bool, deadline: float, 
 
 def _probe_steps(stage: Stage, model_source: str, on_gpu: bool, deadline: float, log: Log) -> tuple[StepProbe, ...]:
     import torch
-    from ultralytics import YOLO
-    from ultralytics.cfg import get_cfg
-    from ultralytics.utils import DEFAULT_CFG
+
+    from speedtrain import ultra
 
     device = torch.device(f"cuda:{stage.gpu_ids[0]}" if on_gpu else "cpu")
-    model: Any = YOLO(model_source).model  # an nn.Module once built (Ultralytics types it loosely)
-    model = model.to(device)
-    model.args = get_cfg(DEFAULT_CFG)
-    model.train()
-    for p in model.parameters():
-        p.requires_grad_(True)
+    model = ultra.step_model(model_source, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=on_gpu)
     planned = _plan_batch(stage)
@@ -225,7 +219,7 @@ def _plan_batch(stage: Stage) -> int:
 def _time_steps(model: Any, optimizer: Any, scaler: Any, batch: int, imgsz: int, device: Any, amp: bool) -> StepProbe:
     import torch
 
-    from speedtrain.runner import is_oom
+    from speedtrain.oom import is_oom
 
     g = torch.Generator().manual_seed(0)
     n = batch * 4  # four boxes per image, COCO-like
@@ -312,18 +306,12 @@ def _time_loader(
     on_gpu: bool,
     deadline: float,
 ) -> LoaderProbe:
-    from ultralytics.cfg import get_cfg
-    from ultralytics.data import build_dataloader, build_yolo_dataset
-    from ultralytics.data.utils import check_det_dataset
-    from ultralytics.utils import DEFAULT_CFG
+    from speedtrain import ultra
 
-    data = check_det_dataset(str(data_yaml))
     limit = PROBE_IMAGES["gpu" if on_gpu else "cpu"]
     fraction = min(1.0, limit / max(stats.train_images, 1))
     overrides = {**dict(stage.extra), "imgsz": stage.imgsz, "cache": cache, "rect": stage.rect, "fraction": fraction}
-    cfg: Any = get_cfg(DEFAULT_CFG, overrides={k: v for k, v in overrides.items() if k in DEFAULT_CFG.__dict__})
-    dataset = build_yolo_dataset(cfg, data["train"], stage.batch, data, mode="train", rect=stage.rect, stride=32)
-    loader = build_dataloader(dataset, stage.batch, workers, shuffle=not stage.rect, rank=-1, device="cpu")
+    loader = ultra.train_loader(data_yaml, overrides, stage.batch, workers, stage.rect)
     proc = psutil.Process()
     peak, images, t0, last = 0.0, 0, 0.0, 0.0
     gaps: list[float] = []  # seconds per image between consecutive batches: their spread is the noise

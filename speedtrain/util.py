@@ -4,6 +4,7 @@ first line, a UTC timestamp. Defined once here."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,3 +40,6 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
 def utc_now() -> str:
     """Now, as an ISO 8601 UTC timestamp to the second (the reports' format)."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal colour and cursor codes

@@ -42,7 +42,9 @@ def scan_dataset(path: str | Path | None, allow_download: bool = False) -> Datas
                 f"{exc}; the yaml has a download: script, which speedtrain does not run (it executes code from the "
                 f"dataset): pass --allow-download to let Ultralytics run it"
             ) from None
-        runner.run_download_script(dataset.find_yaml(path))
+        from speedtrain import ultra
+
+        ultra.run_download_script(dataset.find_yaml(path))
         stats = dataset.scan(path)
     if stats.errors:
         first = stats.errors[0]
@@ -82,7 +84,9 @@ def make_plan(
     stats = scan_dataset(dataset_path, allow_download)
     hw = hardware.load(hardware_file) if hardware_file else hardware.probe(stats.root)
     if extra_args:
-        extra = planner.parse_extra_args(list(extra_args), runner.ultralytics_defaults())
+        from speedtrain import ultra
+
+        extra = planner.parse_extra_args(list(extra_args), ultra.defaults())
         overrides = replace(overrides, extra=overrides.extra + extra)
     runner.check_model(overrides.model)
     overrides = replace(overrides, sample=is_sample(dataset_path))
@@ -127,11 +131,11 @@ def autotune(
     log: Callable[[str], None] = lambda _: None,
 ) -> tuple[Planned, Any]:
     """Measure the main stage's batch, workers and cache (or reuse a cached measurement) and apply the winner."""
-    from speedtrain import tune
+    from speedtrain import tune, ultra
 
     project = Path(project)
     view_yaml = prepare.make_view(planned.stats, prepare.view_dir(planned.stats, project))
-    source, _ = runner.resolve_model(planned.plan.model)
+    source, _ = ultra.resolve_model(planned.plan.model)
     result = tune.tune(
         planned.plan.stages[0], source, view_yaml, planned.hw, planned.stats,
         budget_s=budget_s, cache_dir=project / ".tune", retune=retune, project=project, log=log,

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 from conftest import fake_stats, snapshot
 
-from speedtrain import planner, runner
+from speedtrain import planner, ultra
 from speedtrain.errors import UsageError
 from speedtrain.planner import Overrides, plan
 
@@ -177,7 +177,7 @@ def test_estimates_are_labelled_and_computed():
 
 
 def test_extra_args_pass_through_and_fold_into_planned_knobs():
-    known = runner.ultralytics_defaults()
+    known = ultra.defaults()
     extra = planner.parse_extra_args(["mosaic=0.5", "lr0=0.002", "fliplr=0", "plots=False"], known)
     p = plan(snapshot((24,)), fake_stats(), Overrides(extra=extra))
     args = p.stage("main").train_args()
@@ -198,12 +198,12 @@ def test_extra_args_pass_through_and_fold_into_planned_knobs():
 )
 def test_bad_extra_args(token, message):
     with pytest.raises(UsageError) as err:
-        planner.parse_extra_args([token], runner.ultralytics_defaults())
+        planner.parse_extra_args([token], ultra.defaults())
     assert message in str(err.value)
 
 
 def test_every_stage_key_is_an_ultralytics_train_argument():
-    known = runner.ultralytics_defaults()
+    known = ultra.defaults()
     p = plan(snapshot((24,)), fake_stats(), Overrides(finetune="yes"))
     for stage in p.stages:
         assert set(stage.train_args()) <= set(known)

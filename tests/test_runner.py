@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import CUDA_OOM, run_benchmark, table_rows, tree_hash
 
-from speedtrain import runner, workflow
+from speedtrain import oom, runner, ultra, workflow
 from speedtrain.errors import TrainingError, UsageError
 from speedtrain.planner import Overrides
 
@@ -42,7 +42,7 @@ def _chained() -> RuntimeError:
     ],
 )
 def test_is_oom(exc, expected):
-    assert runner.is_oom(exc) is expected
+    assert oom.is_oom(exc) is expected
 
 
 # torch's own messages (torch/utils/data/dataloader.py, _utils/signal_handling.py and ExceptionWrapper, 2.x)
@@ -69,7 +69,7 @@ WORKER_MEMORY = "Caught MemoryError in DataLoader worker process 3.\nOriginal Tr
     ],
 )
 def test_which_memory_ran_out(exc, on_gpu, kind):
-    assert runner.memory_kind(exc, on_gpu) == kind
+    assert oom.memory_kind(exc, on_gpu) == kind
 
 
 def test_host_memory_policy_gives_up_cache_then_workers_never_the_batch(tmp_path):
@@ -105,18 +105,18 @@ def test_host_memory_policy_gives_up_cache_then_workers_never_the_batch(tmp_path
     [((32, 16, 8), 48, 32), ((32, 16, 8), 32, 16), ((32, 16, 8), 8, None), ((), 16, None), ((16, 8), 24, 16)],
 )
 def test_next_batch(chain, current, expected):
-    assert runner.next_batch(chain, current) == expected
+    assert oom.next_batch(chain, current) == expected
 
 
 def test_model_offline_falls_back_to_yaml_and_says_so():
-    source, note = runner.resolve_model("yolo26n", online=False)
+    source, note = ultra.resolve_model("yolo26n", online=False)
     assert source == "yolo26n.yaml"
     assert "offline" in note
     assert "yolo26n.yaml" in note
 
 
 def test_model_online_lets_ultralytics_fetch():
-    source, note = runner.resolve_model("yolo26n", online=True)
+    source, note = ultra.resolve_model("yolo26n", online=True)
     assert source == "yolo26n.pt"
     assert "fetched by Ultralytics" in note
 
@@ -124,15 +124,15 @@ def test_model_online_lets_ultralytics_fetch():
 def test_local_pt_is_preferred(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "yolo26n.pt").write_bytes(b"weights")
-    source, note = runner.resolve_model("yolo26n", online=False)
+    source, note = ultra.resolve_model("yolo26n", online=False)
     assert source == "yolo26n.pt"
     assert "pretrained weights" in note
 
 
 def test_model_yaml_and_unknown_models():
-    assert runner.resolve_model("yolo26s.yaml")[0] == "yolo26s.yaml"
+    assert ultra.resolve_model("yolo26s.yaml")[0] == "yolo26s.yaml"
     with pytest.raises(UsageError, match="no such file"):
-        runner.resolve_model("weights/missing.pt")
+        ultra.resolve_model("weights/missing.pt")
 
 
 def _cpu_plan(root: Path, **kw):

@@ -1,0 +1,318 @@
+"""The one place speedtrain touches Ultralytics: every import of it, every argument it is called with, every
+internal it reaches into.
+
+Ultralytics is pinned exactly (`ultralytics==8.4.190` in pyproject.toml) because of the reaches marked
+"internal" below: each names the file it was read from in 8.4.190, and `tests/test_ultra.py` fails with a clear
+message when an upgrade moves one. Everything else here is Ultralytics' public API (YOLO(), model.train/val,
+callbacks, DetectionTrainer's documented hooks).
+
+Importing this module imports Ultralytics (and torch: about 2 s). Other modules import it inside the functions
+that train, tune or validate, so that `speedtrain probe` and `speedtrain plan` start quickly.
+
+What the callbacks of `runner._Recorder` read from the trainer Ultralytics passes them (public attributes in
+8.4.190, also checked by the test): epoch, epochs, train_loader, last, metrics, stop, batch_size, and the
+validator's training flag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from ultralytics import YOLO
+from ultralytics.cfg import get_cfg
+from ultralytics.data import build_dataloader, build_yolo_dataset
+from ultralytics.data.utils import check_det_dataset
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, LOGGER, RANK, WEIGHTS_DIR, is_online
+from ultralytics.utils.downloads import GITHUB_ASSETS_STEMS
+
+from speedtrain.errors import TrainingError, UsageError
+from speedtrain.pipeline import Hyp, StoreLoader, augment, build_store, keep_resident, take, to_ultralytics
+from speedtrain.util import ANSI, first_line
+
+Callbacks = dict[str, list[Callable[[Any], None]]]
+ULTRALYTICS_OOM_RETRIES = 3  # internal (engine/trainer.py _do_train): at 3, its own first-epoch batch halving is off
+
+
+def defaults() -> dict[str, Any]:
+    """Ultralytics' train arguments and their defaults (cfg/default.yaml)."""
+    return dict(DEFAULT_CFG_DICT)
+
+
+# --- models -------------------------------------------------------------------------------------------------------
+
+
+def resolve_model(requested: str, online: bool | None = None) -> tuple[str, str]:
+    """Return (what to pass to YOLO(), one line saying where it came from); never downloads by itself."""
+    path = Path(requested)
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return requested, f"model {requested}: built from scratch (no pretrained weights)"
+    stem = path.stem if path.suffix.lower() == ".pt" else path.name
+    # internal: WEIGHTS_DIR (utils/__init__.py) is where Ultralytics keeps downloaded weights; GITHUB_ASSETS_STEMS
+    # (utils/downloads.py) the names it can download
+    for candidate in (path.with_suffix(".pt"), WEIGHTS_DIR / f"{stem}.pt"):
+        if candidate.is_file():
+            return str(candidate), f"model {stem}: pretrained weights {candidate}"
+    if stem not in GITHUB_ASSETS_STEMS:
+        raise UsageError(f"--model {requested}: no such file, and not an Ultralytics model name")
+    if online is None:
+        online = is_online()
+    if online:
+        return f"{stem}.pt", f"model {stem}: pretrained weights, fetched by Ultralytics"
+    return (
+        f"{stem}.yaml",
+        f"model {stem}: offline and {stem}.pt not on disk, so built from {stem}.yaml (no pretraining)",
+    )
+
+
+def check_loads(source: str) -> None:
+    """Build the model once before the first stage: a broken checkpoint or yaml is one line, not a traceback."""
+    try:
+        YOLO(source)
+    except Exception as exc:  # whatever Ultralytics raises for a file it cannot use
+        raise TrainingError(f"--model {source}: Ultralytics cannot load it ({first_line(exc)})") from None
+
+
+def fetch(source: str, note: str) -> tuple[str, str]:
+    """Download pretrained weights now (Ultralytics does it) when resolve_model asked for it; else the yaml."""
+    if not source.endswith(".pt") or Path(source).is_file():
+        return source, note
+    try:
+        YOLO(source)
+    except Exception as exc:  # no network after all, or the download broke off
+        stem = Path(source).stem
+        return f"{stem}.yaml", f"model {stem}: download failed ({first_line(exc)}), so built from {stem}.yaml"
+    return source, note
+
+
+def step_model(source: str, device: Any) -> Any:
+    """The bare detection model on `device`, in training mode, with the arguments its loss reads (tune's probe)."""
+    model: Any = YOLO(source).model  # an nn.Module once built (Ultralytics types it loosely)
+    model = model.to(device)
+    model.args = get_cfg(DEFAULT_CFG)  # internal: v8DetectionLoss reads model.args (utils/loss.py)
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+# --- datasets -----------------------------------------------------------------------------------------------------
+
+
+def run_download_script(yaml_path: Path | None) -> None:
+    """Let Ultralytics run a dataset yaml's download: entry (only ever on the user's explicit request)."""
+    if yaml_path is None:
+        raise TrainingError("no dataset yaml to take a download: script from")
+    try:
+        check_det_dataset(str(yaml_path), autodownload=True)
+    except Exception as exc:  # whatever the script did, the scan that follows says what is still missing
+        raise TrainingError(f"{yaml_path}: the download: script failed ({first_line(exc)})") from None
+
+
+def train_loader(data_yaml: str | Path, args: dict[str, Any], batch: int, workers: int, rect: bool) -> Any:
+    """Ultralytics' own training DataLoader (augmentation included) for `args` (train arguments), as training
+    builds it (models/yolo/detect/train.py build_dataset + get_dataloader)."""
+    data = check_det_dataset(str(data_yaml))
+    cfg: Any = get_cfg(DEFAULT_CFG, overrides={k: v for k, v in args.items() if k in DEFAULT_CFG_DICT})
+    dataset = build_yolo_dataset(cfg, data["train"], batch, data, mode="train", rect=rect, stride=32)
+    return build_dataloader(dataset, batch, workers, shuffle=not rect, rank=-1, device="cpu")
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+
+
+def train(
+    weights: str,
+    data_yaml: str | Path,
+    args: dict[str, Any],
+    callbacks: Callbacks,
+    *,
+    resume: Path | None = None,
+    fast: bool = False,
+) -> tuple[Any, Any]:
+    """One model.train() call, a fresh start from `weights` or a resume from the checkpoint `resume`; return
+    (the trainer, what model.train() returned). `fast` trains with FastDetectionTrainer."""
+    model = YOLO(str(resume) if resume else weights)
+    for event, functions in callbacks.items():
+        for fn in functions:
+            model.add_callback(event, fn)
+    model.add_callback("on_train_epoch_start", _own_oom_policy_off)
+    trainer = {"trainer": FastDetectionTrainer} if fast else {}
+    try:
+        if resume:  # Ultralytics keeps the checkpoint's arguments; only these may change on resume
+            allowed = ("batch", "device", "workers", "cache", "patience", "plots", "val")
+            kept = {k: args[k] for k in allowed if k in args}
+            metrics = model.train(data=str(data_yaml), resume=str(resume), **trainer, **kept)
+        else:
+            metrics = model.train(data=str(data_yaml), **trainer, **args)
+        return model.trainer, metrics
+    finally:
+        del model
+
+
+def _own_oom_policy_off(trainer: Any) -> None:
+    # Ultralytics halves the batch itself on a first-epoch OOM (engine/trainer.py _do_train, 8.4.190); speedtrain
+    # walks the plan's own chain instead, so the batch sizes tried are the ones the plan printed. Internal.
+    trainer._oom_retries = ULTRALYTICS_OOM_RETRIES
+
+
+def validate(weights: str | Path, data_yaml: str | Path, **args: Any) -> Any:
+    """Ultralytics' validator on `weights` (model.val)."""
+    return YOLO(str(weights)).val(data=str(data_yaml), **args)
+
+
+def metrics_dict(metrics: Any) -> dict[str, float]:
+    """The final validation's figures: a metrics object's results_dict, or (what model.train() returns after
+    Ultralytics' multi-GPU run, engine/model.py 8.4.190) a plain dict."""
+    raw = metrics if isinstance(metrics, dict) else getattr(metrics, "results_dict", None) or {}
+    return {str(k): float(v) for k, v in raw.items()}
+
+
+class FastDetectionTrainer(DetectionTrainer):
+    """Ultralytics' DetectionTrainer with the training loader and batch augmentation of `--pipeline fast`.
+
+    A plain top-level class, importable by name (`speedtrain.ultra.FastDetectionTrainer`), as Ultralytics' DDP
+    relaunch needs. get_dataloader and preprocess_batch are DetectionTrainer's documented hooks.
+    """
+
+    def get_dataloader(self, dataset_path: Any, batch_size: int = 16, rank: int = 0, mode: str = "train") -> Any:
+        if mode != "train":
+            return super().get_dataloader(dataset_path, batch_size, rank, mode)  # validation stays Ultralytics'
+        import psutil
+
+        first = Path(dataset_path[0] if isinstance(dataset_path, list) else dataset_path)
+        store = build_store(dataset_path, int(self.args.imgsz), first.parent.parent, self.args.workers or None)
+        world = max(self.world_size, 1) if rank != -1 else 1
+        resident = keep_resident(store, psutil.virtual_memory().available / 1024**3, world)
+        LOGGER.info(
+            f"speedtrain fast pipeline: {len(store)} images decoded at {store.imgsz} px in {store.folder} "
+            f"({store.size_gb:.2f} GB, {'read into RAM' if resident else 'memory-mapped'}; reused while the "
+            f"images and labels stay the same)"
+        )
+        self.fast_store, self.fast_hyp, self.fast_resident = store, Hyp.from_args(self.args), resident
+        seed = int(self.args.seed) + max(RANK, 0)
+        self.fast_dgen = torch.Generator(device=self.device).manual_seed(seed)  # augmentation, on the device
+        return StoreLoader(store, batch_size, int(self.args.seed), self.fast_hyp, self.device,
+                           rank if world > 1 else -1, world, resident)  # fmt: skip
+
+    def preprocess_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if "fast" not in batch:
+            return super().preprocess_batch(batch)
+        out = augment(take(batch), self.fast_hyp, self.fast_store.imgsz, self.fast_dgen)
+        return to_ultralytics(out, [self.fast_store.files[i] for i in batch["chunk"]])
+
+
+# --- process state: set for a call, restored after it -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def session() -> Iterator[None]:
+    """What a training call needs from Ultralytics' process state, undone when the block ends (a notebook keeps
+    its own): no usage analytics, and no network once the model is resolved (YOLO_OFFLINE, read by is_online();
+    a DDP child inherits it)."""
+    events = _events()
+    enabled = getattr(events, "enabled", None)
+    offline = os.environ.get("YOLO_OFFLINE")
+    if events is not None:
+        events.enabled = False
+    try:
+        yield
+    finally:
+        if events is not None:
+            events.enabled = enabled
+        if offline is None:
+            os.environ.pop("YOLO_OFFLINE", None)
+        else:
+            os.environ["YOLO_OFFLINE"] = offline
+
+
+def go_offline() -> None:
+    """From here to the end of the session() block nothing needs the network: no hub calls, no AMP-check download."""
+    os.environ["YOLO_OFFLINE"] = "1"
+
+
+def _events() -> Any:
+    """Ultralytics' analytics singleton (internal: utils/events.py `events`), or None where a version lacks it."""
+    try:
+        from ultralytics.utils.events import events
+
+        return events
+    except ImportError:
+        return None
+
+
+class _PlainStream:
+    """A text stream that drops ANSI colour codes on their way to a file or pipe."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(ANSI.sub("", text))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class _PlainRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = ANSI.sub("", record.getMessage()), ()
+        return True
+
+
+@contextlib.contextmanager
+def plain_text_when_piped() -> Iterator[None]:
+    """Ultralytics colours its log lines and progress bars unconditionally (colorstr, 8.4.190); where the output
+    is a file or a pipe (CI logs, `> train.log`, SLURM), strip the escape codes for the block, then restore."""
+    if sys.stdout.isatty():
+        yield
+        return
+    plain = _PlainRecords()
+    handlers = list(LOGGER.handlers)
+    out, err = sys.stdout, sys.stderr
+    for handler in handlers:
+        handler.addFilter(plain)
+    sys.stdout, sys.stderr = _PlainStream(out), _PlainStream(err)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = out, err
+        for handler in handlers:
+            handler.removeFilter(plain)
+
+
+@contextlib.contextmanager
+def output_to(log_file: Path | None) -> Iterator[None]:
+    """Send Ultralytics' console output (LOGGER's stream handlers, its progress bars on sys.stdout/stderr) to
+    `log_file` for the block, without colour codes; None leaves it on the console."""
+    if log_file is None:
+        yield
+        return
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("a", encoding="utf-8", buffering=1) as f:
+        plain = _PlainStream(f)
+        handlers = [h for h in LOGGER.handlers if type(h) is logging.StreamHandler]
+        streams = [_swap_stream(h, plain) for h in handlers]
+        out, err = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = plain  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = out, err
+            for handler, stream in zip(handlers, streams, strict=True):
+                _swap_stream(handler, stream)
+
+
+def _swap_stream(handler: logging.StreamHandler, stream: Any) -> Any:
+    """Point a handler at another stream and return the old one. Not StreamHandler.setStream: it flushes the old
+    stream first, and Ultralytics' handler may hold one that is closed by now (a test runner's captured output)."""
+    with handler.lock or contextlib.nullcontext():
+        old, handler.stream = handler.stream, stream
+    return old
