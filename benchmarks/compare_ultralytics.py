@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from speedtrain import planner, prepare, runner, ultra, workflow
+from speedtrain import planner, resize, runner, ultra, workflow
 from speedtrain.planner import Overrides, Stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def copy_dataset(source: Path, n: int, dest: Path) -> Path:
     for i, image in enumerate(images):
         split = "val" if i % 4 == 3 else "train"
         shutil.copy2(image, dest / "images" / split / Path(image).name)
-        label = Path(prepare.label_path(image))
+        label = Path(resize.label_path(image))
         if label.is_file():
             shutil.copy2(label, dest / "labels" / split / label.name)
     data = {"train": "images/train", "val": "images/val", "names": dict(enumerate(stats.names))}
@@ -123,7 +123,7 @@ def main() -> None:
         root = copy_dataset(args.dataset, args.images, Path(tmp) / "data")
         ov = Overrides(model=args.model, finetune="no", prepare="no", imgsz=64 if args.tiny else None)
         planned = workflow.make_plan(root, ov, ["plots=False"])
-        view = prepare.make_view(planned.stats, Path(tmp) / "view")
+        view = resize.make_view(planned.stats, Path(tmp) / "view")
         weights, note = ultra.resolve_model(args.model)
         budget = 20.0 if args.tiny else args.tune_budget_s
         tuned, tune_result = workflow.autotune(planned, Path(tmp) / "tune", budget_s=budget, retune=True)

@@ -197,12 +197,12 @@ def _plan_stage(out: Path, **overrides: Any) -> Any:
 
 def step_floor(out: Path, _work: Path, _args: argparse.Namespace) -> None:
     """forward + loss + backward + Adam step on batches already on the device, at the plan's batch (AMP on a GPU)."""
-    from speedtrain import tune
+    from speedtrain import tuner
 
     stage = _plan_stage(out)
     on_gpu = stage.on_gpu
-    steps = tune.probe_steps(stage, MODEL, on_gpu, time.perf_counter() + 60, log=lambda _: None)
-    mine = next(p for p in steps if p.batch == tune._plan_batch(stage))
+    steps = tuner.probe_steps(stage, MODEL, on_gpu, time.perf_counter() + 60, log=lambda _: None)
+    mine = next(p for p in steps if p.batch == tuner._plan_batch(stage))
     record(out, "floor", {
         "row": "floor", "batch": mine.batch, "imgsz": stage.imgsz, "images_per_s": mine.images_per_s,
         "rel_err": mine.rel_err, "peak_vram_gb": mine.peak_mem_gb, "oom": mine.oom,
@@ -365,10 +365,10 @@ def step_oom(out: Path, work: Path, _args: argparse.Namespace) -> None:
 
 def _view(out: Path, work: Path) -> str:
     """The dataset's linked view (Ultralytics writes its label caches there, not into the data)."""
-    from speedtrain import prepare, workflow
+    from speedtrain import resize, workflow
 
     stats = workflow.scan_dataset(settings(out)["dataset"])
-    return str(prepare.make_view(stats, prepare.view_dir(stats, work / "runs")))
+    return str(resize.make_view(stats, resize.view_dir(stats, work / "runs")))
 
 
 # --------------------------------------------------------------------------------------------------------- Ctrl-C

@@ -28,7 +28,7 @@ from typing import Any
 
 from compare_ultralytics import COCO, REPO, copy_dataset, measure, publish
 
-from speedtrain import pipeline, prepare, runner, tune, ultra, workflow
+from speedtrain import pipeline, resize, runner, tuner, ultra, workflow
 from speedtrain.planner import Overrides
 
 SYNCING = {"_local_scalar_dense", "nonzero", "item", "masked_select", "unique", "is_nonzero", "index(bool mask)"}
@@ -216,7 +216,7 @@ def main() -> None:
             return
         ov = Overrides(model=args.model, imgsz=args.imgsz, batch=args.batch, finetune="no", prepare="no", rect=False)
         planned = workflow.make_plan(root, ov, ["plots=False", "seed=0", "deterministic=False"])
-        view = prepare.make_view(planned.stats, Path(tmp) / "view")
+        view = resize.make_view(planned.stats, Path(tmp) / "view")
         weights, note = ultra.resolve_model(args.model)
         base = replace(planned.plan.stages[0], epochs=args.epochs, patience=100, rect=False)
         runner.train_stage(replace(base, imgsz=64, epochs=1), weights, view, Path(tmp) / "warmup", log=lambda _: None)
@@ -227,7 +227,7 @@ def main() -> None:
         results = {
             name: measure(stage, weights, view, Path(tmp) / "runs" / stage.pipeline) for name, stage in rows.items()
         }
-        floor = tune.probe_steps(base, weights, base.on_gpu, float("inf"), log=lambda _: None)
+        floor = tuner.probe_steps(base, weights, base.on_gpu, float("inf"), log=lambda _: None)
         at_batch = [s for s in floor if s.batch <= base.batch and s.images_per_s]
     heading = f"{args.images} images of {args.dataset.name}, {args.epochs} epochs at {args.imgsz} px"
     heading += f", batch {base.batch}, {note}"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from speedtrain import dataset, prepare
+from speedtrain import dataset, resize
 from speedtrain.parallel import default_workers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def pillow_loop(images: list[Path], out: Path, size: int) -> float:
 
 def speedtrain_resize(stats: dataset.DatasetStats, out: Path, size: int, workers: int) -> float:
     t0 = time.perf_counter()
-    summary = prepare.resize_dataset(stats, size, out, workers=workers)
+    summary = resize.resize_dataset(stats, size, out, workers=workers)
     assert summary.processed == len(stats.split("train").image_files), summary
     return time.perf_counter() - t0
 

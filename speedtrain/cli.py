@@ -18,11 +18,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from typer.core import TyperGroup
 
+from speedtrain import api, hardware, render, workflow
 from speedtrain import dataset as dataset_mod
-from speedtrain import hardware, report, workflow
-from speedtrain import prepare as prepare_mod
 from speedtrain.errors import SpeedtrainError
-from speedtrain.planner import DEFAULT_TARGET_MAP, Overrides
+from speedtrain.planner import DEFAULT_TARGET_MAP
+from speedtrain.speedreport import REPORT_NAME, DatasetSummary, SpeedReport
 
 
 class _Console(Console):
@@ -168,11 +168,9 @@ RequiredDatasetOpt = Annotated[
 ProcsOpt = Annotated[int | None, typer.Option("--workers", "-w", min=1, help="Processes. Default: all cores.")]
 
 
-def _overrides(params: dict[str, Any]) -> Overrides:
-    """Overrides from a command's parameters: those named like Overrides fields, enums as their values."""
-    names = {f.name for f in dataclasses.fields(Overrides)}
-    picked = {k: (v.value if isinstance(v, Enum) else v) for k, v in params.items() if k in names and k != "extra"}
-    return Overrides(**picked)
+def _options(params: dict[str, Any]) -> dict[str, Any]:
+    """The API's keyword arguments from a command's parameters: those named like its options, enums as values."""
+    return {k: (v.value if isinstance(v, Enum) else v) for k, v in params.items() if k in api.OVERRIDES}
 
 
 @app.command()
@@ -186,13 +184,13 @@ def probe(
 
     Example: speedtrain probe --json > my_machine.json
     """
-    snapshot = hardware.probe(path)
+    snapshot = api.probe(path)
     if save:
         hardware.save(snapshot, save)
     if as_json:
         typer.echo(json.dumps(hardware.to_dict(snapshot), indent=2))
     else:
-        console.print(report.render_hardware(hardware.to_dict(snapshot)))
+        console.print(render.render_hardware(snapshot))
 
 
 @app.command(context_settings=EXTRA_ARGS)
@@ -227,15 +225,13 @@ def plan(
 
     Example: speedtrain plan --dataset datasets/coco128 --hardware my_gpu_box.json mosaic=0.5
     """
-    ov = _overrides(locals())
-    planned = workflow.make_plan(dataset, ov, ctx.args, hardware_file, allow_download)
-    doc = report.plan_document(planned.hw, planned.stats, planned.plan)
+    planned = api.plan(
+        dataset, hardware=hardware_file, allow_download=allow_download, extra=ctx.args, **_options(locals())
+    )
     if as_json:
-        typer.echo(json.dumps(doc, indent=2))
-        return
-    console.print(report.render_hardware(doc["hardware"]))
-    console.print(report.render_dataset(doc["dataset"]))
-    console.print(report.render_plan(doc))
+        typer.echo(planned.to_json(), nl=False)
+    else:
+        console.print(planned)
 
 
 @app.command(context_settings=EXTRA_ARGS)
@@ -286,47 +282,48 @@ def train(
 
 
 def _train(ctx: typer.Context, params: dict[str, Any]) -> None:
-    """The train command's steps: resume, or plan, prepare, tune, run, and the report."""
+    """The train command: api.train (or api.resume) with the plan, preparation and tune shown as they happen, a
+    progress line per stage, and the report at the end."""
     p = types.SimpleNamespace(**params)
     out = _Console(file=sys.stdout, highlight=False)  # the real output: Ultralytics' goes to the run's log file
 
     def log(message: str) -> None:
         out.print(f"[bold cyan]speedtrain:[/] {message}")
 
-    if p.resume:
-        with _run_display(out, p.verbose) as on_update:
-            result, path = workflow.resume(p.resume, ask=_ask_finetune, log=log, on_update=on_update,
-                                           quiet=not p.verbose)  # fmt: skip
-        _finish(result, path)
-        return
-    ov = _overrides(params)
-    workflow.check_run_folder(p.project, p.name)
-    planned = workflow.make_plan(p.dataset, ov, ctx.args, allow_download=p.allow_download)
-    if planned.plan.prepare_size:
-        with _progress(f"resizing to {planned.plan.prepare_size} px") as progress:
-            planned = workflow.prepare_dataset(planned, p.project, progress)
-        if planned.prepared:
-            console.print(report.render_prepared(planned.prepared))
-    if p.autotune or p.retune:
-        planned, tuned = workflow.autotune(planned, p.project, budget_s=p.budget_s, retune=p.retune, log=_log)
-        console.print(report.render_tune(tuned.to_dict()))
-    doc = report.plan_document(planned.hw, planned.stats, planned.plan)
-    console.print(report.render_dataset(doc["dataset"]))
-    console.print(report.render_plan(doc))
-    with _run_display(out, p.verbose) as on_update:
-        result, path = workflow.execute(
-            planned, p.project, p.name, ask=_ask_finetune, log=log, on_update=on_update, quiet=not p.verbose
-        )
-    _finish(result, path, plan_shown=True)
+    def on_event(kind: str, value: Any) -> None:
+        if kind == "prepared":
+            console.print(render.render_prepared(value))
+        elif kind == "tuned":
+            console.print(render.render_tune(value))
+        elif kind == "planned":
+            console.print(render.render_dataset(value.dataset))
+            console.print(render.render_plan(value.plan))
+
+    with contextlib.ExitStack() as stack:
+        display: list[Callable[[Any], None]] = []
+
+        def on_update(event: Any) -> None:  # the progress display starts with training, after any resize bar
+            if not display:
+                display.append(stack.enter_context(_run_display(out)))
+            display[0](event)
+
+        hooks: dict[str, Any] = {"log": log, "ask": _ask_finetune, "verbose": p.verbose}
+        hooks["on_update"] = None if p.verbose else on_update
+        if p.resume:
+            result = api.resume(p.resume, **hooks)
+        else:
+            result = api.train(
+                p.dataset, project=p.project, name=p.name, autotune=p.autotune, retune=p.retune,
+                budget_s=p.budget_s, allow_download=p.allow_download, on_event=on_event, progress=_progress,
+                extra=ctx.args, **hooks, **_options(params),
+            )  # fmt: skip
+    _finish(result, plan_shown=not p.resume)
 
 
 @contextlib.contextmanager
-def _run_display(out: Console, verbose: bool) -> Iterator[Callable[[Any], None] | None]:
-    """One progress line per stage (epoch x/N, images/s, last mAP, ETA) on a terminal, a line per epoch in a log;
-    with --verbose, Ultralytics' own output instead."""
-    if verbose:
-        yield None
-        return
+def _run_display(out: Console) -> Iterator[Callable[[Any], None]]:
+    """One progress line per stage (epoch x/N, images/s, last mAP, ETA) on a terminal, a line per epoch in a log
+    (--verbose shows Ultralytics' own output instead, and no display)."""
     if not out.is_terminal:
 
         def line(ev: Any) -> None:
@@ -363,17 +360,19 @@ def _run_display(out: Console, verbose: bool) -> Iterator[Callable[[Any], None] 
         yield update
 
 
-def _finish(result: dict[str, Any], path: Path, plan_shown: bool = False) -> None:
+def _finish(result: SpeedReport, plan_shown: bool = False) -> None:
     """Print the speed report (without the plan when it was shown before the run); an interrupted run exits 130
     and says how to go on."""
+    assert result.run is not None  # a finished or interrupted run's report
+    run_dir = Path(result.run.run_dir)
     console.rule("speed report")
-    console.print(report.render_report(result, with_plan=not plan_shown))
-    log_file = path.with_name(workflow.ULTRALYTICS_LOG)
+    console.print(render.render_report(result, with_plan=not plan_shown))
+    log_file = run_dir / workflow.ULTRALYTICS_LOG
     if log_file.is_file():
         console.print(f"Ultralytics' full log: {log_file} (--verbose shows it while training)")
-    console.print(f"report: {path} and {path.with_name(report.PNG_NAME)}")
-    if result["run"].get("interrupted"):
-        err_console.print(f"interrupted; go on with: speedtrain train --resume {path.parent}", soft_wrap=True)
+    console.print(f"report: {run_dir / REPORT_NAME} and {run_dir / render.PNG_NAME}")
+    if result.run.interrupted:
+        err_console.print(f"interrupted; go on with: speedtrain train --resume {run_dir}", soft_wrap=True)
         raise typer.Exit(130)
 
 
@@ -394,15 +393,13 @@ def prepare_command(
 
     Example: speedtrain prepare --dataset datasets/mine --size 416
     """
-    stats = workflow.scan_dataset(dataset)
     with _progress(f"resizing to {size} px", quiet=as_json) as progress:
-        summary = prepare_mod.resize_dataset(
-            stats, size, out, workers=workers, quality=quality, in_place=in_place, progress=progress
-        )
+        summary = api.prepare(dataset, size, out, workers=workers, quality=quality, in_place=in_place,
+                              progress=progress)  # fmt: skip
     if as_json:
         typer.echo(json.dumps(summary.to_dict(), indent=2))
     else:
-        console.print(report.render_resize(summary.to_dict()))
+        console.print(render.render_resize(summary))
         if summary.yaml_path:
             console.print(f"train on it: speedtrain train --dataset {summary.yaml_path}")
 
@@ -420,13 +417,13 @@ def check(
     """
     stats = dataset_mod.scan(dataset)
     with _progress("checking images", quiet=as_json) as progress:
-        problems = report.problem_dicts(dataset_mod.check(stats, workers, progress))
-    summary = report.dataset_summary(stats) | {"problems": problems}
+        problems = api.check(dataset, workers=workers, progress=progress)
+    summary = DatasetSummary.of(stats)
     if as_json:
-        typer.echo(json.dumps(summary, indent=2))
+        typer.echo(json.dumps(summary.to_dict() | {"problems": [dataclasses.asdict(p) for p in problems]}, indent=2))
     else:
-        console.print(report.render_dataset(summary))
-        console.print(report.render_problems(problems))
+        console.print(render.render_dataset(dataclasses.replace(summary, problems=problems)))
+        console.print(render.render_problems(problems))
     if problems:
         raise typer.Exit(1)
 
@@ -449,19 +446,18 @@ def tune_command(
 
     Example: speedtrain tune --dataset datasets/mine --budget-s 60
     """
-    ov = Overrides(model=model, imgsz=imgsz, device=device, threads=threads, finetune="no", prepare="no")
-    planned = workflow.make_plan(dataset, ov, ctx.args)
     log = _quiet if as_json else _log
     # With --json, stdout carries the JSON alone: Ultralytics' logs and progress bars go to stderr.
     with (
         contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext(),
         _plain_text_when_piped(),
     ):
-        _, result = workflow.autotune(planned, project, budget_s=budget_s, retune=retune, log=log)
+        result = api.tune(dataset, project=project, budget_s=budget_s, retune=retune, log=log, extra=ctx.args,
+                          model=model, imgsz=imgsz, device=device, threads=threads)  # fmt: skip
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
-        console.print(report.render_tune(result.to_dict()))
+        console.print(render.render_tune(result))
 
 
 @app.command("report")
@@ -473,16 +469,16 @@ def show_report(
 ) -> None:
     """Print a finished run's speed report again from its speed_report.json.
 
-    Example: speedtrain report runs/speedtrain/train --png report.png
+    Example: speedtrain report runs/speedtrain/train --png render.png
     """
-    doc = report.check_report(report.load_report(run_dir), run_dir)
+    rep = api.report(run_dir)
     if png:
-        report.save_png(doc, png)
+        rep.save_png(png)
         err_console.print(f"picture: {png}")
     if as_json:
-        typer.echo(json.dumps(doc, indent=2))
+        typer.echo(rep.to_json(), nl=False)
     else:
-        console.print(report.render_report(doc))
+        console.print(rep)
 
 
 def _ask_finetune(main_result: Any) -> bool | None:

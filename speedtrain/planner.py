@@ -399,16 +399,21 @@ def _prepare(stats: DatasetStats, stages: list[Stage], mode: str) -> tuple[int |
 
 
 def apply_tuned(
-    plan: TrainPlan, batch: int, workers: int, cache: str | bool, why: str, fast_measured_faster: bool = False
+    plan: TrainPlan,
+    batch: int,
+    workers: int,
+    cache: str | bool,
+    why: str,
+    fast_measured_faster: bool = False,
+    pipeline_auto: bool = False,
 ) -> TrainPlan:
     """The plan with the main stage's batch, workers and cache as `speedtrain tune` measured them; a GPU run left
-    on `--pipeline auto` switches to the fast pipeline only when tune measured it faster on this machine."""
+    on `--pipeline auto` (`pipeline_auto`) switches to the fast pipeline only when tune measured it faster here."""
     main = plan.stages[0]
     chain = tuple(sorted({b for b in (main.batch, *main.batch_fallbacks) if b < batch}, reverse=True))
     tuned = replace(main, batch=batch, batch_fallbacks=chain, workers=workers, cache=cache)
     reasons = dict(plan.reasons)
-    auto = reasons.get("pipeline", "").startswith("ultralytics: not measured")
-    if fast_measured_faster and main.on_gpu and auto:
+    if fast_measured_faster and main.on_gpu and pipeline_auto:
         tuned = replace(tuned, pipeline="fast", rect=False)
         reasons["pipeline"] = f"fast: speedtrain tune measured it faster than Ultralytics' pipeline here ({why})"
     for key, value in (("batch", batch), ("workers", workers), ("cache", cache or "none")):
@@ -737,15 +742,24 @@ def parse_extra_args(tokens: list[str], known: dict[str, Any]) -> tuple[tuple[st
         key = key.strip().lstrip("-")
         if not sep or not key:
             raise UsageError(f"unexpected argument {token!r}: extra Ultralytics arguments look like key=value")
-        if key in RESERVED_ARGS:
-            flag = RESERVED_ARGS[key]
-            raise UsageError(f"{key}= is set by speedtrain" + (f"; use {flag}" if flag else ""))
-        if key not in known:
-            raise UsageError(f"{key}= is not an Ultralytics train argument")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
-        _check_type(key, raw, value, known[key])
-        out.append((key, value))
+        out.append(_checked_arg(key, raw, value, known))
     return tuple(out)
+
+
+def check_extra_args(args: dict[str, Any], known: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """Python keyword arguments for Ultralytics (the API's **args), checked like key=value on the command line."""
+    return tuple(_checked_arg(key, repr(value), value, known) for key, value in args.items())
+
+
+def _checked_arg(key: str, raw: str, value: Any, known: dict[str, Any]) -> tuple[str, Any]:
+    if key in RESERVED_ARGS:
+        flag = RESERVED_ARGS[key]
+        raise UsageError(f"{key}= is set by speedtrain" + (f"; use {flag}" if flag else ""))
+    if key not in known:
+        raise UsageError(f"{key}= is not an Ultralytics train argument")
+    _check_type(key, raw, value, known[key])
+    return key, value

@@ -7,24 +7,25 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import psutil
 
-from speedtrain import dataset, hardware, planner, prepare, report, runner
+from speedtrain import dataset, hardware, planner, render, resize, runner
 from speedtrain.dataset import DatasetStats
 from speedtrain.errors import DatasetError, DiskSpaceError, UsageError
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.parallel import Progress
 from speedtrain.planner import Overrides, Stage, TrainPlan
-from speedtrain.util import existing_parent, utc_now
+from speedtrain.speedreport import REPORT_NAME, DatasetSummary, Preparation, SpeedReport
+from speedtrain.tuner import TuneResult
+from speedtrain.util import existing_parent
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
-DEFAULT_PROJECT = Path("runs") / "speedtrain"
+DEFAULT_PROJECT: Path = Path("runs") / "speedtrain"
 ULTRALYTICS_LOG = "ultralytics.log"  # Ultralytics' own output of a run, unless --verbose shows it
 
 
-def scan_dataset(path: str | Path | None, allow_download: bool = False) -> DatasetStats:
+def scan_dataset(path: str | os.PathLike[str] | None, allow_download: bool = False) -> DatasetStats:
     """Scan the dataset (the embedded sample when `path` is None) and refuse one training cannot use.
 
     A yaml's `download:` script (which plain Ultralytics runs when data is missing) runs only with
@@ -53,7 +54,7 @@ def scan_dataset(path: str | Path | None, allow_download: bool = False) -> Datas
     return stats
 
 
-def is_sample(dataset_path: str | Path | None) -> bool:
+def is_sample(dataset_path: str | os.PathLike[str] | None) -> bool:
     """The embedded sample, by default or named (the one-click script passes its path): the short demo plan."""
     if dataset_path is None:
         return True
@@ -69,20 +70,27 @@ class Planned:
     stats: DatasetStats
     overrides: Overrides
     plan: TrainPlan
-    prepared: dict[str, Any] | None = None  # the preparation record, once the dataset was resized
-    tuned: dict[str, Any] | None = None  # the tune result applied to the plan (train --autotune)
+    prepared: Preparation | None = None  # once the dataset was resized
+    tuned: TuneResult | None = None  # the tune result applied to the plan (train --autotune)
+
+    def report(self) -> SpeedReport:
+        """The plan as a report (no stage run yet): what `speedtrain plan` shows and prints as JSON."""
+        return SpeedReport.planned(self.hw, self.stats, self.plan, self.prepared, self.tuned)
 
 
 def make_plan(
-    dataset_path: str | Path | None,
+    dataset_path: str | os.PathLike[str] | None,
     overrides: Overrides,
     extra_args: list[str] | tuple[str, ...] = (),
-    hardware_file: str | Path | None = None,
+    hardware_file: str | os.PathLike[str] | HardwareSnapshot | None = None,
     allow_download: bool = False,
 ) -> Planned:
-    """Probe (or load) the hardware, scan the dataset and plan the run."""
+    """Probe the hardware (or load a snapshot, or take one), scan the dataset and plan the run."""
     stats = scan_dataset(dataset_path, allow_download)
-    hw = hardware.load(hardware_file) if hardware_file else hardware.probe(stats.root)
+    if isinstance(hardware_file, HardwareSnapshot):
+        hw = hardware_file
+    else:
+        hw = hardware.load(Path(hardware_file)) if hardware_file else hardware.probe(stats.root)
     if extra_args:
         from speedtrain import ultra
 
@@ -100,8 +108,8 @@ def prepare_dataset(
     size = planned.plan.prepare_size
     if size is None:
         return planned
-    out = prepare.prepared_dir(planned.stats, project, size)
-    summary = prepare.resize_dataset(planned.stats, size, out, progress=progress)
+    out = resize.prepared_dir(planned.stats, project, size)
+    summary = resize.resize_dataset(planned.stats, size, out, progress=progress)
     stats = scan_dataset(summary.yaml_path)
     plan = planner.plan(planned.hw, stats, planned.overrides)
     decision = planned.plan.reason("prepare")
@@ -109,16 +117,8 @@ def prepare_dataset(
     train_images = [i for s in planned.stats.splits if s.name == "train" for i in s.image_files]
     copies = [i for s in stats.splits if s.name == "train" for i in s.image_files]
     imgsz = plan.stages[0].imgsz
-    before, after = prepare.measure_load_ms(train_images, imgsz), prepare.measure_load_ms(copies, imgsz)
-    record = {
-        "decision": decision,
-        "summary": summary.to_dict(),
-        "load_ms_original": before,
-        "load_ms_prepared": after,
-        "load_sample": min(16, len(train_images)),
-        "saving_s_per_epoch": round((before - after) * len(train_images) / 1000, 2) if before and after else None,
-        "original_dataset": report.dataset_summary(planned.stats),
-    }
+    before, after = resize.measure_load_ms(train_images, imgsz), resize.measure_load_ms(copies, imgsz)
+    record = Preparation(decision, summary, before, after, min(16, len(train_images)), DatasetSummary.of(planned.stats))
     return replace(planned, stats=stats, plan=plan, prepared=record)
 
 
@@ -129,14 +129,14 @@ def autotune(
     budget_s: float = 90.0,
     retune: bool = False,
     log: Callable[[str], None] = lambda _: None,
-) -> tuple[Planned, Any]:
+) -> tuple[Planned, TuneResult]:
     """Measure the main stage's batch, workers and cache (or reuse a cached measurement) and apply the winner."""
-    from speedtrain import tune, ultra
+    from speedtrain import tuner, ultra
 
     project = Path(project)
-    view_yaml = prepare.make_view(planned.stats, prepare.view_dir(planned.stats, project))
+    view_yaml = resize.make_view(planned.stats, resize.view_dir(planned.stats, project))
     source, _ = ultra.resolve_model(planned.plan.model)
-    result = tune.tune(
+    result = tuner.tune(
         planned.plan.stages[0], source, view_yaml, planned.hw, planned.stats,
         budget_s=budget_s, cache_dir=project / ".tune", retune=retune, project=project, log=log,
     )  # fmt: skip
@@ -145,12 +145,14 @@ def autotune(
     why = f"{result.predicted_images_per_s} img/s predicted, {result.bound}-bound" + (
         "; the plan's own configuration, nothing measurably faster" if result.kept_plan else ""
     )
-    fast = tune.fast_pipeline_faster(result)
-    plan = planner.apply_tuned(planned.plan, result.batch, result.workers, result.cache, why, fast_measured_faster=fast)
-    return replace(planned, plan=plan, tuned=result.to_dict()), result
+    fast = tuner.fast_pipeline_faster(result)
+    auto = planned.overrides.pipeline == "auto"
+    plan = planner.apply_tuned(planned.plan, result.batch, result.workers, result.cache, why,
+                               fast_measured_faster=fast, pipeline_auto=auto)  # fmt: skip
+    return replace(planned, plan=plan, tuned=result), result
 
 
-def check_run_folder(project: str | Path, name: str) -> Path:
+def check_run_folder(project: str | os.PathLike[str], name: str) -> Path:
     """--project must be (or become) a folder and --name a plain folder name inside it; checked before any work."""
     project = Path(project)
     if not name or name in (".", "..") or any(sep in name for sep in ("/", "\\")):
@@ -163,7 +165,7 @@ def check_run_folder(project: str | Path, name: str) -> Path:
     return project
 
 
-def new_run_dir(project: str | Path, name: str) -> Path:
+def new_run_dir(project: str | os.PathLike[str], name: str) -> Path:
     """A fresh run folder: project/name, or name2, name3, ... when taken; an earlier run is never reused."""
     project = check_run_folder(project, name)
     try:
@@ -182,14 +184,14 @@ def new_run_dir(project: str | Path, name: str) -> Path:
 
 def execute(
     planned: Planned,
-    project: str | Path = DEFAULT_PROJECT,
+    project: str | os.PathLike[str] = DEFAULT_PROJECT,
     name: str = "train",
     *,
     ask: Callable[[runner.StageResult], bool | None] | None = None,
     log: Callable[[str], None] = lambda _: None,
     on_update: runner.OnProgress | None = None,
     quiet: bool = False,
-) -> tuple[dict[str, Any], Path]:
+) -> tuple[SpeedReport, Path]:
     """Train the plan through a linked view of the dataset; keep speed_report.json current; return it and its path.
 
     `on_update` gets each stage's progress after every batch; with `quiet`, Ultralytics' own output goes to
@@ -197,80 +199,74 @@ def execute(
     """
     _check_disk(planned, Path(project))
     run_dir = new_run_dir(project, name)
-    view_yaml = prepare.make_view(planned.stats, prepare.view_dir(planned.stats, project))
+    view_yaml = resize.make_view(planned.stats, resize.view_dir(planned.stats, Path(project)))
     log(f"run folder: {run_dir}")
-    base = report.plan_document(planned.hw, planned.stats, planned.plan)
-    base["prepare"] = planned.prepared
-    base["tune"] = planned.tuned
-    base["run"] = {"run_dir": str(run_dir), "data_yaml": str(view_yaml), "status": "running"}
-    return _run(base, planned.plan, run_dir, (), ask, log, on_update, quiet)
+    return _run(planned.report().started(run_dir, view_yaml), run_dir, (), ask, log, on_update, quiet)
 
 
 def resume(
-    run_dir: str | Path,
+    run_dir: str | os.PathLike[str],
     *,
     ask: Callable[[runner.StageResult], bool | None] | None = None,
     log: Callable[[str], None] = lambda _: None,
     on_update: runner.OnProgress | None = None,
     quiet: bool = False,
-) -> tuple[dict[str, Any], Path]:
+) -> tuple[SpeedReport, Path]:
     """Go on with an interrupted or killed run: the running stage from its last checkpoint, then the rest."""
     run_dir = Path(run_dir).absolute()
-    doc = report.load_report(run_dir)
-    if doc.get("run", {}).get("status") == "finished":
+    rep = SpeedReport.from_json(run_dir)
+    if rep.run is None:
+        raise UsageError(f"{run_dir}: a plan, not a run's report; start a run with speedtrain train")
+    if rep.run.status == "finished":
         raise UsageError(f"{run_dir}: this run finished; start a new one instead of --resume")
-    report.check_report(doc, run_dir)
-    data_yaml = doc.get("run", {}).get("data_yaml")
+    data_yaml = rep.run.data_yaml
     if not data_yaml or not Path(data_yaml).is_file():
         raise DatasetError(f"{run_dir}: the dataset view {data_yaml} is gone; start a new run")
-    previous = tuple(runner.StageResult.from_report(s) for s in doc["stages"] if s.get("status") not in PENDING)
-    base = dict(doc)
-    base["stages"] = [{k: v for k, v in s.items() if k not in ("status", "note", "measured")} for s in doc["stages"]]
-    base["run"] = {**doc["run"], "status": "running", "resumed_at": utc_now()}
     log(f"resuming {run_dir}")
-    return _run(base, planner.plan_from_dict(doc), run_dir, previous, ask, log, on_update, quiet)
-
-
-PENDING = ("pending", "not run")  # stages a run never reached; "running" ones resume from their checkpoint
+    return _run(rep.resumed(), run_dir, rep.results(), ask, log, on_update, quiet)
 
 
 def _run(
-    base: dict[str, Any],
-    plan: TrainPlan,
+    rep: SpeedReport,
     run_dir: Path,
     previous: tuple[runner.StageResult, ...],
     ask: Callable[[runner.StageResult], bool | None] | None,
     log: Callable[[str], None],
     on_update: runner.OnProgress | None = None,
     quiet: bool = False,
-) -> tuple[dict[str, Any], Path]:
+) -> tuple[SpeedReport, Path]:
     """Run the stages, saving the report before and after each one, and draw the PNG at the end."""
-    path = run_dir / report.REPORT_NAME
+    path = run_dir / REPORT_NAME
+    current = rep  # the latest state, saved whenever it changes
 
     def save(results: tuple[runner.StageResult, ...], running: str | None) -> None:
-        report.save_report(report.build_report(base, results, running), run_dir)
+        nonlocal current
+        current = current.with_results(results, running)
+        current.to_json(path)
 
     def before_stage(stage: Stage) -> Stage:
+        nonlocal current
         stage, note = planner.recheck_cache(stage, psutil.virtual_memory().available / 1024**3)
         if note:
             log(note)
-            base.setdefault("warnings", []).append(note)
-            next(s for s in base["stages"] if s["name"] == stage.name)["cache"] = stage.cache
+            current = current.with_stage(stage, note)
         return stage
 
     save(previous, None)
+    if rep.run is None or rep.run.data_yaml is None:
+        raise UsageError(f"{run_dir}: the report has no dataset view to train on; start a new run")
     result = runner.run(
-        plan, base["run"]["data_yaml"], run_dir, previous=previous, decide_finetune=ask,
+        current.plan, rep.run.data_yaml, run_dir, previous=previous, decide_finetune=ask,
         before_stage=before_stage, on_progress=save, log=log, on_update=on_update,
         log_file=run_dir / ULTRALYTICS_LOG if quiet else None,
     )  # fmt: skip
-    doc = report.build_report(base, result.stages, run=report.run_info(result))
-    report.save_report(doc, run_dir)
+    final = current.finished(result)
+    final.to_json(path)
     try:
-        report.save_png(doc, run_dir / report.PNG_NAME)
+        final.save_png(run_dir / render.PNG_NAME)
     except Exception as exc:  # the picture is a convenience: its failure must not hide a finished run's report
-        log(f"could not draw {report.PNG_NAME} ({type(exc).__name__}: {exc}); the JSON report is complete")
-    return doc, path
+        log(f"could not draw {render.PNG_NAME} ({type(exc).__name__}: {exc}); the JSON report is complete")
+    return final, path
 
 
 CHECKPOINT_ROOM_GB = 1.0  # checkpoints, results.csv and plots of a run; a yolo26n checkpoint is about 5.5 MB

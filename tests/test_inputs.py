@@ -289,12 +289,12 @@ def test_val_being_the_training_images_is_noted(make_dataset):
 
 
 def test_interrupting_prepare_talks_about_prepare(make_dataset, monkeypatch):
-    from speedtrain import prepare
+    from speedtrain import resize
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare, "resize_dataset", interrupted)
+    monkeypatch.setattr(resize, "resize_dataset", interrupted)
     result = CliRunner().invoke(app, ["prepare", "--dataset", str(make_dataset(4, 1))])
     assert result.exit_code == 130
     assert "run the same prepare again" in result.stderr
@@ -302,7 +302,7 @@ def test_interrupting_prepare_talks_about_prepare(make_dataset, monkeypatch):
 
 
 def test_a_killed_runs_report_does_not_say_finished(tmp_path):
-    from speedtrain import report
+    from speedtrain import SpeedReport
 
     doc = json.loads((REPO / "tests" / "data" / "speed_report.json").read_text())
     doc["run"] = {**doc.get("run", {}), "status": "running", "run_dir": str(tmp_path)}
@@ -311,19 +311,19 @@ def test_a_killed_runs_report_does_not_say_finished(tmp_path):
     assert result.exit_code == 0
     assert "Run stopped before it finished" in result.output
     assert "Run finished" not in result.output
-    assert report.load_report(tmp_path)["run"]["status"] == "running"
+    assert SpeedReport.from_json(tmp_path).run.status == "running"
 
 
 def test_json_inputs_are_bounded(tmp_path, monkeypatch):
-    from speedtrain import hardware, report
+    from speedtrain import SpeedReport, hardware, speedreport
     from speedtrain.errors import HardwareError, SpeedtrainError
 
     monkeypatch.setattr(hardware, "JSON_MAX_BYTES", 100)
-    monkeypatch.setattr(report, "JSON_MAX_BYTES", 100)
+    monkeypatch.setattr(speedreport, "JSON_MAX_BYTES", 100)
     big = tmp_path / "speed_report.json"
     big.write_text(json.dumps({"stages": [], "pad": "x" * 200}))
     with pytest.raises(SpeedtrainError, match="too large for a speed report"):
-        report.load_report(big)
+        SpeedReport.from_json(big)
     with pytest.raises(HardwareError, match="too large for a hardware snapshot"):
         hardware.load(big)
 

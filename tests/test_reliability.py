@@ -16,7 +16,7 @@ from conftest import tree_hash, wait_for
 from PIL import Image
 from typer.testing import CliRunner
 
-from speedtrain import planner, report, runner, workflow
+from speedtrain import planner, render, runner, workflow
 from speedtrain.cli import app
 from speedtrain.planner import Overrides
 
@@ -41,7 +41,7 @@ def test_oom_mid_training_goes_on_from_the_checkpoint_with_smaller_batches(make_
     assert [b for e, b in fake_cuda_oom.epochs_started if e == 1] == [16, 8, 4]
     assert csv_epochs(Path(m["save_dir"])) == [1, 2, 3]
     assert len(m["epoch_times_s"]) == 3
-    text = report.render_measured(doc)
+    text = render.render_measured(doc)
     assert text  # the fallbacks are part of the rendered report (see test_report for the wording)
 
 
@@ -102,7 +102,9 @@ def test_interrupted_training_resumes_where_it_stopped(make_dataset, tmp_path, s
 
 
 def test_resume_refuses_a_finished_run_and_a_missing_report(tmp_path):
-    (tmp_path / "speed_report.json").write_text(json.dumps({"stages": [], "run": {"status": "finished"}}))
+    finished = json.loads((Path(__file__).parent / "data" / "speed_report_v1.json").read_text())
+    assert finished["run"]["status"] == "finished"
+    (tmp_path / "speed_report.json").write_text(json.dumps(finished))
     result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path)])
     assert result.exit_code == 2
     assert "this run finished" in result.stderr

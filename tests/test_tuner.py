@@ -9,9 +9,9 @@ import pytest
 from conftest import fake_stats, snapshot
 from typer.testing import CliRunner
 
-from speedtrain import planner, tune
+from speedtrain import planner, tuner
 from speedtrain.cli import app
-from speedtrain.tune import LoaderProbe, StepProbe
+from speedtrain.tuner import LoaderProbe, StepProbe
 
 STAGE = planner.plan(snapshot((24,)), fake_stats()).stages[0]  # batch 48, 16 workers, RAM cache
 
@@ -43,7 +43,7 @@ STEPS = (
     ids=["data-bound-fewer-workers", "tie-less-memory", "ram-clearly-faster", "compute-bound"],
 )
 def test_decide(loaders, expected, bound):
-    result = tune.decide(STAGE, STEPS, loaders, fake_stats())
+    result = tuner.decide(STAGE, STEPS, loaders, fake_stats())
     assert (result.batch, result.workers, result.cache) == expected
     assert result.bound == bound
     assert result.predicted_images_per_s == pytest.approx(min(
@@ -55,16 +55,16 @@ def test_decide(loaders, expected, bound):
 def test_zero_workers_load_and_step_in_turn():
     # 0 workers: one process loads, then steps: 1 / (1/400 + 1/400) = 200 img/s, not min(400, 400)
     cpu = replace(STAGE, device="cpu", batch=16)
-    result = tune.decide(cpu, (StepProbe(16, 400.0, None),), (LoaderProbe(0, False, 400.0, 1.0),), fake_stats())
+    result = tuner.decide(cpu, (StepProbe(16, 400.0, None),), (LoaderProbe(0, False, 400.0, 1.0),), fake_stats())
     assert result.predicted_images_per_s == 200.0
     # a loader twice as fast is no longer a 5% tie: the RAM cache wins (1/(1/400+1/1600) = 320 vs 200)
     both = (LoaderProbe(0, False, 400.0, 1.0), LoaderProbe(0, "ram", 1600.0, 2.0))
-    assert tune.decide(cpu, (StepProbe(16, 400.0, None),), both, fake_stats()).cache == "ram"
+    assert tuner.decide(cpu, (StepProbe(16, 400.0, None),), both, fake_stats()).cache == "ram"
 
 
 def test_decide_explains_a_data_bound_run():
     loaders = (LoaderProbe(8, False, 200.0, 3.0),)
-    result = tune.decide(STAGE, STEPS, loaders, fake_stats(size=(1920, 1080)))
+    result = tuner.decide(STAGE, STEPS, loaders, fake_stats(size=(1920, 1080)))
     assert result.bound == "data"
     assert result.bound_factor == 4.0  # the step at batch 48 runs 800 img/s, the loader 200
     assert result.diagnosis[0].startswith("data-bound: the model could train 4.0x faster")
@@ -73,20 +73,20 @@ def test_decide_explains_a_data_bound_run():
 
 def test_decide_multi_gpu_totals_and_nothing_measured():
     two = replace(STAGE, device="0,1", batch=96)
-    result = tune.decide(two, STEPS, (LoaderProbe(8, False, 5000.0, 3.0),), fake_stats())
+    result = tuner.decide(two, STEPS, (LoaderProbe(8, False, 5000.0, 3.0),), fake_stats())
     assert (result.batch, result.predicted_images_per_s) == (96, 1600.0)  # per-GPU 48 x 2 GPUs
-    nothing = tune.decide(STAGE, (StepProbe(8, None, None, True),), (), fake_stats())
+    nothing = tuner.decide(STAGE, (StepProbe(8, None, None, True),), (), fake_stats())
     assert (nothing.batch, nothing.bound, nothing.predicted_images_per_s) == (48, "unknown", 0.0)
 
 
 def test_fingerprint_changes_with_what_matters():
     hw, stats = snapshot((24,)), fake_stats()
-    key = tune.fingerprint(hw, stats, "yolo26n.yaml", 416, "0")
-    assert key == tune.fingerprint(hw, stats, "yolo26n.yaml", 416, "0")
-    assert key != tune.fingerprint(hw, stats, "yolo26s.yaml", 416, "0")
-    assert key != tune.fingerprint(hw, stats, "yolo26n.yaml", 640, "0")
-    assert key != tune.fingerprint(snapshot((80,)), stats, "yolo26n.yaml", 416, "0")
-    assert key != tune.fingerprint(hw, fake_stats(train=999), "yolo26n.yaml", 416, "0")
+    key = tuner.fingerprint(hw, stats, "yolo26n.yaml", 416, "0")
+    assert key == tuner.fingerprint(hw, stats, "yolo26n.yaml", 416, "0")
+    assert key != tuner.fingerprint(hw, stats, "yolo26s.yaml", 416, "0")
+    assert key != tuner.fingerprint(hw, stats, "yolo26n.yaml", 640, "0")
+    assert key != tuner.fingerprint(snapshot((80,)), stats, "yolo26n.yaml", 416, "0")
+    assert key != tuner.fingerprint(hw, fake_stats(train=999), "yolo26n.yaml", 416, "0")
 
 
 @pytest.mark.slow
@@ -154,7 +154,7 @@ def test_the_plan_is_kept_unless_beaten_beyond_the_noise(step8, step16, err, exp
     steps = (StepProbe(8, step8, None, rel_err=err), StepProbe(16, step16, None, rel_err=err))
     # a loader 100x faster than the step, known to +-0.1%: the step's noise decides
     loaders = (LoaderProbe(0, "ram", 10000.0, 1.0, rel_err=0.001),)
-    result = tune.decide(CPU_STAGE, steps, loaders, fake_stats())
+    result = tuner.decide(CPU_STAGE, steps, loaders, fake_stats())
     assert (result.batch, result.kept_plan) == (expected_batch, kept)
     assert (result.plan_batch, result.plan_workers, result.plan_cache) == (16, 0, "ram")
     assert result.diagnosis[0].startswith("kept the plan" if kept else "beats the plan")
@@ -170,17 +170,17 @@ def test_the_plan_is_always_measured_first(monkeypatch):
         calls.append((workers, cache))
         return LoaderProbe(workers, cache, 100.0, 1.0)
 
-    monkeypatch.setattr(tune, "_time_loader", fake_time_loader)
+    monkeypatch.setattr(tuner, "_time_loader", fake_time_loader)
     hw = snapshot((24,), ram=64, cores=16)
     gpu_stage = planner.plan(hw, fake_stats()).stages[0]  # 16 workers, RAM cache
-    tune.probe_loaders(gpu_stage, "d.yaml", hw, fake_stats(), True, deadline=0.0, log=lambda _: None)
+    tuner.probe_loaders(gpu_stage, "d.yaml", hw, fake_stats(), True, deadline=0.0, log=lambda _: None)
     assert calls == [(16, "ram")]
 
 
 def test_a_slower_confirming_run_keeps_the_plan():
     steps = (StepProbe(8, 150.0, None, rel_err=0.001), StepProbe(16, 100.0, None, rel_err=0.001))
     loaders = (LoaderProbe(0, "ram", 10000.0, 1.0, rel_err=0.001),)
-    predicted = tune.decide(CPU_STAGE, steps, loaders, fake_stats())
+    predicted = tuner.decide(CPU_STAGE, steps, loaders, fake_stats())
     assert (predicted.batch, predicted.kept_plan) == (8, False)
     # the short real runs disagree with the prediction: batch 8 trains slower than the plan's 16
     rates = {8: 9.0, 16: 10.0}
@@ -190,7 +190,7 @@ def test_a_slower_confirming_run_keeps_the_plan():
         tried.append((batch, workers, cache))
         return rates[batch]
 
-    result = tune.confirm_against_plan(CPU_STAGE, predicted, fake_confirm, lambda _: None)
+    result = tuner.confirm_against_plan(CPU_STAGE, predicted, fake_confirm, lambda _: None)
     assert tried == [(8, 0, "ram"), (16, 0, "ram")]
     assert (result.batch, result.workers, result.cache, result.kept_plan) == (16, 0, "ram", True)
     assert (result.achieved_images_per_s, result.plan_achieved_images_per_s) == (10.0, 10.0)
@@ -200,15 +200,15 @@ def test_a_slower_confirming_run_keeps_the_plan():
     # and when the real run agrees, the tuned configuration stays
     rates[8] = 12.0
     tried.clear()
-    agreed = tune.confirm_against_plan(CPU_STAGE, predicted, fake_confirm, lambda _: None)
+    agreed = tuner.confirm_against_plan(CPU_STAGE, predicted, fake_confirm, lambda _: None)
     assert (agreed.batch, agreed.kept_plan, agreed.plan_achieved_images_per_s) == (8, False, 10.0)
 
 
 def test_relative_error_of_repeated_timings():
-    assert tune.relative_error([1.0, 1.0, 1.0]) == 0.0
-    assert tune.relative_error([1.0]) == 0.0  # one sample has no spread to measure
+    assert tuner.relative_error([1.0, 1.0, 1.0]) == 0.0
+    assert tuner.relative_error([1.0]) == 0.0  # one sample has no spread to measure
     # stdev 0.1 of mean 1.0 over 4 samples: 0.1 / 1.0 / 2 = 5%
-    assert tune.relative_error([0.9, 1.1, 0.9, 1.1]) == pytest.approx(0.0577, abs=1e-3)
+    assert tuner.relative_error([0.9, 1.1, 0.9, 1.1]) == pytest.approx(0.0577, abs=1e-3)
 
 
 @pytest.mark.parametrize(("fast_rate", "chosen"), [(900.0, "fast"), (500.0, "ultralytics")], ids=["faster", "slower"])
@@ -220,7 +220,7 @@ def test_the_fast_pipeline_is_chosen_only_when_measured_faster(fast_rate, chosen
     stage = plan.stages[0]
     steps = (StepProbe(48, 2000.0, 8.0, rel_err=0.01),)
     loaders = (LoaderProbe(16, "ram", 700.0, 9.0, rel_err=0.01),)  # the loader is the bottleneck: data-bound
-    result = tune.decide(stage, steps, loaders, fake_stats())
+    result = tuner.decide(stage, steps, loaders, fake_stats())
     assert result.bound == "data"
     result = replace(result, achieved_images_per_s=680.0)
     tried = []
@@ -229,11 +229,12 @@ def test_the_fast_pipeline_is_chosen_only_when_measured_faster(fast_rate, chosen
         tried.append(st.pipeline)
         return fast_rate
 
-    result = tune.confirm_fast_pipeline(stage, result, fake_confirm, lambda _: None)
+    result = tuner.confirm_fast_pipeline(stage, result, fake_confirm, lambda _: None)
     assert tried == ["fast"]
     assert result.fast_achieved_images_per_s == fast_rate
+    faster = tuner.fast_pipeline_faster(result)
     tuned = planner.apply_tuned(plan, result.batch, result.workers, result.cache, "why",
-                                fast_measured_faster=tune.fast_pipeline_faster(result))  # fmt: skip
+                                fast_measured_faster=faster, pipeline_auto=True)  # fmt: skip
     assert tuned.stages[0].pipeline == chosen
     assert ("chosen" if chosen == "fast" else "not chosen") in result.diagnosis[-1]
     if chosen == "fast":

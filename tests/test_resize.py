@@ -1,4 +1,4 @@
-"""prepare.py: the linked training view (caches never land in the dataset) and resized copies."""
+"""resize.py: the linked training view (caches never land in the dataset) and resized copies."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import yaml
 from conftest import tree_hash, wait_for
 from PIL import Image, ImageOps
 
-from speedtrain import dataset, prepare, util
+from speedtrain import dataset, resize, util
 from speedtrain.errors import UsageError
 
 
@@ -21,7 +21,7 @@ def test_view_links_every_image_and_label_and_leaves_the_dataset_alone(make_data
     root = make_dataset(6, 3)
     before = tree_hash(root)
     stats = dataset.scan(root)
-    view_yaml = prepare.make_view(stats, tmp_path / "view")
+    view_yaml = resize.make_view(stats, tmp_path / "view")
     assert tree_hash(root) == before
     data = yaml.safe_load(view_yaml.read_text())
     assert data["path"] == str(tmp_path / "view")
@@ -36,7 +36,7 @@ def test_view_links_every_image_and_label_and_leaves_the_dataset_alone(make_data
 def test_train_and_val_sharing_a_folder_are_linked_once(make_dataset, tmp_path):
     root = make_dataset(4, 0)
     (root / "data.yaml").write_text(yaml.safe_dump({"train": "images/train", "val": "images/train", "nc": 80}))
-    view_yaml = prepare.make_view(dataset.scan(root), tmp_path / "view")
+    view_yaml = resize.make_view(dataset.scan(root), tmp_path / "view")
     data = yaml.safe_load(view_yaml.read_text())
     assert data["train"] == data["val"] == ["images/s0"]
 
@@ -44,7 +44,7 @@ def test_train_and_val_sharing_a_folder_are_linked_once(make_dataset, tmp_path):
 def test_view_follows_changes_and_drops_stale_caches(make_dataset, tmp_path):
     root = make_dataset(4, 1)
     view = tmp_path / "view"
-    prepare.make_view(dataset.scan(root), view)
+    resize.make_view(dataset.scan(root), view)
     gone = sorted((root / "images" / "train").iterdir())[0]
     stale_npy = view / "images" / "s0" / f"{gone.stem}.npy"
     stale_npy.write_bytes(b"x")
@@ -52,7 +52,7 @@ def test_view_follows_changes_and_drops_stale_caches(make_dataset, tmp_path):
     fresh_npy = view / "images" / "s0" / f"{kept.stem}.npy"
     fresh_npy.write_bytes(b"x")
     gone.unlink()
-    prepare.make_view(dataset.scan(root), view)
+    resize.make_view(dataset.scan(root), view)
     assert not os.path.lexists(view / "images" / "s0" / gone.name)
     assert not stale_npy.exists()
     assert fresh_npy.exists()  # its image did not change: Ultralytics may reuse it
@@ -61,7 +61,7 @@ def test_view_follows_changes_and_drops_stale_caches(make_dataset, tmp_path):
 
 def test_view_dir_is_stable_per_dataset(make_dataset, tmp_path):
     a, b = dataset.scan(make_dataset(2, 1, name="a")), dataset.scan(make_dataset(2, 1, name="b"))
-    assert prepare.view_dir(a, tmp_path) == prepare.view_dir(a, tmp_path) != prepare.view_dir(b, tmp_path)
+    assert resize.view_dir(a, tmp_path) == resize.view_dir(a, tmp_path) != resize.view_dir(b, tmp_path)
 
 
 def test_write_atomic_leaves_no_temporary_files(tmp_path):
@@ -87,7 +87,7 @@ def test_resized_copy_sizes_labels_and_untouched_original(make_dataset):
         im.resize((300, 200)).save(small, quality=90)  # smaller than --size: must be copied, not upscaled
     before = tree_hash(root)
     stats = dataset.scan(root)
-    summary = prepare.resize_dataset(stats, 320, workers=2)
+    summary = resize.resize_dataset(stats, 320, workers=2)
     out = Path(summary.out_dir)
     assert out == root.with_name("ds_320")
     assert tree_hash(root) == before
@@ -119,7 +119,7 @@ def test_exif_rotation_is_applied_to_pixels(make_dataset):
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation 6: viewers rotate the stored pixels 90 degrees clockwise
     raw.save(img, exif=exif.tobytes(), quality=95)
-    summary = prepare.resize_dataset(dataset.scan(root), 400, workers=1)
+    summary = resize.resize_dataset(dataset.scan(root), 400, workers=1)
     out = Path(summary.out_dir) / img.relative_to(root)
     with Image.open(out) as im:
         assert im.getexif().get(0x0112, 1) == 1  # the tag is gone: pixels are already upright
@@ -143,7 +143,7 @@ def test_png_stays_png_and_16_bit_survives(make_dataset):
     jpg.unlink()
     deep = sorted((root / "images" / "train").iterdir())[0]
     Image.new("I;16", (1000, 500), 40000).save(deep.with_name("deep.png"))
-    summary = prepare.resize_dataset(dataset.scan(root), 256, workers=1)
+    summary = resize.resize_dataset(dataset.scan(root), 256, workers=1)
     out = Path(summary.out_dir) / "images" / "train"
     with Image.open(out / jpg.with_suffix(".png").name) as im:
         assert (im.format, max(im.size)) == ("PNG", 256)
@@ -158,15 +158,15 @@ def test_corrupt_image_is_skipped_and_reported(make_dataset):
     root = make_dataset(4, 1)
     bad = sorted((root / "images" / "train").iterdir())[1]
     bad.write_bytes(b"\xff\xd8 broken")
-    summary = prepare.resize_dataset(dataset.scan(root), 320, workers=2)
+    summary = resize.resize_dataset(dataset.scan(root), 320, workers=2)
     assert [p.file for p in summary.failed] == [str(bad)]
     assert summary.resized == 4
 
 
 def test_second_run_is_incremental(make_dataset):
     root = make_dataset(6, 2)
-    first = prepare.resize_dataset(dataset.scan(root), 320, workers=2)
-    second = prepare.resize_dataset(dataset.scan(root), 320, workers=2)
+    first = resize.resize_dataset(dataset.scan(root), 320, workers=2)
+    second = resize.resize_dataset(dataset.scan(root), 320, workers=2)
     assert (first.processed, first.unchanged) == (8, 0)
     assert (second.processed, second.unchanged, second.labels_copied) == (0, 8, 0)
     changed = sorted((root / "images" / "train").iterdir())[2]
@@ -174,23 +174,23 @@ def test_second_run_is_incremental(make_dataset):
         im.rotate(180).save(changed, quality=90)
     gone = sorted((root / "images" / "train").iterdir())[3]
     gone.unlink()
-    third = prepare.resize_dataset(dataset.scan(root), 320, workers=2)
+    third = resize.resize_dataset(dataset.scan(root), 320, workers=2)
     assert (third.processed, third.unchanged, third.removed) == (1, 6, 1)
     assert not (Path(third.out_dir) / gone.relative_to(root)).exists()
     # a different size is a different job: everything is redone
-    assert prepare.resize_dataset(dataset.scan(root), 256, out=Path(third.out_dir)).processed == 7
+    assert resize.resize_dataset(dataset.scan(root), 256, out=Path(third.out_dir)).processed == 7
 
 
 def test_out_inside_the_dataset_is_refused(make_dataset):
     root = make_dataset(2, 1)
     with pytest.raises(UsageError, match="must be outside the dataset"):
-        prepare.resize_dataset(dataset.scan(root), 320, out=root / "small")
+        resize.resize_dataset(dataset.scan(root), 320, out=root / "small")
 
 
 def test_in_place_resizes_atomically_and_keeps_labels(make_dataset):
     root = make_dataset(3, 1)
     labels = {p: p.read_bytes() for p in (root / "labels").rglob("*.txt")}
-    summary = prepare.resize_dataset(dataset.scan(root), 320, in_place=True, workers=2)
+    summary = resize.resize_dataset(dataset.scan(root), 320, in_place=True, workers=2)
     assert summary.resized == 4
     assert summary.yaml_path is None
     assert all(_long_side(p) == 320 for p in (root / "images").rglob("*.jpg"))
@@ -224,7 +224,7 @@ def test_interrupted_run_then_rerun_leaves_every_image_valid(make_dataset, tmp_p
     done_at_kill = len(list(out.rglob("*.png")))
     assert 0 < done_at_kill < 24, "the run was not interrupted midway"
     assert proc.returncode != 0
-    summary = prepare.resize_dataset(dataset.scan(root), 416, out, workers=2)
+    summary = resize.resize_dataset(dataset.scan(root), 416, out, workers=2)
     assert summary.processed + summary.unchanged == 25
     if sig == signal.SIGINT:  # Ctrl-C saves the manifest: what was finished is not redone
         assert summary.unchanged > 0

@@ -1,0 +1,238 @@
+"""speedtrain's Python API: `import speedtrain`, then probe, plan, prepare, check, tune, train, resume, report.
+
+Keyword names are the CLI's (`epochs`, `batch`, `imgsz`, `workers`, `cache`, `device`, `finetune`, ...), which are
+Ultralytics' own where Ultralytics has the argument; any other Ultralytics train argument (`mosaic=0.5`,
+`seed=1`) passes through, checked against Ultralytics' names and types first. Errors are SpeedtrainError
+subclasses, never SystemExit. Each call leaves the process as it found it: environment variables (Ultralytics
+sets some when it is imported), signal handlers, torch's thread count and Ultralytics' analytics switch are
+restored when it returns, so a notebook can call it again or go on with plain Ultralytics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from speedtrain import dataset as dataset_mod
+from speedtrain import hardware, planner, resize, runner, workflow
+from speedtrain.dataset import Problem
+from speedtrain.errors import UsageError
+from speedtrain.hardware import HardwareSnapshot
+from speedtrain.parallel import Progress
+from speedtrain.planner import Overrides
+from speedtrain.resize import ResizeSummary
+from speedtrain.speedreport import SpeedReport
+from speedtrain.tuner import TuneResult
+
+PathLike = str | os.PathLike[str]
+Log = Callable[[str], None]
+OnEvent = Callable[[str, Any], None]
+ProgressFactory = Callable[[str], contextlib.AbstractContextManager[Progress | None]]
+CHOICES = {
+    "cache": ("ram", "disk", "none"),
+    "finetune": ("yes", "no", "auto", "ask"),
+    "prepare": ("auto", "yes", "no"),
+    "pipeline": ("auto", "fast", "ultralytics"),
+}
+OVERRIDES = frozenset(f.name for f in dataclasses.fields(Overrides)) - {"extra", "sample"}
+
+
+def probe(path: PathLike = ".") -> HardwareSnapshot:
+    """This machine's GPUs (NVML), RAM, cores, /dev/shm and the free disk where `path` lives."""
+    with process_state_restored():
+        return hardware.probe(Path(path))
+
+
+def plan(
+    dataset: PathLike | None = None,
+    *,
+    hardware: PathLike | HardwareSnapshot | None = None,
+    allow_download: bool = False,
+    extra: Sequence[str] = (),
+    **args: Any,
+) -> SpeedReport:
+    """The training plan for `dataset` (the embedded sample when None) on this machine, or on the machine of a
+    saved snapshot `hardware`: a SpeedReport with no run, which renders as the plan table with its reasons.
+    `extra`: Ultralytics arguments as the yolo command line writes them ("mosaic=0.5")."""
+    with process_state_restored():
+        return _planned(dataset, args, extra, hardware, allow_download).report()
+
+
+def prepare(
+    dataset: PathLike,
+    size: int = 416,
+    out: PathLike | None = None,
+    *,
+    workers: int | None = None,
+    quality: int = 95,
+    in_place: bool = False,
+    progress: Progress | None = None,
+) -> ResizeSummary:
+    """Write a copy of `dataset` with images resized to `size` on the long side (labels copied); the summary."""
+    if size < 32:
+        raise UsageError(f"size {size}: a long side of at least 32 px")
+    with process_state_restored():
+        stats = workflow.scan_dataset(dataset)
+        return resize.resize_dataset(
+            stats, size, Path(out) if out else None, workers=workers, quality=quality, in_place=in_place,
+            progress=progress,
+        )  # fmt: skip
+
+
+def check(dataset: PathLike, *, workers: int | None = None, progress: Progress | None = None) -> tuple[Problem, ...]:
+    """Every image decoded and every label read: the problems found (empty when the dataset is clean)."""
+    with process_state_restored():
+        return dataset_mod.check(dataset_mod.scan(Path(dataset)), workers, progress)
+
+
+def tune(
+    dataset: PathLike | None = None,
+    *,
+    project: PathLike = workflow.DEFAULT_PROJECT,
+    budget_s: float = 90.0,
+    retune: bool = False,
+    log: Log | None = None,
+    extra: Sequence[str] = (),
+    **args: Any,
+) -> TuneResult:
+    """Measure the model's step rate per batch and the dataloader's per workers and cache; the fastest setting."""
+    if budget_s < 5:
+        raise UsageError(f"budget_s {budget_s}: at least 5 seconds")
+    args = {"finetune": "no", "prepare": "no", **args}
+    with process_state_restored():
+        planned = _planned(dataset, args, extra)
+        return workflow.autotune(planned, Path(project), budget_s=budget_s, retune=retune, log=log or _print)[1]
+
+
+def train(
+    dataset: PathLike | None = None,
+    *,
+    project: PathLike = workflow.DEFAULT_PROJECT,
+    name: str = "train",
+    autotune: bool = False,
+    retune: bool = False,
+    budget_s: float = 90.0,
+    allow_download: bool = False,
+    verbose: bool = True,
+    log: Log | None = None,
+    on_update: runner.OnProgress | None = None,
+    ask: Callable[[runner.StageResult], bool | None] | None = None,
+    on_event: OnEvent | None = None,
+    progress: ProgressFactory | None = None,
+    extra: Sequence[str] = (),
+    **args: Any,
+) -> SpeedReport:
+    """Plan and train `dataset` (the embedded sample when None), prepare and tune as planned or asked; return the
+    SpeedReport (also written to PROJECT/NAME/speed_report.json with its PNG).
+
+    `verbose=False` sends Ultralytics' own output to the run folder's ultralytics.log; `log` receives speedtrain's
+    progress lines (printed when None); `on_update` each stage's progress after every batch; `ask` decides a
+    `finetune="ask"` stage (without it, "ask" skips the fine-tune and says so). `on_event(kind, value)` hears
+    "prepared" (a Preparation), "tuned" (a TuneResult) and "planned" (the SpeedReport about to run);
+    `progress(label)` makes the context that reports the resize's (done, total).
+    """
+    log, on_event = log or _print, on_event or (lambda _kind, _value: None)
+    with process_state_restored():
+        workflow.check_run_folder(project, name)
+        planned = _planned(dataset, args, extra, None, allow_download)
+        if planned.plan.prepare_size:
+            with (progress or _no_progress)(f"resizing to {planned.plan.prepare_size} px") as resized:
+                planned = workflow.prepare_dataset(planned, Path(project), resized)
+            on_event("prepared", planned.prepared)
+        if autotune or retune:
+            planned, tuned = workflow.autotune(planned, Path(project), budget_s=budget_s, retune=retune, log=log)
+            on_event("tuned", tuned)
+        on_event("planned", planned.report())
+        rep, _ = workflow.execute(planned, project, name, ask=ask, log=log, on_update=on_update, quiet=not verbose)
+        return rep
+
+
+def resume(
+    run_dir: PathLike,
+    *,
+    verbose: bool = True,
+    log: Log | None = None,
+    on_update: runner.OnProgress | None = None,
+    ask: Callable[[runner.StageResult], bool | None] | None = None,
+) -> SpeedReport:
+    """Go on with an interrupted or killed run from its last saved epoch; the finished SpeedReport."""
+    with process_state_restored():
+        rep, _ = workflow.resume(run_dir, ask=ask, log=log or _print, on_update=on_update, quiet=not verbose)
+        return rep
+
+
+def report(run_dir: PathLike) -> SpeedReport:
+    """A run's SpeedReport, read from its folder (or its speed_report.json)."""
+    return SpeedReport.from_json(Path(run_dir))
+
+
+def overrides(args: dict[str, Any]) -> Overrides:
+    """Overrides from keyword arguments named like the CLI's options; any other name must be an Ultralytics train
+    argument of the right type (those go to Ultralytics as given)."""
+    bad = {k: v for k, v in args.items() if k in CHOICES and v is not None and v not in CHOICES[k]}
+    for key, value in bad.items():
+        raise UsageError(f"{key}={value!r}: expected one of {', '.join(CHOICES[key])}")
+    picked = {k: v for k, v in args.items() if k in OVERRIDES}
+    rest = {k: v for k, v in args.items() if k not in OVERRIDES}
+    extra: tuple[tuple[str, Any], ...] = ()
+    if rest:
+        from speedtrain import ultra  # Ultralytics' argument names and types
+
+        extra = planner.check_extra_args(rest, ultra.defaults())
+    return Overrides(**picked, extra=extra)
+
+
+def _planned(
+    dataset: PathLike | None,
+    args: dict[str, Any],
+    extra: Sequence[str] = (),
+    hardware_file: PathLike | HardwareSnapshot | None = None,
+    allow_download: bool = False,
+) -> workflow.Planned:
+    return workflow.make_plan(dataset, overrides(args), tuple(extra), hardware_file, allow_download)
+
+
+@contextlib.contextmanager
+def _no_progress(_label: str) -> Iterator[Progress | None]:
+    yield None
+
+
+def _print(message: str) -> None:
+    print(f"speedtrain: {message}", flush=True)
+
+
+SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None)) if s is not None)
+
+
+@contextlib.contextmanager
+def process_state_restored() -> Iterator[None]:
+    """Environment variables, signal handlers and torch's thread count as they were, after the block."""
+    environ = dict(os.environ)
+    handlers = {s: signal.getsignal(s) for s in SIGNALS} if _main_thread() else {}
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        for key, value in environ.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+        for sig, handler in handlers.items():
+            if signal.getsignal(sig) is not handler and handler is not None:
+                signal.signal(sig, handler)
+        if threads is not None and torch is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,361 @@
+"""Render speed reports, plans, probes, tune results and preparations as rich renderables, and a report as a PNG.
+
+Everything here reads typed values (SpeedReport and what it holds); the JSON layout is speedreport.py's alone.
+"""
+
+from __future__ import annotations
+
+import statistics
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from speedtrain.dataset import Problem
+from speedtrain.hardware import HardwareSnapshot
+from speedtrain.planner import TrainPlan
+from speedtrain.resize import ResizeSummary
+from speedtrain.speedreport import DatasetSummary, Preparation, SpeedReport
+from speedtrain.tuner import TuneResult
+
+MEASURED_CAPTION = "img/s: training pass, after the first epoch when there are several"
+
+
+def render_hardware(hw: HardwareSnapshot) -> RenderableType:
+    table = Table(title="Hardware", show_header=False, box=None, padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    for g in hw.gpus:
+        table.add_row(f"GPU {g.index}", f"{g.name}: {g.free_vram_gb:.1f} of {g.total_vram_gb:.1f} GB free")
+    if not hw.gpus:
+        table.add_row("GPU", "none (CPU training)")
+    table.add_row("RAM", f"{hw.ram_available_gb:.1f} of {hw.ram_total_gb:.1f} GB available")
+    if hw.swap_total_gb:
+        table.add_row("Swap", f"{hw.swap_free_gb:.1f} of {hw.swap_total_gb:.1f} GB free")
+    table.add_row("CPU", f"{hw.cpu_cores_physical} physical / {hw.cpu_cores_logical} logical cores")
+    table.add_row("Disk", f"{hw.disk_free_gb:.1f} GB free")
+    for note in hw.notes:
+        table.add_row("Note", note)
+    return table
+
+
+def render_dataset(ds: DatasetSummary) -> RenderableType:
+    sampled = f" (sampled {ds.sample_size})" if ds.sampled else ""
+    lines = [
+        f"{ds.train_images} train / {ds.val_images} val images, {ds.classes} classes, "
+        f"{ds.background_images} backgrounds",
+        f"image long side: median {ds.median_long_side} px, max {ds.max_long_side} px{sampled}",
+    ]
+    errors = sum(p.severity == "error" for p in ds.problems)
+    if ds.problems:
+        n = len(ds.problems)
+        lines.append(f"{_plural(n, 'problem')} ({_plural(errors, 'error')}); `speedtrain check` lists them")
+    lines += ds.notes
+    return Panel("\n".join(lines), title="Dataset", title_align="left")
+
+
+def render_plan(plan: TrainPlan) -> RenderableType:
+    """The plan against the untuned baseline, knob by knob, with the reasons."""
+    reasons, base = dict(plan.reasons), plan.baseline
+    main = plan.stages[0]
+    table = Table(title=f"Plan: {plan.model} on {plan.device}", title_justify="left", expand=False)
+    table.add_column("knob", style="bold")
+    table.add_column("baseline")
+    table.add_column("plan", style="green")
+    table.add_column("why", overflow="fold", ratio=1)
+    fallbacks = "->".join(map(str, main.batch_fallbacks))
+    rows = [
+        ("imgsz", base["imgsz"], main.imgsz, reasons.get("imgsz")),
+        ("batch", base["batch"], f"{main.batch}" + (f" ->{fallbacks}" if fallbacks else ""), reasons.get("batch")),
+        ("cache", base["cache"], main.cache or "none", reasons.get("cache")),
+        ("workers", base["workers"], main.workers, reasons.get("workers")),
+        ("epochs", "100", main.epochs, reasons.get("epochs")),
+        ("optimizer", "auto", f"{main.optimizer} lr0={main.lr0}", reasons.get("optimizer")),
+        ("cos_lr", "False", main.cos_lr, reasons.get("lr0")),
+        ("rect", "False", main.rect, reasons.get("rect")),
+        ("close_mosaic", "10", main.close_mosaic, reasons.get("close_mosaic")),
+        ("patience", "100", main.patience, reasons.get("patience")),
+        ("amp", "True", main.amp, reasons.get("amp")),
+        ("threads", "auto", main.threads or "auto", reasons.get("threads")),
+        ("deterministic", "True", main.deterministic, reasons.get("deterministic")),
+        ("pipeline", "ultralytics", main.pipeline, reasons.get("pipeline")),
+    ]
+    for knob, b, p, why in rows:
+        table.add_row(knob, str(b), str(p), why or "")
+    for key, value in main.extra:
+        table.add_row(key, "", str(value), "set by user")
+    parts: list[RenderableType] = [table]
+    parts.append(Text(f"prepare: {reasons.get('prepare', 'off')}"))
+    parts.append(Text(f"fine-tune: {reasons.get('finetune', 'off')}"))
+    if len(plan.stages) > 1:
+        ft = plan.stages[1]
+        parts.append(
+            Text(f"  {ft.epochs} epochs at {ft.imgsz}, batch {ft.batch}, lr0 {ft.lr0}, cache {ft.cache or 'none'}")
+        )
+    if plan.estimates:
+        parts.append(Text("Estimated factors (not measured):", style="bold"))
+        parts += [Text(f"  {k}: {v}") for k, v in plan.estimates]
+    parts += [Text(f"warning: {w}", style="yellow") for w in plan.warnings]
+    return Group(*parts)
+
+
+def render_planned(rep: SpeedReport) -> RenderableType:
+    """A plan with the machine and dataset it was made for (`speedtrain plan`)."""
+    return Group(render_hardware(rep.hardware), render_dataset(rep.dataset), render_plan(rep.plan))
+
+
+def render_report(rep: SpeedReport, with_plan: bool = True) -> RenderableType:
+    """The whole speed report: hardware, dataset, plan (unless it was just shown), and what each stage measured."""
+    parts: list[RenderableType] = [render_hardware(rep.hardware)]
+    if with_plan:
+        parts += [render_dataset(rep.dataset), render_plan(rep.plan)]
+    parts.append(render_measured(rep))
+    run = rep.run
+    if run:
+        parts.append(Text(run.model_note))
+        if run.status == "running":  # the report of a run that was killed or crashed: it never finished
+            line = f"Run stopped before it finished (killed or crashed): go on with --resume {run.run_dir}"
+        else:
+            line = f"Run {run.status} in {_duration(run.wall_time_s or 0)}: {run.run_dir}"
+        parts.append(Text(line, style="bold"))
+    return Group(*parts)
+
+
+def render_resize(summary: ResizeSummary) -> RenderableType:
+    """The summary of one `speedtrain prepare` run."""
+    s = summary
+    table = Table(title=f"Resized to {s.size} px: {s.out_dir}", title_justify="left", box=None)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    rate = s.images_per_s
+    rows = [
+        ("images", s.images),
+        ("resized", s.resized),
+        ("copied (already small)", s.copied),
+        ("unchanged since last run", s.unchanged),
+        ("failed (skipped)", len(s.failed)),
+        ("labels copied", s.labels_copied),
+        ("removed (source gone)", s.removed),
+        ("MB before -> after", f"{s.bytes_before / 1e6:.1f} -> {s.bytes_after / 1e6:.1f}"),
+        ("time", f"{s.seconds:.2f} s"),
+        ("images/s", f"{rate:.1f} ({s.workers} processes)" if rate else "-"),
+    ]
+    for key, value in rows:
+        table.add_row(key, str(value))
+    return Group(table, *[Text(f"failed: {p.line()}", style="yellow") for p in s.failed])
+
+
+def render_prepared(record: Preparation) -> RenderableType:
+    """What pre-resizing cost and saved, in a training report."""
+    s = record.summary
+    lines = [
+        record.decision,
+        f"{s.resized + s.copied} images written in {s.seconds:.1f} s "
+        f"({s.unchanged} unchanged since an earlier run), {s.bytes_before / 1e6:.1f} -> "
+        f"{s.bytes_after / 1e6:.1f} MB",
+    ]
+    if record.load_ms_original and record.load_ms_prepared and record.saving_s_per_epoch is not None:
+        lines.append(
+            f"loading one image: {record.load_ms_original:.1f} ms original vs {record.load_ms_prepared:.1f} ms "
+            f"prepared (measured on {record.load_sample} images, one process): about "
+            f"{record.saving_s_per_epoch:.1f} s of loading saved per epoch"
+        )
+    failed = s.failed
+    lines += [f"skipped (unreadable: not in the copy, not trained on): {f.line()}" for f in failed[:10]]
+    if len(failed) > 10:
+        lines.append(f"... and {len(failed) - 10} more skipped (the report's prepare.summary.failed lists all)")
+    return Panel("\n".join(lines), title="Preparation", title_align="left")
+
+
+def render_tune(t: TuneResult) -> RenderableType:
+    """What `speedtrain tune` measured, what it chose and why."""
+    steps = Table(title="Model step (batches already on the device)", title_justify="left")
+    for col in ("batch", "img/s", "+-", "peak GB"):
+        steps.add_column(col, justify="right")
+    for s in t.steps:
+        rate = "out of memory" if s.oom else _num(s.images_per_s, "{:.1f}")
+        steps.add_row(str(s.batch), rate, _pct(s.rel_err), _num(s.peak_mem_gb, "{:.1f}"))
+    loaders = Table(title="Training dataloader (augmentation included, no model)", title_justify="left")
+    for col in ("workers", "cache", "img/s", "+-", "peak RAM GB"):
+        loaders.add_column(col, justify="right")
+    for x in t.loaders:
+        loaders.add_row(
+            str(x.workers), str(x.cache or "none"), f"{x.images_per_s:.1f}", _pct(x.rel_err), f"{x.peak_ram_gb:.1f}"
+        )
+    achieved, plan_achieved = t.achieved_images_per_s, t.plan_achieved_images_per_s
+    lines = [
+        f"choice: batch {t.batch}, {t.workers} workers, cache {t.cache or 'none'}"
+        + (" (the plan's)" if t.kept_plan else "")
+        + f": {t.predicted_images_per_s} img/s predicted"
+        + (f", {achieved} img/s achieved in a short real run" if achieved else ""),
+        *(
+            [f"the plan's configuration in the same run: {plan_achieved} img/s"]
+            if plan_achieved is not None and not t.kept_plan
+            else []
+        ),
+        *t.diagnosis,
+        ("reused the measurement of " if t.cached else "measured in ")
+        + (t.created_at if t.cached else f"{t.elapsed_s} s of a {t.budget_s:.0f} s budget"),
+    ]
+    return Group(steps, loaders, Panel("\n".join(lines), title="Tune", title_align="left"))
+
+
+def render_problems(problems: Sequence[Problem], limit: int = 10) -> RenderableType:
+    """Problems grouped by kind, with up to `limit` file names each."""
+    if not problems:
+        return Text("no problems found", style="green")
+    kinds: dict[str, list[Problem]] = {}
+    for p in problems:
+        kinds.setdefault(p.kind, []).append(p)
+    parts: list[RenderableType] = []
+    for kind, items in kinds.items():
+        style = "red" if items[0].severity == "error" else "yellow"
+        parts.append(Text(f"{kind}: {len(items)} ({items[0].severity})", style=f"bold {style}"))
+        parts += [Text(f"  {p.file}: {p.detail}") for p in items[:limit]]
+        if len(items) > limit:
+            parts.append(Text(f"  ... and {len(items) - limit} more (--json lists all)"))
+    return Group(*parts)
+
+
+def render_measured(rep: SpeedReport) -> RenderableType:
+    table = Table(title="Measured on this machine", title_justify="left", caption=MEASURED_CAPTION)
+    for col in ("stage", "epochs", "batch", "epoch s", "img/s", "GPU %", "GPU GB", "mAP50-95"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    notes = []
+    for s in rep.stages:
+        name, m = s.stage.name, s.measured
+        if not m:
+            table.add_row(name, "-", "-", "-", "-", "-", "-", s.status)
+            if s.note:
+                notes.append(f"{name}: {s.note}")
+            continue
+        times = m.epoch_times_s
+        table.add_row(
+            name,
+            f"{m.epochs_done}/{s.stage.epochs}",
+            str(m.batch),
+            f"{statistics.fmean(times):.1f}" if times else "-",
+            _num(m.images_per_s_steady or m.images_per_s, "{:.1f}"),
+            _num(m.gpu_util_mean, "{:.0f}"),
+            _num(m.gpu_mem_peak_gb, "{:.1f}"),
+            _num(m.metric("mAP50-95"), "{:.3f}"),
+        )
+        for oom in m.oom_fallbacks:
+            notes.append(
+                f"{name}: out of memory at batch {oom.from_batch}, continued with {oom.to_batch} "
+                f"(epoch {oom.epoch}, {oom.at})"
+            )
+        if s.status == "interrupted" and s.note:
+            notes.append(f"{name}: {s.note}")
+        if m.threads or m.cpu_util_mean is not None:
+            threads = f"{m.threads} torch threads, " if m.threads else ""
+            notes.append(f"{name}: {threads}CPU busy {_num(m.cpu_util_mean, '{:.0f}')} % (all cores)")
+        if m.fast_store:
+            where = "read into RAM" if m.fast_store == "ram" else "memory-mapped from disk"
+            notes.append(f"{name}: fast pipeline store {where}")
+        if m.weights:
+            notes.append(f"{name} weights: {m.weights}")
+    return Group(table, *[Text(n) for n in notes])
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _pct(rel_err: float | None) -> str:
+    """A relative standard error as a percentage; '-' where it was not measured."""
+    return "-" if not rel_err else f"{rel_err:.0%}" if rel_err >= 0.01 else "<1%"
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
+
+
+PNG_NAME = "speed_report.png"
+PNG_SIZE_IN, PNG_DPI = (12.0, 4.5), 100  # 1200 x 450 pixels
+
+
+def save_png(rep: SpeedReport, path: str | Path) -> Path:
+    """Write the speed report's picture: per-epoch time and images/s per stage, and the plan against the baseline."""
+    from matplotlib.figure import Figure  # matplotlib comes with Ultralytics; imported only when a PNG is made
+
+    fig = Figure(figsize=PNG_SIZE_IN, dpi=PNG_DPI, layout="constrained")
+    ax_time, ax_rate, ax_plan = fig.subplots(1, 3, width_ratios=[1, 1, 1.15])
+    measured = [(s.stage.name, s.measured) for s in rep.stages if s.measured]
+    offset = 0  # stages share one epoch axis: the run as a timeline
+    for name, m in measured:
+        epochs = list(range(offset + 1, offset + len(m.epoch_times_s) + 1))
+        ax_time.plot(epochs, m.epoch_times_s, marker="o", label=f"{name}: whole epoch")
+        train = m.train_times_s
+        if train:  # after a kill and --resume, the epochs before it have whole-epoch times only: align to the end
+            timed = epochs[len(epochs) - len(train) :]
+            ax_time.plot(timed, train, marker=".", linestyle="--", label=f"{name}: training pass")
+            rates = [m.images_per_epoch / t if t > 0 else 0 for t in train]
+            ax_rate.plot(timed, rates, marker="o", label=name)
+        if offset:
+            for ax in (ax_time, ax_rate):
+                ax.axvline(offset + 0.5, color="grey", linewidth=0.8)
+        offset = epochs[-1] if epochs else offset
+    _style(ax_time, "Seconds per epoch", "epoch of the run", "s", offset)
+    _style(ax_rate, "Training images per second", "epoch of the run", "images/s", offset)
+    if not measured:
+        ax_time.text(0.5, 0.5, "no stage ran", ha="center", transform=ax_time.transAxes)
+    _plan_table(ax_plan, rep)
+    gpus = ", ".join(g.name for g in rep.hardware.gpus) or "CPU only"
+    fig.suptitle(f"speedtrain: {rep.plan.model} on {gpus}", fontsize=11)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=PNG_DPI)
+    tmp.replace(path)
+    return path
+
+
+def _style(ax: Any, title: str, xlabel: str, ylabel: str, epochs: int) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.set_xlim(0.5, max(epochs, 1) + 0.5)
+    ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
+def _plan_table(ax: Any, rep: SpeedReport) -> None:
+    """Baseline vs plan, knob by knob; estimates are labelled as such."""
+    base, main = rep.plan.baseline, rep.plan.stages[0]
+    m = rep.main.measured if rep.stages else None
+    rows = [
+        ["image size", base["imgsz"], main.imgsz],
+        ["batch", base["batch"], m.batch if m else main.batch],
+        ["cache", base["cache"], main.cache or "none"],
+        ["workers", base["workers"], main.workers],
+        ["rect / cos_lr", "False / False", f"{main.rect} / {main.cos_lr}"],
+        ["optimizer", "auto", main.optimizer],
+    ]
+    if m and m.images_per_s:
+        rows.append(["measured img/s", "not run", f"{m.images_per_s_steady or m.images_per_s:.1f}"])
+    ax.axis("off")
+    table = ax.table(
+        cellText=[[str(c) for c in r] for r in rows], colLabels=["knob", "baseline", "plan"], loc="upper center"
+    )
+    table.auto_set_font_size(False)
+    table.set_fontsize(8)
+    table.scale(1, 1.3)
+    ax.set_title("Plan vs untuned baseline", fontsize=10)
+    notes = [textwrap.fill(f"{k}: {v}", 62) for k, v in rep.plan.estimates]
+    ax.text(0, 0.0, "\n".join(notes), fontsize=7, transform=ax.transAxes, va="bottom")

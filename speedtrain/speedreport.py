@@ -1,0 +1,458 @@
+"""SpeedReport: what a run planned, measured and ended with, as one typed value, and its JSON.
+
+`SpeedReport.to_dict`/`from_dict` (and `to_json`/`from_json` around them) are the only code that knows the layout
+of speed_report.json and of `speedtrain plan --json` (README, "JSON formats"). The hardware block is the hardware
+snapshot's own format (hardware.to_dict/from_dict, also `probe --save` files) and the tune block the tune cache's
+(TuneResult.to_dict/from_dict). Format 1 is written; format 1 is read, including reports written before the
+prepare, tune and data_yaml entries existed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, cast, get_args
+
+from rich.console import RenderableType
+from rich.jupyter import JupyterMixin
+
+from speedtrain import hardware
+from speedtrain.dataset import DatasetStats, Problem
+from speedtrain.errors import SpeedtrainError
+from speedtrain.hardware import JSON_MAX_BYTES, HardwareSnapshot
+from speedtrain.planner import BASELINE, DEFAULT_TARGET_MAP, Stage, TrainPlan
+from speedtrain.resize import ResizeSummary
+from speedtrain.runner import OomFallback, RunResult, StageResult
+from speedtrain.tuner import TuneResult
+from speedtrain.util import utc_now, write_atomic
+
+FORMAT = 1
+REPORT_NAME = "speed_report.json"
+StageStatus = Literal["pending", "running", "completed", "early-stopped", "skipped", "interrupted"]
+RunStatus = Literal["running", "finished", "interrupted"]
+PENDING: tuple[StageStatus, ...] = ("pending",)  # stages a run never reached; "running" ones resume from a checkpoint
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetSummary:
+    """The dataset a run trained on, as the report keeps it (a scan's figures, not its file lists)."""
+
+    yaml_path: str | None
+    root: str
+    train_images: int
+    val_images: int
+    label_files: int
+    background_images: int
+    classes: int
+    median_long_side: int
+    max_long_side: int
+    sampled: bool
+    sample_size: int
+    problems: tuple[Problem, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, stats: DatasetStats) -> DatasetSummary:
+        sizes = stats.image_sizes
+        return cls(
+            yaml_path=stats.yaml_path, root=stats.root, train_images=stats.train_images,
+            val_images=stats.val_images, label_files=stats.label_files, background_images=stats.background_images,
+            classes=stats.classes, median_long_side=sizes.median_long_side(), max_long_side=sizes.max_long_side(),
+            sampled=sizes.sampled, sample_size=len(sizes.dims), problems=stats.problems, notes=tuple(stats.notes),
+        )  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report's "dataset" block (also what `speedtrain check --json` prints)."""
+        return _dataset_dict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Preparation:
+    """The pre-resized copy a run trained on: what writing it cost and what loading it saves."""
+
+    decision: str
+    summary: ResizeSummary
+    load_ms_original: float | None
+    load_ms_prepared: float | None
+    load_sample: int
+    original_dataset: DatasetSummary
+
+    @property
+    def saving_s_per_epoch(self) -> float | None:
+        before, after = self.load_ms_original, self.load_ms_prepared
+        return round((before - after) * self.original_dataset.train_images / 1000, 2) if before and after else None
+
+
+@dataclass(frozen=True, slots=True)
+class StageReport:
+    """One stage: as planned (`stage`, with any change made just before it trained), where it is, what it measured."""
+
+    stage: Stage
+    status: StageStatus = "pending"
+    note: str = ""
+    result: StageResult | None = None  # the JSON's "measured"; None for a stage not run or skipped
+
+    @property
+    def measured(self) -> StageResult | None:
+        return self.result if self.result is not None and self.status != "skipped" else None
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    run_dir: str
+    data_yaml: str | None = None
+    status: RunStatus = "running"
+    model_source: str | None = None
+    model_note: str = ""
+    started_at: str | None = None
+    finished_at: str | None = None
+    wall_time_s: float | None = None
+    interrupted: bool = False
+    resumed_at: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SpeedReport(JupyterMixin):
+    """The speed report of a run (or, with `run` None, of a plan): renders itself in a terminal (rich) and in
+    Jupyter, draws its PNG, and reads and writes speed_report.json."""
+
+    plan: TrainPlan
+    hardware: HardwareSnapshot
+    dataset: DatasetSummary
+    stages: tuple[StageReport, ...] = ()
+    run: RunInfo | None = None
+    prepare: Preparation | None = None
+    tune: TuneResult | None = None
+    version: int = FORMAT
+    source: str = field(default="", compare=False)  # the file it was read from, for messages
+
+    # --- building ----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def planned(
+        cls,
+        hw: HardwareSnapshot,
+        stats: DatasetStats | DatasetSummary,
+        plan: TrainPlan,
+        prepare: Preparation | None = None,
+        tune: TuneResult | None = None,
+    ) -> SpeedReport:
+        summary = stats if isinstance(stats, DatasetSummary) else DatasetSummary.of(stats)
+        return cls(plan, hw, summary, tuple(StageReport(s) for s in plan.stages), None, prepare, tune)
+
+    def started(self, run_dir: Path, data_yaml: Path) -> SpeedReport:
+        return replace(self, run=RunInfo(str(run_dir), str(data_yaml), "running"))
+
+    def resumed(self) -> SpeedReport:
+        """The report going on: stages that had started lose their status (they run or are kept again)."""
+        run = replace(self.run or RunInfo(""), status="running", resumed_at=utc_now())
+        return replace(self, run=run, stages=tuple(StageReport(s.stage) for s in self.stages))
+
+    def with_results(self, results: tuple[StageResult, ...], running: str | None = None) -> SpeedReport:
+        """Each stage's status and figures: from `results`, "running" for `running`, else "pending"."""
+        by_name = {r.name: r for r in results}
+        stages = []
+        for s in self.stages:
+            res = by_name.get(s.stage.name)
+            if res:
+                stages.append(replace(s, status=cast(StageStatus, res.status), note=res.note, result=res))
+            else:
+                stages.append(
+                    replace(s, status="running" if s.stage.name == running else "pending", note="", result=None)
+                )
+        return replace(self, stages=tuple(stages))
+
+    def finished(self, result: RunResult) -> SpeedReport:
+        run = replace(
+            self.run or RunInfo(result.run_dir), run_dir=result.run_dir, model_source=result.model_source,
+            model_note=result.model_note, started_at=result.started_at, finished_at=utc_now(),
+            wall_time_s=result.wall_time_s, interrupted=result.interrupted,
+            status="interrupted" if result.interrupted else "finished",
+        )  # fmt: skip
+        return replace(self.with_results(result.stages), run=run)
+
+    def with_stage(self, stage: Stage, warning: str = "") -> SpeedReport:
+        """A stage changed just before it trained (a RAM cache that no longer fits), with the warning saying so."""
+        plan = replace(
+            self.plan,
+            stages=tuple(stage if s.name == stage.name else s for s in self.plan.stages),
+            warnings=self.plan.warnings + ((warning,) if warning else ()),
+        )
+        stages = tuple(replace(s, stage=stage) if s.stage.name == stage.name else s for s in self.stages)
+        return replace(self, plan=plan, stages=stages)
+
+    # --- reading -----------------------------------------------------------------------------------------------
+
+    def stage(self, name: str) -> StageReport | None:
+        return next((s for s in self.stages if s.stage.name == name), None)
+
+    def results(self) -> tuple[StageResult, ...]:
+        """The stages that ran (or were skipped): what --resume keeps or goes on from."""
+        return tuple(s.result for s in self.stages if s.result is not None and s.status not in PENDING)
+
+    @property
+    def main(self) -> StageReport:
+        return self.stages[0]
+
+    def metric(self, key: str = "mAP50-95") -> float | None:
+        """The last stage that measured it: its final validation's figure."""
+        values = [s.result.metric(key) for s in self.stages if s.measured and s.result]
+        values = [v for v in values if v is not None]
+        return values[-1] if values else None
+
+    @property
+    def images_per_s(self) -> float | None:
+        """The main stage's training images/s (steady state when there were several epochs)."""
+        m = self.main.measured if self.stages else None
+        return (m.images_per_s_steady or m.images_per_s) if m else None
+
+    # --- rendering ---------------------------------------------------------------------------------------------
+
+    def __rich__(self) -> RenderableType:
+        from speedtrain import render
+
+        return render.render_report(self) if self.run else render.render_planned(self)
+
+    def save_png(self, path: str | Path) -> Path:
+        from speedtrain import render
+
+        return render.save_png(self, path)
+
+    # --- JSON ----------------------------------------------------------------------------------------------------
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The JSON text; with `path` (a file or a run folder), also written there atomically."""
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            target = Path(path)
+            write_atomic(target / REPORT_NAME if target.is_dir() else target, text.encode())
+        return text
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> SpeedReport:
+        """Read speed_report.json (or a run folder holding one); one SpeedtrainError line when it is not one."""
+        path = Path(path)
+        path = path / REPORT_NAME if path.is_dir() else path
+        try:
+            if path.stat().st_size > JSON_MAX_BYTES:
+                raise SpeedtrainError(f"{path}: too large for a speed report (over {JSON_MAX_BYTES // 1024**2} MB)")
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SpeedtrainError(f"no {REPORT_NAME} in {path.parent}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SpeedtrainError(f"{path}: cannot read report ({exc})") from None
+        return cls.from_dict(doc, str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        p = self.plan
+        doc: dict[str, Any] = {
+            "device": p.device,
+            "model": p.model,
+            "stages": [_stage_dict(s, with_status=self.run is not None) for s in self.stages],
+            "reasons": dict(p.reasons),
+            "target_map": p.target_map,
+            "estimates": dict(p.estimates),
+            "warnings": list(p.warnings),
+            "cache_estimate_gb": p.cache_estimate_gb,
+            "prepare_size": p.prepare_size,
+            "baseline": dict(p.baseline),
+            "hardware": hardware.to_dict(self.hardware),
+            "dataset": _dataset_dict(self.dataset),
+        }
+        if self.run is None:  # a plan (`speedtrain plan --json`)
+            return doc
+        doc["prepare"] = _preparation_dict(self.prepare) if self.prepare else None
+        doc["tune"] = self.tune.to_dict() if self.tune else None
+        run = asdict(self.run)
+        if run["resumed_at"] is None:
+            del run["resumed_at"]
+        doc["run"] = {"version": self.version, **run}
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: Any, source: str = "dict") -> SpeedReport:
+        """Rebuild a report (or a plan document); a wrong shape is one line naming what is missing."""
+        if not isinstance(doc, dict) or "stages" not in doc:
+            raise SpeedtrainError(f"{source}: not a speedtrain speed report")
+        shape = {"stages": list, "reasons": dict, "baseline": dict, "hardware": dict, "dataset": dict}
+        wrong = [k for k, kind in shape.items() if not isinstance(doc.get(k), kind)]
+        stages = doc["stages"] if isinstance(doc["stages"], list) else []
+        if (
+            wrong
+            or not stages
+            or not all(isinstance(s, dict) and {"name", "imgsz", "epochs"} <= set(s) for s in stages)
+        ):
+            what = ", ".join(wrong) if wrong else "stages"
+            raise SpeedtrainError(f"{source}: not a complete speedtrain speed report ({what} missing or malformed)")
+        run = doc.get("run")
+        version = int(run.get("version", 1)) if isinstance(run, dict) else FORMAT
+        if version > FORMAT:
+            raise SpeedtrainError(f"{source}: report format {version} is newer than this speedtrain reads ({FORMAT})")
+        try:
+            plan = _plan(doc)
+            reports = tuple(_stage_report(s, raw) for s, raw in zip(plan.stages, stages, strict=True))
+            return cls(
+                plan=plan,
+                hardware=hardware.from_dict(doc["hardware"], str(doc["hardware"].get("source", source))),
+                dataset=_dataset(doc["dataset"]),
+                stages=reports,
+                run=_run(run) if isinstance(run, dict) else None,
+                prepare=_preparation(doc["prepare"]) if doc.get("prepare") else None,
+                tune=TuneResult.from_dict(doc["tune"]) if doc.get("tune") else None,
+                version=version,
+                source=source,
+            )
+        except SpeedtrainError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise SpeedtrainError(
+                f"{source}: not a complete speedtrain speed report ({type(exc).__name__}: {exc})"
+            ) from None
+
+
+# --- the layout, block by block ------------------------------------------------------------------------------------
+
+
+def _stage_dict(s: StageReport, with_status: bool) -> dict[str, Any]:
+    data = asdict(s.stage)
+    data["batch_fallbacks"] = list(s.stage.batch_fallbacks)
+    data["extra"] = dict(s.stage.extra)
+    if with_status:
+        data["status"] = s.status
+        data["note"] = s.note
+        data["measured"] = _measured_dict(s.measured) if s.measured else None
+    return data
+
+
+def _measured_dict(r: StageResult) -> dict[str, Any]:
+    data = asdict(r)
+    for key in ("name", "status", "imgsz", "epochs_planned", "note"):
+        data.pop(key)
+    data["epoch_times_s"] = list(r.epoch_times_s)
+    data["train_times_s"] = list(r.train_times_s)
+    data["oom_fallbacks"] = [asdict(o) for o in r.oom_fallbacks]
+    data["best_metrics"] = dict(r.best_metrics)
+    return data
+
+
+def _plan(doc: dict[str, Any]) -> TrainPlan:
+    names = {f.name for f in fields(Stage)}
+    stages = []
+    for raw in doc["stages"]:
+        kw = {k: v for k, v in raw.items() if k in names}
+        kw["batch_fallbacks"] = tuple(kw.get("batch_fallbacks", ()))
+        kw["extra"] = tuple((kw.get("extra") or {}).items())
+        stages.append(Stage(**kw))
+    return TrainPlan(
+        device=doc["device"],
+        model=doc["model"],
+        stages=tuple(stages),
+        reasons=tuple(doc.get("reasons", {}).items()),
+        target_map=doc.get("target_map", DEFAULT_TARGET_MAP),
+        estimates=tuple(doc.get("estimates", {}).items()),
+        warnings=tuple(doc.get("warnings", ())),
+        cache_estimate_gb=doc.get("cache_estimate_gb", 0.0),
+        prepare_size=doc.get("prepare_size"),
+        baseline=dict(doc.get("baseline", BASELINE)),
+    )
+
+
+def _stage_report(stage: Stage, raw: dict[str, Any]) -> StageReport:
+    status = raw.get("status", "pending")
+    if status not in get_args(StageStatus):
+        status = "pending" if status == "not run" else status  # "not run": an early version's word for pending
+    if status not in get_args(StageStatus):
+        raise ValueError(f"stage {stage.name} has status {status!r}")
+    m = raw.get("measured")
+    result = None
+    if m or status in ("skipped", "completed", "early-stopped", "interrupted"):
+        m = m or {}
+        known = {f.name for f in fields(StageResult)}
+        kw = {k: v for k, v in m.items() if k in known}
+        kw.update(
+            name=stage.name,
+            status=status,
+            imgsz=stage.imgsz,
+            batch=m.get("batch", stage.batch),
+            epochs_planned=stage.epochs,
+            epochs_done=m.get("epochs_done", 0),
+            note=raw.get("note", ""),
+            epoch_times_s=tuple(m.get("epoch_times_s", ())),
+            train_times_s=tuple(m.get("train_times_s", ())),
+            oom_fallbacks=tuple(OomFallback(**o) for o in m.get("oom_fallbacks", [])),
+            best_metrics=tuple(m.get("best_metrics", {}).items()),
+        )
+        result = StageResult(**kw)
+    return StageReport(stage, cast(StageStatus, status), raw.get("note", ""), result)
+
+
+def _dataset_dict(d: DatasetSummary) -> dict[str, Any]:
+    return {
+        "yaml_path": d.yaml_path,
+        "root": d.root,
+        "train_images": d.train_images,
+        "val_images": d.val_images,
+        "label_files": d.label_files,
+        "background_images": d.background_images,
+        "classes": d.classes,
+        "image_size": {
+            "median_long_side": d.median_long_side,
+            "max_long_side": d.max_long_side,
+            "sampled": d.sampled,
+            "sample_size": d.sample_size,
+        },
+        "problems": [asdict(p) for p in d.problems],
+        "notes": list(d.notes),
+    }
+
+
+def _dataset(raw: dict[str, Any]) -> DatasetSummary:
+    size = raw.get("image_size", {})
+    return DatasetSummary(
+        yaml_path=raw.get("yaml_path"), root=raw["root"], train_images=int(raw["train_images"]),
+        val_images=int(raw["val_images"]), label_files=int(raw.get("label_files", 0)),
+        background_images=int(raw.get("background_images", 0)), classes=int(raw.get("classes", 0)),
+        median_long_side=int(size.get("median_long_side", 0)), max_long_side=int(size.get("max_long_side", 0)),
+        sampled=bool(size.get("sampled", False)), sample_size=int(size.get("sample_size", 0)),
+        problems=tuple(Problem(**p) for p in raw.get("problems", [])), notes=tuple(raw.get("notes", [])),
+    )  # fmt: skip
+
+
+def _preparation_dict(p: Preparation) -> dict[str, Any]:
+    return {
+        "decision": p.decision,
+        "summary": p.summary.to_dict(),
+        "load_ms_original": p.load_ms_original,
+        "load_ms_prepared": p.load_ms_prepared,
+        "load_sample": p.load_sample,
+        "saving_s_per_epoch": p.saving_s_per_epoch,
+        "original_dataset": _dataset_dict(p.original_dataset),
+    }
+
+
+def _preparation(raw: dict[str, Any]) -> Preparation:
+    s = dict(raw["summary"])
+    s.pop("images_per_s", None)  # derived
+    failed = []
+    for line in s.get("failed", []):
+        file, _, detail = str(line).partition(": ")
+        failed.append(Problem("warning", "unreadable-image", file, detail))
+    s["failed"] = tuple(failed)
+    known = {f.name for f in fields(ResizeSummary)}
+    return Preparation(
+        decision=raw["decision"],
+        summary=ResizeSummary(**{k: v for k, v in s.items() if k in known}),
+        load_ms_original=raw.get("load_ms_original"),
+        load_ms_prepared=raw.get("load_ms_prepared"),
+        load_sample=int(raw.get("load_sample", 0)),
+        original_dataset=_dataset(raw["original_dataset"]),
+    )
+
+
+def _run(raw: dict[str, Any]) -> RunInfo:
+    known = {f.name for f in fields(RunInfo)}
+    kw = {k: v for k, v in raw.items() if k in known}
+    if kw.get("status") not in get_args(RunStatus):  # reports written before "status" existed
+        kw["status"] = "interrupted" if raw.get("interrupted") else "finished"
+    return RunInfo(**kw)
