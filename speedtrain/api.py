@@ -3,9 +3,9 @@
 Keyword names are the CLI's (`epochs`, `batch`, `imgsz`, `workers`, `cache`, `device`, `finetune`, ...), which are
 Ultralytics' own where Ultralytics has the argument; any other Ultralytics train argument (`mosaic=0.5`,
 `seed=1`) passes through, checked against Ultralytics' names and types first. Errors are SpeedtrainError
-subclasses, never SystemExit. Each call leaves the process as it found it: environment variables (Ultralytics
-sets some when it is imported), signal handlers, torch's thread count and Ultralytics' analytics switch are
-restored when it returns, so a notebook can call it again or go on with plain Ultralytics.
+subclasses; nothing here exits the process. Each call leaves the process as it found it: environment variables
+(Ultralytics sets some when it is imported), signal handlers, torch's thread count and Ultralytics' analytics
+switch are restored when it returns, so a notebook can call it again or go on with plain Ultralytics.
 """
 
 from __future__ import annotations

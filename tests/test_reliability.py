@@ -32,7 +32,7 @@ def csv_epochs(stage_dir: Path) -> list[int]:
 def test_oom_mid_training_goes_on_from_the_checkpoint_with_smaller_batches(make_dataset, tmp_path, fake_cuda_oom):
     fake_cuda_oom.from_epoch = 1  # the second epoch runs out of memory at any batch over 4
     planned = workflow.make_plan(make_dataset(8, 2), Overrides(epochs=3, batch=16, **TINY), ["plots=False"])
-    doc, _ = workflow.execute(planned, tmp_path / "runs")
+    doc = workflow.execute(planned, tmp_path / "runs")[0].to_dict()
     m = doc["stages"][0]["measured"]
     assert (m["batch"], m["epochs_done"], doc["stages"][0]["status"]) == (4, 3, "completed")
     assert [(o["epoch"], o["from_batch"], o["to_batch"]) for o in m["oom_fallbacks"]] == [(2, 16, 8), (2, 8, 4)]
@@ -148,7 +148,7 @@ def test_ram_cache_falls_back_to_disk_when_memory_dropped(make_dataset, tmp_path
     assert planned.plan.stages[0].cache == "ram"
     real = workflow.psutil.virtual_memory
     monkeypatch.setattr(workflow.psutil, "virtual_memory", lambda: real()._replace(available=int(0.5 * 1024**3)))
-    doc, _ = workflow.execute(planned, tmp_path / "runs")
+    doc = workflow.execute(planned, tmp_path / "runs")[0].to_dict()
     assert doc["stages"][0]["cache"] == "disk"
     assert any("using the disk cache instead" in w for w in doc["warnings"])
     args = (Path(doc["stages"][0]["measured"]["save_dir"]) / "args.yaml").read_text()
@@ -275,7 +275,7 @@ def test_oom_during_validation_goes_on_from_the_checkpoint(make_dataset, tmp_pat
 
     monkeypatch.setattr(DetectionValidator, "preprocess", preprocess)
     planned = workflow.make_plan(make_dataset(8, 2), Overrides(epochs=3, batch=16, **TINY), ["plots=False"])
-    doc, _ = workflow.execute(planned, tmp_path / "runs")
+    doc = workflow.execute(planned, tmp_path / "runs")[0].to_dict()
     m = doc["stages"][0]["measured"]
     assert (m["batch"], m["epochs_done"]) == (4, 3)
     assert [(o["epoch"], o["from_batch"], o["to_batch"]) for o in m["oom_fallbacks"]] == [(2, 16, 8), (3, 8, 4)]

@@ -145,7 +145,8 @@ def test_oom_walks_the_plans_batch_chain(make_dataset, tmp_path, fake_cuda_oom):
     tried = fake_cuda_oom.tried
     planned = _cpu_plan(make_dataset(8, 2), batch=16)
     assert planned.plan.stage("main").batch_fallbacks == (8, 4)
-    doc, path = workflow.execute(planned, tmp_path / "runs")
+    rep, path = workflow.execute(planned, tmp_path / "runs")
+    doc = rep.to_dict()
     assert tried == [16, 8, 4]
     main = doc["stages"][0]["measured"]
     assert [(o["from_batch"], o["to_batch"]) for o in main["oom_fallbacks"]] == [(16, 8), (8, 4)]
@@ -172,7 +173,8 @@ def test_two_stage_training_end_to_end(make_dataset, tmp_path):
     before = tree_hash(root)
     ov = Overrides(imgsz=64, epochs=1, finetune="yes", finetune_epochs=1, finetune_imgsz=96, prepare="no")
     planned = workflow.make_plan(root, ov, ["plots=False"])
-    doc, path = workflow.execute(planned, tmp_path / "runs", "e2e")
+    rep, path = workflow.execute(planned, tmp_path / "runs", "e2e")
+    doc = rep.to_dict()
     assert path == tmp_path / "runs" / "e2e" / "speed_report.json"
     assert json.loads(path.read_text()) == doc
     assert (path.parent / "speed_report.png").is_file()
@@ -208,7 +210,7 @@ def test_two_stage_training_end_to_end(make_dataset, tmp_path):
 def test_finetune_auto_is_skipped_when_the_target_is_met(make_dataset, tmp_path):
     ov = Overrides(imgsz=64, epochs=1, finetune="auto", target_map=0.0, finetune_imgsz=96, prepare="no")
     planned = workflow.make_plan(make_dataset(4, 2), ov, ["plots=False"])
-    doc, _ = workflow.execute(planned, tmp_path / "runs")
+    doc = workflow.execute(planned, tmp_path / "runs")[0].to_dict()
     ft = doc["stages"][1]
     assert ft["status"] == "skipped"
     assert ft["measured"] is None
@@ -277,7 +279,7 @@ def test_oom_in_the_final_validation_keeps_the_run(make_dataset, tmp_path, monke
 
     monkeypatch.setattr(DetectionValidator, "preprocess", preprocess)
     planned = _cpu_plan(make_dataset(8, 2), batch=8)
-    doc, _ = workflow.execute(planned, tmp_path / "runs")
+    doc = workflow.execute(planned, tmp_path / "runs")[0].to_dict()
     main = doc["stages"][0]
     assert main["status"] == "completed"
     assert sizes == [8, 8, 4]  # Ultralytics' final validation, then speedtrain's at 8 and 4

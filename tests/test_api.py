@@ -1,0 +1,126 @@
+"""The Python API, as a notebook uses it: typed results, SpeedtrainError for bad input, process state restored."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+from conftest import snapshot
+from rich.console import Console
+
+import speedtrain
+from speedtrain import api
+from speedtrain.errors import SpeedtrainError, UsageError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def text_of(renderable) -> str:
+    out = io.StringIO()
+    Console(file=out, width=120, color_system=None).print(renderable)
+    return out.getvalue()
+
+
+def test_the_package_exports_the_api():
+    for name in ("probe", "plan", "prepare", "check", "tune", "train", "resume", "report"):
+        assert getattr(speedtrain, name) is getattr(api, name)
+    assert speedtrain.SpeedReport.__name__ == "SpeedReport"
+
+
+def test_plan_on_a_saved_machine_returns_a_report_that_renders(make_dataset):
+    rep = speedtrain.plan(make_dataset(8, 4), hardware=snapshot((24,)), epochs=7, batch=16, cache="disk")
+    assert isinstance(rep, speedtrain.SpeedReport)
+    assert rep.run is None
+    main = rep.plan.stages[0]
+    assert (main.epochs, main.batch, main.cache, main.device) == (7, 16, "disk", "0")
+    text = text_of(rep)
+    assert "Plan: yolo26n on 0" in text
+    assert "Fake GPU 24GB" in text
+
+
+def test_ultralytics_arguments_pass_through_checked(make_dataset):
+    root = make_dataset(4, 2)
+    rep = speedtrain.plan(root, hardware=snapshot(), mosaic=0.5, seed=3, extra=["fliplr=0.0"])
+    assert dict(rep.plan.stages[0].extra) == {"mosaic": 0.5, "seed": 3, "fliplr": 0.0}
+    with pytest.raises(UsageError, match="mosaiq= is not an Ultralytics train argument"):
+        speedtrain.plan(root, hardware=snapshot(), mosaiq=0.5)
+    with pytest.raises(UsageError, match="expected a number"):
+        speedtrain.plan(root, hardware=snapshot(), mosaic="lots")
+    with pytest.raises(UsageError, match="data= is set by speedtrain; use --dataset"):
+        speedtrain.plan(root, hardware=snapshot(), data="x.yaml")
+    with pytest.raises(UsageError, match="cache='fast': expected one of ram, disk, none"):
+        speedtrain.plan(root, hardware=snapshot(), cache="fast")
+
+
+def test_bad_input_is_a_speedtrain_error_not_an_exit(tmp_path):
+    with pytest.raises(SpeedtrainError, match="no such file or folder|does not exist|not found"):
+        speedtrain.plan(tmp_path / "missing", hardware=snapshot())
+    with pytest.raises(SpeedtrainError, match="no speed_report.json"):
+        speedtrain.report(tmp_path)
+    with pytest.raises(UsageError, match="budget_s 1"):
+        speedtrain.tune(budget_s=1)
+
+
+def test_library_code_never_exits_the_process():
+    cli_only = {"cli.py", "__main__.py"}
+    pattern = re.compile(r"\bsys\.exit\(|\bSystemExit\b|\bimport typer\b|\bos\._exit\(")
+    offenders = [
+        p.name for p in (REPO / "speedtrain").glob("*.py") if p.name not in cli_only and pattern.search(p.read_text())
+    ]
+    assert offenders == []
+
+
+def test_process_state_is_restored_after_a_failed_call(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPEEDTRAIN_PROBE_ENV", raising=False)
+    before_env, before_int = dict(os.environ), signal.getsignal(signal.SIGINT)
+
+    def meddle(*_args, **_kwargs):
+        os.environ["SPEEDTRAIN_PROBE_ENV"] = "1"
+        os.environ.pop("YOLO_OFFLINE", None)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise UsageError("stop here")
+
+    monkeypatch.setattr(api.workflow, "make_plan", meddle)
+    with pytest.raises(UsageError, match="stop here"):
+        speedtrain.plan(tmp_path)
+    assert dict(os.environ) == before_env
+    assert signal.getsignal(signal.SIGINT) is before_int
+
+
+@pytest.mark.slow
+def test_notebook_style_training_returns_a_real_report_and_leaves_the_process_alone(make_dataset, tmp_path):
+    import torch
+
+    dataset = make_dataset(16, 4)
+    env, handlers = dict(os.environ), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    threads = torch.get_num_threads()
+    lines: list[str] = []
+    rep = speedtrain.train(
+        dataset=dataset, epochs=1, imgsz=64, device="cpu", finetune="no", project=tmp_path / "runs",
+        verbose=False, log=lines.append,
+    )  # fmt: skip
+    assert isinstance(rep, speedtrain.SpeedReport)
+    assert rep.run is not None
+    assert rep.run.status == "finished"
+    m = rep.main.measured
+    assert m is not None
+    assert (m.epochs_done, m.images_per_epoch) == (1, 16)
+    assert m.images_per_s
+    assert m.images_per_s > 0
+    assert m.wall_time_s > 0
+    assert rep.metric("mAP50-95") is not None  # Ultralytics' final validation ran (0.0 from scratch at 64 px)
+    assert any(line.startswith("run folder:") for line in lines)
+    assert dict(os.environ) == env  # YOLO_OFFLINE, and what importing Ultralytics sets (OMP_NUM_THREADS, ...)
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
+    assert torch.get_num_threads() == threads
+    path = Path(rep.run.run_dir) / "speed_report.json"
+    assert speedtrain.SpeedReport.from_json(path) == rep
+    assert speedtrain.report(rep.run.run_dir).to_dict() == json.loads(path.read_text())
+    assert "Measured on this machine" in text_of(rep)
+    png = rep.save_png(tmp_path / "again.png")
+    assert png.stat().st_size > 10_000

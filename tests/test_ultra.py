@@ -1,0 +1,120 @@
+"""The Ultralytics boundary: one module touches Ultralytics, and every internal it reaches still exists.
+
+If one of these fails after an Ultralytics upgrade, the message names what moved; speedtrain.ultra was written
+against 8.4.190 (the exact pin in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WRITTEN_AGAINST = "8.4.190"
+
+
+def moved(what: str) -> str:
+    import ultralytics
+
+    return (
+        f"Ultralytics {ultralytics.__version__} moved {what}; speedtrain/ultra.py reads it as in {WRITTEN_AGAINST}: "
+        "update ultra.py and the pin in pyproject.toml together"
+    )
+
+
+def test_only_the_boundary_module_imports_ultralytics():
+    pattern = re.compile(r"^\s*(import ultralytics|from ultralytics)", re.MULTILINE)
+    touching = sorted(p.name for p in (REPO / "speedtrain").glob("*.py") if pattern.search(p.read_text()))
+    assert touching == ["ultra.py"]
+
+
+def test_importing_speedtrain_does_not_import_ultralytics_or_torch():
+    code = "import sys, speedtrain; print('ultralytics' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_the_pinned_version_is_the_one_installed():
+    import ultralytics
+
+    pin = re.search(r'"ultralytics==([\d.]+)"', (REPO / "pyproject.toml").read_text())
+    assert pin, "pyproject.toml pins ultralytics exactly"
+    assert pin.group(1) == WRITTEN_AGAINST == ultralytics.__version__, moved("its version")
+
+
+def test_every_internal_reach_is_where_ultra_expects_it():
+    from ultralytics.data import build_dataloader
+    from ultralytics.data.utils import check_det_dataset
+    from ultralytics.engine.trainer import BaseTrainer
+    from ultralytics.models.yolo.detect import DetectionTrainer
+    from ultralytics.utils import DEFAULT_CFG_DICT, LOGGER, WEIGHTS_DIR, loss
+    from ultralytics.utils.downloads import GITHUB_ASSETS_STEMS
+    from ultralytics.utils.events import events
+
+    assert "_oom_retries" in inspect.getsource(BaseTrainer._do_train), moved("the trainer's own OOM retry counter")
+    assert hasattr(events, "enabled"), moved("the analytics switch (utils/events.py events.enabled)")
+    assert isinstance(WEIGHTS_DIR, Path), moved("WEIGHTS_DIR")
+    assert "yolo26n" in GITHUB_ASSETS_STEMS, moved("GITHUB_ASSETS_STEMS")
+    assert "autodownload" in inspect.signature(check_det_dataset).parameters, moved("check_det_dataset(autodownload)")
+    assert {"dataset", "batch", "workers", "shuffle", "rank"} <= set(inspect.signature(build_dataloader).parameters)
+    assert {"batch", "imgsz", "cache", "workers", "rect", "fraction"} <= set(DEFAULT_CFG_DICT), moved("default.yaml")
+    assert list(inspect.signature(DetectionTrainer.get_dataloader).parameters)[1:] == [
+        "dataset_path", "batch_size", "rank", "mode",
+    ], moved("DetectionTrainer.get_dataloader's arguments")  # fmt: skip
+    assert "preprocess_batch" in vars(DetectionTrainer), moved("DetectionTrainer.preprocess_batch")
+    assert "model.args" in inspect.getsource(loss.v8DetectionLoss.__init__), moved("v8DetectionLoss reading model.args")
+    assert any(type(h).__name__ == "StreamHandler" for h in LOGGER.handlers), moved("LOGGER's console handler")
+
+
+def test_fast_trainer_is_a_plain_class_importable_by_name():
+    from speedtrain import ultra
+
+    cls = ultra.FastDetectionTrainer
+    assert (cls.__module__, cls.__qualname__) == ("speedtrain.ultra", "FastDetectionTrainer")
+    assert pickle.loads(pickle.dumps(cls)) is cls  # what Ultralytics' DDP relaunch needs
+
+
+def test_session_restores_environment_and_analytics(monkeypatch):
+    from ultralytics.utils.events import events
+
+    from speedtrain import ultra
+
+    monkeypatch.delenv("YOLO_OFFLINE", raising=False)
+    monkeypatch.setattr(events, "enabled", True)
+    with ultra.session():
+        assert events.enabled is False
+        ultra.go_offline()
+        assert os.environ["YOLO_OFFLINE"] == "1"
+    assert "YOLO_OFFLINE" not in os.environ
+    assert events.enabled is True
+    monkeypatch.setenv("YOLO_OFFLINE", "0")
+    with ultra.session():
+        ultra.go_offline()
+    assert os.environ["YOLO_OFFLINE"] == "0"
+
+
+def test_metrics_dict_reads_both_shapes():
+    from speedtrain import ultra
+
+    class Metrics:
+        results_dict = {"metrics/mAP50-95(B)": 0.25}
+
+    assert ultra.metrics_dict(Metrics()) == {"metrics/mAP50-95(B)": 0.25}
+    assert ultra.metrics_dict({"metrics/mAP50-95(B)": 0.5}) == {"metrics/mAP50-95(B)": 0.5}  # DDP's plain dict
+    assert ultra.metrics_dict(None) == {}
+
+
+@pytest.mark.parametrize("name", ["yolo26n", "yolo26n.pt"])
+def test_resolve_model_offline_builds_from_the_yaml(name):
+    from speedtrain import ultra
+
+    source, note = ultra.resolve_model(name, online=False)
+    assert source == "yolo26n.yaml"
+    assert "no pretraining" in note
