@@ -38,7 +38,7 @@ import numpy as np
 
 from speedtrain.dataset import label_path, list_images
 from speedtrain.parallel import pmap
-from speedtrain.util import existing_parent, write_atomic
+from speedtrain.util import check_free_disk, write_atomic
 
 PAD = 114  # Ultralytics' fill value for letterbox and mosaic borders
 WH_THR, AR_THR, AREA_THR = 2.0, 100.0, 0.1  # Ultralytics' RandomPerspective.box_candidates defaults (boxes)
@@ -105,16 +105,8 @@ def build_store(train_source: str | list[str], imgsz: int, root: Path, workers: 
 
 def _check_room(root: Path, nbytes: int) -> None:
     """The store is written once, in full: refuse before writing when the disk cannot hold it."""
-    import shutil
-
-    from speedtrain.errors import DiskSpaceError
-
-    free = shutil.disk_usage(existing_parent(root)).free
-    if nbytes * 1.05 + 2**28 > free:
-        raise DiskSpaceError(
-            f"{root}: the fast pipeline's decoded store needs {nbytes / 1024**3:.1f} GB, {free / 1024**3:.1f} GB "
-            f"free; free space, lower --img-size, or use --pipeline ultralytics"
-        )
+    check_free_disk(root, nbytes / 1024**3, "the fast pipeline's decoded store",
+                    "free space, lower --img-size, or use --pipeline ultralytics")  # fmt: skip
 
 
 def load_store(folder: Path) -> Store:

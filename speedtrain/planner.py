@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from speedtrain.dataset import DatasetStats
@@ -139,12 +139,6 @@ class Stage:
         args.update(self.extra)
         return args
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["batch_fallbacks"] = list(self.batch_fallbacks)
-        data["extra"] = dict(self.extra)
-        return data
-
 
 @dataclass(frozen=True, slots=True)
 class TrainPlan:
@@ -164,20 +158,6 @@ class TrainPlan:
 
     def stage(self, name: str) -> Stage | None:
         return next((s for s in self.stages if s.name == name), None)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "device": self.device,
-            "model": self.model,
-            "stages": [s.to_dict() for s in self.stages],
-            "reasons": dict(self.reasons),
-            "target_map": self.target_map,
-            "estimates": dict(self.estimates),
-            "warnings": list(self.warnings),
-            "cache_estimate_gb": self.cache_estimate_gb,
-            "prepare_size": self.prepare_size,
-            "baseline": dict(self.baseline),
-        }
 
 
 def plan(hw: HardwareSnapshot, stats: DatasetStats, overrides: Overrides | None = None) -> TrainPlan:
@@ -430,29 +410,6 @@ def recheck_cache(stage: Stage, ram_available_gb: float) -> tuple[Stage, str]:
         f"{stage.ram_cache_need_gb:.1f} GB a RAM cache needs; using the disk cache instead"
     )
     return replace(stage, cache="disk"), note
-
-
-def plan_from_dict(doc: dict[str, Any]) -> TrainPlan:
-    """Rebuild a plan from its JSON (plan --json, or speed_report.json for --resume)."""
-    names = {f.name for f in fields(Stage)}
-    stages = []
-    for raw in doc["stages"]:
-        kw = {k: v for k, v in raw.items() if k in names}
-        kw["batch_fallbacks"] = tuple(kw.get("batch_fallbacks", ()))
-        kw["extra"] = tuple((kw.get("extra") or {}).items())
-        stages.append(Stage(**kw))
-    return TrainPlan(
-        device=doc["device"],
-        model=doc["model"],
-        stages=tuple(stages),
-        reasons=tuple(doc.get("reasons", {}).items()),
-        target_map=doc.get("target_map", DEFAULT_TARGET_MAP),
-        estimates=tuple(doc.get("estimates", {}).items()),
-        warnings=tuple(doc.get("warnings", ())),
-        cache_estimate_gb=doc.get("cache_estimate_gb", 0.0),
-        prepare_size=doc.get("prepare_size"),
-        baseline=dict(doc.get("baseline", BASELINE)),
-    )
 
 
 def _device(hw: HardwareSnapshot, requested: str | None, reasons: dict[str, str]) -> tuple[str, int]:

@@ -19,9 +19,9 @@ import yaml
 from PIL import Image, ImageOps
 
 from speedtrain.dataset import DatasetStats, Problem, label_path, list_images, load_yaml, open_image
-from speedtrain.errors import DiskSpaceError, UsageError
+from speedtrain.errors import UsageError
 from speedtrain.parallel import Progress, default_workers, pmap
-from speedtrain.util import existing_parent, first_line, write_atomic
+from speedtrain.util import check_free_disk, first_line, write_atomic
 
 VIEW_DIR = ".datasets"
 
@@ -466,10 +466,7 @@ def _check_disk(stats: DatasetStats, size: int, out_dir: Path, pairs: list[tuple
         return
     total = sum(src.stat().st_size for src, _ in pairs)
     long_side = stats.image_sizes.median_long_side() or size
-    need_gb = total * min(1.0, (size / long_side) ** 2) * 1.1 / 1024**3 + 0.1
-    free_gb = shutil.disk_usage(existing_parent(out_dir)).free / 1024**3
-    if need_gb > free_gb:
-        raise DiskSpaceError(f"{out_dir}: about {need_gb:.1f} GB needed for the resized copy, {free_gb:.1f} GB free")
+    check_free_disk(out_dir, total * min(1.0, (size / long_side) ** 2) / 1024**3, "the resized copy")
 
 
 def measure_load_ms(images: list[str], imgsz: int, sample: int = 16) -> float | None:

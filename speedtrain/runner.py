@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,38 +72,6 @@ class StageResult:
 
     def metric(self, key: str) -> float | None:
         return dict(self.best_metrics).get(key)
-
-    def measured(self) -> dict[str, Any]:
-        """The documented `measured` block of speed_report.json."""
-        data = asdict(self)
-        for key in ("name", "status", "imgsz", "epochs_planned", "note"):
-            data.pop(key)
-        data["epoch_times_s"] = list(self.epoch_times_s)
-        data["train_times_s"] = list(self.train_times_s)
-        data["oom_fallbacks"] = [asdict(o) for o in self.oom_fallbacks]
-        data["best_metrics"] = dict(self.best_metrics)
-        return data
-
-    @classmethod
-    def from_report(cls, stage: dict[str, Any]) -> StageResult:
-        """Rebuild a result from a speed_report.json stage (for --resume)."""
-        m = stage.get("measured") or {}
-        known = set(cls.__dataclass_fields__)
-        kw = {k: v for k, v in m.items() if k in known}
-        kw.update(
-            name=stage["name"],
-            status=stage.get("status", "pending"),
-            imgsz=stage["imgsz"],
-            batch=m.get("batch", stage["batch"]),
-            epochs_planned=stage["epochs"],
-            epochs_done=m.get("epochs_done", 0),
-            note=stage.get("note", ""),
-            epoch_times_s=tuple(m.get("epoch_times_s", ())),
-            train_times_s=tuple(m.get("train_times_s", ())),
-            oom_fallbacks=tuple(OomFallback(**o) for o in m.get("oom_fallbacks", [])),
-            best_metrics=tuple(m.get("best_metrics", {}).items()),
-        )
-        return cls(**kw)
 
 
 @dataclass(frozen=True, slots=True)

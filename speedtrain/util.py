@@ -43,3 +43,19 @@ def utc_now() -> str:
 
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal colour and cursor codes
+
+
+DISK_MARGIN = (1.1, 0.25)  # (factor, GB): what a write is estimated to need, times 1.1, plus 0.25 GB of headroom
+
+
+def check_free_disk(where: Path, need_gb: float, what: str, remedy: str = "free some space") -> None:
+    """Refuse, before anything is written, what cannot fit on the disk holding `where` (the one margin rule)."""
+    import shutil
+
+    from speedtrain.errors import DiskSpaceError
+
+    factor, headroom = DISK_MARGIN
+    need = need_gb * factor + headroom
+    free = shutil.disk_usage(existing_parent(where)).free / 1024**3
+    if need > free:
+        raise DiskSpaceError(f"{where}: {free:.1f} GB free, {what} needs about {need:.1f} GB; {remedy}")

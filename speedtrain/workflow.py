@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -12,13 +11,13 @@ import psutil
 
 from speedtrain import dataset, hardware, planner, render, resize, runner
 from speedtrain.dataset import DatasetStats
-from speedtrain.errors import DatasetError, DiskSpaceError, UsageError
+from speedtrain.errors import DatasetError, UsageError
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.parallel import Progress
 from speedtrain.planner import Overrides, Stage, TrainPlan
 from speedtrain.speedreport import REPORT_NAME, DatasetSummary, Preparation, SpeedReport
 from speedtrain.tuner import TuneResult
-from speedtrain.util import existing_parent
+from speedtrain.util import check_free_disk, existing_parent
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
 DEFAULT_PROJECT: Path = Path("runs") / "speedtrain"
@@ -274,12 +273,7 @@ CHECKPOINT_ROOM_GB = 1.0  # checkpoints, results.csv and plots of a run; a yolo2
 
 def _check_disk(planned: Planned, project: Path) -> None:
     """Refuse to start a run that cannot fit its checkpoints (and disk cache) on the disk."""
-    need = CHECKPOINT_ROOM_GB
-    if any(s.cache == "disk" for s in planned.plan.stages):
-        need += planned.stats.decoded_gb(None)
-    free = shutil.disk_usage(existing_parent(project)).free / 1024**3
-    if free < need:
-        raise DiskSpaceError(
-            f"{project}: {free:.1f} GB free, the run needs about {need:.1f} GB (checkpoints"
-            + (" and the disk image cache); try --cache none or free some space)" if need > CHECKPOINT_ROOM_GB else ")")
-        )
+    disk_cache = any(s.cache == "disk" for s in planned.plan.stages)
+    need = CHECKPOINT_ROOM_GB + (planned.stats.decoded_gb(None) if disk_cache else 0.0)
+    remedy = "checkpoints and the disk image cache: try --cache none or free some space"
+    check_free_disk(project, need, "the run", remedy if disk_cache else "checkpoints: free some space")

@@ -10,6 +10,7 @@ from conftest import fake_stats, snapshot
 from speedtrain import planner, ultra
 from speedtrain.errors import UsageError
 from speedtrain.planner import Overrides, plan
+from speedtrain.speedreport import SpeedReport
 
 # fake_stats(): 1000 train + 200 val images of 640x480 -> 0.435 GB decoded at 416, 1.03 GB at 640.
 MACHINES = [
@@ -210,7 +211,8 @@ def test_every_stage_key_is_an_ultralytics_train_argument():
 
 
 def test_plan_json_has_the_documented_keys():
-    doc = plan(snapshot((24,)), fake_stats()).to_dict()
+    hw, stats = snapshot((24,)), fake_stats()
+    doc = SpeedReport.planned(hw, stats, plan(hw, stats)).to_dict()
     assert {"device", "stages", "reasons"} <= set(doc)
     keys = {"name", "imgsz", "epochs", "batch", "batch_fallbacks", "workers", "cache", "optimizer", "lr0"}
     keys |= {"cos_lr", "close_mosaic", "rect", "patience"}
