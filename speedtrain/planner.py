@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Literal, cast
 
 from speedtrain.dataset import DatasetStats
 from speedtrain.errors import UsageError
 from speedtrain.hardware import Gpu, HardwareSnapshot
 
 DEFAULT_MODEL = "yolo26n"
+FINETUNE_WHEN: dict[str, When] = {"yes": "always", "auto": "auto", "ask": "ask"}
 MAIN_IMGSZ = 416
 FINETUNE_IMGSZ = 640
 MAIN_EPOCHS = 50
@@ -69,6 +70,11 @@ RESERVED_ARGS = {
 }
 
 
+When = Literal["always", "auto", "ask"]  # when a stage runs: always, when the main stage missed the target, if asked
+PipelineKind = Literal["ultralytics", "fast"]
+Cache = Literal["ram", "disk", False]  # as Ultralytics' cache argument takes it; False: no cache
+
+
 @dataclass(frozen=True, slots=True)
 class Overrides:
     """What the user set; None means 'let the planner decide'."""
@@ -106,7 +112,7 @@ class Stage:
     batch: int
     batch_fallbacks: tuple[int, ...]
     workers: int
-    cache: str | bool  # "ram", "disk" or False, as Ultralytics takes it
+    cache: Cache  # "ram", "disk" or False, as Ultralytics takes it
     optimizer: str
     lr0: float
     cos_lr: bool
@@ -117,9 +123,9 @@ class Stage:
     device: str
     deterministic: bool = False
     warmup_epochs: float = 3.0
-    when: str = "always"  # "always", or for the fine-tune: "auto" or "ask"
+    when: When = "always"  # "always", or for the fine-tune: "auto" or "ask"
     ram_cache_need_gb: float = 0.0  # available RAM a RAM cache needs, margins included; re-checked before training
-    pipeline: str = "ultralytics"  # "fast": speedtrain.pipeline's decode-once store and batched augmentation
+    pipeline: PipelineKind = "ultralytics"  # "fast": speedtrain.pipeline's decode-once store, batched augmentation
     threads: int | None = None  # torch intra-op threads, set after Ultralytics' device selection; None: its own
     extra: tuple[tuple[str, Any], ...] = ()
 
@@ -296,7 +302,7 @@ def _finetune_stage(
         close_mosaic=min(CLOSE_MOSAIC, epochs),
         warmup_epochs=0.0,
         ram_cache_need_gb=round(ram_cache_need_gb(stats, imgsz, main.workers, gpus), 2),
-        when={"yes": "always", "auto": "auto", "ask": "ask"}[ov.finetune],
+        when=FINETUNE_WHEN[ov.finetune],
     )
 
 
@@ -344,12 +350,12 @@ def _deterministic(requested: bool | None) -> tuple[bool, str]:
     )
 
 
-def _pipeline(requested: str, gpus: int) -> tuple[str, str]:
+def _pipeline(requested: str, gpus: int) -> tuple[PipelineKind, str]:
     """Ultralytics' CPU pipeline unless asked, or unless `speedtrain tune` measured the run data-bound on a GPU."""
     if requested not in ("auto", "fast", "ultralytics"):
         raise UsageError(f"--pipeline {requested!r}: expected auto, fast or ultralytics")
-    if requested != "auto":
-        return requested, f"{requested}: set by user"
+    if requested in ("fast", "ultralytics"):
+        return cast(PipelineKind, requested), f"{requested}: set by user"
     if not gpus:
         return "ultralytics", "ultralytics: on CPU the model step, not loading, sets the pace"
     return "ultralytics", (
@@ -382,7 +388,7 @@ def apply_tuned(
     plan: TrainPlan,
     batch: int,
     workers: int,
-    cache: str | bool,
+    cache: Cache,
     why: str,
     fast_measured_faster: bool = False,
     pipeline_auto: bool = False,
@@ -591,9 +597,9 @@ def ram_cache_need_gb(stats: DatasetStats, imgsz: int, workers: int, gpus: int) 
 
 def _cache(
     hw: HardwareSnapshot, stats: DatasetStats, imgsz: int, workers: int, gpus: int, requested: str | None
-) -> tuple[str | bool, str]:
+) -> tuple[Cache, str]:
     if requested is not None:
-        choices: dict[str, str | bool] = {"ram": "ram", "disk": "disk", "none": False}
+        choices: dict[str, Cache] = {"ram": "ram", "disk": "disk", "none": False}
         value = choices.get(requested)
         if value is None:
             raise UsageError(f"--cache {requested!r}: expected ram, disk or none")

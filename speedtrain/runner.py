@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from speedtrain import oom
 from speedtrain.errors import DiskSpaceError, TrainingError, UsageError
@@ -42,10 +42,13 @@ class OomFallback:
     change: str = ""
 
 
+ResultStatus = Literal["completed", "early-stopped", "skipped", "interrupted"]
+
+
 @dataclass(frozen=True, slots=True)
 class StageResult:
     name: str
-    status: str  # "completed", "early-stopped", "skipped", "interrupted"
+    status: ResultStatus
     imgsz: int
     batch: int  # the batch size the stage finished with
     epochs_planned: int
@@ -348,7 +351,8 @@ def train_stage(
     fallbacks: list[OomFallback] = list(previous.oom_fallbacks) if previous else []
     current = replace(stage, batch=previous.batch if previous and checkpoint else stage.batch)
     gpu_ids = stage.gpu_ids
-    trainer, metrics, status, note = None, None, "", ""
+    trainer, metrics, note = None, None, ""
+    status: ResultStatus | None = None
     t0 = time.perf_counter()
     with (
         Monitor(gpu_ids) as monitor,
@@ -564,7 +568,7 @@ def _stage_result(
     stage_dir: Path,
     wall: float,
     fallbacks: list[OomFallback],
-    status: str,
+    status: ResultStatus | None,
     previous: StageResult | None,
 ) -> StageResult:
     epoch_times, train_times = _merged_times(rec, stage_dir, previous)

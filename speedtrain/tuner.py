@@ -20,14 +20,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import psutil
 
 from speedtrain import __version__
 from speedtrain.dataset import DatasetStats
 from speedtrain.hardware import HardwareSnapshot
-from speedtrain.planner import Stage
+from speedtrain.planner import Cache, Stage
 from speedtrain.util import write_atomic
 
 Log = Callable[[str], None]
@@ -54,7 +54,7 @@ class StepProbe:
 @dataclass(frozen=True, slots=True)
 class LoaderProbe:
     workers: int
-    cache: str | bool
+    cache: Cache
     images_per_s: float
     peak_ram_gb: float
     rel_err: float = 0.0  # standard error of the rate, relative: spread of the timed batches / sqrt(batches)
@@ -70,15 +70,15 @@ class TuneResult:
     loaders: tuple[LoaderProbe, ...]
     batch: int
     workers: int
-    cache: str | bool
+    cache: Cache
     predicted_images_per_s: float
-    bound: str  # "data" or "compute": which side sets the pace at the chosen configuration
+    bound: Literal["data", "compute", "unknown"]  # which side sets the pace; "unknown" when nothing was timed
     bound_factor: float  # how many times faster the other side could go
     diagnosis: tuple[str, ...]
     achieved_images_per_s: float | None = None  # the confirming short run
     plan_batch: int = 0  # the plan's configuration, always among the candidates
     plan_workers: int = 0
-    plan_cache: str | bool = False
+    plan_cache: Cache = False
     plan_predicted_images_per_s: float | None = None
     plan_achieved_images_per_s: float | None = None  # the same short run with the plan's configuration
     kept_plan: bool = False  # True when the plan's configuration was kept (nothing measurably faster)
@@ -282,7 +282,7 @@ def probe_loaders(
 
     n_gpus = max(1, len(stage.gpu_ids))
     workers = [w for w in WORKER_CANDIDATES if w <= hw.cpu_cores_logical // n_gpus] if on_gpu else [0]
-    caches: list[str | bool] = [False, "disk"]
+    caches: list[Cache] = [False, "disk"]
     if ram_cache_need_gb(stats, stage.imgsz, max(workers or [0]), n_gpus) <= hw.ram_available_gb:
         caches.append("ram")
     planned = (stage.workers if on_gpu else 0, stage.cache)
@@ -302,7 +302,7 @@ def _time_loader(
     data_yaml: str | Path,
     stats: DatasetStats,
     workers: int,
-    cache: str | bool,
+    cache: Cache,
     on_gpu: bool,
     deadline: float,
 ) -> LoaderProbe:
@@ -527,7 +527,7 @@ def _confirm(
     stage: Stage,
     batch: int,
     workers: int,
-    cache: str | bool,
+    cache: Cache,
     *,
     model_source: str,
     data_yaml: str | Path,
