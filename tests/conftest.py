@@ -30,6 +30,16 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["YOLO_VERBOSE"] = "False"
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """Say how to run what the default selection left out."""
+    deselected = len(terminalreporter.stats.get("deselected", []))
+    if deselected and config.getoption("markexpr") == "not slow":
+        terminalreporter.write_line(
+            f"{deselected} slow tests not run (real CPU trainings, benchmark smoke runs; about 6 minutes on 2 cores): "
+            "python -m pytest -m slow"
+        )
+
+
 def coco_images() -> list[tuple[Path, Path]]:
     """(image, label path) of real COCO photos: shared COCO128 (128) where present, else the embedded sample (32)."""
     if (COCO128 / "images" / "train2017").is_dir():

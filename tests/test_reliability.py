@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 import signal
@@ -14,6 +15,7 @@ import pytest
 import yaml
 from conftest import tree_hash, wait_for
 from PIL import Image
+from rich.console import Console
 from typer.testing import CliRunner
 
 from speedtrain import planner, render, runner, workflow
@@ -32,7 +34,8 @@ def csv_epochs(stage_dir: Path) -> list[int]:
 def test_oom_mid_training_goes_on_from_the_checkpoint_with_smaller_batches(make_dataset, tmp_path, fake_cuda_oom):
     fake_cuda_oom.from_epoch = 1  # the second epoch runs out of memory at any batch over 4
     planned = workflow.make_plan(make_dataset(8, 2), Overrides(epochs=3, batch=16, **TINY), ["plots=False"])
-    doc = workflow.execute(planned, tmp_path / "runs")[0].to_dict()
+    rep = workflow.execute(planned, tmp_path / "runs")[0]
+    doc = rep.to_dict()
     m = doc["stages"][0]["measured"]
     assert (m["batch"], m["epochs_done"], doc["stages"][0]["status"]) == (4, 3, "completed")
     assert [(o["epoch"], o["from_batch"], o["to_batch"]) for o in m["oom_fallbacks"]] == [(2, 16, 8), (2, 8, 4)]
@@ -41,8 +44,11 @@ def test_oom_mid_training_goes_on_from_the_checkpoint_with_smaller_batches(make_
     assert [b for e, b in fake_cuda_oom.epochs_started if e == 1] == [16, 8, 4]
     assert csv_epochs(Path(m["save_dir"])) == [1, 2, 3]
     assert len(m["epoch_times_s"]) == 3
-    text = render.render_measured(doc)
-    assert text  # the fallbacks are part of the rendered report (see test_report for the wording)
+    out = io.StringIO()
+    Console(file=out, width=200, color_system=None).print(render.render_measured(rep))
+    text = out.getvalue()
+    for o in m["oom_fallbacks"]:  # each step down is a line of the rendered report
+        assert f"out of memory at batch {o['from_batch']}, continued with {o['to_batch']} (epoch 2, {o['at']})" in text
 
 
 def _train_cmd(root: Path, project: Path, epochs: int) -> list[str]:
