@@ -10,8 +10,20 @@ Importing speedtrain does not import Ultralytics or torch (the calls that train,
 
 __version__ = "0.1.0"
 
-from speedtrain.api import check, plan, prepare, probe, report, resume, train, tune  # noqa: E402
+from speedtrain.api import check, compare, plan, prepare, probe, report, resume, train, tune  # noqa: E402
 from speedtrain.errors import SpeedtrainError  # noqa: E402
 from speedtrain.speedreport import SpeedReport  # noqa: E402
 
-__all__ = ["SpeedReport", "SpeedtrainError", "check", "plan", "prepare", "probe", "report", "resume", "train", "tune"]
+__all__ = [
+    "SpeedReport",
+    "SpeedtrainError",
+    "check",
+    "compare",
+    "plan",
+    "prepare",
+    "probe",
+    "report",
+    "resume",
+    "train",
+    "tune",
+]

@@ -17,7 +17,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from speedtrain import dataset as dataset_mod
 from speedtrain import hardware, planner, resize, runner, workflow
@@ -29,6 +29,9 @@ from speedtrain.planner import Overrides
 from speedtrain.resize import ResizeSummary
 from speedtrain.speedreport import SpeedReport
 from speedtrain.tuner import TuneResult
+
+if TYPE_CHECKING:
+    from speedtrain.comparison import Comparison
 
 PathLike = str | os.PathLike[str]
 Log = Callable[[str], None]
@@ -151,6 +154,50 @@ def train(
         on_event("planned", planned.report())
         rep, _ = workflow.execute(planned, project, name, ask=ask, log=log, on_update=on_update, quiet=not verbose)
         return rep
+
+
+def compare(
+    dataset: PathLike | None = None,
+    *,
+    budget: str | float = "20m",
+    arms: str | Sequence[str] = ("defaults", "plan"),
+    val_imgsz: int | None = None,
+    baseline_imgsz: int | None = None,
+    seed: int = 0,
+    project: PathLike = workflow.DEFAULT_PROJECT,
+    name: str = "compare",
+    verbose: bool = True,
+    log: Log | None = None,
+    on_update: runner.OnProgress | None = None,
+    extra: Sequence[str] = (),
+    **args: Any,
+) -> Comparison:
+    """Train each arm (plain Ultralytics "defaults", speedtrain's "plan", and variants) on `dataset` for the same
+    wall-clock `budget` each ("20m", "90s", or seconds), validate every saved epoch the same way, and return the
+    Comparison: per-arm table, mAP-over-time curves and time to accuracy (also PROJECT/NAME/compare.json and .png).
+    `val_imgsz` is the size every curve is validated at (default: the baseline's size, Ultralytics' 640 unless
+    `baseline_imgsz` says otherwise); `**args` shape the plan as for train()."""
+    from speedtrain import comparison as compare_mod
+
+    budget_s = compare_mod.parse_budget(budget)
+    names = compare_mod.parse_arms(arms)
+    log = log or _print
+    with process_state_restored():
+        workflow.check_run_folder(project, name)
+        planned = _planned(dataset, {**args, "finetune": "yes"}, extra)
+        from speedtrain import ultra
+
+        defaults = ultra.defaults()
+        base_size = baseline_imgsz or int(defaults["imgsz"])
+        run_dir = workflow.new_run_dir(project, name)
+        log(f"run folder: {run_dir}")
+        prepared, original_yaml, prepared_yaml, prepare_s = compare_mod.prepare_views(planned, Path(project))
+        arm_list = compare_mod.arms_for(prepared.plan, names, defaults, base_size)
+        return compare_mod.run(
+            prepared, arm_list, budget_s, run_dir, original_yaml=original_yaml, prepared_yaml=prepared_yaml,
+            prepare_s=prepare_s, val_imgsz=val_imgsz or base_size, seed=seed, log=log, on_update=on_update,
+            log_file=None if verbose else run_dir / workflow.ULTRALYTICS_LOG,
+        )  # fmt: skip
 
 
 def resume(

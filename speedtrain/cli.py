@@ -460,6 +460,64 @@ def tune_command(
         console.print(render.render_tune(result))
 
 
+@app.command("compare", context_settings=EXTRA_ARGS)
+def compare_command(
+    ctx: typer.Context,
+    *,
+    dataset: DatasetOpt = None,
+    budget: Annotated[str, typer.Option("--budget", help="Wall-clock time per arm: 90s, 20m, 1h or 1h30m.")] = "20m",
+    arms: Annotated[
+        str,
+        typer.Option("--arms", help="Comma-separated: defaults, plan, plan-no-rect, plan-640, plan+finetune."),
+    ] = "defaults,plan",
+    val_imgsz: Annotated[
+        int | None, typer.Option("--val-img-size", help="Size every saved epoch is validated at. Default: 640.")
+    ] = None,
+    baseline_imgsz: Annotated[
+        int | None, typer.Option("--baseline-img-size", help="The defaults arm's image size. Default: 640.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="The same seed for every arm.")] = 0,
+    model: ModelOpt = None,
+    imgsz: ImgszOpt = None,
+    batch: BatchOpt = None,
+    workers: WorkersOpt = None,
+    cache: CacheOpt = None,
+    device: DeviceOpt = None,
+    finetune_imgsz: FinetuneImgszOpt = None,
+    prepare: PrepareOpt = Prepare.auto,
+    project: ProjectOpt = workflow.DEFAULT_PROJECT,
+    name: Annotated[str, typer.Option("--name", help="Run folder name; taken names get 2, 3, ...")] = "compare",
+    as_json: JsonOpt = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show Ultralytics' own output while training.")] = False,
+) -> None:
+    """Train plain Ultralytics and the plan for the same time on your data; report time to accuracy.
+
+    Example: speedtrain compare --dataset datasets/mine --budget 20m --arms defaults,plan,plan-no-rect
+    """
+    out = _Console(file=sys.stderr if as_json else sys.stdout, highlight=False)
+
+    def log(message: str) -> None:
+        out.print(f"[bold cyan]speedtrain:[/] {message}")
+
+    with _plain_text_when_piped(), contextlib.ExitStack() as stack:
+        display: list[Callable[[Any], None]] = []
+
+        def on_update(event: Any) -> None:
+            if not display:
+                display.append(stack.enter_context(_run_display(out)))
+            display[0](event)
+
+        result = api.compare(
+            dataset, budget=budget, arms=arms, val_imgsz=val_imgsz, baseline_imgsz=baseline_imgsz, seed=seed,
+            project=project, name=name, verbose=verbose, log=log, on_update=None if verbose else on_update,
+            extra=ctx.args, **_options(locals()),
+        )  # fmt: skip
+    if as_json:
+        typer.echo(result.to_json(), nl=False)
+    else:
+        console.print(result)
+
+
 @app.command("report")
 def show_report(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (or its speed_report.json).")],

@@ -258,6 +258,11 @@ def render_measured(rep: SpeedReport) -> RenderableType:
         if m.fast_store:
             where = "read into RAM" if m.fast_store == "ram" else "memory-mapped from disk"
             notes.append(f"{name}: fast pipeline store {where}")
+        if m.latency_ms:
+            at = ", ".join(f"{ms:.1f} ms at {size}" for size, ms in m.latency_ms)
+            notes.append(
+                f"{name}: inference {at} px (batch 1, on {s.stage.device.split(',')[0]}, median; network alone)"
+            )
         if m.weights:
             notes.append(f"{name} weights: {m.weights}")
     return Group(table, *[Text(n) for n in notes])

@@ -72,6 +72,8 @@ class StageResult:
     save_dir: str | None = None
     wall_time_s: float = 0.0
     note: str = ""
+    epoch_end_s: tuple[float, ...] = ()  # seconds from the stage's start (setup included) to each epoch's end
+    latency_ms: tuple[tuple[int, float], ...] = ()  # (image size, ms): the trained model, batch 1, median
 
     def metric(self, key: str) -> float | None:
         return dict(self.best_metrics).get(key)
@@ -127,6 +129,8 @@ class _Recorder:
     batches: int = 0
     last_rate: float | None = None
     last_map: float | None = None
+    t0: float = field(default_factory=time.perf_counter)  # the stage's start: setup and retries count
+    ends: dict[int, float] = field(default_factory=dict)  # epoch -> seconds since t0 when it was saved
 
     def callbacks(self) -> dict[str, list[Callable[[Any], None]]]:
         """Ultralytics callback events and what runs on each."""
@@ -192,6 +196,7 @@ class _Recorder:
         # Also fired once more by final_eval() for the last epoch; keep the first (the epoch's own).
         if trainer.epoch in self.starts and trainer.epoch not in self.epoch_times:
             self.epoch_times[trainer.epoch] = time.perf_counter() - self.starts[trainer.epoch]
+            self.ends[trainer.epoch] = time.perf_counter() - self.t0
             score = (getattr(trainer, "metrics", None) or {}).get("metrics/mAP50-95(B)")
             self.last_map = round(float(score), 4) if score is not None else self.last_map
             self._update(trainer, 1.0, done=True)
@@ -296,6 +301,8 @@ def _run(
                 stage, weights, data_yaml, Path(run_dir), log=log, previous=prior, on_update=on_update,
                 log_file=log_file,
             )  # fmt: skip
+            if result.status != "interrupted":
+                result = with_latency(result, stage, log)
             results.append(result)
             on_progress(tuple(results), None)
             if result.status == "interrupted":
@@ -303,6 +310,32 @@ def _run(
                 return RunResult(str(run_dir), source, note, tuple(results), started, wall, interrupted=True)
         weights = results[-1].weights or results[-1].last_weights or weights
     return RunResult(str(run_dir), source, note, tuple(results), started, round(time.perf_counter() - t0, 2))
+
+
+LATENCY_SIZE = 640  # besides the stage's own size: Ultralytics' default, what an untuned model would run at
+LATENCY_RUNS = {"gpu": 50, "cpu": 20}
+
+
+def with_latency(result: StageResult, stage: Stage, log: Log) -> StageResult:
+    """The result with its trained model's inference latency measured on the training device (batch 1, median),
+    at the stage's size and at 640; unchanged when there are no weights or the measurement fails."""
+    from speedtrain import ultra
+
+    weights = result.weights or result.last_weights
+    if not weights:
+        return result
+    runs = LATENCY_RUNS["gpu" if stage.on_gpu else "cpu"]
+    device = stage.device.split(",")[0]
+    try:
+        with torch_threads_restored(stage.threads):
+            measured = tuple((size, ultra.latency_ms(weights, size, device, runs)) for size in
+                             sorted({stage.imgsz, LATENCY_SIZE}))  # fmt: skip
+    except Exception as exc:  # a convenience figure: never the reason a finished stage fails
+        log(f"{stage.name}: could not measure inference latency ({first_line(exc)})")
+        return result
+    finally:
+        _free_memory()
+    return replace(result, latency_ms=measured)
 
 
 def _skip_reason(
@@ -589,6 +622,7 @@ def _stage_result(
         epochs_done=done,
         epoch_times_s=epoch_times,
         train_times_s=train_times,
+        epoch_end_s=tuple(round(rec.ends[e], 3) for e in sorted(rec.ends)),
         images_per_epoch=images,
         iterations_per_epoch=iterations or (math.ceil(images / batch) if images else 0),
         images_per_s=_rate(images, timed),

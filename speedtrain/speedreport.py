@@ -66,6 +66,10 @@ class DatasetSummary:
         """The report's "dataset" block (also what `speedtrain check --json` prints)."""
         return _dataset_dict(self)
 
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> DatasetSummary:
+        return _dataset(raw)
+
 
 @dataclass(frozen=True, slots=True)
 class Preparation:
@@ -331,6 +335,8 @@ def _measured_dict(r: StageResult) -> dict[str, Any]:
         data.pop(key)
     data["epoch_times_s"] = list(r.epoch_times_s)
     data["train_times_s"] = list(r.train_times_s)
+    data["epoch_end_s"] = list(r.epoch_end_s)
+    data["latency_ms"] = {str(size): ms for size, ms in r.latency_ms}
     data["oom_fallbacks"] = [asdict(o) for o in r.oom_fallbacks]
     data["best_metrics"] = dict(r.best_metrics)
     return data
@@ -380,6 +386,8 @@ def _stage_report(stage: Stage, raw: dict[str, Any]) -> StageReport:
             note=raw.get("note", ""),
             epoch_times_s=tuple(m.get("epoch_times_s", ())),
             train_times_s=tuple(m.get("train_times_s", ())),
+            epoch_end_s=tuple(m.get("epoch_end_s", ())),
+            latency_ms=tuple((int(k), float(v)) for k, v in (m.get("latency_ms") or {}).items()),
             oom_fallbacks=tuple(OomFallback(**o) for o in m.get("oom_fallbacks", [])),
             best_metrics=tuple(m.get("best_metrics", {}).items()),
         )

@@ -163,6 +163,32 @@ def _own_oom_policy_off(trainer: Any) -> None:
     trainer._oom_retries = ULTRALYTICS_OOM_RETRIES
 
 
+def latency_ms(weights: str | Path, imgsz: int, device: str, runs: int = 20, warmup: int = 3) -> float:
+    """Inference latency of trained weights: the fused network's forward pass on one image of imgsz x imgsz, batch
+    1, fp32 (Ultralytics' predict default), on `device`, after `warmup` passes; the median of `runs`, in ms.
+    Pre- and post-processing (letterbox, NMS) are not included: they do not depend on how the model was trained."""
+    import statistics
+    import time
+
+    dev = torch.device(f"cuda:{device.split(',')[0]}" if device[:1].isdigit() else device)
+    model: Any = YOLO(str(weights)).model
+    model = model.fuse(verbose=False).to(dev).eval()
+    x = torch.zeros(1, 3, imgsz, imgsz, device=dev)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + runs):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            model(x)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1000)
+    del model
+    return round(statistics.median(times), 2)
+
+
 def validate(weights: str | Path, data_yaml: str | Path, **args: Any) -> Any:
     """Ultralytics' validator on `weights` (model.val)."""
     return YOLO(str(weights)).val(data=str(data_yaml), **args)

@@ -21,7 +21,10 @@ V1_EARLY = DATA / "speed_report.json"  # written before prepare, tune, run.statu
 def test_a_format_1_report_round_trips_exactly():
     doc = json.loads(V1_TODAY.read_text())
     rep = SpeedReport.from_json(V1_TODAY)
-    assert rep.to_dict() == doc
+    again = rep.to_dict()
+    for stage in again["stages"]:  # added since: empty for a report that did not have them
+        assert (stage["measured"].pop("epoch_end_s"), stage["measured"].pop("latency_ms")) == ([], {})
+    assert again == doc
     assert SpeedReport.from_dict(json.loads(rep.to_json())) == rep
 
 

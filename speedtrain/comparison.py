@@ -1,0 +1,528 @@
+"""`speedtrain compare`: time to accuracy on the user's own data.
+
+Each arm trains the same model from the same weights on the same data with the same seed for the same wall-clock
+budget (Ultralytics' own `time=` argument ends each run), saving every epoch's weights. Afterwards, outside the
+budget, every saved epoch of every arm is validated the same way (Ultralytics' validator, the same val split, one
+image size), which gives each arm a curve of mAP50-95 against wall-clock seconds since its start (setup, caching
+and retries included). The baseline's target is its final weights' mAP50-95; time to accuracy is the first
+epoch at which an arm's curve reaches it (MLPerf Training's way of scoring detectors: time to a target mAP).
+
+Arms: `defaults` is plain Ultralytics (its default.yaml: 640 px, batch 16, optimizer auto, 8 workers, no cache,
+no rect, patience 100); `plan` is speedtrain's plan for this machine; `plan-no-rect`, `plan-640` and
+`plan+finetune` change one thing each, so a user sees what each knob costs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.jupyter import JupyterMixin
+from rich.table import Table
+from rich.text import Text
+
+from speedtrain import hardware, planner, resize, runner
+from speedtrain.errors import SpeedtrainError, UsageError
+from speedtrain.hardware import HardwareSnapshot
+from speedtrain.planner import Stage, TrainPlan
+from speedtrain.speedreport import DatasetSummary
+from speedtrain.util import first_line, utc_now, write_atomic
+
+ARMS = ("defaults", "plan", "plan-no-rect", "plan-640", "plan+finetune")
+DEFAULT_ARMS = ("defaults", "plan")
+FINETUNE_SHARE = 0.3  # plan+finetune: the share of its budget the 640-px fine-tune gets
+MAX_CURVE_POINTS = 30  # saved epochs validated per arm (evenly spaced, the last always): bounds the evaluation time
+FORMAT = 1
+JSON_NAME, PNG_NAME = "compare.json", "compare.png"
+Log = Callable[[str], None]
+
+
+def parse_budget(text: str | float | int) -> float:
+    """Seconds from "90s", "20m", "1h", "1h30m" or a plain number of seconds; one clear line otherwise."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        raw = str(text).strip().lower()
+        match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?", raw)
+        if not raw or not match or not any(match.groups()):
+            raise UsageError(f"--budget {text!r}: a duration such as 90s, 20m, 1h or 1h30m")
+        hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
+        seconds = hours * 3600 + minutes * 60 + secs
+    if not 10 <= seconds <= 7 * 24 * 3600:
+        raise UsageError(f"--budget {text!r}: between 10 seconds and 7 days per arm")
+    return seconds
+
+
+def parse_arms(arms: str | Sequence[str]) -> tuple[str, ...]:
+    """Arm names from "defaults,plan" or a list; unknown names are one clear line."""
+    names = [a.strip() for a in (arms.split(",") if isinstance(arms, str) else arms) if a.strip()]
+    unknown = [a for a in names if a not in ARMS]
+    if unknown or not names:
+        raise UsageError(f"--arms: unknown arm {unknown[0]!r}; known: {', '.join(ARMS)}" if unknown else "--arms: none")
+    return tuple(dict.fromkeys(names))
+
+
+@dataclass(frozen=True, slots=True)
+class Arm:
+    """What one arm trains: one stage, or the plan's main stage then its fine-tune (each with its budget share)."""
+
+    name: str
+    stages: tuple[Stage, ...]
+    shares: tuple[float, ...]
+    prepared: bool  # trains on speedtrain's pre-resized copy (its clock includes the resize)
+
+
+def arms_for(plan: TrainPlan, names: Sequence[str], defaults: dict[str, Any], baseline_imgsz: int) -> tuple[Arm, ...]:
+    """The arms' stages: pure, from the plan (made with a fine-tune stage) and Ultralytics' defaults."""
+    main = plan.stages[0]
+    ft = plan.stage("finetune") or replace(main, name="finetune", imgsz=planner.FINETUNE_IMGSZ)
+    train = replace(main, name="train", when="always")
+    out = []
+    for name in names:
+        if name == "defaults":
+            stage = Stage(
+                name="train", imgsz=baseline_imgsz, epochs=int(defaults["epochs"]), batch=int(defaults["batch"]),
+                batch_fallbacks=tuple(b for b in (int(defaults["batch"]) // 2, int(defaults["batch"]) // 4) if b),
+                workers=int(defaults["workers"]), cache=False, optimizer=str(defaults["optimizer"]),
+                lr0=float(defaults["lr0"]), cos_lr=bool(defaults["cos_lr"]),
+                close_mosaic=int(defaults["close_mosaic"]), rect=bool(defaults["rect"]),
+                patience=int(defaults["patience"]), amp=bool(defaults["amp"]), device=main.device,
+                deterministic=bool(defaults["deterministic"]), warmup_epochs=float(defaults["warmup_epochs"]),
+                extra=main.extra,
+            )  # fmt: skip
+            out.append(Arm(name, (stage,), (1.0,), prepared=False))
+        elif name == "plan":
+            out.append(Arm(name, (train,), (1.0,), prepared=True))
+        elif name == "plan-no-rect":
+            out.append(Arm(name, (replace(train, rect=False),), (1.0,), prepared=True))
+        elif name == "plan-640":
+            at = replace(train, imgsz=ft.imgsz, batch=ft.batch, batch_fallbacks=ft.batch_fallbacks, cache=ft.cache)
+            out.append(Arm(name, (at,), (1.0,), prepared=True))
+        elif name == "plan+finetune":
+            tune_stage = replace(ft, when="always")
+            out.append(Arm(name, (train, tune_stage), (1 - FINETUNE_SHARE, FINETUNE_SHARE), prepared=True))
+    return tuple(out)
+
+
+# --- results ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One saved epoch: wall-clock seconds since the arm started, and its weights' scores at the common size."""
+
+    epoch: int
+    seconds: float
+    map50: float
+    map50_95: float
+
+
+@dataclass(frozen=True, slots=True)
+class Score:
+    imgsz: int
+    map50: float
+    map50_95: float
+
+
+@dataclass(frozen=True, slots=True)
+class ArmResult:
+    name: str
+    imgsz: int
+    batch: int
+    epochs_done: int
+    images_per_s: float | None
+    wall_s: float  # the arm's training, from its start to its end (pre-resizing included for plan arms)
+    eval_s: float  # validating its saved epochs afterwards (outside the budget)
+    status: str
+    note: str = ""
+    weights: str | None = None
+    curve: tuple[Point, ...] = ()
+    final: tuple[Score, ...] = ()  # the final weights at each validation size
+    latency_ms: tuple[tuple[int, float], ...] = ()
+
+    def final_at(self, imgsz: int) -> Score | None:
+        return next((s for s in self.final if s.imgsz == imgsz), None)
+
+
+def time_to_reach(curve: Sequence[Point], target: float) -> float | None:
+    """Seconds at which the curve first reaches `target` mAP50-95 (in epoch order); None if it never does."""
+    return next((p.seconds for p in sorted(curve, key=lambda p: p.epoch) if p.map50_95 >= target), None)
+
+
+@dataclass(frozen=True, slots=True)
+class TimeToAccuracy:
+    arm: str
+    target: float | None  # the baseline's final mAP50-95 at the common size
+    seconds: float | None  # when the arm first reached it
+    baseline_seconds: float | None  # when the baseline itself first reached it
+    line: str
+
+    @property
+    def ratio(self) -> float | None:
+        if self.seconds is None or not self.baseline_seconds:
+            return None
+        return round(self.seconds / self.baseline_seconds, 3)
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison(JupyterMixin):
+    """A finished comparison: renders as its table and headline, draws its PNG, reads and writes compare.json."""
+
+    budget_s: float
+    val_imgsz: int
+    val_sizes: tuple[int, ...]
+    seed: int
+    model: str
+    device: str
+    run_dir: str
+    started_at: str
+    finished_at: str
+    prepare_s: float
+    hardware: HardwareSnapshot
+    dataset: DatasetSummary
+    arms: tuple[ArmResult, ...]
+    format: int = FORMAT
+    source: str = field(default="", compare=False)
+
+    def arm(self, name: str) -> ArmResult | None:
+        return next((a for a in self.arms if a.name == name), None)
+
+    def time_to_accuracy(self, name: str = "plan") -> TimeToAccuracy:
+        """The headline: when `name` first reached the baseline's final mAP50-95, against when the baseline did."""
+        base, arm = self.arm("defaults"), self.arm(name)
+        size = self.val_imgsz
+        if base is None or arm is None:
+            return TimeToAccuracy(name, None, None, None, "time to accuracy needs the defaults arm and this arm")
+        score = base.final_at(size)
+        if score is None:
+            return TimeToAccuracy(name, None, None, None, "the baseline has no final validation to aim at")
+        target = score.map50_95
+        if target <= 0:
+            line = (f"the baseline's final mAP50-95 at {size} px is {target:.3f}: no accuracy to compare within this "
+                    "budget (give it more time, or start from pretrained weights)")  # fmt: skip
+            return TimeToAccuracy(name, target, None, None, line)
+        seconds, base_s = time_to_reach(arm.curve, target), time_to_reach(base.curve, target)
+        if seconds is None:
+            best = max((p.map50_95 for p in arm.curve), default=0.0)
+            line = (f"{name} did not reach the baseline's mAP50-95 {target:.3f} (at {size} px) within the budget; "
+                    f"its best was {best:.3f}")  # fmt: skip
+            return TimeToAccuracy(name, target, None, base_s, line)
+        result = TimeToAccuracy(name, target, seconds, base_s, "")
+        share = f"{result.ratio:.0%} of the time" if result.ratio is not None else f"{seconds:.0f} s"
+        line = (f"{name} reached the baseline's mAP50-95 {target:.3f} (at {size} px) in {share}: {seconds:.0f} s "
+                f"against {base_s or 0:.0f} s")  # fmt: skip
+        return replace(result, line=line)
+
+    # --- rendering ---------------------------------------------------------------------------------------------
+
+    def __rich__(self) -> RenderableType:
+        table = Table(
+            title=f"compare: {self.model} on {self.device}, {self.budget_s:.0f} s per arm", title_justify="left"
+        )
+        for col in ("arm", "imgsz", "batch", "epochs", "img/s", *[f"mAP50-95@{s}" for s in self.val_sizes],
+                    "ms@640", "wall s"):  # fmt: skip
+            table.add_column(col, justify="left" if col == "arm" else "right")
+        for a in self.arms:
+            finals = [a.final_at(s) for s in self.val_sizes]
+            latency = dict(a.latency_ms).get(640)
+            table.add_row(
+                a.name, str(a.imgsz), str(a.batch), str(a.epochs_done), _num(a.images_per_s, "{:.1f}"),
+                *[_num(f.map50_95 if f else None, "{:.3f}") for f in finals], _num(latency, "{:.1f}"),
+                f"{a.wall_s:.0f}",
+            )  # fmt: skip
+        lines = [Text(self.time_to_accuracy(a.name).line, style="bold") for a in self.arms if a.name != "defaults"]
+        notes = [f"{a.name}: {a.note}" for a in self.arms if a.note]
+        if self.prepare_s:
+            notes.append(f"plan arms' clocks include {self.prepare_s:.1f} s of pre-resizing the dataset")
+        notes.append(
+            f"curves: every saved epoch validated afterwards at {self.val_imgsz} px (not counted in the budget); "
+            f"ms@640: the trained network's forward pass, batch 1, on the training device"
+        )
+        return Group(table, *lines, *[Text(n) for n in notes], Text(f"saved: {Path(self.run_dir) / JSON_NAME}"))
+
+    def save_png(self, path: str | Path) -> Path:
+        """mAP50-95 against wall-clock seconds, every arm on one axis, the baseline's target as a line."""
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(8.0, 4.5), dpi=100, layout="constrained")
+        ax = fig.subplots()
+        for a in self.arms:
+            if a.curve:
+                ax.plot([p.seconds for p in a.curve], [p.map50_95 for p in a.curve], marker="o", label=a.name)
+        tta = self.time_to_accuracy("plan")
+        if tta.target:
+            ax.axhline(tta.target, color="grey", linestyle="--", linewidth=0.8, label="baseline's final mAP50-95")
+        ax.set_xlabel("wall-clock seconds since the arm started")
+        ax.set_ylabel(f"mAP50-95 at {self.val_imgsz} px")
+        ax.set_title(f"Time to accuracy: {self.model}, {self.budget_s:.0f} s per arm", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp)
+        tmp.replace(path)
+        return path
+
+    # --- JSON --------------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        arms = []
+        for a in self.arms:
+            d = asdict(a)
+            d["curve"] = [{"epoch": p.epoch, "seconds": p.seconds, "mAP50": p.map50, "mAP50-95": p.map50_95}
+                          for p in a.curve]  # fmt: skip
+            d["final"] = [{"imgsz": s.imgsz, "mAP50": s.map50, "mAP50-95": s.map50_95} for s in a.final]
+            d["latency_ms"] = {str(size): ms for size, ms in a.latency_ms}
+            arms.append(d)
+        heads = [self.time_to_accuracy(a.name) for a in self.arms if a.name != "defaults"]
+        return {
+            "format": self.format, "budget_s": self.budget_s, "val_imgsz": self.val_imgsz,
+            "val_sizes": list(self.val_sizes), "seed": self.seed, "model": self.model, "device": self.device,
+            "run_dir": self.run_dir, "started_at": self.started_at, "finished_at": self.finished_at,
+            "prepare_s": self.prepare_s, "hardware": hardware.to_dict(self.hardware), "dataset": self.dataset.to_dict(),
+            "arms": arms,
+            "time_to_accuracy": [
+                {"arm": t.arm, "target_mAP50-95": t.target, "seconds": t.seconds,
+                 "baseline_seconds": t.baseline_seconds, "ratio": t.ratio, "line": t.line} for t in heads
+            ],
+        }  # fmt: skip
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            write_atomic(Path(path), text.encode())
+        return text
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Comparison:
+        path = Path(path)
+        path = path / JSON_NAME if path.is_dir() else path
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            if int(doc.get("format", 0)) > FORMAT:
+                raise SpeedtrainError(f"{path}: compare format {doc['format']} is newer than this speedtrain reads")
+            arms = tuple(
+                ArmResult(
+                    **{k: v for k, v in a.items() if k not in ("curve", "final", "latency_ms")},
+                    curve=tuple(Point(p["epoch"], p["seconds"], p["mAP50"], p["mAP50-95"]) for p in a["curve"]),
+                    final=tuple(Score(s["imgsz"], s["mAP50"], s["mAP50-95"]) for s in a["final"]),
+                    latency_ms=tuple((int(k), float(v)) for k, v in a["latency_ms"].items()),
+                )
+                for a in doc["arms"]
+            )
+            dataset = DatasetSummary.from_dict(doc["dataset"])
+            return cls(
+                budget_s=doc["budget_s"], val_imgsz=doc["val_imgsz"], val_sizes=tuple(doc["val_sizes"]),
+                seed=doc["seed"], model=doc["model"], device=doc["device"], run_dir=doc["run_dir"],
+                started_at=doc["started_at"], finished_at=doc["finished_at"], prepare_s=doc["prepare_s"],
+                hardware=hardware.from_dict(doc["hardware"], str(path)), dataset=dataset, arms=arms,
+                format=doc.get("format", FORMAT), source=str(path),
+            )  # fmt: skip
+        except FileNotFoundError:
+            raise SpeedtrainError(f"no {JSON_NAME} in {path.parent}") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SpeedtrainError(f"{path}: not a speedtrain comparison ({first_line(exc)})") from None
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+# --- running ------------------------------------------------------------------------------------------------------
+
+
+def run(
+    planned: Any,  # workflow.Planned, made with a fine-tune stage
+    arms: tuple[Arm, ...],
+    budget_s: float,
+    run_dir: Path,
+    *,
+    original_yaml: Path,
+    prepared_yaml: Path,
+    prepare_s: float,
+    val_imgsz: int,
+    seed: int,
+    log: Log = lambda _: None,
+    on_update: runner.OnProgress | None = None,
+    log_file: Path | None = None,
+) -> Comparison:
+    """Train every arm for `budget_s`, validate their saved epochs and final weights, measure their latency."""
+    from speedtrain import ultra
+
+    started = utc_now()
+    plan: TrainPlan = planned.plan
+    val_sizes = tuple(sorted({val_imgsz, plan.stages[0].imgsz, *(s.imgsz for a in arms for s in a.stages[:1])}))
+    results = []
+    with ultra.session():
+        source, note = ultra.fetch(*ultra.resolve_model(plan.model))
+        ultra.check_loads(source)
+        ultra.go_offline()
+        log(note)
+        for arm in arms:
+            data = prepared_yaml if arm.prepared else original_yaml
+            results.append(
+                _run_arm(
+                    arm,
+                    source,
+                    data,
+                    budget_s,
+                    run_dir / arm.name,
+                    prepare_s if arm.prepared else 0.0,
+                    val_imgsz,
+                    val_sizes,
+                    seed,
+                    log,
+                    on_update,
+                    log_file,
+                )  # fmt: skip
+            )
+            partial = _comparison(planned, budget_s, val_imgsz, val_sizes, seed, run_dir, started, prepare_s, results)
+            partial.to_json(run_dir / JSON_NAME)  # after every arm: an interrupted comparison keeps what finished
+    final = _comparison(planned, budget_s, val_imgsz, val_sizes, seed, run_dir, started, prepare_s, results)
+    final.to_json(run_dir / JSON_NAME)
+    try:
+        final.save_png(run_dir / PNG_NAME)
+    except Exception as exc:  # a convenience: the JSON has everything
+        log(f"could not draw {PNG_NAME} ({type(exc).__name__}: {exc})")
+    return final
+
+
+def _comparison(
+    planned: Any,
+    budget_s: float,
+    val_imgsz: int,
+    val_sizes: tuple[int, ...],
+    seed: int,
+    run_dir: Path,
+    started: str,
+    prepare_s: float,
+    results: list[ArmResult],
+) -> Comparison:
+    return Comparison(
+        budget_s=budget_s, val_imgsz=val_imgsz, val_sizes=val_sizes, seed=seed, model=planned.plan.model,
+        device=planned.plan.device, run_dir=str(run_dir), started_at=started, finished_at=utc_now(),
+        prepare_s=round(prepare_s, 2), hardware=planned.hw, dataset=DatasetSummary.of(planned.stats),
+        arms=tuple(results),
+    )  # fmt: skip
+
+
+def _run_arm(
+    arm: Arm,
+    source: str,
+    data_yaml: Path,
+    budget_s: float,
+    arm_dir: Path,
+    offset_s: float,
+    val_imgsz: int,
+    val_sizes: tuple[int, ...],
+    seed: int,
+    log: Log,
+    on_update: runner.OnProgress | None,
+    log_file: Path | None,
+) -> ArmResult:
+    log(f"{arm.name}: training for {budget_s:.0f} s")
+    weights, clock, curve_parts, stage_results = source, offset_s, [], []
+    t0 = time.perf_counter()
+    for stage, share in zip(arm.stages, arm.shares, strict=True):
+        extra = {**dict(stage.extra), "time": budget_s * share / 3600, "save_period": 1, "plots": False,
+                 "val": True, "seed": seed}  # fmt: skip
+        timed = replace(stage, extra=tuple(extra.items()))
+        progress = _renamed(on_update, arm.name)
+        result = runner.train_stage(timed, weights, data_yaml, arm_dir, log=log, on_update=progress,
+                                    log_file=log_file)  # fmt: skip
+        stage_results.append(result)
+        curve_parts.append((clock, timed, result))
+        clock += result.wall_time_s
+        weights = result.weights or result.last_weights or weights
+        if result.status == "interrupted":
+            break
+    wall = round(offset_s + time.perf_counter() - t0, 2)
+    last = stage_results[-1]
+    ran = arm.stages[len(stage_results) - 1]
+    final_weights = last.weights or last.last_weights
+    log(f"{arm.name}: validating its saved epochs at {val_imgsz} px")
+    t_eval = time.perf_counter()
+    from speedtrain import ultra
+
+    with ultra.output_to(log_file):
+        curve = tuple(
+            p for start, st, res in curve_parts for p in _curve(st, res, start, data_yaml, arm_dir, val_imgsz)
+        )
+        final = tuple(_score(final_weights, data_yaml, s, ran, arm_dir) for s in val_sizes) if final_weights else ()
+        eval_s = round(time.perf_counter() - t_eval, 2)
+        measured = runner.with_latency(last, ran, log)
+    main = stage_results[0]
+    note = last.note
+    if last.status == "early-stopped":
+        trained = sum(r.wall_time_s for r in stage_results)
+        note = note or ("ended by the time budget" if trained >= 0.9 * budget_s else
+                        f"ended before the budget: no improvement for {ran.patience} epochs (patience)")  # fmt: skip
+    return ArmResult(
+        name=arm.name, imgsz=arm.stages[0].imgsz, batch=main.batch,
+        epochs_done=sum(r.epochs_done for r in stage_results),
+        images_per_s=main.images_per_s_steady or main.images_per_s,
+        wall_s=wall, eval_s=eval_s, status=last.status, note=note, weights=final_weights, curve=curve,
+        final=final, latency_ms=measured.latency_ms,
+    )  # fmt: skip
+
+
+def _renamed(on_update: runner.OnProgress | None, name: str) -> runner.OnProgress | None:
+    """Progress events under the arm's name (the stages are all called "train")."""
+    if on_update is None:
+        return None
+    return lambda ev: on_update(replace(ev, stage=name))
+
+
+def _curve(
+    stage: Stage, result: runner.StageResult, start: float, data: Path, arm_dir: Path, imgsz: int
+) -> list[Point]:
+    """Validate the stage's saved epochs (at most MAX_CURVE_POINTS, evenly spaced, the last always) at `imgsz`,
+    then delete their checkpoints (best.pt and last.pt stay)."""
+    weights = Path(result.save_dir or arm_dir / stage.name) / "weights"
+    saved = sorted((int(p.stem.removeprefix("epoch")), p) for p in weights.glob("epoch*.pt"))
+    step = max(1, -(-len(saved) // MAX_CURVE_POINTS))
+    picked = {e for e, _ in saved[::step]} | ({saved[-1][0]} if saved else set())
+    points = []
+    for epoch, path in saved:
+        if epoch in picked and epoch < len(result.epoch_end_s):
+            score = _score(str(path), data, imgsz, stage, arm_dir)
+            points.append(Point(epoch + 1, round(start + result.epoch_end_s[epoch], 2), score.map50, score.map50_95))
+        path.unlink(missing_ok=True)
+    return points
+
+
+def _score(weights: str | Path, data: Path, imgsz: int, stage: Stage, arm_dir: Path) -> Score:
+    """Ultralytics' validator on `weights` at `imgsz`: the same split and settings for every arm."""
+    from speedtrain import ultra
+
+    raw = ultra.validate(weights, data, imgsz=imgsz, batch=max(1, stage.batch), device=stage.device.split(",")[0],
+                         plots=False, verbose=False, project=str(arm_dir / "eval"),
+                         name=f"{Path(weights).stem}-{imgsz}", exist_ok=True)  # fmt: skip
+    metrics = ultra.metrics_dict(raw)
+    return Score(
+        imgsz, round(metrics.get("metrics/mAP50(B)", 0.0), 5), round(metrics.get("metrics/mAP50-95(B)", 0.0), 5)
+    )
+
+
+def prepare_views(planned: Any, project: Path) -> tuple[Any, Path, Path, float]:
+    """The original dataset's view (the defaults arm) and, when the plan resizes, the prepared copy's (plan arms),
+    with the seconds the resize took."""
+    from speedtrain import workflow
+
+    original = resize.make_view(planned.stats, resize.view_dir(planned.stats, project))
+    if not planned.plan.prepare_size:
+        return planned, original, original, 0.0
+    t0 = time.perf_counter()
+    prepared = workflow.prepare_dataset(planned, project)
+    seconds = time.perf_counter() - t0
+    view = resize.make_view(prepared.stats, resize.view_dir(prepared.stats, project))
+    return prepared, original, view, seconds
