@@ -9,6 +9,7 @@
     python benchmarks/gpu_check.py speedtrain --out OUT --work W --row plan|fast|autotune|deterministic
     python benchmarks/gpu_check.py oom        --out OUT --work W
     python benchmarks/gpu_check.py ctrlc      --out OUT --work W
+    python benchmarks/gpu_check.py compare    --out OUT --work W
     python benchmarks/gpu_check.py report     --out OUT
 
 Every step after `dataset` reads the mode (gpu or cpu) and the sizes from OUT/settings.json, so the shell script
@@ -43,8 +44,24 @@ MODEL = "yolo26n.yaml"  # built from scratch: pretrained weights cannot be fetch
 # Sizes per mode: the GPU mode measures steady state on a few thousand images; the CPU mode is a smoke run that
 # proves the script works (CI), not a speed comparison.
 MODES = {
-    "gpu": {"images": 2048, "val": 64, "imgsz": 416, "epochs": 3, "defaults_imgsz": 640, "tune_budget_s": 45},
-    "cpu": {"images": 16, "val": 4, "imgsz": 64, "epochs": 2, "defaults_imgsz": 64, "tune_budget_s": 12},
+    "gpu": {
+        "images": 2048,
+        "val": 64,
+        "imgsz": 416,
+        "epochs": 3,
+        "defaults_imgsz": 640,
+        "tune_budget_s": 45,
+        "compare_budget_s": 30,
+    },
+    "cpu": {
+        "images": 16,
+        "val": 4,
+        "imgsz": 64,
+        "epochs": 2,
+        "defaults_imgsz": 64,
+        "tune_budget_s": 12,
+        "compare_budget_s": 10,
+    },
 }
 THROUGHPUT_ROWS = ("defaults", "plan-settings", "plan", "fast", "autotune", "deterministic", "floor")
 ROW_TITLES = {
@@ -56,7 +73,8 @@ ROW_TITLES = {
     "deterministic": "speedtrain train --deterministic",
     "floor": "step floor (fwd + bwd + step, batches on the device)",
 }
-CHECKS = ("facts", "probe", "dataset", *THROUGHPUT_ROWS, "oom", "ctrlc")
+CHECKS = ("facts", "probe", "dataset", *THROUGHPUT_ROWS, "oom", "ctrlc", "compare")
+COMPARE_ARMS = "defaults,plan,plan-no-rect"
 
 
 def settings(out: Path) -> dict[str, Any]:
@@ -420,6 +438,56 @@ def _wait(condition: Callable[[], bool], timeout: float) -> bool:
     return False
 
 
+# -------------------------------------------------------------------------------------------------------- compare
+
+
+def step_compare(out: Path, work: Path, _args: argparse.Namespace) -> None:
+    """`speedtrain compare` as a user runs it: the arms for the same budget each, then time to accuracy."""
+    s = settings(out)
+    project = work / "runs" / "compare"
+    cmd = [
+        sys.executable, "-m", "speedtrain", "compare", "--dataset", s["dataset"], "--model", MODEL, "--budget",
+        f"{s['compare_budget_s']}s", "--arms", COMPARE_ARMS, "--img-size", str(s["imgsz"]), "--baseline-img-size",
+        str(s["defaults_imgsz"]), "--prepare", "no", "--project", str(project), "--json",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    sys.stderr.write(done.stderr[-20000:])
+    if done.returncode != 0:
+        raise SystemExit(f"speedtrain compare exited {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
+    doc = json.loads(done.stdout)
+    record(out, "compare", {
+        "budget_s": doc["budget_s"], "val_imgsz": doc["val_imgsz"], "val_sizes": doc["val_sizes"],
+        "arms": [{k: a[k] for k in ("name", "imgsz", "batch", "epochs_done", "images_per_s", "wall_s", "eval_s",
+                                    "final", "latency_ms", "note")} for a in doc["arms"]],
+        "time_to_accuracy": doc["time_to_accuracy"],
+    })  # fmt: skip
+
+
+def _compare_rows(rec: dict[str, Any] | None, failed: dict[str, str]) -> list[str]:
+    if not rec:
+        return ["", f"Time to accuracy (`speedtrain compare`): failed: {failed.get('compare')}"]
+    sizes = rec["val_sizes"]
+    lines = [
+        "",
+        f"Time to accuracy (`speedtrain compare --arms {COMPARE_ARMS}`, {rec['budget_s']:.0f} s per arm, every "
+        f"saved epoch validated at {rec['val_imgsz']} px afterwards):",
+        "",
+        "| arm | imgsz / batch | epochs | images/s | "
+        + " | ".join(f"mAP50-95 @{s}" for s in sizes)
+        + " | ms @640 | wall s |",
+        "|---|---|---|---|" + "---|" * len(sizes) + "---|---|",
+    ]
+    for a in rec["arms"]:
+        finals = {f["imgsz"]: f["mAP50-95"] for f in a["final"]}
+        lines.append(
+            f"| {a['name']} | {a['imgsz']} / {a['batch']} | {a['epochs_done']} | {_f(a['images_per_s'])} | "
+            + " | ".join(_f(finals.get(s), 3) for s in sizes)
+            + f" | {_f(a['latency_ms'].get('640'))} | {a['wall_s']:.0f} |"
+        )
+    lines += [""] + [f"- {t['line']}" for t in rec["time_to_accuracy"]]
+    return lines
+
+
 # --------------------------------------------------------------------------------------------------------- report
 
 
@@ -470,6 +538,7 @@ def markdown(recs: dict[str, Any], failed: dict[str, str]) -> list[str]:
     lines += _throughput(recs, failed)
     lines += ["", "| check | result | detail |", "|---|---|---|", _oom_row(recs.get("oom"), failed)]
     lines.append(_ctrlc_row(recs.get("ctrlc"), failed))
+    lines += _compare_rows(recs.get("compare"), failed)
     return lines
 
 
@@ -540,6 +609,7 @@ STEPS: dict[str, Callable[[Path, Path, argparse.Namespace], None]] = {
     "speedtrain": step_speedtrain,
     "oom": step_oom,
     "ctrlc": step_ctrlc,
+    "compare": step_compare,
     "report": step_report,
 }
 

@@ -8,7 +8,7 @@
 # private folder, never into the system Python. Each step runs in its own process under its own time limit,
 # logs to OUT/logs/STEP.log, and a step that fails or times out becomes a "failed" row naming its log's last line,
 # so one failure does not eat the rest. --cpu is a smoke run at tiny sizes (CI runs it so the script cannot rot).
-# The whole run stops starting steps after GPU_CHECK_BUDGET_S (default 480 s; --cpu: 900 s) and fits one
+# The whole run stops starting steps after GPU_CHECK_BUDGET_S (default 560 s; --cpu: 900 s) and fits one
 # 10-minute call.
 set -uo pipefail
 
@@ -49,7 +49,7 @@ if ! "$py" -c "import ultralytics" 2>/dev/null; then
   export PYTHONPATH="$PYTHONPATH:$work/site"
 fi
 
-budget=${GPU_CHECK_BUDGET_S:-480}  # the whole run, so that it ends inside one 10-minute device call
+budget=${GPU_CHECK_BUDGET_S:-560}  # the whole run, so that it ends inside one 10-minute device call
 step() {  # step NAME SECONDS ARGS...: one step of gpu_check.py under its own limit, within what is left
   local name=$1 limit=$2; shift 2
   local left=$((budget - SECONDS))
@@ -80,6 +80,7 @@ step autotune $((row + 60)) speedtrain --row autotune
 step deterministic "$row" speedtrain --row deterministic
 step oom 90 oom
 step ctrlc 150 ctrlc
+step compare 200 compare
 "$py" "$repo/benchmarks/gpu_check.py" report --out "$out" --work "$work" 2>"$out/logs/report.log"
 rc=$?
 case $work in "${TMPDIR:-/tmp}"/speedtrain-gpu-check.*) rm -rf "$work" ;; esac

@@ -324,7 +324,8 @@ class Comparison(JupyterMixin):
                 budget_s=doc["budget_s"], val_imgsz=doc["val_imgsz"], val_sizes=tuple(doc["val_sizes"]),
                 seed=doc["seed"], model=doc["model"], device=doc["device"], run_dir=doc["run_dir"],
                 started_at=doc["started_at"], finished_at=doc["finished_at"], prepare_s=doc["prepare_s"],
-                hardware=hardware.from_dict(doc["hardware"], str(path)), dataset=dataset, arms=arms,
+                hardware=hardware.from_dict(doc["hardware"], str(doc["hardware"].get("source", path))), dataset=dataset,
+                arms=arms,
                 format=doc.get("format", FORMAT), source=str(path),
             )  # fmt: skip
         except FileNotFoundError:
@@ -489,8 +490,7 @@ def _curve(
     then delete their checkpoints (best.pt and last.pt stay)."""
     weights = Path(result.save_dir or arm_dir / stage.name) / "weights"
     saved = sorted((int(p.stem.removeprefix("epoch")), p) for p in weights.glob("epoch*.pt"))
-    step = max(1, -(-len(saved) // MAX_CURVE_POINTS))
-    picked = {e for e, _ in saved[::step]} | ({saved[-1][0]} if saved else set())
+    picked = {saved[i][0] for i in spread(len(saved), MAX_CURVE_POINTS)}
     points = []
     for epoch, path in saved:
         if epoch in picked and epoch < len(result.epoch_end_s):
@@ -498,6 +498,13 @@ def _curve(
             points.append(Point(epoch + 1, round(start + result.epoch_end_s[epoch], 2), score.map50, score.map50_95))
         path.unlink(missing_ok=True)
     return points
+
+
+def spread(n: int, k: int) -> list[int]:
+    """min(n, k) indices of range(n), evenly spaced, the first and the last included."""
+    if n <= k:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
 
 
 def _score(weights: str | Path, data: Path, imgsz: int, stage: Stage, arm_dir: Path) -> Score:

@@ -1,0 +1,170 @@
+"""`speedtrain compare`: budgets, arms, time to accuracy from recorded curves, and a real two-arm run on CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import fake_stats, snapshot, tree_hash
+from typer.testing import CliRunner
+
+import speedtrain
+from speedtrain import comparison, planner, ultra
+from speedtrain.cli import app
+from speedtrain.comparison import ArmResult, Comparison, Point, Score, time_to_reach
+from speedtrain.errors import UsageError
+from speedtrain.speedreport import DatasetSummary
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90s", 90), ("20m", 1200), ("1h30m", 5400), ("1h", 3600), ("300", 300), (45, 45)]
+)
+def test_budgets(text, seconds):
+    assert comparison.parse_budget(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "abc", "5s", "-3m", "20 minutes", "8d", True])
+def test_bad_budgets_are_one_line(text):
+    with pytest.raises(UsageError, match="--budget") as err:
+        comparison.parse_budget(text)
+    assert "\n" not in str(err.value)
+
+
+def test_arms_are_checked_and_deduplicated():
+    assert comparison.parse_arms("plan, defaults,plan") == ("plan", "defaults")
+    assert comparison.parse_arms(["defaults", "plan-640"]) == ("defaults", "plan-640")
+    with pytest.raises(UsageError, match="unknown arm 'fast'; known: defaults, plan, plan-no-rect"):
+        comparison.parse_arms("defaults,fast")
+
+
+def curve(*pairs: tuple[float, float]) -> tuple[Point, ...]:
+    return tuple(Point(i + 1, t, 0.0, m) for i, (t, m) in enumerate(pairs))
+
+
+def test_time_to_reach_is_the_first_epoch_at_or_over_the_target():
+    c = curve((10, 0.05), (20, 0.12), (30, 0.10), (40, 0.20))
+    assert time_to_reach(c, 0.12) == 20  # reached exactly
+    assert time_to_reach(c, 0.11) == 20  # the dip at 30 s does not matter: the first crossing counts
+    assert time_to_reach(c, 0.2) == 40
+    assert time_to_reach(c, 0.21) is None  # never reached
+    assert time_to_reach(tuple(reversed(c)), 0.11) == 20  # epoch order, not list order
+    assert time_to_reach((), 0.1) is None
+
+
+def arm(name: str, pts: tuple[Point, ...], final: float, size: int = 640) -> ArmResult:
+    return ArmResult(name, size, 16, len(pts), 100.0, pts[-1].seconds if pts else 0.0, 1.0, "completed",
+                     curve=pts, final=(Score(size, final * 1.5, final),))  # fmt: skip
+
+
+def comp(*arms: ArmResult) -> Comparison:
+    stats = fake_stats()
+    return Comparison(1200.0, 640, (416, 640), 0, "yolo26n", "0", "/tmp/x", "t0", "t1", 0.0, snapshot((80,)),
+                      DatasetSummary.of(stats), arms)  # fmt: skip
+
+
+def test_time_to_accuracy_from_recorded_curves():
+    base = arm("defaults", curve((300, 0.1), (700, 0.25), (1000, 0.30), (1190, 0.29)), final=0.30)
+    fast = arm("plan", curve((100, 0.15), (250, 0.26), (380, 0.31), (600, 0.35)), final=0.35)
+    slow = arm("plan-no-rect", curve((200, 0.1), (900, 0.2)), final=0.2)
+    c = comp(base, fast, slow)
+    tta = c.time_to_accuracy("plan")
+    assert (tta.target, tta.seconds, tta.baseline_seconds, tta.ratio) == (0.30, 380, 1000, 0.38)
+    assert "plan reached the baseline's mAP50-95 0.300 (at 640 px) in 38% of the time" in tta.line
+    never = c.time_to_accuracy("plan-no-rect")
+    assert never.seconds is None
+    assert "did not reach the baseline's mAP50-95 0.300" in never.line
+    assert "its best was 0.200" in never.line
+    zero = comp(arm("defaults", curve((10, 0.0)), final=0.0), fast).time_to_accuracy("plan")
+    assert "no accuracy to compare" in zero.line
+    assert "needs the defaults arm" in comp(fast).time_to_accuracy("plan").line
+
+
+def test_a_comparison_round_trips_and_draws(tmp_path):
+    base = arm("defaults", curve((300, 0.1), (1000, 0.30)), final=0.30)
+    c = dataclasses.replace(comp(base, arm("plan", curve((100, 0.15), (380, 0.31)), final=0.31)), run_dir=str(tmp_path))
+    c.to_json(tmp_path / comparison.JSON_NAME)
+    back = Comparison.from_json(tmp_path)
+    assert back == c
+    doc = json.loads((tmp_path / comparison.JSON_NAME).read_text())
+    assert doc["time_to_accuracy"][0]["ratio"] == 0.38
+    assert doc["arms"][0]["curve"][1] == {"epoch": 2, "seconds": 1000, "mAP50": 0.0, "mAP50-95": 0.30}
+    png = c.save_png(tmp_path / "c.png")
+    assert png.stat().st_size > 10_000
+
+
+def test_arms_change_one_thing_each():
+    plan = planner.plan(snapshot((24,)), fake_stats(), planner.Overrides(finetune="yes"))
+    d = ultra.defaults()
+    arms = {a.name: a for a in comparison.arms_for(plan, comparison.ARMS, d, 640)}
+    base = arms["defaults"].stages[0]
+    assert (base.imgsz, base.batch, base.optimizer, base.rect, base.patience, base.cache, base.workers) == (
+        d["imgsz"], d["batch"], d["optimizer"], d["rect"], d["patience"], False, d["workers"],
+    )  # fmt: skip
+    main = arms["plan"].stages[0]
+    assert (main.imgsz, main.batch, main.optimizer, main.rect) == (416, plan.stages[0].batch, "Adam", True)
+    assert dataclasses.replace(arms["plan-no-rect"].stages[0], rect=True) == main
+    assert arms["plan-640"].stages[0].imgsz == 640
+    assert arms["plan-640"].stages[0].lr0 == main.lr0  # the main stage's recipe, at 640
+    assert [s.imgsz for s in arms["plan+finetune"].stages] == [416, 640]
+    assert sum(arms["plan+finetune"].shares) == pytest.approx(1.0)
+    assert not arms["defaults"].prepared
+    assert all(a.prepared for n, a in arms.items() if n != "defaults")
+
+
+def test_cli_refuses_a_bad_budget_or_arm_in_one_line(tmp_path):
+    for args, message in ((["--budget", "soon"], "--budget 'soon'"), (["--arms", "plan,best"], "unknown arm 'best'")):
+        result = CliRunner().invoke(app, ["compare", "--project", str(tmp_path), *args])
+        assert result.exit_code == 2
+        assert message in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_two_arms_on_real_images_for_twenty_seconds_each(make_dataset, tmp_path):
+    root = make_dataset(16, 4)
+    before, env = tree_hash(root), dict(os.environ)
+    c = speedtrain.compare(
+        root, budget="20s", arms="defaults,plan", imgsz=64, baseline_imgsz=64, finetune_imgsz=96, device="cpu",
+        project=tmp_path / "runs", verbose=False, log=lambda _: None,
+    )  # fmt: skip
+    assert [a.name for a in c.arms] == ["defaults", "plan"]
+    for a in c.arms:
+        assert a.epochs_done >= 1
+        assert a.images_per_s
+        assert a.images_per_s > 0
+        assert len(a.curve) == min(a.epochs_done, comparison.MAX_CURVE_POINTS)
+        seconds = [p.seconds for p in a.curve]
+        assert seconds == sorted(seconds)
+        assert 0 < seconds[-1] <= a.wall_s
+        assert [s.imgsz for s in a.final] == [64]
+        assert dict(a.latency_ms).keys() == {64, 640}
+        assert a.wall_s < 20 + 30  # the budget, plus setup and the last epoch's overrun
+        assert not list((Path(c.run_dir) / a.name / "train" / "weights").glob("epoch*.pt"))  # deleted once scored
+    tta = c.time_to_accuracy("plan")
+    base = c.arm("defaults")
+    assert base is not None
+    assert tta.target == base.final[0].map50_95
+    if tta.target:  # from scratch at 64 px this is usually 0: then the line says there is nothing to compare
+        assert tta.seconds == time_to_reach(c.arms[1].curve, tta.target)
+    else:
+        assert "no accuracy to compare" in tta.line
+    run_dir = Path(c.run_dir)
+    assert Comparison.from_json(run_dir) == c
+    assert (run_dir / comparison.PNG_NAME).stat().st_size > 10_000
+    assert (run_dir / "ultralytics.log").stat().st_size > 0
+    assert tree_hash(root) == before
+    assert dict(os.environ) == env
+
+
+@pytest.mark.parametrize(("n", "k", "expected"), [(3, 30, [0, 1, 2]), (37, 30, 30), (100, 30, 30), (0, 30, [])])
+def test_curve_points_are_spread_evenly_with_both_ends(n, k, expected):
+    picked = comparison.spread(n, k)
+    if isinstance(expected, list):
+        assert picked == expected
+    else:
+        assert len(picked) == expected
+        assert (picked[0], picked[-1]) == (0, n - 1)
