@@ -12,6 +12,8 @@ from speedtrain.errors import UsageError
 from speedtrain.hardware import Gpu, HardwareSnapshot
 
 DEFAULT_MODEL = "yolo26n"
+ACCURACY_SENSITIVE = ("imgsz", "rect", "optimizer", "patience")
+UNMEASURED = "; accuracy cost not measured yet (`speedtrain compare` measures it on your data)"
 FINETUNE_WHEN: dict[str, When] = {"yes": "always", "auto": "auto", "ask": "ask"}
 MAIN_IMGSZ = 416
 FINETUNE_IMGSZ = 640
@@ -185,6 +187,9 @@ def plan(hw: HardwareSnapshot, stats: DatasetStats, overrides: Overrides | None 
         stages.append(finetune)
     for stage in stages:
         _refuse_impossible_batch(hw, stage, gpus)
+    for key in ACCURACY_SENSITIVE:  # chosen for speed: what they cost in accuracy is for `speedtrain compare`
+        if not reasons.get(key, "").startswith("set by user") and (key != "rect" or main.rect):
+            reasons[key] += UNMEASURED
     prepare_size, reasons["prepare"] = _prepare(stats, stages, ov.prepare)
     return TrainPlan(
         device=device,

@@ -318,3 +318,12 @@ def test_rect_under_multi_gpu_says_what_ultralytics_will_do(vram, rect, expected
     p = plan(snapshot(vram), fake_stats(), Overrides(rect=rect))
     assert p.stage("main").rect is expected
     assert why in p.reason("rect")
+
+
+def test_accuracy_sensitive_choices_say_they_are_not_measured_for_accuracy():
+    p = plan(snapshot((24,)), fake_stats())
+    for key in planner.ACCURACY_SENSITIVE:
+        assert p.reason(key).endswith(planner.UNMEASURED), key
+    mine = plan(snapshot((24,)), fake_stats(), Overrides(imgsz=640, rect=False, optimizer="SGD", patience=50))
+    for key in planner.ACCURACY_SENSITIVE:
+        assert planner.UNMEASURED not in mine.reason(key), key
