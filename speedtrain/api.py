@@ -29,6 +29,7 @@ from speedtrain.planner import Overrides
 from speedtrain.resize import ResizeSummary
 from speedtrain.speedreport import SpeedReport
 from speedtrain.tuner import TuneResult
+from speedtrain.util import check_free_disk
 
 if TYPE_CHECKING:
     from speedtrain.comparison import Comparison
@@ -108,6 +109,7 @@ def tune(
     if budget_s < 5:
         raise UsageError(f"budget_s {budget_s}: at least 5 seconds")
     args = {"finetune": "no", "prepare": "no", **args}
+    refuse_external_launcher()
     with process_state_restored():
         planned = _planned(dataset, args, extra)
         return workflow.autotune(planned, Path(project), budget_s=budget_s, retune=retune, log=log or _print)[1]
@@ -141,6 +143,7 @@ def train(
     `progress(label)` makes the context that reports the resize's (done, total).
     """
     log, on_event = log or _print, on_event or (lambda _kind, _value: None)
+    refuse_external_launcher()
     with process_state_restored():
         workflow.check_run_folder(project, name)
         planned = _planned(dataset, args, extra, None, allow_download)
@@ -182,6 +185,7 @@ def compare(
     budget_s = compare_mod.parse_budget(budget)
     names = compare_mod.parse_arms(arms)
     log = log or _print
+    refuse_external_launcher()
     with process_state_restored():
         workflow.check_run_folder(project, name)
         planned = _planned(dataset, {**args, "finetune": "yes"}, extra)
@@ -189,6 +193,8 @@ def compare(
 
         defaults = ultra.defaults()
         base_size = baseline_imgsz or int(defaults["imgsz"])
+        need = len(names) * workflow.CHECKPOINT_ROOM_GB  # each arm's checkpoints (saved epochs go once scored)
+        check_free_disk(Path(project), need, f"comparing {len(names)} arms", "free some space")
         run_dir = workflow.new_run_dir(project, name)
         log(f"run folder: {run_dir}")
         prepared, original_yaml, prepared_yaml, prepare_s = compare_mod.prepare_views(planned, Path(project))
@@ -209,6 +215,7 @@ def resume(
     ask: Callable[[runner.StageResult], bool | None] | None = None,
 ) -> SpeedReport:
     """Go on with an interrupted or killed run from its last saved epoch; the finished SpeedReport."""
+    refuse_external_launcher()
     with process_state_restored():
         rep, _ = workflow.resume(run_dir, ask=ask, log=log or _print, on_update=on_update, quiet=not verbose)
         return rep
@@ -233,6 +240,18 @@ def overrides(args: dict[str, Any]) -> Overrides:
 
         extra = planner.check_extra_args(rest, ultra.defaults())
     return Overrides(**picked, extra=extra)
+
+
+def refuse_external_launcher() -> None:
+    """Under torchrun, SLURM's srun or another launcher with several processes, every process would train the
+    whole run into the same folder: refuse in one line until speedtrain runs as a rank (WORLD_SIZE 1 is fine)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.strip().isdigit() and int(world) > 1:
+        raise UsageError(
+            f"started as rank {os.environ.get('RANK', '?')} of {world} by a launcher (torchrun or srun set "
+            "WORLD_SIZE): speedtrain does not run as one rank of a group yet, and each process would train the whole "
+            "run into the same folder; start it once, e.g. `speedtrain train --device 0,1` for two local GPUs"
+        )
 
 
 def _planned(

@@ -52,6 +52,7 @@ class _Commands(TyperGroup):
                 "prepare": "the images finished so far are kept; run the same prepare again to complete the copy",
                 "check": "nothing was changed; run check again",
                 "tune": "nothing was cached; run tune again",
+                "compare": "compare.json in the run folder keeps the arms that finished; run compare again",
             }.get(ctx.invoked_subcommand or "", "nothing was changed")
             err_console.print(f"[bold red]interrupted[/]: {what}")
             raise typer.Exit(130) from None
@@ -499,7 +500,12 @@ def compare_command(
     def log(message: str) -> None:
         out.print(f"[bold cyan]speedtrain:[/] {message}")
 
-    with _plain_text_when_piped(), contextlib.ExitStack() as stack:
+    # With --json, stdout carries the JSON alone: Ultralytics' output (--verbose) goes to stderr.
+    with (
+        contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext(),
+        _plain_text_when_piped(),
+        contextlib.ExitStack() as stack,
+    ):
         display: list[Callable[[Any], None]] = []
 
         def on_update(event: Any) -> None:
@@ -516,6 +522,9 @@ def compare_command(
         typer.echo(result.to_json(), nl=False)
     else:
         console.print(result)
+    if result.interrupted:
+        err_console.print(f"interrupted: {result.run_dir} keeps the arms that finished; run compare again for all")
+        raise typer.Exit(130)
 
 
 @app.command("report")

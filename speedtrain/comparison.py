@@ -187,8 +187,13 @@ class Comparison(JupyterMixin):
     hardware: HardwareSnapshot
     dataset: DatasetSummary
     arms: tuple[ArmResult, ...]
+    requested: tuple[str, ...] = ()  # the arms asked for; fewer ran when the comparison was interrupted
     format: int = FORMAT
     source: str = field(default="", compare=False)
+
+    @property
+    def interrupted(self) -> bool:
+        return any(a.status == "interrupted" for a in self.arms) or len(self.arms) < len(self.requested)
 
     def arm(self, name: str) -> ArmResult | None:
         return next((a for a in self.arms if a.name == name), None)
@@ -238,6 +243,9 @@ class Comparison(JupyterMixin):
             )  # fmt: skip
         lines = [Text(self.time_to_accuracy(a.name).line, style="bold") for a in self.arms if a.name != "defaults"]
         notes = [f"{a.name}: {a.note}" for a in self.arms if a.note]
+        missing = [n for n in self.requested if self.arm(n) is None]
+        if missing:
+            notes.append(f"not run (interrupted before them): {', '.join(missing)}")
         if self.prepare_s:
             notes.append(f"plan arms' clocks include {self.prepare_s:.1f} s of pre-resizing the dataset")
         notes.append(
@@ -289,7 +297,7 @@ class Comparison(JupyterMixin):
             "val_sizes": list(self.val_sizes), "seed": self.seed, "model": self.model, "device": self.device,
             "run_dir": self.run_dir, "started_at": self.started_at, "finished_at": self.finished_at,
             "prepare_s": self.prepare_s, "hardware": hardware.to_dict(self.hardware), "dataset": self.dataset.to_dict(),
-            "arms": arms,
+            "requested": list(self.requested), "interrupted": self.interrupted, "arms": arms,
             "time_to_accuracy": [
                 {"arm": t.arm, "target_mAP50-95": t.target, "seconds": t.seconds,
                  "baseline_seconds": t.baseline_seconds, "ratio": t.ratio, "line": t.line} for t in heads
@@ -324,6 +332,7 @@ class Comparison(JupyterMixin):
                 budget_s=doc["budget_s"], val_imgsz=doc["val_imgsz"], val_sizes=tuple(doc["val_sizes"]),
                 seed=doc["seed"], model=doc["model"], device=doc["device"], run_dir=doc["run_dir"],
                 started_at=doc["started_at"], finished_at=doc["finished_at"], prepare_s=doc["prepare_s"],
+                requested=tuple(doc.get("requested", ())),
                 hardware=hardware.from_dict(doc["hardware"], str(doc["hardware"].get("source", path))), dataset=dataset,
                 arms=arms,
                 format=doc.get("format", FORMAT), source=str(path),
@@ -387,8 +396,13 @@ def run(
                 )  # fmt: skip
             )
             partial = _comparison(planned, budget_s, val_imgsz, val_sizes, seed, run_dir, started, prepare_s, results)
+            partial = replace(partial, requested=tuple(a.name for a in arms))
             partial.to_json(run_dir / JSON_NAME)  # after every arm: an interrupted comparison keeps what finished
+            if results[-1].status == "interrupted":
+                log(f"Ctrl-C: stopped during {arm.name}; {JSON_NAME} keeps the arms trained so far")
+                break
     final = _comparison(planned, budget_s, val_imgsz, val_sizes, seed, run_dir, started, prepare_s, results)
+    final = replace(final, requested=tuple(a.name for a in arms))
     final.to_json(run_dir / JSON_NAME)
     try:
         final.save_png(run_dir / PNG_NAME)

@@ -124,3 +124,20 @@ def test_notebook_style_training_returns_a_real_report_and_leaves_the_process_al
     assert "Measured on this machine" in text_of(rep)
     png = rep.save_png(tmp_path / "again.png")
     assert png.stat().st_size > 10_000
+
+
+def test_several_processes_from_a_launcher_are_refused_in_one_line(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from speedtrain.cli import app
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(UsageError, match="started as rank 1 of 2 by a launcher"):
+        speedtrain.train(project=tmp_path)
+    result = CliRunner().invoke(app, ["train", "--project", str(tmp_path)])
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc-per-node 1: one process, allowed
+    api.refuse_external_launcher()

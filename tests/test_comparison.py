@@ -168,3 +168,31 @@ def test_curve_points_are_spread_evenly_with_both_ends(n, k, expected):
     else:
         assert len(picked) == expected
         assert (picked[0], picked[-1]) == (0, n - 1)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_comparison_after_the_epoch_and_keeps_what_finished(make_dataset, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import wait_for
+
+    root, project = make_dataset(16, 4), tmp_path / "runs"
+    cmd = [sys.executable, "-m", "speedtrain", "compare", "--dataset", str(root), "--budget", "120s", "--img-size",
+           "64", "--baseline-img-size", "64", "--finetune-img-size", "96", "--device", "cpu", "--project",
+           str(project)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    saved = project / "compare" / "defaults" / "train" / "weights" / "last.pt"
+    assert wait_for(lambda: saved.exists() or proc.poll() is not None, timeout=180)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130, output[-3000:]
+    c = Comparison.from_json(project / "compare")
+    assert c.requested == ("defaults", "plan")
+    assert [a.name for a in c.arms] == ["defaults"]  # the plan arm never started
+    assert c.arms[0].status == "interrupted"
+    assert c.arms[0].epochs_done >= 1
+    assert c.interrupted
+    assert "keeps the arms that finished" in output
