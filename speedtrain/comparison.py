@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Group, RenderableType
 from rich.jupyter import JupyterMixin
 from rich.table import Table
@@ -227,12 +228,12 @@ class Comparison(JupyterMixin):
     # --- rendering ---------------------------------------------------------------------------------------------
 
     def __rich__(self) -> RenderableType:
-        table = Table(
-            title=f"compare: {self.model} on {self.device}, {self.budget_s:.0f} s per arm", title_justify="left"
-        )
-        for col in ("arm", "imgsz", "batch", "epochs", "img/s", *[f"mAP50-95@{s}" for s in self.val_sizes],
-                    "ms@640", "wall s"):  # fmt: skip
-            table.add_column(col, justify="left" if col == "arm" else "right")
+        title = f"compare: {self.model} on {self.device}, {self.budget_s:.0f} s per arm"
+        caption = "mAP@size: mAP50-95 of the final weights at that size; ms@640: latency, batch 1"
+        table = Table(title=title, title_justify="left", caption=caption, box=box.SIMPLE_HEAD)
+        table.add_column("arm", no_wrap=True)
+        for col in ("size", "batch", "epochs", "img/s", *[f"mAP@{s}" for s in self.val_sizes], "ms@640", "wall s"):
+            table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
         for a in self.arms:
             finals = [a.final_at(s) for s in self.val_sizes]
             latency = dict(a.latency_ms).get(640)
@@ -250,7 +251,7 @@ class Comparison(JupyterMixin):
             notes.append(f"plan arms' clocks include {self.prepare_s:.1f} s of pre-resizing the dataset")
         notes.append(
             f"curves: every saved epoch validated afterwards at {self.val_imgsz} px (not counted in the budget); "
-            f"ms@640: the trained network's forward pass, batch 1, on the training device"
+            "latency: the trained network's forward pass on the training device"
         )
         return Group(table, *lines, *[Text(n) for n in notes], Text(f"saved: {Path(self.run_dir) / JSON_NAME}"))
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import psutil
+
 from speedtrain import oom
 from speedtrain.errors import DiskSpaceError, TrainingError, UsageError
 from speedtrain.monitor import Monitor
@@ -318,7 +320,10 @@ LATENCY_RUNS = {"gpu": 50, "cpu": 20}
 
 def with_latency(result: StageResult, stage: Stage, log: Log) -> StageResult:
     """The result with its trained model's inference latency measured on the training device (batch 1, median),
-    at the stage's size and at 640; unchanged when there are no weights or the measurement fails."""
+    at the stage's size and at 640; unchanged when there are no weights or the measurement fails.
+
+    On a CPU the thread count is fixed (the stage's, else one per physical core) so that models trained with
+    different settings are timed alike: Ultralytics' validator leaves torch at min(8, cores - 1) threads."""
     from speedtrain import ultra
 
     weights = result.weights or result.last_weights
@@ -326,8 +331,9 @@ def with_latency(result: StageResult, stage: Stage, log: Log) -> StageResult:
         return result
     runs = LATENCY_RUNS["gpu" if stage.on_gpu else "cpu"]
     device = stage.device.split(",")[0]
+    threads = stage.threads or psutil.cpu_count(logical=False) or 1
     try:
-        with torch_threads_restored(stage.threads):
+        with torch_threads_restored(threads):
             measured = tuple((size, ultra.latency_ms(weights, size, device, runs)) for size in
                              sorted({stage.imgsz, LATENCY_SIZE}))  # fmt: skip
     except Exception as exc:  # a convenience figure: never the reason a finished stage fails

@@ -126,3 +126,13 @@ def test_a_broken_report_is_one_line(tmp_path, mutate, message):
     with pytest.raises(SpeedtrainError, match=message) as err:
         SpeedReport.from_json(path)
     assert "\n" not in str(err.value)
+
+
+def test_a_report_renders_itself_in_jupyter():
+    rep = SpeedReport.from_json(V1_TODAY)
+    bundle = rep._repr_mimebundle_(include=[], exclude=[])  # what IPython calls to display a value
+    assert "Measured on this machine" in bundle["text/plain"]
+    assert "<pre" in bundle["text/html"]
+    assert f"{rep.images_per_s:.1f}" in bundle["text/plain"]
+    plan_only = SpeedReport.planned(rep.hardware, rep.dataset, rep.plan)
+    assert "Plan: yolo26n" in plan_only._repr_mimebundle_(include=[], exclude=[])["text/plain"]
