@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from rich import box
 from rich.console import Group, RenderableType
 from rich.jupyter import JupyterMixin
 from rich.table import Table
@@ -229,9 +228,10 @@ class Comparison(JupyterMixin):
 
     def __rich__(self) -> RenderableType:
         title = f"compare: {self.model} on {self.device}, {self.budget_s:.0f} s per arm"
-        caption = "mAP@size: mAP50-95 of the final weights at that size; ms@640: latency, batch 1"
-        table = Table(title=title, title_justify="left", caption=caption, box=box.SIMPLE_HEAD)
-        table.add_column("arm", no_wrap=True)
+        caption = "mAP@N: the final weights' mAP50-95 at N px; ms@640: latency, batch 1"
+        table = Table(title=title, title_justify="left", caption=caption, caption_justify="left", box=None,
+                      padding=(0, 1), pad_edge=False, header_style="bold underline")  # fmt: skip
+        table.add_column("arm", no_wrap=True, min_width=max(len(a.name) for a in self.arms) if self.arms else 3)
         for col in ("size", "batch", "epochs", "img/s", *[f"mAP@{s}" for s in self.val_sizes], "ms@640", "wall s"):
             table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
         for a in self.arms:

@@ -196,3 +196,19 @@ def test_ctrl_c_stops_the_comparison_after_the_epoch_and_keeps_what_finished(mak
     assert c.arms[0].epochs_done >= 1
     assert c.interrupted
     assert "keeps the arms that finished" in output
+
+
+def test_the_table_fits_80_columns_in_a_log_file():
+    import io
+
+    from speedtrain.cli import _Console
+
+    c = comp(arm("defaults", curve((300, 0.1), (1000, 0.30)), final=0.30),
+             arm("plan+finetune", curve((100, 0.15), (380, 0.31)), final=0.31))  # fmt: skip
+    out = io.StringIO()
+    _Console(file=out, width=80).print(c)
+    text = out.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert all(ord(ch) < 128 for ch in text)
+    assert "plan+finetune" in text  # the arm's name is never cut
+    assert "38% of the time" in " ".join(text.split())
