@@ -32,7 +32,7 @@ from speedtrain.errors import SpeedtrainError, UsageError
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.planner import Stage, TrainPlan
 from speedtrain.speedreport import DatasetSummary
-from speedtrain.util import first_line, utc_now, write_atomic
+from speedtrain.util import first_line, read_json, utc_now, write_atomic
 
 ARMS = ("defaults", "plan", "plan-no-rect", "plan-640", "plan+finetune")
 DEFAULT_ARMS = ("defaults", "plan")
@@ -315,8 +315,8 @@ class Comparison(JupyterMixin):
     def from_json(cls, path: str | Path) -> Comparison:
         path = Path(path)
         path = path / JSON_NAME if path.is_dir() else path
+        doc = read_json(path, "a comparison", SpeedtrainError, f"no {JSON_NAME} in {path.parent}")
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
             if int(doc.get("format", 0)) > FORMAT:
                 raise SpeedtrainError(f"{path}: compare format {doc['format']} is newer than this speedtrain reads")
             arms = tuple(
@@ -338,9 +338,7 @@ class Comparison(JupyterMixin):
                 arms=arms,
                 format=doc.get("format", FORMAT), source=str(path),
             )  # fmt: skip
-        except FileNotFoundError:
-            raise SpeedtrainError(f"no {JSON_NAME} in {path.parent}") from None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SpeedtrainError(f"{path}: not a speedtrain comparison ({first_line(exc)})") from None
 
 

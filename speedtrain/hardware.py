@@ -16,10 +16,9 @@ from typing import Any
 import psutil
 
 from speedtrain.errors import HardwareError
-from speedtrain.util import existing_parent, first_line
+from speedtrain.util import existing_parent, first_line, read_json
 
 GIB = 1024**3
-JSON_MAX_BYTES = 16 * 1024**2  # snapshots are about 1 KB, reports tens of KB: anything this large is not one
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,14 +291,7 @@ def save(snapshot: HardwareSnapshot, path: str | Path) -> Path:
 def load(path: str | Path) -> HardwareSnapshot:
     """Read a snapshot written by `speedtrain probe --json` (or by hand, for another machine)."""
     path = Path(path)
-    try:
-        if path.stat().st_size > JSON_MAX_BYTES:
-            raise HardwareError(f"{path}: too large for a hardware snapshot (over {JSON_MAX_BYTES // 1024**2} MB)")
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise HardwareError(f"hardware snapshot not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HardwareError(f"{path}: cannot read hardware snapshot ({first_line(exc)})") from None
+    data = read_json(path, "a hardware snapshot", HardwareError, f"hardware snapshot not found: {path}")
     return from_dict(data, source=str(path))
 
 

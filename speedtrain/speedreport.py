@@ -20,12 +20,12 @@ from rich.jupyter import JupyterMixin
 from speedtrain import hardware
 from speedtrain.dataset import DatasetStats, Problem
 from speedtrain.errors import SpeedtrainError
-from speedtrain.hardware import JSON_MAX_BYTES, HardwareSnapshot
+from speedtrain.hardware import HardwareSnapshot
 from speedtrain.planner import BASELINE, DEFAULT_TARGET_MAP, Stage, TrainPlan
 from speedtrain.resize import ResizeSummary
 from speedtrain.runner import OomFallback, RunResult, StageResult
 from speedtrain.tuner import TuneResult
-from speedtrain.util import utc_now, write_atomic
+from speedtrain.util import read_json, utc_now, write_atomic
 
 FORMAT = 1
 REPORT_NAME = "speed_report.json"
@@ -238,14 +238,7 @@ class SpeedReport(JupyterMixin):
         """Read speed_report.json (or a run folder holding one); one SpeedtrainError line when it is not one."""
         path = Path(path)
         path = path / REPORT_NAME if path.is_dir() else path
-        try:
-            if path.stat().st_size > JSON_MAX_BYTES:
-                raise SpeedtrainError(f"{path}: too large for a speed report (over {JSON_MAX_BYTES // 1024**2} MB)")
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SpeedtrainError(f"no {REPORT_NAME} in {path.parent}") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SpeedtrainError(f"{path}: cannot read report ({exc})") from None
+        doc = read_json(path, "a speed report", SpeedtrainError, f"no {REPORT_NAME} in {path.parent}")
         return cls.from_dict(doc, str(path))
 
     def to_dict(self) -> dict[str, Any]:

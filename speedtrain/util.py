@@ -3,11 +3,13 @@ first line, a UTC timestamp. Defined once here."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -59,3 +61,19 @@ def check_free_disk(where: Path, need_gb: float, what: str, remedy: str = "free 
     free = shutil.disk_usage(existing_parent(where)).free / 1024**3
     if need > free:
         raise DiskSpaceError(f"{where}: {free:.1f} GB free, {what} needs about {need:.1f} GB; {remedy}")
+
+
+JSON_MAX_BYTES = 16 * 1024**2  # snapshots are about 1 KB, reports tens of KB: anything this large is not one
+
+
+def read_json(path: Path, what: str, error: type[Exception], missing: str) -> Any:
+    """A JSON file speedtrain wrote (or a person wrote for it), bounded in size: its data, or `error` with one line
+    (`missing` when there is no such file)."""
+    try:
+        if path.stat().st_size > JSON_MAX_BYTES:
+            raise error(f"{path}: too large for {what} (over {JSON_MAX_BYTES // 1024**2} MB)")
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(missing) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: cannot read {what} ({first_line(exc)})") from None

@@ -185,7 +185,7 @@ def test_bad_hardware_file_and_missing_report(tmp_path):
     (tmp_path / "hw.json").write_text("{broken")
     result = invoke("plan", "--hardware", tmp_path / "hw.json")
     assert result.exit_code == 4
-    assert "cannot read hardware snapshot" in result.stderr
+    assert "cannot read a hardware snapshot" in result.stderr
     result = invoke("report", tmp_path)
     assert result.exit_code == 1
     assert "no speed_report.json" in result.stderr

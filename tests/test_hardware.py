@@ -104,7 +104,7 @@ def test_minimal_hand_written_snapshot_loads(tmp_path):
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("{not json", "cannot read hardware snapshot"),
+        ("{not json", "cannot read a hardware snapshot"),
         ("[1, 2]", "must be a JSON object"),
         ('{"gpus": []}', "not a valid hardware snapshot"),
         ('{"gpus": [{"index": 0}], "ram_total_gb": 8, "cpu_cores_logical": 4}', "not a valid hardware snapshot"),

@@ -146,7 +146,7 @@ def test_project_that_is_a_file_and_a_name_that_escapes(make_dataset, tmp_path):
 @pytest.mark.parametrize(
     ("content", "words"),
     [
-        ("{not json", ("cannot read report",)),
+        ("{not json", ("cannot read a speed report",)),
         (json.dumps({"stages": "main"}), ("not a complete speedtrain speed report",)),
         (json.dumps({"stages": [{"name": "main"}], "reasons": {}}), ("not a complete speedtrain speed report",)),
     ],
@@ -315,11 +315,10 @@ def test_a_killed_runs_report_does_not_say_finished(tmp_path):
 
 
 def test_json_inputs_are_bounded(tmp_path, monkeypatch):
-    from speedtrain import SpeedReport, hardware, speedreport
+    from speedtrain import SpeedReport, hardware, util
     from speedtrain.errors import HardwareError, SpeedtrainError
 
-    monkeypatch.setattr(hardware, "JSON_MAX_BYTES", 100)
-    monkeypatch.setattr(speedreport, "JSON_MAX_BYTES", 100)
+    monkeypatch.setattr(util, "JSON_MAX_BYTES", 100)  # the one bound every JSON input is read under
     big = tmp_path / "speed_report.json"
     big.write_text(json.dumps({"stages": [], "pad": "x" * 200}))
     with pytest.raises(SpeedtrainError, match="too large for a speed report"):
