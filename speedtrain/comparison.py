@@ -467,10 +467,14 @@ def _run_arm(
     t_eval = time.perf_counter()
     from speedtrain import ultra
 
-    with ultra.output_to(log_file):
-        curve = tuple(
-            p for start, st, res in curve_parts for p in _curve(st, res, start, data_yaml, arm_dir, val_imgsz)
-        )
+    with ultra.output_to(log_file), runner.torch_threads_restored():  # the validator sets its own threads
+        points: list[Point] = []
+        epochs_before = 0
+        for start, st, res in curve_parts:  # a fine-tune's epochs and seconds go on from the main stage's
+            part = _curve(st, res, start, data_yaml, arm_dir, val_imgsz)
+            points += [replace(p, epoch=p.epoch + epochs_before) for p in part]
+            epochs_before += res.epochs_done
+        curve = tuple(points)
         final = tuple(_score(final_weights, data_yaml, s, ran, arm_dir) for s in val_sizes) if final_weights else ()
         eval_s = round(time.perf_counter() - t_eval, 2)
         measured = runner.with_latency(last, ran, log)

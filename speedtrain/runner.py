@@ -161,7 +161,15 @@ class _Recorder:
     def _update(self, trainer: Any, fraction: float, done: bool = False) -> None:
         if self.on_update:
             self.on_update(
-                StageProgress(self.stage, trainer.epoch, trainer.epochs, fraction, self.last_rate, self.last_map, done)
+                StageProgress(
+                    self.stage,
+                    trainer.epoch,
+                    max(trainer.epochs, trainer.epoch + 1),
+                    fraction,
+                    self.last_rate,
+                    self.last_map,
+                    done,
+                )
             )
 
     def on_val_start(self, validator: Any) -> None:

@@ -125,8 +125,10 @@ def test_cli_refuses_a_bad_budget_or_arm_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_two_arms_on_real_images_for_twenty_seconds_each(make_dataset, tmp_path):
+    import torch
+
     root = make_dataset(16, 4)
-    before, env = tree_hash(root), dict(os.environ)
+    before, env, threads = tree_hash(root), dict(os.environ), torch.get_num_threads()
     c = speedtrain.compare(
         root, budget="20s", arms="defaults,plan", imgsz=64, baseline_imgsz=64, finetune_imgsz=96, device="cpu",
         project=tmp_path / "runs", verbose=False, log=lambda _: None,
@@ -158,6 +160,7 @@ def test_two_arms_on_real_images_for_twenty_seconds_each(make_dataset, tmp_path)
     assert (run_dir / "ultralytics.log").stat().st_size > 0
     assert tree_hash(root) == before
     assert dict(os.environ) == env
+    assert torch.get_num_threads() == threads  # Ultralytics' validator sets its own; the call puts them back
 
 
 @pytest.mark.parametrize(("n", "k", "expected"), [(3, 30, [0, 1, 2]), (37, 30, 30), (100, 30, 30), (0, 30, [])])
@@ -212,3 +215,23 @@ def test_the_table_fits_80_columns_in_a_log_file():
     assert all(ord(ch) < 128 for ch in text)
     assert "plan+finetune" in text  # the arm's name is never cut
     assert "38% of the time" in " ".join(text.split())
+
+
+@pytest.mark.slow
+def test_the_640_and_finetune_arms_on_real_images(make_dataset, tmp_path):
+    c = speedtrain.compare(
+        make_dataset(16, 4), budget="12s", arms="plan-640,plan+finetune", imgsz=64, baseline_imgsz=64,
+        finetune_imgsz=96, device="cpu", project=tmp_path / "runs", verbose=False, log=lambda _: None,
+    )  # fmt: skip
+    at_640, two = c.arm("plan-640"), c.arm("plan+finetune")
+    assert at_640 is not None
+    assert two is not None
+    assert at_640.imgsz == 96  # the fine-tune's size (--finetune-img-size), with the main stage's recipe
+    assert [s.imgsz for s in at_640.final] == [64, 96]
+    epochs = [p.epoch for p in two.curve]
+    assert epochs == sorted(set(epochs))  # the fine-tune's epochs go on from the main stage's
+    seconds = [p.seconds for p in two.curve]
+    assert seconds == sorted(seconds)
+    assert epochs[-1] == two.epochs_done
+    assert (Path(c.run_dir) / "plan+finetune" / "finetune" / "weights" / "best.pt").is_file()
+    assert "needs the defaults arm" in c.time_to_accuracy("plan+finetune").line
