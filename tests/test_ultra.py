@@ -118,3 +118,16 @@ def test_resolve_model_offline_builds_from_the_yaml(name):
     source, note = ultra.resolve_model(name, online=False)
     assert source == "yolo26n.yaml"
     assert "no pretraining" in note
+
+
+def test_what_ultralytics_would_install_at_run_time_is_a_declared_dependency():
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+    from ultralytics.utils import dist
+
+    wanted = re.search(r'check_requirements\("([^"]+)"\)', inspect.getsource(dist))
+    assert wanted, moved("the DDP launch's run-time requirement (utils/dist.py)")
+    req = Requirement(wanted.group(1))
+    assert f'"{req}"' in (REPO / "pyproject.toml").read_text()  # declared, so pip installs it with speedtrain
+    assert req.specifier.contains(version(req.name))  # and installed: Ultralytics finds it and never calls pip
