@@ -26,10 +26,13 @@ replaces the training loader and the per-batch preprocessing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,25 +85,64 @@ def store_key(files: list[str], imgsz: int) -> str:
 
 
 def build_store(train_source: str | list[str], imgsz: int, root: Path, workers: int | None = None) -> Store:
-    """Decode the training images once into root/.pipeline/<key>/ (reused while nothing changes)."""
+    """Decode the training images once into root/.pipeline/<key>/ (reused while nothing changes).
+
+    Built once per store even when several processes ask at once (the DDP ranks of one node): they take a lock
+    file in turn, and the first one builds while the others wait and reuse it. The store is built in a private
+    folder and renamed into place complete, so no reader ever sees half of one (where file locks do not exist,
+    as on Windows, two builders each build and the second simply finds the first's in place)."""
     sources = train_source if isinstance(train_source, list) else [train_source]
     files = list(list_images([Path(s) for s in sources]))
     folder = root / STORE_DIR / f"{store_key(files, imgsz)}-{imgsz}"
-    meta_path = folder / "meta.json"
-    if not meta_path.is_file():
-        _check_room(root, len(files) * imgsz * imgsz * 3)
-        folder.mkdir(parents=True, exist_ok=True)
-        data_path = folder / "images.u8"
+    if not (folder / "meta.json").is_file():
+        _check_room(root, len(files) * imgsz * imgsz * 3)  # before anything is written
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive(folder.with_name(f".{folder.name}.lock")):
+            if not (folder / "meta.json").is_file():  # nobody built it while this process waited
+                _build(folder, files, imgsz, workers)
+    return load_store(folder)
+
+
+def _build(folder: Path, files: list[str], imgsz: int, workers: int | None) -> None:
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        data_path = tmp / "images.u8"
         np.lib.format.open_memmap(data_path, mode="w+", dtype=np.uint8, shape=(len(files), imgsz, imgsz, 3)).flush()
         jobs = [(i, f, imgsz, str(data_path)) for i, f in enumerate(files)]
         hw = np.zeros((len(files), 2), dtype=np.int32)
         for i, h, w in pmap(_decode_into, jobs, workers):
             hw[i] = (h, w)
         labels = [_labels_for(f, int(h), int(w)) for f, (h, w) in zip(files, hw, strict=True)]
-        np.savez(folder / "labels.npz", hw=hw, counts=np.array([len(x) for x in labels]),
+        np.savez(tmp / "labels.npz", hw=hw, counts=np.array([len(x) for x in labels]),
                  rows=np.concatenate(labels) if labels else np.zeros((0, 5), np.float32))  # fmt: skip
-        write_atomic(meta_path, json.dumps({"files": files, "imgsz": imgsz}).encode())  # written last: complete
-    return load_store(folder)
+        write_atomic(tmp / "meta.json", json.dumps({"files": files, "imgsz": imgsz}).encode())
+        if folder.exists() and not (folder / "meta.json").is_file():
+            shutil.rmtree(folder)  # half of one from a run that was killed before the store existed in this form
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another builder's complete store is in place already (no file locks here): use it
+            if not (folder / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """An exclusive lock on `lock` (a file) for the block, between processes; none where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: the atomic rename in _build still keeps every store whole
+        yield
+        return
+    with lock.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _check_room(root: Path, nbytes: int) -> None:

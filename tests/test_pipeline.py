@@ -222,6 +222,54 @@ def test_the_store_is_read_into_ram_only_when_it_fits():
     assert not pipeline.keep_resident(store, ram_available_gb=64, world=2)  # ranks share the page cache instead
 
 
+def _build_and_report(args: tuple[str, str]) -> tuple[str, str]:
+    """In a separate process: build the store (noting each real build in builds.txt); its folder and pixel hash."""
+    import hashlib
+    import os
+    import time
+
+    source, root = args
+    build = pipeline._build
+
+    def noted(folder, *rest):
+        with open(Path(root) / "builds.txt", "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(1.5)  # a slow build: the other process surely asks while it runs
+        return build(folder, *rest)
+
+    pipeline._build = noted
+    store = pipeline.build_store(source, 64, Path(root), workers=1)
+    return str(store.folder), hashlib.sha256(np.asarray(store.images).tobytes()).hexdigest()
+
+
+def test_two_processes_asking_for_one_store_build_it_once(make_dataset, tmp_path):
+    import multiprocessing
+
+    source = dataset.scan(make_dataset(6, 1)).split("train").sources[0]
+    root = tmp_path / "s"
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as pool:  # two DDP ranks of one node, both starting on an empty store
+        results = pool.map(_build_and_report, [(source, str(root))] * 2, chunksize=1)
+    assert results[0] == results[1]  # the same folder, the same pixels
+    assert len((root / "builds.txt").read_text().split()) == 1  # one process built it, the other waited and reused
+    (tmp_path / "alone").mkdir()
+    assert results[0][1] == _build_and_report((source, str(tmp_path / "alone")))[1]  # as a lone build makes it
+    store_dir = root / pipeline.STORE_DIR
+    assert sorted(p.name for p in store_dir.iterdir() if not p.name.endswith(".lock")) == [Path(results[0][0]).name]
+
+
+def test_a_half_built_store_is_replaced_not_used(make_dataset, tmp_path):
+    source = dataset.scan(make_dataset(3, 1)).split("train").sources[0]
+    first = pipeline.build_store(source, 64, tmp_path / "s", workers=1)
+    good = np.asarray(first.images).copy()
+    (first.folder / "meta.json").unlink()  # as a build killed before it finished left it
+    (first.folder / "images.u8").write_bytes(b"broken")
+    again = pipeline.build_store(source, 64, tmp_path / "s", workers=1)
+    assert again.folder == first.folder
+    assert np.array_equal(np.asarray(again.images), good)
+    assert not [p for p in first.folder.parent.iterdir() if p.name.endswith(".tmp")]
+
+
 def test_store_is_reused_and_rebuilt_when_images_change(make_dataset, tmp_path):
     root = make_dataset(3, 1)
     source = dataset.scan(root).split("train").sources[0]
