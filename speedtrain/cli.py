@@ -374,7 +374,7 @@ def _finish(result: SpeedReport, plan_shown: bool = False) -> None:
     console.print(f"report: {run_dir / REPORT_NAME} and {run_dir / render.PNG_NAME}")
     if result.run.interrupted:
         err_console.print(f"interrupted; go on with: speedtrain train --resume {run_dir}", soft_wrap=True)
-        raise typer.Exit(130)
+        raise typer.Exit(143 if result.run.stopped_by == "SIGTERM" else 130)
 
 
 @app.command("prepare")

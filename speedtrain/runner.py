@@ -76,6 +76,7 @@ class StageResult:
     note: str = ""
     epoch_end_s: tuple[float, ...] = ()  # seconds from the stage's start (setup included) to each epoch's end
     latency_ms: tuple[tuple[int, float], ...] = ()  # (image size, ms): the trained model, batch 1, median
+    stopped_by: str | None = None  # the signal that interrupted the stage ("SIGINT", "SIGTERM")
 
     def metric(self, key: str) -> float | None:
         return dict(self.best_metrics).get(key)
@@ -90,6 +91,7 @@ class RunResult:
     started_at: str
     wall_time_s: float
     interrupted: bool = False
+    stopped_by: str | None = None  # "SIGINT" or "SIGTERM" when interrupted
 
 
 class StopRequested(Exception):  # noqa: N818 -- a request, not an error
@@ -122,6 +124,7 @@ class _Recorder:
     images: int = 0
     iterations: int = 0
     stop_requested: bool = False
+    stop_signal: str | None = None  # "SIGINT" or "SIGTERM": what asked for the stop
     in_final_eval: bool = False  # Ultralytics' validation of best.pt after the last epoch has begun
     threads: int | None = None  # the plan's torch threads; None leaves Ultralytics' setting
     threads_used: int | None = None
@@ -317,7 +320,8 @@ def _run(
             on_progress(tuple(results), None)
             if result.status == "interrupted":
                 wall = round(time.perf_counter() - t0, 2)
-                return RunResult(str(run_dir), source, note, tuple(results), started, wall, interrupted=True)
+                return RunResult(str(run_dir), source, note, tuple(results), started, wall, interrupted=True,
+                                 stopped_by=result.stopped_by)  # fmt: skip
         weights = results[-1].weights or results[-1].last_weights or weights
     return RunResult(str(run_dir), source, note, tuple(results), started, round(time.perf_counter() - t0, 2))
 
@@ -580,7 +584,8 @@ def torch_threads_restored(threads: int | None = None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _graceful_sigint(recorder: _Recorder, log: Log) -> Iterator[None]:
-    """First Ctrl-C: finish the epoch, save, stop. Second Ctrl-C: stop now (the running epoch is lost)."""
+    """First Ctrl-C or SIGTERM (a scheduler's preemption: SLURM, Kubernetes): finish the epoch, save, stop, so a
+    requeued job goes on with --resume and loses at most the epoch that was running. A second one: stop now."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -589,20 +594,29 @@ def _graceful_sigint(recorder: _Recorder, log: Log) -> Iterator[None]:
 
     def handler(signum: int, frame: Any) -> None:
         if os.getpid() != owner:
-            # A forked DataLoader worker inherits this handler, and a terminal's Ctrl-C reaches the whole process
-            # group: the worker ignores it and keeps feeding the epoch the training process is finishing.
+            # A forked DataLoader worker inherits this handler, and a terminal's Ctrl-C (or SLURM's SIGTERM to the
+            # job step) reaches every process: the worker ignores it and keeps feeding the epoch being finished.
             return
         if recorder.stop_requested:
-            signal.signal(signal.SIGINT, previous)
+            for sig, before in previous.items():
+                signal.signal(sig, before)
             raise KeyboardInterrupt
         recorder.stop_requested = True
-        log("Ctrl-C: stopping after this epoch is saved; press Ctrl-C again to stop at once (loses this epoch)")
+        recorder.stop_signal = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            log("Ctrl-C: stopping after this epoch is saved; press Ctrl-C again to stop at once (loses this epoch)")
+        else:
+            log(f"{recorder.stop_signal} (preempted?): stopping after this epoch is saved; go on with --resume")
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in GRACEFUL_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, before in previous.items():
+            signal.signal(sig, before)
+
+
+GRACEFUL_SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None)) if s is not None)
 
 
 def _stage_result(
@@ -626,7 +640,8 @@ def _stage_result(
     best, last = stage_dir / "weights" / "best.pt", stage_dir / "weights" / "last.pt"
     if not status:
         status = "completed" if done >= stage.epochs else "early-stopped"
-    note = f"interrupted after epoch {done}; resume with --resume" if status == "interrupted" else ""
+    by = f" by {rec.stop_signal}" if rec.stop_signal and rec.stop_signal != "SIGINT" else ""
+    note = f"interrupted{by} after epoch {done}; resume with --resume" if status == "interrupted" else ""
     return StageResult(
         name=stage.name,
         status=status,
@@ -654,6 +669,7 @@ def _stage_result(
         save_dir=str(stage_dir),
         wall_time_s=round(wall + (previous.wall_time_s if previous else 0.0), 2),
         note=note,
+        stopped_by=rec.stop_signal if status == "interrupted" else None,
     )
 
 

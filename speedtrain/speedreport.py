@@ -113,6 +113,7 @@ class RunInfo:
     finished_at: str | None = None
     wall_time_s: float | None = None
     interrupted: bool = False
+    stopped_by: str | None = None  # "SIGINT" (Ctrl-C) or "SIGTERM" (a scheduler) when interrupted
     resumed_at: str | None = None
 
 
@@ -171,7 +172,7 @@ class SpeedReport(JupyterMixin):
         run = replace(
             self.run or RunInfo(result.run_dir), run_dir=result.run_dir, model_source=result.model_source,
             model_note=result.model_note, started_at=result.started_at, finished_at=utc_now(),
-            wall_time_s=result.wall_time_s, interrupted=result.interrupted,
+            wall_time_s=result.wall_time_s, interrupted=result.interrupted, stopped_by=result.stopped_by,
             status="interrupted" if result.interrupted else "finished",
         )  # fmt: skip
         return replace(self.with_results(result.stages), run=run)
@@ -262,8 +263,9 @@ class SpeedReport(JupyterMixin):
         doc["prepare"] = _preparation_dict(self.prepare) if self.prepare else None
         doc["tune"] = self.tune.to_dict() if self.tune else None
         run = asdict(self.run)
-        if run["resumed_at"] is None:
-            del run["resumed_at"]
+        for optional in ("resumed_at", "stopped_by"):  # present only when they happened
+            if run[optional] is None:
+                del run[optional]
         doc["run"] = {"version": self.version, **run}
         return doc
 
@@ -324,7 +326,7 @@ def _stage_dict(s: StageReport, with_status: bool) -> dict[str, Any]:
 
 def _measured_dict(r: StageResult) -> dict[str, Any]:
     data = asdict(r)
-    for key in ("name", "status", "imgsz", "epochs_planned", "note"):
+    for key in ("name", "status", "imgsz", "epochs_planned", "note", "stopped_by"):  # the stage's and run's own
         data.pop(key)
     data["epoch_times_s"] = list(r.epoch_times_s)
     data["train_times_s"] = list(r.train_times_s)

@@ -68,7 +68,7 @@ def _train_cmd(root: Path, project: Path, epochs: int) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["ctrl-c", "sigterm", "kill-9"])
 def test_interrupted_training_resumes_where_it_stopped(make_dataset, tmp_path, sig):
     root, project, epochs = make_dataset(16, 4), tmp_path / "runs", 6
     proc = subprocess.Popen(
@@ -81,11 +81,13 @@ def test_interrupted_training_resumes_where_it_stopped(make_dataset, tmp_path, s
     output, _ = proc.communicate(timeout=180)
     doc = json.loads((project / "train" / "speed_report.json").read_text())
     main = doc["stages"][0]
-    if sig == signal.SIGINT:  # the epoch in progress was finished and saved, then the run stopped
-        assert proc.returncode == 130, output[-3000:]
+    if sig in (signal.SIGINT, signal.SIGTERM):  # the epoch in progress was finished and saved, then the run stopped
+        assert proc.returncode == (130 if sig == signal.SIGINT else 143), output[-3000:]  # 143: SLURM preemption
         assert "--resume" in output
         assert main["status"] == "interrupted"
         assert 1 <= main["measured"]["epochs_done"] < epochs
+        assert doc["run"].get("stopped_by") == signal.Signals(sig).name
+        assert ("by SIGTERM" in main["note"]) is (sig == signal.SIGTERM)
     else:  # killed: the report still says which stage was running
         assert proc.returncode == -signal.SIGKILL
         assert main["status"] == "running"
