@@ -407,7 +407,7 @@ def train_stage(
     t0 = time.perf_counter()
     with (
         Monitor(gpu_ids) as monitor,
-        _graceful_sigint(recorder, log),
+        _graceful_sigint(recorder, log, ranks=len(gpu_ids)),
         torch_threads_restored(),
         ultra.output_to(log_file),
     ):
@@ -583,9 +583,12 @@ def torch_threads_restored(threads: int | None = None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _graceful_sigint(recorder: _Recorder, log: Log) -> Iterator[None]:
+def _graceful_sigint(recorder: _Recorder, log: Log, ranks: int = 1) -> Iterator[None]:
     """First Ctrl-C or SIGTERM (a scheduler's preemption: SLURM, Kubernetes): finish the epoch, save, stop, so a
-    requeued job goes on with --resume and loses at most the epoch that was running. A second one: stop now."""
+    requeued job goes on with --resume and loses at most the epoch that was running. A second one: stop now.
+
+    With several GPUs (`ranks` > 1) training runs in Ultralytics' own launcher's processes, which the signal stops
+    at once: the message says so instead of promising the epoch (until speedtrain owns its ranks)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -603,7 +606,10 @@ def _graceful_sigint(recorder: _Recorder, log: Log) -> Iterator[None]:
             raise KeyboardInterrupt
         recorder.stop_requested = True
         recorder.stop_signal = signal.Signals(signum).name
-        if signum == signal.SIGINT:
+        if ranks > 1:
+            log(f"{recorder.stop_signal}: the {ranks} GPU processes stop now (Ultralytics' multi-GPU launch does not "
+                "finish the epoch); --resume goes on from the last saved epoch")  # fmt: skip
+        elif signum == signal.SIGINT:
             log("Ctrl-C: stopping after this epoch is saved; press Ctrl-C again to stop at once (loses this epoch)")
         else:
             log(f"{recorder.stop_signal} (preempted?): stopping after this epoch is saved; go on with --resume")

@@ -326,6 +326,28 @@ def test_ctrl_c_in_a_forked_dataloader_worker_is_ignored():
         assert "stopping after this epoch is saved" in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("sig", "ranks", "says"),
+    [
+        ("SIGINT", 1, "Ctrl-C: stopping after this epoch is saved"),
+        ("SIGTERM", 1, "SIGTERM (preempted?): stopping after this epoch is saved; go on with --resume"),
+        ("SIGINT", 2, "the 2 GPU processes stop now (Ultralytics' multi-GPU launch does not finish the epoch)"),
+    ],
+)
+def test_the_stop_message_promises_only_what_happens(sig, ranks, says):
+    import signal
+
+    recorder, lines = runner._Recorder(), []
+    before = {s: signal.getsignal(s) for s in runner.GRACEFUL_SIGNALS}
+    with runner._graceful_sigint(recorder, lines.append, ranks=ranks):
+        os.kill(os.getpid(), getattr(signal, sig))
+        assert recorder.stop_requested
+        assert recorder.stop_signal == sig
+    assert len(lines) == 1
+    assert says in lines[0]
+    assert {s: signal.getsignal(s) for s in runner.GRACEFUL_SIGNALS} == before  # handlers given back
+
+
 def test_metrics_from_a_metrics_object_and_from_the_dict_ddp_returns():
     """model.train() returns Ultralytics' metrics object on one GPU and a plain dict after its DDP run (8.4.190)."""
     raw = {"metrics/precision(B)": 0.5, "metrics/mAP50-95(B)": 0.4, "fitness": 0.41}
