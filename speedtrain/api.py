@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from speedtrain import dataset as dataset_mod
-from speedtrain import hardware, planner, resize, runner, workflow
+from speedtrain import distributed, hardware, launch, planner, resize, runner, workflow
 from speedtrain.dataset import Problem
-from speedtrain.errors import UsageError
+from speedtrain.errors import PeerFailed, SpeedtrainError, UsageError
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.parallel import Progress
 from speedtrain.planner import Overrides
@@ -44,7 +44,7 @@ CHOICES = {
     "prepare": ("auto", "yes", "no"),
     "pipeline": ("auto", "fast", "ultralytics"),
 }
-OVERRIDES = frozenset(f.name for f in dataclasses.fields(Overrides)) - {"extra", "sample"}
+OVERRIDES = frozenset(f.name for f in dataclasses.fields(Overrides)) - {"extra", "sample", "world"}
 
 
 def probe(path: PathLike = ".") -> HardwareSnapshot:
@@ -143,9 +143,12 @@ def train(
     `progress(label)` makes the context that reports the resize's (done, total).
     """
     log, on_event = log or _print, on_event or (lambda _kind, _value: None)
-    refuse_external_launcher()
+    world = distributed.world()
     with process_state_restored():
         workflow.check_run_folder(project, name)
+        if world is not None:  # torchrun, srun or another launcher started this process as one rank of several
+            return _train_as_rank(world, dataset, project, name, args, extra, allow_download, verbose, log,
+                                  on_event, autotune or retune, retune, budget_s)  # fmt: skip
         planned = _planned(dataset, args, extra, None, allow_download)
         if planned.plan.prepare_size:
             with (progress or _no_progress)(f"resizing to {planned.plan.prepare_size} px") as resized:
@@ -155,8 +158,56 @@ def train(
             planned, tuned = workflow.autotune(planned, Path(project), budget_s=budget_s, retune=retune, log=log)
             on_event("tuned", tuned)
         on_event("planned", planned.report())
+        if planned.plan.ranks > 1:  # several GPUs (or --nproc-per-node): speedtrain starts one rank each
+            _, run_dir = workflow.start(planned, project, name, log)
+            return launch.run(run_dir, planned.plan.ranks, quiet=not verbose, log=log)
         rep, _ = workflow.execute(planned, project, name, ask=ask, log=log, on_update=on_update, quiet=not verbose)
         return rep
+
+
+def _train_as_rank(
+    world: distributed.World,
+    dataset: PathLike | None,
+    project: PathLike,
+    name: str,
+    args: dict[str, Any],
+    extra: Sequence[str],
+    allow_download: bool,
+    verbose: bool,
+    log: Log,
+    on_event: OnEvent,
+    tune: bool,
+    retune: bool,
+    budget_s: float,
+) -> SpeedReport:
+    """One rank under an external launcher: rank 0 plans (for the launcher's WORLD_SIZE), prepares and starts the
+    run folder while the others wait; then every rank trains its shard. The others' errors name rank 0's."""
+    distributed.join(distributed.rank_device(str(args.get("device") or "")))
+    try:
+        outcome: tuple[str, Any] = ("error", None)
+        if world.leader:
+            try:
+                planned = _planned(dataset, {**args, "world": world.size}, extra, None, allow_download)
+                if planned.plan.prepare_size:
+                    planned = workflow.prepare_dataset(planned, Path(project))
+                if tune:
+                    planned, _ = workflow.autotune(planned, Path(project), budget_s=budget_s, retune=retune, log=log)
+                on_event("planned", planned.report())
+                outcome = ("run", str(workflow.start(planned, project, name, log)[1]))
+            except SpeedtrainError as exc:
+                outcome = ("error", exc)
+        outcome = distributed.broadcast(outcome)
+        if outcome[0] == "error":
+            raise outcome[1] if world.leader else PeerFailed(f"rank 0 could not start the run: {outcome[1]}")
+        rep, _ = workflow.run_as_rank(outcome[1], resuming=False, log=log if world.leader else _silent,
+                                      quiet=not verbose)  # fmt: skip
+        return rep
+    finally:
+        distributed.leave()
+
+
+def _silent(_line: str) -> None:
+    pass
 
 
 def compare(
@@ -214,10 +265,24 @@ def resume(
     on_update: runner.OnProgress | None = None,
     ask: Callable[[runner.StageResult], bool | None] | None = None,
 ) -> SpeedReport:
-    """Go on with an interrupted or killed run from its last saved epoch; the finished SpeedReport."""
-    refuse_external_launcher()
+    """Go on with an interrupted or killed run from its last saved epoch; the finished SpeedReport.
+
+    A run of several ranks goes on with as many (speedtrain starts them; under a launcher, this process is one)."""
+    log = log or _print
+    world = distributed.world()
     with process_state_restored():
-        rep, _ = workflow.resume(run_dir, ask=ask, log=log or _print, on_update=on_update, quiet=not verbose)
+        if world is not None:
+            distributed.join(distributed.rank_device(SpeedReport.from_json(Path(run_dir)).plan.device))
+            try:
+                return workflow.run_as_rank(run_dir, resuming=True, log=log if world.leader else _silent,
+                                            quiet=not verbose)[0]  # fmt: skip
+            finally:
+                distributed.leave()
+        ranks = SpeedReport.from_json(Path(run_dir)).plan.ranks
+        if ranks > 1:
+            workflow.check_resumable(run_dir)
+            return launch.run(Path(run_dir).absolute(), ranks, resuming=True, quiet=not verbose, log=log)
+        rep, _ = workflow.resume(run_dir, ask=ask, log=log, on_update=on_update, quiet=not verbose)
         return rep
 
 
@@ -243,14 +308,14 @@ def overrides(args: dict[str, Any]) -> Overrides:
 
 
 def refuse_external_launcher() -> None:
-    """Under torchrun, SLURM's srun or another launcher with several processes, every process would train the
-    whole run into the same folder: refuse in one line until speedtrain runs as a rank (WORLD_SIZE 1 is fine)."""
+    """tune and compare measure one process: under torchrun, srun or another launcher with several processes,
+    refuse in one line (WORLD_SIZE 1 is fine); train and resume run as ranks."""
     world = os.environ.get("WORLD_SIZE", "1")
     if world.strip().isdigit() and int(world) > 1:
         raise UsageError(
             f"started as rank {os.environ.get('RANK', '?')} of {world} by a launcher (torchrun or srun set "
-            "WORLD_SIZE): speedtrain does not run as one rank of a group yet, and each process would train the whole "
-            "run into the same folder; start it once, e.g. `speedtrain train --device 0,1` for two local GPUs"
+            "WORLD_SIZE): tune and compare measure a single process; run them once, without the launcher "
+            "(`speedtrain train` runs as a rank)"
         )
 
 

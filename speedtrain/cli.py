@@ -18,9 +18,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from typer.core import TyperGroup
 
-from speedtrain import api, hardware, render, workflow
+from speedtrain import api, distributed, hardware, render, workflow
 from speedtrain import dataset as dataset_mod
-from speedtrain.errors import SpeedtrainError
+from speedtrain.errors import PeerFailed, SpeedtrainError
 from speedtrain.planner import DEFAULT_TARGET_MAP
 from speedtrain.speedreport import REPORT_NAME, DatasetSummary, SpeedReport
 
@@ -43,6 +43,8 @@ class _Commands(TyperGroup):
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
+        except PeerFailed as exc:  # one rank of several: the rank that failed first says why
+            raise typer.Exit(exc.exit_code) from None
         except SpeedtrainError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
@@ -118,6 +120,14 @@ WorkersOpt = Annotated[int | None, typer.Option("--workers", "-w", help="Dataloa
 ThreadsOpt = Annotated[
     int | None,
     typer.Option("--threads", min=1, help="torch threads in the training process. Default: physical cores on CPU."),
+]
+NprocOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--nproc-per-node",
+        min=1,
+        help="Training processes (ranks) on this node. Default: one per GPU of --device; on a CPU, N gloo ranks.",
+    ),
 ]
 DeterministicOpt = Annotated[
     bool | None,
@@ -207,6 +217,7 @@ def plan(
     imgsz: ImgszOpt = None,
     workers: WorkersOpt = None,
     threads: ThreadsOpt = None,
+    nproc_per_node: NprocOpt = None,
     deterministic: DeterministicOpt = None,
     cache: CacheOpt = None,
     device: DeviceOpt = None,
@@ -246,6 +257,7 @@ def train(
     imgsz: ImgszOpt = None,
     workers: WorkersOpt = None,
     threads: ThreadsOpt = None,
+    nproc_per_node: NprocOpt = None,
     deterministic: DeterministicOpt = None,
     cache: CacheOpt = None,
     device: DeviceOpt = None,
@@ -366,6 +378,11 @@ def _finish(result: SpeedReport, plan_shown: bool = False) -> None:
     and says how to go on."""
     assert result.run is not None  # a finished or interrupted run's report
     run_dir = Path(result.run.run_dir)
+    world = distributed.world()
+    if world is not None and not world.leader:  # one rank of several: rank 0 prints the report
+        if result.run.interrupted:
+            raise typer.Exit(143 if result.run.stopped_by == "SIGTERM" else 130)
+        return
     console.rule("speed report")
     console.print(render.render_report(result, with_plan=not plan_shown))
     log_file = run_dir / workflow.ULTRALYTICS_LOG

@@ -31,6 +31,14 @@ class TrainingError(SpeedtrainError):
     exit_code = 5
 
 
+class RankOutOfMemory(TrainingError):
+    """This rank ran out of memory; its record in the stage folder makes every rank restart one batch smaller."""
+
+
+class PeerFailed(TrainingError):
+    """Another rank failed first (its own message says why); this one stops without repeating it."""
+
+
 class DiskSpaceError(SpeedtrainError):
     """Not enough free disk space for what is about to be written."""
 

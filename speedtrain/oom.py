@@ -3,7 +3,9 @@ batch chain, or relieve host RAM, or name /dev/shm) and tune's step probe share.
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from pathlib import Path
+from typing import Any, Literal
 
 MemoryKind = Literal["device", "host", "shm"]
 OOM_MARKERS = (
@@ -53,3 +55,38 @@ def is_oom(exc: BaseException) -> bool:
 def next_batch(fallbacks: tuple[int, ...], current: int) -> int | None:
     """The next smaller batch in the plan's chain, or None when the chain is exhausted."""
     return next((b for b in fallbacks if b < current), None)
+
+
+# --- one rank ran out of memory: the group restarts together ---------------------------------------------------
+# A rank cannot step down on its own: the others wait for it inside a collective (DDP's gradient all-reduce) that
+# never completes. It records what ran out in the stage folder and exits; the launcher stops the other ranks, and
+# when the ranks start again (speedtrain's own launch does it at once; under torchrun, --max-restarts or --resume)
+# they all read the record and go on with the next batch of the chain from the last saved epoch.
+FAULT_GLOB = ".oom-rank*.json"
+
+
+def record_fault(stage_dir: Path, rank: int, batch: int, epoch: int, error: str) -> Path:
+    """Write this rank's out-of-memory record (atomically) into the stage folder."""
+    from speedtrain.util import utc_now, write_atomic
+
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    path = stage_dir / f".oom-rank{rank}.json"
+    doc = {"rank": rank, "batch": batch, "epoch": epoch, "error": error, "at": utc_now()}
+    write_atomic(path, json.dumps(doc).encode())
+    return path
+
+
+def faults(stage_dir: Path) -> list[dict[str, Any]]:
+    """The out-of-memory records ranks left in the stage folder, in rank order."""
+    found = []
+    for path in sorted(stage_dir.glob(FAULT_GLOB)):
+        try:
+            found.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError):  # a record being replaced right now: the next look sees it whole
+            continue
+    return found
+
+
+def clear_faults(stage_dir: Path) -> None:
+    for path in stage_dir.glob(FAULT_GLOB):
+        path.unlink(missing_ok=True)

@@ -99,6 +99,8 @@ class Overrides:
     prepare: str = "auto"  # pre-resize the dataset: "auto", "yes" or "no"
     pipeline: str = "auto"  # training input pipeline: "auto", "fast" or "ultralytics"
     threads: int | None = None  # torch intra-op threads in the training process
+    nproc_per_node: int | None = None  # ranks on this node: one per GPU of --device unless set (CPU: gloo ranks)
+    world: int | None = None  # ranks in all, when a launcher (torchrun, srun) started this process as one of them
     deterministic: bool | None = None
     extra: tuple[tuple[str, Any], ...] = ()  # other Ultralytics train arguments, key=value
     sample: bool = False  # training on the embedded sample
@@ -160,6 +162,7 @@ class TrainPlan:
     cache_estimate_gb: float = 0.0
     prepare_size: int | None = None  # resize the dataset to this long side before training; None: train as is
     baseline: dict[str, Any] = field(default_factory=lambda: dict(BASELINE))
+    ranks: int = 1  # training processes in all (one per GPU; or the launcher's WORLD_SIZE)
 
     def reason(self, key: str) -> str:
         return dict(self.reasons).get(key, "")
@@ -174,13 +177,17 @@ def plan(hw: HardwareSnapshot, stats: DatasetStats, overrides: Overrides | None 
     reasons: dict[str, str] = {}
     warnings: list[str] = []
     device, gpus = _device(hw, ov.device, reasons)
+    ranks = ov.world or ov.nproc_per_node or gpus
+    if ranks > 1 and (ov.world or ov.nproc_per_node):
+        where = f"{ranks} ranks (torchrun's WORLD_SIZE)" if ov.world else f"{ranks} ranks on this node"
+        reasons["device"] += f"; {where}, one process each"
     model = ov.model or DEFAULT_MODEL
     reasons["model"] = "set by user" if ov.model else f"{DEFAULT_MODEL}: the current Ultralytics nano model"
     imgsz = _imgsz(ov.imgsz, "img-size", MAIN_IMGSZ, warnings)
     reasons["imgsz"] = (
         "set by user" if ov.imgsz else f"{MAIN_IMGSZ}: (640/416)^2 = 2.4x fewer pixels than 640 per image"
     )
-    main = _main_stage(hw, stats, ov, device, gpus, model, imgsz, reasons, warnings)
+    main = _main_stage(hw, stats, ov, device, gpus, model, imgsz, reasons, warnings, ranks)
     stages = [main]
     finetune = _finetune_stage(hw, stats, ov, main, gpus, model, reasons, warnings)
     if finetune:
@@ -201,6 +208,7 @@ def plan(hw: HardwareSnapshot, stats: DatasetStats, overrides: Overrides | None 
         warnings=tuple(warnings),
         cache_estimate_gb=round(stats.decoded_gb(main.imgsz), 3),
         prepare_size=prepare_size,
+        ranks=max(1, ranks),
     )
 
 
@@ -214,8 +222,9 @@ def _main_stage(
     imgsz: int,
     reasons: dict[str, str],
     warnings: list[str],
+    ranks: int = 0,
 ) -> Stage:
-    batch, fallbacks, reasons["batch"] = _batch(hw, gpus, model, imgsz, ov.batch, device)
+    batch, fallbacks, reasons["batch"] = _batch(hw, gpus, model, imgsz, ov.batch, device, ranks)
     n = max(gpus, 1)
     if ov.batch is not None and stats.train_images and batch > max(2 * stats.train_images, n):
         # a user's batch far beyond the dataset (over twice its size): Ultralytics would cut it to the dataset's
@@ -229,7 +238,7 @@ def _main_stage(
     cache, reasons["cache"] = _cache(hw, stats, imgsz, workers, gpus, ov.cache)
     epochs, reasons["epochs"] = _epochs(ov)
     pipeline, reasons["pipeline"] = _pipeline(ov.pipeline, gpus)
-    rect, reasons["rect"] = _rect(ov.rect, pipeline, gpus)
+    rect, reasons["rect"] = _rect(ov.rect, pipeline, ranks)
     close_mosaic = min(CLOSE_MOSAIC, epochs)
     reasons["close_mosaic"] = f"mosaic off for the last {close_mosaic} epochs" + (
         " (moot while rect=True, which disables mosaic)" if rect else ""
@@ -289,7 +298,8 @@ def _finetune_stage(
         "ask": f"at {imgsz} from the main stage's best weights: asked at the end; skipped when not interactive",
     }[ov.finetune]
     user_batch = None if ov.batch is None else max(BATCH_CHAIN[-1], _scaled_batch(ov.batch, main.imgsz, imgsz))
-    batch, fallbacks, reasons["finetune.batch"] = _batch(hw, gpus, model, imgsz, user_batch, main.device)
+    ranks = ov.world or ov.nproc_per_node or gpus
+    batch, fallbacks, reasons["finetune.batch"] = _batch(hw, gpus, model, imgsz, user_batch, main.device, ranks)
     if user_batch is not None:
         reasons["finetune.batch"] = f"user batch scaled by ({main.imgsz}/{imgsz})^2 for the larger images"
     cache, reasons["finetune.cache"] = _cache(hw, stats, imgsz, main.workers, gpus, ov.cache)
@@ -319,12 +329,13 @@ def _epochs(ov: Overrides) -> tuple[int, str]:
     return MAIN_EPOCHS, f"{MAIN_EPOCHS}, with early stopping after {PATIENCE} epochs without improvement"
 
 
-def _rect(requested: bool | None, pipeline: str, gpus: int = 0) -> tuple[bool, str]:
+def _rect(requested: bool | None, pipeline: str, ranks: int = 0) -> tuple[bool, str]:
     """Rectangular batches by default; the fast pipeline always trains on square, shuffled mosaic batches, and so
-    does Ultralytics' multi-GPU (DDP) training: the plan says so instead of showing a rect it will not get."""
-    if gpus > 1 and requested is not False:
-        # ultralytics/engine/trainer.py (8.4.190, train()): "'rect=True' is incompatible with Multi-GPU training"
-        why = f"rect=False: Ultralytics turns rect off when training on {gpus} GPUs; shuffled batches with mosaic"
+    does multi-process (DDP) training: the plan says so instead of showing a rect it will not get."""
+    if ranks > 1 and requested is not False:
+        # ultralytics/engine/trainer.py (8.4.190, train()): "'rect=True' is incompatible with Multi-GPU training";
+        # its distributed sampler shards shuffled indices, which rect's aspect-ratio order would not survive
+        why = f"rect=False: DDP training on {ranks} ranks shards shuffled batches (mosaic on); rect needs one order"
         return False, ("set by user, but " if requested else "") + why
     rect = (pipeline != "fast") if requested is None else requested
     if pipeline == "fast" and rect:
@@ -433,7 +444,7 @@ def _device(hw: HardwareSnapshot, requested: str | None, reasons: dict[str, str]
         reasons["device"] = (
             f"GPU {ids}: {hw.gpus[0].name}"
             if len(hw.gpus) == 1
-            else f"GPUs {ids}: all {len(hw.gpus)} visible GPUs through Ultralytics DDP"
+            else f"GPUs {ids}: all {len(hw.gpus)} visible GPUs, one speedtrain rank each (torch.distributed DDP)"
         )
         return ids, len(hw.gpus)
     text = requested.strip().lower().replace("cuda:", "").replace(" ", "")
@@ -459,10 +470,11 @@ def selected_gpus(hw: HardwareSnapshot, device: str) -> tuple[Gpu, ...]:
 
 
 def _batch(
-    hw: HardwareSnapshot, gpus: int, model: str, imgsz: int, requested: int | None, device: str
+    hw: HardwareSnapshot, gpus: int, model: str, imgsz: int, requested: int | None, device: str, ranks: int = 0
 ) -> tuple[int, tuple[int, ...], str]:
-    """Return (total batch, fallback chain, reason); multi-GPU totals are per-GPU batch x GPUs."""
-    n = max(gpus, 1)
+    """Return (total batch, fallback chain, reason); multi-GPU totals are per-GPU batch x GPUs (x ranks, when a
+    launcher started several nodes' ranks)."""
+    n = max(ranks or gpus, 1) if gpus else 1
     chain = BATCH_CHAIN if gpus else CPU_BATCH_CHAIN
     if requested is not None:
         if requested <= 0:

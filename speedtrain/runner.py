@@ -9,6 +9,7 @@ import contextlib
 import csv
 import errno
 import gc
+import json
 import math
 import os
 import shutil
@@ -16,14 +17,14 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import psutil
 
-from speedtrain import oom
-from speedtrain.errors import DiskSpaceError, TrainingError, UsageError
+from speedtrain import distributed, oom
+from speedtrain.errors import DiskSpaceError, PeerFailed, RankOutOfMemory, TrainingError, UsageError
 from speedtrain.monitor import Monitor
 from speedtrain.planner import Stage, TrainPlan
 from speedtrain.util import first_line, utc_now
@@ -45,6 +46,18 @@ class OomFallback:
 
 
 ResultStatus = Literal["completed", "early-stopped", "skipped", "interrupted"]
+
+
+@dataclass(frozen=True, slots=True)
+class RankFigures:
+    """What one rank of a multi-process stage measured itself (rank 0 gathers them for the report)."""
+
+    rank: int
+    node: str  # the host name
+    device: str  # "cuda:1", "cpu"
+    images_per_s: float | None  # this rank's shard of the training images / its training-pass seconds
+    gpu_util_mean: float | None = None
+    gpu_mem_peak_gb: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +90,7 @@ class StageResult:
     epoch_end_s: tuple[float, ...] = ()  # seconds from the stage's start (setup included) to each epoch's end
     latency_ms: tuple[tuple[int, float], ...] = ()  # (image size, ms): the trained model, batch 1, median
     stopped_by: str | None = None  # the signal that interrupted the stage ("SIGINT", "SIGTERM")
+    ranks: tuple[RankFigures, ...] = ()  # one per rank when several processes trained the stage together
 
     def metric(self, key: str) -> float | None:
         return dict(self.best_metrics).get(key)
@@ -125,6 +139,7 @@ class _Recorder:
     iterations: int = 0
     stop_requested: bool = False
     stop_signal: str | None = None  # "SIGINT" or "SIGTERM": what asked for the stop
+    collective: bool = False  # one rank of several: every rank stops after the same epoch
     in_final_eval: bool = False  # Ultralytics' validation of best.pt after the last epoch has begun
     threads: int | None = None  # the plan's torch threads; None leaves Ultralytics' setting
     threads_used: int | None = None
@@ -213,7 +228,18 @@ class _Recorder:
             score = (getattr(trainer, "metrics", None) or {}).get("metrics/mAP50-95(B)")
             self.last_map = round(float(score), 4) if score is not None else self.last_map
             self._update(trainer, 1.0, done=True)
-            if self.stop_requested and not trainer.stop:
+            # Ranks agree (one all-reduce per epoch) so that all stop after the same saved epoch, whichever got
+            # the signal: a rank that went on alone would wait forever in the next epoch's first collective.
+            # Rank 0 alone knows whether Ultralytics stops here anyway (last epoch, early stopping): it tells the
+            # others after this callback, so its word is gathered too.
+            finishing = bool(trainer.stop)
+            if self.collective:
+                states = distributed.gather((self.stop_signal if self.stop_requested else None, finishing))
+                signals = [sig for sig, _ in states if sig]
+                if signals and not self.stop_requested:  # the signal reached other ranks only
+                    self.stop_requested, self.stop_signal = True, signals[0]
+                finishing = states[0][1]
+            if self.stop_requested and not finishing:
                 raise StopRequested(f"stopped after epoch {trainer.epoch + 1}")
 
 
@@ -314,7 +340,8 @@ def _run(
                 stage, weights, data_yaml, Path(run_dir), log=log, previous=prior, on_update=on_update,
                 log_file=log_file,
             )  # fmt: skip
-            if result.status != "interrupted":
+            world = distributed.world()
+            if result.status != "interrupted" and (world is None or world.leader):  # rank 0's model, rank 0 times
                 result = with_latency(result, stage, log)
             results.append(result)
             on_progress(tuple(results), None)
@@ -395,19 +422,25 @@ def train_stage(
     from speedtrain import ultra
 
     stage_dir = project / stage.name
-    checkpoint = resume_point(stage_dir) if previous else None
+    # A stage an earlier run was interrupted in, or was killed in (no result in its report), goes on from its
+    # last complete checkpoint; a fresh run's stage folder has none.
+    checkpoint = resume_point(stage_dir)
     if previous and checkpoint is None:
         log(f"{stage.name}: no checkpoint of an earlier epoch; starting the stage again")
-    recorder = _Recorder(threads=stage.threads, stage=stage.name, on_update=on_update)
+    world = distributed.world()
+    recorder = _Recorder(threads=stage.threads, stage=stage.name, on_update=on_update, collective=world is not None)
     fallbacks: list[OomFallback] = list(previous.oom_fallbacks) if previous else []
     current = replace(stage, batch=previous.batch if previous and checkpoint else stage.batch)
     gpu_ids = stage.gpu_ids
+    if world is not None:
+        current, fallbacks = _after_rank_oom(current, stage_dir, world, log)
+        gpu_ids = gpu_ids[world.local_rank : world.local_rank + 1] or gpu_ids[:1]
     trainer, metrics, note = None, None, ""
     status: ResultStatus | None = None
     t0 = time.perf_counter()
     with (
         Monitor(gpu_ids) as monitor,
-        _graceful_sigint(recorder, log, ranks=len(gpu_ids)),
+        _graceful_sigint(recorder, log),
         torch_threads_restored(),
         ultra.output_to(log_file),
     ):
@@ -425,6 +458,8 @@ def train_stage(
                 raise _disk_full(stage.name, stage_dir, exc) from None
             except Exception as exc:
                 kind = oom.memory_kind(exc, on_gpu=bool(gpu_ids))
+                if world is not None:
+                    raise _rank_failure(current, stage_dir, world, kind, exc) from None
                 if kind is None:
                     raise
                 if kind == "shm":
@@ -443,7 +478,87 @@ def train_stage(
     result = _stage_result(
         stage, current.batch, recorder, monitor, trainer, metrics, stage_dir, wall, fallbacks, status, previous
     )
+    if world is not None:
+        result = replace(result, ranks=_gather_rank_figures(result, world, trainer, gpu_ids))
     return replace(result, note=note) if note else result
+
+
+OOM_HISTORY = "oom_fallbacks.json"  # a multi-rank stage's fallbacks, kept in its folder across restarts
+
+
+def _after_rank_oom(
+    stage: Stage, stage_dir: Path, world: distributed.World, log: Log
+) -> tuple[Stage, list[OomFallback]]:
+    """A rank's start of a stage: the fallbacks of earlier starts, and, when a rank ran out of memory in the last
+    one, the next batch of the chain for every rank (all decide alike from the same records)."""
+    history = [OomFallback(**f) for f in _read_list(stage_dir / OOM_HISTORY)]
+    seen = oom.faults(stage_dir)
+    distributed.barrier()  # every rank has read the records before rank 0 clears them
+    batch = history[-1].to_batch if history else stage.batch
+    if seen:
+        worst = min(seen, key=lambda f: int(f["batch"]))
+        smaller = oom.next_batch(stage.batch_fallbacks, int(worst["batch"]))
+        if smaller is None:
+            raise TrainingError(
+                f"{stage.name}: rank {worst['rank']} ran out of memory at batch {worst['batch']}, the smallest in the "
+                "plan; try a smaller --img-size or model (for example --model yolo26n.yaml)"
+            )
+        epoch = int(worst["epoch"])
+        history.append(OomFallback(epoch, int(worst["batch"]), smaller, str(worst["at"]),
+                                   f"rank {worst['rank']}: {worst['error']}"))  # fmt: skip
+        batch = smaller
+        where = f"from the checkpoint after epoch {epoch - 1}" if epoch > 1 else "from the start"
+        log(f"{stage.name}: rank {worst['rank']} ran out of memory in epoch {epoch} at batch {worst['batch']}; "
+            f"all {world.size} ranks go on with {smaller} {where}")  # fmt: skip
+        if world.leader:
+            from speedtrain.util import write_atomic
+
+            write_atomic(stage_dir / OOM_HISTORY, json.dumps([asdict(f) for f in history]).encode())
+            oom.clear_faults(stage_dir)
+    return replace(stage, batch=batch), history
+
+
+def _read_list(path: Path) -> list[Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return data if isinstance(data, list) else []
+
+
+def _rank_failure(
+    stage: Stage, stage_dir: Path, world: distributed.World, kind: str | None, exc: BaseException
+) -> TrainingError:
+    """What ends a rank's training: its own out-of-memory (recorded, so that the ranks restart one batch smaller),
+    a peer's (the collective this rank waited in broke), or another error."""
+    if kind == "device" and oom.next_batch(stage.batch_fallbacks, stage.batch) is not None:
+        epoch, _ = _going_on_from(stage_dir)
+        oom.record_fault(stage_dir, world.rank, stage.batch, epoch, first_line(exc))
+        return RankOutOfMemory(
+            f"{stage.name}: rank {world.rank} ran out of memory at batch {stage.batch} in epoch {epoch}; the ranks "
+            f"restart from the last saved epoch with batch {oom.next_batch(stage.batch_fallbacks, stage.batch)}"
+        )
+    if kind == "device":
+        return TrainingError(
+            f"{stage.name}: rank {world.rank} ran out of memory at batch {stage.batch}, the smallest in the plan; "
+            "try a smaller --img-size or model (for example --model yolo26n.yaml)"
+        )
+    peer = next((f for f in oom.faults(stage_dir) if f.get("rank") != world.rank), None)
+    if peer is not None:
+        return PeerFailed(f"{stage.name}: rank {world.rank} stopped: rank {peer['rank']} ran out of memory")
+    return TrainingError(f"{stage.name}: rank {world.rank} failed: {first_line(exc)}")
+
+
+def _gather_rank_figures(
+    result: StageResult, world: distributed.World, trainer: Any, gpu_ids: tuple[int, ...]
+) -> tuple[RankFigures, ...]:
+    """Every rank's own throughput and GPU figures, gathered (the same tuple on every rank)."""
+    shard = math.ceil(result.images_per_epoch / world.size) if result.images_per_epoch else 0
+    timed = result.train_times_s or result.epoch_times_s
+    device = str(getattr(trainer, "device", None) or (f"cuda:{gpu_ids[0]}" if gpu_ids else "cpu"))
+    mine = RankFigures(world.rank, distributed.host(), device, _rate(shard, timed), result.gpu_util_mean,
+                       result.gpu_mem_peak_gb)  # fmt: skip
+    return tuple(distributed.gather(mine))
 
 
 def _step_down(stage: Stage, stage_dir: Path, batch: int, exc: BaseException, log: Log) -> tuple[int, OomFallback]:
@@ -583,33 +698,33 @@ def torch_threads_restored(threads: int | None = None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _graceful_sigint(recorder: _Recorder, log: Log, ranks: int = 1) -> Iterator[None]:
+def _graceful_sigint(recorder: _Recorder, log: Log) -> Iterator[None]:
     """First Ctrl-C or SIGTERM (a scheduler's preemption: SLURM, Kubernetes): finish the epoch, save, stop, so a
     requeued job goes on with --resume and loses at most the epoch that was running. A second one: stop now.
 
-    With several GPUs (`ranks` > 1) training runs in Ultralytics' own launcher's processes, which the signal stops
-    at once: the message says so instead of promising the epoch (until speedtrain owns its ranks)."""
+    On a rank, every rank stops after the same epoch (the recorder's collective)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     owner = os.getpid()
+    first = [0.0]  # when the first signal came
 
     def handler(signum: int, frame: Any) -> None:
         if os.getpid() != owner:
             # A forked DataLoader worker inherits this handler, and a terminal's Ctrl-C (or SLURM's SIGTERM to the
             # job step) reaches every process: the worker ignores it and keeps feeding the epoch being finished.
             return
+        if recorder.stop_requested and time.monotonic() - first[0] < RELAY_S:
+            return  # the same stop passed on by a launcher (torchrun, srun) right after the scheduler's own
         if recorder.stop_requested:
             for sig, before in previous.items():
                 signal.signal(sig, before)
             raise KeyboardInterrupt
         recorder.stop_requested = True
         recorder.stop_signal = signal.Signals(signum).name
-        if ranks > 1:
-            log(f"{recorder.stop_signal}: the {ranks} GPU processes stop now (Ultralytics' multi-GPU launch does not "
-                "finish the epoch); --resume goes on from the last saved epoch")  # fmt: skip
-        elif signum == signal.SIGINT:
+        first[0] = time.monotonic()
+        if signum == signal.SIGINT:
             log("Ctrl-C: stopping after this epoch is saved; press Ctrl-C again to stop at once (loses this epoch)")
         else:
             log(f"{recorder.stop_signal} (preempted?): stopping after this epoch is saved; go on with --resume")
@@ -622,6 +737,7 @@ def _graceful_sigint(recorder: _Recorder, log: Log, ranks: int = 1) -> Iterator[
             signal.signal(sig, before)
 
 
+RELAY_S = 2.0  # a second signal this soon after the first is the same request relayed, not a second Ctrl-C
 GRACEFUL_SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None)) if s is not None)
 
 

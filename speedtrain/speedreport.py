@@ -23,7 +23,7 @@ from speedtrain.errors import SpeedtrainError
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.planner import BASELINE, DEFAULT_TARGET_MAP, Stage, TrainPlan
 from speedtrain.resize import ResizeSummary
-from speedtrain.runner import OomFallback, RunResult, StageResult
+from speedtrain.runner import OomFallback, RankFigures, RunResult, StageResult
 from speedtrain.tuner import TuneResult
 from speedtrain.util import read_json, utc_now, write_atomic
 
@@ -255,6 +255,7 @@ class SpeedReport(JupyterMixin):
             "cache_estimate_gb": p.cache_estimate_gb,
             "prepare_size": p.prepare_size,
             "baseline": dict(p.baseline),
+            "ranks": p.ranks,
             "hardware": hardware.to_dict(self.hardware),
             "dataset": _dataset_dict(self.dataset),
         }
@@ -333,6 +334,7 @@ def _measured_dict(r: StageResult) -> dict[str, Any]:
     data["epoch_end_s"] = list(r.epoch_end_s)
     data["latency_ms"] = {str(size): ms for size, ms in r.latency_ms}
     data["oom_fallbacks"] = [asdict(o) for o in r.oom_fallbacks]
+    data["ranks"] = [asdict(figures) for figures in r.ranks]
     data["best_metrics"] = dict(r.best_metrics)
     return data
 
@@ -356,6 +358,7 @@ def _plan(doc: dict[str, Any]) -> TrainPlan:
         cache_estimate_gb=doc.get("cache_estimate_gb", 0.0),
         prepare_size=doc.get("prepare_size"),
         baseline=dict(doc.get("baseline", BASELINE)),
+        ranks=int(doc.get("ranks", 1)),
     )
 
 
@@ -384,6 +387,7 @@ def _stage_report(stage: Stage, raw: dict[str, Any]) -> StageReport:
             epoch_end_s=tuple(m.get("epoch_end_s", ())),
             latency_ms=tuple((int(k), float(v)) for k, v in (m.get("latency_ms") or {}).items()),
             oom_fallbacks=tuple(OomFallback(**o) for o in m.get("oom_fallbacks", [])),
+            ranks=tuple(RankFigures(**r) for r in m.get("ranks", [])),
             best_metrics=tuple(m.get("best_metrics", {}).items()),
         )
         result = StageResult(**kw)

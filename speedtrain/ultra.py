@@ -30,7 +30,16 @@ from ultralytics.cfg import get_cfg
 from ultralytics.data import build_dataloader, build_yolo_dataset
 from ultralytics.data.utils import check_det_dataset
 from ultralytics.models.yolo.detect import DetectionTrainer
-from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT, LOGGER, RANK, WEIGHTS_DIR, is_online
+from ultralytics.utils import (
+    DEFAULT_CFG,
+    DEFAULT_CFG_DICT,
+    LOCAL_RANK,
+    LOGGER,
+    RANK,
+    WEIGHTS_DIR,
+    WORLD_SIZE,
+    is_online,
+)
 from ultralytics.utils.downloads import GITHUB_ASSETS_STEMS
 
 from speedtrain.errors import TrainingError, UsageError
@@ -144,7 +153,7 @@ def train(
         for fn in functions:
             model.add_callback(event, fn)
     model.add_callback("on_train_epoch_start", _own_oom_policy_off)
-    trainer = {"trainer": FastDetectionTrainer} if fast else {}
+    trainer = {"trainer": FastDetectionTrainer if fast else RankTrainer}
     try:
         if resume:  # Ultralytics keeps the checkpoint's arguments; only these may change on resume
             allowed = ("batch", "device", "workers", "cache", "patience", "plots", "val")
@@ -201,11 +210,96 @@ def metrics_dict(metrics: Any) -> dict[str, float]:
     return {str(k): float(v) for k, v in raw.items()}
 
 
-class FastDetectionTrainer(DetectionTrainer):
+class RankTrainer(DetectionTrainer):
+    """Ultralytics' DetectionTrainer, which also trains as one rank of a group that torchrun (or srun, Kubeflow, Ray)
+    started: the torchrun environment (RANK, LOCAL_RANK, WORLD_SIZE) sets the world, not the --device list.
+
+    As a single process (WORLD_SIZE unset or 1) it is DetectionTrainer unchanged. As a rank:
+    - the world is WORLD_SIZE, across nodes (Ultralytics counts the devices in --device, this node's only, and would
+      start its own DDP launcher when it finds more than one: internal, engine/trainer.py __init__ 8.4.190);
+    - the process group is speedtrain's (distributed.join, already formed when training starts): NCCL on CUDA,
+      gloo on CPU; the device is this rank's LOCAL_RANK-th entry of --device;
+    - on a CPU the model is wrapped in DDP without device_ids, and best.pt's final validation runs through the
+      distributed training-time validator (Ultralytics' own assumes a CUDA device on every DDP rank).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if WORLD_SIZE > 1:
+            self.world_size = WORLD_SIZE  # internal: engine/trainer.py (8.4.190) reads world_size and ddp
+            self.ddp = False  # this process is a rank already: never Ultralytics' own relaunch
+
+    def _setup_ddp(self) -> None:  # internal: engine/trainer.py _do_train calls it when world_size > 1
+        from speedtrain import distributed
+
+        self.device = distributed.rank_device(str(self.args.device))
+        distributed.join(self.device)
+
+    def _setup_train(self) -> None:
+        if self.device.type != "cpu" or self.world_size <= 1:
+            return super()._setup_train()
+        with _ddp_without_device_ids():
+            return super()._setup_train()
+
+    def final_eval(self) -> None:
+        if self.device.type != "cpu" or self.world_size <= 1:
+            return super().final_eval()
+        # internal: engine/trainer.py final_eval (8.4.190) validates best.pt with validator(model=...), which on a
+        # DDP rank builds the model on torch.device("cuda", current_device()) (engine/validator.py): on CPU ranks,
+        # load best.pt's weights into the EMA and validate through the training-time path (sharded, gathered).
+        from ultralytics.utils.torch_utils import strip_optimizer, torch_distributed_zero_first
+
+        with torch_distributed_zero_first(LOCAL_RANK):
+            if RANK == 0 and self.last.exists():
+                ckpt = strip_optimizer(self.last)
+                if self.best.exists():
+                    strip_optimizer(self.best, updates={"train_results": ckpt.get("train_results")})
+        if not self.best.exists():
+            return
+        weights = torch.load(self.best, map_location="cpu", weights_only=False)["model"].float().state_dict()
+        ema: Any = self.ema  # built by _setup_train (Ultralytics types these attributes as None at first)
+        validator: Any = self.validator
+        ema.ema.load_state_dict(weights)
+        metrics = validator(self)  # rank 0 gets the gathered figures, the other ranks None
+        if metrics is not None:
+            metrics.pop("fitness", None)
+            self.metrics = metrics
+        self.epoch += 1
+        self.run_callbacks("on_fit_epoch_end")
+        self.epoch -= 1
+
+
+@contextlib.contextmanager
+def _ddp_without_device_ids() -> Iterator[None]:
+    """internal: engine/trainer.py _setup_train (8.4.190) wraps the model in DistributedDataParallel with
+    device_ids=[device.index], which torch refuses for a CPU module; for the block, its `nn` drops them."""
+    import types
+
+    import ultralytics.engine.trainer as trainer_module
+
+    real = trainer_module.nn
+
+    def ddp(module: Any, device_ids: Any = None, **kwargs: Any) -> Any:
+        return real.parallel.DistributedDataParallel(module, **kwargs)
+
+    class _NN(types.ModuleType):
+        parallel = types.SimpleNamespace(DistributedDataParallel=ddp)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+    trainer_module.nn = _NN("nn")
+    try:
+        yield
+    finally:
+        trainer_module.nn = real
+
+
+class FastDetectionTrainer(RankTrainer):
     """Ultralytics' DetectionTrainer with the training loader and batch augmentation of `--pipeline fast`.
 
-    A plain top-level class, importable by name (`speedtrain.ultra.FastDetectionTrainer`), as Ultralytics' DDP
-    relaunch needs. get_dataloader and preprocess_batch are DetectionTrainer's documented hooks.
+    A plain top-level class, importable by name (`speedtrain.ultra.FastDetectionTrainer`).
+    get_dataloader and preprocess_batch are DetectionTrainer's documented hooks.
     """
 
     def get_dataloader(self, dataset_path: Any, batch_size: int = 16, rank: int = 0, mode: str = "train") -> Any:
@@ -226,7 +320,7 @@ class FastDetectionTrainer(DetectionTrainer):
         seed = int(self.args.seed) + max(RANK, 0)
         self.fast_dgen = torch.Generator(device=self.device).manual_seed(seed)  # augmentation, on the device
         return StoreLoader(store, batch_size, int(self.args.seed), self.fast_hyp, self.device,
-                           rank if world > 1 else -1, world, resident)  # fmt: skip
+                           RANK if world > 1 else -1, world, resident)  # fmt: skip
 
     def preprocess_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         if "fast" not in batch:

@@ -196,11 +196,40 @@ def execute(
     `on_update` gets each stage's progress after every batch; with `quiet`, Ultralytics' own output goes to
     RUN_DIR/ultralytics.log instead of the console.
     """
+    rep, run_dir = start(planned, project, name, log)
+    return _run(rep, run_dir, (), ask, log, on_update, quiet)
+
+
+def start(
+    planned: Planned,
+    project: str | os.PathLike[str] = DEFAULT_PROJECT,
+    name: str = "train",
+    log: Callable[[str], None] = lambda _: None,
+) -> tuple[SpeedReport, Path]:
+    """A new run folder with the dataset's linked view and the report of the run about to start, written."""
     _check_disk(planned, Path(project))
     run_dir = new_run_dir(project, name)
     view_yaml = resize.make_view(planned.stats, resize.view_dir(planned.stats, Path(project)))
     log(f"run folder: {run_dir}")
-    return _run(planned.report().started(run_dir, view_yaml), run_dir, (), ask, log, on_update, quiet)
+    rep = planned.report().started(run_dir, view_yaml)
+    rep.to_json(run_dir / REPORT_NAME)
+    return rep, run_dir
+
+
+def run_as_rank(
+    run_dir: str | os.PathLike[str],
+    *,
+    resuming: bool,
+    log: Callable[[str], None] = lambda _: None,
+    on_update: runner.OnProgress | None = None,
+    quiet: bool = False,
+) -> tuple[SpeedReport, Path]:
+    """One rank's part of a run that rank 0 started (`start`): train its stages with the other ranks; rank 0 keeps
+    the report. `resuming`: go on after an interruption, a lost rank or an out-of-memory restart."""
+    if resuming:
+        return resume(run_dir, log=log, on_update=on_update, quiet=quiet)
+    run_dir = Path(run_dir).absolute()
+    return _run(SpeedReport.from_json(run_dir), run_dir, (), None, log, on_update, quiet)
 
 
 def resume(
@@ -213,6 +242,14 @@ def resume(
 ) -> tuple[SpeedReport, Path]:
     """Go on with an interrupted or killed run: the running stage from its last checkpoint, then the rest."""
     run_dir = Path(run_dir).absolute()
+    rep = check_resumable(run_dir)
+    log(f"resuming {run_dir}")
+    return _run(rep.resumed(), run_dir, rep.results(), ask, log, on_update, quiet)
+
+
+def check_resumable(run_dir: str | os.PathLike[str]) -> SpeedReport:
+    """The report of a run --resume can go on with; one clear error for anything else."""
+    run_dir = Path(run_dir).absolute()
     rep = SpeedReport.from_json(run_dir)
     if rep.run is None:
         raise UsageError(f"{run_dir}: a plan, not a run's report; start a run with speedtrain train")
@@ -221,8 +258,7 @@ def resume(
     data_yaml = rep.run.data_yaml
     if not data_yaml or not Path(data_yaml).is_file():
         raise DatasetError(f"{run_dir}: the dataset view {data_yaml} is gone; start a new run")
-    log(f"resuming {run_dir}")
-    return _run(rep.resumed(), run_dir, rep.results(), ask, log, on_update, quiet)
+    return rep
 
 
 def _run(
@@ -235,17 +271,24 @@ def _run(
     quiet: bool = False,
 ) -> tuple[SpeedReport, Path]:
     """Run the stages, saving the report before and after each one, and draw the PNG at the end."""
+    from speedtrain import distributed
+
     path = run_dir / REPORT_NAME
     current = rep  # the latest state, saved whenever it changes
+    world = distributed.world()
+    owner = world is None or world.leader  # rank 0 owns the report
 
     def save(results: tuple[runner.StageResult, ...], running: str | None) -> None:
         nonlocal current
         current = current.with_results(results, running)
-        current.to_json(path)
+        if owner:
+            current.to_json(path)
 
     def before_stage(stage: Stage) -> Stage:
         nonlocal current
         stage, note = planner.recheck_cache(stage, psutil.virtual_memory().available / 1024**3)
+        if world is not None:
+            stage, note = distributed.broadcast((stage, note))  # every rank trains with rank 0's choice
         if note:
             log(note)
             current = current.with_stage(stage, note)
@@ -260,6 +303,8 @@ def _run(
         log_file=run_dir / ULTRALYTICS_LOG if quiet else None,
     )  # fmt: skip
     final = current.finished(result)
+    if not owner:
+        return final, path
     final.to_json(path)
     try:
         final.save_png(run_dir / render.PNG_NAME)

@@ -67,7 +67,7 @@ def test_bad_input_is_a_speedtrain_error_not_an_exit(tmp_path):
 
 
 def test_library_code_never_exits_the_process():
-    cli_only = {"cli.py", "__main__.py"}
+    cli_only = {"cli.py", "__main__.py", "rank.py"}  # the entry points: the CLI and a launched rank's main
     pattern = re.compile(r"\bsys\.exit\(|\bSystemExit\b|\bimport typer\b|\bos\._exit\(")
     offenders = [
         p.name for p in (REPO / "speedtrain").glob("*.py") if p.name not in cli_only and pattern.search(p.read_text())
@@ -126,7 +126,8 @@ def test_notebook_style_training_returns_a_real_report_and_leaves_the_process_al
     assert png.stat().st_size > 10_000
 
 
-def test_several_processes_from_a_launcher_are_refused_in_one_line(monkeypatch, tmp_path):
+def test_tune_and_compare_under_a_launcher_are_refused_in_one_line(monkeypatch, tmp_path):
+    """train and resume run as ranks (tests/test_distributed.py); tune and compare measure one process."""
     from typer.testing import CliRunner
 
     from speedtrain.cli import app
@@ -134,10 +135,11 @@ def test_several_processes_from_a_launcher_are_refused_in_one_line(monkeypatch, 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(UsageError, match="started as rank 1 of 2 by a launcher"):
-        speedtrain.train(project=tmp_path)
-    result = CliRunner().invoke(app, ["train", "--project", str(tmp_path)])
-    assert result.exit_code == 2
-    assert len(result.stderr.strip().splitlines()) == 1
+        speedtrain.tune(project=tmp_path)
+    for command in ("tune", "compare"):
+        result = CliRunner().invoke(app, [command, "--project", str(tmp_path)])
+        assert result.exit_code == 2, result.output
+        assert len(result.stderr.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())
     monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc-per-node 1: one process, allowed
     api.refuse_external_launcher()

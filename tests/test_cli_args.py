@@ -57,7 +57,7 @@ PLAN_DEFAULTS = {
     "model": None, "epochs": None, "batch": None, "imgsz": None, "workers": None, "threads": None,
     "deterministic": None, "cache": None, "device": None, "rect": None, "finetune": "ask", "finetune_epochs": None,
     "finetune_imgsz": None, "target_map": 0.5, "optimizer": None, "lr0": None, "patience": None, "prepare": "auto",
-    "pipeline": "auto",
+    "pipeline": "auto", "nproc_per_node": None,
 }  # fmt: skip
 
 
@@ -87,7 +87,8 @@ def test_plan_json_is_the_reports_json(calls):
 def test_train_passes_every_option(calls, tmp_path):
     result = invoke(
         "train", "--dataset", tmp_path, "--epochs", "3", "--device", "cpu", "--finetune", "yes", "--project",
-        tmp_path / "runs", "--name", "exp", "--autotune", "--budget-s", "30", "--verbose", "seed=1",
+        tmp_path / "runs", "--name", "exp", "--autotune", "--budget-s", "30", "--verbose", "--nproc-per-node", "2",
+        "seed=1",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     args, kwargs = calls["train"]
@@ -98,7 +99,7 @@ def test_train_passes_every_option(calls, tmp_path):
     assert kwargs == {
         **PLAN_DEFAULTS, "project": tmp_path / "runs", "name": "exp", "autotune": True, "retune": False,
         "budget_s": 30.0, "allow_download": False, "verbose": True, "extra": ["seed=1"], "epochs": 3,
-        "device": "cpu", "finetune": "yes",
+        "device": "cpu", "finetune": "yes", "nproc_per_node": 2,
     }  # fmt: skip
     assert "Measured on this machine" in result.output
     assert "resume" not in calls

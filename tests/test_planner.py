@@ -309,7 +309,7 @@ def test_deterministic_is_a_decision(override, extra, expected, why):
     ("vram", "rect", "expected", "why"),
     [
         ((24,), None, True, "rect=True"),
-        ((24, 24), None, False, "Ultralytics turns rect off when training on 2 GPUs"),
+        ((24, 24), None, False, "rect=False: DDP training on 2 ranks"),
         ((24, 24), True, False, "set by user, but rect=False"),  # Ultralytics would drop it silently
         ((24, 24), False, False, "set by user"),
     ],

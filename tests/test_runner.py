@@ -327,25 +327,39 @@ def test_ctrl_c_in_a_forked_dataloader_worker_is_ignored():
 
 
 @pytest.mark.parametrize(
-    ("sig", "ranks", "says"),
+    ("sig", "says"),
     [
-        ("SIGINT", 1, "Ctrl-C: stopping after this epoch is saved"),
-        ("SIGTERM", 1, "SIGTERM (preempted?): stopping after this epoch is saved; go on with --resume"),
-        ("SIGINT", 2, "the 2 GPU processes stop now (Ultralytics' multi-GPU launch does not finish the epoch)"),
+        ("SIGINT", "Ctrl-C: stopping after this epoch is saved"),
+        ("SIGTERM", "SIGTERM (preempted?): stopping after this epoch is saved; go on with --resume"),
     ],
 )
-def test_the_stop_message_promises_only_what_happens(sig, ranks, says):
+def test_the_stop_message_promises_only_what_happens(sig, says):
     import signal
 
     recorder, lines = runner._Recorder(), []
     before = {s: signal.getsignal(s) for s in runner.GRACEFUL_SIGNALS}
-    with runner._graceful_sigint(recorder, lines.append, ranks=ranks):
+    with runner._graceful_sigint(recorder, lines.append):
         os.kill(os.getpid(), getattr(signal, sig))
         assert recorder.stop_requested
         assert recorder.stop_signal == sig
     assert len(lines) == 1
     assert says in lines[0]
     assert {s: signal.getsignal(s) for s in runner.GRACEFUL_SIGNALS} == before  # handlers given back
+
+
+def test_a_relayed_signal_is_the_same_request_and_a_later_one_stops_at_once(monkeypatch):
+    """SLURM signals every process of a job step, and torchrun passes the signal on to its ranks as well: a copy
+    within RELAY_S is the same request; a second Ctrl-C after that stops at once."""
+    import signal
+
+    recorder, lines = runner._Recorder(), []
+    with runner._graceful_sigint(recorder, lines.append):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher's copy: no KeyboardInterrupt
+        assert recorder.stop_requested and len(lines) == 1
+        monkeypatch.setattr(runner, "RELAY_S", 0.0)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_metrics_from_a_metrics_object_and_from_the_dict_ddp_returns():

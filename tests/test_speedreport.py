@@ -24,6 +24,8 @@ def test_a_format_1_report_round_trips_exactly():
     again = rep.to_dict()
     for stage in again["stages"]:  # added since: empty for a report that did not have them
         assert (stage["measured"].pop("epoch_end_s"), stage["measured"].pop("latency_ms")) == ([], {})
+        assert stage["measured"].pop("ranks") == []
+    assert again.pop("ranks") == 1  # one process
     assert again == doc
     assert SpeedReport.from_dict(json.loads(rep.to_json())) == rep
 
@@ -60,7 +62,7 @@ def test_a_plan_has_the_plan_json_layout():
     doc = SpeedReport.planned(hw, stats, plan).to_dict()
     assert set(doc) == {
         "device", "model", "stages", "reasons", "target_map", "estimates", "warnings", "cache_estimate_gb",
-        "prepare_size", "baseline", "hardware", "dataset",
+        "prepare_size", "baseline", "ranks", "hardware", "dataset",
     }  # fmt: skip
     assert "status" not in doc["stages"][0]
     assert doc["stages"][0]["batch"] == plan.stages[0].batch
