@@ -187,7 +187,7 @@ def _train_as_rank(
         outcome: tuple[str, Any] = ("error", None)
         if world.leader:
             try:
-                planned = _planned(dataset, {**args, "world": world.size}, extra, None, allow_download)
+                planned = _planned(dataset, args, extra, None, allow_download, world=world.size)
                 if planned.plan.prepare_size:
                     planned = workflow.prepare_dataset(planned, Path(project))
                 if tune:
@@ -325,8 +325,10 @@ def _planned(
     extra: Sequence[str] = (),
     hardware_file: PathLike | HardwareSnapshot | None = None,
     allow_download: bool = False,
+    world: int | None = None,
 ) -> workflow.Planned:
-    return workflow.make_plan(dataset, overrides(args), tuple(extra), hardware_file, allow_download)
+    ov = dataclasses.replace(overrides(args), world=world)
+    return workflow.make_plan(dataset, ov, tuple(extra), hardware_file, allow_download)
 
 
 @contextlib.contextmanager

@@ -83,6 +83,10 @@ def join(device: Any) -> None:
         os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")  # collectives honour TIMEOUT, as in Ultralytics
     if dist.is_initialized():
         return
+    # Ultralytics' import runs a barrier when a group exists (utils/__init__.py SettingsManager, 8.4.190): a rank
+    # importing it after joining would wait there for the others, which import it elsewhere. Import it first.
+    import speedtrain.ultra  # noqa: F401
+
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
 
 

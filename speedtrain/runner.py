@@ -58,6 +58,8 @@ class RankFigures:
     images_per_s: float | None  # this rank's shard of the training images / its training-pass seconds
     gpu_util_mean: float | None = None
     gpu_mem_peak_gb: float | None = None
+    images: int = 0  # training images per epoch in this rank's shard (padded like DistributedSampler)
+    batches: int = 0  # batches per epoch: the same on every rank, or one would wait for the others forever
 
 
 @dataclass(frozen=True, slots=True)
@@ -553,11 +555,14 @@ def _gather_rank_figures(
     result: StageResult, world: distributed.World, trainer: Any, gpu_ids: tuple[int, ...]
 ) -> tuple[RankFigures, ...]:
     """Every rank's own throughput and GPU figures, gathered (the same tuple on every rank)."""
-    shard = math.ceil(result.images_per_epoch / world.size) if result.images_per_epoch else 0
+    loader = getattr(trainer, "train_loader", None)
+    sampler = getattr(loader, "sampler", None)
+    shard = len(sampler) if sampler is not None and hasattr(sampler, "__len__") else 0
+    shard = shard or (math.ceil(result.images_per_epoch / world.size) if result.images_per_epoch else 0)
     timed = result.train_times_s or result.epoch_times_s
     device = str(getattr(trainer, "device", None) or (f"cuda:{gpu_ids[0]}" if gpu_ids else "cpu"))
     mine = RankFigures(world.rank, distributed.host(), device, _rate(shard, timed), result.gpu_util_mean,
-                       result.gpu_mem_peak_gb)  # fmt: skip
+                       result.gpu_mem_peak_gb, shard, len(loader) if loader is not None else 0)  # fmt: skip
     return tuple(distributed.gather(mine))
 
 
