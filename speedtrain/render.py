@@ -255,6 +255,7 @@ def render_measured(rep: SpeedReport) -> RenderableType:
         if m.threads or m.cpu_util_mean is not None:
             threads = f"{m.threads} torch threads, " if m.threads else ""
             notes.append(f"{name}: {threads}CPU busy {_num(m.cpu_util_mean, '{:.0f}')} % (all cores)")
+        notes.extend(rank_notes(name, m))
         if m.fast_store:
             where = "read into RAM" if m.fast_store == "ram" else "memory-mapped from disk"
             notes.append(f"{name}: fast pipeline store {where}")
@@ -266,6 +267,40 @@ def render_measured(rep: SpeedReport) -> RenderableType:
         if m.weights:
             notes.append(f"{name} weights: {m.weights}")
     return Group(table, *[Text(n) for n in notes])
+
+
+SHOWN_RANKS = 8  # ranks listed one by one; more are summarised as slowest, median, fastest
+
+
+def rank_notes(name: str, m: Any) -> list[str]:
+    """A multi-rank stage: the total, each rank's own images/s (where it ran), and the slowest rank named when it
+    held the others back (every rank waits for the slowest at each step)."""
+    ranks = [r for r in m.ranks if r.images_per_s]
+    if len(ranks) < 2:
+        return []
+    rates = sorted(r.images_per_s for r in ranks)
+    total = f"{_num(m.images_per_s_steady or m.images_per_s, '{:.1f}')} img/s in all"
+    if len(ranks) <= SHOWN_RANKS:
+        each = "; ".join(
+            f"rank {r.rank} {r.images_per_s:.1f} ({r.node} {r.device}"
+            + (f", GPU {r.gpu_util_mean:.0f} %" if r.gpu_util_mean is not None else "")
+            + (f", {r.gpu_mem_peak_gb:.1f} GB" if r.gpu_mem_peak_gb is not None else "")
+            + ")"
+            for r in ranks
+        )
+    else:
+        each = f"slowest {rates[0]:.1f}, median {statistics.median(rates):.1f}, fastest {rates[-1]:.1f}"
+    lines = [f"{name}: {len(ranks)} ranks, {total}; img/s per rank: {each}"]
+    slowest = min(ranks, key=lambda r: r.images_per_s)
+    if rates[-1] > 0 and slowest.images_per_s < SLOW_RANK * rates[-1]:
+        lines.append(
+            f"{name}: rank {slowest.rank} ({slowest.node} {slowest.device}) ran at "
+            f"{slowest.images_per_s / rates[-1]:.0%} of the fastest rank: every step waits for it"
+        )
+    return lines
+
+
+SLOW_RANK = 0.9  # a rank under 90 % of the fastest one's images/s is named as the bottleneck
 
 
 def _plural(n: int, word: str) -> str:
@@ -307,7 +342,8 @@ def save_png(rep: SpeedReport, path: str | Path) -> Path:
             timed = epochs[len(epochs) - len(train) :]
             ax_time.plot(timed, train, marker=".", linestyle="--", label=f"{name}: training pass")
             rates = [m.images_per_epoch / t if t > 0 else 0 for t in train]
-            ax_rate.plot(timed, rates, marker="o", label=name)
+            ax_rate.plot(timed, rates, marker="o", label=f"{name}: all ranks" if m.ranks else name)
+            _rank_lines(ax_rate, name, m)
         if offset:
             for ax in (ax_time, ax_rate):
                 ax.axvline(offset + 0.5, color="grey", linewidth=0.8)
@@ -324,6 +360,18 @@ def save_png(rep: SpeedReport, path: str | Path) -> Path:
     fig.savefig(tmp, dpi=PNG_DPI)
     tmp.replace(path)
     return path
+
+
+def _rank_lines(ax: Any, name: str, m: Any) -> None:
+    """Each rank's own images/s as a dotted level (the slowest and fastest only, when there are many)."""
+    ranks = sorted((r for r in m.ranks if r.images_per_s), key=lambda r: r.images_per_s)
+    if len(ranks) < 2:
+        return
+    shown = ranks if len(ranks) <= SHOWN_RANKS else [ranks[0], ranks[-1]]
+    for r in shown:
+        ax.axhline(r.images_per_s, linestyle=":", linewidth=1, color="grey")
+        ax.annotate(f"{name} rank {r.rank}", (0.01, r.images_per_s), xycoords=("axes fraction", "data"), fontsize=6,
+                    va="bottom", color="grey")  # fmt: skip
 
 
 def _style(ax: Any, title: str, xlabel: str, ylabel: str, epochs: int) -> None:

@@ -561,7 +561,8 @@ def _gather_rank_figures(
     shard = shard or (math.ceil(result.images_per_epoch / world.size) if result.images_per_epoch else 0)
     timed = result.train_times_s or result.epoch_times_s
     device = str(getattr(trainer, "device", None) or (f"cuda:{gpu_ids[0]}" if gpu_ids else "cpu"))
-    mine = RankFigures(world.rank, distributed.host(), device, _rate(shard, timed), result.gpu_util_mean,
+    rate = _rate(shard, timed[1:]) or _rate(shard, timed)  # steady state, like the stage's own figure
+    mine = RankFigures(world.rank, distributed.host(), device, rate, result.gpu_util_mean,
                        result.gpu_mem_peak_gb, shard, len(loader) if loader is not None else 0)  # fmt: skip
     return tuple(distributed.gather(mine))
 

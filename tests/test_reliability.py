@@ -51,6 +51,11 @@ def test_oom_mid_training_goes_on_from_the_checkpoint_with_smaller_batches(make_
         assert f"out of memory at batch {o['from_batch']}, continued with {o['to_batch']} (epoch 2, {o['at']})" in text
 
 
+def _csv_rows(stage_dir: Path) -> list[dict[str, str]]:
+    with (stage_dir / "results.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def _train_cmd(root: Path, project: Path, epochs: int) -> list[str]:
     args = ["--dataset", str(root), "--img-size", "64", "--epochs", str(epochs), "--finetune", "no"]
     return [
@@ -93,6 +98,7 @@ def test_interrupted_training_resumes_where_it_stopped(make_dataset, tmp_path, s
         assert main["status"] == "running"
     done_before = runner.checkpoint_epoch(checkpoint) + 1
     assert 1 <= done_before < epochs
+    saved_rows = _csv_rows(project / "train" / "main")[:done_before]
     again = subprocess.run([*_train_cmd(root, project, epochs)[:4], "--resume", str(project / "train")],
                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
@@ -100,6 +106,8 @@ def test_interrupted_training_resumes_where_it_stopped(make_dataset, tmp_path, s
     m = doc["stages"][0]["measured"]
     assert (doc["stages"][0]["status"], m["epochs_done"], doc["run"]["status"]) == ("completed", epochs, "finished")
     assert csv_epochs(project / "train" / "main") == list(range(1, epochs + 1))  # no epoch repeated or lost
+    # the saved epochs were kept, not trained again (a killed run's report has no result for its stage)
+    assert _csv_rows(project / "train" / "main")[:done_before] == saved_rows
     assert len(m["epoch_times_s"]) == epochs
     assert (project / "train" / "speed_report.png").is_file()
     import torch

@@ -55,6 +55,31 @@ def test_report_shows_oom_fallbacks_and_gpu_figures():
     assert "11.5" in text
 
 
+def _ranks(rates: list[float]) -> list[dict]:
+    return [
+        {"rank": i, "node": f"node{i // 2}", "device": f"cuda:{i % 2}", "images_per_s": r, "gpu_util_mean": 90.0,
+         "gpu_mem_peak_gb": 9.5, "images": 64, "batches": 4}
+        for i, r in enumerate(rates)
+    ]  # fmt: skip
+
+
+def test_a_multi_rank_stage_shows_each_rank_and_names_the_slow_one(tmp_path):
+    doc = stored()
+    doc["stages"][0]["measured"]["ranks"] = _ranks([101.0, 99.5, 60.0, 100.2])
+    rep = typed(doc)
+    text = render(render_mod.render_measured(rep), width=200)
+    assert "main: 4 ranks," in text
+    assert "rank 2 60.0 (node1 cuda:0, GPU 90 %, 9.5 GB)" in text
+    assert "rank 2 (node1 cuda:0) ran at 59% of the fastest rank: every step waits for it" in text
+    even = stored()
+    even["stages"][0]["measured"]["ranks"] = _ranks([100.0, 97.0])
+    assert "of the fastest rank" not in render(render_mod.render_measured(typed(even)), width=200)
+    many = stored()
+    many["stages"][0]["measured"]["ranks"] = _ranks([100.0 + i for i in range(16)])
+    assert "slowest 100.0, median 107.5, fastest 115.0" in render(render_mod.render_measured(typed(many)), width=200)
+    assert render_mod.save_png(rep, tmp_path / "r.png").stat().st_size > 0  # the per-rank levels draw
+
+
 def test_interrupted_stage_says_how_to_go_on():
     doc = stored()
     doc["stages"][0].update(status="interrupted", note="interrupted after epoch 1; resume with --resume")
