@@ -29,7 +29,7 @@ from speedtrain.planner import Overrides
 from speedtrain.resize import ResizeSummary
 from speedtrain.speedreport import SpeedReport
 from speedtrain.tuner import TuneResult
-from speedtrain.util import check_free_disk
+from speedtrain.util import check_free_disk, existing_parent
 
 if TYPE_CHECKING:
     from speedtrain.comparison import Comparison
@@ -184,10 +184,14 @@ def _train_as_rank(
     run folder while the others wait; then every rank trains its shard. The others' errors name rank 0's."""
     distributed.join(distributed.rank_device(str(args.get("device") or "")))
     try:
+        # every node probes itself (its local rank 0); rank 0 plans for the weakest
+        mine = hardware.probe(existing_parent(Path(project))) if world.local_rank == 0 else None
+        machine = hardware.weakest([s for s in distributed.gather(mine) if s is not None])
         outcome: tuple[str, Any] = ("error", None)
         if world.leader:
             try:
-                planned = _planned(dataset, args, extra, None, allow_download, world=world.size)
+                local = {"nproc_per_node": world.local_size}  # the launcher's ranks on this node
+                planned = _planned(dataset, {**args, **local}, extra, machine, allow_download, world=world.size)
                 if planned.plan.prepare_size:
                     planned = workflow.prepare_dataset(planned, Path(project))
                 if tune:

@@ -301,3 +301,29 @@ def _gb(n_bytes: float) -> float:
 
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def weakest(snapshots: list[HardwareSnapshot]) -> HardwareSnapshot:
+    """One snapshot for a run across nodes: the first node's, with the least free VRAM, RAM, cores, disk and
+    /dev/shm that any node has (every node runs the same per-rank batch, workers and cache), and a note saying so.
+    A single snapshot comes back unchanged."""
+    first = snapshots[0]
+    if len(snapshots) == 1:
+        return first
+    all_gpus = [g for s in snapshots for g in s.gpus]
+    free = min((g.free_vram_gb for g in all_gpus), default=0.0)
+    total = min((g.total_vram_gb for g in all_gpus), default=0.0)
+    gpus = tuple(replace(g, free_vram_gb=min(g.free_vram_gb, free), total_vram_gb=min(g.total_vram_gb, total))
+                 for g in first.gpus)  # fmt: skip
+    shm = [s.shm_free_gb for s in snapshots if s.shm_free_gb is not None]
+    return replace(
+        first,
+        gpus=gpus,
+        ram_total_gb=min(s.ram_total_gb for s in snapshots),
+        ram_available_gb=min(s.ram_available_gb for s in snapshots),
+        cpu_cores_logical=min(s.cpu_cores_logical for s in snapshots),
+        cpu_cores_physical=min(s.cpu_cores_physical for s in snapshots),
+        disk_free_gb=min(s.disk_free_gb for s in snapshots),
+        shm_free_gb=min(shm) if shm else None,
+        notes=(*first.notes, f"{len(snapshots)} nodes: planned for the least free VRAM, RAM, cores and disk of any"),
+    )

@@ -234,7 +234,7 @@ def _main_stage(
         reasons["batch"] += f"; clamped to {clamped}: the dataset has {stats.train_images} training images"
         batch = clamped
     workers, reasons["workers"] = _workers(hw, gpus, ov.workers, batch, imgsz, warnings)
-    threads, reasons["threads"] = _threads(hw, gpus, ov.threads)
+    threads, reasons["threads"] = _threads(hw, gpus, ov.threads, ov.nproc_per_node or 1)
     cache, reasons["cache"] = _cache(hw, stats, imgsz, workers, gpus, ov.cache)
     epochs, reasons["epochs"] = _epochs(ov)
     pipeline, reasons["pipeline"] = _pipeline(ov.pipeline, gpus)
@@ -581,7 +581,9 @@ def shm_need_gb(workers: int, per_gpu_batch: int, imgsz: int, gpus: int, cores_p
     return max(gpus, 1) * batch_gb * (workers * SHM_PREFETCH + val_workers * 2 * 2)
 
 
-def _threads(hw: HardwareSnapshot, gpus: int, requested: int | None) -> tuple[int | None, str]:
+def _threads(
+    hw: HardwareSnapshot, gpus: int, requested: int | None, local_ranks: int = 1
+) -> tuple[int | None, str]:
     """torch's intra-op threads: on CPU one per physical core; on a GPU Ultralytics' own setting.
 
     Ultralytics sets OMP_NUM_THREADS=1 at import and, for CPU training, torch.set_num_threads(min(8, cores - 1)):
@@ -598,6 +600,9 @@ def _threads(hw: HardwareSnapshot, gpus: int, requested: int | None) -> tuple[in
     if gpus:
         return None, "Ultralytics' own: on a GPU the training process launches kernels; cores feed the workers"
     cores = max(1, min(hw.cpu_cores_physical, hw.cpu_cores_logical))
+    if local_ranks > 1:  # CPU ranks on one machine share its cores
+        share = max(1, cores // local_ranks)
+        return share, f"{share}: {cores} physical cores shared by {local_ranks} CPU ranks on this node"
     ultra = min(8, max(1, hw.cpu_cores_logical - 1))
     return cores, (
         f"{cores}: one per physical core; CPU training loads data between steps in the same process, so the "

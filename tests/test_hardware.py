@@ -208,3 +208,16 @@ def test_a_torch_probe_that_fails_in_the_child_is_one_note(monkeypatch, small_ma
 def test_shm_free_space_is_probed(tmp_path):
     assert hardware.shm_free_gb(tmp_path) > 0
     assert hardware.shm_free_gb(tmp_path / "absent") is None
+
+
+def test_a_run_across_nodes_is_planned_for_the_weakest_node():
+    from conftest import snapshot
+
+    from speedtrain.hardware import weakest
+
+    big, small = snapshot((80, 80), ram=512, cores=64), snapshot((24, 24), ram=64, cores=16, disk=100)
+    merged = weakest([big, small])
+    assert [g.free_vram_gb for g in merged.gpus] == [small.gpus[0].free_vram_gb] * 2
+    assert (merged.ram_available_gb, merged.cpu_cores_logical, merged.disk_free_gb) == (64, 16, 100)
+    assert "2 nodes: planned for the least free VRAM" in merged.notes[-1]
+    assert weakest([big]) is big
