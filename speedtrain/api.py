@@ -188,7 +188,10 @@ def _train_as_rank(
         mine = hardware.probe(existing_parent(Path(project))) if world.local_rank == 0 else None
         machine = hardware.weakest([s for s in distributed.gather(mine) if s is not None])
         outcome: tuple[str, Any] = ("error", None)
-        if world.leader:
+        restarted = distributed.restarted_run(Path(project)) if world.leader else None
+        if restarted is not None:  # torchrun --max-restarts started the group again: go on with its run
+            outcome = ("resume", str(restarted))
+        elif world.leader:
             try:
                 local = {"nproc_per_node": world.local_size}  # the launcher's ranks on this node
                 planned = _planned(dataset, {**args, **local}, extra, machine, allow_download, world=world.size)
@@ -197,14 +200,16 @@ def _train_as_rank(
                 if tune:
                     planned, _ = workflow.autotune(planned, Path(project), budget_s=budget_s, retune=retune, log=log)
                 on_event("planned", planned.report())
-                outcome = ("run", str(workflow.start(planned, project, name, log)[1]))
+                run_dir = workflow.start(planned, project, name, log)[1]
+                distributed.remember_run(Path(project), run_dir)
+                outcome = ("run", str(run_dir))
             except SpeedtrainError as exc:
                 outcome = ("error", exc)
         outcome = distributed.broadcast(outcome)
         if outcome[0] == "error":
             raise outcome[1] if world.leader else PeerFailed(f"rank 0 could not start the run: {outcome[1]}")
-        rep, _ = workflow.run_as_rank(outcome[1], resuming=False, log=log if world.leader else _silent,
-                                      quiet=not verbose)  # fmt: skip
+        rep, _ = workflow.run_as_rank(outcome[1], resuming=outcome[0] == "resume",
+                                      log=log if world.leader else _silent, quiet=not verbose)  # fmt: skip
         return rep
     finally:
         distributed.leave()

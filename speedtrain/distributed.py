@@ -14,6 +14,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 # How long a collective waits for a rank before the group fails. A rank that dies is noticed by the launcher at
@@ -87,7 +88,18 @@ def join(device: Any) -> None:
     # importing it after joining would wait there for the others, which import it elsewhere. Import it first.
     import speedtrain.ultra  # noqa: F401
 
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    restart = _int("TORCHELASTIC_RESTART_COUNT", 0)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restart > 0:
+        # torchrun --max-restarts keeps its agent's store across restarts: the keys of the group that failed (its
+        # ranks' addresses, its barrier counts) are still there, and a group formed on them connects to dead ports
+        # or waits forever (seen with torch 2.14 and gloo). Each attempt gets keys of its own.
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=TIMEOUT)  # fmt: skip
+        dist.init_process_group(backend, store=dist.PrefixStore(f"speedtrain/attempt_{restart}", store),
+                                rank=_int("RANK", 0), world_size=_int("WORLD_SIZE", 1), timeout=TIMEOUT)  # fmt: skip
+        return
+    dist.init_process_group(backend, timeout=TIMEOUT)
 
 
 def joined() -> bool:
@@ -155,3 +167,34 @@ def _collective_device() -> Any:
 
 def host() -> str:
     return socket.gethostname()
+
+
+# torchrun --max-restarts starts every rank again with the same command after a rank failed (an out-of-memory, a
+# lost rank): `speedtrain train` must then go on with the run this launch started, not start another. torchrun sets
+# TORCHELASTIC_RUN_ID (its --rdzv-id) and TORCHELASTIC_RESTART_COUNT for every rank.
+RUNS_DIR = ".launches"
+
+
+def remember_run(project: Path, run_dir: Path) -> None:
+    """Rank 0: note which run folder this launch (torchrun's run id) trains, for its restarts."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if run_id:
+        from speedtrain.util import write_atomic
+
+        write_atomic(project / RUNS_DIR / _safe(run_id), str(run_dir).encode())
+
+
+def restarted_run(project: Path) -> Path | None:
+    """The run folder this launch started before torchrun restarted it; None on its first start."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if not run_id or _int("TORCHELASTIC_RESTART_COUNT", 0) == 0:
+        return None
+    try:
+        run_dir = Path((project / RUNS_DIR / _safe(run_id)).read_text(encoding="utf-8").strip())
+    except OSError:
+        return None
+    return run_dir if (run_dir / "speed_report.json").is_file() else None
+
+
+def _safe(run_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)[:200] or "run"

@@ -581,9 +581,7 @@ def shm_need_gb(workers: int, per_gpu_batch: int, imgsz: int, gpus: int, cores_p
     return max(gpus, 1) * batch_gb * (workers * SHM_PREFETCH + val_workers * 2 * 2)
 
 
-def _threads(
-    hw: HardwareSnapshot, gpus: int, requested: int | None, local_ranks: int = 1
-) -> tuple[int | None, str]:
+def _threads(hw: HardwareSnapshot, gpus: int, requested: int | None, local_ranks: int = 1) -> tuple[int | None, str]:
     """torch's intra-op threads: on CPU one per physical core; on a GPU Ultralytics' own setting.
 
     Ultralytics sets OMP_NUM_THREADS=1 at import and, for CPU training, torch.set_num_threads(min(8, cores - 1)):

@@ -198,6 +198,27 @@ def test_an_oom_on_one_rank_steps_every_rank_down_together(make_dataset, tmp_pat
     assert not list((project / "train" / "main").glob(oom.FAULT_GLOB))  # the records were consumed
 
 
+@pytest.mark.slow
+def test_under_torchrun_with_max_restarts_an_oom_restarts_the_same_run_one_batch_smaller(make_dataset, tmp_path, trees):
+    """torchrun restarts every rank with the same command: speedtrain goes on with the run it started (not a new
+    folder), and all ranks read rank 1's record and step down."""
+    root, project = make_dataset(16, 4), tmp_path / "runs"
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAKE_OOM)
+    env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
+           "SPEEDTRAIN_TEST_OOM_RANK": "1", "SPEEDTRAIN_TEST_OOM_LOG": str(tmp_path / "seen.txt")}  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                "--max-restarts", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+                "--rdzv-id", "oom1", "-m", "speedtrain"]  # fmt: skip
+    code, out = trees([*torchrun, *_train(root, project)], env).wait()
+    assert code == 0, out[-4000:]
+    doc = _assert_trained_together(project / "train", 3)
+    m = doc["stages"][0]["measured"]
+    assert (m["batch"], [(f["from_batch"], f["to_batch"]) for f in m["oom_fallbacks"]]) == (4, [(8, 4)])
+    assert not (project / "train2").exists()  # the restart went on with the same run
+
+
 def _wait_for_epoch(run_dir: Path, tree: Tree, epoch: int) -> None:
     """Until `epoch` (1-based) is saved and the next one is under way."""
     checkpoint = run_dir / "main" / "weights" / runner.RESUME_NAME
