@@ -63,7 +63,7 @@ MODES = {
         "compare_budget_s": 10,
     },
 }
-THROUGHPUT_ROWS = ("defaults", "plan-settings", "plan", "fast", "autotune", "deterministic", "floor")
+THROUGHPUT_ROWS = ("defaults", "plan-settings", "plan", "fast", "autotune", "deterministic", "torchrun", "floor")
 ROW_TITLES = {
     "defaults": "Ultralytics defaults (640, batch 16, 8 workers, no cache)",
     "plan-settings": "Ultralytics with the plan's settings",
@@ -71,6 +71,7 @@ ROW_TITLES = {
     "fast": "speedtrain train --pipeline fast",
     "autotune": "speedtrain train --autotune",
     "deterministic": "speedtrain train --deterministic",
+    "torchrun": "speedtrain train under torchrun --nproc-per-node 1 (the launcher path; should match plan)",
     "floor": "step floor (fwd + bwd + step, batches on the device)",
 }
 CHECKS = ("facts", "probe", "dataset", *THROUGHPUT_ROWS, "oom", "ctrlc", "compare")
@@ -296,7 +297,9 @@ SPEEDTRAIN_FLAGS = {
     "fast": ["--pipeline", "fast"],
     "autotune": ["--autotune", "--retune"],
     "deterministic": ["--deterministic"],
+    "torchrun": [],
 }
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
 
 
 def _train_cmd(s: dict[str, Any], project: Path, epochs: int, *flags: str) -> list[str]:
@@ -314,8 +317,11 @@ def step_speedtrain(out: Path, work: Path, args: argparse.Namespace) -> None:
     flags = list(SPEEDTRAIN_FLAGS[args.row])
     if args.row == "autotune":
         flags += ["--budget-s", str(s["tune_budget_s"])]
+    cmd = _train_cmd(s, project, s["epochs"], *flags)
+    if args.row == "torchrun":  # the same command as one rank of PyTorch's launcher, as a cluster job starts it
+        cmd = [sys.executable, *TORCHRUN, *cmd[1:]]
     t0 = time.perf_counter()
-    done = subprocess.run(_train_cmd(s, project, s["epochs"], *flags), capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     sys.stdout.write(done.stdout[-20000:])
     sys.stderr.write(done.stderr[-20000:])

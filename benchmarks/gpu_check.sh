@@ -81,6 +81,7 @@ step deterministic "$row" speedtrain --row deterministic
 step oom 90 oom
 step ctrlc 150 ctrlc
 step compare 200 compare
+step torchrun "$row" speedtrain --row torchrun
 "$py" "$repo/benchmarks/gpu_check.py" report --out "$out" --work "$work" 2>"$out/logs/report.log"
 rc=$?
 case $work in "${TMPDIR:-/tmp}"/speedtrain-gpu-check.*) rm -rf "$work" ;; esac

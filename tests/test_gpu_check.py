@@ -23,8 +23,10 @@ def test_gpu_check_cpu_mode_runs_every_step(tmp_path):
     doc = json.loads((out / "gpu_check.json").read_text())
     assert doc["failed"] == {}, doc["failed"]
     recs = doc["records"]
-    for row in ("defaults", "plan-settings", "plan", "fast", "autotune", "deterministic", "floor"):
+    for row in ("defaults", "plan-settings", "plan", "fast", "autotune", "deterministic", "torchrun", "floor"):
         assert recs[row]["images_per_s"] > 0, row
+    # under torchrun --nproc-per-node 1 the run is the same single process as plain `speedtrain train`
+    assert (recs["torchrun"]["batch"], recs["torchrun"]["imgsz"]) == (recs["plan"]["batch"], recs["plan"]["imgsz"])
     assert recs["deterministic"]["deterministic"] is True
     assert recs["plan"]["deterministic"] is False
     assert recs["fast"]["pipeline"] == "fast"
