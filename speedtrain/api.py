@@ -287,7 +287,13 @@ def resume(
                                             quiet=not verbose)[0]  # fmt: skip
             finally:
                 distributed.leave()
-        ranks = SpeedReport.from_json(Path(run_dir)).plan.ranks
+        planned_run = SpeedReport.from_json(Path(run_dir)).plan
+        ranks, gpus = planned_run.ranks, len(planned_run.stages[0].gpu_ids)
+        if ranks > 1 and gpus and ranks > gpus:
+            raise UsageError(
+                f"{run_dir}: this run trained as {ranks} ranks across nodes; go on with the launcher command that "
+                "started it (torchrun or srun on every node), with `train --resume RUN_DIR` in place of its flags"
+            )
         if ranks > 1:
             workflow.check_resumable(run_dir)
             return launch.run(Path(run_dir).absolute(), ranks, resuming=True, quiet=not verbose, log=log)

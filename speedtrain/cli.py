@@ -341,9 +341,7 @@ def _run_display(out: Console) -> Iterator[Callable[[Any], None]]:
 
         def line(ev: Any) -> None:
             if ev.epoch_done:
-                rate = f"{ev.images_per_s} img/s" if ev.images_per_s else "-"
-                score = f"mAP50-95 {ev.map50_95:.3f}" if ev.map50_95 is not None else ""
-                out.print(f"{ev.stage}: epoch {ev.epoch + 1}/{ev.epochs}  {rate}  {score}".rstrip())
+                out.print(render.epoch_line(ev))
 
         yield line
         return

@@ -9,8 +9,9 @@ import argparse
 import signal
 import sys
 
-from speedtrain import distributed, workflow
+from speedtrain import distributed, render, workflow
 from speedtrain.errors import PeerFailed, SpeedtrainError
+from speedtrain.runner import StageProgress
 from speedtrain.speedreport import SpeedReport
 from speedtrain.util import first_line
 
@@ -33,7 +34,9 @@ def run(run_dir: str, world: distributed.World, *, resuming: bool, quiet: bool) 
     try:
         plan = SpeedReport.from_json(run_dir).plan
         distributed.join(distributed.rank_device(plan.device))
-        rep, _ = workflow.run_as_rank(run_dir, resuming=resuming, log=say if world.leader else quiet_log, quiet=quiet)
+        progress = epoch_done if world.leader and quiet else None  # --verbose: Ultralytics' own bars instead
+        rep, _ = workflow.run_as_rank(run_dir, resuming=resuming, log=say if world.leader else quiet_log, quiet=quiet,
+                                      on_update=progress)  # fmt: skip
     except PeerFailed:
         return 1  # the rank that failed first says why
     except SpeedtrainError as exc:
@@ -51,6 +54,12 @@ def run(run_dir: str, world: distributed.World, *, resuming: bool, quiet: bool) 
 
 def say(line: str) -> None:
     print(line, flush=True)
+
+
+def epoch_done(ev: StageProgress) -> None:
+    """Rank 0's progress: a line per saved epoch, with the whole group's images/s."""
+    if ev.epoch_done:
+        say(render.epoch_line(ev))
 
 
 def quiet_log(_line: str) -> None:

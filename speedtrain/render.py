@@ -269,6 +269,13 @@ def render_measured(rep: SpeedReport) -> RenderableType:
     return Group(table, *[Text(n) for n in notes])
 
 
+def epoch_line(ev: Any) -> str:
+    """One line for a finished epoch (a log, or a rank's console): stage, epoch, images/s, last mAP50-95."""
+    rate = f"{ev.images_per_s} img/s" if ev.images_per_s else "-"
+    score = f"mAP50-95 {ev.map50_95:.3f}" if ev.map50_95 is not None else ""
+    return f"{ev.stage}: epoch {ev.epoch + 1}/{ev.epochs}  {rate}  {score}".rstrip()
+
+
 SHOWN_RANKS = 8  # ranks listed one by one; more are summarised as slowest, median, fastest
 
 

@@ -14,8 +14,9 @@ from conftest import snapshot
 from rich.console import Console
 
 import speedtrain
-from speedtrain import api
+from speedtrain import api, planner
 from speedtrain.errors import SpeedtrainError, UsageError
+from speedtrain.speedreport import SpeedReport
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,3 +144,22 @@ def test_tune_and_compare_under_a_launcher_are_refused_in_one_line(monkeypatch, 
     assert not any(tmp_path.iterdir())
     monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc-per-node 1: one process, allowed
     api.refuse_external_launcher()
+
+
+def test_a_run_of_several_nodes_is_resumed_through_its_launcher(tmp_path, monkeypatch):
+    """A run planned for torchrun's WORLD_SIZE 16 on nodes of 2 GPUs cannot be started again as local ranks."""
+    from conftest import fake_stats
+
+    from speedtrain.planner import Overrides
+
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    hw, stats = snapshot((24, 24)), fake_stats()
+    plan = planner.plan(hw, stats, Overrides(world=16, nproc_per_node=2))
+    assert plan.ranks == 16
+    assert plan.stages[0].batch % 16 == 0  # per-GPU batch x 16 ranks
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    SpeedReport.planned(hw, stats, plan).started(run_dir, tmp_path / "view.yaml").to_json(run_dir / "speed_report.json")
+    with pytest.raises(UsageError, match="trained as 16 ranks across nodes; go on with the launcher command"):
+        speedtrain.resume(run_dir)

@@ -126,6 +126,7 @@ def test_speedtrain_launches_two_ranks_that_train_disjoint_shards(make_dataset, 
     assert "Traceback" not in out
     assert out.count("Measured on this machine") == 1  # rank 0 speaks for the run
     assert "main: 2 ranks, " in out  # each rank's own figures, gathered
+    assert "main: epoch 3/3" in out  # rank 0's progress, a line per saved epoch
 
 
 def _free_port() -> int:
