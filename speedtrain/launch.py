@@ -55,6 +55,9 @@ def run(
         try:
             elastic_launch(config, sys.executable)(*args)
         except ChildFailedError as exc:
+            rep = SpeedReport.from_json(run_dir)
+            if rep.run is not None and rep.run.interrupted:
+                break  # a signal reached a rank, not this launcher: all ranks stopped after the same saved epoch
             if any(oom.faults(d) for d in _stage_dirs(run_dir)) and attempt < MAX_RESTARTS:
                 resuming = True  # the ranks read the record and step down together
                 continue

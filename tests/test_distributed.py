@@ -255,6 +255,22 @@ def test_a_signal_to_the_launcher_stops_every_rank_after_the_same_saved_epoch(ma
 
 
 @pytest.mark.slow
+def test_a_signal_to_one_rank_stops_them_all_after_the_same_epoch(make_dataset, tmp_path, trees):
+    """A scheduler may signal one process of the group (or an operator one rank): every rank stops together."""
+    root, project, epochs = make_dataset(16, 4), tmp_path / "runs", 5
+    run_dir = project / "train"
+    tree = trees(_speedtrain(*_train(root, project, "--nproc-per-node", "2", epochs=epochs)))
+    _wait_for_epoch(run_dir, tree, 1)
+    tree.ranks()[1].send_signal(signal.SIGTERM)
+    code, out = tree.wait()
+    assert code == 143, out[-4000:]
+    doc = _report(run_dir)
+    assert (doc["stages"][0]["status"], doc["run"]["stopped_by"]) == ("interrupted", "SIGTERM")
+    done = doc["stages"][0]["measured"]["epochs_done"]
+    assert runner.checkpoint_epoch(run_dir / "main" / "weights" / runner.RESUME_NAME) + 1 == done < epochs
+
+
+@pytest.mark.slow
 def test_a_killed_rank_ends_the_run_in_bounded_time_and_resume_completes(make_dataset, tmp_path, trees):
     root, project, epochs = make_dataset(16, 4), tmp_path / "runs", 4
     run_dir = project / "train"

@@ -71,6 +71,17 @@ def test_every_internal_reach_is_where_ultra_expects_it():
     assert "preprocess_batch" in vars(DetectionTrainer), moved("DetectionTrainer.preprocess_batch")
     assert "model.args" in inspect.getsource(loss.v8DetectionLoss.__init__), moved("v8DetectionLoss reading model.args")
     assert any(type(h).__name__ == "StreamHandler" for h in LOGGER.handlers), moved("LOGGER's console handler")
+    # RankTrainer: one rank of a torchrun group
+    init = inspect.getsource(BaseTrainer.__init__)
+    assert "self.ddp = world_size > 1 and LOCAL_RANK == -1" in init, moved("BaseTrainer's ddp and world_size")
+    assert "self._setup_ddp()" in inspect.getsource(BaseTrainer._do_train), moved("_do_train calling _setup_ddp")
+    setup = inspect.getsource(BaseTrainer._setup_train)
+    assert "nn.parallel.DistributedDataParallel(" in setup, moved("_setup_train's DDP wrap through trainer.nn")
+    assert "device_ids=[self.device.index]" in setup, moved("the DDP wrap's device_ids")
+    assert "self.validator(model=model)" in inspect.getsource(BaseTrainer.final_eval), moved("final_eval")
+    import ultralytics.engine.trainer as trainer_module
+
+    assert trainer_module.nn is __import__("torch").nn, moved("engine/trainer.py importing torch's nn as nn")
 
 
 def test_fast_trainer_is_a_plain_class_importable_by_name():
