@@ -52,8 +52,11 @@ def run(run_dir: str, world: distributed.World, *, resuming: bool, quiet: bool) 
     return 0
 
 
+CONSOLE = sys.stdout  # the launcher's console: training sends Ultralytics' own output (sys.stdout) to its log file
+
+
 def say(line: str) -> None:
-    print(line, flush=True)
+    print(line, file=CONSOLE, flush=True)
 
 
 def epoch_done(ev: StageProgress) -> None:

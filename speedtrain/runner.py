@@ -289,8 +289,10 @@ def run(
     on_update: OnProgress | None = None,
     log_file: Path | None = None,
     log: Log = lambda _: None,
+    resuming: bool = False,
 ) -> RunResult:
     """Train the plan's stages in order (finished ones from `previous` are kept) and return what was measured.
+    `resuming`: a run going on after an interruption or a kill; a stage goes on from its last checkpoint.
 
     `on_progress(results, running_stage)` is called before each stage and after it, so the caller can keep a
     report on disk that a later --resume reads.
@@ -300,7 +302,7 @@ def run(
 
     with ultra.session():
         return _run(plan, data_yaml, run_dir, started, t0, previous, decide_finetune, before_stage, on_progress,
-                    on_update, log_file, log)  # fmt: skip
+                    on_update, log_file, log, resuming)  # fmt: skip
 
 
 def _run(
@@ -316,6 +318,7 @@ def _run(
     on_update: OnProgress | None,
     log_file: Path | None,
     log: Log,
+    resuming: bool = False,
 ) -> RunResult:
     from speedtrain import ultra
 
@@ -340,7 +343,7 @@ def _run(
             on_progress(tuple(results), stage.name)
             result = train_stage(
                 stage, weights, data_yaml, Path(run_dir), log=log, previous=prior, on_update=on_update,
-                log_file=log_file,
+                log_file=log_file, resuming=resuming,
             )  # fmt: skip
             world = distributed.world()
             if result.status != "interrupted" and (world is None or world.leader):  # rank 0's model, rank 0 times
@@ -414,6 +417,7 @@ def train_stage(
     previous: StageResult | None = None,
     on_update: OnProgress | None = None,
     log_file: Path | None = None,
+    resuming: bool = False,
 ) -> StageResult:
     """Train one stage; on out-of-memory step down the batch chain and go on from the last checkpoint.
 
@@ -424,9 +428,9 @@ def train_stage(
     from speedtrain import ultra
 
     stage_dir = project / stage.name
-    # A stage an earlier run was interrupted in, or was killed in (no result in its report), goes on from its
-    # last complete checkpoint; a fresh run's stage folder has none.
-    checkpoint = resume_point(stage_dir)
+    # A stage an earlier run was interrupted in, or was killed in (`resuming`, and no result in its report), goes on
+    # from its last complete checkpoint; a folder reused by a fresh run (tune's trial runs) starts over.
+    checkpoint = resume_point(stage_dir) if previous or resuming else None
     if previous and checkpoint is None:
         log(f"{stage.name}: no checkpoint of an earlier epoch; starting the stage again")
     world = distributed.world()

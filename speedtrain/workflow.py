@@ -300,7 +300,7 @@ def _run(
     result = runner.run(
         current.plan, rep.run.data_yaml, run_dir, previous=previous, decide_finetune=ask,
         before_stage=before_stage, on_progress=save, log=log, on_update=on_update,
-        log_file=run_dir / ULTRALYTICS_LOG if quiet else None,
+        log_file=run_dir / ULTRALYTICS_LOG if quiet else None, resuming=rep.run.resumed_at is not None,
     )  # fmt: skip
     final = current.finished(result)
     if not owner:
