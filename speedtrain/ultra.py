@@ -234,6 +234,10 @@ class RankTrainer(DetectionTrainer):
 
         self.device = distributed.rank_device(str(self.args.device))
         distributed.join(self.device)
+        if self.device.type == "cuda":  # as Ultralytics' own _setup_ddp: the device backend of this rank's GPU
+            from ultralytics.utils.torch_utils import get_torch_device_backend
+
+            self.accelerator = get_torch_device_backend(self.device)
 
     def _setup_train(self) -> None:
         if self.device.type != "cpu" or self.world_size <= 1:
