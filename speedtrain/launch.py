@@ -9,6 +9,7 @@ when one rank fails, stops the others and raises ChildFailedError naming it.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ RANK_MODULE = "speedtrain.rank"
 # How long the launcher lets the ranks finish the epoch after Ctrl-C or SIGTERM before it kills them (torchrun's own
 # default is 30 s, less than an epoch of most real runs). A rank that exits is noticed within MONITOR_S.
 SHUTDOWN_S = 3600
+OLD_TORCH_GRACE_S = 30  # torch before 2.12: fixed in PContext.close
 MONITOR_S = 0.5
 MAX_RESTARTS = 16  # out-of-memory restarts; each steps one batch down the plan's chain, which ends sooner
 
@@ -42,15 +44,16 @@ def run(
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import elastic_launch
 
     log(f"starting {nproc} ranks (torch.distributed, one process each)")
+    if (grace := grace_s()) < SHUTDOWN_S:
+        log(
+            f"this torch gives ranks {grace} s after Ctrl-C or SIGTERM before it kills them (torch 2.12 and "
+            "later let speedtrain give them an hour): an epoch not finished by then is trained again on --resume"
+        )
     for attempt in range(MAX_RESTARTS + 1):
-        config = LaunchConfig(
-            min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"speedtrain-{run_dir.name}-{attempt}",
-            rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=MONITOR_S,
-            shutdown_timeout=SHUTDOWN_S,
-        )  # fmt: skip
+        config = launch_config(nproc, f"speedtrain-{run_dir.name}-{attempt}")
         args = ["-m", RANK_MODULE, str(run_dir), *(["--resume"] if resuming else []), *(["--quiet"] if quiet else [])]
         try:
             elastic_launch(config, sys.executable)(*args)
@@ -66,6 +69,31 @@ def run(
             pass  # the ranks had the signal too, finished the epoch and saved it: the report says so
         break
     return SpeedReport.from_json(run_dir)
+
+
+def launch_config(nproc: int, run_id: str) -> Any:
+    """torchrun's configuration for `nproc` ranks on this node, each rank's failure fatal to the attempt.
+
+    The grace time after a stop signal (`shutdown_timeout`) is a LaunchConfig field from torch 2.12 on; before, it
+    is a fixed 30 s, and passing it would be a TypeError."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    grace: dict[str, Any] = {"shutdown_timeout": SHUTDOWN_S} if _has_grace_field(LaunchConfig) else {}
+    return LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=run_id, rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=MONITOR_S, **grace,
+    )  # fmt: skip
+
+
+def grace_s() -> int:
+    """Seconds the ranks get to finish their epoch after Ctrl-C or SIGTERM with this torch."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    return SHUTDOWN_S if _has_grace_field(LaunchConfig) else OLD_TORCH_GRACE_S
+
+
+def _has_grace_field(config_class: type) -> bool:
+    return any(f.name == "shutdown_timeout" for f in dataclasses.fields(config_class))
 
 
 def _stage_dirs(run_dir: Path) -> list[Path]:

@@ -309,3 +309,26 @@ def test_the_torchrun_environment_is_read_as_torchrun_sets_it(monkeypatch):
     assert str(distributed.rank_device("cpu")) == "cpu"
     assert str(distributed.rank_device("2,3")) == "cuda:3"  # LOCAL_RANK picks its entry of --device
     assert str(distributed.rank_device("0")) == "cuda:1"  # a shorter list: GPU LOCAL_RANK, as torchrun means it
+
+
+def test_the_launch_gives_ranks_an_hour_to_finish_their_epoch_where_torch_allows_it(monkeypatch):
+    import dataclasses
+
+    import torch.distributed.launcher.api as torch_launch
+
+    from speedtrain import launch
+
+    config = launch.launch_config(2, "speedtrain-run-0")
+    assert (config.nproc_per_node, config.max_restarts, config.shutdown_timeout) == (2, 0, launch.SHUTDOWN_S)
+    assert launch.grace_s() == launch.SHUTDOWN_S
+
+    # torch before 2.12: the same LaunchConfig without the field (a fixed 30 s grace); passing it is a TypeError
+    real = dataclasses.fields(torch_launch.LaunchConfig)
+    fields = [(f.name, f.type, f) for f in real if f.name != "shutdown_timeout"]
+    old = dataclasses.make_dataclass("LaunchConfig", fields)
+    with pytest.raises(TypeError, match="shutdown_timeout"):
+        old(min_nodes=1, max_nodes=1, nproc_per_node=2, shutdown_timeout=5)
+    monkeypatch.setattr(torch_launch, "LaunchConfig", old)
+    config = launch.launch_config(2, "speedtrain-run-0")
+    assert (config.nproc_per_node, config.rdzv_endpoint) == (2, "127.0.0.1:0")
+    assert launch.grace_s() == launch.OLD_TORCH_GRACE_S
