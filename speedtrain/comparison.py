@@ -209,19 +209,28 @@ class Comparison(JupyterMixin):
             return TimeToAccuracy(name, None, None, None, "the baseline has no final validation to aim at")
         target = score.map50_95
         if target <= 0:
-            line = (f"the baseline's final mAP50-95 at {size} px is {target:.3f}: no accuracy to compare within this "
-                    "budget (give it more time, or start from pretrained weights)")  # fmt: skip
+            own = arm.final_at(size)
+            first = next((p.seconds for p in sorted(arm.curve, key=lambda p: p.epoch) if p.map50_95 > 0), None)
+            if own is not None and own.map50_95 > 0:  # the arm learned something the baseline did not
+                since = f"first measured above 0 at {first:.0f} s and " if first is not None else ""
+                line = (f"the baseline's final mAP50-95 at {size} px is 0 (nothing measurable learned in this budget) "
+                        f"while {name} {since}its final weights score {fmt_map(own.map50_95)}: {name} is ahead, but "
+                        "a time ratio needs a baseline above 0 (give it more time, or start from pretrained "
+                        "weights)")  # fmt: skip
+            else:
+                line = (f"the baseline's final mAP50-95 at {size} px is {fmt_map(target)}: no accuracy to compare "
+                        "within this budget (give it more time, or start from pretrained weights)")  # fmt: skip
             return TimeToAccuracy(name, target, None, None, line)
         seconds, base_s = time_to_reach(arm.curve, target), time_to_reach(base.curve, target)
         if seconds is None:
             best = max((p.map50_95 for p in arm.curve), default=0.0)
-            line = (f"{name} did not reach the baseline's mAP50-95 {target:.3f} (at {size} px) within the budget; "
-                    f"its best was {best:.3f}")  # fmt: skip
+            line = (f"{name} did not reach the baseline's mAP50-95 {fmt_map(target)} (at {size} px) within the "
+                    f"budget; its best was {fmt_map(best)}")  # fmt: skip
             return TimeToAccuracy(name, target, None, base_s, line)
         result = TimeToAccuracy(name, target, seconds, base_s, "")
         share = f"{result.ratio:.0%} of the time" if result.ratio is not None else f"{seconds:.0f} s"
-        line = (f"{name} reached the baseline's mAP50-95 {target:.3f} (at {size} px) in {share}: {seconds:.0f} s "
-                f"against {base_s or 0:.0f} s")  # fmt: skip
+        line = (f"{name} reached the baseline's mAP50-95 {fmt_map(target)} (at {size} px) in {share}: "
+                f"{seconds:.0f} s against {base_s or 0:.0f} s")  # fmt: skip
         return replace(result, line=line)
 
     # --- rendering ---------------------------------------------------------------------------------------------
@@ -239,7 +248,7 @@ class Comparison(JupyterMixin):
             latency = dict(a.latency_ms).get(640)
             table.add_row(
                 a.name, str(a.imgsz), str(a.batch), str(a.epochs_done), _num(a.images_per_s, "{:.1f}"),
-                *[_num(f.map50_95 if f else None, "{:.3f}") for f in finals], _num(latency, "{:.1f}"),
+                *[fmt_map(f.map50_95) if f else "-" for f in finals], _num(latency, "{:.1f}"),
                 f"{a.wall_s:.0f}",
             )  # fmt: skip
         lines = [Text(self.time_to_accuracy(a.name).line, style="bold") for a in self.arms if a.name != "defaults"]
@@ -344,6 +353,11 @@ class Comparison(JupyterMixin):
 
 def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
+
+
+def fmt_map(value: float) -> str:
+    """An mAP with three decimals, or with as many as it takes not to print a small non-zero value as 0.000."""
+    return f"{value:.3f}" if value == 0 or value >= 0.001 else f"{value:.5f}".rstrip("0")  # scores keep 5
 
 
 # --- running ------------------------------------------------------------------------------------------------------

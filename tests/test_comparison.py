@@ -77,8 +77,15 @@ def test_time_to_accuracy_from_recorded_curves():
     assert never.seconds is None
     assert "did not reach the baseline's mAP50-95 0.300" in never.line
     assert "its best was 0.200" in never.line
-    zero = comp(arm("defaults", curve((10, 0.0)), final=0.0), fast).time_to_accuracy("plan")
+    nothing = arm("defaults", curve((10, 0.0)), final=0.0)
+    ahead = comp(nothing, fast).time_to_accuracy("plan")  # the baseline learned nothing, the plan did
+    assert (ahead.target, ahead.seconds, ahead.ratio) == (0.0, None, None)
+    assert "nothing measurable learned in this budget" in ahead.line
+    assert "plan first measured above 0 at 100 s and its final weights score 0.350: plan is ahead" in ahead.line
+    zero = comp(nothing, arm("plan", curve((10, 0.0)), final=0.0)).time_to_accuracy("plan")
     assert "no accuracy to compare" in zero.line
+    tiny = comp(arm("defaults", curve((10, 0.0), (20, 0.00042)), final=0.00042), fast).time_to_accuracy("plan")
+    assert "reached the baseline's mAP50-95 0.00042 (at 640 px) in 500% of the time" in tiny.line
     assert "needs the defaults arm" in comp(fast).time_to_accuracy("plan").line
 
 
@@ -153,7 +160,8 @@ def test_two_arms_on_real_images_for_twenty_seconds_each(make_dataset, tmp_path)
     if tta.target:  # from scratch at 64 px this is usually 0: then the line says there is nothing to compare
         assert tta.seconds == time_to_reach(c.arms[1].curve, tta.target)
     else:
-        assert "no accuracy to compare" in tta.line
+        learned = c.arms[1].final[0].map50_95 > 0
+        assert ("nothing measurable learned" if learned else "no accuracy to compare") in tta.line
     run_dir = Path(c.run_dir)
     assert Comparison.from_json(run_dir) == c
     assert (run_dir / comparison.PNG_NAME).stat().st_size > 10_000
