@@ -137,11 +137,14 @@ CacheOpt = Annotated[Cache | None, typer.Option("--cache", help="Image cache. De
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, mps, 0 or 0,1. Default: all visible GPUs.")]
 RectOpt = Annotated[
     bool | None,
-    typer.Option("--rect/--no-rect", help="Rectangular batches (turns shuffle and mosaic off). Default: on."),
+    typer.Option("--rect/--no-rect", help="Rectangular batches (turns shuffle and mosaic off). Default: off."),
 ]
 FinetuneOpt = Annotated[
     Finetune,
-    typer.Option("--finetune", help="640-px fine-tune: yes, no, auto (by --target-map) or ask at the end."),
+    typer.Option(
+        "--finetune",
+        help="640-px fine-tune: auto (when the main stage's weights lose accuracy at 640), yes, no, or ask at the end.",
+    ),
 ]
 FinetuneEpochsOpt = Annotated[
     int | None, typer.Option("--finetune-epochs", min=1, help="Fine-tune epochs. Default: 25.")
@@ -150,11 +153,14 @@ FinetuneImgszOpt = Annotated[
     int | None, typer.Option("--finetune-img-size", help="Fine-tune image size. Default: 640.")
 ]
 TargetMapOpt = Annotated[
-    float, typer.Option("--target-map", min=0.0, max=1.0, help="--finetune auto runs it below this mAP50-95.")
+    float | None,
+    typer.Option("--target-map", min=0.0, max=1.0, help="--finetune auto: skip it once mAP50-95 at 640 reaches this."),
 ]
-OptimizerOpt = Annotated[str | None, typer.Option("--optimizer", help="Ultralytics optimizer name. Default: Adam.")]
-Lr0Opt = Annotated[float | None, typer.Option("--lr0", min=0.0, help="Initial learning rate. Default: 0.001.")]
-PatienceOpt = Annotated[int | None, typer.Option("--patience", min=0, help="Early-stopping patience. Default: 10.")]
+OptimizerOpt = Annotated[
+    str | None, typer.Option("--optimizer", help="Ultralytics optimizer name. Default: auto (Ultralytics' choice).")
+]
+Lr0Opt = Annotated[float | None, typer.Option("--lr0", min=0.0, help="Initial learning rate. Default: auto's.")]
+PatienceOpt = Annotated[int | None, typer.Option("--patience", min=0, help="Early-stopping patience. Default: 100.")]
 HardwareOpt = Annotated[
     Path | None,
     typer.Option("--hardware", help="Plan for the machine in this snapshot (from `speedtrain probe --json`)."),
@@ -222,7 +228,7 @@ def plan(
     cache: CacheOpt = None,
     device: DeviceOpt = None,
     rect: RectOpt = None,
-    finetune: FinetuneOpt = Finetune.ask,
+    finetune: FinetuneOpt = Finetune.auto,
     finetune_epochs: FinetuneEpochsOpt = None,
     finetune_imgsz: FinetuneImgszOpt = None,
     target_map: TargetMapOpt = DEFAULT_TARGET_MAP,
@@ -262,7 +268,7 @@ def train(
     cache: CacheOpt = None,
     device: DeviceOpt = None,
     rect: RectOpt = None,
-    finetune: FinetuneOpt = Finetune.ask,
+    finetune: FinetuneOpt = Finetune.auto,
     finetune_epochs: FinetuneEpochsOpt = None,
     finetune_imgsz: FinetuneImgszOpt = None,
     target_map: TargetMapOpt = DEFAULT_TARGET_MAP,
@@ -484,7 +490,10 @@ def compare_command(
     budget: Annotated[str, typer.Option("--budget", help="Wall-clock time per arm: 90s, 20m, 1h or 1h30m.")] = "20m",
     arms: Annotated[
         str,
-        typer.Option("--arms", help="Comma-separated: defaults, plan, plan-no-rect, plan-640, plan+finetune."),
+        typer.Option(
+            "--arms",
+            help="Comma-separated: defaults, plan, plan-rect, plan-no-rect, plan-640, plan+finetune, plan-classic.",
+        ),
     ] = "defaults,plan",
     val_imgsz: Annotated[
         int | None, typer.Option("--val-img-size", help="Size every saved epoch is validated at. Default: 640.")
@@ -508,7 +517,7 @@ def compare_command(
 ) -> None:
     """Train plain Ultralytics and the plan for the same time on your data; report time to accuracy.
 
-    Example: speedtrain compare --dataset datasets/mine --budget 20m --arms defaults,plan,plan-no-rect
+    Example: speedtrain compare --dataset datasets/mine --budget 20m --arms defaults,plan,plan+finetune
     """
     out = _Console(file=sys.stderr if as_json else sys.stdout, highlight=False)
 

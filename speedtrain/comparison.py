@@ -8,8 +8,9 @@ and retries included). The baseline's target is its final weights' mAP50-95; tim
 epoch at which an arm's curve reaches it (MLPerf Training's way of scoring detectors: time to a target mAP).
 
 Arms: `defaults` is plain Ultralytics (its default.yaml: 640 px, batch 16, optimizer auto, 8 workers, no cache,
-no rect, patience 100); `plan` is speedtrain's plan for this machine; `plan-no-rect`, `plan-640` and
-`plan+finetune` change one thing each, so a user sees what each knob costs.
+no rect, patience 100); `plan` is speedtrain's plan for this machine; `plan-rect`, `plan-no-rect`, `plan-640` and
+`plan+finetune` change one thing each, so a user sees what each knob costs; `plan-classic` is the plan with the
+classic single-script recipe (Adam at lr0 0.001, rect batches, patience 10).
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from speedtrain.errors import SpeedtrainError, UsageError
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.planner import Stage, TrainPlan
 from speedtrain.speedreport import DatasetSummary
-from speedtrain.util import first_line, read_json, utc_now, write_atomic
+from speedtrain.util import first_line, read_json, spread, utc_now, write_atomic
 
-ARMS = ("defaults", "plan", "plan-no-rect", "plan-640", "plan+finetune")
+ARMS = ("defaults", "plan", "plan-no-rect", "plan-rect", "plan-640", "plan+finetune", "plan-classic")
+CLASSIC = {"optimizer": "Adam", "lr0": 0.001, "rect": True, "patience": 10}  # the classic single-script recipe
 DEFAULT_ARMS = ("defaults", "plan")
 FINETUNE_SHARE = 0.3  # plan+finetune: the share of its budget the 640-px fine-tune gets
 MAX_CURVE_POINTS = 30  # saved epochs validated per arm (evenly spaced, the last always): bounds the evaluation time
@@ -99,8 +101,10 @@ def arms_for(plan: TrainPlan, names: Sequence[str], defaults: dict[str, Any], ba
             out.append(Arm(name, (stage,), (1.0,), prepared=False))
         elif name == "plan":
             out.append(Arm(name, (train,), (1.0,), prepared=True))
-        elif name == "plan-no-rect":
-            out.append(Arm(name, (replace(train, rect=False),), (1.0,), prepared=True))
+        elif name in ("plan-no-rect", "plan-rect"):
+            out.append(Arm(name, (replace(train, rect=name == "plan-rect"),), (1.0,), prepared=True))
+        elif name == "plan-classic":
+            out.append(Arm(name, (replace(train, **CLASSIC),), (1.0,), prepared=True))
         elif name == "plan-640":
             at = replace(train, imgsz=ft.imgsz, batch=ft.batch, batch_fallbacks=ft.batch_fallbacks, cache=ft.cache)
             out.append(Arm(name, (at,), (1.0,), prepared=True))
@@ -531,24 +535,9 @@ def _curve(
     return points
 
 
-def spread(n: int, k: int) -> list[int]:
-    """min(n, k) indices of range(n), evenly spaced, the first and the last included."""
-    if n <= k:
-        return list(range(n))
-    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
-
-
 def _score(weights: str | Path, data: Path, imgsz: int, stage: Stage, arm_dir: Path) -> Score:
     """Ultralytics' validator on `weights` at `imgsz`: the same split and settings for every arm."""
-    from speedtrain import ultra
-
-    raw = ultra.validate(weights, data, imgsz=imgsz, batch=max(1, stage.batch), device=stage.device.split(",")[0],
-                         plots=False, verbose=False, project=str(arm_dir / "eval"),
-                         name=f"{Path(weights).stem}-{imgsz}", exist_ok=True)  # fmt: skip
-    metrics = ultra.metrics_dict(raw)
-    return Score(
-        imgsz, round(metrics.get("metrics/mAP50(B)", 0.0), 5), round(metrics.get("metrics/mAP50-95(B)", 0.0), 5)
-    )
+    return Score(imgsz, *runner.validate_at(weights, data, imgsz, stage, arm_dir / "eval"))
 
 
 def prepare_views(planned: Any, project: Path) -> tuple[Any, Path, Path, float]:

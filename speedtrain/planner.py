@@ -12,19 +12,25 @@ from speedtrain.errors import UsageError
 from speedtrain.hardware import Gpu, HardwareSnapshot
 
 DEFAULT_MODEL = "yolo26n"
-ACCURACY_SENSITIVE = ("imgsz", "rect", "optimizer", "patience")
-UNMEASURED = "; accuracy cost not measured yet (`speedtrain compare` measures it on your data)"
 FINETUNE_WHEN: dict[str, When] = {"yes": "always", "auto": "auto", "ask": "ask"}
 MAIN_IMGSZ = 416
 FINETUNE_IMGSZ = 640
 MAIN_EPOCHS = 50
 FINETUNE_EPOCHS = 25
 SAMPLE_EPOCHS = (3, 2)  # main, fine-tune epochs on the embedded sample: a demo that ends in minutes on a CPU
-MAIN_LR0 = 0.001  # Adam's usual rate; Ultralytics' 0.01 default is tuned for SGD
 FINETUNE_LR_FACTOR = 0.1
-PATIENCE = 10
-CLOSE_MOSAIC = 10
-DEFAULT_TARGET_MAP = 0.5
+PATIENCE = 100  # Ultralytics' default (cfg/default.yaml, 8.4.190): never cuts a 50-epoch cosine schedule short
+CLOSE_MOSAIC = 10  # Ultralytics' default
+DEFAULT_TARGET_MAP: float | None = None  # --target-map: unset, --finetune auto decides by the 640-px lag alone
+# --finetune auto: the fine-tune runs when the main stage's best weights score this much lower (relative mAP50-95)
+# at the fine-tune's size than at their own; below it they already carry over to the larger size
+FINETUNE_LAG = 0.05
+# Ultralytics' optimizer=auto (engine/trainer.py build_optimizer, 8.4.190): AdamW at 0.002 * 5 / (4 + nc) with
+# momentum 0.9 and no bias warmup for runs of at most 10,000 iterations (of nominal batch 64), else MuSGD at 0.01
+NBS = 64
+AUTO_ITERATIONS = 10_000
+LR0_DEFAULT = 0.01  # Ultralytics' lr0, for an optimizer the user names without a learning rate
+ADAPTIVE = ("Adam", "Adamax", "AdamW", "NAdam", "RAdam")
 STRIDE = 32  # Ultralytics rounds imgsz up to a multiple of the model's largest stride
 
 BATCH_CHAIN = (48, 32, 16, 8)  # per GPU; the OOM fallback walks it left to right
@@ -57,6 +63,20 @@ PREPARE_FACTOR = 1.5
 PREPARE_SHARE = 0.5
 
 BASELINE: dict[str, Any] = {"imgsz": 640, "batch": 16, "cache": "disk", "workers": 8}  # Ultralytics-tutorial settings
+
+# What the accuracy-sensitive defaults rest on: `speedtrain compare` from a pretrained start on real held-out photos.
+# Each reason cites its figures; the README's "Time to accuracy" table has them all with machine and date.
+MEASURED_ON = "ppe-large (1,000 train / 200 held-out val photos), yolov8n from COCO weights, 2-vCPU CPU"
+EVIDENCE = {
+    "imgsz": "(640/416)^2 = 2.4x fewer pixels per image than 640; accuracy at 640 not yet measured",
+    "optimizer": "not yet measured",
+    "rect": "not yet measured",
+    "rect-cost": "not yet measured",
+    "cos_lr": "not measured apart from the rest of the plan",
+    "patience": "Ultralytics' default; stopping early cuts a cosine schedule before its learning rate comes down "
+    "(ultralytics #20615)",
+    "finetune": "not yet measured",
+}
 
 # Ultralytics train arguments that speedtrain owns: they come from its own flags.
 RESERVED_ARGS = {
@@ -92,10 +112,10 @@ class Overrides:
     lr0: float | None = None
     patience: int | None = None
     model: str | None = None
-    finetune: str = "ask"  # "yes", "no", "auto" or "ask"
+    finetune: str = "auto"  # "yes", "no", "auto" or "ask"
     finetune_epochs: int | None = None
     finetune_imgsz: int | None = None
-    target_map: float = DEFAULT_TARGET_MAP
+    target_map: float | None = DEFAULT_TARGET_MAP  # --finetune auto also skips when the main stage reached it
     prepare: str = "auto"  # pre-resize the dataset: "auto", "yes" or "no"
     pipeline: str = "auto"  # training input pipeline: "auto", "fast" or "ultralytics"
     threads: int | None = None  # torch intra-op threads in the training process
@@ -156,7 +176,7 @@ class TrainPlan:
     model: str
     stages: tuple[Stage, ...]
     reasons: tuple[tuple[str, str], ...]
-    target_map: float
+    target_map: float | None
     estimates: tuple[tuple[str, str], ...] = ()
     warnings: tuple[str, ...] = ()
     cache_estimate_gb: float = 0.0
@@ -184,9 +204,7 @@ def plan(hw: HardwareSnapshot, stats: DatasetStats, overrides: Overrides | None 
     model = ov.model or DEFAULT_MODEL
     reasons["model"] = "set by user" if ov.model else f"{DEFAULT_MODEL}: the current Ultralytics nano model"
     imgsz = _imgsz(ov.imgsz, "img-size", MAIN_IMGSZ, warnings)
-    reasons["imgsz"] = (
-        "set by user" if ov.imgsz else f"{MAIN_IMGSZ}: (640/416)^2 = 2.4x fewer pixels than 640 per image"
-    )
+    reasons["imgsz"] = "set by user" if ov.imgsz else f"{MAIN_IMGSZ}: {EVIDENCE['imgsz']}"
     main = _main_stage(hw, stats, ov, device, gpus, model, imgsz, reasons, warnings, ranks)
     stages = [main]
     finetune = _finetune_stage(hw, stats, ov, main, gpus, model, reasons, warnings)
@@ -194,9 +212,6 @@ def plan(hw: HardwareSnapshot, stats: DatasetStats, overrides: Overrides | None 
         stages.append(finetune)
     for stage in stages:
         _refuse_impossible_batch(hw, stage, gpus)
-    for key in ACCURACY_SENSITIVE:  # chosen for speed: what they cost in accuracy is for `speedtrain compare`
-        if not reasons.get(key, "").startswith("set by user") and (key != "rect" or main.rect):
-            reasons[key] += UNMEASURED
     prepare_size, reasons["prepare"] = _prepare(stats, stages, ov.prepare)
     return TrainPlan(
         device=device,
@@ -240,14 +255,13 @@ def _main_stage(
     pipeline, reasons["pipeline"] = _pipeline(ov.pipeline, gpus)
     rect, reasons["rect"] = _rect(ov.rect, pipeline, ranks)
     close_mosaic = min(CLOSE_MOSAIC, epochs)
-    reasons["close_mosaic"] = f"mosaic off for the last {close_mosaic} epochs" + (
+    reasons["close_mosaic"] = f"mosaic off for the last {close_mosaic} epochs (Ultralytics' default)" + (
         " (moot while rect=True, which disables mosaic)" if rect else ""
     )
-    optimizer = ov.optimizer or "Adam"
-    reasons["optimizer"] = "set by user" if ov.optimizer else "Adam: converges quickly from lr0=0.001"
-    reasons["lr0"] = "set by user" if ov.lr0 else f"{MAIN_LR0}: Adam's usual learning rate, cosine schedule"
+    optimizer, lr0, reasons["optimizer"], reasons["lr0"] = _optimizer(ov, stats, batch, epochs)
+    reasons["cos_lr"] = f"cosine learning-rate decay (Ultralytics' default is linear); {EVIDENCE['cos_lr']}"
     patience = ov.patience if ov.patience is not None else PATIENCE
-    reasons["patience"] = "set by user" if ov.patience is not None else f"stop after {PATIENCE} epochs without gain"
+    reasons["patience"] = "set by user" if ov.patience is not None else f"{PATIENCE}: {EVIDENCE['patience']}"
     amp = gpus > 0
     reasons["amp"] = "mixed precision on the GPU" if amp else "AMP is for GPUs; off on CPU"
     deterministic, reasons["deterministic"] = _deterministic(ov.deterministic)
@@ -261,7 +275,7 @@ def _main_stage(
         workers=workers,
         cache=cache,
         optimizer=optimizer,
-        lr0=ov.lr0 or MAIN_LR0,
+        lr0=lr0,
         cos_lr=True,
         close_mosaic=close_mosaic,
         rect=rect,
@@ -292,9 +306,14 @@ def _finetune_stage(
     if imgsz <= main.imgsz:
         reasons["finetune"] = f"skipped: the main stage already trains at {main.imgsz} >= {imgsz}"
         return None
+    target = f", or its mAP50-95 at {imgsz} already reached --target-map {ov.target_map}" if ov.target_map else ""
     reasons["finetune"] = {
         "yes": f"runs at {imgsz} from the main stage's best weights (--finetune yes)",
-        "auto": f"runs at {imgsz} only if the main stage's mAP50-95 is under {ov.target_map} (--finetune auto)",
+        "auto": (
+            f"auto: at {imgsz} from the main stage's best weights, unless they already score within "
+            f"{FINETUNE_LAG:.0%} at {imgsz} of their mAP50-95 at {main.imgsz}{target} (both measured after the main "
+            f"stage); {EVIDENCE['finetune']}"
+        ),
         "ask": f"at {imgsz} from the main stage's best weights: asked at the end; skipped when not interactive",
     }[ov.finetune]
     user_batch = None if ov.batch is None else max(BATCH_CHAIN[-1], _scaled_batch(ov.batch, main.imgsz, imgsz))
@@ -304,7 +323,13 @@ def _finetune_stage(
         reasons["finetune.batch"] = f"user batch scaled by ({main.imgsz}/{imgsz})^2 for the larger images"
     cache, reasons["finetune.cache"] = _cache(hw, stats, imgsz, main.workers, gpus, ov.cache)
     epochs = ov.finetune_epochs or (SAMPLE_EPOCHS[1] if ov.sample else FINETUNE_EPOCHS)
-    reasons["finetune.lr0"] = f"main lr0 x {FINETUNE_LR_FACTOR}: refine, don't relearn; no warmup"
+    optimizer, extra = main.optimizer, main.extra
+    if optimizer == "auto":  # auto would choose its full rate again: name its choice, with auto's settings
+        optimizer, _ = auto_optimizer(stats.train_images, batch, epochs, stats.classes)
+        extra = (("momentum", 0.9), ("warmup_bias_lr", 0.0), *extra)  # the user's own key=value still win
+    reasons["finetune.lr0"] = (
+        f"{optimizer} at the main stage's lr0 x {FINETUNE_LR_FACTOR}: refine, don't relearn; no warmup"
+    )
     return replace(
         main,
         name="finetune",
@@ -313,11 +338,13 @@ def _finetune_stage(
         batch=batch,
         batch_fallbacks=fallbacks,
         cache=cache,
+        optimizer=optimizer,
         lr0=round(main.lr0 * FINETUNE_LR_FACTOR, 8),
         close_mosaic=min(CLOSE_MOSAIC, epochs),
         warmup_epochs=0.0,
         ram_cache_need_gb=round(ram_cache_need_gb(stats, imgsz, main.workers, gpus), 2),
         when=FINETUNE_WHEN[ov.finetune],
+        extra=extra,
     )
 
 
@@ -326,7 +353,41 @@ def _epochs(ov: Overrides) -> tuple[int, str]:
         return ov.epochs, "set by user"
     if ov.sample:
         return SAMPLE_EPOCHS[0], f"{SAMPLE_EPOCHS[0]}: a short demo on the embedded sample"
-    return MAIN_EPOCHS, f"{MAIN_EPOCHS}, with early stopping after {PATIENCE} epochs without improvement"
+    return MAIN_EPOCHS, f"{MAIN_EPOCHS}: the length of the cosine schedule"
+
+
+def auto_optimizer(train_images: int, batch: int, epochs: int, classes: int) -> tuple[str, float]:
+    """What Ultralytics' optimizer=auto picks for this run: (name, learning rate).
+
+    ultralytics/engine/trainer.py (8.4.190): iterations = ceil(images / max(batch, nbs)) x epochs; over 10,000 it
+    is MuSGD at 0.01, else AdamW at round(0.002 x 5 / (4 + nc), 6), both with momentum 0.9 and warmup_bias_lr 0.
+    """
+    iterations = math.ceil(max(train_images, 1) / max(batch, NBS)) * epochs
+    if iterations > AUTO_ITERATIONS:
+        return "MuSGD", 0.01
+    return "AdamW", round(0.002 * 5 / (4 + max(classes, 1)), 6)
+
+
+def _optimizer(ov: Overrides, stats: DatasetStats, batch: int, epochs: int) -> tuple[str, float, str, str]:
+    """(optimizer, lr0, optimizer's reason, lr0's reason): Ultralytics' own choice unless the user names one.
+
+    `optimizer=auto` ignores lr0, so a user's --lr0 alone makes auto's choice explicit with that rate."""
+    name, fit = auto_optimizer(stats.train_images, batch, epochs, stats.classes)
+    if ov.optimizer and ov.optimizer.lower() != "auto":
+        adaptive = ov.optimizer in ADAPTIVE
+        lr0 = ov.lr0 or (fit if adaptive else LR0_DEFAULT)
+        why = (
+            f"{lr0}: auto's rate for {stats.classes} classes (Ultralytics' 0.01 is an SGD rate)"
+            if adaptive
+            else (f"{lr0}: Ultralytics' default")
+        )
+        why = "set by user" if ov.lr0 else why
+        return ov.optimizer, lr0, "set by user", why
+    if ov.lr0:
+        return name, ov.lr0, f"{name}: auto's choice for this run, named so that --lr0 takes effect", "set by user"
+    why = f"auto: Ultralytics' own choice, here {name} at {fit} ({stats.classes} classes, {stats.train_images} images"
+    why += f" x {epochs} epochs)" + ("; " + EVIDENCE["optimizer"] if ov.optimizer is None else "")
+    return "auto", fit, why, f"{fit}: chosen by optimizer=auto"
 
 
 def _rect(requested: bool | None, pipeline: str, ranks: int = 0) -> tuple[bool, str]:
@@ -337,17 +398,17 @@ def _rect(requested: bool | None, pipeline: str, ranks: int = 0) -> tuple[bool, 
         # its distributed sampler shards shuffled indices, which rect's aspect-ratio order would not survive
         why = f"rect=False: DDP training on {ranks} ranks shards shuffled batches (mosaic on); rect needs one order"
         return False, ("set by user, but " if requested else "") + why
-    rect = (pipeline != "fast") if requested is None else requested
+    rect = bool(requested)
     if pipeline == "fast" and rect:
         raise UsageError("--pipeline fast trains on square mosaic batches; it cannot be combined with --rect")
     if rect:
         why = (
             "rect=True: batches of similar aspect ratio, less padding; Ultralytics then turns off shuffle "
-            "and mosaic (use --no-rect to keep them)"
+            f"and mosaic for the whole run ({EVIDENCE['rect-cost']})"
         )
     else:
-        why = "rect=False: shuffled batches with mosaic augmentation"
-        why += " (the fast pipeline always trains this way)" if pipeline == "fast" and requested is None else ""
+        why = "rect=False: shuffled batches with mosaic augmentation, as Ultralytics trains"
+        why += "; " + EVIDENCE["rect"] if requested is None else ""
     return rect, ("set by user; " if requested is not None else "") + why
 
 

@@ -22,8 +22,13 @@ from speedtrain.planner import TrainPlan
 from speedtrain.resize import ResizeSummary
 from speedtrain.speedreport import DatasetSummary, Preparation, SpeedReport
 from speedtrain.tuner import TuneResult
+from speedtrain.util import spread
 
-MEASURED_CAPTION = "img/s: training pass, after the first epoch when there are several"
+MEASURED_CAPTION = (
+    "img/s: training pass, after the first epoch when there are several; mAP: mAP50-95 of the stage's best weights "
+    "at its own size, @640: at 640 px"
+)
+CURVE_POINTS = 10  # epochs listed in a stage's accuracy line (evenly spaced, the last always); the PNG has them all
 
 
 def render_hardware(hw: HardwareSnapshot) -> RenderableType:
@@ -76,7 +81,7 @@ def render_plan(plan: TrainPlan) -> RenderableType:
         ("workers", base["workers"], main.workers, reasons.get("workers")),
         ("epochs", "100", main.epochs, reasons.get("epochs")),
         ("optimizer", "auto", f"{main.optimizer} lr0={main.lr0}", reasons.get("optimizer")),
-        ("cos_lr", "False", main.cos_lr, reasons.get("lr0")),
+        ("cos_lr", "False", main.cos_lr, reasons.get("cos_lr") or reasons.get("lr0")),
         ("rect", "False", main.rect, reasons.get("rect")),
         ("close_mosaic", "10", main.close_mosaic, reasons.get("close_mosaic")),
         ("patience", "100", main.patience, reasons.get("patience")),
@@ -121,7 +126,7 @@ def render_report(rep: SpeedReport, with_plan: bool = True) -> RenderableType:
         if run.status == "running":  # the report of a run that was killed or crashed: it never finished
             line = f"Run stopped before it finished (killed or crashed): go on with --resume {run.run_dir}"
         else:
-            line = f"Run {run.status} in {_duration(run.wall_time_s or 0)}: {run.run_dir}"
+            line = f"Run {run.status} in {_duration(run.wall_time_s or 0)}{final_accuracy(rep)}: {run.run_dir}"
         parts.append(Text(line, style="bold"))
     return Group(*parts)
 
@@ -224,13 +229,13 @@ def render_problems(problems: Sequence[Problem], limit: int = 10) -> RenderableT
 
 def render_measured(rep: SpeedReport) -> RenderableType:
     table = Table(title="Measured on this machine", title_justify="left", caption=MEASURED_CAPTION)
-    for col in ("stage", "epochs", "batch", "epoch s", "img/s", "GPU %", "GPU GB", "mAP50-95"):
+    for col in ("stage", "epochs", "batch", "epoch s", "img/s", "GPU %", "GPU GB", "mAP", "@640"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     notes = []
     for s in rep.stages:
         name, m = s.stage.name, s.measured
         if not m:
-            table.add_row(name, "-", "-", "-", "-", "-", "-", s.status)
+            table.add_row(name, s.status, "-", "-", "-", "-", "-", "-", "-")
             if s.note:
                 notes.append(f"{name}: {s.note}")
             continue
@@ -244,7 +249,10 @@ def render_measured(rep: SpeedReport) -> RenderableType:
             _num(m.gpu_util_mean, "{:.0f}"),
             _num(m.gpu_mem_peak_gb, "{:.1f}"),
             _num(m.metric("mAP50-95"), "{:.3f}"),
+            _num(m.score_at(640), "{:.3f}"),
         )
+        if m.epoch_map50_95:
+            notes.append(accuracy_line(name, m.epoch_map50_95, m.epoch_loss, s.stage.imgsz))
         for oom in m.oom_fallbacks:
             notes.append(
                 f"{name}: out of memory at batch {oom.from_batch}, continued with {oom.to_batch} "
@@ -267,6 +275,21 @@ def render_measured(rep: SpeedReport) -> RenderableType:
         if m.weights:
             notes.append(f"{name} weights: {m.weights}")
     return Group(table, *[Text(n) for n in notes])
+
+
+def accuracy_line(name: str, maps: Sequence[float], losses: Sequence[float], imgsz: int) -> str:
+    """A stage's learning in one line: mAP50-95 at some epochs (its training-time validation) and the loss."""
+    shown = ", ".join(f"{i + 1}: {maps[i]:.3f}" for i in spread(len(maps), CURVE_POINTS))
+    loss = f"; training loss {losses[0]:.2f} -> {losses[-1]:.2f}" if len(losses) > 1 else ""
+    return f"{name}: mAP50-95 at {imgsz} px by epoch {shown}{loss}"
+
+
+def final_accuracy(rep: SpeedReport) -> str:
+    """', the model's mAP50-95 0.412 at 640 px, 0.398 at 416 px' for the run's final line; '' when unmeasured."""
+    scores = sorted(rep.final_scores(), key=lambda s: -s[0])
+    if not scores:
+        return ""
+    return ", the model's mAP50-95 " + ", ".join(f"{value:.3f} at {size} px" for size, value in scores)
 
 
 def epoch_line(ev: Any) -> str:
@@ -330,16 +353,18 @@ def _duration(seconds: float) -> str:
 
 
 PNG_NAME = "speed_report.png"
-PNG_SIZE_IN, PNG_DPI = (12.0, 4.5), 100  # 1200 x 450 pixels
+PNG_SIZE_IN, PNG_DPI = (16.0, 4.5), 100  # 1600 x 450 pixels
 
 
 def save_png(rep: SpeedReport, path: str | Path) -> Path:
-    """Write the speed report's picture: per-epoch time and images/s per stage, and the plan against the baseline."""
+    """Write the speed report's picture: per-epoch time, images/s and accuracy per stage, and the plan against the
+    baseline: speed and accuracy in one picture."""
     from matplotlib.figure import Figure  # matplotlib comes with Ultralytics; imported only when a PNG is made
 
     fig = Figure(figsize=PNG_SIZE_IN, dpi=PNG_DPI, layout="constrained")
-    ax_time, ax_rate, ax_plan = fig.subplots(1, 3, width_ratios=[1, 1, 1.15])
+    ax_time, ax_rate, ax_map, ax_plan = fig.subplots(1, 4, width_ratios=[1, 1, 1.1, 1.15])
     measured = [(s.stage.name, s.measured) for s in rep.stages if s.measured]
+    ax_loss = ax_map.twinx()
     offset = 0  # stages share one epoch axis: the run as a timeline
     for name, m in measured:
         epochs = list(range(offset + 1, offset + len(m.epoch_times_s) + 1))
@@ -351,22 +376,40 @@ def save_png(rep: SpeedReport, path: str | Path) -> Path:
             rates = [m.images_per_epoch / t if t > 0 else 0 for t in train]
             ax_rate.plot(timed, rates, marker="o", label=f"{name}: all ranks" if m.ranks else name)
             _rank_lines(ax_rate, name, m)
+        _accuracy_lines(ax_map, ax_loss, name, m, epochs)
         if offset:
-            for ax in (ax_time, ax_rate):
+            for ax in (ax_time, ax_rate, ax_map):
                 ax.axvline(offset + 0.5, color="grey", linewidth=0.8)
         offset = epochs[-1] if epochs else offset
     _style(ax_time, "Seconds per epoch", "epoch of the run", "s", offset)
     _style(ax_rate, "Training images per second", "epoch of the run", "images/s", offset)
+    _style(
+        ax_map, "Accuracy: mAP50-95 (line), loss (dotted)", "epoch of the run", "mAP50-95 at the stage's size", offset
+    )
+    ax_loss.set_ylim(bottom=0)
+    ax_loss.set_ylabel("training loss", fontsize=8)
     if not measured:
         ax_time.text(0.5, 0.5, "no stage ran", ha="center", transform=ax_time.transAxes)
     _plan_table(ax_plan, rep)
     gpus = ", ".join(g.name for g in rep.hardware.gpus) or "CPU only"
-    fig.suptitle(f"speedtrain: {rep.plan.model} on {gpus}", fontsize=11)
+    fig.suptitle(f"speedtrain: {rep.plan.model} on {rep.dataset.name}, {gpus}{final_accuracy(rep)}", fontsize=11)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=PNG_DPI)
     tmp.replace(path)
     return path
+
+
+def _accuracy_lines(ax_map: Any, ax_loss: Any, name: str, m: Any, epochs: list[int]) -> None:
+    """A stage's mAP50-95 per epoch and its training loss (dotted, right axis), aligned to the run's last epochs
+    (results.csv has one row per epoch; after a resume, the epochs it kept)."""
+    maps, losses = m.epoch_map50_95, m.epoch_loss
+    if not maps or not epochs:
+        return
+    at = epochs[max(0, len(epochs) - len(maps)) :][-len(maps) :]
+    line = ax_map.plot(at, maps[-len(at) :], marker="o", label=f"{name} at {m.imgsz} px")[0]
+    if losses:
+        ax_loss.plot(at, losses[-len(at) :], linestyle=":", color=line.get_color(), label=f"{name} loss")
 
 
 def _rank_lines(ax: Any, name: str, m: Any) -> None:

@@ -26,7 +26,7 @@ import psutil
 from speedtrain import distributed, oom
 from speedtrain.errors import DiskSpaceError, PeerFailed, RankOutOfMemory, TrainingError, UsageError
 from speedtrain.monitor import Monitor
-from speedtrain.planner import Stage, TrainPlan
+from speedtrain.planner import FINETUNE_LAG, Stage, TrainPlan
 from speedtrain.util import first_line, utc_now
 
 Log = Callable[[str], None]
@@ -93,9 +93,20 @@ class StageResult:
     latency_ms: tuple[tuple[int, float], ...] = ()  # (image size, ms): the trained model, batch 1, median
     stopped_by: str | None = None  # the signal that interrupted the stage ("SIGINT", "SIGTERM")
     ranks: tuple[RankFigures, ...] = ()  # one per rank when several processes trained the stage together
+    # per epoch, from Ultralytics' results.csv: the training-time validation's mAP50-95 and the training loss
+    # (box + cls + dfl, the mean over the epoch's batches)
+    epoch_map50_95: tuple[float, ...] = ()
+    epoch_loss: tuple[float, ...] = ()
+    scores: tuple[tuple[int, float], ...] = ()  # (image size, mAP50-95) of the final weights, measured after training
 
     def metric(self, key: str) -> float | None:
         return dict(self.best_metrics).get(key)
+
+    def score_at(self, imgsz: int) -> float | None:
+        """The final weights' mAP50-95 validated at `imgsz`: measured after the stage, or Ultralytics' own final
+        validation at the stage's size."""
+        found = dict(self.scores).get(imgsz)
+        return found if found is not None or imgsz != self.imgsz else self.metric("mAP50-95")
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,8 +357,13 @@ def _run(
                 log_file=log_file, resuming=resuming,
             )  # fmt: skip
             world = distributed.world()
-            if result.status != "interrupted" and (world is None or world.leader):  # rank 0's model, rank 0 times
-                result = with_latency(result, stage, log)
+            if result.status != "interrupted":
+                # Ultralytics' validator gathers from every rank when ranks exist (detect/val.py gather_stats,
+                # 8.4.190): with several, rank 0 cannot validate alone, and the fine-tune runs whatever the score
+                sizes = _score_sizes(plan, stage) if world is None or world.size == 1 else ()
+                if world is None or world.leader:  # rank 0's model: rank 0 times it
+                    result = with_latency(result, stage, log)
+                result = with_scores(result, stage, data_yaml, sizes, log_file, log)
             results.append(result)
             on_progress(tuple(results), None)
             if result.status == "interrupted":
@@ -359,6 +375,56 @@ def _run(
 
 
 LATENCY_SIZE = 640  # besides the stage's own size: Ultralytics' default, what an untuned model would run at
+
+
+def _score_sizes(plan: TrainPlan, stage: Stage) -> tuple[int, ...]:
+    """Sizes a finished stage's weights are validated at besides its own: 640 (Ultralytics' default, where an
+    untuned model is used) and the size of a stage that follows it (the fine-tune decides by it)."""
+    later = [s.imgsz for s in plan.stages[plan.stages.index(stage) + 1 :]] if stage in plan.stages else []
+    return tuple(sorted({LATENCY_SIZE, *later} - {stage.imgsz}))
+
+
+def validate_at(
+    weights: str | Path, data_yaml: str | Path, imgsz: int, stage: Stage, project: Path
+) -> tuple[float, float]:
+    """(mAP50, mAP50-95) of `weights` by Ultralytics' validator at `imgsz` on the dataset's val split, the way every
+    speedtrain figure at another size is measured (batch of the stage, first device of the stage)."""
+    from speedtrain import ultra
+
+    raw = ultra.validate(weights, data_yaml, imgsz=imgsz, batch=max(1, stage.batch // max(1, len(stage.gpu_ids))),
+                         device=stage.device.split(",")[0], plots=False, verbose=False, project=str(project),
+                         name=f"{Path(weights).stem}-{imgsz}", exist_ok=True)  # fmt: skip
+    metrics = ultra.metrics_dict(raw)
+    return round(metrics.get("metrics/mAP50(B)", 0.0), 5), round(metrics.get("metrics/mAP50-95(B)", 0.0), 5)
+
+
+def with_scores(
+    result: StageResult, stage: Stage, data_yaml: str | Path, sizes: tuple[int, ...], log_file: Path | None, log: Log
+) -> StageResult:
+    """The result with its final weights' mAP50-95 at its own size (Ultralytics' final validation) and validated
+    at each of `sizes`; a failed validation is said and left out."""
+    from speedtrain import ultra
+
+    weights = result.weights or result.last_weights
+    own = result.metric("mAP50-95")
+    scores = [(stage.imgsz, own)] if own is not None else []
+    if not weights:
+        return replace(result, scores=tuple(scores))
+    threads = stage.threads or (None if stage.on_gpu else psutil.cpu_count(logical=False) or 1)
+    for size in sizes:
+        log(f"{stage.name}: validating its best weights at {size} px")
+        try:
+            with ultra.output_to(log_file), torch_threads_restored(threads):
+                scores.append(
+                    (size, validate_at(weights, data_yaml, size, stage, Path(weights).parents[1] / "eval")[1])
+                )
+        except Exception as exc:  # a figure for the report: never the reason a finished stage fails
+            log(f"{stage.name}: could not validate at {size} px ({first_line(exc)})")
+        finally:
+            _free_memory()
+    return replace(result, scores=tuple(sorted(scores)))
+
+
 LATENCY_RUNS = {"gpu": 50, "cpu": 20}
 
 
@@ -391,21 +457,36 @@ def with_latency(result: StageResult, stage: Stage, log: Log) -> StageResult:
 def _skip_reason(
     stage: Stage,
     done: list[StageResult],
-    target_map: float,
+    target_map: float | None,
     decide: Callable[[StageResult], bool | None] | None,
 ) -> str:
     if stage.when == "always" or not done:
         return ""
     main = done[0]
-    score = main.metric("mAP50-95")
     if stage.when == "auto":
-        if score is not None and score >= target_map:
-            return f"main stage mAP50-95 {score:.3f} reached the target {target_map}"
-        return ""
+        return finetune_skip_reason(main, stage.imgsz, target_map)
     answer = decide(main) if decide else None
     if answer is None:
         return "not an interactive terminal; pass --finetune yes to run it"
     return "" if answer else "declined at the prompt"
+
+
+def finetune_skip_reason(main: StageResult, imgsz: int, target_map: float | None) -> str:
+    """--finetune auto: why the fine-tune at `imgsz` is not needed, or "" when it runs.
+
+    It runs when the main stage's best weights lose accuracy at the larger size: their mAP50-95 there is more than
+    FINETUNE_LAG (relative) under their mAP50-95 at their own size. When either is unknown it runs."""
+    own, there = main.score_at(main.imgsz), main.score_at(imgsz)
+    if own is None or there is None:
+        return ""
+    if target_map is not None and there >= target_map:
+        return f"main stage mAP50-95 at {imgsz} px is {there:.3f}, at or above --target-map {target_map}"
+    if there >= own * (1 - FINETUNE_LAG):
+        return (
+            f"the main stage's weights score {there:.3f} mAP50-95 at {imgsz} px against {own:.3f} at "
+            f"{main.imgsz}: they already carry over (a fine-tune runs when they lose over {FINETUNE_LAG:.0%})"
+        )
+    return ""
 
 
 def train_stage(
@@ -769,6 +850,7 @@ def _stage_result(
     timed = train_times or epoch_times
     done = max([*rec.epoch_times, -1]) + 1 or len(epoch_times)
     summary = monitor.summary()
+    curve_map, curve_loss = epoch_curves(stage_dir / "results.csv")
     best, last = stage_dir / "weights" / "best.pt", stage_dir / "weights" / "last.pt"
     if not status:
         status = "completed" if done >= stage.epochs else "early-stopped"
@@ -802,6 +884,8 @@ def _stage_result(
         wall_time_s=round(wall + (previous.wall_time_s if previous else 0.0), 2),
         note=note,
         stopped_by=rec.stop_signal if status == "interrupted" else None,
+        epoch_map50_95=curve_map,
+        epoch_loss=curve_loss,
     )
 
 
@@ -837,15 +921,38 @@ def _metrics(metrics: Any) -> tuple[tuple[str, float], ...]:
     return tuple((key.removeprefix("metrics/").removesuffix("(B)"), round(value, 5)) for key, value in raw.items())
 
 
-def _epoch_times_from_csv(path: Path) -> tuple[float, ...]:
-    """Per-epoch seconds from the cumulative 'time' column Ultralytics writes to results.csv."""
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of Ultralytics' results.csv (one per epoch, keys stripped); [] when it cannot be read."""
     try:
         with path.open(newline="", encoding="utf-8") as f:
-            rows = [{k.strip(): v for k, v in row.items()} for row in csv.DictReader(f)]
-    except OSError:
-        return ()
-    cumulative = [float(r["time"]) for r in rows if r.get("time")]
+            return [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in csv.DictReader(f)]
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return []
+
+
+def _epoch_times_from_csv(path: Path) -> tuple[float, ...]:
+    """Per-epoch seconds from the cumulative 'time' column Ultralytics writes to results.csv."""
+    cumulative = [float(r["time"]) for r in _csv_rows(path) if r.get("time")]
     return tuple(round(b - a, 3) for a, b in zip([0.0, *cumulative], cumulative, strict=False))
+
+
+LOSS_COLUMNS = ("train/box_loss", "train/cls_loss", "train/dfl_loss")
+
+
+def epoch_curves(path: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per epoch from results.csv: the training-time validation's mAP50-95 and the training loss (box + cls + dfl,
+    Ultralytics' weights already applied); epochs whose figures are missing or not numbers are left out of both."""
+    maps, losses = [], []
+    for row in _csv_rows(path):
+        try:
+            score = float(row["metrics/mAP50-95(B)"])
+            loss = sum(float(row[c]) for c in LOSS_COLUMNS if row.get(c))
+        except (KeyError, ValueError):
+            continue
+        if math.isfinite(score) and math.isfinite(loss):
+            maps.append(round(score, 5))
+            losses.append(round(loss, 4))
+    return tuple(maps), tuple(losses)
 
 
 def _reset_peak_memory(gpu_ids: tuple[int, ...]) -> None:

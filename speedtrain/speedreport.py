@@ -52,6 +52,12 @@ class DatasetSummary:
     problems: tuple[Problem, ...] = ()
     notes: tuple[str, ...] = ()
 
+    @property
+    def name(self) -> str:
+        """What a user calls the dataset: its folder's name (the yaml's, for a yaml named after it)."""
+        stem = Path(self.yaml_path).stem if self.yaml_path else ""
+        return stem if stem and stem not in ("data", "dataset") else Path(self.root).name or self.root
+
     @classmethod
     def of(cls, stats: DatasetStats) -> DatasetSummary:
         sizes = stats.image_sizes
@@ -206,6 +212,15 @@ class SpeedReport(JupyterMixin):
         values = [v for v in values if v is not None]
         return values[-1] if values else None
 
+    def final_scores(self) -> tuple[tuple[int, float], ...]:
+        """The final model's mAP50-95 by validation size, (size, mAP50-95) ascending: the last stage that trained."""
+        for s in reversed(self.stages):
+            r = s.measured
+            if r and r.epochs_done:
+                own = r.metric("mAP50-95")
+                return r.scores or (((r.imgsz, own),) if own is not None else ())
+        return ()
+
     @property
     def images_per_s(self) -> float | None:
         """The main stage's training images/s (steady state when there were several epochs)."""
@@ -333,6 +348,9 @@ def _measured_dict(r: StageResult) -> dict[str, Any]:
     data["train_times_s"] = list(r.train_times_s)
     data["epoch_end_s"] = list(r.epoch_end_s)
     data["latency_ms"] = {str(size): ms for size, ms in r.latency_ms}
+    data["epoch_map50_95"] = list(r.epoch_map50_95)
+    data["epoch_loss"] = list(r.epoch_loss)
+    data["scores"] = {str(size): value for size, value in r.scores}  # final weights' mAP50-95 by image size
     data["oom_fallbacks"] = [asdict(o) for o in r.oom_fallbacks]
     data["ranks"] = [asdict(figures) for figures in r.ranks]
     data["best_metrics"] = dict(r.best_metrics)
@@ -386,6 +404,9 @@ def _stage_report(stage: Stage, raw: dict[str, Any]) -> StageReport:
             train_times_s=tuple(m.get("train_times_s", ())),
             epoch_end_s=tuple(m.get("epoch_end_s", ())),
             latency_ms=tuple((int(k), float(v)) for k, v in (m.get("latency_ms") or {}).items()),
+            epoch_map50_95=tuple(float(v) for v in m.get("epoch_map50_95", ())),
+            epoch_loss=tuple(float(v) for v in m.get("epoch_loss", ())),
+            scores=tuple(sorted((int(k), float(v)) for k, v in (m.get("scores") or {}).items())),
             oom_fallbacks=tuple(OomFallback(**o) for o in m.get("oom_fallbacks", [])),
             ranks=tuple(RankFigures(**r) for r in m.get("ranks", [])),
             best_metrics=tuple(m.get("best_metrics", {}).items()),

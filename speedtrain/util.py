@@ -77,3 +77,10 @@ def read_json(path: Path, what: str, error: type[Exception], missing: str) -> An
         raise error(missing) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise error(f"{path}: cannot read {what} ({first_line(exc)})") from None
+
+
+def spread(n: int, k: int) -> list[int]:
+    """min(n, k) indices of range(n), evenly spaced, the first and the last included."""
+    if n <= k:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})

@@ -55,8 +55,8 @@ def invoke(*args: str):
 
 PLAN_DEFAULTS = {
     "model": None, "epochs": None, "batch": None, "imgsz": None, "workers": None, "threads": None,
-    "deterministic": None, "cache": None, "device": None, "rect": None, "finetune": "ask", "finetune_epochs": None,
-    "finetune_imgsz": None, "target_map": 0.5, "optimizer": None, "lr0": None, "patience": None, "prepare": "auto",
+    "deterministic": None, "cache": None, "device": None, "rect": None, "finetune": "auto", "finetune_epochs": None,
+    "finetune_imgsz": None, "target_map": None, "optimizer": None, "lr0": None, "patience": None, "prepare": "auto",
     "pipeline": "auto", "nproc_per_node": None,
 }  # fmt: skip
 

@@ -111,8 +111,12 @@ def test_arms_change_one_thing_each():
         d["imgsz"], d["batch"], d["optimizer"], d["rect"], d["patience"], False, d["workers"],
     )  # fmt: skip
     main = arms["plan"].stages[0]
-    assert (main.imgsz, main.batch, main.optimizer, main.rect) == (416, plan.stages[0].batch, "Adam", True)
-    assert dataclasses.replace(arms["plan-no-rect"].stages[0], rect=True) == main
+    assert (main.imgsz, main.batch, main.optimizer, main.rect) == (416, plan.stages[0].batch, "auto", False)
+    assert arms["plan-no-rect"].stages[0] == main
+    assert dataclasses.replace(arms["plan-rect"].stages[0], rect=False) == main
+    classic = arms["plan-classic"].stages[0]
+    assert (classic.optimizer, classic.lr0, classic.rect, classic.patience) == ("Adam", 0.001, True, 10)
+    assert dataclasses.replace(classic, optimizer="auto", lr0=main.lr0, rect=False, patience=main.patience) == main
     assert arms["plan-640"].stages[0].imgsz == 640
     assert arms["plan-640"].stages[0].lr0 == main.lr0  # the main stage's recipe, at 640
     assert [s.imgsz for s in arms["plan+finetune"].stages] == [416, 640]

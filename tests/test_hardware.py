@@ -30,6 +30,7 @@ def small_machine(monkeypatch):
     monkeypatch.setattr(hardware.psutil, "virtual_memory", lambda: vm)
     monkeypatch.setattr(hardware.psutil, "swap_memory", lambda: types.SimpleNamespace(total=0, free=0))
     monkeypatch.setattr(hardware.psutil, "cpu_count", lambda logical=True: 2 if logical else 1)
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)  # both cores usable
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
 

@@ -56,10 +56,44 @@ def test_plan_for_machine(hw, device, batch, fallbacks, cache, workers):
     assert main.train_args()["batch"] == batch
 
 
-def test_main_stage_defaults_follow_the_recipe():
-    main = plan(snapshot((24,)), fake_stats()).stage("main")
-    assert (main.imgsz, main.epochs, main.optimizer, main.lr0, main.cos_lr) == (416, 50, "Adam", 0.001, True)
-    assert (main.rect, main.patience, main.close_mosaic) == (True, 10, 10)
+def test_main_stage_defaults_are_ultralytics_where_accuracy_is_at_stake():
+    p = plan(snapshot((24,)), fake_stats())
+    main = p.stage("main")
+    # 80 classes: auto's AdamW rate 0.002 x 5 / 84, rounded to 6 places as Ultralytics does
+    assert (main.imgsz, main.epochs, main.optimizer, main.lr0, main.cos_lr) == (416, 50, "auto", 0.000119, True)
+    assert (main.rect, main.patience, main.close_mosaic) == (False, 100, 10)
+    assert "AdamW at 0.000119" in p.reason("optimizer")
+    assert "set by user" not in p.reason("optimizer")
+
+
+@pytest.mark.parametrize(
+    ("images", "batch", "epochs", "classes", "expected"),
+    [
+        (1000, 16, 50, 4, ("AdamW", 0.00125)),  # 16 nominal batches of 64 x 50 = 800 iterations
+        (1000, 16, 50, 80, ("AdamW", 0.000119)),
+        (64_000, 16, 10, 4, ("AdamW", 0.00125)),  # 1000 x 10 = 10,000: not over the limit
+        (64_001, 16, 10, 4, ("MuSGD", 0.01)),  # 1001 x 10 iterations
+        (1000, 128, 100, 4, ("AdamW", 0.00125)),  # a batch over 64 counts as itself: 8 x 100
+    ],
+)
+def test_auto_optimizer_is_ultralytics_rule(images, batch, epochs, classes, expected):
+    assert planner.auto_optimizer(images, batch, epochs, classes) == expected
+
+
+def test_user_optimizer_and_lr0():
+    def main_of(**kw):
+        p = plan(snapshot((24,)), fake_stats(), Overrides(**kw))
+        return p.stage("main"), p
+
+    main, p = main_of(lr0=0.002)  # auto ignores lr0: its choice is named so that the rate takes effect
+    assert (main.optimizer, main.lr0) == ("AdamW", 0.002)
+    assert "--lr0 takes effect" in p.reason("optimizer")
+    main, p = main_of(optimizer="SGD")
+    assert (main.optimizer, main.lr0) == ("SGD", 0.01)
+    main, p = main_of(optimizer="Adam")  # an adaptive optimizer gets auto's rate, not SGD's 0.01
+    assert (main.optimizer, main.lr0) == ("Adam", 0.000119)
+    main, p = main_of(optimizer="Adam", lr0=0.001)
+    assert (main.optimizer, main.lr0, p.reason("lr0")) == ("Adam", 0.001, "set by user")
 
 
 def test_reasons_say_why_in_figures():
@@ -92,6 +126,11 @@ def test_finetune_stage_at_640_needs_its_own_smaller_batch():
     main, ft = p.stage("main"), p.stage("finetune")
     assert (ft.imgsz, ft.epochs, ft.when, ft.warmup_epochs) == (640, 25, "always", 0.0)
     assert ft.lr0 == pytest.approx(main.lr0 / 10)
+    # optimizer=auto would pick its full rate again: the fine-tune names auto's choice with auto's settings
+    assert (main.optimizer, ft.optimizer) == ("auto", "AdamW")
+    assert dict(ft.extra) == {"momentum": 0.9, "warmup_bias_lr": 0.0}
+    mine = plan(snapshot((6,)), fake_stats(), Overrides(finetune="yes", extra=(("warmup_bias_lr", 0.05),)))
+    assert mine.stage("finetune").train_args()["warmup_bias_lr"] == 0.05  # the user's key=value wins
     # 640^2 / 416^2 = 2.4x the memory per image: 32 at 416 becomes 8 at 640 on a 6 GB card
     assert (main.batch, ft.batch) == (32, 8)
 
@@ -308,7 +347,8 @@ def test_deterministic_is_a_decision(override, extra, expected, why):
 @pytest.mark.parametrize(
     ("vram", "rect", "expected", "why"),
     [
-        ((24,), None, True, "rect=True"),
+        ((24,), None, False, "rect=False: shuffled batches with mosaic"),
+        ((24,), True, True, "set by user; rect=True"),
         ((24, 24), None, False, "rect=False: DDP training on 2 ranks"),
         ((24, 24), True, False, "set by user, but rect=False"),  # Ultralytics would drop it silently
         ((24, 24), False, False, "set by user"),
@@ -320,10 +360,12 @@ def test_rect_under_multi_gpu_says_what_ultralytics_will_do(vram, rect, expected
     assert why in p.reason("rect")
 
 
-def test_accuracy_sensitive_choices_say_they_are_not_measured_for_accuracy():
-    p = plan(snapshot((24,)), fake_stats())
-    for key in planner.ACCURACY_SENSITIVE:
-        assert p.reason(key).endswith(planner.UNMEASURED), key
-    mine = plan(snapshot((24,)), fake_stats(), Overrides(imgsz=640, rect=False, optimizer="SGD", patience=50))
-    for key in planner.ACCURACY_SENSITIVE:
-        assert planner.UNMEASURED not in mine.reason(key), key
+def test_accuracy_sensitive_choices_cite_what_they_rest_on():
+    p = plan(snapshot((24,)), fake_stats(), Overrides(finetune="auto"))
+    for key, evidence in (("imgsz", "imgsz"), ("optimizer", "optimizer"), ("rect", "rect"), ("cos_lr", "cos_lr"),
+                          ("patience", "patience"), ("finetune", "finetune")):  # fmt: skip
+        assert planner.EVIDENCE[evidence] in p.reason(key), key
+    mine = plan(snapshot((24,)), fake_stats(), Overrides(imgsz=640, rect=True, optimizer="SGD", patience=50))
+    for key in ("imgsz", "optimizer", "patience"):
+        assert mine.reason(key) == "set by user", key
+    assert planner.EVIDENCE["rect-cost"] in mine.reason("rect")  # what the user's choice costs

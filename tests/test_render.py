@@ -122,7 +122,7 @@ def test_png_from_the_stored_report(tmp_path):
     path = typed(stored()).save_png(tmp_path / "speed_report.png")
     with Image.open(path) as im:
         assert im.format == "PNG"
-        assert im.size == (1200, 450)
+        assert im.size == (1600, 450)
         colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
     assert len(colours) > 50  # lines, text and a table were drawn, not a blank canvas
     assert [p.name for p in tmp_path.iterdir()] == ["speed_report.png"]  # no temporary file left

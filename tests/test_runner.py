@@ -195,6 +195,13 @@ def test_two_stage_training_end_to_end(make_dataset, tmp_path):
         assert Path(m["weights"]).is_file()
         assert m["oom_fallbacks"] == []
         assert m["gpu_util_mean"] is None  # no GPU here: not measured, never made up
+        assert len(m["epoch_map50_95"]) == len(m["epoch_loss"]) == 1  # from results.csv, for the report's curve
+        assert 0 <= m["epoch_map50_95"][0] <= 1
+        assert m["epoch_loss"][0] > 0
+        assert m["scores"][str(stage["imgsz"])] == m["best_metrics"]["mAP50-95"]
+    # the main stage's weights were validated at 640 and at the fine-tune's size; the fine-tune's at 640
+    assert set(doc["stages"][0]["measured"]["scores"]) == {"64", "96", "640"}
+    assert set(doc["stages"][1]["measured"]["scores"]) == {"96", "640"}
     # the fine-tune starts from the main stage's best weights, at its own size
     ft_args = (Path(doc["stages"][1]["measured"]["save_dir"]) / "args.yaml").read_text()
     assert doc["stages"][0]["measured"]["weights"] in ft_args
@@ -214,7 +221,42 @@ def test_finetune_auto_is_skipped_when_the_target_is_met(make_dataset, tmp_path)
     ft = doc["stages"][1]
     assert ft["status"] == "skipped"
     assert ft["measured"] is None
-    assert "reached the target 0.0" in ft["note"]
+    assert "at or above --target-map 0.0" in ft["note"]
+
+
+def _main(own: float | None, at_640: float | None) -> runner.StageResult:
+    scores = tuple((size, v) for size, v in ((416, own), (640, at_640)) if v is not None)
+    return runner.StageResult("main", "completed", 416, 16, 50, 50, scores=scores)
+
+
+@pytest.mark.parametrize(
+    ("own", "at_640", "target", "runs"),
+    [
+        (0.40, 0.30, None, True),  # the weights lose a quarter at 640: fine-tune
+        (0.40, 0.385, None, False),  # within 5 %: they carry over
+        (0.40, 0.45, None, False),  # better at 640 than at 416
+        (0.40, 0.30, 0.25, False),  # --target-map reached at 640 already
+        (0.40, 0.30, 0.35, True),
+        (None, 0.30, None, True),  # nothing to compare: the plan's stage runs
+        (0.40, None, None, True),  # e.g. several ranks, where 640 is not validated
+    ],
+)
+def test_finetune_auto_decides_by_the_loss_at_the_larger_size(own, at_640, target, runs):
+    why = runner.finetune_skip_reason(_main(own, at_640), 640, target)
+    assert (why == "") is runs, why
+
+
+def test_epoch_curves_read_ultralytics_results_csv(tmp_path):
+    # the header and number format of ultralytics/engine/trainer.py save_metrics (8.4.190)
+    head = ("epoch,time,train/box_loss,train/cls_loss,train/dfl_loss,metrics/precision(B),metrics/recall(B),"
+            "metrics/mAP50(B),metrics/mAP50-95(B),val/box_loss,val/cls_loss,val/dfl_loss,lr/pg0,lr/pg1,"
+            "lr/pg2")  # fmt: skip
+    rows = ["1,61.2,1.5,3.0,1.4,0.5,0.4,0.3,0.131,1.4,2.0,1.3,0.001,0.001,0.001",
+            "2,122.9,1.25,2.5,1.25,0.6,0.5,0.4,0.2,1.3,1.9,1.2,0.001,0.001,0.001",
+            "3,180.0,nan,2.5,1.25,0.6,0.5,0.4,nan,1.3,1.9,1.2,0.001,0.001,0.001"]  # fmt: skip
+    (tmp_path / "results.csv").write_text("\n".join([head, *rows]) + "\n")
+    assert runner.epoch_curves(tmp_path / "results.csv") == ((0.131, 0.2), (5.9, 5.0))
+    assert runner.epoch_curves(tmp_path / "missing.csv") == ((), ())
 
 
 def test_run_folders_are_never_reused(tmp_path):

@@ -25,6 +25,7 @@ def test_a_format_1_report_round_trips_exactly():
     for stage in again["stages"]:  # added since: empty for a report that did not have them
         assert (stage["measured"].pop("epoch_end_s"), stage["measured"].pop("latency_ms")) == ([], {})
         assert stage["measured"].pop("ranks") == []
+        assert [stage["measured"].pop(k) for k in ("epoch_map50_95", "epoch_loss", "scores")] == [[], [], {}]
     assert again.pop("ranks") == 1  # one process
     assert again == doc
     assert SpeedReport.from_dict(json.loads(rep.to_json())) == rep

@@ -142,3 +142,30 @@ def test_what_ultralytics_would_install_at_run_time_is_a_declared_dependency():
     req = Requirement(wanted.group(1))
     assert f'"{req}"' in (REPO / "pyproject.toml").read_text()  # declared, so pip installs it with speedtrain
     assert req.specifier.contains(version(req.name))  # and installed: Ultralytics finds it and never calls pip
+
+
+@pytest.mark.parametrize(
+    ("images", "epochs", "classes"),
+    [(1000, 50, 4), (1000, 50, 80), (64_001, 10, 4)],  # AdamW at two class counts; over 10,000 iterations: MuSGD
+)
+def test_the_planners_auto_optimizer_is_what_ultralytics_builds(images, epochs, classes):
+    """planner.auto_optimizer mirrors BaseTrainer.build_optimizer(name="auto") (engine/trainer.py, 8.4.190): the
+    plan names auto's choice for the fine-tune and shows it in the plan, so the two must agree."""
+    import math
+    import types
+
+    from ultralytics.engine.trainer import BaseTrainer
+    from ultralytics.nn.tasks import DetectionModel
+
+    from speedtrain import planner
+
+    batch = 16
+    iterations = math.ceil(images / max(batch, planner.NBS)) * epochs  # as BaseTrainer._setup_train computes it
+    args = types.SimpleNamespace(lr0=0.01, optimizer="auto", warmup_bias_lr=0.1)
+    trainer = types.SimpleNamespace(data={"nc": classes}, args=args)
+    model = DetectionModel("yolov8n.yaml", nc=classes, verbose=False)
+    built = BaseTrainer.build_optimizer(trainer, model, name="auto", iterations=iterations)
+    name, lr = planner.auto_optimizer(images, batch, epochs, classes)
+    assert (type(built).__name__, args.optimizer, args.lr0) == (name, name, lr), moved("optimizer=auto's rule")
+    assert args.warmup_bias_lr == 0.0, moved("optimizer=auto's bias warmup")
+    assert {g["lr"] for g in built.param_groups} <= {lr, lr * 3}  # MuSGD boosts the head's rate
