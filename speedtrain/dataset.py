@@ -333,8 +333,9 @@ def _names(data: dict[str, Any], yaml_path: Path | None, root: Path) -> tuple[st
 def _names_from_labels(data: dict[str, Any], root: Path, yaml_path: Path | None) -> tuple[str, ...]:
     """Name classes class0..classN after the largest id in the training labels (no names, no nc, no classes.txt);
     the train entries resolve against the dataset root, as the splits themselves do."""
-    entries = data["train"] if isinstance(data["train"], list) else [data["train"]]
-    sources = [p if p.is_absolute() else root / p for p in (Path(str(e)).expanduser() for e in entries)]
+    single = not isinstance(data["train"], list)
+    entries = data["train"] if not single else [data["train"]]
+    sources = [split_source(e, root, single) for e in entries]
     top = -1
     for image in list_images([s for s in sources if s.exists()]):
         for row in _label_rows(Path(label_path(image))) or []:
@@ -346,12 +347,26 @@ def _names_from_labels(data: dict[str, Any], root: Path, yaml_path: Path | None)
     return tuple(f"class{i}" for i in range(top + 1))
 
 
+def split_source(entry: Any, root: Path, single: bool = True) -> Path:
+    """Where a split entry of a data yaml points: absolute, or relative to the dataset root.
+
+    Roboflow exports write `train: ../train/images` into a data.yaml that sits beside `train/`; Ultralytics resolves
+    such a path in the yaml's folder when the literal one does not exist (data/utils.py check_det_dataset, 8.4.190:
+    a string entry starting with "../"; list items are taken as written), and so does speedtrain."""
+    text = str(entry)
+    p = Path(text).expanduser()
+    if p.is_absolute():
+        return p
+    if single and text.startswith("../") and not (root / p).exists() and (root / text[3:]).exists():
+        return Path(os.path.normpath(root / text[3:]))
+    return root / p
+
+
 def _scan_split(name: str, entry: Any, root: Path, nc: int, yaml_path: Path | None) -> tuple[Split, list[Problem]]:
     entries = entry if isinstance(entry, list) else [entry]
     sources = []
     for item in entries:
-        p = Path(str(item)).expanduser()
-        p = p if p.is_absolute() else root / p
+        p = split_source(item, root, single=not isinstance(entry, list))
         if not p.exists():
             where = f" (from {yaml_path})" if yaml_path else ""
             raise DatasetError(f"{name} split not found: {p}{where}")

@@ -298,6 +298,13 @@ def _relative(path: Path, root: Path) -> Path:
         return Path("external") / digest / "images" / path.name
 
 
+def _relative_source(source: Path, root: Path) -> Path:
+    """A split's source inside the copy: a folder outside the dataset root is where _relative put its images."""
+    if source.is_dir() and not source.is_relative_to(root):
+        return _relative(source / "x", root).parent
+    return _relative(source, root)
+
+
 def _key(dst: Path, out_dir: Path) -> str:
     return dst.relative_to(out_dir).as_posix()
 
@@ -407,7 +414,7 @@ def _write_yaml(stats: DatasetStats, root: Path, out_dir: Path) -> Path:
         original = load_yaml(Path(stats.yaml_path)) or {}
         data = {k: v for k, v in original.items() if k not in ("path", "download")}
     for split in stats.splits:
-        entries = [_relative(Path(s), root).as_posix() for s in split.sources]
+        entries = [_relative_source(Path(s), root).as_posix() for s in split.sources]
         for source, entry in zip(split.sources, entries, strict=True):
             if Path(source).suffix.lower() == ".txt":  # a list of image paths: list the copies instead
                 _write_list(Path(source), out_dir / entry, root, out_dir)
