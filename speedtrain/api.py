@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from speedtrain import dataset as dataset_mod
-from speedtrain import distributed, hardware, launch, planner, resize, runner, workflow
+from speedtrain import distributed, hardware, launch, planner, resize, runner, ultra_args, workflow
 from speedtrain.dataset import Problem
 from speedtrain.errors import PeerFailed, SpeedtrainError, UsageError
 from speedtrain.hardware import HardwareSnapshot
@@ -315,10 +315,8 @@ def overrides(args: dict[str, Any]) -> Overrides:
     picked = {k: v for k, v in args.items() if k in OVERRIDES}
     rest = {k: v for k, v in args.items() if k not in OVERRIDES}
     extra: tuple[tuple[str, Any], ...] = ()
-    if rest:
-        from speedtrain import ultra  # Ultralytics' argument names and types
-
-        extra = planner.check_extra_args(rest, ultra.defaults())
+    if rest:  # Ultralytics' argument names and types, read without importing it
+        extra = planner.check_extra_args(rest, ultra_args.defaults())
     return Overrides(**picked, extra=extra)
 
 

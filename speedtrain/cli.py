@@ -16,13 +16,14 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
-from speedtrain import api, distributed, hardware, render, workflow
+from speedtrain import api, distributed, hardware, planner, render, ultra_args, workflow
 from speedtrain import dataset as dataset_mod
-from speedtrain.errors import PeerFailed, SpeedtrainError
+from speedtrain.errors import DatasetError, PeerFailed, SpeedtrainError, UsageError
 from speedtrain.planner import DEFAULT_TARGET_MAP
 from speedtrain.speedreport import REPORT_NAME, DatasetSummary, SpeedReport
+from speedtrain.util import closest
 
 
 class _Console(Console):
@@ -68,7 +69,39 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     no_args_is_help=True,
     add_completion=False,
+    # click's own help layout: rich's option panel truncates long flag names at 80 columns ("--batch-size,--b…")
+    rich_markup_mode=None,
 )
+
+
+
+class _PassThrough(TyperCommand):
+    """A command whose key=value arguments go on to Ultralytics: a --flag it does not know is a typo, answered with
+    the closest flags before anything heavy is imported (click's own suggestion, for the commands that take none)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        rest = super().parse_args(ctx, args)
+        for token in ctx.args:
+            if token.startswith("-") and not _is_number(token):
+                raise UsageError(unknown_option(token, self))
+        return rest
+
+
+def unknown_option(token: str, command: Any) -> str:
+    """'no such option --epoch; did you mean --epochs?' from the command's own option names."""
+    name = token.split("=", 1)[0]
+    close = closest(name, [o for p in command.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")])
+    hint = f"; did you mean {' or '.join(close)}?" if close else "; Ultralytics arguments are written key=value"
+    return f"no such option {name}{hint} (speedtrain {command.name} -h lists them)"
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
 
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": ["-h", "--help"]}
 
@@ -210,7 +243,7 @@ def probe(
         console.print(render.render_hardware(snapshot))
 
 
-@app.command(context_settings=EXTRA_ARGS)
+@app.command(context_settings=EXTRA_ARGS, cls=_PassThrough)
 def plan(
     ctx: typer.Context,
     *,
@@ -252,7 +285,7 @@ def plan(
         console.print(planned)
 
 
-@app.command(context_settings=EXTRA_ARGS)
+@app.command(context_settings=EXTRA_ARGS, cls=_PassThrough)
 def train(
     ctx: typer.Context,
     *,
@@ -296,7 +329,7 @@ def train(
 
     Example: speedtrain train --dataset dataset --epochs 50 --batch-size 32 --img-size 416 mosaic=0.5
     """
-    with _plain_text_when_piped():
+    with _plain_text_when_piped(ctx.args, dataset):
         _train(ctx, locals())
 
 
@@ -450,7 +483,7 @@ def check(
         raise typer.Exit(1)
 
 
-@app.command("tune", context_settings=EXTRA_ARGS)
+@app.command("tune", context_settings=EXTRA_ARGS, cls=_PassThrough)
 def tune_command(
     ctx: typer.Context,
     *,
@@ -472,7 +505,7 @@ def tune_command(
     # With --json, stdout carries the JSON alone: Ultralytics' logs and progress bars go to stderr.
     with (
         contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext(),
-        _plain_text_when_piped(),
+        _plain_text_when_piped(ctx.args, dataset),
     ):
         result = api.tune(dataset, project=project, budget_s=budget_s, retune=retune, log=log, extra=ctx.args,
                           model=model, imgsz=imgsz, device=device, threads=threads)  # fmt: skip
@@ -482,7 +515,7 @@ def tune_command(
         console.print(render.render_tune(result))
 
 
-@app.command("compare", context_settings=EXTRA_ARGS)
+@app.command("compare", context_settings=EXTRA_ARGS, cls=_PassThrough)
 def compare_command(
     ctx: typer.Context,
     *,
@@ -527,7 +560,7 @@ def compare_command(
     # With --json, stdout carries the JSON alone: Ultralytics' output (--verbose) goes to stderr.
     with (
         contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext(),
-        _plain_text_when_piped(),
+        _plain_text_when_piped(ctx.args, dataset),
         contextlib.ExitStack() as stack,
     ):
         display: list[Callable[[Any], None]] = []
@@ -619,7 +652,15 @@ def main(argv: list[str] | None = None) -> None:
     app(args=argv, prog_name="speedtrain")
 
 
-def _plain_text_when_piped() -> contextlib.AbstractContextManager[None]:
+def _plain_text_when_piped(
+    extra: list[str] | None = None, dataset: Path | None = None
+) -> contextlib.AbstractContextManager[None]:
+    """Ultralytics' output without colour codes in a pipe or a file. Importing it imports torch (seconds): a mistyped
+    key=value in `extra` or a `dataset` that does not exist is answered first, in a fraction of a second."""
+    if extra:
+        planner.parse_extra_args(list(extra), ultra_args.defaults())
+    if dataset is not None and not dataset.exists():
+        raise DatasetError(f"dataset not found: {dataset}")
     from speedtrain import ultra  # imports Ultralytics: only the commands that train or tune pay for it
 
     return ultra.plain_text_when_piped()

@@ -36,7 +36,8 @@ from speedtrain.speedreport import DatasetSummary
 from speedtrain.util import first_line, read_json, spread, utc_now, write_atomic
 
 ARMS = ("defaults", "plan", "plan-no-rect", "plan-rect", "plan-640", "plan+finetune", "plan-classic")
-CLASSIC = {"optimizer": "Adam", "lr0": 0.001, "rect": True, "patience": 10}  # the classic single-script recipe
+# the classic single-script recipe: Adam at 0.001, rect batches, early stopping after 10 epochs
+CLASSIC: dict[str, Any] = {"optimizer": "Adam", "lr0": 0.001, "rect": True, "patience": 10}
 DEFAULT_ARMS = ("defaults", "plan")
 FINETUNE_SHARE = 0.3  # plan+finetune: the share of its budget the 640-px fine-tune gets
 MAX_CURVE_POINTS = 30  # saved epochs validated per arm (evenly spaced, the last always): bounds the evaluation time
@@ -326,9 +327,10 @@ class Comparison(JupyterMixin):
 
     @classmethod
     def from_json(cls, path: str | Path) -> Comparison:
-        path = Path(path)
-        path = path / JSON_NAME if path.is_dir() else path
-        doc = read_json(path, "a comparison", SpeedtrainError, f"no {JSON_NAME} in {path.parent}")
+        given = Path(path)
+        path = given / JSON_NAME if given.is_dir() else given
+        missing = f"no {JSON_NAME} in {given}" if given.is_dir() else f"{given}: no such compare folder or file"
+        doc = read_json(path, "a comparison", SpeedtrainError, missing)
         try:
             if int(doc.get("format", 0)) > FORMAT:
                 raise SpeedtrainError(f"{path}: compare format {doc['format']} is newer than this speedtrain reads")

@@ -10,6 +10,7 @@ from typing import Any, Literal, cast
 from speedtrain.dataset import DatasetStats
 from speedtrain.errors import UsageError
 from speedtrain.hardware import Gpu, HardwareSnapshot
+from speedtrain.util import closest
 
 DEFAULT_MODEL = "yolo26n"
 FINETUNE_WHEN: dict[str, When] = {"yes": "always", "auto": "auto", "ask": "ask"}
@@ -804,6 +805,8 @@ def _checked_arg(key: str, raw: str, value: Any, known: dict[str, Any]) -> tuple
         flag = RESERVED_ARGS[key]
         raise UsageError(f"{key}= is set by speedtrain" + (f"; use {flag}" if flag else ""))
     if key not in known:
-        raise UsageError(f"{key}= is not an Ultralytics train argument")
+        close = closest(key, known)
+        hint = f"; did you mean {' or '.join(c + '=' for c in close)}?" if close else ""
+        raise UsageError(f"{key}= is not an Ultralytics train argument{hint}")
     _check_type(key, raw, value, known[key])
     return key, value

@@ -252,9 +252,10 @@ class SpeedReport(JupyterMixin):
     @classmethod
     def from_json(cls, path: str | Path) -> SpeedReport:
         """Read speed_report.json (or a run folder holding one); one SpeedtrainError line when it is not one."""
-        path = Path(path)
-        path = path / REPORT_NAME if path.is_dir() else path
-        doc = read_json(path, "a speed report", SpeedtrainError, f"no {REPORT_NAME} in {path.parent}")
+        given = Path(path)
+        path = given / REPORT_NAME if given.is_dir() else given
+        missing = f"no {REPORT_NAME} in {given}" if given.is_dir() else f"{given}: no such run folder or report file"
+        doc = read_json(path, "a speed report", SpeedtrainError, missing)
         return cls.from_dict(doc, str(path))
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -84,3 +85,14 @@ def spread(n: int, k: int) -> list[int]:
     if n <= k:
         return list(range(n))
     return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def closest(name: str, known: Iterable[str], limit: int = 3) -> list[str]:
+    """The known names closest to a mistyped one: the best match (a similarity of at least 0.6, difflib's own
+    default) and any within 0.1 of it, best first; [] when nothing is close."""
+    import difflib
+
+    scored = sorted(((difflib.SequenceMatcher(None, name, k).ratio(), k) for k in set(known)), reverse=True)
+    if not scored or scored[0][0] < 0.6:
+        return []
+    return [k for ratio, k in scored if ratio >= scored[0][0] - 0.1][:limit]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 
-from speedtrain import dataset, hardware, planner, render, resize, runner
+from speedtrain import dataset, hardware, planner, render, resize, runner, ultra_args
 from speedtrain.dataset import DatasetStats
 from speedtrain.errors import DatasetError, UsageError
 from speedtrain.hardware import HardwareSnapshot
@@ -91,9 +91,7 @@ def make_plan(
     else:
         hw = hardware.load(Path(hardware_file)) if hardware_file else hardware.probe(stats.root)
     if extra_args:
-        from speedtrain import ultra
-
-        extra = planner.parse_extra_args(list(extra_args), ultra.defaults())
+        extra = planner.parse_extra_args(list(extra_args), ultra_args.defaults())
         overrides = replace(overrides, extra=overrides.extra + extra)
     runner.check_model(overrides.model)
     overrides = replace(overrides, sample=is_sample(dataset_path))

@@ -126,7 +126,7 @@ def test_resume_refuses_a_finished_run_and_a_missing_report(tmp_path):
     assert "this run finished" in result.stderr
     result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path / "nope")])
     assert result.exit_code == 1
-    assert "no speed_report.json" in result.stderr
+    assert "nope: no such run folder or report file" in result.stderr
 
 
 def _with_download(root: Path, marker: Path, val: str) -> Path:

@@ -98,8 +98,11 @@ def test_skipped_stage_says_why():
 def test_load_report_from_folder_and_bad_files(tmp_path):
     (tmp_path / "speed_report.json").write_text(STORED.read_text())
     assert SpeedReport.from_json(tmp_path).stages
-    with pytest.raises(SpeedtrainError, match="no speed_report.json"):
-        SpeedReport.from_json(tmp_path / "nope")
+    with pytest.raises(SpeedtrainError, match="nope: no such run folder or report file"):
+        SpeedReport.from_json(tmp_path / "nope")  # the missing folder is named, not its parent
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SpeedtrainError, match="no speed_report.json in .*empty$"):
+        SpeedReport.from_json(tmp_path / "empty")
     (tmp_path / "bad.json").write_text(json.dumps({"x": 1}))
     with pytest.raises(SpeedtrainError, match="not a speedtrain speed report"):
         SpeedReport.from_json(tmp_path / "bad.json")
