@@ -281,3 +281,28 @@ def test_optimize_training_speed_shim(make_dataset):
     nothing = subprocess.run([sys.executable, script, "--dataset", str(root)], capture_output=True, text=True)
     assert nothing.returncode == 2
     assert "--resize, --check" in nothing.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "says"),
+    [
+        (["train", "--epoch", "2"], 2, "no such option --epoch; did you mean --epochs?"),
+        (["plan", "--batchsize", "8"], 2, "did you mean --batch-size?"),
+        (["compare", "--bugdet", "3m"], 2, "did you mean --budget?"),
+        (["train", "lr=0.01"], 2, "lr= is not an Ultralytics train argument; did you mean lrf= or lr0=?"),
+        (["tune", "epoch=3"], 2, "did you mean epochs=?"),
+        (["train", "--zzz"], 2, "no such option --zzz; Ultralytics arguments are written key=value"),
+        (["train", "--dataset", "/no/such/dataset"], 3, "dataset not found: /no/such/dataset"),
+    ],
+)
+def test_argument_errors_suggest_and_come_before_torch_is_imported(args, code, says):
+    """One line with the closest valid name, and no second spent importing torch or Ultralytics first."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom speedtrain.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+             "    print(e.code, 'torch' in sys.modules, 'ultralytics' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == [str(code), "False", "False"], out.stderr
+    assert says in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1

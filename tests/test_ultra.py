@@ -169,3 +169,13 @@ def test_the_planners_auto_optimizer_is_what_ultralytics_builds(images, epochs, 
     assert (type(built).__name__, args.optimizer, args.lr0) == (name, name, lr), moved("optimizer=auto's rule")
     assert args.warmup_bias_lr == 0.0, moved("optimizer=auto's bias warmup")
     assert {g["lr"] for g in built.param_groups} <= {lr, lr * 3}  # MuSGD boosts the head's rate
+
+
+def test_the_argument_table_read_without_importing_ultralytics_is_its_own():
+    """speedtrain.ultra_args reads cfg/default.yaml as a file (argument errors come before torch is imported):
+    it must be the table Ultralytics itself loads."""
+    from ultralytics.utils import DEFAULT_CFG_DICT
+
+    from speedtrain import ultra_args
+
+    assert ultra_args.defaults() == dict(DEFAULT_CFG_DICT), moved("cfg/default.yaml")
