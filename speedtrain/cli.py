@@ -74,7 +74,6 @@ app = typer.Typer(
 )
 
 
-
 class _PassThrough(TyperCommand):
     """A command whose key=value arguments go on to Ultralytics: a --flag it does not know is a typo, answered with
     the closest flags before anything heavy is imported (click's own suggestion, for the commands that take none)."""
@@ -102,6 +101,8 @@ def _is_number(token: str) -> bool:
         return False
     return True
 
+
+LOG_EVERY_S = 30.0  # in a log or a pipe: a progress line at least this often during an epoch
 
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": ["-h", "--help"]}
 
@@ -377,10 +378,19 @@ def _run_display(out: Console) -> Iterator[Callable[[Any], None]]:
     """One progress line per stage (epoch x/N, images/s, last mAP, ETA) on a terminal, a line per epoch in a log
     (--verbose shows Ultralytics' own output instead, and no display)."""
     if not out.is_terminal:
+        now = time.monotonic()
+        last, started = [now], {("", -1): now}  # when a line was last printed; when each epoch began
 
         def line(ev: Any) -> None:
+            now = time.monotonic()
+            began = started.setdefault((ev.stage, ev.epoch), now)
             if ev.epoch_done:
                 out.print(render.epoch_line(ev))
+            elif now - last[0] >= LOG_EVERY_S:  # a long epoch is not minutes of silence in a log
+                out.print(render.batch_line(ev, now - began))
+            else:
+                return
+            last[0] = now
 
         yield line
         return

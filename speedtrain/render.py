@@ -299,6 +299,15 @@ def epoch_line(ev: Any) -> str:
     return f"{ev.stage}: epoch {ev.epoch + 1}/{ev.epochs}  {rate}  {score}".rstrip()
 
 
+def batch_line(ev: Any, elapsed_s: float) -> str:
+    """A line during an epoch, for logs: batch k/n, the last epoch's images/s and an estimate of the epoch's rest."""
+    rate = f", {ev.images_per_s} img/s last epoch" if ev.images_per_s else ""
+    left = elapsed_s * (1 - ev.fraction) / ev.fraction if ev.fraction > 0 else None
+    eta = f", about {_duration(left)} left in this epoch (estimate)" if left is not None else ""
+    where = f"batch {ev.batch}/{ev.batches}" if ev.batches else f"{ev.fraction:.0%}"
+    return f"{ev.stage}: epoch {ev.epoch + 1}/{ev.epochs} {where}{rate}{eta}"
+
+
 SHOWN_RANKS = 8  # ranks listed one by one; more are summarised as slowest, median, fastest
 
 

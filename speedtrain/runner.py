@@ -136,6 +136,8 @@ class StageProgress:
     images_per_s: float | None  # the last finished epoch's training pass
     map50_95: float | None  # the last validation's
     epoch_done: bool = False  # True once the epoch is trained, validated and saved
+    batch: int = 0  # batches of the running epoch done so far
+    batches: int = 0  # batches in an epoch
 
 
 OnProgress = Callable[[StageProgress], None]
@@ -200,6 +202,8 @@ class _Recorder:
                     self.last_rate,
                     self.last_map,
                     done,
+                    self.batches,
+                    len(trainer.train_loader) if getattr(trainer, "train_loader", None) is not None else 0,
                 )
             )
 

@@ -306,3 +306,28 @@ def test_argument_errors_suggest_and_come_before_torch_is_imported(args, code, s
     assert out.stdout.split() == [str(code), "False", "False"], out.stderr
     assert says in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_log_hears_from_a_long_epoch_every_30_seconds(monkeypatch):
+    """Piped output: a line at least every LOG_EVERY_S during an epoch (batch k/n, ETA), and one per finished epoch."""
+    import io
+
+    from speedtrain import cli
+    from speedtrain.runner import StageProgress
+
+    clock = [1000.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+    out = io.StringIO()
+    with cli._run_display(cli._Console(file=out, width=120)) as show:
+        for second, batch in ((0, 1), (10, 2), (29, 3), (31, 4), (50, 5), (62, 6)):
+            clock[0] = 1000.0 + second
+            show(StageProgress("main", 0, 3, batch / 10, None, None, batch=batch, batches=10))
+        clock[0] = 1100.0
+        show(StageProgress("main", 0, 3, 1.0, 12.5, 0.25, epoch_done=True, batch=10, batches=10))
+    lines = out.getvalue().splitlines()
+    # at 31 s: 4 of 10 batches took 31 s, so about 46 s are left; at 62 s: 6 of 10 in 62 s, about 41 s left
+    assert lines == [
+        "main: epoch 1/3 batch 4/10, about 0m 46s left in this epoch (estimate)",
+        "main: epoch 1/3 batch 6/10, about 0m 41s left in this epoch (estimate)",
+        "main: epoch 1/3  12.5 img/s  mAP50-95 0.250",
+    ]
