@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 import types
@@ -352,15 +353,21 @@ def _train(ctx: typer.Context, params: dict[str, Any]) -> None:
             console.print(render.render_dataset(value.dataset))
             console.print(render.render_plan(value.plan))
 
+    ctrl_c_at_prompt = [False]
     with contextlib.ExitStack() as stack:
-        display: list[Callable[[Any], None]] = []
+        display: list[_Display] = []
 
         def on_update(event: Any) -> None:  # the progress display starts with training, after any resize bar
             if not display:
                 display.append(stack.enter_context(_run_display(out)))
             display[0](event)
 
-        hooks: dict[str, Any] = {"log": log, "ask": _ask_finetune, "verbose": p.verbose}
+        def ask(main: Any) -> bool | None:
+            with display[0].paused() if display else contextlib.nullcontext():
+                answer, ctrl_c_at_prompt[0] = ask_finetune(main, out)
+            return answer
+
+        hooks: dict[str, Any] = {"log": log, "ask": ask, "verbose": p.verbose}
         hooks["on_update"] = None if p.verbose else on_update
         if p.resume:
             result = api.resume(p.resume, **hooks)
@@ -371,10 +378,34 @@ def _train(ctx: typer.Context, params: dict[str, Any]) -> None:
                 extra=ctx.args, **hooks, **_options(params),
             )  # fmt: skip
     _finish(result, plan_shown=not p.resume)
+    if ctrl_c_at_prompt[0]:  # the run is finished and its report printed; the exit code still says Ctrl-C
+        raise typer.Exit(130)
+
+
+class _Display:
+    """The run's progress display: called with each progress event; paused around a question."""
+
+    def __init__(self, update: Callable[[Any], None], bar: Progress | None = None) -> None:
+        self.update, self.bar = update, bar
+
+    def __call__(self, event: Any) -> None:
+        self.update(event)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Stop redrawing (a prompt gets its own line, and the answer typed is not drawn into the bar)."""
+        if self.bar is None:
+            yield
+            return
+        self.bar.stop()
+        try:
+            yield
+        finally:
+            self.bar.start()
 
 
 @contextlib.contextmanager
-def _run_display(out: Console) -> Iterator[Callable[[Any], None]]:
+def _run_display(out: Console) -> Iterator[_Display]:
     """One progress line per stage (epoch x/N, images/s, last mAP, ETA) on a terminal, a line per epoch in a log
     (--verbose shows Ultralytics' own output instead, and no display)."""
     if not out.is_terminal:
@@ -392,7 +423,7 @@ def _run_display(out: Console) -> Iterator[Callable[[Any], None]]:
                 return
             last[0] = now
 
-        yield line
+        yield _Display(line)
         return
     columns = (
         TextColumn("{task.description}"),
@@ -417,7 +448,7 @@ def _run_display(out: Console) -> Iterator[Callable[[Any], None]]:
                 score=f"mAP50-95 {ev.map50_95:.3f}" if ev.map50_95 is not None else "",
             )
 
-        yield update
+        yield _Display(update, bar)
 
 
 def _finish(result: SpeedReport, plan_shown: bool = False) -> None:
@@ -615,13 +646,53 @@ def show_report(
         console.print(rep)
 
 
-def _ask_finetune(main_result: Any) -> bool | None:
-    """Ask on an interactive terminal; None (skip) when nobody can answer."""
+PROMPT_TIMEOUT_S = 60.0  # then the prompt's default (what --finetune auto decides) is taken
+
+
+def ask_finetune(main: Any, out: Console) -> tuple[bool | None, bool]:
+    """(answer, Ctrl-C pressed) for --finetune ask: a question on its own line on an interactive terminal, whose
+    default is what --finetune auto decides, taken after PROMPT_TIMEOUT_S; EOF or Ctrl-C mean no. Nobody to ask
+    (input or output not a terminal): (None, False), and auto decides."""
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
-        return None
-    score = main_result.metric("mAP50-95")
-    shown = f"{score:.3f}" if score is not None else "unknown"
-    return typer.confirm(f"Main stage mAP50-95 is {shown}. Fine-tune at 640 px now?", default=False)
+        return None, False
+    from speedtrain import runner
+
+    size = max((s for s, _ in main.scores), default=640)
+    skip = runner.finetune_skip_reason(main, size, None)
+    scores = ", ".join(f"{v:.3f} at {s} px" for s, v in main.scores) or "not measured"
+    default = "n" if skip else "y"
+    choices = "[y/N]" if skip else "[Y/n]"
+    out.print(f"\nMain stage mAP50-95: {scores}. Fine-tune at {size} px now? {choices} "
+              f"({default} after {PROMPT_TIMEOUT_S:.0f} s) ", end="")  # fmt: skip
+    try:
+        line = _read_line(PROMPT_TIMEOUT_S)
+    except KeyboardInterrupt:
+        out.print("\nno (Ctrl-C): the run ends here; its report follows")
+        return False, True
+    if line is None:
+        out.print(f"\n{default} (no answer in {PROMPT_TIMEOUT_S:.0f} s)")
+        line = default
+    elif line == "":  # EOF: nobody will answer
+        out.print("\nno (end of input)")
+        return False, False
+    answer = line.strip().lower() or default
+    return answer.startswith("y"), False
+
+
+def _read_line(timeout: float) -> str | None:
+    """A line from standard input ("" at end of input), or None when none came within `timeout` seconds."""
+    if os.name == "nt":  # no select() on a Windows console: a reader thread, left behind if nobody answers
+        import threading
+
+        box: list[str] = []
+        reader = threading.Thread(target=lambda: box.append(sys.stdin.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        return box[0] if box else None
+    import select
+
+    ready, _, _ = select.select([sys.stdin], [], [], timeout)
+    return sys.stdin.readline() if ready else None
 
 
 @contextlib.contextmanager

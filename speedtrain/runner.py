@@ -470,8 +470,9 @@ def _skip_reason(
     if stage.when == "auto":
         return finetune_skip_reason(main, stage.imgsz, target_map)
     answer = decide(main) if decide else None
-    if answer is None:
-        return "not an interactive terminal; pass --finetune yes to run it"
+    if answer is None:  # nobody to ask: decided as auto decides
+        why = finetune_skip_reason(main, stage.imgsz, target_map)
+        return f"not asked (no interactive terminal) and, as auto decides, {why}" if why else ""
     return "" if answer else "declined at the prompt"
 
 
@@ -483,6 +484,8 @@ def finetune_skip_reason(main: StageResult, imgsz: int, target_map: float | None
     own, there = main.score_at(main.imgsz), main.score_at(imgsz)
     if own is None or there is None:
         return ""
+    if own <= 0 and there <= 0:
+        return f"the main stage's weights score 0 mAP50-95 at {main.imgsz} and at {imgsz} px: nothing to refine yet"
     if target_map is not None and there >= target_map:
         return f"main stage mAP50-95 at {imgsz} px is {there:.3f}, at or above --target-map {target_map}"
     if there >= own * (1 - FINETUNE_LAG):

@@ -239,6 +239,7 @@ def _main(own: float | None, at_640: float | None) -> runner.StageResult:
         (0.40, 0.30, 0.35, True),
         (None, 0.30, None, True),  # nothing to compare: the plan's stage runs
         (0.40, None, None, True),  # e.g. several ranks, where 640 is not validated
+        (0.0, 0.0, None, False),  # nothing learned: nothing to refine
     ],
 )
 def test_finetune_auto_decides_by_the_loss_at_the_larger_size(own, at_640, target, runs):
