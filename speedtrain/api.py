@@ -138,9 +138,9 @@ def train(
 
     `verbose=False` sends Ultralytics' own output to the run folder's ultralytics.log; `log` receives speedtrain's
     progress lines (printed when None); `on_update` each stage's progress after every batch; `ask` decides a
-    `finetune="ask"` stage (without it, "ask" skips the fine-tune and says so). `on_event(kind, value)` hears
-    "prepared" (a Preparation), "tuned" (a TuneResult) and "planned" (the SpeedReport about to run);
-    `progress(label)` makes the context that reports the resize's (done, total).
+    `finetune="ask"` stage (True, False, or None: decided as `finetune="auto"`, the default, decides).
+    `on_event(kind, value)` hears "prepared" (a Preparation), "tuned" (a TuneResult) and "planned" (the SpeedReport
+    about to run); `progress(label)` makes the context that reports the resize's (done, total).
     """
     log, on_event = log or _print, on_event or (lambda _kind, _value: None)
     world = distributed.world()

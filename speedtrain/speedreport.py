@@ -32,6 +32,7 @@ REPORT_NAME = "speed_report.json"
 StageStatus = Literal["pending", "running", "completed", "early-stopped", "skipped", "interrupted"]
 RunStatus = Literal["running", "finished", "interrupted"]
 PENDING: tuple[StageStatus, ...] = ("pending",)  # stages a run never reached; "running" ones resume from a checkpoint
+FINAL_SIZE = 640  # besides its training size, the final model is scored where an untuned model would be used
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,12 +214,14 @@ class SpeedReport(JupyterMixin):
         return values[-1] if values else None
 
     def final_scores(self) -> tuple[tuple[int, float], ...]:
-        """The final model's mAP50-95 by validation size, (size, mAP50-95) ascending: the last stage that trained."""
+        """The final model's mAP50-95 at its training size and at 640 (Ultralytics' default size), (size, mAP50-95)
+        ascending: the last stage that trained."""
         for s in reversed(self.stages):
             r = s.measured
             if r and r.epochs_done:
                 own = r.metric("mAP50-95")
-                return r.scores or (((r.imgsz, own),) if own is not None else ())
+                scores = tuple((size, v) for size, v in r.scores if size in (r.imgsz, FINAL_SIZE))
+                return scores or (((r.imgsz, own),) if own is not None else ())
         return ()
 
     @property
