@@ -708,16 +708,23 @@ def _progress(label: str, quiet: bool = False) -> Iterator[Callable[[int, int], 
         TextColumn("{task.fields[rate]}"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=err_console, transient=False) as bar:
-        task = bar.add_task(label, total=None, rate="")
-        t0 = time.perf_counter()
+    bar = Progress(*columns, console=err_console, transient=False)
+    task, t0 = None, time.perf_counter()
 
-        def update(done: int, total: int) -> None:
-            elapsed = time.perf_counter() - t0
-            rate = f"{done / elapsed:.0f} img/s" if done and elapsed > 0 else ""
-            bar.update(task, completed=done, total=total, rate=rate)
+    def update(done: int, total: int) -> None:  # the bar appears with the first progress, not before a refusal
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(label, total=None, rate="")
+        elapsed = time.perf_counter() - t0
+        rate = f"{done / elapsed:.0f} img/s" if done and elapsed > 0 else ""
+        bar.update(task, completed=done, total=total, rate=rate)
 
+    try:
         yield update
+    finally:
+        if task is not None:
+            bar.stop()
 
 
 def _quiet(message: str) -> None:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from speedtrain.errors import DatasetError
 from speedtrain.parallel import Progress, pmap
-from speedtrain.util import first_line
+from speedtrain.util import NotAFile, TooLarge, file_kind, first_line, is_regular_file, read_bounded
 
 # Bound before ultralytics is imported (speedtrain imports it later, lazily): Ultralytics replaces Image.open with
 # a wrapper that runs check_requirements("pi-heif") -- a pip install when online -- on any file Pillow cannot
@@ -49,6 +49,9 @@ YAML_NAMES = ("data.yaml", "dataset.yaml", "data.yml", "dataset.yml")
 # hundred bytes of nested aliases ("billion laughs") expand to billions of nodes when walked.
 YAML_MAX_BYTES = 1024**2
 YAML_MAX_NODES = 100_000
+# Classes in a dataset: LVIS has 1,203 and Open Images 601; a count far beyond is a typo, and names for a
+# billion classes would be built before anything else could fail
+MAX_CLASSES = 100_000
 VAL_DIR_NAMES = ("val", "valid", "validation")
 SIZE_SAMPLE = 1000  # image headers read for the size summary; more images are sampled, and the stats say so
 COORD_TOLERANCE = 0.01  # Ultralytics accepts normalised coordinates up to 1.01 (verify_image_label)
@@ -199,6 +202,8 @@ def _resolve(path: Path) -> tuple[Path | None, dict[str, Any], Path, list[str]]:
     if not path.exists():
         raise DatasetError(f"dataset not found: {path}")
     path = path.absolute()
+    if not path.is_dir() and not path.is_file():  # a FIFO, a device, a socket: never opened, never waited on
+        raise DatasetError(f"{path}: {file_kind(path.stat().st_mode)}, not a file; expected a dataset folder or yaml")
     if path.is_file() and path.suffix.lower() not in (".yaml", ".yml"):
         raise DatasetError(f"{path}: expected a dataset folder or a .yaml file")
     yaml_path = find_yaml(path)
@@ -219,7 +224,7 @@ def find_yaml(path: Path) -> Path | None:
     if not path.is_dir():
         return None
     for name in YAML_NAMES:
-        if (path / name).is_file():
+        if (path / name).exists() and not (path / name).is_dir():  # not a regular file: load_yaml says what it is
             return path / name
     yamls = sorted(path.glob("*.yaml")) + sorted(path.glob("*.yml"))
     return yamls[0] if len(yamls) == 1 else None
@@ -230,18 +235,22 @@ def load_yaml(path: Path) -> Any:
     expanded (counted on the composed node graph, shared nodes once each, so the count itself stays cheap).
     Raises DatasetError with one line naming the file."""
     try:
-        size = path.stat().st_size
-        if size > YAML_MAX_BYTES:
-            raise DatasetError(f"{path}: {size / 1024**2:.1f} MB is too large for a dataset yaml (limit 1 MB)")
-        text = path.read_text(encoding="utf-8-sig")
+        text = read_bounded(path, YAML_MAX_BYTES).decode("utf-8-sig")
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except TooLarge:
+        raise DatasetError(f"{path}: too large for a dataset yaml (limit 1 MB)") from None
+    except NotAFile as exc:
+        raise DatasetError(f"{exc}; expected a dataset yaml") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise DatasetError(f"{path}: cannot read yaml ({first_line(exc)})") from None
     if node is not None and _expanded_nodes(node, {}) > YAML_MAX_NODES:
         raise DatasetError(
             f"{path}: its aliases expand to more than {YAML_MAX_NODES:,} values (a 'billion laughs' yaml?); refused"
         )
-    return yaml.safe_load(text)
+    try:  # a tag such as !!python/object/apply composes, and the safe loader refuses to construct it: nothing runs
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise DatasetError(f"{path}: cannot read yaml ({first_line(exc)})") from None
 
 
 def _expanded_nodes(node: yaml.Node, memo: dict[int, int]) -> int:
@@ -304,7 +313,11 @@ def _layout_data(path: Path) -> tuple[dict[str, Any], Path, list[str]]:
     data: dict[str, Any] = {"train": str(train), "val": str(val)}
     classes_txt = path / "classes.txt"
     if classes_txt.is_file():
-        data["names"] = [n.strip() for n in classes_txt.read_text(encoding="utf-8").splitlines() if n.strip()]
+        try:
+            text = read_bounded(classes_txt, YAML_MAX_BYTES).decode("utf-8-sig", errors="replace")
+        except OSError as exc:
+            raise DatasetError(f"{classes_txt}: cannot read the class names ({first_line(exc)})") from None
+        data["names"] = [n.strip() for n in text.splitlines() if n.strip()]
     return data, path, notes
 
 
@@ -319,13 +332,17 @@ def _names(data: dict[str, Any], yaml_path: Path | None, root: Path) -> tuple[st
         if keys != list(range(len(keys))):
             raise DatasetError(f"{where}: names keys must run 0..{len(keys) - 1} without gaps")
         names = [names.get(k, names.get(str(k))) for k in keys]
+    if nc is not None and (isinstance(nc, bool) or not isinstance(nc, int) or not 1 <= nc <= MAX_CLASSES):
+        raise DatasetError(f"{where}: nc is {nc!r}; expected a whole number of classes from 1 to {MAX_CLASSES:,}")
     if names is None:
         if nc is None:
             return _names_from_labels(data, root, yaml_path)
-        names = [f"class{i}" for i in range(int(nc))]
+        names = [f"class{i}" for i in range(nc)]
     if not isinstance(names, list) or not names:
         raise DatasetError(f"{where}: names must be a non-empty list or mapping")
-    if nc is not None and int(nc) != len(names):
+    if len(names) > MAX_CLASSES:
+        raise DatasetError(f"{where}: {len(names):,} class names; speedtrain trains at most {MAX_CLASSES:,} classes")
+    if nc is not None and nc != len(names):
         raise DatasetError(f"{where}: nc is {nc} but names lists {len(names)} classes")
     return tuple(str(n) for n in names)
 
@@ -336,11 +353,16 @@ def _names_from_labels(data: dict[str, Any], root: Path, yaml_path: Path | None)
     single = not isinstance(data["train"], list)
     entries = data["train"] if not single else [data["train"]]
     sources = [split_source(e, root, single) for e in entries]
-    top = -1
+    top, where_top = -1, ""
     for image in list_images([s for s in sources if s.exists()]):
         for row in _label_rows(Path(label_path(image))) or []:
-            if row and row[0].lstrip("-").isdigit():
-                top = max(top, int(row[0]))
+            if row and row[0].isdigit() and int(row[0]) > top:
+                top, where_top = int(row[0]), label_path(image)
+    if top >= MAX_CLASSES:  # names would be built for every id up to it
+        raise DatasetError(
+            f"{where_top}: class id {top} with no names: or nc: in the dataset; speedtrain trains at most "
+            f"{MAX_CLASSES:,} classes (a typo in the label?)"
+        )
     if top < 0:
         where = f"{yaml_path} has no names: or nc: key, and" if yaml_path else f"{root}: no classes.txt, and"
         raise DatasetError(f"{where} the training labels hold no class ids to name classes from")
@@ -394,8 +416,13 @@ def _check_rows(rows: list[list[str]], label: str, nc: int, problems: list[Probl
     """Validate label rows like Ultralytics' verify_image_label; return the count of usable rows."""
     good = 0
     for n, row in enumerate(rows, 1):
-        if row and row[0] in ("<too-large>", "<binary>"):
-            what = f"{row[1]}, too large to be a label file" if row[0] == "<too-large>" else "binary content"
+        if row and row[0] in ("<too-large>", "<binary>", "<not-a-file>", "<unreadable>"):
+            what = {
+                "<too-large>": f"{row[-1]}, too large to be a label file",
+                "<binary>": "binary content",
+                "<not-a-file>": f"{row[-1]}, not a file",
+                "<unreadable>": f"cannot be read ({row[-1]})",
+            }[row[0]]
             problems.append(Problem("error", "not-a-label-file", label, f"{what}; Ultralytics cannot read it"))
             return 0
         if len(row) < 5 or (len(row) > 5 and len(row) % 2 == 0):
@@ -406,7 +433,7 @@ def _check_rows(rows: list[list[str]], label: str, nc: int, problems: list[Probl
         except ValueError:
             problems.append(Problem("warning", "malformed-label", label, f"line {n}: not numbers"))
             continue
-        if cls != int(cls) or not 0 <= cls < nc:
+        if not math.isfinite(cls) or cls != int(cls) or not 0 <= cls < nc:
             problems.append(
                 Problem("error", "class-out-of-range", label, f"line {n}: class id {row[0]} outside 0..{nc - 1}")
             )
@@ -425,18 +452,26 @@ LABEL_MAX_BYTES = 4 * 1024**2  # about 100,000 boxes; a label file larger than t
 
 
 def _label_rows(label: Path) -> list[list[str]] | None:
-    """Rows of a label file split on whitespace (CRLF-safe), or None when the file does not exist. A file too
-    large to be labels, or with binary content, is read as one malformed row (reported, never loaded whole)."""
+    """Rows of a label file split on whitespace (CRLF-safe, a UTF-8 BOM dropped as Ultralytics' reader does), or
+    None when the file does not exist. A file too large to be labels, something that is not a file (a FIFO, a
+    device), or binary content is read as one malformed row: reported, never read beyond the limit, never waited on."""
     try:
-        size = label.stat().st_size
-        if size > LABEL_MAX_BYTES:
-            return [["<too-large>", f"{size / 1024**2:.0f}MB"]]
-        data = label.read_bytes()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        data = read_bounded(label, LABEL_MAX_BYTES)
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except TooLarge:
+        return [["<too-large>", f"over {LABEL_MAX_BYTES // 1024**2}MB"]]
+    except NotAFile:
+        try:
+            kind = file_kind(os.stat(label).st_mode)
+        except OSError:
+            kind = "not a file"
+        return [["<not-a-file>", kind]]
+    except OSError as exc:
+        return [["<unreadable>", first_line(exc)]]
     if b"\0" in data:
         return [["<binary>"]]
-    text = data.decode("utf-8", errors="replace")
+    text = data.decode("utf-8-sig", errors="replace")
     return [line.split() for line in text.splitlines() if line.strip()]
 
 
@@ -451,17 +486,34 @@ def list_images(sources: Iterable[Path]) -> tuple[str, ...]:
     files: list[str] = []
     for source in sources:
         if source.is_dir():
-            files += [str(p) for p in source.rglob("*") if p.is_file()]
+            files += [str(p) for p in source.rglob("*") if p.is_file()]  # is_file(): regular files only
         elif source.suffix.lower() == ".txt":
             parent = source.parent
-            for line in source.read_text(encoding="utf-8-sig").splitlines():
+            for line in _list_file(source).splitlines():
                 line = line.strip()
                 if line:
                     p = Path(line)
                     files.append(str(p if p.is_absolute() else parent / p))
         else:
             files.append(str(source))
-    return tuple(sorted({f for f in files if f.rpartition(".")[-1].lower() in IMG_FORMATS}))
+    images = {f for f in files if f.rpartition(".")[-1].lower() in IMG_FORMATS}
+    # a FIFO or a device named like an image would block or never end when decoded: only regular files count
+    return tuple(sorted(f for f in images if is_regular_file(f)))
+
+
+LIST_MAX_BYTES = 256 * 1024**2  # a split's .txt list: about two million image paths
+
+
+def _list_file(source: Path) -> str:
+    """The text of a split's .txt list of images, bounded; one DatasetError line when it cannot be one."""
+    try:
+        return read_bounded(source, LIST_MAX_BYTES).decode("utf-8-sig", errors="replace")
+    except TooLarge:
+        raise DatasetError(f"{source}: over {LIST_MAX_BYTES // 1024**2} MB, too large for a list of images") from None
+    except NotAFile as exc:
+        raise DatasetError(f"{exc}; expected a list of images") from None
+    except OSError as exc:
+        raise DatasetError(f"{source}: cannot read the list of images ({first_line(exc)})") from None
 
 
 def _image_sizes(images: tuple[str, ...], sample: int) -> tuple[ImageSizes, list[Problem]]:

@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 from speedtrain.dataset import DatasetStats, Problem, label_path, list_images, load_yaml, open_image
 from speedtrain.errors import UsageError
 from speedtrain.parallel import Progress, default_workers, pmap
-from speedtrain.util import check_free_disk, first_line, write_atomic
+from speedtrain.util import check_free_disk, first_line, within, write_atomic
 
 VIEW_DIR = ".datasets"
 
@@ -210,8 +210,8 @@ def resize_dataset(
     t0 = time.perf_counter()
     root = Path(stats.root)
     out_dir = root if in_place else Path(out or default_out(stats, size)).absolute()
-    if not in_place and (out_dir == root or root in out_dir.parents):
-        raise UsageError(f"--out {out_dir}: must be outside the dataset (or pass --in-place)")
+    if not in_place:
+        _refuse_writing_into_the_dataset(stats, out_dir)
     pairs = _image_pairs(stats, root, out_dir)
     _check_disk(stats, size, out_dir, pairs, in_place)
     _remove_temp_files(out_dir)
@@ -287,6 +287,22 @@ def _image_pairs(stats: DatasetStats, root: Path, out_dir: Path) -> list[tuple[P
             if src not in seen:
                 seen[src] = out_dir / _relative(src, root)
     return list(seen.items())
+
+
+def _refuse_writing_into_the_dataset(stats: DatasetStats, out_dir: Path) -> None:
+    """The copy is written outside the dataset and every folder its images come from, as the filesystem sees them:
+    an --out that is, or leads through a link to, the dataset would overwrite the originals."""
+    folders = {Path(stats.root)}
+    for split in stats.splits:
+        for source in map(Path, split.sources):
+            folders.add(source if source.is_dir() else source.parent)
+    for folder in sorted(folders):
+        if within(out_dir, folder):
+            via = "" if out_dir.is_relative_to(folder) else ", through a link"
+            raise UsageError(
+                f"--out {out_dir}: inside the dataset ({folder}{via}); the copy must go elsewhere (or pass "
+                "--in-place to overwrite the images themselves)"
+            )
 
 
 def _relative(path: Path, root: Path) -> Path:

@@ -1,11 +1,12 @@
-"""Small helpers every module needs the same way: atomic writes, the nearest existing folder, an exception's
-first line, a UTC timestamp. Defined once here."""
+"""Small helpers every module needs the same way: atomic writes, bounded reads of a user's files, the nearest
+existing folder, an exception's first line, a UTC timestamp. Defined once here."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterable
 from datetime import datetime, timezone
@@ -24,6 +25,71 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class NotAFile(OSError):
+    """A path where a regular file was expected holds something else (a FIFO, a device, a socket, a folder)."""
+
+
+class TooLarge(OSError):
+    """A user's file holds more bytes than the limit for its kind."""
+
+
+def file_kind(mode: int) -> str:
+    """What a stat mode is, in words."""
+    for test, word in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):  # fmt: skip
+        if test(mode):
+            return word
+    return "not a regular file"
+
+
+def is_regular_file(path: str | Path) -> bool:
+    """True for a regular file (links followed); False for anything else or nothing."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def read_bounded(path: Path, limit: int) -> bytes:
+    """The bytes of a user's file, which must be a regular file (links followed) of at most `limit` bytes.
+
+    Opened without blocking (a FIFO with no writer would wait forever) and checked on the open descriptor, so a
+    FIFO, a device such as /dev/zero, a socket or a folder is refused before a byte is read; the size is what is
+    actually read, never stat()'s figure (a device reports 0). Raises NotAFile, TooLarge or another OSError."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotAFile(f"{path}: {file_kind(mode)}, not a file")
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - total))
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise TooLarge(f"{path}: over {limit / 1024**2:g} MB")
+    finally:
+        os.close(fd)
+
+
+def within(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or inside it as the filesystem sees it: links resolved both ways, and an existing
+    ancestor that is the same directory as `folder` (a bind mount, a second path to it) counts too."""
+    real, real_folder = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    if real == real_folder or real_folder in real.parents:
+        return True
+    for candidate in (real, *real.parents):
+        try:
+            if candidate.exists() and os.path.samefile(candidate, real_folder):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def existing_parent(path: Path) -> Path:
@@ -71,11 +137,13 @@ def read_json(path: Path, what: str, error: type[Exception], missing: str) -> An
     """A JSON file speedtrain wrote (or a person wrote for it), bounded in size: its data, or `error` with one line
     (`missing` when there is no such file)."""
     try:
-        if path.stat().st_size > JSON_MAX_BYTES:
-            raise error(f"{path}: too large for {what} (over {JSON_MAX_BYTES // 1024**2} MB)")
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_bounded(path, JSON_MAX_BYTES).decode("utf-8"))
     except FileNotFoundError:
         raise error(missing) from None
+    except TooLarge:
+        raise error(f"{path}: too large for {what} (over {JSON_MAX_BYTES // 1024**2} MB)") from None
+    except NotAFile as exc:
+        raise error(f"{exc}; expected {what}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise error(f"{path}: cannot read {what} ({first_line(exc)})") from None
 

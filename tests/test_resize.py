@@ -183,7 +183,7 @@ def test_second_run_is_incremental(make_dataset):
 
 def test_out_inside_the_dataset_is_refused(make_dataset):
     root = make_dataset(2, 1)
-    with pytest.raises(UsageError, match="must be outside the dataset"):
+    with pytest.raises(UsageError, match="inside the dataset"):
         resize.resize_dataset(dataset.scan(root), 320, out=root / "small")
 
 

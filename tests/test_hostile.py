@@ -1,0 +1,153 @@
+"""What a user's files and machine can hold where a file is expected: links, FIFOs, devices, absurd class counts,
+yaml tags. Each is one line and an exit code, in bounded time and memory, with the dataset unchanged. Run as the
+user runs it: the CLI in a child process with a hard timeout and an address-space limit."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tree_hash
+
+MEMORY_LIMIT = 2 * 1024**3  # address space of the child: plan and check never import torch
+
+
+def _speedtrain(*args: object, timeout: float = 60) -> subprocess.CompletedProcess:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+    cmd = [sys.executable, "-m", "speedtrain", *map(str, args)]
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=limit, env=env)
+
+
+def _one_line(out: subprocess.CompletedProcess, code: int, *words: str) -> str:
+    assert out.returncode == code, (out.returncode, out.stderr[-2000:], out.stdout[-2000:])
+    assert "Traceback" not in out.stderr + out.stdout
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def ds(make_dataset):
+    root = make_dataset(4, 2)
+    return root, tree_hash(root)
+
+
+def _first_label(root: Path) -> Path:
+    return sorted((root / "labels" / "train").glob("*.txt"))[0]
+
+
+def test_a_label_that_is_a_link_to_dev_zero_is_reported_not_read(ds):
+    root, before = ds
+    label = _first_label(root)
+    label.unlink()
+    label.symlink_to("/dev/zero")
+    out = _speedtrain("check", "--dataset", root, "--json", "--workers", 1)
+    assert out.returncode == 1, out.stderr  # problems listed
+    problems = json.loads(out.stdout)["problems"]
+    assert any(p["kind"] == "not-a-label-file" and "a device" in p["detail"] for p in problems)
+
+
+def test_a_fifo_where_a_label_or_list_is_expected_never_hangs(ds, tmp_path):
+    root, _ = ds
+    label = _first_label(root)
+    label.unlink()
+    os.mkfifo(label)
+    out = _speedtrain("check", "--dataset", root, "--json", "--workers", 1, timeout=30)
+    problems = json.loads(out.stdout)["problems"]
+    assert any(p["kind"] == "not-a-label-file" and "FIFO" in p["detail"] for p in problems)
+    (root / "train.txt").unlink(missing_ok=True)
+    os.mkfifo(root / "train.txt")
+    (root / "data.yaml").write_text(yaml.safe_dump({"train": "train.txt", "val": "images/val", "nc": 80}))
+    _one_line(_speedtrain("plan", "--dataset", root, timeout=30), 3, "train.txt", "FIFO")
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "fifo"])
+def test_a_data_yaml_that_is_a_device_or_fifo_is_one_line(ds, target):
+    root, _ = ds
+    (root / "data.yaml").unlink()
+    if target == "fifo":
+        os.mkfifo(root / "data.yaml")
+    else:
+        (root / "data.yaml").symlink_to(target)
+    _one_line(_speedtrain("plan", "--dataset", root / "data.yaml", timeout=30), 3, "data.yaml", "not a file")
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"nc": 1_000_000_000, "names": None}, ["nc is 1000000000", "100,000"]),
+        ({"nc": "four", "names": None}, ["nc is 'four'"]),
+        ({"nc": None, "names": None, "label": "999999999 0.5 0.5 0.1 0.1\n"}, ["class id 999999999", "100,000"]),
+    ],
+    ids=["nc-billion", "nc-word", "class-id-billion"],
+)
+def test_absurd_class_counts_are_refused_before_names_are_built(ds, change, words):
+    root, before = ds
+    data = yaml.safe_load((root / "data.yaml").read_text())
+    if "label" in change:
+        _first_label(root).write_text(change["label"])
+        before = tree_hash(root)
+    for key in ("nc", "names"):
+        if change.get(key, "") is None:
+            data.pop(key, None)
+        elif key in change:
+            data[key] = change[key]
+    (root / "data.yaml").write_text(yaml.safe_dump(data))
+    before = tree_hash(root)
+    _one_line(_speedtrain("plan", "--dataset", root), 3, *words)
+    assert tree_hash(root) == before
+
+
+def test_a_python_tag_in_the_yaml_is_refused_and_nothing_runs(ds, tmp_path):
+    root, _ = ds
+    marker = tmp_path / "ran"
+    (root / "data.yaml").write_text(
+        f"train: images/train\nval: images/val\nnc: 80\nx: !!python/object/apply:os.system ['touch {marker}']\n"
+    )
+    _one_line(_speedtrain("plan", "--dataset", root), 3, "cannot read yaml")
+    assert not marker.exists()
+
+
+def test_a_nan_class_id_is_a_problem_not_a_traceback(ds):
+    root, _ = ds
+    _first_label(root).write_text("nan 0.5 0.5 0.1 0.1\n")
+    out = _speedtrain("check", "--dataset", root, "--json", "--workers", 1)
+    problems = json.loads(out.stdout)["problems"]
+    assert any(p["kind"] == "class-out-of-range" for p in problems), out.stderr
+
+
+def test_a_utf8_bom_label_reads_as_ultralytics_reads_it(ds):
+    root, _ = ds
+    label = _first_label(root)
+    label.write_bytes(b"\xef\xbb\xbf" + label.read_bytes())
+    out = _speedtrain("check", "--dataset", root, "--json", "--workers", 1)
+    problems = json.loads(out.stdout)["problems"]
+    assert not [p for p in problems if p["file"] == str(label)], problems
+
+
+@pytest.mark.parametrize("direction", ["out-is-a-link-to-the-dataset", "dataset-is-a-link-to-out"])
+def test_prepare_never_writes_into_the_dataset_through_a_link(ds, tmp_path, direction):
+    root, before = ds
+    if direction == "out-is-a-link-to-the-dataset":
+        dataset, out = root, tmp_path / "link"
+        out.symlink_to(root)
+    else:
+        dataset, out = tmp_path / "link", root
+        dataset.symlink_to(root)
+    _one_line(_speedtrain("prepare", "--dataset", dataset, "--size", 64, "--out", out), 2, "inside the dataset")
+    assert tree_hash(root) == before
+    inner = tmp_path / "inner-link"  # a link to a folder inside the dataset
+    inner.symlink_to(root / "images")
+    _one_line(_speedtrain("prepare", "--dataset", root, "--size", 64, "--out", inner), 2, "inside the dataset")
+    assert tree_hash(root) == before
