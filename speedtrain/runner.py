@@ -519,6 +519,11 @@ def train_stage(
     # A stage an earlier run was interrupted in, or was killed in (`resuming`, and no result in its report), goes on
     # from its last complete checkpoint; a folder reused by a fresh run (tune's trial runs) starts over.
     checkpoint = resume_point(stage_dir) if previous or resuming else None
+    if previous or resuming:
+        finished = _finished_before(stage, stage_dir, checkpoint, previous)
+        if finished is not None:
+            log(f"{stage.name}: {finished.note}")
+            return finished
     if previous and checkpoint is None:
         log(f"{stage.name}: no checkpoint of an earlier epoch; starting the stage again")
     world = distributed.world()
@@ -736,10 +741,77 @@ def _validate_again(
 
 
 def _disk_full(stage_name: str, stage_dir: Path, exc: OSError) -> DiskSpaceError:
+    point = resume_point(stage_dir)
+    where = (f"the last complete checkpoint is {point}" if point is not None else
+             "no epoch of this stage was saved yet, so it starts again")  # fmt: skip
     return DiskSpaceError(
         f"{stage_name}: the disk filled up while training ({exc.filename or stage_dir}); free some space "
-        f"and go on with --resume (the last complete checkpoint is {stage_dir / 'weights' / RESUME_NAME})"
+        f"and go on with --resume ({where})"
     )
+
+
+def _finished_before(
+    stage: Stage, stage_dir: Path, checkpoint: Path | None, previous: StageResult | None
+) -> StageResult | None:
+    """A stage being resumed that had already trained every epoch (a run killed or stopped after its last epoch,
+    during the final validation or the report): its result from the files, so that nothing is trained again and
+    best.pt is never overwritten. None when there is still training to do; a TrainingError when epochs were saved
+    but no checkpoint to go on from is intact (training again from the start would overwrite them)."""
+    rows = _csv_rows(stage_dir / "results.csv")
+    saved = checkpoint_epoch(checkpoint) + 1 if checkpoint is not None else 0
+    best = stage_dir / "weights" / "best.pt"
+    if max(saved, len(rows)) < stage.epochs:
+        if checkpoint is None and rows:
+            intact = f"{best} is intact" if _loads(best) else "best.pt is damaged too"
+            raise TrainingError(
+                f"{stage.name}: {len(rows)} epochs were saved but neither weights/{RESUME_NAME} nor weights/last.pt "
+                f"can be read, so they cannot go on; {intact}: train a new run from it (--model {best}) rather "
+                "than over these epochs"
+            )
+        return None
+    if not _loads(best):
+        return None  # nothing trustworthy to keep: Ultralytics' own resume says what is wrong
+    epoch_times = _epoch_times_from_csv(stage_dir / "results.csv")
+    maps, losses = epoch_curves(stage_dir / "results.csv")
+    metrics = _best_row_metrics(rows)
+    return StageResult(
+        name=stage.name, status="completed", imgsz=stage.imgsz, batch=previous.batch if previous else stage.batch,
+        epochs_planned=stage.epochs, epochs_done=max(saved, len(rows)), epoch_times_s=epoch_times,
+        train_times_s=previous.train_times_s if previous else (), best_metrics=metrics, weights=str(best),
+        last_weights=str(stage_dir / "weights" / "last.pt") if (stage_dir / "weights" / "last.pt").is_file() else None,
+        save_dir=str(stage_dir), wall_time_s=previous.wall_time_s if previous else round(sum(epoch_times), 2),
+        epoch_map50_95=maps, epoch_loss=losses, images_per_epoch=previous.images_per_epoch if previous else 0,
+        oom_fallbacks=previous.oom_fallbacks if previous else (),
+        note=f"had trained all {stage.epochs} epochs before it stopped; kept as it was (best.pt, results.csv)",
+    )  # fmt: skip
+
+
+def _loads(weights: Path) -> bool:
+    """Whether a weights file is a readable PyTorch checkpoint holding a model."""
+    if not weights.is_file():
+        return False
+    import torch
+
+    try:
+        ckpt = torch.load(weights, map_location="cpu", weights_only=False)
+    except Exception:  # truncated, foreign: not weights to trust
+        return False
+    return isinstance(ckpt, dict) and (ckpt.get("model") is not None or ckpt.get("ema") is not None)
+
+
+def _best_row_metrics(rows: list[dict[str, str]]) -> tuple[tuple[str, float], ...]:
+    """The metrics of results.csv's best epoch by Ultralytics' fitness (mAP50-95 alone: utils/metrics.py, 8.4.190)."""
+    best: tuple[float, dict[str, float]] | None = None
+    for row in rows:
+        try:
+            m = {k.removeprefix("metrics/").removesuffix("(B)"): float(v) for k, v in row.items()
+                 if k.startswith("metrics/")}  # fmt: skip
+        except ValueError:
+            continue
+        fit = m.get("mAP50-95", 0.0)
+        if math.isfinite(fit) and (best is None or fit > best[0]):
+            best = (fit, m)
+    return tuple((k, round(v, 5)) for k, v in best[1].items()) if best else ()
 
 
 def _train_once(

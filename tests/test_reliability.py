@@ -296,3 +296,60 @@ def test_oom_during_validation_goes_on_from_the_checkpoint(make_dataset, tmp_pat
     assert (m["batch"], m["epochs_done"]) == (4, 3)
     assert [(o["epoch"], o["from_batch"], o["to_batch"]) for o in m["oom_fallbacks"]] == [(2, 16, 8), (3, 8, 4)]
     assert csv_epochs(Path(m["save_dir"])) == [1, 2, 3]  # each saved epoch kept; none trained twice into the log
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+@pytest.mark.slow
+def test_resume_with_every_checkpoint_damaged_stops_and_keeps_the_saved_epochs(make_dataset, tmp_path):
+    """kill -9 after two saved epochs, then resume.pt and last.pt truncated (best.pt intact): --resume must not
+    say "resuming" and train from epoch 1 over them; it stops with one line saying what is damaged and intact."""
+    root, project, epochs = make_dataset(16, 4), tmp_path / "runs", 6
+    proc = subprocess.Popen(_train_cmd(root, project, epochs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    weights = project / "train" / "main" / "weights"
+    assert wait_for(lambda: (weights / runner.RESUME_NAME).exists() and runner.checkpoint_epoch(
+        weights / runner.RESUME_NAME) >= 1 or proc.poll() is not None, timeout=240)  # fmt: skip
+    proc.kill()
+    proc.wait(timeout=60)
+    for name in (runner.RESUME_NAME, "last.pt"):
+        _truncate(weights / name)
+    rows, best = _csv_rows(project / "train" / "main"), (weights / "best.pt").read_bytes()
+    again = subprocess.run([*_train_cmd(root, project, epochs)[:4], "--resume", str(project / "train")],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 5, again.stdout[-2000:] + again.stderr[-2000:]
+    lines = [ln for ln in again.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    assert "cannot be read" in lines[0]
+    assert f"{weights / 'best.pt'} is intact" in lines[0]
+    assert "Traceback" not in again.stdout + again.stderr
+    assert _csv_rows(project / "train" / "main") == rows  # the saved epochs are as they were
+    assert (weights / "best.pt").read_bytes() == best
+
+
+@pytest.mark.slow
+def test_a_run_stopped_after_its_last_epoch_resumes_to_finished_without_training_again(make_dataset, tmp_path):
+    """Every epoch trained, then the process died before the report said so (a kill during the final validation
+    or a SIGTERM after the last epoch), with resume.pt damaged: --resume finishes the run from its files and never
+    retrains or overwrites best.pt."""
+    root, project = make_dataset(8, 2), tmp_path / "runs"
+    first = subprocess.run(_train_cmd(root, project, 2), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-2000:]
+    report = project / "train" / "speed_report.json"
+    doc = json.loads(report.read_text())
+    doc["run"]["status"] = "running"  # as a kill before the stage's end leaves it
+    doc["stages"][0].update(status="running", measured=None, note="")
+    report.write_text(json.dumps(doc))
+    weights = project / "train" / "main" / "weights"
+    _truncate(weights / runner.RESUME_NAME)
+    rows, best = _csv_rows(project / "train" / "main"), (weights / "best.pt").read_bytes()
+    again = subprocess.run([*_train_cmd(root, project, 2)[:4], "--resume", str(project / "train")],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    doc = json.loads(report.read_text())
+    assert (doc["run"]["status"], doc["stages"][0]["status"]) == ("finished", "completed")
+    assert doc["stages"][0]["measured"]["epochs_done"] == 2
+    assert "had trained all 2 epochs" in doc["stages"][0]["note"]
+    assert _csv_rows(project / "train" / "main") == rows  # nothing trained again
+    assert (weights / "best.pt").read_bytes() == best
