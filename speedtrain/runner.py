@@ -764,9 +764,9 @@ def _finished_before(
         if checkpoint is None and rows:
             intact = f"{best} is intact" if _loads(best) else "best.pt is damaged too"
             raise TrainingError(
-                f"{stage.name}: {len(rows)} epochs were saved but neither weights/{RESUME_NAME} nor weights/last.pt "
-                f"can be read, so they cannot go on; {intact}: train a new run from it (--model {best}) rather "
-                "than over these epochs"
+                f"{stage.name}: {len(rows)} epochs were saved, but weights/{RESUME_NAME} and weights/last.pt cannot "
+                f"be read (damaged), so training cannot go on from them; {intact}: train a new run from it "
+                f"(--model {best}) rather than over these epochs"
             )
         return None
     if not _loads(best):
