@@ -484,10 +484,10 @@ def finetune_skip_reason(main: StageResult, imgsz: int, target_map: float | None
     own, there = main.score_at(main.imgsz), main.score_at(imgsz)
     if own is None or there is None:
         return ""
-    if own <= 0 and there <= 0:
-        return f"the main stage's weights score 0 mAP50-95 at {main.imgsz} and at {imgsz} px: nothing to refine yet"
     if target_map is not None and there >= target_map:
         return f"main stage mAP50-95 at {imgsz} px is {there:.3f}, at or above --target-map {target_map}"
+    if own <= 0 and there <= 0:
+        return f"the main stage's weights score 0 mAP50-95 at {main.imgsz} and at {imgsz} px: nothing to refine yet"
     if there >= own * (1 - FINETUNE_LAG):
         return (
             f"the main stage's weights score {there:.3f} mAP50-95 at {imgsz} px against {own:.3f} at "

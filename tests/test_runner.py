@@ -325,7 +325,10 @@ def test_oom_in_the_final_validation_keeps_the_run(make_dataset, tmp_path, monke
     doc = workflow.execute(planned, tmp_path / "runs")[0].to_dict()
     main = doc["stages"][0]
     assert main["status"] == "completed"
-    assert sizes == [8, 8, 4]  # Ultralytics' final validation, then speedtrain's at 8 and 4
+    # Ultralytics' final validation, then speedtrain's at 8 and 4; then best.pt's score at 640 at the stage's batch
+    # (out of memory here too: said in the log, not fatal, and the report has no 640-px figure)
+    assert sizes == [8, 8, 4, 8]
+    assert "640" not in main["measured"]["scores"]
     assert main["measured"]["oom_fallbacks"] == []  # training itself never stepped down
     assert "mAP50-95" in main["measured"]["best_metrics"]
     assert Path(main["measured"]["weights"]).is_file()
