@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperCommand, TyperGroup
 
 from speedtrain import api, distributed, hardware, planner, render, ultra_args, workflow
@@ -50,6 +51,9 @@ class _Commands(TyperGroup):
         except SpeedtrainError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except ClickUsageError as exc:  # a bad flag value, a missing option, an unknown command: one line too
+            err_console.print(f"[bold red]error:[/] {usage_line(exc)}", soft_wrap=True, highlight=False)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             what = {
                 "train": "a training run goes on with --resume RUN_DIR (its folder is above)",
@@ -73,6 +77,19 @@ app = typer.Typer(
     # click's own help layout: rich's option panel truncates long flag names at 80 columns ("--batch-size,--b…")
     rich_markup_mode=None,
 )
+
+
+def usage_line(exc: ClickUsageError) -> str:
+    """click's message for a bad flag value in one line, with the closest valid choice and where help is."""
+    import re
+
+    message = " ".join(exc.format_message().split())
+    found = re.search(r"'([^']*)' is not one of ((?:'[^']*'(?:, )?)+)", message)
+    if found:
+        close = closest(found.group(1), re.findall(r"'([^']*)'", found.group(2)))
+        message += f" Did you mean {close[0]!r}?" if close else ""
+    command = exc.ctx.command_path if exc.ctx is not None else "speedtrain"
+    return f"{message} ({command} -h)"
 
 
 class _PassThrough(TyperCommand):

@@ -397,7 +397,7 @@ def _scan_split(name: str, entry: Any, root: Path, nc: int, yaml_path: Path | No
     if not images:
         raise DatasetError(f"{name} split has no images: {', '.join(map(str, sources))}")
     labels = tuple(label_path(i) for i in images)
-    problems: list[Problem] = []
+    problems: list[Problem] = _shared_labels(images, labels)
     labelled = backgrounds = instances = 0
     for label in labels:
         rows = _label_rows(Path(label))
@@ -410,6 +410,19 @@ def _scan_split(name: str, entry: Any, root: Path, nc: int, yaml_path: Path | No
         backgrounds += not rows
     split = Split(name, tuple(map(str, sources)), images, labels, labelled, backgrounds, instances)
     return split, problems
+
+
+def _shared_labels(images: tuple[str, ...], labels: tuple[str, ...]) -> list[Problem]:
+    """Images whose names differ only in the extension (a.jpg, a.png) read the same label file: Ultralytics
+    trains both with its boxes, which can be right for one of them at most."""
+    readers: dict[str, list[str]] = {}
+    for image, label in zip(images, labels, strict=True):
+        readers.setdefault(label, []).append(image)
+    return [
+        Problem("warning", "shared-label", label, f"read by {len(imgs)} images: {', '.join(Path(i).name for i in imgs)}"
+                "; rename all but one (each image's boxes go in its own label file)")
+        for label, imgs in readers.items() if len(imgs) > 1
+    ]  # fmt: skip
 
 
 def _check_rows(rows: list[list[str]], label: str, nc: int, problems: list[Problem]) -> int:

@@ -54,7 +54,7 @@ def run(
         )
     for attempt in range(MAX_RESTARTS + 1):
         config = launch_config(nproc, f"speedtrain-{run_dir.name}-{attempt}")
-        args = ["-m", RANK_MODULE, str(run_dir), *(["--resume"] if resuming else []), *(["--quiet"] if quiet else [])]
+        args = [*RUN_RANK, str(run_dir), *(["--resume"] if resuming else []), *(["--quiet"] if quiet else [])]
         try:
             elastic_launch(config, sys.executable)(*args)
         except ChildFailedError as exc:
@@ -100,10 +100,29 @@ def _stage_dirs(run_dir: Path) -> list[Path]:
     return [p for p in run_dir.iterdir() if p.is_dir()]
 
 
+# The ranks import speedtrain from where it is installed, never from the working directory: `python -m` puts the
+# working directory first on sys.path, and a folder there named speedtrain/ would shadow the package in every rank.
+# Python 3.11's -P leaves it out; on 3.10 a bootstrap drops it before running the rank module.
+RUN_RANK: tuple[str, ...] = (
+    ("-P", "-m", RANK_MODULE)
+    if sys.version_info >= (3, 11)
+    else (
+        "-c",
+        "import runpy, sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+        "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)",
+        RANK_MODULE,
+    )
+)
+
+
 def failure_line(exc: Any, run_dir: Path) -> str:
-    """One line for a failed group: the first rank that failed, how, and the command that goes on."""
+    """One line for a failed group: the first rank that failed, how, what was kept, and the command that goes on."""
+    from speedtrain.runner import resume_point
+
     rank, failure = exc.get_first_failure()
     how = failure.signal_name() if failure.exitcode < 0 else f"exit code {failure.exitcode}"
     why = "was killed" if failure.exitcode < 0 else "failed"
-    return (f"rank {rank} {why} ({how}, pid {failure.pid}); the other ranks were stopped; the saved epochs are "
-            f"kept: go on with `speedtrain train --resume {run_dir}`")  # fmt: skip
+    saved = [d.name for d in _stage_dirs(run_dir) if resume_point(d) is not None]
+    kept = (f"the saved epochs of {', '.join(saved)} are kept: go on with `speedtrain train --resume {run_dir}`"
+            if saved else f"no epoch was saved yet; its log: {run_dir / 'ultralytics.log'}")  # fmt: skip
+    return f"rank {rank} {why} ({how}, pid {failure.pid}); the other ranks were stopped; {kept}"

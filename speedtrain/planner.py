@@ -33,6 +33,7 @@ AUTO_ITERATIONS = 10_000
 LR0_DEFAULT = 0.01  # Ultralytics' lr0, for an optimizer the user names without a learning rate
 ADAPTIVE = ("Adam", "Adamax", "AdamW", "NAdam", "RAdam")
 STRIDE = 32  # Ultralytics rounds imgsz up to a multiple of the model's largest stride
+THREADS_PER_CORE = 4  # --threads above this many per logical core only oversubscribes (and fails inside libgomp)
 
 BATCH_CHAIN = (48, 32, 16, 8)  # per GPU; the OOM fallback walks it left to right
 CPU_BATCH_CHAIN = (16, 8, 4)
@@ -350,7 +351,9 @@ def _finetune_stage(
 
 
 def _epochs(ov: Overrides) -> tuple[int, str]:
-    if ov.epochs:
+    if ov.epochs is not None:
+        if isinstance(ov.epochs, bool) or not isinstance(ov.epochs, int) or ov.epochs < 1:
+            raise UsageError(f"--epochs {ov.epochs}: a whole number of epochs, 1 or more")
         return ov.epochs, "set by user"
     if ov.sample:
         return SAMPLE_EPOCHS[0], f"{SAMPLE_EPOCHS[0]}: a short demo on the embedded sample"
@@ -509,7 +512,7 @@ def _device(hw: HardwareSnapshot, requested: str | None, reasons: dict[str, str]
             else f"GPUs {ids}: all {len(hw.gpus)} visible GPUs, one speedtrain rank each (torch.distributed DDP)"
         )
         return ids, len(hw.gpus)
-    text = requested.strip().lower().replace("cuda:", "").replace(" ", "")
+    text = str(requested).strip().lower().replace("cuda:", "").replace(" ", "")  # device=7 arrives as a number
     text = "0" if text == "cuda" else text
     reasons["device"] = "set by user"
     if text in ("cpu", "mps"):
@@ -541,6 +544,11 @@ def _batch(
     if requested is not None:
         if requested <= 0:
             raise UsageError(f"--batch-size {requested}: must be a positive number of images")
+        if requested < n:
+            raise UsageError(
+                f"--batch-size {requested}: the total batch is shared by {n} ranks, each needs at least one image; "
+                f"use --batch-size {n} or more (e.g. {n * 8}: 8 per rank)"
+            )
         per_gpu = max(1, requested // n)
         return requested, tuple(c * n for c in chain if c < per_gpu), "set by user"
     if not gpus:
@@ -600,8 +608,15 @@ def _workers(
     """Workers per GPU: by available RAM, capped at the cores per GPU and at what /dev/shm can hold."""
     per_gpu_batch = max(1, batch // max(gpus, 1))
     if requested is not None:
-        if requested < 0:
-            raise UsageError(f"--workers {requested}: must be 0 or more")
+        most = THREADS_PER_CORE * max(hw.cpu_cores_logical, 1)
+        if not 0 <= requested <= most:
+            raise UsageError(
+                f"--workers {requested}: this machine has {hw.cpu_cores_logical} logical cores; use 0 to {most}"
+            )
+        if not gpus:  # ultralytics/engine/trainer.py (8.4.190) sets workers=0 for CPU training, whatever was asked
+            if requested:
+                warnings.append(f"--workers {requested}: on a CPU Ultralytics loads data in the training process")
+            return 0, f"0: set by user to {requested}, but Ultralytics loads data in the training process on CPU"
         need = shm_need_gb(requested, per_gpu_batch, imgsz, gpus, hw.cpu_cores_logical)
         if gpus and hw.shm_free_gb is not None and need > hw.shm_free_gb:
             warnings.append(
@@ -654,8 +669,12 @@ def _threads(hw: HardwareSnapshot, gpus: int, requested: int | None, local_ranks
     the training process mostly launches kernels and the cores feed the dataloader workers, so it is left alone.
     """
     if requested is not None:
-        if requested <= 0:
-            raise UsageError(f"--threads {requested}: must be 1 or more")
+        most = THREADS_PER_CORE * max(hw.cpu_cores_logical, 1)
+        if not 1 <= requested <= most:
+            raise UsageError(
+                f"--threads {requested}: this machine has {hw.cpu_cores_logical} logical cores; use 1 to {most} "
+                f"(the default, {max(1, min(hw.cpu_cores_physical, hw.cpu_cores_logical))}, is one per physical core)"
+            )
         return requested, "set by user"
     if gpus:
         return None, "Ultralytics' own: on a GPU the training process launches kernels; cores feed the workers"

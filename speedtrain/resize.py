@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 from speedtrain.dataset import DatasetStats, Problem, label_path, list_images, load_yaml, open_image
 from speedtrain.errors import UsageError
 from speedtrain.parallel import Progress, default_workers, pmap
-from speedtrain.util import check_free_disk, first_line, within, write_atomic
+from speedtrain.util import check_free_disk, existing_parent, first_line, within, write_atomic
 
 VIEW_DIR = ".datasets"
 
@@ -212,6 +212,7 @@ def resize_dataset(
     out_dir = root if in_place else Path(out or default_out(stats, size)).absolute()
     if not in_place:
         _refuse_writing_into_the_dataset(stats, out_dir)
+    _refuse_unwritable(stats, out_dir, in_place)
     pairs = _image_pairs(stats, root, out_dir)
     _check_disk(stats, size, out_dir, pairs, in_place)
     _remove_temp_files(out_dir)
@@ -303,6 +304,17 @@ def _refuse_writing_into_the_dataset(stats: DatasetStats, out_dir: Path) -> None
                 f"--out {out_dir}: inside the dataset ({folder}{via}); the copy must go elsewhere (or pass "
                 "--in-place to overwrite the images themselves)"
             )
+
+
+def _refuse_unwritable(stats: DatasetStats, out_dir: Path, in_place: bool) -> None:
+    """Where the resized images go must be writable (a read-only mount, another user's folder): one line first,
+    instead of an error from the middle of the work."""
+    targets = {Path(i).parent for s in stats.splits for i in s.image_files} if in_place else {out_dir}
+    for folder in sorted(targets):
+        where = existing_parent(folder)
+        if not os.access(where, os.W_OK | os.X_OK):
+            flag = "--in-place" if in_place else "--out"
+            raise UsageError(f"{flag}: cannot write in {where} (read-only or not yours); nothing was changed")
 
 
 def _relative(path: Path, root: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -94,8 +95,18 @@ def make_plan(
         extra = planner.parse_extra_args(list(extra_args), ultra_args.defaults())
         overrides = replace(overrides, extra=overrides.extra + extra)
     runner.check_model(overrides.model)
+    if str(overrides.device).strip().lower() == "mps" and not hardware_file and not _has_mps():
+        raise UsageError(
+            f"--device mps: Apple's GPU, and this is {platform.system()} on {platform.machine()}; use --device cpu"
+            + (" or a CUDA index such as 0" if hw.gpus else "")
+        )
     overrides = replace(overrides, sample=is_sample(dataset_path))
     return Planned(hw, stats, overrides, planner.plan(hw, stats, overrides))
+
+
+def _has_mps() -> bool:
+    """Apple silicon under macOS, the only place torch's MPS device exists (checked without importing torch)."""
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
 
 
 def prepare_dataset(
@@ -149,11 +160,16 @@ def autotune(
     return replace(planned, plan=plan, tuned=result), result
 
 
+NAME_MAX_BYTES = 200
+
+
 def check_run_folder(project: str | os.PathLike[str], name: str) -> Path:
     """--project must be (or become) a folder and --name a plain folder name inside it; checked before any work."""
     project = Path(project)
     if not name or name in (".", "..") or any(sep in name for sep in ("/", "\\")):
         raise UsageError(f"--name {name!r}: a run folder name, without / or \\ (it stays inside --project)")
+    if len(name.encode()) > NAME_MAX_BYTES:  # file systems allow 255 bytes; a suffix (train2, ...) may follow
+        raise UsageError(f"--name: {len(name.encode())} bytes; a run folder name of at most {NAME_MAX_BYTES} bytes")
     parent = existing_parent(project)  # nothing is created here: a refused run leaves no folder behind
     if not parent.is_dir():
         raise UsageError(f"--project {project}: cannot hold run folders ({parent} is a file)")

@@ -400,3 +400,21 @@ def test_the_finetune_prompt_never_blocks_and_never_loses_the_report(make_datase
     assert any(line.startswith("Main stage mAP50-95:") for line in lines), out[-3000:]  # on its own line
     assert "Measured on this machine" in out  # the report was printed
     assert (tmp_path / "runs" / "train" / "speed_report.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["train", "--epochs", "0"], "Invalid value for '--epochs'"),
+        (["train", "--cache", "rom"], "'rom' is not one of 'ram', 'disk', 'none'. Did you mean 'ram'?"),
+        (["trian"], "No such command 'trian'. Did you mean 'train'?"),
+        (["report"], "Missing argument"),
+    ],
+)
+def test_click_usage_errors_are_one_line_with_a_suggestion(args, says):
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    assert says in lines[0]
+    assert lines[0].endswith("-h)")

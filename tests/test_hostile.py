@@ -151,3 +151,91 @@ def test_prepare_never_writes_into_the_dataset_through_a_link(ds, tmp_path, dire
     inner.symlink_to(root / "images")
     _one_line(_speedtrain("prepare", "--dataset", root, "--size", 64, "--out", inner), 2, "inside the dataset")
     assert tree_hash(root) == before
+
+
+# --- every argument checked before anything is created ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (["--threads", "1000"], 2, ["--threads 1000", "logical cores; use 1 to"]),
+        (["--batch-size", "2", "--nproc-per-node", "4"], 2, ["--batch-size 2", "4 ranks", "--batch-size 4 or more"]),
+        (["epochs=-3"], 2, ["--epochs -3", "1 or more"]),
+        (["device=7"], 2, ["--device 7", "GPU 7 does not exist"]),
+        (["--device", "mps"], 2, ["--device mps", "use --device cpu"]),
+        (["--name", "x" * 300], 2, ["--name", "at most 200 bytes"]),
+    ],
+    ids=["threads", "ranks-over-batch", "epochs", "device-number", "mps", "long-name"],
+)
+def test_impossible_arguments_are_refused_before_a_run_folder_exists(ds, tmp_path, args, code, words):
+    if "mps" in args and sys.platform == "darwin":
+        pytest.skip("Apple silicon has MPS")
+    root, before = ds
+    out = _speedtrain("train", "--dataset", root, "--device", "cpu", "--project", tmp_path / "runs", *args)
+    _one_line(out, code, *words)
+    assert not (tmp_path / "runs").exists()
+    assert tree_hash(root) == before
+
+
+def test_workers_on_a_cpu_are_not_reported_as_used():
+    from conftest import fake_stats, snapshot
+
+    from speedtrain.planner import Overrides, plan
+
+    p = plan(snapshot((), ram=16, cores=2), fake_stats(), Overrides(workers=1000 // 125))
+    assert p.stage("main").workers == 0  # Ultralytics loads data in the training process on a CPU
+    assert "set by user to 8, but" in p.reason("workers")
+    with pytest.raises(Exception, match="--workers 1000: this machine has 16 logical cores; use 0 to 64"):
+        plan(snapshot((24,), ram=64, cores=16), fake_stats(), Overrides(workers=1000))
+
+
+def test_images_sharing_a_label_file_are_reported(ds):
+    from PIL import Image
+
+    root, _ = ds
+    first = sorted((root / "images" / "train").glob("*.jpg"))[0]
+    with Image.open(first) as im:
+        im.save(first.with_suffix(".png"))  # a.jpg and a.png: both read a.txt
+    out = _speedtrain("check", "--dataset", root, "--json", "--workers", 1)
+    shared = [p for p in json.loads(out.stdout)["problems"] if p["kind"] == "shared-label"]
+    assert len(shared) == 1
+    assert f"{first.name}, {first.with_suffix('.png').name}" in shared[0]["detail"]
+
+
+def test_prepare_in_place_on_a_read_only_folder_is_one_line(ds, monkeypatch):
+    """A read-only mount refuses writes the way os.access reports them (faked: the tests may run as root)."""
+    from speedtrain import api, resize
+    from speedtrain.errors import UsageError
+
+    root, before = ds
+    real = resize.os.access
+    monkeypatch.setattr(resize.os, "access", lambda p, mode: False if Path(p).is_relative_to(root) else real(p, mode))
+    with pytest.raises(UsageError, match="--in-place: cannot write in .*read-only or not yours.*nothing was changed"):
+        api.prepare(root, 64, in_place=True)
+    assert tree_hash(root) == before
+
+
+def test_ranks_import_the_installed_package_not_a_folder_in_the_working_directory():
+    from speedtrain import launch
+
+    if sys.version_info >= (3, 11):
+        assert launch.RUN_RANK[:3] == ("-P", "-m", "speedtrain.rank")  # -P: no working directory on sys.path
+    else:
+        assert "sys.path[:]" in launch.RUN_RANK[1]
+
+
+@pytest.mark.slow
+def test_ranks_started_from_a_folder_holding_a_speedtrain_folder_train(make_dataset, tmp_path):
+    root = make_dataset(8, 2)
+    shadow = tmp_path / "work" / "speedtrain"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('the working directory shadowed the package')\n")
+    (shadow / "rank.py").write_text("raise SystemExit('the working directory shadowed the package')\n")
+    cmd = [str(Path(sys.executable).parent / "speedtrain"), "train", "--dataset", str(root), "--img-size", "64",
+           "--epochs", "1", "--finetune", "no", "--device", "cpu", "--nproc-per-node", "2",
+           "--project", str(tmp_path / "runs"), "plots=False"]  # fmt: skip
+    out = subprocess.run(cmd, cwd=shadow.parent, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    doc = json.loads((tmp_path / "runs" / "train" / "speed_report.json").read_text())
+    assert doc["stages"][0]["status"] == "completed"
