@@ -25,7 +25,7 @@ from speedtrain import dataset as dataset_mod
 from speedtrain.errors import DatasetError, PeerFailed, SpeedtrainError, UsageError
 from speedtrain.planner import DEFAULT_TARGET_MAP
 from speedtrain.speedreport import REPORT_NAME, DatasetSummary, SpeedReport
-from speedtrain.util import closest
+from speedtrain.util import closest, plain_streams
 
 
 class _Console(Console):
@@ -766,6 +766,12 @@ def _plain_text_when_piped(
         planner.parse_extra_args(list(extra), ultra_args.defaults())
     if dataset is not None and not dataset.exists():
         raise DatasetError(f"dataset not found: {dataset}")
-    from speedtrain import ultra  # imports Ultralytics: only the commands that train or tune pay for it
+    if sys.stdout.isatty():
+        return contextlib.nullcontext()
+    if "ultralytics" in sys.modules:  # its log handlers already hold the streams: filter them too
+        from speedtrain import ultra
 
-    return ultra.plain_text_when_piped()
+        return ultra.plain_text_when_piped()
+    # Ultralytics is imported later, when training starts (after the plan, so that a bad argument is answered
+    # without torch): its log handlers then write to these streams
+    return plain_streams()

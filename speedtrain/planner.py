@@ -544,20 +544,19 @@ def _batch(
     if requested is not None:
         if requested <= 0:
             raise UsageError(f"--batch-size {requested}: must be a positive number of images")
-        if requested < n:
+        if requested < max(ranks, 1):  # Ultralytics gives each rank batch // ranks images: 0 fails minutes later
             raise UsageError(
-                f"--batch-size {requested}: the total batch is shared by {n} ranks, each needs at least one image; "
-                f"use --batch-size {n} or more (e.g. {n * 8}: 8 per rank)"
+                f"--batch-size {requested}: the total batch is shared by {ranks} ranks, each needs at least one "
+                f"image; use --batch-size {ranks} or more (e.g. {ranks * 8}: 8 per rank)"
             )
         per_gpu = max(1, requested // n)
         return requested, tuple(c * n for c in chain if c < per_gpu), "set by user"
     if not gpus:
         batch = next(b for ram, b in CPU_BATCH_BY_RAM_GB if hw.ram_available_gb >= ram)
-        return (
-            batch,
-            tuple(c for c in chain if c < batch),
-            f"{batch}: CPU training, sized by {hw.ram_available_gb:.0f} GB RAM",
-        )
+        why = f"{batch}: CPU training, sized by {hw.ram_available_gb:.0f} GB RAM"
+        if ranks > batch:  # every CPU rank needs at least one image of the total
+            batch, why = ranks, f"{ranks}: one image for each of {ranks} CPU ranks"
+        return batch, tuple(c for c in chain if c < batch and c >= max(ranks, 1)), why
     free = min((g.free_vram_gb for g in selected_gpus(hw, device)), default=0.0)
     scale = model_scale(model)
     per_image = GB_PER_IMAGE_NANO_416 * MODEL_SCALE_MEMORY[scale] * (imgsz / MAIN_IMGSZ) ** 2

@@ -44,7 +44,7 @@ from ultralytics.utils.downloads import GITHUB_ASSETS_STEMS
 
 from speedtrain.errors import TrainingError, UsageError
 from speedtrain.pipeline import Hyp, StoreLoader, augment, build_store, keep_resident, take, to_ultralytics
-from speedtrain.util import ANSI, first_line
+from speedtrain.util import ANSI, PlainStream, first_line
 
 Callbacks = dict[str, list[Callable[[Any], None]]]
 ULTRALYTICS_OOM_RETRIES = 3  # internal (engine/trainer.py _do_train): at 3, its own first-epoch batch halving is off
@@ -372,19 +372,6 @@ def _events() -> Any:
         return None
 
 
-class _PlainStream:
-    """A text stream that drops ANSI colour codes on their way to a file or pipe."""
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-
-    def write(self, text: str) -> int:
-        return self._stream.write(ANSI.sub("", text))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-
 class _PlainRecords(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg, record.args = ANSI.sub("", record.getMessage()), ()
@@ -403,7 +390,7 @@ def plain_text_when_piped() -> Iterator[None]:
     out, err = sys.stdout, sys.stderr
     for handler in handlers:
         handler.addFilter(plain)
-    sys.stdout, sys.stderr = _PlainStream(out), _PlainStream(err)
+    sys.stdout, sys.stderr = PlainStream(out), PlainStream(err)
     try:
         yield
     finally:
@@ -421,7 +408,7 @@ def output_to(log_file: Path | None) -> Iterator[None]:
         return
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("a", encoding="utf-8", buffering=1) as f:
-        plain = _PlainStream(f)
+        plain = PlainStream(f)
         handlers = [h for h in LOGGER.handlers if type(h) is logging.StreamHandler]
         streams = [_swap_stream(h, plain) for h in handlers]
         out, err = sys.stdout, sys.stderr

@@ -3,12 +3,14 @@ existing folder, an exception's first line, a UTC timestamp. Defined once here."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import stat
+import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -112,6 +114,30 @@ def utc_now() -> str:
 
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal colour and cursor codes
+
+
+class PlainStream:
+    """A text stream that drops ANSI colour codes on their way to a file or pipe."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(ANSI.sub("", text))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def plain_streams() -> Iterator[None]:
+    """sys.stdout and sys.stderr without colour codes for the block (a log file or a pipe), then restored."""
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = PlainStream(out), PlainStream(err)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = out, err
 
 
 DISK_MARGIN = (1.1, 0.25)  # (factor, GB): what a write is estimated to need, times 1.1, plus 0.25 GB of headroom
