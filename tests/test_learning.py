@@ -23,11 +23,13 @@ PPE = REPO.parent / "shared" / "datasets" / "ppe-large"
 WEIGHTS = REPO.parent / "shared" / "weights" / "yolov8n.pt"
 N_TRAIN, N_VAL = 64, 32  # the first photos of each split (ppe-large's order is already shuffled)
 IMGSZ, EPOCHS = 320, 6
-# Measured (2-vCPU VM, 2026-12-06, three seeds): best mAP50 0.XX-0.XX with Ultralytics' pipeline; the same run on
-# labels with x and y swapped (a broken label transform) reached at most 0.0XX.
-FLOOR_MAP50 = 0.10
-# --pipeline fast against Ultralytics' own pipeline after the same epochs (measured: ...)
-FAST_MARGIN = 0.10
+# Measured on the 2-vCPU development VM (2026-12-06): best mAP50 0.255, 0.242 and 0.241 with Ultralytics'
+# pipeline (seeds 0, 1, 2; about 35 s a run); the same run on labels with x and y swapped (a broken label
+# transform) 0.003. The floor is half the lowest working run and 40 times the broken one.
+FLOOR_MAP50 = 0.12
+# --pipeline fast against Ultralytics' own pipeline after the same epochs: measured 0.284 against 0.255 (seed 0);
+# the margin is five times the seed-to-seed spread above (0.015)
+FAST_MARGIN = 0.08
 
 pytestmark = [
     pytest.mark.slow,
@@ -62,11 +64,12 @@ def ppe_subset(root: Path, swap_xy: bool = False) -> Path:
 
 def train(root: Path, project: Path, **kw: object) -> SpeedReport:
     model = project / "yolov8n.pt"
+    project.mkdir(parents=True, exist_ok=True)
     if not model.exists():
         shutil.copy2(WEIGHTS, model)
     return speedtrain.train(
         root, model=str(model), imgsz=IMGSZ, epochs=EPOCHS, finetune="no", prepare="no", device="cpu",
-        project=project, verbose=False, log=lambda _: None, plots=False, seed=0, **kw,
+        project=project, verbose=False, log=lambda _: None, plots=False, **{"seed": 0, **kw},
     )  # fmt: skip
 
 
