@@ -37,13 +37,13 @@ def test_gpu_check_cpu_mode_runs_every_step(tmp_path):
     assert (ctrlc["first_exit"], ctrlc["resume_exit"], ctrlc["ok"]) == (130, 0, True)
     assert ctrlc["epochs_after_resume"] == [1, 2, 3, 4]  # every epoch exactly once
     cmp = recs["compare"]
-    assert [a["name"] for a in cmp["arms"]] == ["defaults", "plan", "plan-no-rect"]
+    assert [a["name"] for a in cmp["arms"]] == ["defaults", "plan", "plan-rect"]
     assert all(a["epochs_done"] >= 1 for a in cmp["arms"])
-    assert [t["arm"] for t in cmp["time_to_accuracy"]] == ["plan", "plan-no-rect"]
+    assert [t["arm"] for t in cmp["time_to_accuracy"]] == ["plan", "plan-rect"]
     md = (out / "gpu_check.md").read_text()
     assert "| speedtrain train --pipeline fast | 64 / 16 |" in md
-    assert "Time to accuracy (`speedtrain compare --arms defaults,plan,plan-no-rect`, 10 s per arm" in md
-    assert "| plan-no-rect | 64 / 16 |" in md
+    assert "Time to accuracy (`speedtrain compare --arms defaults,plan,plan-rect`, 10 s per arm" in md
+    assert "| plan-rect | 64 / 16 |" in md
     assert "| Ctrl-C mid-epoch, then --resume | OK |" in md
     assert md in done.stdout  # the table is printed at the end too
 
