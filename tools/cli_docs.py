@@ -20,9 +20,17 @@ HEADER = (
 NOTES = """
 ## Exit codes
 
-0 success; 1 general (e.g. no report in a folder); 2 a bad flag or argument; 3 a bad dataset; 4 a bad hardware
-snapshot; 5 training failed (e.g. out of memory at the smallest batch); 6 disk space; 130 interrupted (Ctrl-C);
-143 stopped by SIGTERM after saving the epoch. Each error is one line on stderr, never a traceback.
+0 success (a fine-tune declined at its prompt, or by end of input there, included); 1 general (e.g. no report in a
+folder); 2 a bad flag or argument; 3 a bad dataset; 4 a bad hardware snapshot; 5 training failed (e.g. out of
+memory at the smallest batch); 6 disk space; 130 interrupted (Ctrl-C; at the fine-tune prompt it means no, and the
+run's report is written and printed first); 143 stopped by SIGTERM after saving the epoch. Each error is one line
+on stderr, never a traceback, with the closest valid name when a flag, a choice or a key=value name is mistyped.
+
+## The fine-tune prompt
+
+`--finetune ask` asks on its own line after the main stage, with the model's scores at its size and at 640; the
+default (shown) is what `--finetune auto` decides, and it is taken after 60 s without an answer. End of input
+(Ctrl-D) or Ctrl-C mean no. With no terminal to ask (a pipe, a log, a job), auto decides and the report says so.
 
 ## Ultralytics arguments
 
