@@ -100,7 +100,10 @@ def render_plan(plan: TrainPlan) -> RenderableType:
     if len(plan.stages) > 1:
         ft = plan.stages[1]
         parts.append(
-            Text(f"  {ft.epochs} epochs at {ft.imgsz}, batch {ft.batch}, lr0 {ft.lr0}, cache {ft.cache or 'none'}")
+            Text(
+                f"  {ft.epochs} epochs at {ft.imgsz}, batch {ft.batch}, {ft.optimizer} lr0 {ft.lr0}, "
+                f"cache {ft.cache or 'none'}"
+            )
         )
     if plan.estimates:
         parts.append(Text("Estimated factors (not measured):", style="bold"))
