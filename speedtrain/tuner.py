@@ -24,7 +24,6 @@ from typing import Any, Literal
 
 import psutil
 
-from speedtrain import __version__
 from speedtrain.dataset import DatasetStats
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.planner import Cache, Stage
@@ -117,7 +116,7 @@ def fingerprint(hw: HardwareSnapshot, stats: DatasetStats, model: str, imgsz: in
         "model": model,
         "imgsz": imgsz,
         "device": device,
-        "version": __version__,
+        "version": _version(),
     }
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -570,3 +569,13 @@ def _free(cuda: bool) -> None:
         import torch
 
         torch.cuda.empty_cache()
+
+
+def _version() -> str:
+    """speedtrain's installed version (part of the tune cache's key: a new version measures again)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("speedtrain")
+    except PackageNotFoundError:
+        return "unknown"

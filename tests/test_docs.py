@@ -50,7 +50,7 @@ def _example_commands() -> list[str]:
     found = []
     for text in (README, *DOCS.values()):
         for block in re.findall(r"```(?:bash|console)\n(.*?)```", text, re.S):
-            for line in block.splitlines():
+            for line in block.replace("\\\n", " ").splitlines():  # continued lines are one command
                 line = line.split("  #")[0].strip().removeprefix("$ ")
                 if line.startswith("speedtrain ") and "[" not in line and "..." not in line:
                     found.append(line)
