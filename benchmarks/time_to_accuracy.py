@@ -2,6 +2,7 @@
 """The time-to-accuracy table of one or more `speedtrain compare` runs, as markdown (for the README and the docs).
 
     python benchmarks/time_to_accuracy.py runs/speedtrain/compare [more compare folders or compare.json files]
+        [--png curves.png]
 
 Several runs of the same comparison (same dataset, model, budget and machine; e.g. a second call for more arms, or
 another --seed) are read as one: the first run's `defaults` arm sets the target, the baseline's final mAP50-95 at
@@ -74,8 +75,12 @@ def table(c: Comparison) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="compare folders or compare.json files")
+    parser.add_argument("--png", type=Path, help="also draw every arm's curve on one axis into this PNG")
     args = parser.parse_args()
-    print(table(merged(args.runs)))
+    c = merged(args.runs)
+    print(table(c))
+    if args.png:
+        c.save_png(args.png)
 
 
 if __name__ == "__main__":
