@@ -35,7 +35,8 @@ def merged(paths: list[Path]) -> Comparison:
             seen.add(name)
             arms.append(replace(arm, name=name))
     sizes = tuple(sorted({s for r in runs for s in r.val_sizes}))
-    return replace(first, arms=tuple(arms), val_sizes=sizes, requested=tuple(a.name for a in arms))
+    return replace(first, arms=tuple(arms), val_sizes=sizes, requested=tuple(a.name for a in arms),
+                   model=Path(first.model).name)  # fmt: skip
 
 
 def table(c: Comparison) -> str:
