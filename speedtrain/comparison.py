@@ -501,9 +501,7 @@ def _run_arm(
     main = stage_results[0]
     note = last.note
     if last.status == "early-stopped":
-        trained = sum(r.wall_time_s for r in stage_results)
-        note = note or ("ended by the time budget" if trained >= 0.9 * budget_s else
-                        f"ended before the budget: no improvement for {ran.patience} epochs (patience)")  # fmt: skip
+        note = note or _why_it_ended(stage_results, ran, budget_s)
     return ArmResult(
         name=arm.name, imgsz=arm.stages[0].imgsz, batch=main.batch,
         epochs_done=sum(r.epochs_done for r in stage_results),
@@ -511,6 +509,20 @@ def _run_arm(
         wall_s=wall, eval_s=eval_s, status=last.status, note=note, weights=final_weights, curve=curve,
         final=final, latency_ms=measured.latency_ms,
     )  # fmt: skip
+
+
+def _why_it_ended(results: list[runner.StageResult], ran: Stage, budget_s: float) -> str:
+    """Why an arm ended before its planned epochs: the budget, early stopping, or Ultralytics' time= fitting (it
+    sets the epochs from the mean epoch time, so a slow first epoch can leave part of the budget unused)."""
+    trained = sum(r.wall_time_s for r in results)
+    if trained >= 0.9 * budget_s:
+        return "ended by the time budget"
+    last = results[-1]
+    best = max(range(len(last.epoch_map50_95)), key=last.epoch_map50_95.__getitem__, default=None)
+    if best is not None and last.epochs_done - (best + 1) >= ran.patience:
+        return f"ended before the budget: no improvement for {ran.patience} epochs (patience)"
+    return (f"ended before the budget ({trained:.0f} of {budget_s:.0f} s): Ultralytics' time= fitted "
+            f"{last.epochs_done} epochs to the budget from the mean epoch time")  # fmt: skip
 
 
 def _renamed(on_update: runner.OnProgress | None, name: str) -> runner.OnProgress | None:

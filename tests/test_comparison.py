@@ -12,7 +12,7 @@ from conftest import fake_stats, snapshot, tree_hash
 from typer.testing import CliRunner
 
 import speedtrain
-from speedtrain import comparison, planner, ultra
+from speedtrain import comparison, planner, runner, ultra
 from speedtrain.cli import app
 from speedtrain.comparison import ArmResult, Comparison, Point, Score, time_to_reach
 from speedtrain.errors import UsageError
@@ -269,3 +269,18 @@ def test_the_time_to_accuracy_table_merges_runs(tmp_path):
     assert "500 s (0.50x the defaults' 1000 s)" in rows[3]  # the second run's arm against the first's target
     assert "0.330" in rows[3]
     assert "Target: the defaults' final mAP50-95 at 640 px (0.300)" in out
+
+
+@pytest.mark.parametrize(
+    ("wall", "maps", "says"),
+    [
+        (1150.0, (0.1, 0.2), "ended by the time budget"),
+        (700.0, (0.3,) + (0.2,) * 10, "no improvement for 10 epochs (patience)"),  # best at epoch 1, then 10 more
+        (700.0, (0.1, 0.2), "Ultralytics' time= fitted 2 epochs"),  # a slow first epoch: not patience
+    ],
+)
+def test_why_an_arm_ended_before_its_planned_epochs(wall, maps, says):
+    stage = dataclasses.replace(planner.plan(snapshot(()), fake_stats()).stage("main"), patience=10)
+    result = runner.StageResult("train", "early-stopped", 416, 16, 50, len(maps), wall_time_s=wall,
+                                epoch_map50_95=maps)  # fmt: skip
+    assert says in comparison._why_it_ended([result], stage, 1200.0)
