@@ -11,8 +11,10 @@ switch are restored when it returns, so a notebook can call it again or go on wi
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -358,13 +360,18 @@ SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None)) if 
 
 @contextlib.contextmanager
 def process_state_restored() -> Iterator[None]:
-    """Environment variables, signal handlers and torch's thread count as they were, after the block."""
+    """Environment variables, signal handlers and torch's thread count as they were, after the block; an error's
+    hints in the API's words (keywords, not flags) unless the command line is calling."""
     environ = dict(os.environ)
     handlers = {s: signal.getsignal(s) for s in SIGNALS} if _main_thread() else {}
     torch = sys.modules.get("torch")
     threads = torch.get_num_threads() if torch is not None else None
     try:
         yield
+    except SpeedtrainError as exc:
+        if not CLI_VOICE.get() and exc.args:
+            exc.args = (in_api_words(str(exc.args[0])), *exc.args[1:])
+        raise
     finally:
         for key in set(os.environ) - set(environ):
             del os.environ[key]
@@ -376,6 +383,36 @@ def process_state_restored() -> Iterator[None]:
                 signal.signal(sig, handler)
         if threads is not None and torch is not None and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
+
+
+# Messages name the CLI's flags; called from Python, a hint names the keyword instead (`finetune="yes"`, not
+# `--finetune yes`). The CLI sets this for the calls it makes.
+CLI_VOICE: contextvars.ContextVar[bool] = contextvars.ContextVar("speedtrain_cli_voice", default=False)
+FLAG_KEYWORDS = {"--img-size": "imgsz", "--batch-size": "batch", "--dataset": "the dataset argument"}
+_FLAG = re.compile(r"--([a-z][a-z0-9-]*)(?:[ =]((?!--)[^\s;:,)]+))?")
+
+
+def in_api_words(message: str) -> str:
+    """A message's flags as the API's keywords: "--finetune yes" becomes finetune='yes', "--resume DIR"
+    speedtrain.resume('DIR')."""
+
+    def keyword(m: re.Match[str]) -> str:
+        flag, value = f"--{m.group(1)}", m.group(2)
+        if flag == "--resume":
+            return f"speedtrain.resume({value!r})" if value else "speedtrain.resume()"
+        key = FLAG_KEYWORDS.get(flag, m.group(1).replace("-", "_"))
+        if value is None:
+            return f"{key}=True" if key in BOOLEAN_KEYWORDS else key
+        try:
+            float(value)
+        except ValueError:
+            return f"{key}={value!r}"
+        return f"{key}={value}"
+
+    return _FLAG.sub(keyword, message)
+
+
+BOOLEAN_KEYWORDS = {"allow_download", "autotune", "retune", "deterministic", "rect", "verbose"}
 
 
 def _main_thread() -> bool:

@@ -44,6 +44,7 @@ class _Commands(TyperGroup):
     """The one place where a SpeedtrainError becomes one line on stderr and its exit code."""
 
     def invoke(self, ctx: Any) -> Any:
+        voice = api.CLI_VOICE.set(True)  # the library's messages keep naming flags
         try:
             return super().invoke(ctx)
         except PeerFailed as exc:  # one rank of several: the rank that failed first says why
@@ -64,6 +65,8 @@ class _Commands(TyperGroup):
             }.get(ctx.invoked_subcommand or "", "nothing was changed")
             err_console.print(f"[bold red]interrupted[/]: {what}")
             raise typer.Exit(130) from None
+        finally:
+            api.CLI_VOICE.reset(voice)
 
 
 app = typer.Typer(

@@ -52,7 +52,7 @@ def test_ultralytics_arguments_pass_through_checked(make_dataset):
         speedtrain.plan(root, hardware=snapshot(), mosaiq=0.5)
     with pytest.raises(UsageError, match="expected a number"):
         speedtrain.plan(root, hardware=snapshot(), mosaic="lots")
-    with pytest.raises(UsageError, match="data= is set by speedtrain; use --dataset"):
+    with pytest.raises(UsageError, match="data= is set by speedtrain; use the dataset argument"):
         speedtrain.plan(root, hardware=snapshot(), data="x.yaml")
     with pytest.raises(UsageError, match="cache='fast': expected one of ram, disk, none"):
         speedtrain.plan(root, hardware=snapshot(), cache="fast")
@@ -163,3 +163,18 @@ def test_a_run_of_several_nodes_is_resumed_through_its_launcher(tmp_path, monkey
     SpeedReport.planned(hw, stats, plan).started(run_dir, tmp_path / "view.yaml").to_json(run_dir / "speed_report.json")
     with pytest.raises(UsageError, match="trained as 16 ranks across nodes; go on with the launcher command"):
         speedtrain.resume(run_dir)
+
+
+def test_hints_name_the_keyword_in_python_and_the_flag_on_the_command_line(make_dataset, tmp_path):
+    from typer.testing import CliRunner
+
+    from speedtrain.cli import app
+
+    root = make_dataset(2, 1)
+    with pytest.raises(UsageError, match=r"^threads=1000: this machine has \d+ logical cores"):
+        speedtrain.plan(root, threads=1000)
+    with pytest.raises(UsageError, match=r"^imgsz=100000: a batch of"):
+        speedtrain.plan(root, imgsz=100_000, device="cpu")
+    result = CliRunner().invoke(app, ["plan", "--dataset", str(root), "--threads", "1000"])
+    assert result.exit_code == 2
+    assert "--threads 1000: this machine has" in result.stderr
