@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Write docs/cli.md, the CLI reference, from the Typer app itself (`typer speedtrain.cli utils docs`).
 
-    python tools/cli_docs.py          # rewrite docs/cli.md
-    python tools/cli_docs.py --check  # exit 1 when docs/cli.md is not what the app generates (tests/test_docs.py)
+python tools/cli_docs.py          # rewrite docs/cli.md
+python tools/cli_docs.py --check  # exit 1 when docs/cli.md is not what the app generates (tests/test_docs.py)
 """
 
 from __future__ import annotations
