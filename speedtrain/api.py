@@ -412,7 +412,7 @@ def in_api_words(message: str) -> str:
     return _FLAG.sub(keyword, message)
 
 
-BOOLEAN_KEYWORDS = {"allow_download", "autotune", "retune", "deterministic", "rect", "verbose"}
+BOOLEAN_KEYWORDS = {"allow_download", "autotune", "retune", "deterministic", "rect", "verbose", "in_place"}
 
 
 def _main_thread() -> bool:

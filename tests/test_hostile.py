@@ -211,7 +211,9 @@ def test_prepare_in_place_on_a_read_only_folder_is_one_line(ds, monkeypatch):
     root, before = ds
     real = resize.os.access
     monkeypatch.setattr(resize.os, "access", lambda p, mode: False if Path(p).is_relative_to(root) else real(p, mode))
-    with pytest.raises(UsageError, match="--in-place: cannot write in .*read-only or not yours.*nothing was changed"):
+    with pytest.raises(
+        UsageError, match="in_place=True: cannot write in .*read-only or not yours.*nothing was changed"
+    ):
         api.prepare(root, 64, in_place=True)
     assert tree_hash(root) == before
 
