@@ -63,7 +63,7 @@ class _Commands(TyperGroup):
                 "tune": "nothing was cached; run tune again",
                 "compare": "compare.json in the run folder keeps the arms that finished; run compare again",
             }.get(ctx.invoked_subcommand or "", "nothing was changed")
-            err_console.print(f"[bold red]interrupted[/]: {what}")
+            err_console.print(f"[bold red]interrupted[/]: {what}", soft_wrap=True)
             raise typer.Exit(130) from None
         finally:
             api.CLI_VOICE.reset(voice)
@@ -485,8 +485,8 @@ def _finish(result: SpeedReport, plan_shown: bool = False) -> None:
     console.print(render.render_report(result, with_plan=not plan_shown))
     log_file = run_dir / workflow.ULTRALYTICS_LOG
     if log_file.is_file():
-        console.print(f"Ultralytics' full log: {log_file} (--verbose shows it while training)")
-    console.print(f"report: {run_dir / REPORT_NAME} and {run_dir / render.PNG_NAME}")
+        console.print(f"Ultralytics' full log: {log_file} (--verbose shows it while training)", soft_wrap=True)
+    console.print(f"report: {run_dir / REPORT_NAME} and {run_dir / render.PNG_NAME}", soft_wrap=True)
     if result.run.interrupted:
         err_console.print(f"interrupted; go on with: speedtrain train --resume {run_dir}", soft_wrap=True)
         raise typer.Exit(143 if result.run.stopped_by == "SIGTERM" else 130)
@@ -517,7 +517,7 @@ def prepare_command(
     else:
         console.print(render.render_resize(summary))
         if summary.yaml_path:
-            console.print(f"train on it: speedtrain train --dataset {summary.yaml_path}")
+            console.print(f"train on it: speedtrain train --dataset {summary.yaml_path}", soft_wrap=True)
 
 
 @app.command()
@@ -641,7 +641,9 @@ def compare_command(
     else:
         console.print(result)
     if result.interrupted:
-        err_console.print(f"interrupted: {result.run_dir} keeps the arms that finished; run compare again for all")
+        err_console.print(
+            f"interrupted: {result.run_dir} keeps the arms that finished; run compare again for all", soft_wrap=True
+        )
         raise typer.Exit(130)
 
 
@@ -659,7 +661,7 @@ def show_report(
     rep = api.report(run_dir)
     if png:
         rep.save_png(png)
-        err_console.print(f"picture: {png}")
+        err_console.print(f"picture: {png}", soft_wrap=True)
     if as_json:
         typer.echo(rep.to_json(), nl=False)
     else:
@@ -752,7 +754,7 @@ def _quiet(message: str) -> None:
 
 
 def _log(message: str) -> None:
-    console.print(f"[bold cyan]speedtrain:[/] {message}")
+    console.print(f"[bold cyan]speedtrain:[/] {message}", soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -210,7 +210,7 @@ def test_ctrl_c_stops_the_comparison_after_the_epoch_and_keeps_what_finished(mak
     assert c.arms[0].status == "interrupted"
     assert c.arms[0].epochs_done >= 1
     assert c.interrupted
-    assert "keeps the arms that finished" in output
+    assert "keeps the arms that finished" in " ".join(output.split())  # a log wraps at 80 columns
 
 
 def test_the_table_fits_80_columns_in_a_log_file():
