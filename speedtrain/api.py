@@ -254,6 +254,7 @@ def compare(
         from speedtrain import ultra
 
         defaults = ultra.defaults()
+        workflow.check_ultralytics_args(planned)
         base_size = baseline_imgsz or int(defaults["imgsz"])
         need = len(names) * workflow.CHECKPOINT_ROOM_GB  # each arm's checkpoints (saved epochs go once scored)
         check_free_disk(Path(project), need, f"comparing {len(names)} arms", "free some space")

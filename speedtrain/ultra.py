@@ -81,6 +81,15 @@ def resolve_model(requested: str, online: bool | None = None) -> tuple[str, str]
     )
 
 
+def check_args(args: dict[str, Any]) -> None:
+    """Ultralytics' own argument checks (get_cfg runs check_cfg: types, ranges such as 0-1 for mosaic), run before a
+    run folder exists, so that `mosaic=2` is one line instead of a traceback from inside the first stage."""
+    try:
+        get_cfg(DEFAULT_CFG, overrides=dict(args))
+    except (TypeError, ValueError, SyntaxError) as exc:  # what check_cfg and check_dict_alignment raise
+        raise UsageError(f"Ultralytics refuses the arguments: {first_line(exc)}") from None
+
+
 def check_loads(source: str) -> None:
     """Build the model once before the first stage: a broken checkpoint or yaml is one line, not a traceback."""
     try:

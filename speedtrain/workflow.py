@@ -214,6 +214,14 @@ def execute(
     return _run(rep, run_dir, (), ask, log, on_update, quiet)
 
 
+def check_ultralytics_args(planned: Planned) -> None:
+    """Ultralytics' own checks of every stage's arguments, before anything is created."""
+    from speedtrain import ultra  # imports Ultralytics: after planning, so that a planning error answers at once
+
+    for stage in planned.plan.stages:
+        ultra.check_args(stage.train_args())
+
+
 def start(
     planned: Planned,
     project: str | os.PathLike[str] = DEFAULT_PROJECT,
@@ -221,6 +229,7 @@ def start(
     log: Callable[[str], None] = lambda _: None,
 ) -> tuple[SpeedReport, Path]:
     """A new run folder with the dataset's linked view and the report of the run about to start, written."""
+    check_ultralytics_args(planned)
     _check_disk(planned, Path(project))
     run_dir = new_run_dir(project, name)
     view_yaml = resize.make_view(planned.stats, resize.view_dir(planned.stats, Path(project)))

@@ -18,9 +18,10 @@ from conftest import tree_hash
 MEMORY_LIMIT = 2 * 1024**3  # address space of the child: plan and check never import torch
 
 
-def _speedtrain(*args: object, timeout: float = 60) -> subprocess.CompletedProcess:
+def _speedtrain(*args: object, timeout: float = 60, memory: int | None = MEMORY_LIMIT) -> subprocess.CompletedProcess:
     def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+        if memory:
+            resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
 
     cmd = [sys.executable, "-m", "speedtrain", *map(str, args)]
     env = {**os.environ, "COLUMNS": "200"}
@@ -165,15 +166,28 @@ def test_prepare_never_writes_into_the_dataset_through_a_link(ds, tmp_path, dire
         (["device=7"], 2, ["--device 7", "GPU 7 does not exist"]),
         (["--device", "mps"], 2, ["--device mps", "use --device cpu"]),
         (["--name", "x" * 300], 2, ["--name", "at most 200 bytes"]),
+        (["mosaic=2"], 2, ["mosaic=2", "between 0.0 and 1.0"]),  # Ultralytics' own range check, run up front
+        (["fraction=-0.5"], 2, ["fraction=-0.5", "ratio (0, 1]"]),
     ],
-    ids=["threads", "ranks-over-batch", "epochs", "device-number", "mps", "long-name"],
+    ids=["threads", "ranks-over-batch", "epochs", "device-number", "mps", "long-name", "mosaic-range", "fraction"],
 )
 def test_impossible_arguments_are_refused_before_a_run_folder_exists(ds, tmp_path, args, code, words):
     if "mps" in args and sys.platform == "darwin":
         pytest.skip("Apple silicon has MPS")
     root, before = ds
-    out = _speedtrain("train", "--dataset", root, "--device", "cpu", "--project", tmp_path / "runs", *args)
+    torch_loaded = any(a.startswith(("mosaic=", "fraction=")) for a in args)  # Ultralytics' own checks import it
+    out = _speedtrain("train", "--dataset", root, "--device", "cpu", "--project", tmp_path / "runs", *args,
+                      memory=None if torch_loaded else MEMORY_LIMIT)  # fmt: skip
     _one_line(out, code, *words)
+    assert not (tmp_path / "runs").exists()
+    assert tree_hash(root) == before
+
+
+def test_compare_runs_ultralytics_checks_before_its_folder_exists(ds, tmp_path):
+    root, before = ds
+    out = _speedtrain("compare", "--dataset", root, "--budget", "60s", "--device", "cpu", "--project",
+                      tmp_path / "runs", "hsv_s=3", memory=None)  # fmt: skip
+    _one_line(out, 2, "hsv_s=3", "between 0.0 and 1.0")
     assert not (tmp_path / "runs").exists()
     assert tree_hash(root) == before
 
