@@ -397,7 +397,7 @@ def _scan_split(name: str, entry: Any, root: Path, nc: int, yaml_path: Path | No
     if not images:
         raise DatasetError(f"{name} split has no images: {', '.join(map(str, sources))}")
     labels = tuple(label_path(i) for i in images)
-    problems: list[Problem] = _shared_labels(images, labels)
+    problems: list[Problem] = _shared_labels(images, labels) + _tiffs_opencv_cannot_read(images)
     labelled = backgrounds = instances = 0
     for label in labels:
         rows = _label_rows(Path(label))
@@ -529,6 +529,47 @@ def _list_file(source: Path) -> str:
         raise DatasetError(f"{source}: cannot read the list of images ({first_line(exc)})") from None
 
 
+TIFF_SUFFIXES = (".tif", ".tiff")
+OPENCV_CANNOT = "opencv-cannot-decode"
+PILLOW_DECODED = (".avif", ".heic", ".heif")  # Ultralytics reads these with Pillow (PIL_FALLBACK_SUFFIXES)
+
+
+def _tiffs_opencv_cannot_read(images: tuple[str, ...]) -> list[Problem]:
+    """TIFFs with 32-bit samples (Pillow modes F and I): Pillow opens them, OpenCV, which Ultralytics trains with,
+    decodes them as nothing ("can not handle images with 32-bit samples"), and the first batch holding one stops the
+    run. Only TIFF headers are read (other formats OpenCV decodes whenever Pillow does), so the scan stays cheap."""
+    problems = []
+    for image in images:
+        if not image.lower().endswith(TIFF_SUFFIXES):
+            continue
+        try:
+            with open_image(image) as im:
+                mode = im.mode
+        except Exception:  # an unreadable file: Ultralytics' own check skips it, and `check` reports it
+            continue
+        if mode in ("F", "I") or mode.startswith(("F;", "I;32")):
+            why = f"a TIFF with 32-bit samples (mode {mode}) that OpenCV cannot decode; training leaves it out"
+            problems.append(Problem("warning", OPENCV_CANNOT, image, why))
+    return problems
+
+
+def opencv_decodes(data: bytes) -> bool:
+    """Whether OpenCV, which Ultralytics' loader uses, decodes these image bytes: it returns None for a format it
+    cannot read and raises for a header over its pixel limit (2^30 pixels)."""
+    import cv2
+    import numpy as np
+
+    try:
+        return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is not None
+    except cv2.error:
+        return False
+
+
+def opencv_skips(stats: DatasetStats) -> frozenset[str]:
+    """Images the scan found that Ultralytics would fail to load with OpenCV: the linked view leaves them out."""
+    return frozenset(p.file for p in stats.problems if p.kind == OPENCV_CANNOT)
+
+
 def _image_sizes(images: tuple[str, ...], sample: int) -> tuple[ImageSizes, list[Problem]]:
     picked = images if len(images) <= sample else tuple(random.Random(0).sample(images, sample))
     dims, problems = [], []
@@ -547,10 +588,15 @@ def check(stats: DatasetStats, workers: int | None = None, progress: Progress | 
     Adds to the scan's label checks; reads only.
     """
     images = sorted({i for s in stats.splits for i in s.image_files})
-    problems = [p for p in stats.problems if p.kind != "unreadable-image"]  # re-checked below, all images
+    problems = [p for p in stats.problems if p.kind not in ("unreadable-image", OPENCV_CANNOT)]  # re-checked below
     first_by_hash: dict[str, str] = {}
     for image, digest, error in sorted(pmap(_inspect_image, images, workers, progress)):  # sorted: first is first
-        if error:
+        if error == OPENCV_CANNOT:
+            why = "Pillow reads it but OpenCV, which Ultralytics loads images with, cannot; " + (
+                "training leaves it out" if image.lower().endswith(TIFF_SUFFIXES) else "convert it (e.g. to PNG)"
+            )
+            problems.append(Problem("warning", OPENCV_CANNOT, image, why))
+        elif error:
             problems.append(Problem("warning", "unreadable-image", image, f"cannot decode ({error})"))
         elif digest in first_by_hash:
             problems.append(Problem("warning", "duplicate-image", image, f"same bytes as {first_by_hash[digest]}"))
@@ -567,6 +613,8 @@ def _inspect_image(image: str) -> tuple[str, str, str]:
         digest = hashlib.blake2b(data, digest_size=16).hexdigest()
         with open_image(io.BytesIO(data)) as im:
             im.load()  # a truncated JPEG fails here ("image file is truncated"), not at open
+        if not image.lower().endswith(PILLOW_DECODED) and not opencv_decodes(data):
+            return image, digest, OPENCV_CANNOT
         return image, digest, ""
     except Exception as exc:  # any decode failure makes this image unreadable, never the check's failure
         return image, "", first_line(exc)

@@ -165,7 +165,10 @@ def _decode_into(job: tuple[int, str, int, str]) -> tuple[int, int, int]:
     import cv2
 
     i, path, imgsz, data_path = job
-    im = cv2.imread(path)  # applies EXIF orientation, as Ultralytics' loader does
+    try:
+        im = cv2.imread(path)  # applies EXIF orientation, as Ultralytics' loader does
+    except cv2.error:  # a header over OpenCV's pixel limit raises
+        im = None
     if im is None:
         return i, 0, 0  # unreadable: an empty slot with no labels, never sampled for boxes
     h0, w0 = im.shape[:2]

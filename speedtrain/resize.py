@@ -18,7 +18,15 @@ from typing import Any
 import yaml
 from PIL import Image, ImageOps
 
-from speedtrain.dataset import DatasetStats, Problem, label_path, list_images, load_yaml, open_image
+from speedtrain.dataset import (
+    DatasetStats,
+    Problem,
+    label_path,
+    list_images,
+    load_yaml,
+    open_image,
+    opencv_skips,
+)
 from speedtrain.errors import UsageError
 from speedtrain.parallel import Progress, default_workers, pmap
 from speedtrain.util import check_free_disk, existing_parent, first_line, within, write_atomic
@@ -50,11 +58,12 @@ def make_view(stats: DatasetStats, dest: str | Path) -> Path:
     wanted: dict[Path, Path] = {}
     split_dirs: dict[str, list[str]] = {}
     source_ids: dict[str, str] = {}
+    skip = opencv_skips(stats)  # Ultralytics' loader would stop at these; its own check skips other unreadable ones
     for split in stats.splits:
         for source in split.sources:
             if source not in source_ids:  # train and val often share a folder: link it once
                 source_ids[source] = f"s{len(source_ids)}"
-                wanted.update(_links_for_source(Path(source), dest, source_ids[source]))
+                wanted.update(_links_for_source(Path(source), dest, source_ids[source], skip))
             split_dirs.setdefault(split.name, []).append(f"images/{source_ids[source]}")
     _sync_links(dest, wanted)
     data: dict[str, Any] = {"path": str(dest), **split_dirs}
@@ -65,11 +74,13 @@ def make_view(stats: DatasetStats, dest: str | Path) -> Path:
     return yaml_path
 
 
-def _links_for_source(source: Path, dest: Path, sid: str) -> dict[Path, Path]:
-    """Map view paths to real files for one split source (a folder, a list file or one image)."""
+def _links_for_source(source: Path, dest: Path, sid: str, skip: frozenset[str]) -> dict[Path, Path]:
+    """Map view paths to real files for one split source (a folder, a list file or one image), without `skip`."""
     links: dict[Path, Path] = {}
     images = list_images([source])
     for n, image in enumerate(images):
+        if image in skip:
+            continue
         real = Path(image)
         if source.is_dir():
             rel = real.relative_to(source) if real.is_relative_to(source) else Path(f"{n:07d}_{real.name}")
@@ -513,7 +524,10 @@ def measure_load_ms(images: list[str], imgsz: int, sample: int = 16) -> float | 
         return None
     t0 = time.perf_counter()
     for image in picked:
-        im = cv2.imread(image)
+        try:
+            im = cv2.imread(image)
+        except cv2.error:  # a header over OpenCV's pixel limit raises; Ultralytics skips such an image
+            continue
         if im is None:
             continue
         h, w = im.shape[:2]

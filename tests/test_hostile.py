@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -255,3 +256,66 @@ def test_ranks_started_from_a_folder_holding_a_speedtrain_folder_train(make_data
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     doc = json.loads((tmp_path / "runs" / "train" / "speed_report.json").read_text())
     assert doc["stages"][0]["status"] == "completed"
+
+
+# --- images Pillow reads and OpenCV (Ultralytics' loader) does not ------------------------------------------------
+
+
+def _add_images_opencv_refuses(root: Path) -> tuple[Path, Path]:
+    """A real photo saved as a 32-bit float TIFF, and a PNG whose header claims 60000x60000 pixels; each labelled."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    photo = sorted((root / "images" / "train").glob("*.jpg"))[0]
+    label = (root / "labels" / "train" / photo.name).with_suffix(".txt")
+    floating = root / "images" / "train" / "float.tif"
+    with Image.open(photo) as im:
+        im.convert("L").convert("F").save(floating)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0))
+    huge = root / "images" / "train" / "huge.png"
+    huge.write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    for image in (floating, huge):
+        shutil.copy(label, (root / "labels" / "train" / image.name).with_suffix(".txt"))
+    return floating, huge
+
+
+def test_images_opencv_cannot_decode_are_reported_and_left_out_of_the_view(ds, tmp_path):
+    from speedtrain import dataset, resize
+
+    root, _ = ds
+    floating, huge = _add_images_opencv_refuses(root)
+    before = tree_hash(root)
+    out = _speedtrain("check", "--dataset", root)
+    assert "Traceback" not in out.stdout + out.stderr
+    text = " ".join(out.stdout.split())
+    assert f"{floating}: Pillow reads it but OpenCV" in text
+    assert "training leaves it out" in text
+    assert f"{huge}: cannot decode" in text  # Pillow refuses it too, so Ultralytics' own check skips it
+    stats = dataset.scan(root)
+    assert dataset.opencv_skips(stats) == {str(floating)}  # found by the scan from the TIFF header alone
+    view = resize.make_view(stats, tmp_path / "view").parent
+    linked = {p.resolve() for p in (view / "images").rglob("*") if p.is_symlink()}
+    assert floating not in linked
+    assert huge in linked
+    assert len(linked) == len(stats.splits[0].image_files) + len(stats.splits[1].image_files) - 1
+    assert tree_hash(root) == before
+
+
+@pytest.mark.slow
+def test_a_run_with_images_opencv_cannot_decode_trains_without_them(ds, tmp_path):
+    root, _ = ds
+    _add_images_opencv_refuses(root)
+    before = tree_hash(root)
+    cmd = [sys.executable, "-m", "speedtrain", "train", "--dataset", str(root), "--img-size", "64", "--epochs", "1",
+           "--finetune", "no", "--device", "cpu", "--project", str(tmp_path / "runs"), "plots=False"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    doc = json.loads((tmp_path / "runs" / "train" / "speed_report.json").read_text())
+    assert doc["stages"][0]["status"] == "completed"
+    assert tree_hash(root) == before
