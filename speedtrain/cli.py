@@ -55,7 +55,7 @@ class _Commands(TyperGroup):
         except ClickUsageError as exc:  # a bad flag value, a missing option, an unknown command: one line too
             err_console.print(f"[bold red]error:[/] {usage_line(exc)}", soft_wrap=True, highlight=False)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             what = {
                 "train": "a training run goes on with --resume RUN_DIR (its folder is above)",
                 "prepare": "the images finished so far are kept; run the same prepare again to complete the copy",
@@ -64,7 +64,7 @@ class _Commands(TyperGroup):
                 "compare": "compare.json in the run folder keeps the arms that finished; run compare again",
             }.get(ctx.invoked_subcommand or "", "nothing was changed")
             err_console.print(f"[bold red]interrupted[/]: {what}", soft_wrap=True)
-            raise typer.Exit(130) from None
+            raise typer.Exit(143 if getattr(exc, "signal_name", "") == "SIGTERM" else 130) from None
         finally:
             api.CLI_VOICE.reset(voice)
 

@@ -43,3 +43,9 @@ class DiskSpaceError(SpeedtrainError):
     """Not enough free disk space for what is about to be written."""
 
     exit_code = 6
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop) outside a training stage: handled like Ctrl-C there, with exit code 143."""
+
+    signal_name = "SIGTERM"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -12,13 +15,13 @@ import psutil
 
 from speedtrain import dataset, hardware, planner, render, resize, runner, ultra_args
 from speedtrain.dataset import DatasetStats
-from speedtrain.errors import DatasetError, UsageError
+from speedtrain.errors import DatasetError, Terminated, UsageError
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.parallel import Progress
 from speedtrain.planner import Overrides, Stage, TrainPlan
 from speedtrain.speedreport import REPORT_NAME, DatasetSummary, Preparation, SpeedReport
 from speedtrain.tuner import TuneResult
-from speedtrain.util import check_free_disk, existing_parent
+from speedtrain.util import check_free_disk, existing_parent, utc_now
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
 DEFAULT_PROJECT: Path = Path("runs") / "speedtrain"
@@ -320,11 +323,20 @@ def _run(
     save(previous, None)
     if rep.run is None or rep.run.data_yaml is None:
         raise UsageError(f"{run_dir}: the report has no dataset view to train on; start a new run")
-    result = runner.run(
-        current.plan, rep.run.data_yaml, run_dir, previous=previous, decide_finetune=ask,
-        before_stage=before_stage, on_progress=save, log=log, on_update=on_update,
-        log_file=run_dir / ULTRALYTICS_LOG if quiet else None, resuming=rep.run.resumed_at is not None,
-    )  # fmt: skip
+    try:
+        with _sigterm_interrupts(world is None):
+            result = runner.run(
+                current.plan, rep.run.data_yaml, run_dir, previous=previous, decide_finetune=ask,
+                before_stage=before_stage, on_progress=save, log=log, on_update=on_update,
+                log_file=run_dir / ULTRALYTICS_LOG if quiet else None, resuming=rep.run.resumed_at is not None,
+            )  # fmt: skip
+    except KeyboardInterrupt as exc:  # between stages (scoring, latency): inside one, the stage saves its epoch first
+        if owner and current.run is not None:
+            stopped = getattr(exc, "signal_name", "SIGINT")
+            run = replace(current.run, status="interrupted", interrupted=True, stopped_by=stopped,
+                          finished_at=utc_now())  # fmt: skip
+            replace(current.with_results(current.results(), None), run=run).to_json(path)
+        raise
     final = current.finished(result)
     if not owner:
         return final, path
@@ -334,6 +346,24 @@ def _run(
     except Exception as exc:  # the picture is a convenience: its failure must not hide a finished run's report
         log(f"could not draw {render.PNG_NAME} ({type(exc).__name__}: {exc}); the JSON report is complete")
     return final, path
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts(active: bool) -> Iterator[None]:
+    """SIGTERM raises Terminated while the run is outside a stage (Python's default would end the process with the
+    report still saying "running"); a stage's own handler, installed over this one, finishes its epoch first."""
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Terminated
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 CHECKPOINT_ROOM_GB = 1.0  # checkpoints, results.csv and plots of a run; a yolo26n checkpoint is about 5.5 MB

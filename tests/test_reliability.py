@@ -353,3 +353,41 @@ def test_a_run_stopped_after_its_last_epoch_resumes_to_finished_without_training
     assert "had trained all 2 epochs" in doc["stages"][0]["note"]
     assert _csv_rows(project / "train" / "main") == rows  # nothing trained again
     assert (weights / "best.pt").read_bytes() == best
+
+
+SIGTERM_WHILE_SCORING = """
+import os, signal, sys
+import speedtrain.ultra as ultra
+measure = ultra.latency_ms
+def latency_ms(*args, **kwargs):  # runs after the stage, outside its epoch loop: a scheduler's stop arrives here
+    os.kill(os.getpid(), signal.SIGTERM)
+    return measure(*args, **kwargs)
+ultra.latency_ms = latency_ms
+from speedtrain.cli import main
+sys.argv = ["speedtrain", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_between_stages_leaves_an_interrupted_report_that_resumes_untrained(make_dataset, tmp_path):
+    """SIGTERM after the last epoch, while speedtrain measures the stage: exit 143, the report says interrupted
+    (not "running", which `report` would call a crash), and --resume finishes without training again."""
+    root, project = make_dataset(8, 2), tmp_path / "runs"
+    cmd = [sys.executable, "-c", SIGTERM_WHILE_SCORING, *_train_cmd(root, project, 2)[3:]]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 143, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "Traceback" not in first.stderr
+    assert "--resume" in first.stderr
+    doc = json.loads((project / "train" / "speed_report.json").read_text())
+    assert (doc["run"]["status"], doc["run"]["stopped_by"]) == ("interrupted", "SIGTERM")
+    best_pt = project / "train" / "main" / "weights" / "best.pt"
+    rows, best = _csv_rows(project / "train" / "main"), best_pt.read_bytes()
+    assert len(rows) == 2
+    again = subprocess.run([*_train_cmd(root, project, 2)[:4], "--resume", str(project / "train")],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    doc = json.loads((project / "train" / "speed_report.json").read_text())
+    assert (doc["run"]["status"], doc["stages"][0]["status"]) == ("finished", "completed")
+    assert _csv_rows(project / "train" / "main") == rows  # nothing trained again
+    assert best_pt.read_bytes() == best
