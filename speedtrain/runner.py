@@ -12,6 +12,7 @@ import gc
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import threading
@@ -24,7 +25,7 @@ from typing import Any, Literal
 import psutil
 
 from speedtrain import distributed, oom
-from speedtrain.errors import DiskSpaceError, PeerFailed, RankOutOfMemory, TrainingError, UsageError
+from speedtrain.errors import DatasetError, DiskSpaceError, PeerFailed, RankOutOfMemory, TrainingError, UsageError
 from speedtrain.monitor import Monitor
 from speedtrain.planner import FINETUNE_LAG, Stage, TrainPlan
 from speedtrain.util import first_line, utc_now
@@ -278,7 +279,6 @@ def check_model(requested: str | None) -> None:
             raise UsageError(f"--model {requested}: not a PyTorch checkpoint (found {found}); expected a YOLO .pt")
     elif suffix in (".yaml", ".yml"):
         from speedtrain.dataset import load_yaml
-        from speedtrain.errors import DatasetError
 
         try:
             cfg = load_yaml(path)
@@ -552,6 +552,8 @@ def train_stage(
                 status = "interrupted"
                 break
             except OSError as exc:
+                if (gone := _image_gone(exc)) is not None:
+                    raise _dataset_changed(stage.name, stage_dir, gone) from None
                 if exc.errno != errno.ENOSPC:
                     raise
                 raise _disk_full(stage.name, stage_dir, exc) from None
@@ -747,6 +749,27 @@ def _disk_full(stage_name: str, stage_dir: Path, exc: OSError) -> DiskSpaceError
     return DiskSpaceError(
         f"{stage_name}: the disk filled up while training ({exc.filename or stage_dir}); free some space "
         f"and go on with --resume ({where})"
+    )
+
+
+def _image_gone(exc: BaseException) -> str | None:
+    """The image Ultralytics' loader could not find (FileNotFoundError "Image Not Found PATH", data/base.py
+    load_image; from a DataLoader worker too, whose message quotes the original), as the user knows it: the
+    dataset's own file, not its link in the view. None for any other error."""
+    found = re.search(r"Image Not Found (\S+)", str(exc)) if isinstance(exc, FileNotFoundError) else None
+    if found is None:
+        return None
+    path = Path(found.group(1))
+    return os.readlink(path) if path.is_symlink() else str(path)
+
+
+def _dataset_changed(stage_name: str, stage_dir: Path, image: str) -> DatasetError:
+    point = resume_point(stage_dir)
+    kept = (f"the epochs saved so far are kept ({point})" if point is not None else
+            "no epoch of this stage was saved yet")  # fmt: skip
+    return DatasetError(
+        f"{stage_name}: {image} disappeared while training (the dataset was moved or deleted?); {kept}: put it "
+        "back and go on with --resume"
     )
 
 

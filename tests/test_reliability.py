@@ -391,3 +391,31 @@ def test_sigterm_between_stages_leaves_an_interrupted_report_that_resumes_untrai
     assert (doc["run"]["status"], doc["stages"][0]["status"]) == ("finished", "completed")
     assert _csv_rows(project / "train" / "main") == rows  # nothing trained again
     assert best_pt.read_bytes() == best
+
+
+@pytest.mark.slow
+def test_a_dataset_moved_away_mid_run_is_one_line_and_resumes_once_back(make_dataset, tmp_path):
+    """The dataset's folder is moved while training reads it (no RAM cache, more images than Ultralytics keeps in
+    its buffer of batch x 8): one line naming the user's file, the saved epoch kept, --resume goes on once back."""
+    from conftest import wait_for
+
+    root, project = make_dataset(40, 4), tmp_path / "runs"
+    cmd = [*_train_cmd(root, project, 2), "--cache", "none", "--batch-size", "2", "--workers", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: (project / "train" / "main" / "results.csv").exists() or proc.poll() is not None, 240)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    away = root.rename(tmp_path / "away")
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 3, out[-2000:] + err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    assert str(root / "images" / "train") in lines[0]  # the user's own file, not its link in the run's view
+    assert "disappeared while training" in lines[0]
+    assert "resume.pt" in lines[0]  # what was kept
+    assert "Traceback" not in out + err
+    away.rename(root)
+    again = subprocess.run([*_train_cmd(root, project, 2)[:4], "--resume", str(project / "train")],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    doc = json.loads((project / "train" / "speed_report.json").read_text())
+    assert (doc["run"]["status"], doc["stages"][0]["measured"]["epochs_done"]) == ("finished", 2)
