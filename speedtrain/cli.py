@@ -216,6 +216,10 @@ OptimizerOpt = Annotated[
 ]
 Lr0Opt = Annotated[float | None, typer.Option("--lr0", min=0.0, help="Initial learning rate. Default: auto's.")]
 PatienceOpt = Annotated[int | None, typer.Option("--patience", min=0, help="Early-stopping patience. Default: 100.")]
+ValEveryOpt = Annotated[
+    str | None,
+    typer.Option("--val-every", help="Validate every N epochs, or auto (under 15% of the run). Default: auto."),
+]
 HardwareOpt = Annotated[
     Path | None,
     typer.Option("--hardware", help="Plan for the machine in this snapshot (from `speedtrain probe --json`)."),
@@ -290,6 +294,7 @@ def plan(
     optimizer: OptimizerOpt = None,
     lr0: Lr0Opt = None,
     patience: PatienceOpt = None,
+    val_every: ValEveryOpt = None,
     prepare: PrepareOpt = Prepare.auto,
     pipeline: PipelineOpt = Pipeline.auto,
     allow_download: AllowDownloadOpt = False,
@@ -330,6 +335,7 @@ def train(
     optimizer: OptimizerOpt = None,
     lr0: Lr0Opt = None,
     patience: PatienceOpt = None,
+    val_every: ValEveryOpt = None,
     prepare: PrepareOpt = Prepare.auto,
     pipeline: PipelineOpt = Pipeline.auto,
     project: ProjectOpt = workflow.DEFAULT_PROJECT,
@@ -603,6 +609,7 @@ def compare_command(
     cache: CacheOpt = None,
     device: DeviceOpt = None,
     finetune_imgsz: FinetuneImgszOpt = None,
+    val_every: ValEveryOpt = None,
     prepare: PrepareOpt = Prepare.auto,
     project: ProjectOpt = workflow.DEFAULT_PROJECT,
     name: Annotated[str, typer.Option("--name", help="Run folder name; taken names get 2, 3, ...")] = "compare",

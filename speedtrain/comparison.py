@@ -519,7 +519,8 @@ def _why_it_ended(results: list[runner.StageResult], ran: Stage, budget_s: float
         return "ended by the time budget"
     last = results[-1]
     best = max(range(len(last.epoch_map50_95)), key=last.epoch_map50_95.__getitem__, default=None)
-    if best is not None and last.epochs_done - (best + 1) >= ran.patience:
+    epochs = last.epoch_validated or tuple(range(1, len(last.epoch_map50_95) + 1))  # --val-every: the validated ones
+    if best is not None and last.epochs_done - epochs[best] >= ran.patience * last.val_every:
         return f"ended before the budget: no improvement for {ran.patience} epochs (patience)"
     return (f"ended before the budget ({trained:.0f} of {budget_s:.0f} s): Ultralytics' time= fitted "
             f"{last.epochs_done} epochs to the budget from the mean epoch time")  # fmt: skip

@@ -64,6 +64,13 @@ SHM_PREFETCH = 4  # batches each training DataLoader worker holds in /dev/shm (U
 PREPARE_FACTOR = 1.5
 PREPARE_SHARE = 0.5
 
+# --val-every auto: validate every k epochs so that validation stays under VAL_SHARE of the run (one Ultralytics
+# user measured 12 min of validation against 30 s of training per epoch, ultralytics #17523)
+VAL_SHARE = 0.15
+VAL_EVERY_MAX = 10  # auto never validates less often than every 10 epochs
+VAL_LAST = 2  # the last epochs of a stage are always validated (best.pt is chosen among validated epochs)
+VAL_AUTO = 0  # Stage.val_every for auto: decided from the first validated epoch's measured times
+
 BASELINE: dict[str, Any] = {"imgsz": 640, "batch": 16, "cache": "disk", "workers": 8}  # Ultralytics-tutorial settings
 
 # What the accuracy-sensitive defaults rest on: `speedtrain compare` from COCO-pretrained yolov8n on ppe-large (1,000
@@ -119,6 +126,7 @@ class Overrides:
     optimizer: str | None = None
     lr0: float | None = None
     patience: int | None = None
+    val_every: str | int | None = None  # "auto" or a number of epochs
     model: str | None = None
     finetune: str = "auto"  # "yes", "no", "auto" or "ask"
     finetune_epochs: int | None = None
@@ -154,6 +162,7 @@ class Stage:
     amp: bool
     device: str
     deterministic: bool = False
+    val_every: int = 1  # validate every N epochs (1: every epoch, as Ultralytics); VAL_AUTO: from measured times
     warmup_epochs: float = 3.0
     when: When = "always"  # "always", or for the fine-tune: "auto" or "ask"
     ram_cache_need_gb: float = 0.0  # available RAM a RAM cache needs, margins included; re-checked before training
@@ -172,7 +181,7 @@ class Stage:
 
     def train_args(self) -> dict[str, Any]:
         """Arguments for model.train(); every key is an Ultralytics train argument."""
-        skip = {"name", "batch_fallbacks", "when", "ram_cache_need_gb", "pipeline", "threads", "extra"}
+        skip = {"name", "batch_fallbacks", "when", "ram_cache_need_gb", "pipeline", "threads", "extra", "val_every"}
         args = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         args.update(self.extra)
         return args
@@ -273,6 +282,7 @@ def _main_stage(
     amp = gpus > 0
     reasons["amp"] = "mixed precision on the GPU" if amp else "AMP is for GPUs; off on CPU"
     deterministic, reasons["deterministic"] = _deterministic(ov.deterministic)
+    val_every, reasons["val_every"] = _val_every(ov, ranks)
     return Stage(
         name="main",
         ram_cache_need_gb=round(ram_cache_need_gb(stats, imgsz, workers, gpus), 2),
@@ -291,6 +301,7 @@ def _main_stage(
         amp=amp,
         device=device,
         deterministic=deterministic,
+        val_every=val_every,
         pipeline=pipeline,
         threads=threads,
         extra=ov.extra,
@@ -757,6 +768,37 @@ def _estimates(stats: DatasetStats, main: Stage) -> dict[str, str]:
     if main.cache == "ram":
         out["cache"] = "no disk reads of cached images (estimate: helps when loading is the bottleneck)"
     return out
+
+
+def val_every_for(train_s: float, val_s: float, epochs: int, share: float = VAL_SHARE) -> int:
+    """--val-every auto: validate every k epochs, the smallest k that keeps one validation (val_s) under `share` of
+    the time from one validation to the next (k training passes of train_s, then val_s): k >= v(1-s)/(s t).
+    Capped at VAL_EVERY_MAX and at a quarter of the stage's epochs, so that a stage is still validated often."""
+    if train_s <= 0 or val_s <= 0 or val_s / (train_s + val_s) <= share:
+        return 1
+    k = math.ceil(val_s * (1 - share) / (share * train_s))
+    return max(1, min(k, VAL_EVERY_MAX, epochs // 4))
+
+
+def _val_every(ov: Overrides, ranks: int) -> tuple[int, str]:
+    if any(key == "val" for key, _ in ov.extra):
+        return 1, "1: val= is given, so Ultralytics' own validation setting applies"
+    raw = "auto" if ov.val_every is None else str(ov.val_every).strip().lower()
+    if ranks > 1:
+        if raw not in ("auto", "1"):
+            raise UsageError(f"--val-every {ov.val_every}: with {ranks} ranks every epoch is validated; use 1 or auto")
+        return 1, f"1: with {ranks} ranks every epoch is validated (the ranks validate together)"
+    if raw == "auto":
+        return VAL_AUTO, (
+            f"auto: every epoch until one validation is timed, then every k epochs so that validation stays under "
+            f"{VAL_SHARE:.0%} of the run (k at most {VAL_EVERY_MAX} and a quarter of the epochs); the first, the "
+            f"last {VAL_LAST} and any epoch that could stop the run early are always validated, and best.pt is "
+            "chosen among validated epochs"
+        )
+    if not raw.isdigit() or int(raw) < 1:
+        raise UsageError(f"--val-every {ov.val_every}: expected auto or a whole number of epochs, 1 or more")
+    return int(raw), "set by user" + (f"; the first, the last {VAL_LAST} and any epoch that could stop the run "
+                                      "early are validated too" if int(raw) > 1 else "")  # fmt: skip
 
 
 def _fold_extra(ov: Overrides) -> Overrides:

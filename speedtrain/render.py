@@ -85,6 +85,7 @@ def render_plan(plan: TrainPlan) -> RenderableType:
         ("rect", "False", main.rect, reasons.get("rect")),
         ("close_mosaic", "10", main.close_mosaic, reasons.get("close_mosaic")),
         ("patience", "100", main.patience, reasons.get("patience")),
+        ("val_every", "1", "auto" if main.val_every == 0 else main.val_every, reasons.get("val_every")),
         ("amp", "True", main.amp, reasons.get("amp")),
         ("threads", "auto", main.threads or "auto", reasons.get("threads")),
         ("deterministic", "True", main.deterministic, reasons.get("deterministic")),
@@ -255,7 +256,9 @@ def render_measured(rep: SpeedReport) -> RenderableType:
             _num(m.score_at(640), "{:.3f}"),
         )
         if m.epoch_map50_95:
-            notes.append(accuracy_line(name, m.epoch_map50_95, m.epoch_loss, s.stage.imgsz))
+            notes.append(accuracy_line(name, m.epoch_map50_95, m.epoch_loss, s.stage.imgsz, m.epoch_validated))
+        if m.val_every > 1 or m.epoch_validated:
+            notes.append(cadence_line(name, m, s.stage.val_every))
         for oom in m.oom_fallbacks:
             notes.append(
                 f"{name}: out of memory at batch {oom.from_batch}, continued with {oom.to_batch} "
@@ -280,11 +283,24 @@ def render_measured(rep: SpeedReport) -> RenderableType:
     return Group(table, *[Text(n) for n in notes])
 
 
-def accuracy_line(name: str, maps: Sequence[float], losses: Sequence[float], imgsz: int) -> str:
-    """A stage's learning in one line: mAP50-95 at some epochs (its training-time validation) and the loss."""
-    shown = ", ".join(f"{i + 1}: {maps[i]:.3f}" for i in spread(len(maps), CURVE_POINTS))
+def accuracy_line(
+    name: str, maps: Sequence[float], losses: Sequence[float], imgsz: int, epochs: Sequence[int] = ()
+) -> str:
+    """A stage's learning in one line: mAP50-95 at some epochs (its training-time validation) and the loss;
+    `epochs` numbers the scores when not every epoch was validated."""
+    number = list(epochs) if len(epochs) == len(maps) else list(range(1, len(maps) + 1))
+    shown = ", ".join(f"{number[i]}: {maps[i]:.3f}" for i in spread(len(maps), CURVE_POINTS))
     loss = f"; training loss {losses[0]:.2f} -> {losses[-1]:.2f}" if len(losses) > 1 else ""
     return f"{name}: mAP50-95 at {imgsz} px by epoch {shown}{loss}"
+
+
+def cadence_line(name: str, m: Any, planned: int) -> str:
+    """How often a stage validated (--val-every), what validating cost and what skipping saved (an estimate)."""
+    how = "auto" if planned == 0 else "set"
+    validated = len(m.epoch_validated) if m.epoch_validated else len(m.epoch_map50_95)
+    cost = f"; validating took {m.val_time_s:.0f} s" if m.val_time_s else ""
+    saved = f", skipping saved about {m.val_saved_s:.0f} s (estimate)" if m.val_saved_s else ""
+    return f"{name}: validated {validated} of {m.epochs_done} epochs (every {m.val_every}, {how}){cost}{saved}"
 
 
 def final_accuracy(rep: SpeedReport) -> str:
@@ -418,7 +434,10 @@ def _accuracy_lines(ax_map: Any, ax_loss: Any, name: str, m: Any, epochs: list[i
     maps, losses = m.epoch_map50_95, m.epoch_loss
     if not maps or not epochs:
         return
-    at = epochs[max(0, len(epochs) - len(maps)) :][-len(maps) :]
+    if m.epoch_validated:  # --val-every: the epochs that were validated, of the stage's last ones
+        at = [epochs[min(v, len(epochs)) - 1] for v in m.epoch_validated]
+    else:
+        at = epochs[max(0, len(epochs) - len(maps)) :][-len(maps) :]
     line = ax_map.plot(at, maps[-len(at) :], marker="o", label=f"{name} at {m.imgsz} px")[0]
     if losses:
         ax_loss.plot(at, losses[-len(at) :], linestyle=":", color=line.get_color(), label=f"{name} loss")

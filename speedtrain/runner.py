@@ -98,6 +98,10 @@ class StageResult:
     # (box + cls + dfl, the mean over the epoch's batches)
     epoch_map50_95: tuple[float, ...] = ()
     epoch_loss: tuple[float, ...] = ()
+    epoch_validated: tuple[int, ...] = ()  # the 1-based epochs of epoch_map50_95 when not every epoch was validated
+    val_every: int = 1  # the validation cadence the stage ended with (--val-every; auto's measured choice)
+    val_time_s: float = 0.0  # seconds spent validating after epochs (measured; 0 when every epoch, not timed)
+    val_saved_s: float = 0.0  # validation time the skipped epochs did not spend (estimate from val_time_s)
     scores: tuple[tuple[int, float], ...] = ()  # (image size, mAP50-95) of the final weights, measured after training
 
     def metric(self, key: str) -> float | None:
@@ -167,6 +171,7 @@ class _Recorder:
     last_map: float | None = None
     t0: float = field(default_factory=time.perf_counter)  # the stage's start: setup and retries count
     ends: dict[int, float] = field(default_factory=dict)  # epoch -> seconds since t0 when it was saved
+    cadence: Any = None  # ultra.ValCadence when the stage does not validate every epoch (--val-every)
 
     def callbacks(self) -> dict[str, list[Callable[[Any], None]]]:
         """Ultralytics callback events and what runs on each."""
@@ -182,6 +187,9 @@ class _Recorder:
         }
         if self.on_update:
             events["on_train_batch_end"] = [self.on_train_batch_end]
+        if self.cadence is not None:
+            for event, functions in self.cadence.callbacks().items():
+                events.setdefault(event, []).extend(functions)
         return events
 
     def on_train_epoch_start(self, trainer: Any) -> None:
@@ -244,7 +252,8 @@ class _Recorder:
             self.epoch_times[trainer.epoch] = time.perf_counter() - self.starts[trainer.epoch]
             self.ends[trainer.epoch] = time.perf_counter() - self.t0
             score = (getattr(trainer, "metrics", None) or {}).get("metrics/mAP50-95(B)")
-            self.last_map = round(float(score), 4) if score is not None else self.last_map
+            if score is not None and math.isfinite(score):  # NaN: an epoch --val-every did not validate
+                self.last_map = round(float(score), 4)
             self._update(trainer, 1.0, done=True)
             # Ranks agree (one all-reduce per epoch) so that all stop after the same saved epoch, whichever got
             # the signal: a rank that went on alone would wait forever in the next epoch's first collective.
@@ -528,6 +537,10 @@ def train_stage(
         log(f"{stage.name}: no checkpoint of an earlier epoch; starting the stage again")
     world = distributed.world()
     recorder = _Recorder(threads=stage.threads, stage=stage.name, on_update=on_update, collective=world is not None)
+    if stage.val_every != 1:
+        from speedtrain import ultra
+
+        recorder.cadence = ultra.ValCadence(every=stage.val_every, patience=stage.patience)
     fallbacks: list[OomFallback] = list(previous.oom_fallbacks) if previous else []
     current = replace(stage, batch=previous.batch if previous and checkpoint else stage.batch)
     gpu_ids = stage.gpu_ids
@@ -795,7 +808,7 @@ def _finished_before(
     if not _loads(best):
         return None  # nothing trustworthy to keep: Ultralytics' own resume says what is wrong
     epoch_times = _epoch_times_from_csv(stage_dir / "results.csv")
-    maps, losses = epoch_curves(stage_dir / "results.csv")
+    maps, losses, validated = epoch_curves(stage_dir / "results.csv")
     metrics = _best_row_metrics(rows)
     return StageResult(
         name=stage.name, status="completed", imgsz=stage.imgsz, batch=previous.batch if previous else stage.batch,
@@ -803,7 +816,8 @@ def _finished_before(
         train_times_s=previous.train_times_s if previous else (), best_metrics=metrics, weights=str(best),
         last_weights=str(stage_dir / "weights" / "last.pt") if (stage_dir / "weights" / "last.pt").is_file() else None,
         save_dir=str(stage_dir), wall_time_s=previous.wall_time_s if previous else round(sum(epoch_times), 2),
-        epoch_map50_95=maps, epoch_loss=losses, images_per_epoch=previous.images_per_epoch if previous else 0,
+        epoch_map50_95=maps, epoch_loss=losses, epoch_validated=validated_epochs(validated),
+        images_per_epoch=previous.images_per_epoch if previous else 0,
         oom_fallbacks=previous.oom_fallbacks if previous else (),
         note=f"had trained all {stage.epochs} epochs before it stopped; kept as it was (best.pt, results.csv)",
     )  # fmt: skip
@@ -952,7 +966,7 @@ def _stage_result(
     timed = train_times or epoch_times
     done = max([*rec.epoch_times, -1]) + 1 or len(epoch_times)
     summary = monitor.summary()
-    curve_map, curve_loss = epoch_curves(stage_dir / "results.csv")
+    curve_map, curve_loss, curve_epochs = epoch_curves(stage_dir / "results.csv")
     best, last = stage_dir / "weights" / "best.pt", stage_dir / "weights" / "last.pt"
     if not status:
         status = "completed" if done >= stage.epochs else "early-stopped"
@@ -988,6 +1002,10 @@ def _stage_result(
         stopped_by=rec.stop_signal if status == "interrupted" else None,
         epoch_map50_95=curve_map,
         epoch_loss=curve_loss,
+        epoch_validated=validated_epochs(curve_epochs),
+        val_every=rec.cadence.cadence if rec.cadence else 1,
+        val_time_s=round(sum(rec.cadence.val_s.values()), 2) if rec.cadence else 0.0,
+        val_saved_s=round(rec.cadence.saved_s(), 1) if rec.cadence else 0.0,
     )
 
 
@@ -1041,20 +1059,28 @@ def _epoch_times_from_csv(path: Path) -> tuple[float, ...]:
 LOSS_COLUMNS = ("train/box_loss", "train/cls_loss", "train/dfl_loss")
 
 
-def epoch_curves(path: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per epoch from results.csv: the training-time validation's mAP50-95 and the training loss (box + cls + dfl,
-    Ultralytics' weights already applied); epochs whose figures are missing or not numbers are left out of both."""
-    maps, losses = [], []
-    for row in _csv_rows(path):
+def epoch_curves(path: Path) -> tuple[tuple[float, ...], tuple[float, ...], tuple[int, ...]]:
+    """Per epoch from results.csv: the training-time validation's mAP50-95, the training loss (box + cls + dfl,
+    Ultralytics' weights already applied) and the 1-based epoch; epochs whose figures are missing or not numbers
+    (not validated: --val-every) are left out of all three."""
+    maps, losses, epochs = [], [], []
+    for n, row in enumerate(_csv_rows(path), start=1):
         try:
             score = float(row["metrics/mAP50-95(B)"])
             loss = sum(float(row[c]) for c in LOSS_COLUMNS if row.get(c))
+            epoch = int(float(row.get("epoch") or n))
         except (KeyError, ValueError):
             continue
         if math.isfinite(score) and math.isfinite(loss):
             maps.append(round(score, 5))
             losses.append(round(loss, 4))
-    return tuple(maps), tuple(losses)
+            epochs.append(epoch)
+    return tuple(maps), tuple(losses), tuple(epochs)
+
+
+def validated_epochs(epochs: tuple[int, ...]) -> tuple[int, ...]:
+    """epoch_validated as a StageResult keeps it: empty when the scores are epochs 1, 2, 3, ... (every epoch)."""
+    return () if epochs == tuple(range(1, len(epochs) + 1)) else epochs
 
 
 def _reset_peak_memory(gpu_ids: tuple[int, ...]) -> None:

@@ -354,6 +354,7 @@ def _measured_dict(r: StageResult) -> dict[str, Any]:
     data["latency_ms"] = {str(size): ms for size, ms in r.latency_ms}
     data["epoch_map50_95"] = list(r.epoch_map50_95)
     data["epoch_loss"] = list(r.epoch_loss)
+    data["epoch_validated"] = list(r.epoch_validated)
     data["scores"] = {str(size): value for size, value in r.scores}  # final weights' mAP50-95 by image size
     data["oom_fallbacks"] = [asdict(o) for o in r.oom_fallbacks]
     data["ranks"] = [asdict(figures) for figures in r.ranks]
@@ -410,6 +411,7 @@ def _stage_report(stage: Stage, raw: dict[str, Any]) -> StageReport:
             latency_ms=tuple((int(k), float(v)) for k, v in (m.get("latency_ms") or {}).items()),
             epoch_map50_95=tuple(float(v) for v in m.get("epoch_map50_95", ())),
             epoch_loss=tuple(float(v) for v in m.get("epoch_loss", ())),
+            epoch_validated=tuple(int(v) for v in m.get("epoch_validated", ())),
             scores=tuple(sorted((int(k), float(v)) for k, v in (m.get("scores") or {}).items())),
             oom_fallbacks=tuple(OomFallback(**o) for o in m.get("oom_fallbacks", [])),
             ranks=tuple(RankFigures(**r) for r in m.get("ranks", [])),

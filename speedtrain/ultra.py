@@ -20,7 +20,9 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ from ultralytics.utils.downloads import GITHUB_ASSETS_STEMS
 
 from speedtrain.errors import TrainingError, UsageError
 from speedtrain.pipeline import Hyp, StoreLoader, augment, build_store, keep_resident, take, to_ultralytics
+from speedtrain.planner import VAL_LAST, VAL_SHARE, val_every_for
 from speedtrain.util import ANSI, PlainStream, first_line
 
 Callbacks = dict[str, list[Callable[[Any], None]]]
@@ -340,6 +343,82 @@ class FastDetectionTrainer(RankTrainer):
             return super().preprocess_batch(batch)
         out = augment(take(batch), self.fast_hyp, self.fast_store.imgsz, self.fast_dgen)
         return to_ultralytics(out, [self.fast_store.files[i] for i in batch["chunk"]])
+
+
+# --- validation cadence -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ValCadence:
+    """Ultralytics validates after every epoch (or, with val=False, only the last); this validates every
+    `every` epochs (0: auto, decided from the first validated epoch's measured times), always the first epoch, the
+    last VAL_LAST and any epoch Ultralytics validates on its own (one that could stop the run early: the stopper's
+    possible_stop). Skipped epochs leave NaN metrics in results.csv and no fitness, so best.pt is chosen among
+    validated epochs, and patience (counted in epochs by EarlyStopping) is scaled to count validated ones.
+
+    One process only: ranks would each decide (rank 0 alone knows possible_stop) and validation has collectives,
+    so the planner keeps every epoch for several ranks.
+
+    internal: engine/trainer.py _do_train (8.4.190) validates when `args.val or final_epoch or
+    stopper.possible_stop or stop`, right after on_train_epoch_end; save_model writes best.pt when
+    best_fitness == fitness; EarlyStopping ignores a None fitness (utils/torch_utils.py)."""
+
+    every: int = 1  # 1: every epoch, as Ultralytics; 0: auto
+    share: float = VAL_SHARE
+    patience: int = 0  # the stage's patience in validated epochs (0: off)
+    decided: int | None = None  # the cadence in use; None until auto has measured
+    train_s: dict[int, float] = field(default_factory=dict)  # epoch (1-based) -> training pass seconds
+    val_s: dict[int, float] = field(default_factory=dict)  # validated epoch (1-based) -> validation seconds
+    skipped: list[int] = field(default_factory=list)
+    _start: float = 0.0
+    _end: float = 0.0
+
+    def callbacks(self) -> Callbacks:
+        return {
+            "on_train_epoch_start": [self._epoch_start],
+            "on_train_epoch_end": [self._epoch_end],
+            "on_fit_epoch_end": [self._fit_epoch_end],
+        }
+
+    @property
+    def cadence(self) -> int:
+        return self.every if self.every > 0 else self.decided or 1
+
+    def validates(self, epoch: int, epochs: int) -> bool:
+        """Whether the 1-based `epoch` of `epochs` is validated by the cadence."""
+        k = self.cadence
+        return k == 1 or epoch == 1 or epoch % k == 0 or epoch > epochs - VAL_LAST
+
+    def _epoch_start(self, trainer: Any) -> None:
+        self._start = time.perf_counter()
+
+    def _epoch_end(self, trainer: Any) -> None:
+        self._end = time.perf_counter()
+        epoch = trainer.epoch + 1
+        self.train_s[epoch] = self._end - self._start
+        validate = self.validates(epoch, trainer.epochs)
+        trainer.args.val = validate
+        if not validate:  # Ultralytics may still validate (possible_stop): then it overwrites both
+            trainer.metrics = {k: float("nan") for k in (trainer.metrics or {})}
+            trainer.fitness = None
+
+    def _fit_epoch_end(self, trainer: Any) -> None:
+        epoch = trainer.epoch + 1
+        if epoch not in self.train_s or epoch in self.val_s or epoch in self.skipped:
+            return  # final_eval's own call, or an epoch already counted
+        if trainer.fitness is None:
+            self.skipped.append(epoch)
+            return
+        self.val_s[epoch] = time.perf_counter() - self._end
+        if self.every == 0 and self.decided is None:
+            self.decided = val_every_for(self.train_s[epoch], self.val_s[epoch], trainer.epochs, self.share)
+        k = self.cadence
+        if k > 1 and self.patience:
+            trainer.stopper.patience = self.patience * k  # patience counts validated epochs
+
+    def saved_s(self) -> float:
+        """Validation time the skipped epochs did not spend (estimate: the mean measured validation each)."""
+        return len(self.skipped) * (sum(self.val_s.values()) / len(self.val_s)) if self.val_s else 0.0
 
 
 # --- process state: set for a call, restored after it -------------------------------------------------------------

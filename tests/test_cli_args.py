@@ -57,7 +57,7 @@ PLAN_DEFAULTS = {
     "model": None, "epochs": None, "batch": None, "imgsz": None, "workers": None, "threads": None,
     "deterministic": None, "cache": None, "device": None, "rect": None, "finetune": "auto", "finetune_epochs": None,
     "finetune_imgsz": None, "target_map": None, "optimizer": None, "lr0": None, "patience": None, "prepare": "auto",
-    "pipeline": "auto", "nproc_per_node": None,
+    "pipeline": "auto", "nproc_per_node": None, "val_every": None,
 }  # fmt: skip
 
 
@@ -65,7 +65,7 @@ def test_plan_passes_every_option(calls, tmp_path):
     result = invoke(
         "plan", "--dataset", tmp_path, "--hardware", tmp_path / "box.json", "--epochs", "7", "--batch-size", "16",
         "--img-size", "320", "--cache", "disk", "--no-rect", "--finetune", "no", "--pipeline", "fast", "--threads",
-        "3", "--deterministic", "--allow-download", "mosaic=0.5",
+        "3", "--deterministic", "--val-every", "3", "--allow-download", "mosaic=0.5",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     args, kwargs = calls["plan"]
@@ -73,7 +73,7 @@ def test_plan_passes_every_option(calls, tmp_path):
     assert kwargs == {
         **PLAN_DEFAULTS, "hardware": tmp_path / "box.json", "allow_download": True, "extra": ["mosaic=0.5"],
         "epochs": 7, "batch": 16, "imgsz": 320, "cache": "disk", "rect": False, "finetune": "no",
-        "pipeline": "fast", "threads": 3, "deterministic": True,
+        "pipeline": "fast", "threads": 3, "deterministic": True, "val_every": "3",
     }  # fmt: skip
 
 

@@ -369,3 +369,54 @@ def test_accuracy_sensitive_choices_cite_what_they_rest_on():
     for key in ("imgsz", "optimizer", "patience"):
         assert mine.reason(key) == "set by user", key
     assert planner.EVIDENCE["rect-cost"] in mine.reason("rect")  # what the user's choice costs
+
+
+@pytest.mark.parametrize(
+    ("vram", "override", "extra", "expected", "why"),
+    [
+        ((24,), None, (), planner.VAL_AUTO, "auto: every epoch until one validation is timed"),
+        ((24,), "auto", (), planner.VAL_AUTO, "under 15% of the run"),
+        ((24,), "3", (), 3, "set by user; the first, the last 2"),
+        ((24,), 1, (), 1, "set by user"),
+        ((24,), None, (("val", False),), 1, "val= is given"),
+        ((24, 24), None, (), 1, "with 2 ranks every epoch is validated"),
+    ],
+)
+def test_validation_cadence_is_planned(vram, override, extra, expected, why):
+    p = plan(snapshot(vram), fake_stats(), Overrides(val_every=override, extra=extra, finetune="yes"))
+    assert p.stage("main").val_every == expected
+    assert p.stage("finetune").val_every == expected  # the fine-tune keeps the main stage's cadence
+    assert "val_every" not in p.stage("main").train_args()  # speedtrain's own knob, not an Ultralytics argument
+    assert why in p.reason("val_every")
+
+
+@pytest.mark.parametrize(("vram", "value"), [((24,), "0"), ((24,), "often"), ((24,), "-2"), ((24, 24), "3")])
+def test_an_impossible_cadence_is_refused(vram, value):
+    with pytest.raises(UsageError, match=f"--val-every {value}"):
+        plan(snapshot(vram), fake_stats(), Overrides(val_every=value))
+
+
+@pytest.mark.parametrize(
+    ("train_s", "val_s", "epochs", "expected"),
+    [
+        (100.0, 10.0, 50, 1),  # 9 % of an epoch: every epoch
+        (98.0 - 28.0, 28.0, 50, 3),  # the 448/127-image split measured on the VM: 29 % -> 11.8 % at every 3rd
+        (30.0, 760.0, 50, 10),  # validation 25x training (ultralytics #17523): capped at 10
+        (30.0, 760.0, 8, 2),  # a short stage is still validated every quarter
+        (0.0, 5.0, 50, 1),  # nothing measured: every epoch
+    ],
+)
+def test_auto_cadence_keeps_validation_under_its_share(train_s, val_s, epochs, expected):
+    k = planner.val_every_for(train_s, val_s, epochs)
+    assert k == expected
+    if 1 < k < min(planner.VAL_EVERY_MAX, epochs // 4):  # not capped: the smallest k that meets the share
+        assert val_s / (k * train_s + val_s) <= planner.VAL_SHARE < val_s / ((k - 1) * train_s + val_s)
+
+
+def test_the_cadence_validates_the_first_every_kth_and_the_last_epochs():
+    cadence = ultra.ValCadence(every=3)
+    assert [e for e in range(1, 11) if cadence.validates(e, 10)] == [1, 3, 6, 9, 10]
+    auto = ultra.ValCadence(every=planner.VAL_AUTO)
+    assert all(auto.validates(e, 10) for e in range(1, 11))  # until it has measured
+    auto.decided = 4
+    assert [e for e in range(1, 11) if auto.validates(e, 10)] == [1, 4, 8, 9, 10]
