@@ -22,7 +22,7 @@ from speedtrain.planner import TrainPlan
 from speedtrain.resize import ResizeSummary
 from speedtrain.speedreport import DatasetSummary, Preparation, SpeedReport
 from speedtrain.tuner import TuneResult
-from speedtrain.util import spread
+from speedtrain.util import duration, spread
 
 MEASURED_CAPTION = (
     "img/s: training pass, after the first epoch when there are several; mAP: mAP50-95 of the stage's best weights "
@@ -130,7 +130,7 @@ def render_report(rep: SpeedReport, with_plan: bool = True) -> RenderableType:
         if run.status == "running":  # the report of a run that was killed or crashed: it never finished
             line = f"Run stopped before it finished (killed or crashed): go on with --resume {run.run_dir}"
         else:
-            line = f"Run {run.status} in {_duration(run.wall_time_s or 0)}{final_accuracy(rep)}: {run.run_dir}"
+            line = f"Run {run.status} in {duration(run.wall_time_s or 0)}{final_accuracy(rep)}: {run.run_dir}"
         parts.append(Text(line, style="bold"))
     return Group(*parts)
 
@@ -259,6 +259,8 @@ def render_measured(rep: SpeedReport) -> RenderableType:
             notes.append(accuracy_line(name, m.epoch_map50_95, m.epoch_loss, s.stage.imgsz, m.epoch_validated))
         if m.val_every > 1 or m.epoch_validated:
             notes.append(cadence_line(name, m, s.stage.val_every))
+        if m.estimated_epoch_s and m.train_times_s:
+            notes.append(estimate_line(name, m))
         for oom in m.oom_fallbacks:
             notes.append(
                 f"{name}: out of memory at batch {oom.from_batch}, continued with {oom.to_batch} "
@@ -303,6 +305,15 @@ def cadence_line(name: str, m: Any, planned: int) -> str:
     return f"{name}: validated {validated} of {m.epochs_done} epochs (every {m.val_every}, {how}){cost}{saved}"
 
 
+def estimate_line(name: str, m: Any) -> str:
+    """The time estimate printed while the stage's first epoch ran, beside what was measured."""
+    measured = statistics.fmean(m.train_times_s)
+    off = (measured - m.estimated_epoch_s) / m.estimated_epoch_s
+    return (f"{name}: an epoch's training pass, estimated {m.estimated_epoch_s:.1f} s from the first "
+            f"{m.estimated_from_batches} batches; measured {measured:.1f} s (mean of {len(m.train_times_s)}, "
+            f"{off:+.0%})")  # fmt: skip
+
+
 def final_accuracy(rep: SpeedReport) -> str:
     """', the model's mAP50-95 0.412 at 640 px, 0.398 at 416 px' for the run's final line; '' when unmeasured."""
     scores = sorted(rep.final_scores(), key=lambda s: -s[0])
@@ -322,7 +333,7 @@ def batch_line(ev: Any, elapsed_s: float) -> str:
     """A line during an epoch, for logs: batch k/n, the last epoch's images/s and an estimate of the epoch's rest."""
     rate = f", {ev.images_per_s} img/s last epoch" if ev.images_per_s else ""
     left = elapsed_s * (1 - ev.fraction) / ev.fraction if ev.fraction > 0 else None
-    eta = f", about {_duration(left)} left in this epoch (estimate)" if left is not None else ""
+    eta = f", about {duration(left)} left in this epoch (estimate)" if left is not None else ""
     where = f"batch {ev.batch}/{ev.batches}" if ev.batches else f"{ev.fraction:.0%}"
     return f"{ev.stage}: epoch {ev.epoch + 1}/{ev.epochs} {where}{rate}{eta}"
 
@@ -372,12 +383,6 @@ def _pct(rel_err: float | None) -> str:
 
 def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
 
 
 PNG_NAME = "speed_report.png"

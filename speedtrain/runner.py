@@ -28,7 +28,7 @@ from speedtrain import distributed, oom
 from speedtrain.errors import DatasetError, DiskSpaceError, PeerFailed, RankOutOfMemory, TrainingError, UsageError
 from speedtrain.monitor import Monitor
 from speedtrain.planner import FINETUNE_LAG, Stage, TrainPlan
-from speedtrain.util import first_line, utc_now
+from speedtrain.util import duration, first_line, utc_now
 
 Log = Callable[[str], None]
 RESUME_NAME = "resume.pt"  # an atomic copy of each saved last.pt: Ultralytics writes last.pt in place and strips it
@@ -102,6 +102,10 @@ class StageResult:
     val_every: int = 1  # the validation cadence the stage ended with (--val-every; auto's measured choice)
     val_time_s: float = 0.0  # seconds spent validating after epochs (measured; 0 when every epoch, not timed)
     val_saved_s: float = 0.0  # validation time the skipped epochs did not spend (estimate from val_time_s)
+    # an epoch's training pass, estimated from the stage's first batches (before its first epoch ended), and how
+    # many batches it rests on: the report puts it beside the measured mean
+    estimated_epoch_s: float | None = None
+    estimated_from_batches: int = 0
     scores: tuple[tuple[int, float], ...] = ()  # (image size, mAP50-95) of the final weights, measured after training
 
     def metric(self, key: str) -> float | None:
@@ -146,6 +150,7 @@ class StageProgress:
 
 
 OnProgress = Callable[[StageProgress], None]
+ETA_BATCHES = 8  # the time estimate waits for this many batches of the first epoch (or a tenth of it, if more)
 
 
 @dataclass(slots=True)
@@ -172,6 +177,10 @@ class _Recorder:
     t0: float = field(default_factory=time.perf_counter)  # the stage's start: setup and retries count
     ends: dict[int, float] = field(default_factory=dict)  # epoch -> seconds since t0 when it was saved
     cadence: Any = None  # ultra.ValCadence when the stage does not validate every epoch (--val-every)
+    log: Log | None = None  # where the time estimates go
+    estimated_epoch_s: float | None = None
+    estimated_from: int = 0
+    _first_batch_end: float = 0.0
 
     def callbacks(self) -> dict[str, list[Callable[[Any], None]]]:
         """Ultralytics callback events and what runs on each."""
@@ -185,7 +194,7 @@ class _Recorder:
             "on_model_save": [self.on_model_save],
             "on_fit_epoch_end": [self.on_fit_epoch_end],
         }
-        if self.on_update:
+        if self.on_update or self.log:
             events["on_train_batch_end"] = [self.on_train_batch_end]
         if self.cadence is not None:
             for event, functions in self.cadence.callbacks().items():
@@ -199,6 +208,27 @@ class _Recorder:
     def on_train_batch_end(self, trainer: Any) -> None:
         self.batches += 1
         self._update(trainer, min(1.0, self.batches / max(1, len(trainer.train_loader))))
+        if self.log and self.estimated_epoch_s is None:
+            self._estimate(trainer)
+
+    def _estimate(self, trainer: Any) -> None:
+        """After the first batches of the stage's first epoch in this process: the training passes' time, from the
+        steady time a batch (the first batch, which starts the loader and warms up, counted once per epoch)."""
+        now, total = time.perf_counter(), len(trainer.train_loader)
+        if self.batches == 1:
+            self._first_batch_end = now
+            return
+        if self.batches < min(total, max(ETA_BATCHES, total // 10)):
+            return
+        first = self._first_batch_end - self.starts[trainer.epoch]
+        per_batch = (now - self._first_batch_end) / (self.batches - 1)
+        epoch_s = first + per_batch * (total - 1)
+        epochs = max(1, trainer.epochs - trainer.epoch)
+        self.estimated_epoch_s, self.estimated_from = round(epoch_s, 2), self.batches
+        self.log(
+            f"{self.stage}: about {duration(epoch_s * epochs)} for {epochs} epochs' training passes "
+            f"({epoch_s:.1f} s each; estimate from the first {self.batches} batches, validation not included)"
+        )
 
     def _update(self, trainer: Any, fraction: float, done: bool = False) -> None:
         if self.on_update:
@@ -536,10 +566,9 @@ def train_stage(
     if previous and checkpoint is None:
         log(f"{stage.name}: no checkpoint of an earlier epoch; starting the stage again")
     world = distributed.world()
-    recorder = _Recorder(threads=stage.threads, stage=stage.name, on_update=on_update, collective=world is not None)
+    recorder = _Recorder(threads=stage.threads, stage=stage.name, on_update=on_update, collective=world is not None,
+                         log=log if world is None or world.leader else None)  # fmt: skip
     if stage.val_every != 1:
-        from speedtrain import ultra
-
         recorder.cadence = ultra.ValCadence(every=stage.val_every, patience=stage.patience)
     fallbacks: list[OomFallback] = list(previous.oom_fallbacks) if previous else []
     current = replace(stage, batch=previous.batch if previous and checkpoint else stage.batch)
@@ -1006,6 +1035,12 @@ def _stage_result(
         val_every=rec.cadence.cadence if rec.cadence else 1,
         val_time_s=round(sum(rec.cadence.val_s.values()), 2) if rec.cadence else 0.0,
         val_saved_s=round(rec.cadence.saved_s(), 1) if rec.cadence else 0.0,
+        estimated_epoch_s=previous.estimated_epoch_s
+        if previous and previous.estimated_epoch_s
+        else (rec.estimated_epoch_s),
+        estimated_from_batches=(
+            previous.estimated_from_batches if previous and previous.estimated_epoch_s else rec.estimated_from
+        ),
     )
 
 

@@ -190,3 +190,10 @@ def closest(name: str, known: Iterable[str], limit: int = 3) -> list[str]:
     if not scored or scored[0][0] < 0.6:
         return []
     return [k for ratio, k in scored if ratio >= scored[0][0] - 0.1][:limit]
+
+
+def duration(seconds: float) -> str:
+    """'4m 05s', or '2h 10m' from an hour on."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"

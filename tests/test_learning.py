@@ -121,6 +121,9 @@ def test_validating_every_third_epoch_keeps_best_pt_among_validated_epochs(ultra
     assert (m.val_every, m.epoch_validated) == (3, (1, 3, 5, 6))
     assert m.val_time_s > 0
     assert m.val_saved_s > 0  # two validations not run
+    assert (m.estimated_from_batches, m.iterations_per_epoch) == (4, 4)  # an estimate before the first epoch ended
+    assert m.estimated_epoch_s is not None
+    assert m.estimated_epoch_s > 0
     with (Path(m.save_dir or "") / "results.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     scores = [float(r["metrics/mAP50-95(B)"]) for r in rows]

@@ -55,6 +55,32 @@ def test_report_shows_oom_fallbacks_and_gpu_figures():
     assert "11.5" in text
 
 
+def test_report_shows_the_validation_cadence_and_the_time_estimate(tmp_path):
+    doc = stored()
+    doc["stages"][0]["val_every"] = 0  # planned auto
+    m = doc["stages"][0]["measured"]
+    m.update(
+        epochs_done=7,
+        epoch_map50_95=[0.1, 0.2, 0.25, 0.3, 0.31],
+        epoch_loss=[5.0, 4.0, 3.5, 3.0, 2.9],
+        epoch_validated=[1, 3, 5, 6, 7],
+        val_every=3,
+        val_time_s=41.0,
+        val_saved_s=16.4,
+        estimated_epoch_s=10.0,
+        estimated_from_batches=8,
+        train_times_s=[11.0, 11.0, 12.0, 11.0, 11.0, 11.0, 11.0],
+        epoch_times_s=[14.0, 11.1, 15.0, 11.1, 14.0, 14.0, 14.0],
+    )
+    rep = typed(doc)
+    text = " ".join(render(render_mod.render_measured(rep)).split())
+    assert "by epoch 1: 0.100, 3: 0.200, 5: 0.250, 6: 0.300, 7: 0.310" in text  # numbered by the validated epochs
+    assert "validated 5 of 7 epochs (every 3, auto); validating took 41 s, skipping saved about 16 s (estimate)" in text
+    assert "estimated 10.0 s from the first 8 batches; measured 11.1 s (mean of 7, +11%)" in text
+    rep.save_png(tmp_path / "r.png")  # the curve is drawn at the validated epochs
+    assert (tmp_path / "r.png").stat().st_size > 0
+
+
 def _ranks(rates: list[float]) -> list[dict]:
     return [
         {"rank": i, "node": f"node{i // 2}", "device": f"cuda:{i % 2}", "images_per_s": r, "gpu_util_mean": 90.0,

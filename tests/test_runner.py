@@ -435,3 +435,23 @@ def test_val_cadence_benchmark_smoke(tmp_path):
     assert rows[0][5] == "-"  # nothing skipped, nothing saved
     assert float(rows[1][4]) > 0  # validation was timed
     assert float(rows[1][5]) > 0  # the skipped epoch's validation, estimated
+
+
+def test_the_time_estimate_rests_on_the_steady_batches_of_the_first_epoch(monkeypatch):
+    """First batch 3 s (the loader starting, warm-up), then 0.5 s a batch: an epoch of 20 batches is 3 + 19 x 0.5 =
+    12.5 s, said once after 8 batches, for the 5 epochs left."""
+    from types import SimpleNamespace
+
+    clock = [100.0]
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: clock[0])
+    said: list[str] = []
+    rec = runner._Recorder(stage="main", log=said.append)
+    trainer = SimpleNamespace(epoch=0, epochs=5, train_loader=[None] * 20)
+    assert "on_train_batch_end" in rec.callbacks()
+    rec.on_train_epoch_start(trainer)
+    for n in range(1, 12):
+        clock[0] += 3.0 if n == 1 else 0.5
+        rec.on_train_batch_end(trainer)
+    assert (rec.estimated_epoch_s, rec.estimated_from) == (12.5, 8)
+    assert said == ["main: about 1m 02s for 5 epochs' training passes (12.5 s each; estimate from the first 8 "
+                    "batches, validation not included)"]  # fmt: skip

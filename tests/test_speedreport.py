@@ -26,8 +26,9 @@ def test_a_format_1_report_round_trips_exactly():
         assert (stage["measured"].pop("epoch_end_s"), stage["measured"].pop("latency_ms")) == ([], {})
         assert stage["measured"].pop("ranks") == []
         assert [stage["measured"].pop(k) for k in ("epoch_map50_95", "epoch_loss", "scores")] == [[], [], {}]
-        added = ("epoch_validated", "val_every", "val_time_s", "val_saved_s")
-        assert [stage["measured"].pop(k) for k in added] == [[], 1, 0.0, 0.0]  # every epoch validated, as before
+        added = ("epoch_validated", "val_every", "val_time_s", "val_saved_s", "estimated_epoch_s",
+                 "estimated_from_batches")  # fmt: skip
+        assert [stage["measured"].pop(k) for k in added] == [[], 1, 0.0, 0.0, None, 0]  # as before they existed
         assert stage.pop("val_every") == 1
     assert again.pop("ranks") == 1  # one process
     assert again == doc
