@@ -216,6 +216,10 @@ OptimizerOpt = Annotated[
 ]
 Lr0Opt = Annotated[float | None, typer.Option("--lr0", min=0.0, help="Initial learning rate. Default: auto's.")]
 PatienceOpt = Annotated[int | None, typer.Option("--patience", min=0, help="Early-stopping patience. Default: 100.")]
+TimeOpt = Annotated[
+    str | None,
+    typer.Option("--time", help="Time budget of the whole run (2h, 90m, 1h30m, or hours); epochs fitted to it."),
+]
 ValEveryOpt = Annotated[
     str | None,
     typer.Option("--val-every", help="Validate every N epochs, or auto (under 15% of the run). Default: auto."),
@@ -295,6 +299,7 @@ def plan(
     lr0: Lr0Opt = None,
     patience: PatienceOpt = None,
     val_every: ValEveryOpt = None,
+    time: TimeOpt = None,
     prepare: PrepareOpt = Prepare.auto,
     pipeline: PipelineOpt = Pipeline.auto,
     allow_download: AllowDownloadOpt = False,
@@ -336,6 +341,7 @@ def train(
     lr0: Lr0Opt = None,
     patience: PatienceOpt = None,
     val_every: ValEveryOpt = None,
+    time: TimeOpt = None,
     prepare: PrepareOpt = Prepare.auto,
     pipeline: PipelineOpt = Pipeline.auto,
     project: ProjectOpt = workflow.DEFAULT_PROJECT,

@@ -16,7 +16,6 @@ classic single-script recipe (Adam at lr0 0.001, rect batches, patience 10).
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -33,7 +32,7 @@ from speedtrain.errors import SpeedtrainError, UsageError
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.planner import Stage, TrainPlan
 from speedtrain.speedreport import DatasetSummary
-from speedtrain.util import first_line, read_json, spread, utc_now, write_atomic
+from speedtrain.util import first_line, parse_duration, read_json, spread, utc_now, write_atomic
 
 ARMS = ("defaults", "plan", "plan-no-rect", "plan-rect", "plan-640", "plan+finetune", "plan-classic")
 # the classic single-script recipe: Adam at 0.001, rect batches, early stopping after 10 epochs
@@ -48,15 +47,7 @@ Log = Callable[[str], None]
 
 def parse_budget(text: str | float | int) -> float:
     """Seconds from "90s", "20m", "1h", "1h30m" or a plain number of seconds; one clear line otherwise."""
-    if isinstance(text, int | float) and not isinstance(text, bool):
-        seconds = float(text)
-    else:
-        raw = str(text).strip().lower()
-        match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?", raw)
-        if not raw or not match or not any(match.groups()):
-            raise UsageError(f"--budget {text!r}: a duration such as 90s, 20m, 1h or 1h30m")
-        hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
-        seconds = hours * 3600 + minutes * 60 + secs
+    seconds = parse_duration(text, "--budget")
     if not 10 <= seconds <= 7 * 24 * 3600:
         raise UsageError(f"--budget {text!r}: between 10 seconds and 7 days per arm")
     return seconds

@@ -94,7 +94,10 @@ def render_plan(plan: TrainPlan) -> RenderableType:
     for knob, b, p, why in rows:
         table.add_row(knob, str(b), str(p), why or "")
     for key, value in main.extra:
-        table.add_row(key, "", str(value), "set by user")
+        if key == "time" and reasons.get("time"):  # --time: the run's budget, shared between the stages
+            table.add_row(key, "", f"{value} h", reasons["time"])
+        else:
+            table.add_row(key, "", str(value), "set by user")
     parts: list[RenderableType] = [table]
     parts.append(Text(f"prepare: {reasons.get('prepare', 'off')}"))
     parts.append(Text(f"fine-tune: {reasons.get('finetune', 'off')}"))

@@ -225,6 +225,14 @@ class _Recorder:
         epoch_s = first + per_batch * (total - 1)
         epochs = max(1, trainer.epochs - trainer.epoch)
         self.estimated_epoch_s, self.estimated_from = round(epoch_s, 2), self.batches
+        budget = float(getattr(trainer.args, "time", None) or 0) * 3600  # --time: Ultralytics fits the epochs
+        if budget:
+            self.log(
+                f"{self.stage}: about {max(1, int(budget // epoch_s))} epochs' training passes fit its "
+                f"{duration(budget)} ({epoch_s:.1f} s each; estimate from the first {self.batches} batches, "
+                "validation not included)"
+            )
+            return
         self.log(
             f"{self.stage}: about {duration(epoch_s * epochs)} for {epochs} epochs' training passes "
             f"({epoch_s:.1f} s each; estimate from the first {self.batches} batches, validation not included)"
@@ -998,7 +1006,8 @@ def _stage_result(
     curve_map, curve_loss, curve_epochs = epoch_curves(stage_dir / "results.csv")
     best, last = stage_dir / "weights" / "best.pt", stage_dir / "weights" / "last.pt"
     if not status:
-        status = "completed" if done >= stage.epochs else "early-stopped"
+        fitted = int(getattr(trainer, "epochs", 0) or 0) if "time" in dict(stage.extra) else 0
+        status = "completed" if done >= (fitted or stage.epochs) else "early-stopped"  # --time: Ultralytics' epochs
     by = f" by {rec.stop_signal}" if rec.stop_signal and rec.stop_signal != "SIGINT" else ""
     note = f"interrupted{by} after epoch {done}; resume with --resume" if status == "interrupted" else ""
     return StageResult(

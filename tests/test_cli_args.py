@@ -57,7 +57,7 @@ PLAN_DEFAULTS = {
     "model": None, "epochs": None, "batch": None, "imgsz": None, "workers": None, "threads": None,
     "deterministic": None, "cache": None, "device": None, "rect": None, "finetune": "auto", "finetune_epochs": None,
     "finetune_imgsz": None, "target_map": None, "optimizer": None, "lr0": None, "patience": None, "prepare": "auto",
-    "pipeline": "auto", "nproc_per_node": None, "val_every": None,
+    "pipeline": "auto", "nproc_per_node": None, "val_every": None, "time": None,
 }  # fmt: skip
 
 
@@ -88,7 +88,7 @@ def test_train_passes_every_option(calls, tmp_path):
     result = invoke(
         "train", "--dataset", tmp_path, "--epochs", "3", "--device", "cpu", "--finetune", "yes", "--project",
         tmp_path / "runs", "--name", "exp", "--autotune", "--budget-s", "30", "--verbose", "--nproc-per-node", "2",
-        "seed=1",
+        "--time", "2h", "seed=1",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     args, kwargs = calls["train"]
@@ -99,7 +99,7 @@ def test_train_passes_every_option(calls, tmp_path):
     assert kwargs == {
         **PLAN_DEFAULTS, "project": tmp_path / "runs", "name": "exp", "autotune": True, "retune": False,
         "budget_s": 30.0, "allow_download": False, "verbose": True, "extra": ["seed=1"], "epochs": 3,
-        "device": "cpu", "finetune": "yes", "nproc_per_node": 2,
+        "device": "cpu", "finetune": "yes", "nproc_per_node": 2, "time": "2h",
     }  # fmt: skip
     assert "Measured on this machine" in result.output
     assert "resume" not in calls

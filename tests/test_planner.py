@@ -420,3 +420,26 @@ def test_the_cadence_validates_the_first_every_kth_and_the_last_epochs():
     assert all(auto.validates(e, 10) for e in range(1, 11))  # until it has measured
     auto.decided = 4
     assert [e for e in range(1, 11) if auto.validates(e, 10)] == [1, 4, 8, 9, 10]
+
+
+@pytest.mark.parametrize(
+    ("budget", "finetune", "extra", "hours", "why"),
+    [
+        ("2h", "no", (), {"main": 2.0}, "2h 00m: main 2h 00m"),
+        ("1h30m", "yes", (), {"main": 1.05, "finetune": 0.45}, "30% for the fine-tune"),
+        ("90m", "auto", (), {"main": 1.05, "finetune": 0.45}, "left unused when it is skipped"),
+        (0.5, "no", (), {"main": 0.5}, "30m 00s"),  # a number is hours, as Ultralytics' time=
+        (None, "no", (("time", 0.25),), {"main": 0.25}, "15m 00s"),  # Ultralytics' own time= is planned the same
+    ],
+)
+def test_a_time_budget_is_shared_between_the_stages(budget, finetune, extra, hours, why):
+    p = plan(snapshot((24,)), fake_stats(), Overrides(time=budget, finetune=finetune, extra=extra))
+    assert {s.name: s.train_args()["time"] for s in p.stages} == pytest.approx(hours)
+    assert why in p.reason("time")
+
+
+@pytest.mark.parametrize(("budget", "says"), [("30s", "between 1 minute"), ("soon", "a duration such as"),
+                                             (-1, "between 1 minute")])  # fmt: skip
+def test_an_impossible_time_budget_is_refused(budget, says):
+    with pytest.raises(UsageError, match=says):
+        plan(snapshot((24,)), fake_stats(), Overrides(time=budget))

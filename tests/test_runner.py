@@ -446,7 +446,7 @@ def test_the_time_estimate_rests_on_the_steady_batches_of_the_first_epoch(monkey
     monkeypatch.setattr(runner.time, "perf_counter", lambda: clock[0])
     said: list[str] = []
     rec = runner._Recorder(stage="main", log=said.append)
-    trainer = SimpleNamespace(epoch=0, epochs=5, train_loader=[None] * 20)
+    trainer = SimpleNamespace(epoch=0, epochs=5, train_loader=[None] * 20, args=SimpleNamespace(time=None))
     assert "on_train_batch_end" in rec.callbacks()
     rec.on_train_epoch_start(trainer)
     for n in range(1, 12):
@@ -455,3 +455,32 @@ def test_the_time_estimate_rests_on_the_steady_batches_of_the_first_epoch(monkey
     assert (rec.estimated_epoch_s, rec.estimated_from) == (12.5, 8)
     assert said == ["main: about 1m 02s for 5 epochs' training passes (12.5 s each; estimate from the first 8 "
                     "batches, validation not included)"]  # fmt: skip
+    timed = runner._Recorder(stage="main", log=said.append)  # --time: how many epochs fit the stage's share
+    trainer.args.time = 0.05  # 3 minutes
+    timed.on_train_epoch_start(trainer)
+    for n in range(1, 9):
+        clock[0] += 3.0 if n == 1 else 0.5
+        timed.on_train_batch_end(trainer)
+    assert said[-1].startswith("main: about 14 epochs' training passes fit its 3m 00s (12.5 s each")
+
+
+@pytest.mark.slow
+def test_a_time_budget_ends_with_the_learning_rate_schedule_complete(make_dataset, tmp_path):
+    """--time 1m on a tiny dataset: Ultralytics' time= fits the epochs to the minute, the stage counts as completed
+    (not stopped early), and the cosine schedule reached its final rate in the last epoch."""
+    import csv
+
+    import speedtrain
+
+    rep = speedtrain.train(make_dataset(8, 2), imgsz=64, time="1m", epochs=300, finetune="no", prepare="no",
+                           device="cpu", project=tmp_path / "runs", verbose=False, log=print,
+                           plots=False)  # fmt: skip
+    m = rep.main.measured
+    assert m is not None
+    assert m.status == "completed", m.note
+    assert 3 <= m.epochs_done < 300  # fitted to the budget, not the planned 300
+    assert m.wall_time_s < 60 + 45  # the hard stop held (setup and the final validation on top)
+    with (Path(m.save_dir or "") / "results.csv").open(newline="") as f:
+        rates = [float(r["lr/pg0"]) for r in csv.DictReader(f)]
+    assert len(rates) == m.epochs_done
+    assert rates[-1] < 0.1 * max(rates)  # annealed: lr0 x lrf at the end of a cosine schedule, not cut halfway
