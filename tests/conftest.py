@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import tempfile
 import time
 import types
@@ -28,6 +29,10 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["YOLO_OFFLINE"] = "1"
     os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="speedtrain-yolo-cfg-"))
     os.environ["YOLO_VERBOSE"] = "False"
+    # Started in the background by a non-interactive shell (`cmd &`, nohup), a process ignores SIGINT and so would
+    # every child it starts: the Ctrl-C tests need children that take Ctrl-C as a terminal delivers it.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
