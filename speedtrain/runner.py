@@ -150,6 +150,7 @@ class StageProgress:
 
 
 OnProgress = Callable[[StageProgress], None]
+BASELINE_IMGSZ = 640  # Ultralytics' default image size: the untuned baseline the time estimate is set against
 ETA_BATCHES = 8  # the time estimate waits for this many batches of the first epoch (or a tenth of it, if more)
 
 
@@ -180,6 +181,7 @@ class _Recorder:
     log: Log | None = None  # where the time estimates go
     estimated_epoch_s: float | None = None
     estimated_from: int = 0
+    baseline_factor: float = 0.0  # (640 / imgsz)^2 for a stage trained below Ultralytics' 640: the baseline's estimate
     _first_batch_end: float = 0.0
 
     def callbacks(self) -> dict[str, list[Callable[[Any], None]]]:
@@ -233,9 +235,12 @@ class _Recorder:
                 "validation not included)"
             )
             return
+        baseline = (f"; at Ultralytics' 640 px about {duration(epoch_s * epochs * self.baseline_factor)} "
+                    "(estimate: time ~ pixels)" if self.baseline_factor else "")  # fmt: skip
         self.log(
             f"{self.stage}: about {duration(epoch_s * epochs)} for {epochs} epochs' training passes "
-            f"({epoch_s:.1f} s each; estimate from the first {self.batches} batches, validation not included)"
+            f"({epoch_s:.1f} s each; estimate from the first {self.batches} batches, validation not "
+            f"included){baseline}"
         )
 
     def _update(self, trainer: Any, fraction: float, done: bool = False) -> None:
@@ -576,6 +581,8 @@ def train_stage(
     world = distributed.world()
     recorder = _Recorder(threads=stage.threads, stage=stage.name, on_update=on_update, collective=world is not None,
                          log=log if world is None or world.leader else None)  # fmt: skip
+    if stage.imgsz < BASELINE_IMGSZ:
+        recorder.baseline_factor = (BASELINE_IMGSZ / stage.imgsz) ** 2
     if stage.val_every != 1:
         recorder.cadence = ultra.ValCadence(every=stage.val_every, patience=stage.patience)
     fallbacks: list[OomFallback] = list(previous.oom_fallbacks) if previous else []
