@@ -182,6 +182,7 @@ class _Recorder:
     estimated_epoch_s: float | None = None
     estimated_from: int = 0
     baseline_factor: float = 0.0  # (640 / imgsz)^2 for a stage trained below Ultralytics' 640: the baseline's estimate
+    later: tuple[tuple[str, int, float, bool], ...] = ()  # stages after this one: name, epochs, pixels ratio, maybe
     _first_batch_end: float = 0.0
 
     def callbacks(self) -> dict[str, list[Callable[[Any], None]]]:
@@ -237,6 +238,9 @@ class _Recorder:
             return
         baseline = (f"; at Ultralytics' 640 px about {duration(epoch_s * epochs * self.baseline_factor)} "
                     "(estimate: time ~ pixels)" if self.baseline_factor else "")  # fmt: skip
+        for name, n, ratio, maybe in self.later:  # the whole run: later stages at their own image size
+            baseline += (f"; then {name}{' (if it runs)' if maybe else ''} about {duration(epoch_s * ratio * n)} "
+                         f"for {n} epochs (estimate: time ~ pixels)")  # fmt: skip
         self.log(
             f"{self.stage}: about {duration(epoch_s * epochs)} for {epochs} epochs' training passes "
             f"({epoch_s:.1f} s each; estimate from the first {self.batches} batches, validation not "
@@ -410,7 +414,7 @@ def _run(
             on_progress(tuple(results), stage.name)
             result = train_stage(
                 stage, weights, data_yaml, Path(run_dir), log=log, previous=prior, on_update=on_update,
-                log_file=log_file, resuming=resuming,
+                log_file=log_file, resuming=resuming, later=plan.stages[plan.stages.index(stage) + 1 :],
             )  # fmt: skip
             world = distributed.world()
             if result.status != "interrupted":
@@ -558,8 +562,10 @@ def train_stage(
     on_update: OnProgress | None = None,
     log_file: Path | None = None,
     resuming: bool = False,
+    later: tuple[Stage, ...] = (),
 ) -> StageResult:
     """Train one stage; on out-of-memory step down the batch chain and go on from the last checkpoint.
+    `later`: the plan's stages after this one, for the time estimate of the whole run.
 
     With `previous` (an interrupted stage of an earlier run), training resumes from that stage's checkpoint.
     `on_update` receives the stage's progress after every batch; with `log_file`, Ultralytics' own output (its
@@ -583,6 +589,7 @@ def train_stage(
                          log=log if world is None or world.leader else None)  # fmt: skip
     if stage.imgsz < BASELINE_IMGSZ:
         recorder.baseline_factor = (BASELINE_IMGSZ / stage.imgsz) ** 2
+    recorder.later = tuple((s.name, s.epochs, (s.imgsz / stage.imgsz) ** 2, s.when != "always") for s in later)
     if stage.val_every != 1:
         recorder.cadence = ultra.ValCadence(every=stage.val_every, patience=stage.patience)
     fallbacks: list[OomFallback] = list(previous.oom_fallbacks) if previous else []

@@ -445,7 +445,8 @@ def test_the_time_estimate_rests_on_the_steady_batches_of_the_first_epoch(monkey
     clock = [100.0]
     monkeypatch.setattr(runner.time, "perf_counter", lambda: clock[0])
     said: list[str] = []
-    rec = runner._Recorder(stage="main", log=said.append, baseline_factor=(640 / 416) ** 2)
+    rec = runner._Recorder(stage="main", log=said.append, baseline_factor=(640 / 416) ** 2,
+                           later=(("finetune", 25, (640 / 416) ** 2, True),))  # fmt: skip
     trainer = SimpleNamespace(epoch=0, epochs=5, train_loader=[None] * 20, args=SimpleNamespace(time=None))
     assert "on_train_batch_end" in rec.callbacks()
     rec.on_train_epoch_start(trainer)
@@ -455,6 +456,7 @@ def test_the_time_estimate_rests_on_the_steady_batches_of_the_first_epoch(monkey
     assert (rec.estimated_epoch_s, rec.estimated_from) == (12.5, 8)
     assert said == ["main: about 1m 02s for 5 epochs' training passes (12.5 s each; estimate from the first 8 "
                     "batches, validation not included); at Ultralytics' 640 px about 2m 28s (estimate: time ~ "
+                    "pixels); then finetune (if it runs) about 12m 20s for 25 epochs (estimate: time ~ "
                     "pixels)"]  # fmt: skip
     timed = runner._Recorder(stage="main", log=said.append)  # --time: how many epochs fit the stage's share
     trainer.args.time = 0.05  # 3 minutes
