@@ -222,7 +222,7 @@ TimeOpt = Annotated[
 ]
 ValEveryOpt = Annotated[
     str | None,
-    typer.Option("--val-every", help="Validate every N epochs, or auto (under 15% of the run). Default: auto."),
+    typer.Option("--val-every", help="Validate every N epochs, or auto (under 15% of the run). Default: 1."),
 ]
 HardwareOpt = Annotated[
     Path | None,

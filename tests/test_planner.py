@@ -363,7 +363,7 @@ def test_rect_under_multi_gpu_says_what_ultralytics_will_do(vram, rect, expected
 def test_accuracy_sensitive_choices_cite_what_they_rest_on():
     p = plan(snapshot((24,)), fake_stats(), Overrides(finetune="auto"))
     for key, evidence in (("imgsz", "imgsz"), ("optimizer", "optimizer"), ("rect", "rect"), ("cos_lr", "cos_lr"),
-                          ("patience", "patience"), ("finetune", "finetune")):  # fmt: skip
+                          ("patience", "patience"), ("finetune", "finetune"), ("val_every", "val_every")):  # fmt: skip
         assert planner.EVIDENCE[evidence] in p.reason(key), key
     mine = plan(snapshot((24,)), fake_stats(), Overrides(imgsz=640, rect=True, optimizer="SGD", patience=50))
     for key in ("imgsz", "optimizer", "patience"):
@@ -374,12 +374,13 @@ def test_accuracy_sensitive_choices_cite_what_they_rest_on():
 @pytest.mark.parametrize(
     ("vram", "override", "extra", "expected", "why"),
     [
-        ((24,), None, (), planner.VAL_AUTO, "auto: every epoch until one validation is timed"),
-        ((24,), "auto", (), planner.VAL_AUTO, "under 15% of the run"),
+        ((24,), None, (), 1, "1: every epoch, as Ultralytics; measured from COCO weights"),
+        ((24,), "auto", (), planner.VAL_AUTO, "auto: every epoch until one validation is timed"),
+        ((24,), "AUTO", (), planner.VAL_AUTO, "under 15% of the run"),
         ((24,), "3", (), 3, "set by user; the first, the last 2"),
         ((24,), 1, (), 1, "set by user"),
         ((24,), None, (("val", False),), 1, "val= is given"),
-        ((24, 24), None, (), 1, "with 2 ranks every epoch is validated"),
+        ((24, 24), "auto", (), 1, "with 2 ranks every epoch is validated"),
     ],
 )
 def test_validation_cadence_is_planned(vram, override, extra, expected, why):
