@@ -372,12 +372,16 @@ class ValCadence:
     skipped: list[int] = field(default_factory=list)
     _start: float = 0.0
     _end: float = 0.0
+    _val_t0: float = 0.0
+    _val_took: float | None = None
 
     def callbacks(self) -> Callbacks:
         return {
             "on_train_epoch_start": [self._epoch_start],
             "on_train_epoch_end": [self._epoch_end],
             "on_fit_epoch_end": [self._fit_epoch_end],
+            "on_val_start": [self._val_start],  # the trainer's callbacks are its validator's too
+            "on_val_end": [self._val_end],
         }
 
     @property
@@ -391,6 +395,14 @@ class ValCadence:
 
     def _epoch_start(self, trainer: Any) -> None:
         self._start = time.perf_counter()
+        self._val_took = None
+
+    def _val_start(self, validator: Any) -> None:
+        self._val_t0 = time.perf_counter()
+
+    def _val_end(self, validator: Any) -> None:
+        if validator.training:  # the epoch's validation, not final_eval's of best.pt
+            self._val_took = time.perf_counter() - self._val_t0
 
     def _epoch_end(self, trainer: Any) -> None:
         self._end = time.perf_counter()
@@ -409,7 +421,9 @@ class ValCadence:
         if trainer.fitness is None:
             self.skipped.append(epoch)
             return
-        self.val_s[epoch] = time.perf_counter() - self._end
+        # the validation alone (checkpoints are written after every epoch, validated or not); the whole gap when
+        # the validator's callbacks did not fire
+        self.val_s[epoch] = self._val_took if self._val_took is not None else time.perf_counter() - self._end
         if self.every == 0 and self.decided is None:
             self.decided = val_every_for(self.train_s[epoch], self.val_s[epoch], trainer.epochs, self.share)
         k = self.cadence
