@@ -829,8 +829,8 @@ def _val_every(ov: Overrides, ranks: int) -> tuple[int, str]:
         )
     if not raw.isdigit() or int(raw) < 1:
         raise UsageError(f"--val-every {ov.val_every}: expected auto or a whole number of epochs, 1 or more")
-    return int(raw), "set by user" + (f"; the first, the last {VAL_LAST} and any epoch that could stop the run "
-                                      "early are validated too" if int(raw) > 1 else "")  # fmt: skip
+    return int(raw), "set by user" + (f"; the last {VAL_LAST} and any epoch that could stop the run early are "
+                                      "validated too" if int(raw) > 1 else "")  # fmt: skip
 
 
 def _fold_extra(ov: Overrides) -> Overrides:

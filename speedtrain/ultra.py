@@ -351,8 +351,8 @@ class FastDetectionTrainer(RankTrainer):
 @dataclass
 class ValCadence:
     """Ultralytics validates after every epoch (or, with val=False, only the last); this validates every
-    `every` epochs (0: auto, decided from the first validated epoch's measured times), always the first epoch, the
-    last VAL_LAST and any epoch Ultralytics validates on its own (one that could stop the run early: the stopper's
+    `every` epochs (0: auto, decided from the first epoch's measured times, so that one is validated too), always
+    the last VAL_LAST and any epoch Ultralytics validates on its own (one that could stop the run early: the stopper's
     possible_stop). Skipped epochs leave NaN metrics in results.csv and no fitness, so best.pt is chosen among
     validated epochs, and patience (counted in epochs by EarlyStopping) is scaled to count validated ones.
 
@@ -391,7 +391,8 @@ class ValCadence:
     def validates(self, epoch: int, epochs: int) -> bool:
         """Whether the 1-based `epoch` of `epochs` is validated by the cadence."""
         k = self.cadence
-        return k == 1 or epoch == 1 or epoch % k == 0 or epoch > epochs - VAL_LAST
+        first = epoch == 1 and self.every == 0  # auto times the first validation to decide
+        return k == 1 or first or epoch % k == 0 or epoch > epochs - VAL_LAST
 
     def _epoch_start(self, trainer: Any) -> None:
         self._start = time.perf_counter()

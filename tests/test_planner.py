@@ -377,7 +377,7 @@ def test_accuracy_sensitive_choices_cite_what_they_rest_on():
         ((24,), None, (), 1, "1: every epoch, as Ultralytics; measured from COCO weights"),
         ((24,), "auto", (), planner.VAL_AUTO, "auto: every epoch until one validation is timed"),
         ((24,), "AUTO", (), planner.VAL_AUTO, "under 15% of the run"),
-        ((24,), "3", (), 3, "set by user; the first, the last 2"),
+        ((24,), "3", (), 3, "set by user; the last 2"),
         ((24,), 1, (), 1, "set by user"),
         ((24,), None, (("val", False),), 1, "val= is given"),
         ((24, 24), "auto", (), 1, "with 2 ranks every epoch is validated"),
@@ -414,9 +414,9 @@ def test_auto_cadence_keeps_validation_under_its_share(train_s, val_s, epochs, e
         assert val_s / (k * train_s + val_s) <= planner.VAL_SHARE < val_s / ((k - 1) * train_s + val_s)
 
 
-def test_the_cadence_validates_the_first_every_kth_and_the_last_epochs():
+def test_the_cadence_validates_every_kth_and_the_last_epochs_and_auto_the_first():
     cadence = ultra.ValCadence(every=3)
-    assert [e for e in range(1, 11) if cadence.validates(e, 10)] == [1, 3, 6, 9, 10]
+    assert [e for e in range(1, 11) if cadence.validates(e, 10)] == [3, 6, 9, 10]
     auto = ultra.ValCadence(every=planner.VAL_AUTO)
     assert all(auto.validates(e, 10) for e in range(1, 11))  # until it has measured
     auto.decided = 4
