@@ -217,7 +217,9 @@ class _Recorder:
     def _estimate(self, trainer: Any) -> None:
         """After the first batches of the stage's first epoch in this process: the training passes' time, from the
         steady time a batch (the first batch, which starts the loader and warms up, counted once per epoch)."""
-        now, total = time.perf_counter(), len(trainer.train_loader)
+        log, now, total = self.log, time.perf_counter(), len(trainer.train_loader)
+        if log is None:
+            return
         if self.batches == 1:
             self._first_batch_end = now
             return
@@ -230,7 +232,7 @@ class _Recorder:
         self.estimated_epoch_s, self.estimated_from = round(epoch_s, 2), self.batches
         budget = float(getattr(trainer.args, "time", None) or 0) * 3600  # --time: Ultralytics fits the epochs
         if budget:
-            self.log(
+            log(
                 f"{self.stage}: about {max(1, int(budget // epoch_s))} epochs' training passes fit its "
                 f"{duration(budget)} ({epoch_s:.1f} s each; estimate from the first {self.batches} batches, "
                 "validation not included)"
@@ -241,7 +243,7 @@ class _Recorder:
         for name, n, ratio, maybe in self.later:  # the whole run: later stages at their own image size
             baseline += (f"; then {name}{' (if it runs)' if maybe else ''} about {duration(epoch_s * ratio * n)} "
                          f"for {n} epochs (estimate: time ~ pixels)")  # fmt: skip
-        self.log(
+        log(
             f"{self.stage}: about {duration(epoch_s * epochs)} for {epochs} epochs' training passes "
             f"({epoch_s:.1f} s each; estimate from the first {self.batches} batches, validation not "
             f"included){baseline}"
