@@ -402,7 +402,7 @@ def _run(
     earlier = {r.name: r for r in previous}
     results: list[StageResult] = []
     weights = source
-    for stage in plan.stages:
+    for index, stage in enumerate(plan.stages):
         prior = earlier.get(stage.name)
         if prior and prior.status in FINISHED:
             results.append(prior)
@@ -416,7 +416,7 @@ def _run(
             on_progress(tuple(results), stage.name)
             result = train_stage(
                 stage, weights, data_yaml, Path(run_dir), log=log, previous=prior, on_update=on_update,
-                log_file=log_file, resuming=resuming, later=plan.stages[plan.stages.index(stage) + 1 :],
+                log_file=log_file, resuming=resuming, later=plan.stages[index + 1 :],
             )  # fmt: skip
             world = distributed.world()
             if result.status != "interrupted":

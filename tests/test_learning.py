@@ -129,5 +129,6 @@ def test_validating_every_third_epoch_keeps_best_pt_among_validated_epochs(ultra
     scores = [float(r["metrics/mAP50-95(B)"]) for r in rows]
     assert [e + 1 for e, s in enumerate(scores) if math.isnan(s)] == [1, 2, 4]
     best = max(s for s in scores if not math.isnan(s))
-    assert m.metric("mAP50-95") == pytest.approx(best, abs=0.002)  # best.pt is that epoch's weights
+    # best.pt is that epoch's weights: Ultralytics' final validation of it (the model fused) matches its row
+    assert m.metric("mAP50-95") == pytest.approx(best, abs=0.005)
     assert best_map50(rep) >= FLOOR_MAP50
