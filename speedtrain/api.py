@@ -22,16 +22,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from speedtrain import dataset as dataset_mod
-from speedtrain import distributed, hardware, launch, planner, resize, runner, ultra_args, workflow
+from speedtrain import distributed, hardware, knobs, launch, planner, resize, runner, ultra_args, workflow
 from speedtrain.dataset import Problem
 from speedtrain.errors import PeerFailed, SpeedtrainError, UsageError
 from speedtrain.hardware import HardwareSnapshot
+from speedtrain.knobs import Overrides
 from speedtrain.parallel import Progress
-from speedtrain.planner import Overrides
 from speedtrain.resize import ResizeSummary
 from speedtrain.speedreport import SpeedReport
 from speedtrain.tuner import TuneResult
-from speedtrain.util import check_free_disk, existing_parent
+from speedtrain.util import check_free_disk, closest, existing_parent
 
 if TYPE_CHECKING:
     from speedtrain.comparison import Comparison
@@ -40,13 +40,8 @@ PathLike = str | os.PathLike[str]
 Log = Callable[[str], None]
 OnEvent = Callable[[str, Any], None]
 ProgressFactory = Callable[[str], contextlib.AbstractContextManager[Progress | None]]
-CHOICES = {
-    "cache": ("ram", "disk", "none"),
-    "finetune": ("yes", "no", "auto", "ask"),
-    "prepare": ("auto", "yes", "no"),
-    "pipeline": ("auto", "fast", "ultralytics"),
-}
-OVERRIDES = frozenset(f.name for f in dataclasses.fields(Overrides)) - {"extra", "sample", "world"}
+CHOICES = {k.name: k.choices for k in knobs.KNOBS if k.choices}  # declared once, in speedtrain/knobs.py
+OVERRIDES = frozenset(k.name for k in knobs.KNOBS)
 
 
 def probe(path: PathLike = ".") -> HardwareSnapshot:
@@ -319,7 +314,13 @@ def overrides(args: dict[str, Any]) -> Overrides:
     rest = {k: v for k, v in args.items() if k not in OVERRIDES}
     extra: tuple[tuple[str, Any], ...] = ()
     if rest:  # Ultralytics' argument names and types, read without importing it
-        extra = planner.check_extra_args(rest, ultra_args.defaults())
+        known = ultra_args.defaults()
+        for key in rest:
+            close = closest(key, OVERRIDES) if key not in known and key not in planner.RESERVED_ARGS else []
+            if close:  # a mistyped keyword of speedtrain's own
+                raise UsageError(f"{key}= is not a keyword of speedtrain nor an Ultralytics train argument; did you "
+                                 f"mean {' or '.join(c + '=' for c in close)}?")  # fmt: skip
+        extra = planner.check_extra_args(rest, known)
     return Overrides(**picked, extra=extra)
 
 
@@ -389,7 +390,8 @@ def process_state_restored() -> Iterator[None]:
 # Messages name the CLI's flags; called from Python, a hint names the keyword instead (`finetune="yes"`, not
 # `--finetune yes`). The CLI sets this for the calls it makes.
 CLI_VOICE: contextvars.ContextVar[bool] = contextvars.ContextVar("speedtrain_cli_voice", default=False)
-FLAG_KEYWORDS = {"--img-size": "imgsz", "--batch-size": "batch", "--dataset": "the dataset argument"}
+FLAG_KEYWORDS = {k.flag: k.name for k in knobs.KNOBS if k.flag != "--" + k.name.replace("_", "-")}
+FLAG_KEYWORDS["--dataset"] = "the dataset argument"
 _FLAG = re.compile(r"--([a-z][a-z0-9-]*)(?:[ =]((?!--)[^\s;:,)]+))?")
 
 
@@ -413,7 +415,9 @@ def in_api_words(message: str) -> str:
     return _FLAG.sub(keyword, message)
 
 
-BOOLEAN_KEYWORDS = {"allow_download", "autotune", "retune", "deterministic", "rect", "verbose", "in_place"}
+BOOLEAN_KEYWORDS = {"allow_download", "autotune", "retune", "verbose", "in_place"} | {
+    k.name for k in knobs.KNOBS if k.type is bool
+}
 
 
 def _main_thread() -> bool:

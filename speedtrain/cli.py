@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import sys
 import time
 import types
 from collections.abc import Callable, Iterator
-from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 from rich.console import Console
@@ -20,10 +20,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperCommand, TyperGroup
 
-from speedtrain import api, distributed, hardware, planner, render, ultra_args, workflow
+from speedtrain import api, distributed, hardware, knobs, planner, render, ultra_args, workflow
 from speedtrain import dataset as dataset_mod
 from speedtrain.errors import DatasetError, PeerFailed, SpeedtrainError, UsageError
-from speedtrain.planner import DEFAULT_TARGET_MAP
 from speedtrain.speedreport import REPORT_NAME, DatasetSummary, SpeedReport
 from speedtrain.util import closest, plain_streams
 
@@ -86,7 +85,7 @@ def usage_line(exc: ClickUsageError) -> str:
     """click's message for a bad flag value in one line, with the closest valid choice and where help is."""
     import re
 
-    message = " ".join(exc.format_message().split())
+    message = " ".join(exc.format_message().split()).replace("Value error, ", "")  # click's word for a bad choice
     found = re.search(r"'([^']*)' is not one of ((?:'[^']*'(?:, )?)+)", message)
     if found:
         close = closest(found.group(1), re.findall(r"'([^']*)'", found.group(2)))
@@ -123,34 +122,10 @@ def _is_number(token: str) -> bool:
     return True
 
 
+Command = TypeVar("Command", bound=Callable[..., Any])
 LOG_EVERY_S = 30.0  # in a log or a pipe: a progress line at least this often during an epoch
 
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": ["-h", "--help"]}
-
-
-class Cache(str, Enum):
-    ram = "ram"
-    disk = "disk"
-    none = "none"
-
-
-class Prepare(str, Enum):
-    auto = "auto"
-    yes = "yes"
-    no = "no"
-
-
-class Pipeline(str, Enum):
-    auto = "auto"
-    fast = "fast"
-    ultralytics = "ultralytics"
-
-
-class Finetune(str, Enum):
-    yes = "yes"
-    no = "no"
-    auto = "auto"
-    ask = "ask"
 
 
 DatasetOpt = Annotated[
@@ -161,86 +136,16 @@ DatasetOpt = Annotated[
         help="Dataset folder (with data.yaml or images/+labels/) or a data yaml. Default: the embedded sample.",
     ),
 ]
-ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="A .pt file or model yaml. Default: yolo26n.")]
-EpochsOpt = Annotated[int | None, typer.Option("--epochs", "-e", min=1, help="Main-stage epochs. Default: 50.")]
-BatchOpt = Annotated[
-    int | None,
-    typer.Option("--batch-size", "--batch", "-b", help="Total batch size. Default: sized from free VRAM."),
-]
-ImgszOpt = Annotated[
-    int | None,
-    typer.Option("--img-size", "--imgsz", help="Main-stage image size (multiple of 32). Default: 416."),
-]
-WorkersOpt = Annotated[int | None, typer.Option("--workers", "-w", help="Dataloader workers per GPU. Default: by RAM.")]
-ThreadsOpt = Annotated[
-    int | None,
-    typer.Option("--threads", min=1, help="torch threads in the training process. Default: physical cores on CPU."),
-]
-NprocOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--nproc-per-node",
-        min=1,
-        help="Training processes (ranks) on this node. Default: one per GPU of --device; on a CPU, N gloo ranks.",
-    ),
-]
-DeterministicOpt = Annotated[
-    bool | None,
-    typer.Option("--deterministic/--no-deterministic", help="Bitwise-repeatable runs (slower on a GPU). Default: off."),
-]
-CacheOpt = Annotated[Cache | None, typer.Option("--cache", help="Image cache. Default: ram if it fits, else disk.")]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, mps, 0 or 0,1. Default: all visible GPUs.")]
-RectOpt = Annotated[
-    bool | None,
-    typer.Option("--rect/--no-rect", help="Rectangular batches (turns shuffle and mosaic off). Default: off."),
-]
-FinetuneOpt = Annotated[
-    Finetune,
-    typer.Option(
-        "--finetune",
-        help="640-px fine-tune: auto (when the main stage's weights lose accuracy at 640), yes, no, or ask at the end.",
-    ),
-]
-FinetuneEpochsOpt = Annotated[
-    int | None, typer.Option("--finetune-epochs", min=1, help="Fine-tune epochs. Default: 25.")
-]
-FinetuneImgszOpt = Annotated[
-    int | None, typer.Option("--finetune-img-size", help="Fine-tune image size. Default: 640.")
-]
-TargetMapOpt = Annotated[
-    float | None,
-    typer.Option("--target-map", min=0.0, max=1.0, help="--finetune auto: skip it once mAP50-95 at 640 reaches this."),
-]
-OptimizerOpt = Annotated[
-    str | None, typer.Option("--optimizer", help="Ultralytics optimizer name. Default: auto (Ultralytics' choice).")
-]
-Lr0Opt = Annotated[float | None, typer.Option("--lr0", min=0.0, help="Initial learning rate. Default: auto's.")]
-PatienceOpt = Annotated[int | None, typer.Option("--patience", min=0, help="Early-stopping patience. Default: 100.")]
-TimeOpt = Annotated[
-    str | None,
-    typer.Option("--time", help="Time budget of the whole run (2h, 90m, 1h30m, or hours); epochs fitted to it."),
-]
-ValEveryOpt = Annotated[
-    str | None,
-    typer.Option("--val-every", help="Validate every N epochs, or auto (under 15% of the run). Default: 1."),
-]
 HardwareOpt = Annotated[
     Path | None,
     typer.Option("--hardware", help="Plan for the machine in this snapshot (from `speedtrain probe --json`)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
-PrepareOpt = Annotated[
-    Prepare,
-    typer.Option("--prepare", help="Pre-resize the dataset once: auto (when most images are much larger), yes, no."),
-]
 AllowDownloadOpt = Annotated[
     bool, typer.Option("--allow-download", help="Let Ultralytics run the dataset yaml's download: script.")
 ]
 RetuneOpt = Annotated[bool, typer.Option("--retune", help="Measure again even when a cached tune result exists.")]
 BudgetOpt = Annotated[float, typer.Option("--budget-s", min=5.0, help="Time budget of the tune probes, seconds.")]
-PipelineOpt = Annotated[
-    Pipeline, typer.Option("--pipeline", help="Training input: fast (decode once, augment batches), ultralytics, auto.")
-]
 ProjectOpt = Annotated[Path, typer.Option("--project", help="Folder for run folders.")]
 RequiredDatasetOpt = Annotated[
     Path, typer.Option("--dataset", "-d", help="Dataset folder (with data.yaml or images/+labels/) or a data yaml.")
@@ -248,9 +153,29 @@ RequiredDatasetOpt = Annotated[
 ProcsOpt = Annotated[int | None, typer.Option("--workers", "-w", min=1, help="Processes. Default: all cores.")]
 
 
-def _options(params: dict[str, Any]) -> dict[str, Any]:
-    """The API's keyword arguments from a command's parameters: those named like its options, enums as values."""
-    return {k: (v.value if isinstance(v, Enum) else v) for k, v in params.items() if k in api.OVERRIDES}
+def _with_knobs(command: str, after: str) -> Callable[[Command], Command]:
+    """The command's options for the planned knobs, made from their one declaration (speedtrain/knobs.py) and
+    placed after its option `after`; their values reach the function as `**knob_values`."""
+
+    def add(func: Command) -> Command:
+        signature = inspect.signature(func, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        at = next(i for i, p in enumerate(own) if p.name == after) + 1
+        added = [_knob_option(k) for k in knobs.for_command(command)]
+        func.__signature__ = signature.replace(parameters=[*own[:at], *added, *own[at:]])  # type: ignore[attr-defined]
+        return func
+
+    return add
+
+
+def _knob_option(knob: knobs.Knob) -> inspect.Parameter:
+    """A Typer option for a knob: its flags (a boolean gets --x/--no-x), help, range and choices."""
+    flags = (f"{knob.flag}/--no-{knob.flag[2:]}",) if knob.type is bool else knob.flags
+    option = typer.Option(*flags, help=knob.help, min=knob.minimum, max=knob.maximum)
+    kind: Any = Literal[knob.choices] if knob.choices else knob.type
+    kind = kind | None if knob.default is None else kind
+    return inspect.Parameter(knob.name, inspect.Parameter.KEYWORD_ONLY, default=knob.default,
+                             annotation=Annotated[kind, option])  # fmt: skip
 
 
 @app.command()
@@ -274,43 +199,21 @@ def probe(
 
 
 @app.command(context_settings=EXTRA_ARGS, cls=_PassThrough)
+@_with_knobs("plan", after="as_json")
 def plan(
     ctx: typer.Context,
     *,
     dataset: DatasetOpt = None,
     hardware_file: HardwareOpt = None,
     as_json: JsonOpt = False,
-    model: ModelOpt = None,
-    epochs: EpochsOpt = None,
-    batch: BatchOpt = None,
-    imgsz: ImgszOpt = None,
-    workers: WorkersOpt = None,
-    threads: ThreadsOpt = None,
-    nproc_per_node: NprocOpt = None,
-    deterministic: DeterministicOpt = None,
-    cache: CacheOpt = None,
-    device: DeviceOpt = None,
-    rect: RectOpt = None,
-    finetune: FinetuneOpt = Finetune.auto,
-    finetune_epochs: FinetuneEpochsOpt = None,
-    finetune_imgsz: FinetuneImgszOpt = None,
-    target_map: TargetMapOpt = DEFAULT_TARGET_MAP,
-    optimizer: OptimizerOpt = None,
-    lr0: Lr0Opt = None,
-    patience: PatienceOpt = None,
-    val_every: ValEveryOpt = None,
-    time: TimeOpt = None,
-    prepare: PrepareOpt = Prepare.auto,
-    pipeline: PipelineOpt = Pipeline.auto,
     allow_download: AllowDownloadOpt = False,
+    **knob_values: Any,
 ) -> None:
     """Print the training plan and its reasons without training. Extra key=value go to Ultralytics.
 
     Example: speedtrain plan --dataset datasets/coco128 --hardware my_gpu_box.json mosaic=0.5
     """
-    planned = api.plan(
-        dataset, hardware=hardware_file, allow_download=allow_download, extra=ctx.args, **_options(locals())
-    )
+    planned = api.plan(dataset, hardware=hardware_file, allow_download=allow_download, extra=ctx.args, **knob_values)
     if as_json:
         typer.echo(planned.to_json(), nl=False)
     else:
@@ -318,32 +221,11 @@ def plan(
 
 
 @app.command(context_settings=EXTRA_ARGS, cls=_PassThrough)
+@_with_knobs("train", after="dataset")
 def train(
     ctx: typer.Context,
     *,
     dataset: DatasetOpt = None,
-    model: ModelOpt = None,
-    epochs: EpochsOpt = None,
-    batch: BatchOpt = None,
-    imgsz: ImgszOpt = None,
-    workers: WorkersOpt = None,
-    threads: ThreadsOpt = None,
-    nproc_per_node: NprocOpt = None,
-    deterministic: DeterministicOpt = None,
-    cache: CacheOpt = None,
-    device: DeviceOpt = None,
-    rect: RectOpt = None,
-    finetune: FinetuneOpt = Finetune.auto,
-    finetune_epochs: FinetuneEpochsOpt = None,
-    finetune_imgsz: FinetuneImgszOpt = None,
-    target_map: TargetMapOpt = DEFAULT_TARGET_MAP,
-    optimizer: OptimizerOpt = None,
-    lr0: Lr0Opt = None,
-    patience: PatienceOpt = None,
-    val_every: ValEveryOpt = None,
-    time: TimeOpt = None,
-    prepare: PrepareOpt = Prepare.auto,
-    pipeline: PipelineOpt = Pipeline.auto,
     project: ProjectOpt = workflow.DEFAULT_PROJECT,
     name: Annotated[str, typer.Option("--name", help="Run folder name; taken names get 2, 3, ...")] = "train",
     resume: Annotated[
@@ -358,6 +240,7 @@ def train(
     verbose: Annotated[
         bool, typer.Option("--verbose", help="Show Ultralytics' own output while training (else in the run folder).")
     ] = False,
+    **knob_values: Any,
 ) -> None:
     """Plan and train, then print and save the speed report. Extra key=value go to Ultralytics.
 
@@ -407,7 +290,7 @@ def _train(ctx: typer.Context, params: dict[str, Any]) -> None:
             result = api.train(
                 p.dataset, project=p.project, name=p.name, autotune=p.autotune, retune=p.retune,
                 budget_s=p.budget_s, allow_download=p.allow_download, on_event=on_event, progress=_progress,
-                extra=ctx.args, **hooks, **_options(params),
+                extra=ctx.args, **hooks, **params["knob_values"],
             )  # fmt: skip
     _finish(result, plan_shown=not p.resume)
     if ctrl_c_at_prompt[0]:  # the run is finished and its report printed; the exit code still says Ctrl-C
@@ -557,18 +440,16 @@ def check(
 
 
 @app.command("tune", context_settings=EXTRA_ARGS, cls=_PassThrough)
+@_with_knobs("tune", after="dataset")
 def tune_command(
     ctx: typer.Context,
     *,
     dataset: DatasetOpt = None,
-    model: ModelOpt = None,
-    imgsz: ImgszOpt = None,
-    device: DeviceOpt = None,
-    threads: ThreadsOpt = None,
     budget_s: BudgetOpt = 90.0,
     retune: RetuneOpt = False,
     project: ProjectOpt = workflow.DEFAULT_PROJECT,
     as_json: JsonOpt = False,
+    **knob_values: Any,
 ) -> None:
     """Measure the model's step rate per batch and the dataloader's rate per workers and cache; pick the fastest.
 
@@ -581,7 +462,7 @@ def tune_command(
         _plain_text_when_piped(ctx.args, dataset),
     ):
         result = api.tune(dataset, project=project, budget_s=budget_s, retune=retune, log=log, extra=ctx.args,
-                          model=model, imgsz=imgsz, device=device, threads=threads)  # fmt: skip
+                          **knob_values)  # fmt: skip
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
@@ -589,6 +470,7 @@ def tune_command(
 
 
 @app.command("compare", context_settings=EXTRA_ARGS, cls=_PassThrough)
+@_with_knobs("compare", after="seed")
 def compare_command(
     ctx: typer.Context,
     *,
@@ -608,19 +490,11 @@ def compare_command(
         int | None, typer.Option("--baseline-img-size", help="The defaults arm's image size. Default: 640.")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="The same seed for every arm.")] = 0,
-    model: ModelOpt = None,
-    imgsz: ImgszOpt = None,
-    batch: BatchOpt = None,
-    workers: WorkersOpt = None,
-    cache: CacheOpt = None,
-    device: DeviceOpt = None,
-    finetune_imgsz: FinetuneImgszOpt = None,
-    val_every: ValEveryOpt = None,
-    prepare: PrepareOpt = Prepare.auto,
     project: ProjectOpt = workflow.DEFAULT_PROJECT,
     name: Annotated[str, typer.Option("--name", help="Run folder name; taken names get 2, 3, ...")] = "compare",
     as_json: JsonOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Ultralytics' own output while training.")] = False,
+    **knob_values: Any,
 ) -> None:
     """Train plain Ultralytics and the plan for the same time on your data; report time to accuracy.
 
@@ -647,7 +521,7 @@ def compare_command(
         result = api.compare(
             dataset, budget=budget, arms=arms, val_imgsz=val_imgsz, baseline_imgsz=baseline_imgsz, seed=seed,
             project=project, name=name, verbose=verbose, log=log, on_update=None if verbose else on_update,
-            extra=ctx.args, **_options(locals()),
+            extra=ctx.args, **knob_values,
         )  # fmt: skip
     if as_json:
         typer.echo(result.to_json(), nl=False)

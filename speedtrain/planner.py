@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal, cast
+from dataclasses import replace
+from typing import Any, cast
 
 from speedtrain.dataset import DatasetStats
 from speedtrain.errors import UsageError
 from speedtrain.hardware import Gpu, HardwareSnapshot
+from speedtrain.knobs import (  # noqa: F401 -- the plan's records, re-exported for the planner's users
+    BASELINE,
+    DEFAULT_TARGET_MAP,
+    FROM_ULTRALYTICS,
+    Cache,
+    Overrides,
+    PipelineKind,
+    Stage,
+    TrainPlan,
+    When,
+)
 from speedtrain.util import closest, duration, parse_duration
 
 DEFAULT_MODEL = "yolo26n"
@@ -22,7 +33,6 @@ SAMPLE_EPOCHS = (3, 2)  # main, fine-tune epochs on the embedded sample: a demo 
 FINETUNE_LR_FACTOR = 0.1
 PATIENCE = 100  # Ultralytics' default (cfg/default.yaml, 8.4.190): never cuts a 50-epoch cosine schedule short
 CLOSE_MOSAIC = 10  # Ultralytics' default
-DEFAULT_TARGET_MAP: float | None = None  # --target-map: unset, --finetune auto decides by the 640-px lag alone
 # --finetune auto: the fine-tune runs when the main stage's best weights score this much lower (relative mAP50-95)
 # at the fine-tune's size than at their own; below it they already carry over to the larger size
 FINETUNE_LAG = 0.05
@@ -72,7 +82,6 @@ VAL_LAST = 2  # the last epochs of a stage are always validated (best.pt is chos
 FINETUNE_TIME_SHARE = 0.3  # --time with a fine-tune: its share of the budget
 VAL_AUTO = 0  # Stage.val_every for auto: decided from the first validated epoch's measured times
 
-BASELINE: dict[str, Any] = {"imgsz": 640, "batch": 16, "cache": "disk", "workers": 8}  # Ultralytics-tutorial settings
 
 # What the accuracy-sensitive defaults rest on: `speedtrain compare` from COCO-pretrained yolov8n on ppe-large (1,000
 # train / 200 held-out val construction-site photos), 20 minutes per arm on a 2-vCPU CPU, 2026-12-06; the docs'
@@ -110,108 +119,6 @@ RESERVED_ARGS = {
     "exist_ok": None,
     "save_dir": None,
 }
-
-
-When = Literal["always", "auto", "ask"]  # when a stage runs: always, when the main stage missed the target, if asked
-PipelineKind = Literal["ultralytics", "fast"]
-Cache = Literal["ram", "disk", False]  # as Ultralytics' cache argument takes it; False: no cache
-
-
-@dataclass(frozen=True, slots=True)
-class Overrides:
-    """What the user set; None means 'let the planner decide'."""
-
-    epochs: int | None = None
-    batch: int | None = None
-    imgsz: int | None = None
-    workers: int | None = None
-    cache: str | None = None  # "ram", "disk" or "none"
-    device: str | None = None
-    rect: bool | None = None
-    optimizer: str | None = None
-    lr0: float | None = None
-    patience: int | None = None
-    val_every: str | int | None = None  # "auto" or a number of epochs
-    time: str | float | None = None  # the whole run's time budget: "2h", "90m", or a number of hours
-    model: str | None = None
-    finetune: str = "auto"  # "yes", "no", "auto" or "ask"
-    finetune_epochs: int | None = None
-    finetune_imgsz: int | None = None
-    target_map: float | None = DEFAULT_TARGET_MAP  # --finetune auto also skips when the main stage reached it
-    prepare: str = "auto"  # pre-resize the dataset: "auto", "yes" or "no"
-    pipeline: str = "auto"  # training input pipeline: "auto", "fast" or "ultralytics"
-    threads: int | None = None  # torch intra-op threads in the training process
-    nproc_per_node: int | None = None  # ranks on this node: one per GPU of --device unless set (CPU: gloo ranks)
-    world: int | None = None  # ranks in all, when a launcher (torchrun, srun) started this process as one of them
-    deterministic: bool | None = None
-    extra: tuple[tuple[str, Any], ...] = ()  # other Ultralytics train arguments, key=value
-    sample: bool = False  # training on the embedded sample
-
-
-@dataclass(frozen=True, slots=True)
-class Stage:
-    """One model.train() call; fields named like Ultralytics' train arguments."""
-
-    name: str
-    imgsz: int
-    epochs: int
-    batch: int
-    batch_fallbacks: tuple[int, ...]
-    workers: int
-    cache: Cache  # "ram", "disk" or False, as Ultralytics takes it
-    optimizer: str
-    lr0: float
-    cos_lr: bool
-    close_mosaic: int
-    rect: bool
-    patience: int
-    amp: bool
-    device: str
-    deterministic: bool = False
-    val_every: int = 1  # validate every N epochs (1: every epoch, as Ultralytics); VAL_AUTO: from measured times
-    warmup_epochs: float = 3.0
-    when: When = "always"  # "always", or for the fine-tune: "auto" or "ask"
-    ram_cache_need_gb: float = 0.0  # available RAM a RAM cache needs, margins included; re-checked before training
-    pipeline: PipelineKind = "ultralytics"  # "fast": speedtrain.pipeline's decode-once store, batched augmentation
-    threads: int | None = None  # torch intra-op threads, set after Ultralytics' device selection; None: its own
-    extra: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def gpu_ids(self) -> tuple[int, ...]:
-        """The CUDA indices this stage trains on; () on the CPU or MPS."""
-        return tuple(int(d) for d in self.device.split(",")) if self.device[:1].isdigit() else ()
-
-    @property
-    def on_gpu(self) -> bool:
-        return bool(self.gpu_ids)
-
-    def train_args(self) -> dict[str, Any]:
-        """Arguments for model.train(); every key is an Ultralytics train argument."""
-        skip = {"name", "batch_fallbacks", "when", "ram_cache_need_gb", "pipeline", "threads", "extra", "val_every"}
-        args = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
-        args.update(self.extra)
-        return args
-
-
-@dataclass(frozen=True, slots=True)
-class TrainPlan:
-    device: str
-    model: str
-    stages: tuple[Stage, ...]
-    reasons: tuple[tuple[str, str], ...]
-    target_map: float | None
-    estimates: tuple[tuple[str, str], ...] = ()
-    warnings: tuple[str, ...] = ()
-    cache_estimate_gb: float = 0.0
-    prepare_size: int | None = None  # resize the dataset to this long side before training; None: train as is
-    baseline: dict[str, Any] = field(default_factory=lambda: dict(BASELINE))
-    ranks: int = 1  # training processes in all (one per GPU; or the launcher's WORLD_SIZE)
-
-    def reason(self, key: str) -> str:
-        return dict(self.reasons).get(key, "")
-
-    def stage(self, name: str) -> Stage | None:
-        return next((s for s in self.stages if s.name == name), None)
 
 
 def plan(hw: HardwareSnapshot, stats: DatasetStats, overrides: Overrides | None = None) -> TrainPlan:
@@ -279,10 +186,7 @@ def _main_stage(
     epochs, reasons["epochs"] = _epochs(ov)
     pipeline, reasons["pipeline"] = _pipeline(ov.pipeline, gpus)
     rect, reasons["rect"] = _rect(ov.rect, pipeline, ranks)
-    close_mosaic = min(CLOSE_MOSAIC, epochs)
-    reasons["close_mosaic"] = f"mosaic off for the last {close_mosaic} epochs (Ultralytics' default)" + (
-        " (moot while rect=True, which disables mosaic)" if rect else ""
-    )
+    close_mosaic, reasons["close_mosaic"] = _close_mosaic(ov.close_mosaic, epochs, rect)
     optimizer, lr0, reasons["optimizer"], reasons["lr0"] = _optimizer(ov, stats, batch, epochs)
     reasons["cos_lr"] = f"cosine learning-rate decay (Ultralytics' default is linear); {EVIDENCE['cos_lr']}"
     patience = ov.patience if ov.patience is not None else PATIENCE
@@ -367,7 +271,7 @@ def _finetune_stage(
         cache=cache,
         optimizer=optimizer,
         lr0=round(main.lr0 * FINETUNE_LR_FACTOR, 8),
-        close_mosaic=min(CLOSE_MOSAIC, epochs),
+        close_mosaic=min(CLOSE_MOSAIC if ov.close_mosaic is None else ov.close_mosaic, epochs),
         warmup_epochs=0.0,
         ram_cache_need_gb=round(ram_cache_need_gb(stats, imgsz, main.workers, gpus), 2),
         when=FINETUNE_WHEN[ov.finetune],
@@ -439,6 +343,24 @@ def _rect(requested: bool | None, pipeline: str, ranks: int = 0) -> tuple[bool, 
         why = "rect=False: shuffled batches with mosaic augmentation, as Ultralytics trains"
         why += "; " + EVIDENCE["rect"] if requested is None else ""
     return rect, ("set by user; " if requested is not None else "") + why
+
+
+def _close_mosaic(requested: int | None, epochs: int, rect: bool) -> tuple[int, str]:
+    """Ultralytics' own 10 last epochs without mosaic (all of a shorter stage), or the user's number."""
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 0:
+            raise UsageError(f"--close-mosaic {requested}: a whole number of epochs, 0 or more")
+        why = (
+            f"set by user: mosaic off for the last {requested} epochs"
+            if requested
+            else "set by user: mosaic to the end"
+        )
+    else:
+        requested, why = (
+            CLOSE_MOSAIC,
+            f"mosaic off for the last {min(CLOSE_MOSAIC, epochs)} epochs (Ultralytics' default)",
+        )
+    return min(requested, epochs), why + (" (moot while rect=True, which disables mosaic)" if rect else "")
 
 
 def _deterministic(requested: bool | None) -> tuple[bool, str]:
@@ -835,28 +757,14 @@ def _val_every(ov: Overrides, ranks: int) -> tuple[int, str]:
 
 
 def _fold_extra(ov: Overrides) -> Overrides:
-    """Move key=value arguments that name a planned knob into the matching override."""
-    mapping = {
-        "epochs": "epochs",
-        "batch": "batch",
-        "imgsz": "imgsz",
-        "workers": "workers",
-        "cache": "cache",
-        "device": "device",
-        "rect": "rect",
-        "optimizer": "optimizer",
-        "lr0": "lr0",
-        "patience": "patience",
-        "deterministic": "deterministic",
-        "time": "time",
-    }
+    """Move key=value arguments that name a planned knob (by its Ultralytics name) into the matching override."""
     changes: dict[str, Any] = {}
     rest = []
     for key, value in ov.extra:
-        if key in mapping:
+        if key in FROM_ULTRALYTICS:
             if key == "cache":
                 value = {True: "ram", False: "none"}.get(value, value)
-            changes[mapping[key]] = value
+            changes[FROM_ULTRALYTICS[key]] = value
         else:
             rest.append((key, value))
     return replace(ov, extra=tuple(rest), **changes)

@@ -16,9 +16,10 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from speedtrain import knobs
 from speedtrain.dataset import Problem
 from speedtrain.hardware import HardwareSnapshot
-from speedtrain.planner import TrainPlan
+from speedtrain.knobs import TrainPlan
 from speedtrain.resize import ResizeSummary
 from speedtrain.speedreport import DatasetSummary, Preparation, SpeedReport
 from speedtrain.tuner import TuneResult
@@ -73,32 +74,17 @@ def render_plan(plan: TrainPlan) -> RenderableType:
     table.add_column("baseline")
     table.add_column("plan", style="green")
     table.add_column("why", overflow="fold", ratio=1)
-    fallbacks = "->".join(map(str, main.batch_fallbacks))
-    rows = [
-        ("imgsz", base["imgsz"], main.imgsz, reasons.get("imgsz")),
-        ("batch", base["batch"], f"{main.batch}" + (f" ->{fallbacks}" if fallbacks else ""), reasons.get("batch")),
-        ("cache", base["cache"], main.cache or "none", reasons.get("cache")),
-        ("workers", base["workers"], main.workers, reasons.get("workers")),
-        ("epochs", "100", main.epochs, reasons.get("epochs")),
-        ("optimizer", "auto", f"{main.optimizer} lr0={main.lr0}", reasons.get("optimizer")),
-        ("cos_lr", "False", main.cos_lr, reasons.get("cos_lr") or reasons.get("lr0")),
-        ("rect", "False", main.rect, reasons.get("rect")),
-        ("close_mosaic", "10", main.close_mosaic, reasons.get("close_mosaic")),
-        ("patience", "100", main.patience, reasons.get("patience")),
-        ("val_every", "1", "auto" if main.val_every == 0 else main.val_every, reasons.get("val_every")),
-        ("amp", "True", main.amp, reasons.get("amp")),
-        ("threads", "auto", main.threads or "auto", reasons.get("threads")),
-        ("deterministic", "True", main.deterministic, reasons.get("deterministic")),
-        ("pipeline", "ultralytics", main.pipeline, reasons.get("pipeline")),
-    ]
-    for knob, b, p, why in rows:
-        table.add_row(knob, str(b), str(p), why or "")
+    for knob, baseline, cell, keys in knobs.table_rows():  # declared once, in speedtrain/knobs.py
+        why = next((reasons[k] for k in keys if reasons.get(k)), "")
+        table.add_row(knob, str(base.get(knob, baseline)), str(cell(main)), why)
     for key, value in main.extra:
         if key == "time" and reasons.get("time"):  # --time: the run's budget, shared between the stages
             table.add_row(key, "", f"{value} h", reasons["time"])
         else:
             table.add_row(key, "", str(value), "set by user")
     parts: list[RenderableType] = [table]
+    if reasons.get("device"):
+        parts.append(Text(f"device: {reasons['device']}"))
     parts.append(Text(f"prepare: {reasons.get('prepare', 'off')}"))
     parts.append(Text(f"fine-tune: {reasons.get('finetune', 'off')}"))
     if len(plan.stages) > 1:

@@ -12,7 +12,7 @@ import pytest
 from conftest import fake_stats, snapshot
 from typer.testing import CliRunner
 
-from speedtrain import cli, planner
+from speedtrain import cli, knobs, planner
 from speedtrain.resize import ResizeSummary
 from speedtrain.speedreport import SpeedReport
 from speedtrain.tuner import TuneResult
@@ -53,12 +53,7 @@ def invoke(*args: str):
     return result
 
 
-PLAN_DEFAULTS = {
-    "model": None, "epochs": None, "batch": None, "imgsz": None, "workers": None, "threads": None,
-    "deterministic": None, "cache": None, "device": None, "rect": None, "finetune": "auto", "finetune_epochs": None,
-    "finetune_imgsz": None, "target_map": None, "optimizer": None, "lr0": None, "patience": None, "prepare": "auto",
-    "pipeline": "auto", "nproc_per_node": None, "val_every": None, "time": None,
-}  # fmt: skip
+PLAN_DEFAULTS = {k.name: k.default for k in knobs.KNOBS}  # every knob is an option of plan and train
 
 
 def test_plan_passes_every_option(calls, tmp_path):
