@@ -133,6 +133,8 @@ class Overrides:
         "--deterministic", help="Bitwise-repeatable runs (slower on a GPU). Default: off.", ultralytics="deterministic",
         baseline=True, cell=lambda s: s.deterministic,
     )  # fmt: skip
+    amp: bool | None = knob("--amp", help="Mixed precision on a GPU. Default: on for a GPU, off on CPU.",
+                            ultralytics="amp", baseline=True, cell=lambda s: s.amp)  # fmt: skip
     pipeline: Literal["auto", "fast", "ultralytics"] = knob(
         "--pipeline", default="auto", help="Training input: fast (decode once, augment batches), ultralytics, auto.",
         baseline="ultralytics", cell=lambda s: s.pipeline,
@@ -185,10 +187,7 @@ class Row:
     reason: tuple[str, ...]
 
 
-PLANNED_ROWS = (
-    Row("cos_lr", False, lambda s: s.cos_lr, ("cos_lr", "lr0")),
-    Row("amp", True, lambda s: s.amp, ("amp",)),
-)
+PLANNED_ROWS = (Row("cos_lr", False, lambda s: s.cos_lr, ("cos_lr", "lr0")),)
 
 
 def _declared() -> tuple[Knob, ...]:

@@ -191,8 +191,7 @@ def _main_stage(
     reasons["cos_lr"] = f"cosine learning-rate decay (Ultralytics' default is linear); {EVIDENCE['cos_lr']}"
     patience = ov.patience if ov.patience is not None else PATIENCE
     reasons["patience"] = "set by user" if ov.patience is not None else f"{PATIENCE}: {EVIDENCE['patience']}"
-    amp = gpus > 0
-    reasons["amp"] = "mixed precision on the GPU" if amp else "AMP is for GPUs; off on CPU"
+    amp, reasons["amp"] = _amp(ov.amp, gpus)
     deterministic, reasons["deterministic"] = _deterministic(ov.deterministic)
     val_every, reasons["val_every"] = _val_every(ov, ranks)
     return Stage(
@@ -343,6 +342,16 @@ def _rect(requested: bool | None, pipeline: str, ranks: int = 0) -> tuple[bool, 
         why = "rect=False: shuffled batches with mosaic augmentation, as Ultralytics trains"
         why += "; " + EVIDENCE["rect"] if requested is None else ""
     return rect, ("set by user; " if requested is not None else "") + why
+
+
+def _amp(requested: bool | None, gpus: int) -> tuple[bool, str]:
+    """Mixed precision on a GPU, unless the user turns it off (full precision, e.g. to chase a NaN loss); on CPU
+    Ultralytics trains in full precision whatever amp says (its check_amp is for CUDA)."""
+    if not gpus:
+        return False, ("set by user, but " if requested else "") + "AMP is for GPUs; off on CPU"
+    if requested is False:
+        return False, "set by user: full precision (slower on a GPU, about twice the activation memory)"
+    return True, "set by user: mixed precision on the GPU" if requested else "mixed precision on the GPU"
 
 
 def _close_mosaic(requested: int | None, epochs: int, rect: bool) -> tuple[int, str]:

@@ -33,6 +33,7 @@ EXAMPLES: dict[str, tuple[list[str], Any, str, Any]] = {
     "val_every": (["--val-every", "3"], "3", "3", None),
     "threads": (["--threads", "3"], 3, "3", None),
     "deterministic": (["--deterministic"], True, "True", True),
+    "amp": (["--no-amp"], False, "False", False),
     "pipeline": (["--pipeline", "fast"], "fast", "fast", None),
     "device": (["--device", "0,1"], "0,1", "device: set by user", "0,1"),
     "nproc_per_node": (["--nproc-per-node", "2"], 2, "2 ranks on this node", None),
@@ -146,6 +147,16 @@ def test_close_mosaic_rule():
     assert _plan(close_mosaic=0).reason("close_mosaic") == "set by user: mosaic to the end"
     with pytest.raises(UsageError, match="--close-mosaic -1"):
         _plan(close_mosaic=-1)
+
+
+def test_amp_rule():
+    """Mixed precision on a GPU unless turned off; never on a CPU, where Ultralytics trains in full precision."""
+    assert _plan().stages[0].amp is True
+    assert _plan(amp=False).stages[0].amp is False
+    assert all(not s.amp for s in _plan(amp=False, finetune="yes").stages)
+    cpu = planner.plan(snapshot(()), fake_stats(), Overrides(amp=True))
+    assert cpu.stages[0].amp is False
+    assert cpu.reason("amp") == "set by user, but AMP is for GPUs; off on CPU"
 
 
 def _rendered(plan: planner.TrainPlan) -> str:
