@@ -22,15 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from speedtrain import dataset as dataset_mod
-from speedtrain import distributed, hardware, knobs, launch, planner, resize, runner, ultra_args, workflow
+from speedtrain import distributed, hardware, knobs, launch, planner, resize, ultra_args, workflow
 from speedtrain.dataset import Problem
 from speedtrain.errors import PeerFailed, SpeedtrainError, UsageError
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.knobs import Overrides
 from speedtrain.parallel import Progress
-from speedtrain.resize import ResizeSummary
+from speedtrain.records import OnProgress, Planned, ResizeSummary, StageResult, TuneResult
 from speedtrain.speedreport import SpeedReport
-from speedtrain.tuner import TuneResult
 from speedtrain.util import check_free_disk, closest, existing_parent
 
 if TYPE_CHECKING:
@@ -123,8 +122,8 @@ def train(
     allow_download: bool = False,
     verbose: bool = True,
     log: Log | None = None,
-    on_update: runner.OnProgress | None = None,
-    ask: Callable[[runner.StageResult], bool | None] | None = None,
+    on_update: OnProgress | None = None,
+    ask: Callable[[StageResult], bool | None] | None = None,
     on_event: OnEvent | None = None,
     progress: ProgressFactory | None = None,
     extra: Sequence[str] = (),
@@ -228,7 +227,7 @@ def compare(
     name: str = "compare",
     verbose: bool = True,
     log: Log | None = None,
-    on_update: runner.OnProgress | None = None,
+    on_update: OnProgress | None = None,
     extra: Sequence[str] = (),
     **args: Any,
 ) -> Comparison:
@@ -269,8 +268,8 @@ def resume(
     *,
     verbose: bool = True,
     log: Log | None = None,
-    on_update: runner.OnProgress | None = None,
-    ask: Callable[[runner.StageResult], bool | None] | None = None,
+    on_update: OnProgress | None = None,
+    ask: Callable[[StageResult], bool | None] | None = None,
 ) -> SpeedReport:
     """Go on with an interrupted or killed run from its last saved epoch; the finished SpeedReport.
 
@@ -343,7 +342,7 @@ def _planned(
     hardware_file: PathLike | HardwareSnapshot | None = None,
     allow_download: bool = False,
     world: int | None = None,
-) -> workflow.Planned:
+) -> Planned:
     ov = dataclasses.replace(overrides(args), world=world)
     return workflow.make_plan(dataset, ov, tuple(extra), hardware_file, allow_download)
 

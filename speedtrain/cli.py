@@ -23,7 +23,8 @@ from typer.core import TyperCommand, TyperGroup
 from speedtrain import api, distributed, hardware, knobs, planner, render, ultra_args, workflow
 from speedtrain import dataset as dataset_mod
 from speedtrain.errors import DatasetError, PeerFailed, SpeedtrainError, UsageError
-from speedtrain.speedreport import REPORT_NAME, DatasetSummary, SpeedReport
+from speedtrain.records import DatasetSummary, OnProgress, StageProgress, StageResult
+from speedtrain.speedreport import REPORT_NAME, SpeedReport
 from speedtrain.util import closest, plain_streams
 
 
@@ -272,12 +273,12 @@ def _train(ctx: typer.Context, params: dict[str, Any]) -> None:
     with contextlib.ExitStack() as stack:
         display: list[_Display] = []
 
-        def on_update(event: Any) -> None:  # the progress display starts with training, after any resize bar
+        def on_update(event: StageProgress) -> None:  # the progress display starts with training, after any resize bar
             if not display:
                 display.append(stack.enter_context(_run_display(out)))
             display[0](event)
 
-        def ask(main: Any) -> bool | None:
+        def ask(main: StageResult) -> bool | None:
             with display[0].paused() if display else contextlib.nullcontext():
                 answer, ctrl_c_at_prompt[0] = ask_finetune(main, out)
             return answer
@@ -300,10 +301,10 @@ def _train(ctx: typer.Context, params: dict[str, Any]) -> None:
 class _Display:
     """The run's progress display: called with each progress event; paused around a question."""
 
-    def __init__(self, update: Callable[[Any], None], bar: Progress | None = None) -> None:
+    def __init__(self, update: OnProgress, bar: Progress | None = None) -> None:
         self.update, self.bar = update, bar
 
-    def __call__(self, event: Any) -> None:
+    def __call__(self, event: StageProgress) -> None:
         self.update(event)
 
     @contextlib.contextmanager
@@ -327,7 +328,7 @@ def _run_display(out: Console) -> Iterator[_Display]:
         now = time.monotonic()
         last, started = [now], {("", -1): now}  # when a line was last printed; when each epoch began
 
-        def line(ev: Any) -> None:
+        def line(ev: StageProgress) -> None:
             now = time.monotonic()
             began = started.setdefault((ev.stage, ev.epoch), now)
             if ev.epoch_done:
@@ -351,7 +352,7 @@ def _run_display(out: Console) -> Iterator[_Display]:
     with Progress(*columns, console=out, redirect_stdout=False, redirect_stderr=False) as bar:
         tasks: dict[str, Any] = {}
 
-        def update(ev: Any) -> None:
+        def update(ev: StageProgress) -> None:
             if ev.stage not in tasks:
                 tasks[ev.stage] = bar.add_task(ev.stage, total=ev.epochs, epoch="", rate="", score="")
             bar.update(
@@ -511,9 +512,9 @@ def compare_command(
         _plain_text_when_piped(ctx.args, dataset),
         contextlib.ExitStack() as stack,
     ):
-        display: list[Callable[[Any], None]] = []
+        display: list[_Display] = []
 
-        def on_update(event: Any) -> None:
+        def on_update(event: StageProgress) -> None:
             if not display:
                 display.append(stack.enter_context(_run_display(out)))
             display[0](event)
@@ -558,7 +559,7 @@ def show_report(
 PROMPT_TIMEOUT_S = 60.0  # then the prompt's default (what --finetune auto decides) is taken
 
 
-def ask_finetune(main: Any, out: Console) -> tuple[bool | None, bool]:
+def ask_finetune(main: StageResult, out: Console) -> tuple[bool | None, bool]:
     """(answer, Ctrl-C pressed) for --finetune ask: a question on its own line on an interactive terminal, whose
     default is what --finetune auto decides, taken after PROMPT_TIMEOUT_S; EOF or Ctrl-C mean no. Nobody to ask
     (input or output not a terminal): (None, False), and auto decides."""

@@ -31,7 +31,7 @@ from speedtrain import hardware, planner, resize, runner
 from speedtrain.errors import SpeedtrainError, UsageError
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.planner import Stage, TrainPlan
-from speedtrain.speedreport import DatasetSummary
+from speedtrain.records import DatasetSummary, OnProgress, Planned, StageResult
 from speedtrain.util import first_line, parse_duration, read_json, spread, utc_now, write_atomic
 
 ARMS = ("defaults", "plan", "plan-no-rect", "plan-rect", "plan-640", "plan+finetune", "plan-classic")
@@ -361,7 +361,7 @@ def fmt_map(value: float) -> str:
 
 
 def run(
-    planned: Any,  # workflow.Planned, made with a fine-tune stage
+    planned: Planned,  # made with a fine-tune stage
     arms: tuple[Arm, ...],
     budget_s: float,
     run_dir: Path,
@@ -372,7 +372,7 @@ def run(
     val_imgsz: int,
     seed: int,
     log: Log = lambda _: None,
-    on_update: runner.OnProgress | None = None,
+    on_update: OnProgress | None = None,
     log_file: Path | None = None,
 ) -> Comparison:
     """Train every arm for `budget_s`, validate their saved epochs and final weights, measure their latency."""
@@ -422,7 +422,7 @@ def run(
 
 
 def _comparison(
-    planned: Any,
+    planned: Planned,
     budget_s: float,
     val_imgsz: int,
     val_sizes: tuple[int, ...],
@@ -451,7 +451,7 @@ def _run_arm(
     val_sizes: tuple[int, ...],
     seed: int,
     log: Log,
-    on_update: runner.OnProgress | None,
+    on_update: OnProgress | None,
     log_file: Path | None,
 ) -> ArmResult:
     log(f"{arm.name}: training for {budget_s:.0f} s")
@@ -502,7 +502,7 @@ def _run_arm(
     )  # fmt: skip
 
 
-def _why_it_ended(results: list[runner.StageResult], ran: Stage, budget_s: float) -> str:
+def _why_it_ended(results: list[StageResult], ran: Stage, budget_s: float) -> str:
     """Why an arm ended before its planned epochs: the budget, early stopping, or Ultralytics' time= fitting (it
     sets the epochs from the mean epoch time, so a slow first epoch can leave part of the budget unused)."""
     trained = sum(r.wall_time_s for r in results)
@@ -517,16 +517,14 @@ def _why_it_ended(results: list[runner.StageResult], ran: Stage, budget_s: float
             f"{last.epochs_done} epochs to the budget from the mean epoch time")  # fmt: skip
 
 
-def _renamed(on_update: runner.OnProgress | None, name: str) -> runner.OnProgress | None:
+def _renamed(on_update: OnProgress | None, name: str) -> OnProgress | None:
     """Progress events under the arm's name (the stages are all called "train")."""
     if on_update is None:
         return None
     return lambda ev: on_update(replace(ev, stage=name))
 
 
-def _curve(
-    stage: Stage, result: runner.StageResult, start: float, data: Path, arm_dir: Path, imgsz: int
-) -> list[Point]:
+def _curve(stage: Stage, result: StageResult, start: float, data: Path, arm_dir: Path, imgsz: int) -> list[Point]:
     """Validate the stage's saved epochs (at most MAX_CURVE_POINTS, evenly spaced, the last always) at `imgsz`,
     then delete their checkpoints (best.pt and last.pt stay)."""
     weights = Path(result.save_dir or arm_dir / stage.name) / "weights"
@@ -546,7 +544,7 @@ def _score(weights: str | Path, data: Path, imgsz: int, stage: Stage, arm_dir: P
     return Score(imgsz, *runner.validate_at(weights, data, imgsz, stage, arm_dir / "eval"))
 
 
-def prepare_views(planned: Any, project: Path) -> tuple[Any, Path, Path, float]:
+def prepare_views(planned: Planned, project: Path) -> tuple[Planned, Path, Path, float]:
     """The original dataset's view (the defaults arm) and, when the plan resizes, the prepared copy's (plan arms),
     with the seconds the resize took."""
     from speedtrain import workflow

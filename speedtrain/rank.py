@@ -11,7 +11,7 @@ import sys
 
 from speedtrain import distributed, render, workflow
 from speedtrain.errors import PeerFailed, SpeedtrainError
-from speedtrain.runner import StageProgress
+from speedtrain.records import StageProgress
 from speedtrain.speedreport import SpeedReport
 from speedtrain.util import first_line
 

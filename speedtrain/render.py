@@ -20,9 +20,8 @@ from speedtrain import knobs
 from speedtrain.dataset import Problem
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.knobs import TrainPlan
-from speedtrain.resize import ResizeSummary
-from speedtrain.speedreport import DatasetSummary, Preparation, SpeedReport
-from speedtrain.tuner import TuneResult
+from speedtrain.records import DatasetSummary, Preparation, ResizeSummary, StageProgress, StageResult, TuneResult
+from speedtrain.speedreport import SpeedReport
 from speedtrain.util import duration, spread
 
 MEASURED_CAPTION = (
@@ -285,7 +284,7 @@ def accuracy_line(
     return f"{name}: mAP50-95 at {imgsz} px by epoch {shown}{loss}"
 
 
-def cadence_line(name: str, m: Any, planned: int) -> str:
+def cadence_line(name: str, m: StageResult, planned: int) -> str:
     """How often a stage validated (--val-every), what validating cost and what skipping saved (an estimate)."""
     how = "auto" if planned == 0 else "set"
     validated = len(m.epoch_validated) if m.epoch_validated else len(m.epoch_map50_95)
@@ -294,10 +293,10 @@ def cadence_line(name: str, m: Any, planned: int) -> str:
     return f"{name}: validated {validated} of {m.epochs_done} epochs (every {m.val_every}, {how}){cost}{saved}"
 
 
-def estimate_line(name: str, m: Any) -> str:
+def estimate_line(name: str, m: StageResult) -> str:
     """The time estimate printed while the stage's first epoch ran, beside what was measured."""
-    measured = statistics.fmean(m.train_times_s)
-    off = (measured - m.estimated_epoch_s) / m.estimated_epoch_s
+    measured, estimated = statistics.fmean(m.train_times_s), m.estimated_epoch_s or 0.0
+    off = (measured - estimated) / estimated if estimated else 0.0
     return (f"{name}: an epoch's training pass, estimated {m.estimated_epoch_s:.1f} s from the first "
             f"{m.estimated_from_batches} batches; measured {measured:.1f} s (mean of {len(m.train_times_s)}, "
             f"{off:+.0%})")  # fmt: skip
@@ -311,14 +310,14 @@ def final_accuracy(rep: SpeedReport) -> str:
     return ", the model's mAP50-95 " + ", ".join(f"{value:.3f} at {size} px" for size, value in scores)
 
 
-def epoch_line(ev: Any) -> str:
+def epoch_line(ev: StageProgress) -> str:
     """One line for a finished epoch (a log, or a rank's console): stage, epoch, images/s, last mAP50-95."""
     rate = f"{ev.images_per_s} img/s" if ev.images_per_s else "-"
     score = f"mAP50-95 {ev.map50_95:.3f}" if ev.map50_95 is not None else ""
     return f"{ev.stage}: epoch {ev.epoch + 1}/{ev.epochs}  {rate}  {score}".rstrip()
 
 
-def batch_line(ev: Any, elapsed_s: float) -> str:
+def batch_line(ev: StageProgress, elapsed_s: float) -> str:
     """A line during an epoch, for logs: batch k/n, the last epoch's images/s and an estimate of the epoch's rest."""
     rate = f", {ev.images_per_s} img/s last epoch" if ev.images_per_s else ""
     left = elapsed_s * (1 - ev.fraction) / ev.fraction if ev.fraction > 0 else None
@@ -330,13 +329,14 @@ def batch_line(ev: Any, elapsed_s: float) -> str:
 SHOWN_RANKS = 8  # ranks listed one by one; more are summarised as slowest, median, fastest
 
 
-def rank_notes(name: str, m: Any) -> list[str]:
+def rank_notes(name: str, m: StageResult) -> list[str]:
     """A multi-rank stage: the total, each rank's own images/s (where it ran), and the slowest rank named when it
     held the others back (every rank waits for the slowest at each step)."""
     ranks = [r for r in m.ranks if r.images_per_s]
     if len(ranks) < 2:
         return []
-    rates = sorted(r.images_per_s for r in ranks)
+    rate = {r.rank: r.images_per_s or 0.0 for r in ranks}
+    rates = sorted(rate.values())
     total = f"{_num(m.images_per_s_steady or m.images_per_s, '{:.1f}')} img/s in all"
     if len(ranks) <= SHOWN_RANKS:
         each = "; ".join(
@@ -349,11 +349,11 @@ def rank_notes(name: str, m: Any) -> list[str]:
     else:
         each = f"slowest {rates[0]:.1f}, median {statistics.median(rates):.1f}, fastest {rates[-1]:.1f}"
     lines = [f"{name}: {len(ranks)} ranks, {total}; img/s per rank: {each}"]
-    slowest = min(ranks, key=lambda r: r.images_per_s)
-    if rates[-1] > 0 and slowest.images_per_s < SLOW_RANK * rates[-1]:
+    slowest = min(ranks, key=lambda r: rate[r.rank])
+    if rates[-1] > 0 and rate[slowest.rank] < SLOW_RANK * rates[-1]:
         lines.append(
             f"{name}: rank {slowest.rank} ({slowest.node} {slowest.device}) ran at "
-            f"{slowest.images_per_s / rates[-1]:.0%} of the fastest rank: every step waits for it"
+            f"{rate[slowest.rank] / rates[-1]:.0%} of the fastest rank: every step waits for it"
         )
     return lines
 
@@ -422,7 +422,7 @@ def save_png(rep: SpeedReport, path: str | Path) -> Path:
     return path
 
 
-def _accuracy_lines(ax_map: Any, ax_loss: Any, name: str, m: Any, epochs: list[int]) -> None:
+def _accuracy_lines(ax_map: Any, ax_loss: Any, name: str, m: StageResult, epochs: list[int]) -> None:
     """A stage's mAP50-95 per epoch and its training loss (dotted, right axis), aligned to the run's last epochs
     (results.csv has one row per epoch; after a resume, the epochs it kept)."""
     maps, losses = m.epoch_map50_95, m.epoch_loss
@@ -437,9 +437,9 @@ def _accuracy_lines(ax_map: Any, ax_loss: Any, name: str, m: Any, epochs: list[i
         ax_loss.plot(at, losses[-len(at) :], linestyle=":", color=line.get_color(), label=f"{name} loss")
 
 
-def _rank_lines(ax: Any, name: str, m: Any) -> None:
+def _rank_lines(ax: Any, name: str, m: StageResult) -> None:
     """Each rank's own images/s as a dotted level (the slowest and fastest only, when there are many)."""
-    ranks = sorted((r for r in m.ranks if r.images_per_s), key=lambda r: r.images_per_s)
+    ranks = sorted((r for r in m.ranks if r.images_per_s), key=lambda r: r.images_per_s or 0.0)
     if len(ranks) < 2:
         return
     shown = ranks if len(ranks) <= SHOWN_RANKS else [ranks[0], ranks[-1]]

@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from speedtrain.dataset import (
 )
 from speedtrain.errors import UsageError
 from speedtrain.parallel import Progress, default_workers, pmap
+from speedtrain.records import ResizeSummary
 from speedtrain.util import check_free_disk, existing_parent, first_line, within, write_atomic
 
 VIEW_DIR = ".datasets"
@@ -161,38 +162,6 @@ PIL_FORMATS = {
     ".tif": "TIFF",
     ".tiff": "TIFF",
 }
-
-
-@dataclass(frozen=True, slots=True)
-class ResizeSummary:
-    out_dir: str
-    yaml_path: str | None  # None for --in-place, where the dataset's own yaml stays as it is
-    size: int
-    images: int
-    resized: int
-    copied: int  # already no larger than size: copied unchanged
-    unchanged: int  # done by an earlier run and not changed since: skipped
-    failed: tuple[Problem, ...]
-    labels_copied: int
-    removed: int  # outputs whose source image is gone
-    bytes_before: int
-    bytes_after: int
-    seconds: float
-    workers: int
-
-    @property
-    def processed(self) -> int:
-        return self.resized + self.copied
-
-    @property
-    def images_per_s(self) -> float | None:
-        return round(self.processed / self.seconds, 1) if self.processed and self.seconds > 0 else None
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["failed"] = [p.line() for p in self.failed]
-        data["images_per_s"] = self.images_per_s
-        return data
 
 
 def default_out(stats: DatasetStats, size: int) -> Path:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import psutil
 
@@ -28,128 +28,26 @@ from speedtrain import distributed, oom
 from speedtrain.errors import DatasetError, DiskSpaceError, PeerFailed, RankOutOfMemory, TrainingError, UsageError
 from speedtrain.monitor import Monitor
 from speedtrain.planner import FINETUNE_LAG, Stage, TrainPlan
+from speedtrain.records import (
+    FINISHED,
+    OnProgress,
+    OomFallback,
+    RankFigures,
+    ResultStatus,
+    RunResult,
+    StageProgress,
+    StageResult,
+)
 from speedtrain.util import duration, first_line, utc_now
 
 Log = Callable[[str], None]
 RESUME_NAME = "resume.pt"  # an atomic copy of each saved last.pt: Ultralytics writes last.pt in place and strips it
-FINISHED = ("completed", "early-stopped", "skipped")
-
-
-@dataclass(frozen=True, slots=True)
-class OomFallback:
-    epoch: int  # the epoch (1-based) that ran out of memory; training went on from the checkpoint before it
-    from_batch: int
-    to_batch: int
-    at: str
-    error: str
-    kind: str = "device"  # "device": the batch stepped down; "host": RAM ran out, `change` says what was given up
-    change: str = ""
-
-
-ResultStatus = Literal["completed", "early-stopped", "skipped", "interrupted"]
-
-
-@dataclass(frozen=True, slots=True)
-class RankFigures:
-    """What one rank of a multi-process stage measured itself (rank 0 gathers them for the report)."""
-
-    rank: int
-    node: str  # the host name
-    device: str  # "cuda:1", "cpu"
-    images_per_s: float | None  # this rank's shard of the training images / its training-pass seconds
-    gpu_util_mean: float | None = None
-    gpu_mem_peak_gb: float | None = None
-    images: int = 0  # training images per epoch in this rank's shard (padded like DistributedSampler)
-    batches: int = 0  # batches per epoch: the same on every rank, or one would wait for the others forever
-
-
-@dataclass(frozen=True, slots=True)
-class StageResult:
-    name: str
-    status: ResultStatus
-    imgsz: int
-    batch: int  # the batch size the stage finished with
-    epochs_planned: int
-    epochs_done: int
-    epoch_times_s: tuple[float, ...] = ()  # whole epoch: train, validation, checkpoint
-    train_times_s: tuple[float, ...] = ()  # the training pass alone
-    images_per_epoch: int = 0
-    iterations_per_epoch: int = 0
-    images_per_s: float | None = None  # training images / training-pass seconds, all epochs
-    images_per_s_steady: float | None = None  # the same without the first epoch (start-up, warm caches)
-    gpu_util_mean: float | None = None
-    gpu_mem_peak_gb: float | None = None
-    cpu_util_mean: float | None = None
-    ram_used_peak_gb: float | None = None
-    threads: int | None = None  # torch intra-op threads the training process ran with (read, not planned)
-    fast_store: str | None = None  # --pipeline fast: "ram" (read into RAM) or "memmap" (read from disk as needed)
-    oom_fallbacks: tuple[OomFallback, ...] = ()
-    best_metrics: tuple[tuple[str, float], ...] = ()
-    weights: str | None = None
-    last_weights: str | None = None
-    save_dir: str | None = None
-    wall_time_s: float = 0.0
-    note: str = ""
-    epoch_end_s: tuple[float, ...] = ()  # seconds from the stage's start (setup included) to each epoch's end
-    latency_ms: tuple[tuple[int, float], ...] = ()  # (image size, ms): the trained model, batch 1, median
-    stopped_by: str | None = None  # the signal that interrupted the stage ("SIGINT", "SIGTERM")
-    ranks: tuple[RankFigures, ...] = ()  # one per rank when several processes trained the stage together
-    # per epoch, from Ultralytics' results.csv: the training-time validation's mAP50-95 and the training loss
-    # (box + cls + dfl, the mean over the epoch's batches)
-    epoch_map50_95: tuple[float, ...] = ()
-    epoch_loss: tuple[float, ...] = ()
-    epoch_validated: tuple[int, ...] = ()  # the 1-based epochs of epoch_map50_95 when not every epoch was validated
-    val_every: int = 1  # the validation cadence the stage ended with (--val-every; auto's measured choice)
-    val_time_s: float = 0.0  # seconds spent validating after epochs (measured; 0 when every epoch, not timed)
-    val_saved_s: float = 0.0  # validation time the skipped epochs did not spend (estimate from val_time_s)
-    # an epoch's training pass, estimated from the stage's first batches (before its first epoch ended), and how
-    # many batches it rests on: the report puts it beside the measured mean
-    estimated_epoch_s: float | None = None
-    estimated_from_batches: int = 0
-    scores: tuple[tuple[int, float], ...] = ()  # (image size, mAP50-95) of the final weights, measured after training
-
-    def metric(self, key: str) -> float | None:
-        return dict(self.best_metrics).get(key)
-
-    def score_at(self, imgsz: int) -> float | None:
-        """The final weights' mAP50-95 validated at `imgsz`: measured after the stage, or Ultralytics' own final
-        validation at the stage's size."""
-        found = dict(self.scores).get(imgsz)
-        return found if found is not None or imgsz != self.imgsz else self.metric("mAP50-95")
-
-
-@dataclass(frozen=True, slots=True)
-class RunResult:
-    run_dir: str
-    model_source: str
-    model_note: str
-    stages: tuple[StageResult, ...]
-    started_at: str
-    wall_time_s: float
-    interrupted: bool = False
-    stopped_by: str | None = None  # "SIGINT" or "SIGTERM" when interrupted
 
 
 class StopRequested(Exception):  # noqa: N818 -- a request, not an error
     """Raised from a callback after the epoch's checkpoint is safe, to stop before Ultralytics strips it."""
 
 
-@dataclass(frozen=True, slots=True)
-class StageProgress:
-    """Where a stage's training is, for a progress display: sent after every batch and every validation."""
-
-    stage: str
-    epoch: int  # the running epoch, 0-based
-    epochs: int
-    fraction: float  # of the running epoch done
-    images_per_s: float | None  # the last finished epoch's training pass
-    map50_95: float | None  # the last validation's
-    epoch_done: bool = False  # True once the epoch is trained, validated and saved
-    batch: int = 0  # batches of the running epoch done so far
-    batches: int = 0  # batches in an epoch
-
-
-OnProgress = Callable[[StageProgress], None]
 BASELINE_IMGSZ = 640  # Ultralytics' default image size: the untuned baseline the time estimate is set against
 ETA_BATCHES = 8  # the time estimate waits for this many batches of the first epoch (or a tenth of it, if more)
 

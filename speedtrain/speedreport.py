@@ -22,9 +22,16 @@ from speedtrain.dataset import DatasetStats, Problem
 from speedtrain.errors import SpeedtrainError
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.planner import BASELINE, DEFAULT_TARGET_MAP, Stage, TrainPlan
-from speedtrain.resize import ResizeSummary
-from speedtrain.runner import OomFallback, RankFigures, RunResult, StageResult
-from speedtrain.tuner import TuneResult
+from speedtrain.records import (
+    DatasetSummary,
+    OomFallback,
+    Preparation,
+    RankFigures,
+    ResizeSummary,
+    RunResult,
+    StageResult,
+    TuneResult,
+)
 from speedtrain.util import read_json, utc_now, write_atomic
 
 FORMAT = 1
@@ -33,66 +40,6 @@ StageStatus = Literal["pending", "running", "completed", "early-stopped", "skipp
 RunStatus = Literal["running", "finished", "interrupted"]
 PENDING: tuple[StageStatus, ...] = ("pending",)  # stages a run never reached; "running" ones resume from a checkpoint
 FINAL_SIZE = 640  # besides its training size, the final model is scored where an untuned model would be used
-
-
-@dataclass(frozen=True, slots=True)
-class DatasetSummary:
-    """The dataset a run trained on, as the report keeps it (a scan's figures, not its file lists)."""
-
-    yaml_path: str | None
-    root: str
-    train_images: int
-    val_images: int
-    label_files: int
-    background_images: int
-    classes: int
-    median_long_side: int
-    max_long_side: int
-    sampled: bool
-    sample_size: int
-    problems: tuple[Problem, ...] = ()
-    notes: tuple[str, ...] = ()
-
-    @property
-    def name(self) -> str:
-        """What a user calls the dataset: its folder's name (the yaml's, for a yaml named after it)."""
-        stem = Path(self.yaml_path).stem if self.yaml_path else ""
-        return stem if stem and stem not in ("data", "dataset") else Path(self.root).name or self.root
-
-    @classmethod
-    def of(cls, stats: DatasetStats) -> DatasetSummary:
-        sizes = stats.image_sizes
-        return cls(
-            yaml_path=stats.yaml_path, root=stats.root, train_images=stats.train_images,
-            val_images=stats.val_images, label_files=stats.label_files, background_images=stats.background_images,
-            classes=stats.classes, median_long_side=sizes.median_long_side(), max_long_side=sizes.max_long_side(),
-            sampled=sizes.sampled, sample_size=len(sizes.dims), problems=stats.problems, notes=tuple(stats.notes),
-        )  # fmt: skip
-
-    def to_dict(self) -> dict[str, Any]:
-        """The report's "dataset" block (also what `speedtrain check --json` prints)."""
-        return _dataset_dict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> DatasetSummary:
-        return _dataset(raw)
-
-
-@dataclass(frozen=True, slots=True)
-class Preparation:
-    """The pre-resized copy a run trained on: what writing it cost and what loading it saves."""
-
-    decision: str
-    summary: ResizeSummary
-    load_ms_original: float | None
-    load_ms_prepared: float | None
-    load_sample: int
-    original_dataset: DatasetSummary
-
-    @property
-    def saving_s_per_epoch(self) -> float | None:
-        before, after = self.load_ms_original, self.load_ms_prepared
-        return round((before - after) * self.original_dataset.train_images / 1000, 2) if before and after else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,7 +223,7 @@ class SpeedReport(JupyterMixin):
             "baseline": dict(p.baseline),
             "ranks": p.ranks,
             "hardware": hardware.to_dict(self.hardware),
-            "dataset": _dataset_dict(self.dataset),
+            "dataset": self.dataset.to_dict(),
         }
         if self.run is None:  # a plan (`speedtrain plan --json`)
             return doc
@@ -314,7 +261,7 @@ class SpeedReport(JupyterMixin):
             return cls(
                 plan=plan,
                 hardware=hardware.from_dict(doc["hardware"], str(doc["hardware"].get("source", source))),
-                dataset=_dataset(doc["dataset"]),
+                dataset=DatasetSummary.from_dict(doc["dataset"]),
                 stages=reports,
                 run=_run(run) if isinstance(run, dict) else None,
                 prepare=_preparation(doc["prepare"]) if doc.get("prepare") else None,
@@ -421,38 +368,6 @@ def _stage_report(stage: Stage, raw: dict[str, Any]) -> StageReport:
     return StageReport(stage, cast(StageStatus, status), raw.get("note", ""), result)
 
 
-def _dataset_dict(d: DatasetSummary) -> dict[str, Any]:
-    return {
-        "yaml_path": d.yaml_path,
-        "root": d.root,
-        "train_images": d.train_images,
-        "val_images": d.val_images,
-        "label_files": d.label_files,
-        "background_images": d.background_images,
-        "classes": d.classes,
-        "image_size": {
-            "median_long_side": d.median_long_side,
-            "max_long_side": d.max_long_side,
-            "sampled": d.sampled,
-            "sample_size": d.sample_size,
-        },
-        "problems": [asdict(p) for p in d.problems],
-        "notes": list(d.notes),
-    }
-
-
-def _dataset(raw: dict[str, Any]) -> DatasetSummary:
-    size = raw.get("image_size", {})
-    return DatasetSummary(
-        yaml_path=raw.get("yaml_path"), root=raw["root"], train_images=int(raw["train_images"]),
-        val_images=int(raw["val_images"]), label_files=int(raw.get("label_files", 0)),
-        background_images=int(raw.get("background_images", 0)), classes=int(raw.get("classes", 0)),
-        median_long_side=int(size.get("median_long_side", 0)), max_long_side=int(size.get("max_long_side", 0)),
-        sampled=bool(size.get("sampled", False)), sample_size=int(size.get("sample_size", 0)),
-        problems=tuple(Problem(**p) for p in raw.get("problems", [])), notes=tuple(raw.get("notes", [])),
-    )  # fmt: skip
-
-
 def _preparation_dict(p: Preparation) -> dict[str, Any]:
     return {
         "decision": p.decision,
@@ -461,7 +376,7 @@ def _preparation_dict(p: Preparation) -> dict[str, Any]:
         "load_ms_prepared": p.load_ms_prepared,
         "load_sample": p.load_sample,
         "saving_s_per_epoch": p.saving_s_per_epoch,
-        "original_dataset": _dataset_dict(p.original_dataset),
+        "original_dataset": p.original_dataset.to_dict(),
     }
 
 
@@ -480,7 +395,7 @@ def _preparation(raw: dict[str, Any]) -> Preparation:
         load_ms_original=raw.get("load_ms_original"),
         load_ms_prepared=raw.get("load_ms_prepared"),
         load_sample=int(raw.get("load_sample", 0)),
-        original_dataset=_dataset(raw["original_dataset"]),
+        original_dataset=DatasetSummary.from_dict(raw["original_dataset"]),
     )
 
 

@@ -18,15 +18,16 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import psutil
 
 from speedtrain.dataset import DatasetStats
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.planner import Cache, Stage
+from speedtrain.records import LoaderProbe, StepProbe, TuneResult
 from speedtrain.util import write_atomic
 
 Log = Callable[[str], None]
@@ -39,68 +40,6 @@ WORKER_CANDIDATES = (2, 4, 8, 12, 16)
 PROBE_IMAGES = {"gpu": 512, "cpu": 48}  # the loader and confirm probes use at most this many training images
 LOADER_SECONDS = {"gpu": 4.0, "cpu": 1.5}  # each loader configuration is timed this long (at least 3 batches)
 TIMED_STEPS = {"gpu": 8, "cpu": 3}  # after 2 warm-up steps; at least 3, so that their spread can be measured
-
-
-@dataclass(frozen=True, slots=True)
-class StepProbe:
-    batch: int
-    images_per_s: float | None  # None: out of memory, or the budget ran out before it was timed
-    peak_mem_gb: float | None
-    oom: bool = False
-    rel_err: float = 0.0  # standard error of the rate, relative: spread of the timed steps / sqrt(steps)
-
-
-@dataclass(frozen=True, slots=True)
-class LoaderProbe:
-    workers: int
-    cache: Cache
-    images_per_s: float
-    peak_ram_gb: float
-    rel_err: float = 0.0  # standard error of the rate, relative: spread of the timed batches / sqrt(batches)
-
-
-@dataclass(frozen=True, slots=True)
-class TuneResult:
-    fingerprint: str
-    device: str
-    model: str
-    imgsz: int
-    steps: tuple[StepProbe, ...]
-    loaders: tuple[LoaderProbe, ...]
-    batch: int
-    workers: int
-    cache: Cache
-    predicted_images_per_s: float
-    bound: Literal["data", "compute", "unknown"]  # which side sets the pace; "unknown" when nothing was timed
-    bound_factor: float  # how many times faster the other side could go
-    diagnosis: tuple[str, ...]
-    achieved_images_per_s: float | None = None  # the confirming short run
-    plan_batch: int = 0  # the plan's configuration, always among the candidates
-    plan_workers: int = 0
-    plan_cache: Cache = False
-    plan_predicted_images_per_s: float | None = None
-    plan_achieved_images_per_s: float | None = None  # the same short run with the plan's configuration
-    kept_plan: bool = False  # True when the plan's configuration was kept (nothing measurably faster)
-    fast_achieved_images_per_s: float | None = None  # the same short run with --pipeline fast (data-bound GPU runs)
-    elapsed_s: float = 0.0
-    budget_s: float = 0.0
-    created_at: str = ""
-    cached: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["steps"] = [asdict(s) for s in self.steps]
-        data["loaders"] = [asdict(x) for x in self.loaders]
-        data["diagnosis"] = list(self.diagnosis)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TuneResult:
-        data = dict(data)
-        data["steps"] = tuple(StepProbe(**s) for s in data["steps"])
-        data["loaders"] = tuple(LoaderProbe(**x) for x in data["loaders"])
-        data["diagnosis"] = tuple(data["diagnosis"])
-        return cls(**data)
 
 
 def fingerprint(hw: HardwareSnapshot, stats: DatasetStats, model: str, imgsz: int, device: str) -> str:

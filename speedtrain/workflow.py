@@ -8,7 +8,7 @@ import platform
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -18,9 +18,9 @@ from speedtrain.dataset import DatasetStats
 from speedtrain.errors import DatasetError, Terminated, UsageError
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.parallel import Progress
-from speedtrain.planner import Overrides, Stage, TrainPlan
-from speedtrain.speedreport import REPORT_NAME, DatasetSummary, Preparation, SpeedReport
-from speedtrain.tuner import TuneResult
+from speedtrain.planner import Overrides, Stage
+from speedtrain.records import DatasetSummary, OnProgress, Planned, Preparation, StageResult, TuneResult
+from speedtrain.speedreport import REPORT_NAME, SpeedReport
 from speedtrain.util import check_free_disk, existing_parent, utc_now
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
@@ -63,22 +63,6 @@ def is_sample(dataset_path: str | os.PathLike[str] | None) -> bool:
         return True
     path = Path(dataset_path).absolute()
     return path in (SAMPLE_DIR.absolute(), (SAMPLE_DIR / "data.yaml").absolute())
-
-
-@dataclass(frozen=True, slots=True)
-class Planned:
-    """What a run is planned from: the machine, the dataset, the user's overrides, and the plan."""
-
-    hw: HardwareSnapshot
-    stats: DatasetStats
-    overrides: Overrides
-    plan: TrainPlan
-    prepared: Preparation | None = None  # once the dataset was resized
-    tuned: TuneResult | None = None  # the tune result applied to the plan (train --autotune)
-
-    def report(self) -> SpeedReport:
-        """The plan as a report (no stage run yet): what `speedtrain plan` shows and prints as JSON."""
-        return SpeedReport.planned(self.hw, self.stats, self.plan, self.prepared, self.tuned)
 
 
 def make_plan(
@@ -203,9 +187,9 @@ def execute(
     project: str | os.PathLike[str] = DEFAULT_PROJECT,
     name: str = "train",
     *,
-    ask: Callable[[runner.StageResult], bool | None] | None = None,
+    ask: Callable[[StageResult], bool | None] | None = None,
     log: Callable[[str], None] = lambda _: None,
-    on_update: runner.OnProgress | None = None,
+    on_update: OnProgress | None = None,
     quiet: bool = False,
 ) -> tuple[SpeedReport, Path]:
     """Train the plan through a linked view of the dataset; keep speed_report.json current; return it and its path.
@@ -247,7 +231,7 @@ def run_as_rank(
     *,
     resuming: bool,
     log: Callable[[str], None] = lambda _: None,
-    on_update: runner.OnProgress | None = None,
+    on_update: OnProgress | None = None,
     quiet: bool = False,
 ) -> tuple[SpeedReport, Path]:
     """One rank's part of a run that rank 0 started (`start`): train its stages with the other ranks; rank 0 keeps
@@ -261,9 +245,9 @@ def run_as_rank(
 def resume(
     run_dir: str | os.PathLike[str],
     *,
-    ask: Callable[[runner.StageResult], bool | None] | None = None,
+    ask: Callable[[StageResult], bool | None] | None = None,
     log: Callable[[str], None] = lambda _: None,
-    on_update: runner.OnProgress | None = None,
+    on_update: OnProgress | None = None,
     quiet: bool = False,
 ) -> tuple[SpeedReport, Path]:
     """Go on with an interrupted or killed run: the running stage from its last checkpoint, then the rest."""
@@ -290,10 +274,10 @@ def check_resumable(run_dir: str | os.PathLike[str]) -> SpeedReport:
 def _run(
     rep: SpeedReport,
     run_dir: Path,
-    previous: tuple[runner.StageResult, ...],
-    ask: Callable[[runner.StageResult], bool | None] | None,
+    previous: tuple[StageResult, ...],
+    ask: Callable[[StageResult], bool | None] | None,
     log: Callable[[str], None],
-    on_update: runner.OnProgress | None = None,
+    on_update: OnProgress | None = None,
     quiet: bool = False,
 ) -> tuple[SpeedReport, Path]:
     """Run the stages, saving the report before and after each one, and draw the PNG at the end."""
@@ -304,7 +288,7 @@ def _run(
     world = distributed.world()
     owner = world is None or world.leader  # rank 0 owns the report
 
-    def save(results: tuple[runner.StageResult, ...], running: str | None) -> None:
+    def save(results: tuple[StageResult, ...], running: str | None) -> None:
         nonlocal current
         current = current.with_results(results, running)
         if owner:

@@ -13,9 +13,8 @@ from conftest import fake_stats, snapshot
 from typer.testing import CliRunner
 
 from speedtrain import cli, knobs, planner
-from speedtrain.resize import ResizeSummary
+from speedtrain.records import ResizeSummary, TuneResult
 from speedtrain.speedreport import SpeedReport
-from speedtrain.tuner import TuneResult
 
 DATA = Path(__file__).parent / "data"
 FINISHED = SpeedReport.from_json(DATA / "speed_report_v1.json")

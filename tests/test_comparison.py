@@ -12,11 +12,11 @@ from conftest import fake_stats, snapshot, tree_hash
 from typer.testing import CliRunner
 
 import speedtrain
-from speedtrain import comparison, planner, runner, ultra
+from speedtrain import comparison, planner, ultra
 from speedtrain.cli import app
 from speedtrain.comparison import ArmResult, Comparison, Point, Score, time_to_reach
 from speedtrain.errors import UsageError
-from speedtrain.speedreport import DatasetSummary
+from speedtrain.records import DatasetSummary, StageResult
 
 
 @pytest.mark.parametrize(
@@ -281,6 +281,6 @@ def test_the_time_to_accuracy_table_merges_runs(tmp_path):
 )
 def test_why_an_arm_ended_before_its_planned_epochs(wall, maps, says):
     stage = dataclasses.replace(planner.plan(snapshot(()), fake_stats()).stage("main"), patience=10)
-    result = runner.StageResult("train", "early-stopped", 416, 16, 50, len(maps), wall_time_s=wall,
+    result = StageResult("train", "early-stopped", 416, 16, 50, len(maps), wall_time_s=wall,
                                 epoch_map50_95=maps)  # fmt: skip
     assert says in comparison._why_it_ended([result], stage, 1200.0)

@@ -13,6 +13,7 @@ from conftest import CUDA_OOM, run_benchmark, table_rows, tree_hash
 from speedtrain import oom, runner, ultra, workflow
 from speedtrain.errors import TrainingError, UsageError
 from speedtrain.planner import Overrides
+from speedtrain.records import StageResult
 
 
 def _chained() -> RuntimeError:
@@ -224,9 +225,9 @@ def test_finetune_auto_is_skipped_when_the_target_is_met(make_dataset, tmp_path)
     assert "at or above --target-map 0.0" in ft["note"]
 
 
-def _main(own: float | None, at_640: float | None) -> runner.StageResult:
+def _main(own: float | None, at_640: float | None) -> StageResult:
     scores = tuple((size, v) for size, v in ((416, own), (640, at_640)) if v is not None)
-    return runner.StageResult("main", "completed", 416, 16, 50, 50, scores=scores)
+    return StageResult("main", "completed", 416, 16, 50, 50, scores=scores)
 
 
 @pytest.mark.parametrize(

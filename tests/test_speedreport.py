@@ -10,7 +10,7 @@ from conftest import fake_stats, snapshot
 
 from speedtrain import planner
 from speedtrain.errors import SpeedtrainError
-from speedtrain.runner import RunResult, StageResult
+from speedtrain.records import RunResult, StageResult
 from speedtrain.speedreport import SpeedReport
 
 DATA = Path(__file__).parent / "data"

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from speedtrain import planner, tuner
 from speedtrain.cli import app
-from speedtrain.tuner import LoaderProbe, StepProbe
+from speedtrain.records import LoaderProbe, StepProbe
 
 STAGE = planner.plan(snapshot((24,)), fake_stats()).stages[0]  # batch 48, 16 workers, RAM cache
 
