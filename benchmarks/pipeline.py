@@ -29,7 +29,7 @@ from typing import Any
 from compare_ultralytics import COCO, REPO, copy_dataset, measure, publish
 
 from speedtrain import pipeline, resize, runner, tuner, ultra, workflow
-from speedtrain.planner import Overrides
+from speedtrain.knobs import Overrides
 
 SYNCING = {"_local_scalar_dense", "nonzero", "item", "masked_select", "unique", "is_nonzero", "index(bool mask)"}
 

@@ -178,7 +178,9 @@ def _train_as_rank(
 ) -> SpeedReport:
     """One rank under an external launcher: rank 0 plans (for the launcher's WORLD_SIZE), prepares and starts the
     run folder while the others wait; then every rank trains its shard. The others' errors name rank 0's."""
-    distributed.join(distributed.rank_device(str(args.get("device") or "")))
+    from speedtrain import ultra  # Ultralytics first, then the group
+
+    ultra.join_group(distributed.rank_device(str(args.get("device") or "")))
     try:
         # every node probes itself (its local rank 0); rank 0 plans for the weakest
         mine = hardware.probe(existing_parent(Path(project))) if world.local_rank == 0 else None
@@ -278,7 +280,9 @@ def resume(
     world = distributed.world()
     with process_state_restored():
         if world is not None:
-            distributed.join(distributed.rank_device(SpeedReport.from_json(Path(run_dir)).plan.device))
+            from speedtrain import ultra  # Ultralytics first, then the group
+
+            ultra.join_group(distributed.rank_device(SpeedReport.from_json(Path(run_dir)).plan.device))
             try:
                 return workflow.run_as_rank(run_dir, resuming=True, log=log if world.leader else _silent,
                                             quiet=not verbose)[0]  # fmt: skip

@@ -30,7 +30,7 @@ from rich.text import Text
 from speedtrain import hardware, planner, resize, runner
 from speedtrain.errors import SpeedtrainError, UsageError
 from speedtrain.hardware import HardwareSnapshot
-from speedtrain.planner import Stage, TrainPlan
+from speedtrain.knobs import Stage, TrainPlan
 from speedtrain.records import DatasetSummary, OnProgress, Planned, StageResult
 from speedtrain.util import first_line, parse_duration, read_json, spread, utc_now, write_atomic
 

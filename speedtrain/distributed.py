@@ -75,7 +75,8 @@ def rank_device(device: str) -> Any:
 
 
 def join(device: Any) -> None:
-    """Join the group on `device` (NCCL for a GPU, gloo for the CPU), unless this process has joined already."""
+    """Join the group on `device` (NCCL for a GPU, gloo for the CPU), unless this process has joined already.
+    A rank that trains joins through ultra.join_group, which imports Ultralytics first."""
     import torch
     import torch.distributed as dist
 
@@ -84,10 +85,6 @@ def join(device: Any) -> None:
         os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")  # collectives honour TIMEOUT, as in Ultralytics
     if dist.is_initialized():
         return
-    # Ultralytics' import runs a barrier when a group exists (utils/__init__.py SettingsManager, 8.4.190): a rank
-    # importing it after joining would wait there for the others, which import it elsewhere. Import it first.
-    import speedtrain.ultra  # noqa: F401
-
     backend = "nccl" if device.type == "cuda" else "gloo"
     restart = _int("TORCHELASTIC_RESTART_COUNT", 0)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restart > 0:

@@ -117,7 +117,7 @@ RUN_RANK: tuple[str, ...] = (
 
 def failure_line(exc: Any, run_dir: Path) -> str:
     """One line for a failed group: the first rank that failed, how, what was kept, and the command that goes on."""
-    from speedtrain.runner import resume_point
+    from speedtrain.checkpoints import resume_point
 
     rank, failure = exc.get_first_failure()
     how = failure.signal_name() if failure.exitcode < 0 else f"exit code {failure.exitcode}"

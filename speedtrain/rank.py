@@ -33,7 +33,9 @@ def run(run_dir: str, world: distributed.World, *, resuming: bool, quiet: bool) 
     """This rank's part of the run in `run_dir`; the exit code."""
     try:
         plan = SpeedReport.from_json(run_dir).plan
-        distributed.join(distributed.rank_device(plan.device))
+        from speedtrain import ultra  # Ultralytics first, then the group
+
+        ultra.join_group(distributed.rank_device(plan.device))
         progress = epoch_done if world.leader and quiet else None  # --verbose: Ultralytics' own bars instead
         rep, _ = workflow.run_as_rank(run_dir, resuming=resuming, log=say if world.leader else quiet_log, quiet=quiet,
                                       on_update=progress)  # fmt: skip

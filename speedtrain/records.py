@@ -17,6 +17,8 @@ from speedtrain.knobs import Cache, Overrides, TrainPlan
 if TYPE_CHECKING:
     from speedtrain.speedreport import SpeedReport
 
+Log = Callable[[str], None]  # where progress lines go
+
 
 FINISHED = ("completed", "early-stopped", "skipped")
 

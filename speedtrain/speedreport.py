@@ -21,7 +21,7 @@ from speedtrain import hardware
 from speedtrain.dataset import DatasetStats, Problem
 from speedtrain.errors import SpeedtrainError
 from speedtrain.hardware import HardwareSnapshot
-from speedtrain.planner import BASELINE, DEFAULT_TARGET_MAP, Stage, TrainPlan
+from speedtrain.knobs import BASELINE, DEFAULT_TARGET_MAP, Stage, TrainPlan
 from speedtrain.records import (
     DatasetSummary,
     OomFallback,

@@ -26,7 +26,7 @@ import psutil
 
 from speedtrain.dataset import DatasetStats
 from speedtrain.hardware import HardwareSnapshot
-from speedtrain.planner import Cache, Stage
+from speedtrain.knobs import Cache, Stage
 from speedtrain.records import LoaderProbe, StepProbe, TuneResult
 from speedtrain.util import write_atomic
 

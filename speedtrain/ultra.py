@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -44,10 +46,13 @@ from ultralytics.utils import (
 )
 from ultralytics.utils.downloads import GITHUB_ASSETS_STEMS
 
+from speedtrain import distributed
+from speedtrain.checkpoints import RESUME_NAME
 from speedtrain.errors import TrainingError, UsageError
 from speedtrain.pipeline import Hyp, StoreLoader, augment, build_store, keep_resident, take, to_ultralytics
 from speedtrain.planner import VAL_LAST, VAL_SHARE, val_every_for
-from speedtrain.util import ANSI, PlainStream, first_line
+from speedtrain.records import Log, OnProgress, StageProgress
+from speedtrain.util import ANSI, PlainStream, duration, first_line
 
 Callbacks = dict[str, list[Callable[[Any], None]]]
 ULTRALYTICS_OOM_RETRIES = 3  # internal (engine/trainer.py _do_train): at 3, its own first-epoch batch halving is off
@@ -242,8 +247,6 @@ class RankTrainer(DetectionTrainer):
             self.ddp = False  # this process is a rank already: never Ultralytics' own relaunch
 
     def _setup_ddp(self) -> None:  # internal: engine/trainer.py _do_train calls it when world_size > 1
-        from speedtrain import distributed
-
         self.device = distributed.rank_device(str(self.args.device))
         distributed.join(self.device)
         if self.device.type == "cuda":  # as Ultralytics' own _setup_ddp: the device backend of this rank's GPU
@@ -530,3 +533,186 @@ def _swap_stream(handler: logging.StreamHandler, stream: Any) -> Any:
     with handler.lock or contextlib.nullcontext():
         old, handler.stream = handler.stream, stream
     return old
+
+
+# --- the callback adapter: what a stage records from Ultralytics' events ---------------------------------------
+
+
+class StopRequested(Exception):  # noqa: N818 -- a request, not an error
+    """Raised from a callback after the epoch's checkpoint is safe, to stop before Ultralytics strips it."""
+
+
+ETA_BATCHES = 8  # the time estimate waits for this many batches of the first epoch (or a tenth of it, if more)
+
+
+@dataclass(slots=True)
+class Recorder:
+    """The callback adapter: Ultralytics' events become a stage's figures (each epoch timed, the first batches'
+    estimate), progress events, a resumable checkpoint after every saved epoch and a stop after a requested one."""
+
+    starts: dict[int, float] = field(default_factory=dict)
+    epoch_times: dict[int, float] = field(default_factory=dict)
+    train_times: dict[int, float] = field(default_factory=dict)
+    images: int = 0
+    iterations: int = 0
+    stop_requested: bool = False
+    stop_signal: str | None = None  # "SIGINT" or "SIGTERM": what asked for the stop
+    collective: bool = False  # one rank of several: every rank stops after the same epoch
+    in_final_eval: bool = False  # Ultralytics' validation of best.pt after the last epoch has begun
+    threads: int | None = None  # the plan's torch threads; None leaves Ultralytics' setting
+    threads_used: int | None = None
+    fast_store: str | None = None
+    stage: str = ""
+    on_update: OnProgress | None = None
+    batches: int = 0
+    last_rate: float | None = None
+    last_map: float | None = None
+    t0: float = field(default_factory=time.perf_counter)  # the stage's start: setup and retries count
+    ends: dict[int, float] = field(default_factory=dict)  # epoch -> seconds since t0 when it was saved
+    cadence: ValCadence | None = None  # when the stage does not validate every epoch (--val-every)
+    log: Log | None = None  # where the time estimates go
+    estimated_epoch_s: float | None = None
+    estimated_from: int = 0
+    baseline_factor: float = 0.0  # (640 / imgsz)^2 for a stage trained below Ultralytics' 640: the baseline's estimate
+    later: tuple[tuple[str, int, float, bool], ...] = ()  # stages after this one: name, epochs, pixels ratio, maybe
+    _first_batch_end: float = 0.0
+
+    def callbacks(self) -> dict[str, list[Callable[[Any], None]]]:
+        """Ultralytics callback events and what runs on each."""
+        # Ultralytics' select_device() sets torch's threads for CPU training (min(8, cores - 1)) in the trainer's
+        # __init__ and again when final_eval validates best.pt; the thread callbacks run right after each.
+        events: dict[str, list[Callable[[Any], None]]] = {
+            "on_pretrain_routine_start": [self.apply_threads],
+            "on_val_start": [self.apply_threads, self.on_val_start],
+            "on_train_epoch_start": [self.on_train_epoch_start],
+            "on_train_epoch_end": [self.on_train_epoch_end],
+            "on_model_save": [self.on_model_save],
+            "on_fit_epoch_end": [self.on_fit_epoch_end],
+        }
+        if self.on_update or self.log:
+            events["on_train_batch_end"] = [self.on_train_batch_end]
+        if self.cadence is not None:
+            for event, functions in self.cadence.callbacks().items():
+                events.setdefault(event, []).extend(functions)
+        return events
+
+    def on_train_epoch_start(self, trainer: Any) -> None:
+        self.starts[trainer.epoch] = time.perf_counter()
+        self.batches = 0
+
+    def on_train_batch_end(self, trainer: Any) -> None:
+        self.batches += 1
+        self._update(trainer, min(1.0, self.batches / max(1, len(trainer.train_loader))))
+        if self.log and self.estimated_epoch_s is None:
+            self._estimate(trainer)
+
+    def _estimate(self, trainer: Any) -> None:
+        """After the first batches of the stage's first epoch in this process: the training passes' time, from the
+        steady time a batch (the first batch, which starts the loader and warms up, counted once per epoch)."""
+        log, now, total = self.log, time.perf_counter(), len(trainer.train_loader)
+        if log is None:
+            return
+        if self.batches == 1:
+            self._first_batch_end = now
+            return
+        if self.batches < min(total, max(ETA_BATCHES, total // 10)):
+            return
+        first = self._first_batch_end - self.starts[trainer.epoch]
+        per_batch = (now - self._first_batch_end) / (self.batches - 1)
+        epoch_s = first + per_batch * (total - 1)
+        epochs = max(1, trainer.epochs - trainer.epoch)
+        self.estimated_epoch_s, self.estimated_from = round(epoch_s, 2), self.batches
+        budget = float(getattr(trainer.args, "time", None) or 0) * 3600  # --time: Ultralytics fits the epochs
+        if budget:
+            log(
+                f"{self.stage}: about {max(1, int(budget // epoch_s))} epochs' training passes fit its "
+                f"{duration(budget)} ({epoch_s:.1f} s each; estimate from the first {self.batches} batches, "
+                "validation not included)"
+            )
+            return
+        baseline = (f"; at Ultralytics' 640 px about {duration(epoch_s * epochs * self.baseline_factor)} "
+                    "(estimate: time ~ pixels)" if self.baseline_factor else "")  # fmt: skip
+        for name, n, ratio, maybe in self.later:  # the whole run: later stages at their own image size
+            baseline += (f"; then {name}{' (if it runs)' if maybe else ''} about {duration(epoch_s * ratio * n)} "
+                         f"for {n} epochs (estimate: time ~ pixels)")  # fmt: skip
+        log(
+            f"{self.stage}: about {duration(epoch_s * epochs)} for {epochs} epochs' training passes "
+            f"({epoch_s:.1f} s each; estimate from the first {self.batches} batches, validation not "
+            f"included){baseline}"
+        )
+
+    def _update(self, trainer: Any, fraction: float, done: bool = False) -> None:
+        if self.on_update:
+            self.on_update(
+                StageProgress(
+                    self.stage,
+                    trainer.epoch,
+                    max(trainer.epochs, trainer.epoch + 1),
+                    fraction,
+                    self.last_rate,
+                    self.last_map,
+                    done,
+                    self.batches,
+                    len(trainer.train_loader) if getattr(trainer, "train_loader", None) is not None else 0,
+                )
+            )
+
+    def on_val_start(self, validator: Any) -> None:
+        # The per-epoch validation runs with the trainer (validator.training); final_eval() validates best.pt alone.
+        self.in_final_eval = not validator.training
+
+    def apply_threads(self, _trainer_or_validator: Any) -> None:
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+
+    def on_train_epoch_end(self, trainer: Any) -> None:
+        import torch
+
+        self.threads_used = torch.get_num_threads()
+        resident = getattr(trainer, "fast_resident", None)
+        self.fast_store = None if resident is None else "ram" if resident else "memmap"
+        self.train_times[trainer.epoch] = time.perf_counter() - self.starts[trainer.epoch]
+        self.images = len(trainer.train_loader.dataset)
+        self.iterations = len(trainer.train_loader)
+        seconds = self.train_times[trainer.epoch]
+        self.last_rate = round(self.images / seconds, 1) if seconds > 0 else None
+
+    def on_model_save(self, trainer: Any) -> None:
+        # last.pt is written in place (a kill mid-write corrupts it) and stripped of its optimizer by final_eval();
+        # resume.pt is an atomic copy that always holds the last complete, resumable epoch.
+        last = Path(trainer.last)
+        tmp = last.with_name(f".{RESUME_NAME}.tmp")
+        shutil.copyfile(last, tmp)
+        os.replace(tmp, last.with_name(RESUME_NAME))
+
+    def on_fit_epoch_end(self, trainer: Any) -> None:
+        # Also fired once more by final_eval() for the last epoch; keep the first (the epoch's own).
+        if trainer.epoch in self.starts and trainer.epoch not in self.epoch_times:
+            self.epoch_times[trainer.epoch] = time.perf_counter() - self.starts[trainer.epoch]
+            self.ends[trainer.epoch] = time.perf_counter() - self.t0
+            score = (getattr(trainer, "metrics", None) or {}).get("metrics/mAP50-95(B)")
+            if score is not None and math.isfinite(score):  # NaN: an epoch --val-every did not validate
+                self.last_map = round(float(score), 4)
+            self._update(trainer, 1.0, done=True)
+            # Ranks agree (one all-reduce per epoch) so that all stop after the same saved epoch, whichever got
+            # the signal: a rank that went on alone would wait forever in the next epoch's first collective.
+            # Rank 0 alone knows whether Ultralytics stops here anyway (last epoch, early stopping): it tells the
+            # others after this callback, so its word is gathered too.
+            finishing = bool(trainer.stop)
+            if self.collective:
+                states = distributed.gather((self.stop_signal if self.stop_requested else None, finishing))
+                signals = [sig for sig, _ in states if sig]
+                if signals and not self.stop_requested:  # the signal reached other ranks only
+                    self.stop_requested, self.stop_signal = True, signals[0]
+                finishing = states[0][1]
+            if self.stop_requested and not finishing:
+                raise StopRequested(f"stopped after epoch {trainer.epoch + 1}")
+
+
+def join_group(device: Any) -> None:
+    """Join the ranks' process group on `device`, Ultralytics imported first: its import runs a barrier when a group
+    exists (utils/__init__.py SettingsManager, 8.4.190), so a rank importing it after joining would wait there for
+    the others, which import it elsewhere. Importing this module imported it."""
+    distributed.join(device)

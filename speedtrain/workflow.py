@@ -17,8 +17,8 @@ from speedtrain import dataset, hardware, planner, render, resize, runner, ultra
 from speedtrain.dataset import DatasetStats
 from speedtrain.errors import DatasetError, Terminated, UsageError
 from speedtrain.hardware import HardwareSnapshot
+from speedtrain.knobs import Overrides, Stage
 from speedtrain.parallel import Progress
-from speedtrain.planner import Overrides, Stage
 from speedtrain.records import DatasetSummary, OnProgress, Planned, Preparation, StageResult, TuneResult
 from speedtrain.speedreport import REPORT_NAME, SpeedReport
 from speedtrain.util import check_free_disk, existing_parent, utc_now
@@ -81,7 +81,7 @@ def make_plan(
     if extra_args:
         extra = planner.parse_extra_args(list(extra_args), ultra_args.defaults())
         overrides = replace(overrides, extra=overrides.extra + extra)
-    runner.check_model(overrides.model)
+    check_model(overrides.model)
     if str(overrides.device).strip().lower() == "mps" and not hardware_file and not _has_mps():
         raise UsageError(
             f"--device mps: Apple's GPU, and this is {platform.system()} on {platform.machine()}; use --device cpu"
@@ -359,3 +359,34 @@ def _check_disk(planned: Planned, project: Path) -> None:
     need = CHECKPOINT_ROOM_GB + (planned.stats.decoded_gb(None) if disk_cache else 0.0)
     remedy = "checkpoints and the disk image cache: try --cache none or free some space"
     check_free_disk(project, need, "the run", remedy if disk_cache else "checkpoints: free some space")
+
+
+def check_model(requested: str | None) -> None:
+    """Refuse a --model file that cannot be a YOLO model, with what was found, before any work (no import)."""
+    if not requested:
+        return
+    path = Path(requested)
+    if not path.exists():
+        return  # a model name (yolo26n, yolo11s.yaml) that Ultralytics resolves; resolve_model checks it
+    if path.is_dir():
+        raise UsageError(f"--model {requested}: a folder; expected a .pt checkpoint or a model .yaml file")
+    suffix = path.suffix.lower()
+    if suffix == ".pt":
+        with path.open("rb") as f:
+            head = f.read(4)
+        if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save: a zip, or a legacy pickle
+            found = "an empty file" if not head else "text" if head.isascii() else f"bytes {head.hex()}"
+            raise UsageError(f"--model {requested}: not a PyTorch checkpoint (found {found}); expected a YOLO .pt")
+    elif suffix in (".yaml", ".yml"):
+        from speedtrain.dataset import load_yaml
+
+        try:
+            cfg = load_yaml(path)
+        except DatasetError as exc:
+            raise UsageError(f"--model {exc}") from None
+        if not isinstance(cfg, dict) or not {"backbone", "head"} <= set(cfg):
+            raise UsageError(f"--model {requested}: not a YOLO model yaml (no backbone: and head: sections)")
+    else:
+        raise UsageError(
+            f"--model {requested}: a {suffix or 'suffix-less'} file; expected a .pt checkpoint or a model .yaml"
+        )

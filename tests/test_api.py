@@ -150,7 +150,7 @@ def test_a_run_of_several_nodes_is_resumed_through_its_launcher(tmp_path, monkey
     """A run planned for torchrun's WORLD_SIZE 16 on nodes of 2 GPUs cannot be started again as local ranks."""
     from conftest import fake_stats
 
-    from speedtrain.planner import Overrides
+    from speedtrain.knobs import Overrides
 
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)

@@ -314,7 +314,7 @@ def test_a_log_hears_from_a_long_epoch_every_30_seconds(monkeypatch):
     import io
 
     from speedtrain import cli
-    from speedtrain.runner import StageProgress
+    from speedtrain.records import StageProgress
 
     clock = [1000.0]
     monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])

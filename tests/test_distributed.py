@@ -21,7 +21,7 @@ import psutil
 import pytest
 from conftest import wait_for
 
-from speedtrain import distributed, oom, runner
+from speedtrain import checkpoints, distributed, oom
 
 HARD_TIMEOUT = 240  # seconds for any one launch: a healthy one takes 15-40 s on 2 cores
 
@@ -222,10 +222,10 @@ def test_under_torchrun_with_max_restarts_an_oom_restarts_the_same_run_one_batch
 
 def _wait_for_epoch(run_dir: Path, tree: Tree, epoch: int) -> None:
     """Until `epoch` (1-based) is saved and the next one is under way."""
-    checkpoint = run_dir / "main" / "weights" / runner.RESUME_NAME
+    checkpoint = run_dir / "main" / "weights" / checkpoints.RESUME_NAME
 
     def saved() -> bool:
-        return checkpoint.exists() and runner.checkpoint_epoch(checkpoint) + 1 >= epoch
+        return checkpoint.exists() and checkpoints.checkpoint_epoch(checkpoint) + 1 >= epoch
 
     assert wait_for(lambda: saved() or tree.proc.poll() is not None, timeout=HARD_TIMEOUT)
     assert tree.proc.poll() is None, tree.proc.communicate()[0][-3000:]
@@ -247,7 +247,9 @@ def test_a_signal_to_the_launcher_stops_every_rank_after_the_same_saved_epoch(ma
     done = stage["measured"]["epochs_done"]
     assert 1 <= done < epochs
     assert doc["run"]["stopped_by"] == signal.Signals(sig).name
-    assert runner.checkpoint_epoch(run_dir / "main" / "weights" / runner.RESUME_NAME) + 1 == done  # saved, all of it
+    assert (
+        checkpoints.checkpoint_epoch(run_dir / "main" / "weights" / checkpoints.RESUME_NAME) + 1 == done
+    )  # saved, all of it
     assert f"--resume {run_dir}" in out
     code, out = trees(_speedtrain("train", "--resume", str(run_dir))).wait()
     assert code == 0, out[-4000:]
@@ -267,7 +269,7 @@ def test_a_signal_to_one_rank_stops_them_all_after_the_same_epoch(make_dataset, 
     doc = _report(run_dir)
     assert (doc["stages"][0]["status"], doc["run"]["stopped_by"]) == ("interrupted", "SIGTERM")
     done = doc["stages"][0]["measured"]["epochs_done"]
-    assert runner.checkpoint_epoch(run_dir / "main" / "weights" / runner.RESUME_NAME) + 1 == done < epochs
+    assert checkpoints.checkpoint_epoch(run_dir / "main" / "weights" / checkpoints.RESUME_NAME) + 1 == done < epochs
 
 
 @pytest.mark.slow

@@ -18,9 +18,9 @@ from PIL import Image
 from rich.console import Console
 from typer.testing import CliRunner
 
-from speedtrain import planner, render, runner, workflow
+from speedtrain import checkpoints, planner, render, workflow
 from speedtrain.cli import app
-from speedtrain.planner import Overrides
+from speedtrain.knobs import Overrides
 
 TINY = {"imgsz": 64, "finetune": "no", "prepare": "no"}
 
@@ -79,7 +79,7 @@ def test_interrupted_training_resumes_where_it_stopped(make_dataset, tmp_path, s
     proc = subprocess.Popen(
         _train_cmd(root, project, epochs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    checkpoint = project / "train" / "main" / "weights" / runner.RESUME_NAME
+    checkpoint = project / "train" / "main" / "weights" / checkpoints.RESUME_NAME
     assert wait_for(lambda: checkpoint.exists() or proc.poll() is not None, timeout=180)
     assert proc.poll() is None, proc.communicate()[0][-3000:]
     proc.send_signal(sig)
@@ -96,7 +96,7 @@ def test_interrupted_training_resumes_where_it_stopped(make_dataset, tmp_path, s
     else:  # killed: the report still says which stage was running
         assert proc.returncode == -signal.SIGKILL
         assert main["status"] == "running"
-    done_before = runner.checkpoint_epoch(checkpoint) + 1
+    done_before = checkpoints.checkpoint_epoch(checkpoint) + 1
     assert 1 <= done_before < epochs
     saved_rows = _csv_rows(project / "train" / "main")[:done_before]
     again = subprocess.run([*_train_cmd(root, project, epochs)[:4], "--resume", str(project / "train")],
@@ -309,11 +309,11 @@ def test_resume_with_every_checkpoint_damaged_stops_and_keeps_the_saved_epochs(m
     root, project, epochs = make_dataset(16, 4), tmp_path / "runs", 6
     proc = subprocess.Popen(_train_cmd(root, project, epochs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     weights = project / "train" / "main" / "weights"
-    assert wait_for(lambda: (weights / runner.RESUME_NAME).exists() and runner.checkpoint_epoch(
-        weights / runner.RESUME_NAME) >= 1 or proc.poll() is not None, timeout=240)  # fmt: skip
+    assert wait_for(lambda: (weights / checkpoints.RESUME_NAME).exists() and checkpoints.checkpoint_epoch(
+        weights / checkpoints.RESUME_NAME) >= 1 or proc.poll() is not None, timeout=240)  # fmt: skip
     proc.kill()
     proc.wait(timeout=60)
-    for name in (runner.RESUME_NAME, "last.pt"):
+    for name in (checkpoints.RESUME_NAME, "last.pt"):
         _truncate(weights / name)
     rows, best = _csv_rows(project / "train" / "main"), (weights / "best.pt").read_bytes()
     again = subprocess.run([*_train_cmd(root, project, epochs)[:4], "--resume", str(project / "train")],
@@ -342,7 +342,7 @@ def test_a_run_stopped_after_its_last_epoch_resumes_to_finished_without_training
     doc["stages"][0].update(status="running", measured=None, note="")
     report.write_text(json.dumps(doc))
     weights = project / "train" / "main" / "weights"
-    _truncate(weights / runner.RESUME_NAME)
+    _truncate(weights / checkpoints.RESUME_NAME)
     rows, best = _csv_rows(project / "train" / "main"), (weights / "best.pt").read_bytes()
     again = subprocess.run([*_train_cmd(root, project, 2)[:4], "--resume", str(project / "train")],
                            capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import CUDA_OOM, run_benchmark, table_rows, tree_hash
 
-from speedtrain import oom, runner, ultra, workflow
+from speedtrain import checkpoints, oom, recovery, runner, ultra, workflow
 from speedtrain.errors import TrainingError, UsageError
-from speedtrain.planner import Overrides
+from speedtrain.knobs import Overrides
 from speedtrain.records import StageResult
 
 
@@ -84,7 +84,7 @@ def test_host_memory_policy_gives_up_cache_then_workers_never_the_batch(tmp_path
     assert (stage.batch, stage.workers, stage.cache) == (48, 16, "ram")
     steps = []
     for _ in range(5):
-        stage, fallback = runner._relieve_host_memory(stage, tmp_path, MemoryError(WORKER_MEMORY), lambda _: None)
+        stage, fallback = recovery.relieve_host_memory(stage, tmp_path, MemoryError(WORKER_MEMORY), lambda _: None)
         steps.append((fallback.change, fallback.kind, stage.batch))
         if stage.workers == 1:
             break
@@ -97,7 +97,7 @@ def test_host_memory_policy_gives_up_cache_then_workers_never_the_batch(tmp_path
     ]
     last = replace(stage, workers=0)
     with pytest.raises(TrainingError) as err:
-        runner._relieve_host_memory(last, tmp_path, MemoryError(WORKER_MEMORY), lambda _: None)
+        recovery.relieve_host_memory(last, tmp_path, MemoryError(WORKER_MEMORY), lambda _: None)
     assert "host RAM ran out with no RAM cache and no dataloader workers" in str(err.value)
 
 
@@ -259,10 +259,10 @@ def test_epoch_curves_read_ultralytics_results_csv(tmp_path):
             "4,240.0,1.2,2.4,1.2,nan,nan,nan,nan,nan,nan,nan,0.001,0.001,0.001",  # not validated (--val-every)
             "5,300.0,1.1,2.3,1.1,0.6,0.5,0.45,0.25,1.3,1.9,1.2,0.001,0.001,0.001"]  # fmt: skip
     (tmp_path / "results.csv").write_text("\n".join([head, *rows]) + "\n")
-    assert runner.epoch_curves(tmp_path / "results.csv") == ((0.131, 0.2, 0.25), (5.9, 5.0, 4.5), (1, 2, 5))
-    assert runner.epoch_curves(tmp_path / "missing.csv") == ((), (), ())
-    assert runner.validated_epochs((1, 2, 5)) == (1, 2, 5)
-    assert runner.validated_epochs((1, 2, 3)) == ()  # every epoch: nothing to number
+    assert checkpoints.epoch_curves(tmp_path / "results.csv") == ((0.131, 0.2, 0.25), (5.9, 5.0, 4.5), (1, 2, 5))
+    assert checkpoints.epoch_curves(tmp_path / "missing.csv") == ((), (), ())
+    assert checkpoints.validated_epochs((1, 2, 5)) == (1, 2, 5)
+    assert checkpoints.validated_epochs((1, 2, 3)) == ()  # every epoch: nothing to number
 
 
 def test_run_folders_are_never_reused(tmp_path):
@@ -356,7 +356,7 @@ def test_ctrl_c_in_a_forked_dataloader_worker_is_ignored():
     import multiprocessing
     import signal
 
-    recorder, lines = runner._Recorder(), []
+    recorder, lines = ultra.Recorder(), []
 
     def worker(queue):
         os.kill(os.getpid(), signal.SIGINT)  # twice: a second Ctrl-C would raise KeyboardInterrupt in the owner
@@ -387,7 +387,7 @@ def test_ctrl_c_in_a_forked_dataloader_worker_is_ignored():
 def test_the_stop_message_promises_only_what_happens(sig, says):
     import signal
 
-    recorder, lines = runner._Recorder(), []
+    recorder, lines = ultra.Recorder(), []
     before = {s: signal.getsignal(s) for s in runner.GRACEFUL_SIGNALS}
     with runner._graceful_sigint(recorder, lines.append):
         os.kill(os.getpid(), getattr(signal, sig))
@@ -403,7 +403,7 @@ def test_a_relayed_signal_is_the_same_request_and_a_later_one_stops_at_once(monk
     within RELAY_S is the same request; a second Ctrl-C after that stops at once."""
     import signal
 
-    recorder, lines = runner._Recorder(), []
+    recorder, lines = ultra.Recorder(), []
     with runner._graceful_sigint(recorder, lines.append):
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)  # the launcher's copy: no KeyboardInterrupt
@@ -444,9 +444,9 @@ def test_the_time_estimate_rests_on_the_steady_batches_of_the_first_epoch(monkey
     from types import SimpleNamespace
 
     clock = [100.0]
-    monkeypatch.setattr(runner.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(ultra.time, "perf_counter", lambda: clock[0])
     said: list[str] = []
-    rec = runner._Recorder(stage="main", log=said.append, baseline_factor=(640 / 416) ** 2,
+    rec = ultra.Recorder(stage="main", log=said.append, baseline_factor=(640 / 416) ** 2,
                            later=(("finetune", 25, (640 / 416) ** 2, True),))  # fmt: skip
     trainer = SimpleNamespace(epoch=0, epochs=5, train_loader=[None] * 20, args=SimpleNamespace(time=None))
     assert "on_train_batch_end" in rec.callbacks()
@@ -459,7 +459,7 @@ def test_the_time_estimate_rests_on_the_steady_batches_of_the_first_epoch(monkey
                     "batches, validation not included); at Ultralytics' 640 px about 2m 28s (estimate: time ~ "
                     "pixels); then finetune (if it runs) about 12m 20s for 25 epochs (estimate: time ~ "
                     "pixels)"]  # fmt: skip
-    timed = runner._Recorder(stage="main", log=said.append)  # --time: how many epochs fit the stage's share
+    timed = ultra.Recorder(stage="main", log=said.append)  # --time: how many epochs fit the stage's share
     trainer.args.time = 0.05  # 3 minutes
     timed.on_train_epoch_start(trainer)
     for n in range(1, 9):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from speedtrain import workflow
 from speedtrain.errors import DatasetError, DiskSpaceError, UsageError
-from speedtrain.planner import Overrides
+from speedtrain.knobs import Overrides
 from speedtrain.speedreport import REPORT_NAME, SpeedReport
 
 DATA = Path(__file__).parent / "data"
