@@ -498,21 +498,9 @@ def _batch(
     n = max(ranks or gpus, 1) if gpus else 1
     chain = BATCH_CHAIN if gpus else CPU_BATCH_CHAIN
     if requested is not None:
-        if requested <= 0:
-            raise UsageError(f"--batch-size {requested}: must be a positive number of images")
-        if requested < max(ranks, 1):  # Ultralytics gives each rank batch // ranks images: 0 fails minutes later
-            raise UsageError(
-                f"--batch-size {requested}: the total batch is shared by {ranks} ranks, each needs at least one "
-                f"image; use --batch-size {ranks} or more (e.g. {ranks * 8}: 8 per rank)"
-            )
-        per_gpu = max(1, requested // n)
-        return requested, tuple(c * n for c in chain if c < per_gpu), "set by user"
+        return _user_batch(requested, n, chain, ranks)
     if not gpus:
-        batch = next(b for ram, b in CPU_BATCH_BY_RAM_GB if hw.ram_available_gb >= ram)
-        why = f"{batch}: CPU training, sized by {hw.ram_available_gb:.0f} GB RAM"
-        if ranks > batch:  # every CPU rank needs at least one image of the total
-            batch, why = ranks, f"{ranks}: one image for each of {ranks} CPU ranks"
-        return batch, tuple(c for c in chain if c < batch and c >= max(ranks, 1)), why
+        return _cpu_batch(hw, chain, ranks)
     free = min((g.free_vram_gb for g in selected_gpus(hw, device)), default=0.0)
     scale = model_scale(model)
     per_image = GB_PER_IMAGE_NANO_416 * MODEL_SCALE_MEMORY[scale] * (imgsz / MAIN_IMGSZ) ** 2
@@ -525,6 +513,28 @@ def _batch(
     if n > 1:
         reason += f"; x {n} GPUs = {per_gpu * n}"
     return per_gpu * n, tuple(c * n for c in chain if c < per_gpu), reason
+
+
+def _user_batch(requested: int, n: int, chain: tuple[int, ...], ranks: int) -> tuple[int, tuple[int, ...], str]:
+    """--batch-size as given (the total over `n` GPUs), with the chain below it for out-of-memory fallbacks."""
+    if requested <= 0:
+        raise UsageError(f"--batch-size {requested}: must be a positive number of images")
+    if requested < max(ranks, 1):  # Ultralytics gives each rank batch // ranks images: 0 fails minutes later
+        raise UsageError(
+            f"--batch-size {requested}: the total batch is shared by {ranks} ranks, each needs at least one "
+            f"image; use --batch-size {ranks} or more (e.g. {ranks * 8}: 8 per rank)"
+        )
+    per_gpu = max(1, requested // n)
+    return requested, tuple(c * n for c in chain if c < per_gpu), "set by user"
+
+
+def _cpu_batch(hw: HardwareSnapshot, chain: tuple[int, ...], ranks: int) -> tuple[int, tuple[int, ...], str]:
+    """CPU training: a batch by available RAM, at least one image per CPU rank."""
+    batch = next(b for ram, b in CPU_BATCH_BY_RAM_GB if hw.ram_available_gb >= ram)
+    why = f"{batch}: CPU training, sized by {hw.ram_available_gb:.0f} GB RAM"
+    if ranks > batch:  # every CPU rank needs at least one image of the total
+        batch, why = ranks, f"{ranks}: one image for each of {ranks} CPU ranks"
+    return batch, tuple(c for c in chain if c < batch and c >= max(ranks, 1)), why
 
 
 def _refuse_impossible_batch(hw: HardwareSnapshot, stage: Stage, gpus: int) -> None:

@@ -21,7 +21,7 @@ from speedtrain.dataset import Problem
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.knobs import TrainPlan
 from speedtrain.records import DatasetSummary, Preparation, ResizeSummary, StageProgress, StageResult, TuneResult
-from speedtrain.speedreport import SpeedReport
+from speedtrain.speedreport import SpeedReport, StageReport
 from speedtrain.util import duration, spread
 
 MEASURED_CAPTION = (
@@ -243,34 +243,39 @@ def render_measured(rep: SpeedReport) -> RenderableType:
             _num(m.metric("mAP50-95"), "{:.3f}"),
             _num(m.score_at(640), "{:.3f}"),
         )
-        if m.epoch_map50_95:
-            notes.append(accuracy_line(name, m.epoch_map50_95, m.epoch_loss, s.stage.imgsz, m.epoch_validated))
-        if m.val_every > 1 or m.epoch_validated:
-            notes.append(cadence_line(name, m, s.stage.val_every))
-        if m.estimated_epoch_s and m.train_times_s:
-            notes.append(estimate_line(name, m))
-        for oom in m.oom_fallbacks:
-            notes.append(
-                f"{name}: out of memory at batch {oom.from_batch}, continued with {oom.to_batch} "
-                f"(epoch {oom.epoch}, {oom.at})"
-            )
-        if s.status == "interrupted" and s.note:
-            notes.append(f"{name}: {s.note}")
-        if m.threads or m.cpu_util_mean is not None:
-            threads = f"{m.threads} torch threads, " if m.threads else ""
-            notes.append(f"{name}: {threads}CPU busy {_num(m.cpu_util_mean, '{:.0f}')} % (all cores)")
-        notes.extend(rank_notes(name, m))
-        if m.fast_store:
-            where = "read into RAM" if m.fast_store == "ram" else "memory-mapped from disk"
-            notes.append(f"{name}: fast pipeline store {where}")
-        if m.latency_ms:
-            at = ", ".join(f"{ms:.1f} ms at {size}" for size, ms in m.latency_ms)
-            notes.append(
-                f"{name}: inference {at} px (batch 1, on {s.stage.device.split(',')[0]}, median; network alone)"
-            )
-        if m.weights:
-            notes.append(f"{name} weights: {m.weights}")
+        notes += stage_notes(s)
     return Group(table, *[Text(n) for n in notes])
+
+
+def stage_notes(s: StageReport) -> list[str]:
+    """The lines under the measured table for one stage that ran: its learning, validation cadence, time estimate,
+    out-of-memory steps, threads and CPU, ranks, fast-pipeline store, inference latency and weights."""
+    name, m = s.stage.name, s.measured
+    assert m is not None
+    notes = []
+    if m.epoch_map50_95:
+        notes.append(accuracy_line(name, m.epoch_map50_95, m.epoch_loss, s.stage.imgsz, m.epoch_validated))
+    if m.val_every > 1 or m.epoch_validated:
+        notes.append(cadence_line(name, m, s.stage.val_every))
+    if m.estimated_epoch_s and m.train_times_s:
+        notes.append(estimate_line(name, m))
+    notes += [f"{name}: out of memory at batch {oom.from_batch}, continued with {oom.to_batch} (epoch {oom.epoch}, "
+              f"{oom.at})" for oom in m.oom_fallbacks]  # fmt: skip
+    if s.status == "interrupted" and s.note:
+        notes.append(f"{name}: {s.note}")
+    if m.threads or m.cpu_util_mean is not None:
+        threads = f"{m.threads} torch threads, " if m.threads else ""
+        notes.append(f"{name}: {threads}CPU busy {_num(m.cpu_util_mean, '{:.0f}')} % (all cores)")
+    notes.extend(rank_notes(name, m))
+    if m.fast_store:
+        where = "read into RAM" if m.fast_store == "ram" else "memory-mapped from disk"
+        notes.append(f"{name}: fast pipeline store {where}")
+    if m.latency_ms:
+        at = ", ".join(f"{ms:.1f} ms at {size}" for size, ms in m.latency_ms)
+        notes.append(f"{name}: inference {at} px (batch 1, on {s.stage.device.split(',')[0]}, median; network alone)")
+    if m.weights:
+        notes.append(f"{name} weights: {m.weights}")
+    return notes
 
 
 def accuracy_line(

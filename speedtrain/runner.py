@@ -280,14 +280,7 @@ def train_stage(
     if previous and checkpoint is None:
         log(f"{stage.name}: no checkpoint of an earlier epoch; starting the stage again")
     world = distributed.world()
-    leader = world is None or world.leader
-    recorder = ultra.Recorder(threads=stage.threads, stage=stage.name, on_update=on_update,
-                              collective=world is not None, log=log if leader else None)  # fmt: skip
-    if stage.imgsz < BASELINE_IMGSZ:
-        recorder.baseline_factor = (BASELINE_IMGSZ / stage.imgsz) ** 2
-    recorder.later = tuple((s.name, s.epochs, (s.imgsz / stage.imgsz) ** 2, s.when != "always") for s in later)
-    if stage.val_every != 1:
-        recorder.cadence = ultra.ValCadence(every=stage.val_every, patience=stage.patience)
+    recorder = _recorder(stage, later, world, on_update, log)
     fallbacks: list[OomFallback] = list(previous.oom_fallbacks) if previous else []
     current = replace(stage, batch=previous.batch if previous and checkpoint else stage.batch)
     gpu_ids = stage.gpu_ids
@@ -326,6 +319,24 @@ def train_stage(
     if world is not None:
         result = replace(result, ranks=_gather_rank_figures(result, world, trainer, gpu_ids))
     return replace(result, note=note) if note else result
+
+
+def _recorder(
+    stage: Stage, later: tuple[Stage, ...], world: distributed.World | None, on_update: OnProgress | None, log: Log
+) -> Recorder:
+    """The stage's callback adapter: its threads, progress, the time estimate (rank 0's) against the baseline at
+    Ultralytics' 640 and the later stages, and the validation cadence."""
+    from speedtrain import ultra
+
+    leader = world is None or world.leader
+    recorder = ultra.Recorder(threads=stage.threads, stage=stage.name, on_update=on_update,
+                              collective=world is not None, log=log if leader else None)  # fmt: skip
+    if stage.imgsz < BASELINE_IMGSZ:
+        recorder.baseline_factor = (BASELINE_IMGSZ / stage.imgsz) ** 2
+    recorder.later = tuple((s.name, s.epochs, (s.imgsz / stage.imgsz) ** 2, s.when != "always") for s in later)
+    if stage.val_every != 1:
+        recorder.cadence = ultra.ValCadence(every=stage.val_every, patience=stage.patience)
+    return recorder
 
 
 def _gather_rank_figures(
@@ -422,6 +433,9 @@ RELAY_S = 2.0  # a second signal this soon after the first is the same request r
 GRACEFUL_SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None)) if s is not None)
 
 
+NOTHING_BEFORE = StageResult("", "completed", 0, 0, 0, 0)  # a stage with no earlier part: every figure empty
+
+
 def _stage_result(
     stage: Stage,
     batch: int,
@@ -435,18 +449,16 @@ def _stage_result(
     status: ResultStatus | None,
     previous: StageResult | None,
 ) -> StageResult:
+    """What the stage measured: this process's callbacks, the monitor, results.csv, and the part of the stage an
+    earlier (interrupted) run trained, `previous`."""
+    before = previous or NOTHING_BEFORE
     epoch_times, train_times = _merged_times(rec, stage_dir, previous)
-    images, iterations = rec.images or (previous.images_per_epoch if previous else 0), rec.iterations
+    images, iterations = rec.images or before.images_per_epoch, rec.iterations
     timed = train_times or epoch_times
     done = max([*rec.epoch_times, -1]) + 1 or len(epoch_times)
     summary = monitor.summary()
     curve_map, curve_loss, curve_epochs = checkpoints.epoch_curves(stage_dir / "results.csv")
-    best, last = stage_dir / "weights" / "best.pt", stage_dir / "weights" / "last.pt"
-    if not status:
-        fitted = int(getattr(trainer, "epochs", 0) or 0) if "time" in dict(stage.extra) else 0
-        status = "completed" if done >= (fitted or stage.epochs) else "early-stopped"  # --time: Ultralytics' epochs
-    by = f" by {rec.stop_signal}" if rec.stop_signal and rec.stop_signal != "SIGINT" else ""
-    note = f"interrupted{by} after epoch {done}; resume with --resume" if status == "interrupted" else ""
+    status = status or _ended(stage, trainer, done)
     return StageResult(
         name=stage.name,
         status=status,
@@ -465,29 +477,56 @@ def _stage_result(
         gpu_mem_peak_gb=_peak_memory_gb(summary.gpu_mem_peak_gb),
         cpu_util_mean=summary.cpu_util_mean,
         ram_used_peak_gb=summary.ram_used_peak_gb,
-        threads=rec.threads_used or (previous.threads if previous else None),
-        fast_store=rec.fast_store or (previous.fast_store if previous else None),
+        threads=rec.threads_used or before.threads,
+        fast_store=rec.fast_store or before.fast_store,
         oom_fallbacks=tuple(fallbacks),
         best_metrics=_metrics(metrics),
-        weights=str(best) if best.is_file() else None,
-        last_weights=str(last) if last.is_file() else None,
+        **_weights(stage_dir),
         save_dir=str(stage_dir),
-        wall_time_s=round(wall + (previous.wall_time_s if previous else 0.0), 2),
-        note=note,
-        stopped_by=rec.stop_signal if status == "interrupted" else None,
+        wall_time_s=round(wall + before.wall_time_s, 2),
+        **_stopped(rec, status, done),
         epoch_map50_95=curve_map,
         epoch_loss=curve_loss,
         epoch_validated=checkpoints.validated_epochs(curve_epochs),
-        val_every=rec.cadence.cadence if rec.cadence else 1,
-        val_time_s=round(sum(rec.cadence.val_s.values()), 2) if rec.cadence else 0.0,
-        val_saved_s=round(rec.cadence.saved_s(), 1) if rec.cadence else 0.0,
-        estimated_epoch_s=previous.estimated_epoch_s
-        if previous and previous.estimated_epoch_s
-        else (rec.estimated_epoch_s),
-        estimated_from_batches=(
-            previous.estimated_from_batches if previous and previous.estimated_epoch_s else rec.estimated_from
-        ),
+        **_cadence_figures(rec),
+        **_estimate(rec, before),
     )
+
+
+def _ended(stage: Stage, trainer: Any, done: int) -> ResultStatus:
+    """A stage that trained to its end: all its epochs (with --time, as many as Ultralytics fitted), or fewer when
+    early stopping ended it."""
+    fitted = int(getattr(trainer, "epochs", 0) or 0) if "time" in dict(stage.extra) else 0
+    return "completed" if done >= (fitted or stage.epochs) else "early-stopped"
+
+
+def _weights(stage_dir: Path) -> dict[str, Any]:
+    best, last = stage_dir / "weights" / "best.pt", stage_dir / "weights" / "last.pt"
+    return {"weights": str(best) if best.is_file() else None, "last_weights": str(last) if last.is_file() else None}
+
+
+def _stopped(rec: Recorder, status: ResultStatus, done: int) -> dict[str, Any]:
+    """An interrupted stage's note and the signal that stopped it."""
+    if status != "interrupted":
+        return {"note": "", "stopped_by": None}
+    by = f" by {rec.stop_signal}" if rec.stop_signal and rec.stop_signal != "SIGINT" else ""
+    return {"note": f"interrupted{by} after epoch {done}; resume with --resume", "stopped_by": rec.stop_signal}
+
+
+def _estimate(rec: Recorder, before: StageResult) -> dict[str, Any]:
+    """The epoch-time estimate, made once in the stage's first epoch: the earlier part's, or this process's."""
+    if before.estimated_epoch_s:
+        return {"estimated_epoch_s": before.estimated_epoch_s, "estimated_from_batches": before.estimated_from_batches}
+    return {"estimated_epoch_s": rec.estimated_epoch_s, "estimated_from_batches": rec.estimated_from}
+
+
+def _cadence_figures(rec: Recorder) -> dict[str, Any]:
+    """--val-every: the cadence the stage ended with, the seconds validating took and what skipping saved."""
+    if rec.cadence is None:
+        return {"val_every": 1, "val_time_s": 0.0, "val_saved_s": 0.0}
+    cadence = rec.cadence
+    return {"val_every": cadence.cadence, "val_time_s": round(sum(cadence.val_s.values()), 2),
+            "val_saved_s": round(cadence.saved_s(), 1)}  # fmt: skip
 
 
 def _merged_times(

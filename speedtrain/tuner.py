@@ -300,17 +300,8 @@ def decide(
                           plan_workers=plan_key[1], plan_cache=stage.cache)  # fmt: skip
     options = [_option(s, x) for s in timed for x in loaders]
     incumbent = next((o for o in options if (o.step.batch, o.loader.workers, o.loader.cache) == plan_key), None)
-    if incumbent is None:  # the plan's configuration could not be timed (out of memory, or no time): best wins
-        challengers = options
-    else:
-        challengers = [o for o in options if o.rate > incumbent.rate * (1 + beat_margin(incumbent, o))]
-    chosen = _best(challengers) if challengers else incumbent
-    assert chosen is not None
-    step_rate, load_rate = chosen.step.images_per_s or 0.0, chosen.loader.images_per_s
-    data_bound = load_rate < step_rate
-    factor = (
-        round(step_rate / load_rate if data_bound else load_rate / step_rate, 2) if min(step_rate, load_rate) else 1.0
-    )
+    chosen = _chosen(options, incumbent)
+    data_bound, factor = _bound(chosen)
     diagnosis = _diagnose(data_bound, factor, chosen.step, steps, stats, stage)
     if incumbent is not None:
         diagnosis.insert(0, _against_plan(chosen, incumbent, options, gpus))
@@ -334,6 +325,24 @@ def decide(
         plan_workers=plan_key[1],
         plan_cache=stage.cache,
     )
+
+
+def _chosen(options: list[_Option], incumbent: _Option | None) -> _Option:
+    """The plan's configuration, unless another beats it by more than the noise; the fastest when the plan's could
+    not be timed (out of memory, or no time)."""
+    if incumbent is None:
+        return _best(options)
+    challengers = [o for o in options if o.rate > incumbent.rate * (1 + beat_margin(incumbent, o))]
+    return _best(challengers) if challengers else incumbent
+
+
+def _bound(chosen: _Option) -> tuple[bool, float]:
+    """(data-bound, how many times faster the other side could go) for the chosen configuration."""
+    step_rate, load_rate = chosen.step.images_per_s or 0.0, chosen.loader.images_per_s
+    data_bound = load_rate < step_rate
+    if not min(step_rate, load_rate):
+        return data_bound, 1.0
+    return data_bound, round(step_rate / load_rate if data_bound else load_rate / step_rate, 2)
 
 
 def _option(step: StepProbe, loader: LoaderProbe) -> _Option:

@@ -1,0 +1,42 @@
+"""The code stays as easy to change as it is: no function too complex to follow (radon's cyclomatic complexity,
+D and worse, the `radon cc -n D speedtrain` check), and each record declared once, below the modules that read it.
+The layering itself is import-linter's (`lint-imports`, in CI)."""
+
+from __future__ import annotations
+
+import ast
+
+from conftest import REPO
+from radon.complexity import cc_rank, cc_visit
+
+PACKAGE = REPO / "speedtrain"
+RECORDS = ("StageResult", "RunResult", "OomFallback", "RankFigures", "StageProgress", "TuneResult", "ResizeSummary",
+           "DatasetSummary", "Preparation", "Planned", "Overrides", "Stage", "TrainPlan")  # fmt: skip
+
+
+def test_no_function_is_rated_d_or_worse():
+    found = [
+        f"{path.name}:{block.lineno} {block.fullname} {cc_rank(block.complexity)} ({block.complexity})"
+        for path in sorted(PACKAGE.glob("*.py"))
+        for block in cc_visit(path.read_text(encoding="utf-8"))
+        if cc_rank(block.complexity) not in "ABC"
+    ]
+    assert not found, "split these (radon cc -s speedtrain shows the branches):\n" + "\n".join(found)
+
+
+def test_each_record_is_declared_once_in_records_or_knobs():
+    where: dict[str, list[str]] = {}
+    for path in sorted(PACKAGE.glob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ClassDef) and node.name in RECORDS:
+                where.setdefault(node.name, []).append(path.name)
+    assert where == {name: ["knobs.py" if name in ("Overrides", "Stage", "TrainPlan") else "records.py"]
+                     for name in RECORDS}  # fmt: skip
+
+
+def test_the_runner_does_one_job():
+    """The stage loop: Ultralytics' callbacks are ultra.Recorder's, failures recovery.py's, a stage folder's
+    checkpoints checkpoints.py's."""
+    names = {n.name for n in ast.parse((PACKAGE / "runner.py").read_text(encoding="utf-8")).body
+             if isinstance(n, ast.FunctionDef | ast.ClassDef)}  # fmt: skip
+    assert not names & {"Recorder", "_Recorder", "resume_point", "checkpoint_epoch", "recover", "check_model"}
