@@ -22,23 +22,30 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from speedtrain import dataset as dataset_mod
-from speedtrain import distributed, hardware, knobs, launch, planner, resize, ultra_args, workflow
+from speedtrain import hardware, knobs, planner, resize, ultra_args, workflow
 from speedtrain.dataset import Problem
-from speedtrain.errors import PeerFailed, SpeedtrainError, UsageError
+from speedtrain.errors import SpeedtrainError, UsageError
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.knobs import Overrides
 from speedtrain.parallel import Progress
-from speedtrain.records import OnProgress, Planned, ResizeSummary, StageResult, TuneResult
+from speedtrain.records import (
+    Hooks,
+    Log,
+    OnEvent,
+    OnProgress,
+    Planned,
+    ProgressFactory,
+    ResizeSummary,
+    StageResult,
+    TuneResult,
+)
 from speedtrain.speedreport import SpeedReport
-from speedtrain.util import check_free_disk, closest, existing_parent
+from speedtrain.util import closest
 
 if TYPE_CHECKING:
     from speedtrain.comparison import Comparison
 
 PathLike = str | os.PathLike[str]
-Log = Callable[[str], None]
-OnEvent = Callable[[str, Any], None]
-ProgressFactory = Callable[[str], contextlib.AbstractContextManager[Progress | None]]
 CHOICES = {k.name: k.choices for k in knobs.KNOBS if k.choices}  # declared once, in speedtrain/knobs.py
 OVERRIDES = frozenset(k.name for k in knobs.KNOBS)
 
@@ -104,11 +111,11 @@ def tune(
     """Measure the model's step rate per batch and the dataloader's per workers and cache; the fastest setting."""
     if budget_s < 5:
         raise UsageError(f"budget_s {budget_s}: at least 5 seconds")
-    args = {"finetune": "no", "prepare": "no", **args}
     refuse_external_launcher()
     with process_state_restored():
-        planned = _planned(dataset, args, extra)
-        return workflow.autotune(planned, Path(project), budget_s=budget_s, retune=retune, log=log or _print)[1]
+        ov = overrides(args)
+        return workflow.tune(dataset, ov, tuple(extra), project=project, budget_s=budget_s, retune=retune,
+                             log=log or _print)  # fmt: skip
 
 
 def train(
@@ -138,83 +145,12 @@ def train(
     `on_event(kind, value)` hears "prepared" (a Preparation), "tuned" (a TuneResult) and "planned" (the SpeedReport
     about to run); `progress(label)` makes the context that reports the resize's (done, total).
     """
-    log, on_event = log or _print, on_event or (lambda _kind, _value: None)
-    world = distributed.world()
+    hooks = Hooks(log or _print, on_update, ask, on_event, progress)
     with process_state_restored():
-        workflow.check_run_folder(project, name)
-        if world is not None:  # torchrun, srun or another launcher started this process as one rank of several
-            return _train_as_rank(world, dataset, project, name, args, extra, allow_download, verbose, log,
-                                  on_event, autotune or retune, retune, budget_s)  # fmt: skip
-        planned = _planned(dataset, args, extra, None, allow_download)
-        if planned.plan.prepare_size:
-            with (progress or _no_progress)(f"resizing to {planned.plan.prepare_size} px") as resized:
-                planned = workflow.prepare_dataset(planned, Path(project), resized)
-            on_event("prepared", planned.prepared)
-        if autotune or retune:
-            planned, tuned = workflow.autotune(planned, Path(project), budget_s=budget_s, retune=retune, log=log)
-            on_event("tuned", tuned)
-        on_event("planned", planned.report())
-        if planned.plan.ranks > 1:  # several GPUs (or --nproc-per-node): speedtrain starts one rank each
-            _, run_dir = workflow.start(planned, project, name, log)
-            return launch.run(run_dir, planned.plan.ranks, quiet=not verbose, log=log)
-        rep, _ = workflow.execute(planned, project, name, ask=ask, log=log, on_update=on_update, quiet=not verbose)
-        return rep
-
-
-def _train_as_rank(
-    world: distributed.World,
-    dataset: PathLike | None,
-    project: PathLike,
-    name: str,
-    args: dict[str, Any],
-    extra: Sequence[str],
-    allow_download: bool,
-    verbose: bool,
-    log: Log,
-    on_event: OnEvent,
-    tune: bool,
-    retune: bool,
-    budget_s: float,
-) -> SpeedReport:
-    """One rank under an external launcher: rank 0 plans (for the launcher's WORLD_SIZE), prepares and starts the
-    run folder while the others wait; then every rank trains its shard. The others' errors name rank 0's."""
-    from speedtrain import ultra  # Ultralytics first, then the group
-
-    ultra.join_group(distributed.rank_device(str(args.get("device") or "")))
-    try:
-        # every node probes itself (its local rank 0); rank 0 plans for the weakest
-        mine = hardware.probe(existing_parent(Path(project))) if world.local_rank == 0 else None
-        machine = hardware.weakest([s for s in distributed.gather(mine) if s is not None])
-        outcome: tuple[str, Any] = ("error", None)
-        restarted = distributed.restarted_run(Path(project)) if world.leader else None
-        if restarted is not None:  # torchrun --max-restarts started the group again: go on with its run
-            outcome = ("resume", str(restarted))
-        elif world.leader:
-            try:
-                local = {"nproc_per_node": world.local_size}  # the launcher's ranks on this node
-                planned = _planned(dataset, {**args, **local}, extra, machine, allow_download, world=world.size)
-                if planned.plan.prepare_size:
-                    planned = workflow.prepare_dataset(planned, Path(project))
-                if tune:
-                    planned, _ = workflow.autotune(planned, Path(project), budget_s=budget_s, retune=retune, log=log)
-                on_event("planned", planned.report())
-                run_dir = workflow.start(planned, project, name, log)[1]
-                distributed.remember_run(Path(project), run_dir)
-                outcome = ("run", str(run_dir))
-            except SpeedtrainError as exc:
-                outcome = ("error", exc)
-        outcome = distributed.broadcast(outcome)
-        if outcome[0] == "error":
-            raise outcome[1] if world.leader else PeerFailed(f"rank 0 could not start the run: {outcome[1]}")
-        rep, _ = workflow.run_as_rank(outcome[1], resuming=outcome[0] == "resume",
-                                      log=log if world.leader else _silent, quiet=not verbose)  # fmt: skip
-        return rep
-    finally:
-        distributed.leave()
-
-
-def _silent(_line: str) -> None:
-    pass
+        return workflow.train(
+            dataset, overrides(args), tuple(extra), project=project, name=name, autotune_first=autotune,
+            retune=retune, budget_s=budget_s, allow_download=allow_download, quiet=not verbose, hooks=hooks,
+        )  # fmt: skip
 
 
 def compare(
@@ -240,28 +176,13 @@ def compare(
     `baseline_imgsz` says otherwise); `**args` shape the plan as for train()."""
     from speedtrain import comparison as compare_mod
 
-    budget_s = compare_mod.parse_budget(budget)
-    names = compare_mod.parse_arms(arms)
-    log = log or _print
+    budget_s, names = compare_mod.parse_budget(budget), compare_mod.parse_arms(arms)
     refuse_external_launcher()
     with process_state_restored():
-        workflow.check_run_folder(project, name)
-        planned = _planned(dataset, {**args, "finetune": "yes"}, extra)
-        from speedtrain import ultra
-
-        defaults = ultra.defaults()
-        workflow.check_ultralytics_args(planned)
-        base_size = baseline_imgsz or int(defaults["imgsz"])
-        need = len(names) * workflow.CHECKPOINT_ROOM_GB  # each arm's checkpoints (saved epochs go once scored)
-        check_free_disk(Path(project), need, f"comparing {len(names)} arms", "free some space")
-        run_dir = workflow.new_run_dir(project, name)
-        log(f"run folder: {run_dir}")
-        prepared, original_yaml, prepared_yaml, prepare_s = compare_mod.prepare_views(planned, Path(project))
-        arm_list = compare_mod.arms_for(prepared.plan, names, defaults, base_size)
-        return compare_mod.run(
-            prepared, arm_list, budget_s, run_dir, original_yaml=original_yaml, prepared_yaml=prepared_yaml,
-            prepare_s=prepare_s, val_imgsz=val_imgsz or base_size, seed=seed, log=log, on_update=on_update,
-            log_file=None if verbose else run_dir / workflow.ULTRALYTICS_LOG,
+        return compare_mod.compare(
+            dataset, overrides(args), tuple(extra), names, budget_s, val_imgsz=val_imgsz,
+            baseline_imgsz=baseline_imgsz, seed=seed, project=project, name=name, quiet=not verbose,
+            hooks=Hooks(log or _print, on_update),
         )  # fmt: skip
 
 
@@ -276,30 +197,8 @@ def resume(
     """Go on with an interrupted or killed run from its last saved epoch; the finished SpeedReport.
 
     A run of several ranks goes on with as many (speedtrain starts them; under a launcher, this process is one)."""
-    log = log or _print
-    world = distributed.world()
     with process_state_restored():
-        if world is not None:
-            from speedtrain import ultra  # Ultralytics first, then the group
-
-            ultra.join_group(distributed.rank_device(SpeedReport.from_json(Path(run_dir)).plan.device))
-            try:
-                return workflow.run_as_rank(run_dir, resuming=True, log=log if world.leader else _silent,
-                                            quiet=not verbose)[0]  # fmt: skip
-            finally:
-                distributed.leave()
-        planned_run = SpeedReport.from_json(Path(run_dir)).plan
-        ranks, gpus = planned_run.ranks, len(planned_run.stages[0].gpu_ids)
-        if ranks > 1 and gpus and ranks > gpus:
-            raise UsageError(
-                f"{run_dir}: this run trained as {ranks} ranks across nodes; go on with the launcher command that "
-                "started it (torchrun or srun on every node), with `train --resume RUN_DIR` in place of its flags"
-            )
-        if ranks > 1:
-            workflow.check_resumable(run_dir)
-            return launch.run(Path(run_dir).absolute(), ranks, resuming=True, quiet=not verbose, log=log)
-        rep, _ = workflow.resume(run_dir, ask=ask, log=log, on_update=on_update, quiet=not verbose)
-        return rep
+        return workflow.resume_run(run_dir, quiet=not verbose, hooks=Hooks(log or _print, on_update, ask))
 
 
 def report(run_dir: PathLike) -> SpeedReport:
@@ -349,11 +248,6 @@ def _planned(
 ) -> Planned:
     ov = dataclasses.replace(overrides(args), world=world)
     return workflow.make_plan(dataset, ov, tuple(extra), hardware_file, allow_download)
-
-
-@contextlib.contextmanager
-def _no_progress(_label: str) -> Iterator[Progress | None]:
-    yield None
 
 
 def _print(message: str) -> None:

@@ -16,23 +16,31 @@ classic single-script recipe (Adam at lr0 0.001, rect batches, patience 10).
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from rich.console import Group, RenderableType
+from rich.console import RenderableType
 from rich.jupyter import JupyterMixin
-from rich.table import Table
-from rich.text import Text
 
 from speedtrain import hardware, planner, resize, runner
 from speedtrain.errors import SpeedtrainError, UsageError
 from speedtrain.hardware import HardwareSnapshot
-from speedtrain.knobs import Stage, TrainPlan
-from speedtrain.records import DatasetSummary, OnProgress, Planned, StageResult
-from speedtrain.util import first_line, parse_duration, read_json, spread, utc_now, write_atomic
+from speedtrain.knobs import Overrides, Stage, TrainPlan
+from speedtrain.records import DatasetSummary, Hooks, OnProgress, Planned, StageResult
+from speedtrain.util import (
+    check_free_disk,
+    first_line,
+    fmt_map,
+    parse_duration,
+    read_json,
+    spread,
+    utc_now,
+    write_atomic,
+)
 
 ARMS = ("defaults", "plan", "plan-no-rect", "plan-rect", "plan-640", "plan+finetune", "plan-classic")
 # the classic single-script recipe: Adam at 0.001, rect batches, early stopping after 10 epochs
@@ -232,59 +240,15 @@ class Comparison(JupyterMixin):
     # --- rendering ---------------------------------------------------------------------------------------------
 
     def __rich__(self) -> RenderableType:
-        title = f"compare: {self.model} on {self.device}, {self.budget_s:.0f} s per arm"
-        caption = "mAP@N: the final weights' mAP50-95 at N px; ms@640: latency, batch 1"
-        table = Table(title=title, title_justify="left", caption=caption, caption_justify="left", box=None,
-                      padding=(0, 1), pad_edge=False, header_style="bold underline")  # fmt: skip
-        table.add_column("arm", no_wrap=True, min_width=max(len(a.name) for a in self.arms) if self.arms else 3)
-        for col in ("size", "batch", "epochs", "img/s", *[f"mAP@{s}" for s in self.val_sizes], "ms@640", "wall s"):
-            table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
-        for a in self.arms:
-            finals = [a.final_at(s) for s in self.val_sizes]
-            latency = dict(a.latency_ms).get(640)
-            table.add_row(
-                a.name, str(a.imgsz), str(a.batch), str(a.epochs_done), _num(a.images_per_s, "{:.1f}"),
-                *[fmt_map(f.map50_95) if f else "-" for f in finals], _num(latency, "{:.1f}"),
-                f"{a.wall_s:.0f}",
-            )  # fmt: skip
-        lines = [Text(self.time_to_accuracy(a.name).line, style="bold") for a in self.arms if a.name != "defaults"]
-        notes = [f"{a.name}: {a.note}" for a in self.arms if a.note]
-        missing = [n for n in self.requested if self.arm(n) is None]
-        if missing:
-            notes.append(f"not run (interrupted before them): {', '.join(missing)}")
-        if self.prepare_s:
-            notes.append(f"plan arms' clocks include {self.prepare_s:.1f} s of pre-resizing the dataset")
-        notes.append(
-            f"curves: every saved epoch validated afterwards at {self.val_imgsz} px (not counted in the budget); "
-            "latency: the trained network's forward pass on the training device"
-        )
-        return Group(table, *lines, *[Text(n) for n in notes], Text(f"saved: {Path(self.run_dir) / JSON_NAME}"))
+        from speedtrain import render
+
+        return render.render_comparison(self, saved=Path(self.run_dir) / JSON_NAME)
 
     def save_png(self, path: str | Path) -> Path:
         """mAP50-95 against wall-clock seconds, every arm on one axis, the baseline's target as a line."""
-        from matplotlib.figure import Figure
+        from speedtrain import render
 
-        fig = Figure(figsize=(8.0, 4.5), dpi=100, layout="constrained")
-        ax = fig.subplots()
-        for a in self.arms:
-            if a.curve:
-                ax.plot([p.seconds for p in a.curve], [p.map50_95 for p in a.curve], marker="o", label=a.name)
-        tta = self.time_to_accuracy("plan")
-        if tta.target:
-            ax.axhline(tta.target, color="grey", linestyle="--", linewidth=0.8, label="baseline's final mAP50-95")
-        ax.set_xlabel("wall-clock seconds since the arm started")
-        ax.set_ylabel(f"mAP50-95 at {self.val_imgsz} px")
-        ax.set_title(f"Time to accuracy: {self.model}, {self.budget_s:.0f} s per arm", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.set_xlim(left=0)
-        ax.set_ylim(bottom=0)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp)
-        tmp.replace(path)
-        return path
+        return render.save_comparison_png(self, Path(path))
 
     # --- JSON --------------------------------------------------------------------------------------------------
 
@@ -348,16 +312,43 @@ class Comparison(JupyterMixin):
             raise SpeedtrainError(f"{path}: not a speedtrain comparison ({first_line(exc)})") from None
 
 
-def _num(value: float | None, fmt: str) -> str:
-    return "-" if value is None else fmt.format(value)
-
-
-def fmt_map(value: float) -> str:
-    """An mAP with three decimals, or with as many as it takes not to print a small non-zero value as 0.000."""
-    return f"{value:.3f}" if value == 0 or value >= 0.001 else f"{value:.5f}".rstrip("0")  # scores keep 5
-
-
 # --- running ------------------------------------------------------------------------------------------------------
+
+
+def compare(
+    dataset_path: str | os.PathLike[str] | None,
+    overrides: Overrides,
+    extra: tuple[str, ...],
+    names: tuple[str, ...],
+    budget_s: float,
+    *,
+    val_imgsz: int | None,
+    baseline_imgsz: int | None,
+    seed: int,
+    project: str | os.PathLike[str],
+    name: str,
+    quiet: bool,
+    hooks: Hooks,
+) -> Comparison:
+    """`speedtrain compare` from its checked arguments: plan with a fine-tune stage, check Ultralytics' arguments and
+    the disk before the run folder exists, prepare the views, then train every arm."""
+    from speedtrain import ultra, workflow
+
+    workflow.check_run_folder(project, name)
+    planned = workflow.make_plan(dataset_path, replace(overrides, finetune="yes"), extra)
+    defaults = ultra.defaults()
+    workflow.check_ultralytics_args(planned)
+    base_size = baseline_imgsz or int(defaults["imgsz"])
+    need = len(names) * workflow.CHECKPOINT_ROOM_GB  # each arm's checkpoints (saved epochs go once scored)
+    check_free_disk(Path(project), need, f"comparing {len(names)} arms", "free some space")
+    run_dir = workflow.new_run_dir(project, name)
+    hooks.log(f"run folder: {run_dir}")
+    prepared, original_yaml, prepared_yaml, prepare_s = prepare_views(planned, Path(project))
+    return run(
+        prepared, arms_for(prepared.plan, names, defaults, base_size), budget_s, run_dir, original_yaml=original_yaml,
+        prepared_yaml=prepared_yaml, prepare_s=prepare_s, val_imgsz=val_imgsz or base_size, seed=seed, hooks=hooks,
+        log_file=run_dir / workflow.ULTRALYTICS_LOG if quiet else None,
+    )  # fmt: skip
 
 
 def run(
@@ -371,12 +362,13 @@ def run(
     prepare_s: float,
     val_imgsz: int,
     seed: int,
-    log: Log = lambda _: None,
-    on_update: OnProgress | None = None,
+    hooks: Hooks = Hooks(),
     log_file: Path | None = None,
 ) -> Comparison:
     """Train every arm for `budget_s`, validate their saved epochs and final weights, measure their latency."""
     from speedtrain import ultra
+
+    log = hooks.log
 
     started = utc_now()
     plan: TrainPlan = planned.plan
@@ -400,8 +392,7 @@ def run(
                     val_imgsz,
                     val_sizes,
                     seed,
-                    log,
-                    on_update,
+                    hooks,
                     log_file,
                 )  # fmt: skip
             )
@@ -450,10 +441,10 @@ def _run_arm(
     val_imgsz: int,
     val_sizes: tuple[int, ...],
     seed: int,
-    log: Log,
-    on_update: OnProgress | None,
+    hooks: Hooks,
     log_file: Path | None,
 ) -> ArmResult:
+    log, on_update = hooks.log, hooks.on_update
     log(f"{arm.name}: training for {budget_s:.0f} s")
     weights, clock, curve_parts, stage_results = source, offset_s, [], []
     t0 = time.perf_counter()

@@ -11,7 +11,7 @@ import sys
 
 from speedtrain import distributed, render, workflow
 from speedtrain.errors import PeerFailed, SpeedtrainError
-from speedtrain.records import StageProgress
+from speedtrain.records import Hooks, StageProgress
 from speedtrain.speedreport import SpeedReport
 from speedtrain.util import first_line
 
@@ -37,8 +37,8 @@ def run(run_dir: str, world: distributed.World, *, resuming: bool, quiet: bool) 
 
         ultra.join_group(distributed.rank_device(plan.device))
         progress = epoch_done if world.leader and quiet else None  # --verbose: Ultralytics' own bars instead
-        rep, _ = workflow.run_as_rank(run_dir, resuming=resuming, log=say if world.leader else quiet_log, quiet=quiet,
-                                      on_update=progress)  # fmt: skip
+        hooks = Hooks(log=say if world.leader else quiet_log, on_update=progress)
+        rep, _ = workflow.run_as_rank(run_dir, resuming=resuming, hooks=hooks, quiet=quiet)
     except PeerFailed:
         return 1  # the rank that failed first says why
     except SpeedtrainError as exc:

@@ -5,14 +5,16 @@ another only for its types. Pure data with their JSON forms; no I/O, no torch.""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from speedtrain.dataset import DatasetStats, Problem
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.knobs import Cache, Overrides, TrainPlan
+from speedtrain.parallel import Progress
 
 if TYPE_CHECKING:
     from speedtrain.speedreport import SpeedReport
@@ -338,3 +340,41 @@ def _dataset(raw: dict[str, Any]) -> DatasetSummary:
         sampled=bool(size.get("sampled", False)), sample_size=int(size.get("sample_size", 0)),
         problems=tuple(Problem(**p) for p in raw.get("problems", [])), notes=tuple(raw.get("notes", [])),
     )  # fmt: skip
+
+
+OnEvent = Callable[[str, Any], None]
+ProgressFactory = Callable[[str], contextlib.AbstractContextManager[Progress | None]]
+
+
+def _silent(_line: str) -> None:
+    """Progress lines that go nowhere."""
+
+
+@contextlib.contextmanager
+def _no_progress(_label: str) -> Iterator[Progress | None]:
+    yield None
+
+
+@dataclass(frozen=True, slots=True)
+class Hooks:
+    """What the caller of a run hears and answers, passed down as one value: speedtrain's progress lines (`log`),
+    each stage's progress after every batch (`on_update`), the `finetune="ask"` question (`ask`: True, False, or
+    None to let auto decide), the run's milestones (`on_event(kind, value)`: "prepared", "tuned", "planned") and
+    the resize's progress (`progress(label)`: a context yielding a (done, total) callback, or None)."""
+
+    log: Log = _silent
+    on_update: OnProgress | None = None
+    ask: Callable[[StageResult], bool | None] | None = None
+    on_event: OnEvent | None = None
+    progress: ProgressFactory | None = None
+
+    def event(self, kind: str, value: Any) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, value)
+
+    def progress_of(self, label: str) -> contextlib.AbstractContextManager[Progress | None]:
+        return (self.progress or _no_progress)(label)
+
+    def silent(self) -> Hooks:
+        """The same hooks without progress lines (a rank other than 0: rank 0 speaks for the run)."""
+        return replace(self, log=_silent)

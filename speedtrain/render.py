@@ -9,7 +9,7 @@ import statistics
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Group, RenderableType
 from rich.panel import Panel
@@ -22,7 +22,10 @@ from speedtrain.hardware import HardwareSnapshot
 from speedtrain.knobs import TrainPlan
 from speedtrain.records import DatasetSummary, Preparation, ResizeSummary, StageProgress, StageResult, TuneResult
 from speedtrain.speedreport import SpeedReport, StageReport
-from speedtrain.util import duration, spread
+from speedtrain.util import duration, fmt_map, spread
+
+if TYPE_CHECKING:  # a Comparison renders itself through this module, like a SpeedReport
+    from speedtrain.comparison import Comparison
 
 MEASURED_CAPTION = (
     "img/s: training pass, after the first epoch when there are several; mAP: mAP50-95 of the stage's best weights "
@@ -492,3 +495,61 @@ def _plan_table(ax: Any, rep: SpeedReport) -> None:
     ax.set_title("Plan vs untuned baseline", fontsize=10)
     notes = [textwrap.fill(f"{k}: {v}", 62) for k, v in rep.plan.estimates]
     ax.text(0, 0.0, "\n".join(notes), fontsize=7, transform=ax.transAxes, va="bottom")
+
+
+def render_comparison(c: Comparison, saved: Path) -> RenderableType:
+    """A comparison: per arm its size, batch, epochs, images/s, final mAP at each size, latency and wall time; then
+    each arm's time to the baseline's accuracy, and the notes."""
+    title = f"compare: {c.model} on {c.device}, {c.budget_s:.0f} s per arm"
+    caption = "mAP@N: the final weights' mAP50-95 at N px; ms@640: latency, batch 1"
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left", box=None,
+                  padding=(0, 1), pad_edge=False, header_style="bold underline")  # fmt: skip
+    table.add_column("arm", no_wrap=True, min_width=max(len(a.name) for a in c.arms) if c.arms else 3)
+    for col in ("size", "batch", "epochs", "img/s", *[f"mAP@{s}" for s in c.val_sizes], "ms@640", "wall s"):
+        table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
+    for a in c.arms:
+        finals = [a.final_at(s) for s in c.val_sizes]
+        latency = dict(a.latency_ms).get(640)
+        table.add_row(
+            a.name, str(a.imgsz), str(a.batch), str(a.epochs_done), _num(a.images_per_s, "{:.1f}"),
+            *[fmt_map(f.map50_95) if f else "-" for f in finals], _num(latency, "{:.1f}"),
+            f"{a.wall_s:.0f}",
+        )  # fmt: skip
+    lines = [Text(c.time_to_accuracy(a.name).line, style="bold") for a in c.arms if a.name != "defaults"]
+    notes = [f"{a.name}: {a.note}" for a in c.arms if a.note]
+    missing = [n for n in c.requested if c.arm(n) is None]
+    if missing:
+        notes.append(f"not run (interrupted before them): {', '.join(missing)}")
+    if c.prepare_s:
+        notes.append(f"plan arms' clocks include {c.prepare_s:.1f} s of pre-resizing the dataset")
+    notes.append(
+        f"curves: every saved epoch validated afterwards at {c.val_imgsz} px (not counted in the budget); "
+        "latency: the trained network's forward pass on the training device"
+    )
+    return Group(table, *lines, *[Text(n) for n in notes], Text(f"saved: {saved}"))
+
+
+def save_comparison_png(c: Comparison, path: Path) -> Path:
+    """mAP50-95 against wall-clock seconds, every arm on one axis, the baseline's target as a line."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8.0, 4.5), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    for a in c.arms:
+        if a.curve:
+            ax.plot([p.seconds for p in a.curve], [p.map50_95 for p in a.curve], marker="o", label=a.name)
+    tta = c.time_to_accuracy("plan")
+    if tta.target:
+        ax.axhline(tta.target, color="grey", linestyle="--", linewidth=0.8, label="baseline's final mAP50-95")
+    ax.set_xlabel("wall-clock seconds since the arm started")
+    ax.set_ylabel(f"mAP50-95 at {c.val_imgsz} px")
+    ax.set_title(f"Time to accuracy: {c.model}, {c.budget_s:.0f} s per arm", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)
+    return path

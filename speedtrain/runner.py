@@ -26,6 +26,7 @@ from speedtrain.monitor import Monitor
 from speedtrain.planner import FINETUNE_LAG
 from speedtrain.records import (
     FINISHED,
+    Hooks,
     Log,
     OnProgress,
     OomFallback,
@@ -49,16 +50,15 @@ def run(
     run_dir: str | Path,
     *,
     previous: tuple[StageResult, ...] = (),
-    decide_finetune: Callable[[StageResult], bool | None] | None = None,
+    hooks: Hooks = Hooks(),
     before_stage: Callable[[Stage], Stage] = lambda s: s,
     on_progress: Callable[[tuple[StageResult, ...], str | None], None] = lambda _r, _s: None,
-    on_update: OnProgress | None = None,
     log_file: Path | None = None,
-    log: Log = lambda _: None,
     resuming: bool = False,
 ) -> RunResult:
     """Train the plan's stages in order (finished ones from `previous` are kept) and return what was measured.
     `resuming`: a run going on after an interruption or a kill; a stage goes on from its last checkpoint.
+    `hooks`: progress lines, each stage's progress, and the fine-tune question.
 
     `on_progress(results, running_stage)` is called before each stage and after it, so the caller can keep a
     report on disk that a later --resume reads.
@@ -67,8 +67,8 @@ def run(
     from speedtrain import ultra
 
     with ultra.session():
-        return _run(plan, data_yaml, run_dir, started, t0, previous, decide_finetune, before_stage, on_progress,
-                    on_update, log_file, log, resuming)  # fmt: skip
+        return _run(plan, data_yaml, run_dir, started, t0, previous, hooks, before_stage, on_progress, log_file,
+                    resuming)  # fmt: skip
 
 
 def _run(
@@ -78,14 +78,13 @@ def _run(
     started: str,
     t0: float,
     previous: tuple[StageResult, ...],
-    decide_finetune: Callable[[StageResult], bool | None] | None,
+    hooks: Hooks,
     before_stage: Callable[[Stage], Stage],
     on_progress: Callable[[tuple[StageResult, ...], str | None], None],
-    on_update: OnProgress | None,
     log_file: Path | None,
-    log: Log,
     resuming: bool = False,
 ) -> RunResult:
+    log = hooks.log
     from speedtrain import ultra
 
     source, note = ultra.fetch(*ultra.resolve_model(plan.model))
@@ -100,7 +99,7 @@ def _run(
         if prior and prior.status in FINISHED:
             results.append(prior)
         else:
-            skip = _skip_reason(stage, results, plan.target_map, decide_finetune)
+            skip = _skip_reason(stage, results, plan.target_map, hooks.ask)
             if skip:
                 log(f"{stage.name}: skipped ({skip})")
                 results.append(StageResult(stage.name, "skipped", stage.imgsz, stage.batch, stage.epochs, 0, note=skip))
@@ -108,7 +107,7 @@ def _run(
             stage = before_stage(stage)
             on_progress(tuple(results), stage.name)
             result = train_stage(
-                stage, weights, data_yaml, Path(run_dir), log=log, previous=prior, on_update=on_update,
+                stage, weights, data_yaml, Path(run_dir), log=log, previous=prior, on_update=hooks.on_update,
                 log_file=log_file, resuming=resuming, later=plan.stages[index + 1 :],
             )  # fmt: skip
             world = distributed.world()

@@ -213,3 +213,8 @@ def parse_duration(text: str | float | int, flag: str) -> float:
         raise UsageError(f"{flag} {text!r}: a duration such as 90s, 20m, 1h or 1h30m")
     hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
     return hours * 3600 + minutes * 60 + secs
+
+
+def fmt_map(value: float) -> str:
+    """An mAP with three decimals, or with as many as it takes not to print a small non-zero value as 0.000."""
+    return f"{value:.3f}" if value == 0 or value >= 0.001 else f"{value:.5f}".rstrip("0")  # scores keep 5

@@ -1,4 +1,6 @@
-"""The steps behind each command: probe + scan + plan, then view + run + report. The CLI only calls these."""
+"""The steps behind each API function, in order: probe + scan + plan, prepare and tune as planned or asked, then
+view + run + report (here, as speedtrain's own ranks, or as one rank under a launcher). speedtrain.api checks the
+arguments, restores the process's state and makes one call here per function."""
 
 from __future__ import annotations
 
@@ -10,16 +12,18 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import psutil
 
-from speedtrain import dataset, hardware, planner, render, resize, runner, ultra_args
+from speedtrain import dataset, distributed, hardware, launch, planner, render, resize, runner, ultra_args
 from speedtrain.dataset import DatasetStats
-from speedtrain.errors import DatasetError, Terminated, UsageError
+from speedtrain.distributed import World
+from speedtrain.errors import DatasetError, PeerFailed, SpeedtrainError, Terminated, UsageError
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.knobs import Overrides, Stage
 from speedtrain.parallel import Progress
-from speedtrain.records import DatasetSummary, OnProgress, Planned, Preparation, StageResult, TuneResult
+from speedtrain.records import DatasetSummary, Hooks, Log, Planned, Preparation, StageResult, TuneResult
 from speedtrain.speedreport import REPORT_NAME, SpeedReport
 from speedtrain.util import check_free_disk, existing_parent, utc_now
 
@@ -187,18 +191,15 @@ def execute(
     project: str | os.PathLike[str] = DEFAULT_PROJECT,
     name: str = "train",
     *,
-    ask: Callable[[StageResult], bool | None] | None = None,
-    log: Callable[[str], None] = lambda _: None,
-    on_update: OnProgress | None = None,
+    hooks: Hooks = Hooks(),
     quiet: bool = False,
 ) -> tuple[SpeedReport, Path]:
     """Train the plan through a linked view of the dataset; keep speed_report.json current; return it and its path.
 
-    `on_update` gets each stage's progress after every batch; with `quiet`, Ultralytics' own output goes to
-    RUN_DIR/ultralytics.log instead of the console.
+    With `quiet`, Ultralytics' own output goes to RUN_DIR/ultralytics.log instead of the console.
     """
-    rep, run_dir = start(planned, project, name, log)
-    return _run(rep, run_dir, (), ask, log, on_update, quiet)
+    rep, run_dir = start(planned, project, name, hooks.log)
+    return _run(rep, run_dir, (), hooks, quiet)
 
 
 def check_ultralytics_args(planned: Planned) -> None:
@@ -227,34 +228,23 @@ def start(
 
 
 def run_as_rank(
-    run_dir: str | os.PathLike[str],
-    *,
-    resuming: bool,
-    log: Callable[[str], None] = lambda _: None,
-    on_update: OnProgress | None = None,
-    quiet: bool = False,
+    run_dir: str | os.PathLike[str], *, resuming: bool, hooks: Hooks = Hooks(), quiet: bool = False
 ) -> tuple[SpeedReport, Path]:
     """One rank's part of a run that rank 0 started (`start`): train its stages with the other ranks; rank 0 keeps
     the report. `resuming`: go on after an interruption, a lost rank or an out-of-memory restart."""
+    hooks = replace(hooks, ask=None)  # ranks never ask: the fine-tune is decided alike on every rank
     if resuming:
-        return resume(run_dir, log=log, on_update=on_update, quiet=quiet)
+        return resume(run_dir, hooks=hooks, quiet=quiet)
     run_dir = Path(run_dir).absolute()
-    return _run(SpeedReport.from_json(run_dir), run_dir, (), None, log, on_update, quiet)
+    return _run(SpeedReport.from_json(run_dir), run_dir, (), hooks, quiet)
 
 
-def resume(
-    run_dir: str | os.PathLike[str],
-    *,
-    ask: Callable[[StageResult], bool | None] | None = None,
-    log: Callable[[str], None] = lambda _: None,
-    on_update: OnProgress | None = None,
-    quiet: bool = False,
-) -> tuple[SpeedReport, Path]:
+def resume(run_dir: str | os.PathLike[str], *, hooks: Hooks = Hooks(), quiet: bool = False) -> tuple[SpeedReport, Path]:
     """Go on with an interrupted or killed run: the running stage from its last checkpoint, then the rest."""
     run_dir = Path(run_dir).absolute()
     rep = check_resumable(run_dir)
-    log(f"resuming {run_dir}")
-    return _run(rep.resumed(), run_dir, rep.results(), ask, log, on_update, quiet)
+    hooks.log(f"resuming {run_dir}")
+    return _run(rep.resumed(), run_dir, rep.results(), hooks, quiet)
 
 
 def check_resumable(run_dir: str | os.PathLike[str]) -> SpeedReport:
@@ -272,17 +262,10 @@ def check_resumable(run_dir: str | os.PathLike[str]) -> SpeedReport:
 
 
 def _run(
-    rep: SpeedReport,
-    run_dir: Path,
-    previous: tuple[StageResult, ...],
-    ask: Callable[[StageResult], bool | None] | None,
-    log: Callable[[str], None],
-    on_update: OnProgress | None = None,
-    quiet: bool = False,
+    rep: SpeedReport, run_dir: Path, previous: tuple[StageResult, ...], hooks: Hooks, quiet: bool = False
 ) -> tuple[SpeedReport, Path]:
     """Run the stages, saving the report before and after each one, and draw the PNG at the end."""
-    from speedtrain import distributed
-
+    log = hooks.log
     path = run_dir / REPORT_NAME
     current = rep  # the latest state, saved whenever it changes
     world = distributed.world()
@@ -310,8 +293,8 @@ def _run(
     try:
         with _sigterm_interrupts(world is None):
             result = runner.run(
-                current.plan, rep.run.data_yaml, run_dir, previous=previous, decide_finetune=ask,
-                before_stage=before_stage, on_progress=save, log=log, on_update=on_update,
+                current.plan, rep.run.data_yaml, run_dir, previous=previous, hooks=hooks,
+                before_stage=before_stage, on_progress=save,
                 log_file=run_dir / ULTRALYTICS_LOG if quiet else None, resuming=rep.run.resumed_at is not None,
             )  # fmt: skip
     except KeyboardInterrupt as exc:  # between stages (scoring, latency): inside one, the stage saves its epoch first
@@ -390,3 +373,131 @@ def check_model(requested: str | None) -> None:
         raise UsageError(
             f"--model {requested}: a {suffix or 'suffix-less'} file; expected a .pt checkpoint or a model .yaml"
         )
+
+
+def train(
+    dataset_path: str | os.PathLike[str] | None,
+    overrides: Overrides,
+    extra: tuple[str, ...] = (),
+    *,
+    project: str | os.PathLike[str] = DEFAULT_PROJECT,
+    name: str = "train",
+    autotune_first: bool = False,
+    retune: bool = False,
+    budget_s: float = 90.0,
+    allow_download: bool = False,
+    quiet: bool = False,
+    hooks: Hooks = Hooks(),
+) -> SpeedReport:
+    """A whole training run: plan, prepare the dataset when planned, tune when asked, then train here, as
+    speedtrain's own ranks (several GPUs, --nproc-per-node), or as one rank of a launcher's group (torchrun, srun)."""
+    check_run_folder(project, name)
+    world = distributed.world()
+    if world is not None:  # torchrun, srun or another launcher started this process as one rank of several
+        return _train_as_rank(world, dataset_path, overrides, extra, project, name, allow_download, quiet, hooks,
+                              autotune_first or retune, retune, budget_s)  # fmt: skip
+    planned = make_plan(dataset_path, overrides, extra, None, allow_download)
+    if planned.plan.prepare_size:
+        with hooks.progress_of(f"resizing to {planned.plan.prepare_size} px") as resized:
+            planned = prepare_dataset(planned, Path(project), resized)
+        hooks.event("prepared", planned.prepared)
+    if autotune_first or retune:
+        planned, tuned = autotune(planned, Path(project), budget_s=budget_s, retune=retune, log=hooks.log)
+        hooks.event("tuned", tuned)
+    hooks.event("planned", planned.report())
+    if planned.plan.ranks > 1:  # several GPUs (or --nproc-per-node): speedtrain starts one rank each
+        _, run_dir = start(planned, project, name, hooks.log)
+        return launch.run(run_dir, planned.plan.ranks, quiet=quiet, log=hooks.log)
+    return execute(planned, project, name, hooks=hooks, quiet=quiet)[0]
+
+
+def _train_as_rank(
+    world: World,
+    dataset_path: str | os.PathLike[str] | None,
+    overrides: Overrides,
+    extra: tuple[str, ...],
+    project: str | os.PathLike[str],
+    name: str,
+    allow_download: bool,
+    quiet: bool,
+    hooks: Hooks,
+    tune: bool,
+    retune: bool,
+    budget_s: float,
+) -> SpeedReport:
+    """One rank under an external launcher: rank 0 plans (for the launcher's WORLD_SIZE), prepares and starts the
+    run folder while the others wait; then every rank trains its shard. The others' errors name rank 0's."""
+    from speedtrain import ultra  # Ultralytics first, then the group
+
+    ultra.join_group(distributed.rank_device(str(overrides.device or "")))
+    try:
+        # every node probes itself (its local rank 0); rank 0 plans for the weakest
+        mine = hardware.probe(existing_parent(Path(project))) if world.local_rank == 0 else None
+        machine = hardware.weakest([s for s in distributed.gather(mine) if s is not None])
+        outcome: tuple[str, Any] = ("error", None)
+        restarted = distributed.restarted_run(Path(project)) if world.leader else None
+        if restarted is not None:  # torchrun --max-restarts started the group again: go on with its run
+            outcome = ("resume", str(restarted))
+        elif world.leader:
+            try:
+                # the launcher's ranks on this node, and in all
+                ours = replace(overrides, nproc_per_node=world.local_size, world=world.size)
+                planned = make_plan(dataset_path, ours, extra, machine, allow_download)
+                if planned.plan.prepare_size:
+                    planned = prepare_dataset(planned, Path(project))
+                if tune:
+                    planned, _ = autotune(planned, Path(project), budget_s=budget_s, retune=retune, log=hooks.log)
+                hooks.event("planned", planned.report())
+                run_dir = start(planned, project, name, hooks.log)[1]
+                distributed.remember_run(Path(project), run_dir)
+                outcome = ("run", str(run_dir))
+            except SpeedtrainError as exc:
+                outcome = ("error", exc)
+        outcome = distributed.broadcast(outcome)
+        if outcome[0] == "error":
+            raise outcome[1] if world.leader else PeerFailed(f"rank 0 could not start the run: {outcome[1]}")
+        mine_hooks = hooks if world.leader else hooks.silent()
+        return run_as_rank(outcome[1], resuming=outcome[0] == "resume", hooks=mine_hooks, quiet=quiet)[0]
+    finally:
+        distributed.leave()
+
+
+def resume_run(run_dir: str | os.PathLike[str], *, quiet: bool = False, hooks: Hooks = Hooks()) -> SpeedReport:
+    """Go on with an interrupted or killed run from its last saved epoch, with as many ranks as it trained with:
+    here, as speedtrain's own ranks, or as this rank of a launcher's group."""
+    world = distributed.world()
+    if world is not None:
+        from speedtrain import ultra  # Ultralytics first, then the group
+
+        ultra.join_group(distributed.rank_device(SpeedReport.from_json(Path(run_dir)).plan.device))
+        try:
+            mine = hooks if world.leader else hooks.silent()
+            return run_as_rank(run_dir, resuming=True, hooks=mine, quiet=quiet)[0]
+        finally:
+            distributed.leave()
+    planned_run = SpeedReport.from_json(Path(run_dir)).plan
+    ranks, gpus = planned_run.ranks, len(planned_run.stages[0].gpu_ids)
+    if ranks > 1 and gpus and ranks > gpus:
+        raise UsageError(
+            f"{run_dir}: this run trained as {ranks} ranks across nodes; go on with the launcher command that "
+            "started it (torchrun or srun on every node), with `train --resume RUN_DIR` in place of its flags"
+        )
+    if ranks > 1:
+        check_resumable(run_dir)
+        return launch.run(Path(run_dir).absolute(), ranks, resuming=True, quiet=quiet, log=hooks.log)
+    return resume(run_dir, hooks=hooks, quiet=quiet)[0]
+
+
+def tune(
+    dataset_path: str | os.PathLike[str] | None,
+    overrides: Overrides,
+    extra: tuple[str, ...] = (),
+    *,
+    project: str | os.PathLike[str] = DEFAULT_PROJECT,
+    budget_s: float = 90.0,
+    retune: bool = False,
+    log: Log = lambda _: None,
+) -> TuneResult:
+    """`speedtrain tune`: the plan's main stage measured (no fine-tune, no resize), or its cached measurement."""
+    planned = make_plan(dataset_path, replace(overrides, finetune="no", prepare="no"), extra)
+    return autotune(planned, Path(project), budget_s=budget_s, retune=retune, log=log)[1]
