@@ -356,20 +356,12 @@ def _amp(requested: bool | None, gpus: int) -> tuple[bool, str]:
 
 def _close_mosaic(requested: int | None, epochs: int, rect: bool) -> tuple[int, str]:
     """Ultralytics' own 10 last epochs without mosaic (all of a shorter stage), or the user's number."""
-    if requested is not None:
-        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 0:
-            raise UsageError(f"--close-mosaic {requested}: a whole number of epochs, 0 or more")
-        why = (
-            f"set by user: mosaic off for the last {requested} epochs"
-            if requested
-            else "set by user: mosaic to the end"
-        )
-    else:
-        requested, why = (
-            CLOSE_MOSAIC,
-            f"mosaic off for the last {min(CLOSE_MOSAIC, epochs)} epochs (Ultralytics' default)",
-        )
-    return min(requested, epochs), why + (" (moot while rect=True, which disables mosaic)" if rect else "")
+    if requested is not None and (isinstance(requested, bool) or not isinstance(requested, int) or requested < 0):
+        raise UsageError(f"--close-mosaic {requested}: a whole number of epochs, 0 or more")
+    last = min(CLOSE_MOSAIC if requested is None else requested, epochs)
+    why = f"mosaic off for the last {last} epoch{'s' if last != 1 else ''}" if last else "mosaic to the end"
+    why = f"set by user: {why}" if requested is not None else f"{why} (Ultralytics' default)"
+    return last, why + (" (moot while rect=True, which disables mosaic)" if rect else "")
 
 
 def _deterministic(requested: bool | None) -> tuple[bool, str]:
