@@ -158,6 +158,7 @@ def compare(
     *,
     budget: str | float = "20m",
     arms: str | Sequence[str] = ("defaults", "plan"),
+    baseline_budget: str | float | None = None,
     val_imgsz: int | None = None,
     baseline_imgsz: int | None = None,
     seed: int = 0,
@@ -169,20 +170,23 @@ def compare(
     extra: Sequence[str] = (),
     **args: Any,
 ) -> Comparison:
-    """Train each arm (plain Ultralytics "defaults", speedtrain's "plan", and variants) on `dataset` for the same
-    wall-clock `budget` each ("20m", "90s", or seconds), validate every saved epoch the same way, and return the
-    Comparison: per-arm table, mAP-over-time curves and time to accuracy (also PROJECT/NAME/compare.json and .png).
+    """Train each arm (plain Ultralytics "defaults", speedtrain's "plan", and variants) on `dataset` for the
+    wall-clock `budget` each ("20m", "90s", or seconds; the defaults arm for `baseline_budget`, default 3x `budget`:
+    the accuracy plain Ultralytics reaches given time is the target), validate every saved epoch the same way, and
+    return the Comparison: per-arm table, mAP-over-time curves, time to the defaults' accuracy and the same at equal
+    time (also PROJECT/NAME/compare.json and .png).
     `val_imgsz` is the size every curve is validated at (default: the baseline's size, Ultralytics' 640 unless
     `baseline_imgsz` says otherwise); `**args` shape the plan as for train()."""
     from speedtrain import comparison as compare_mod
 
     budget_s, names = compare_mod.parse_budget(budget), compare_mod.parse_arms(arms)
+    baseline_s = None if baseline_budget is None else compare_mod.parse_budget(baseline_budget, "--baseline-budget")
     refuse_external_launcher()
     with process_state_restored():
         return compare_mod.compare(
             dataset, overrides(args), tuple(extra), names, budget_s, val_imgsz=val_imgsz,
             baseline_imgsz=baseline_imgsz, seed=seed, project=project, name=name, quiet=not verbose,
-            hooks=Hooks(log or _print, on_update),
+            hooks=Hooks(log or _print, on_update), baseline_budget_s=baseline_s,
         )  # fmt: skip
 
 

@@ -481,9 +481,16 @@ def compare_command(
         str,
         typer.Option(
             "--arms",
-            help="Comma-separated: defaults, plan, plan-rect, plan-no-rect, plan-640, plan+finetune, plan-classic.",
+            help="Comma-separated: defaults, plan, plan-one-size, plan-rect, plan-no-rect, plan-640, plan+finetune, "
+            "plan-classic.",
         ),
     ] = "defaults,plan",
+    baseline_budget: Annotated[
+        str | None,
+        typer.Option(
+            "--baseline-budget", help="The defaults arm's time, its accuracy the target. Default: 3x --budget."
+        ),
+    ] = None,
     val_imgsz: Annotated[
         int | None, typer.Option("--val-img-size", help="Size every saved epoch is validated at. Default: 640.")
     ] = None,
@@ -497,9 +504,9 @@ def compare_command(
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Ultralytics' own output while training.")] = False,
     **knob_values: Any,
 ) -> None:
-    """Train plain Ultralytics and the plan for the same time on your data; report time to accuracy.
+    """Train plain Ultralytics (given 3x the time) and the plan on your data; report the plan's time to their accuracy.
 
-    Example: speedtrain compare --dataset datasets/mine --budget 20m --arms defaults,plan,plan+finetune
+    Example: speedtrain compare --dataset datasets/mine --budget 20m --baseline-budget 1h --arms defaults,plan
     """
     out = _Console(file=sys.stderr if as_json else sys.stdout, highlight=False)
 
@@ -520,7 +527,8 @@ def compare_command(
             display[0](event)
 
         result = api.compare(
-            dataset, budget=budget, arms=arms, val_imgsz=val_imgsz, baseline_imgsz=baseline_imgsz, seed=seed,
+            dataset, budget=budget, arms=arms, baseline_budget=baseline_budget, val_imgsz=val_imgsz,
+            baseline_imgsz=baseline_imgsz, seed=seed,
             project=project, name=name, verbose=verbose, log=log, on_update=None if verbose else on_update,
             extra=ctx.args, **knob_values,
         )  # fmt: skip

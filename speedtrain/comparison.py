@@ -42,10 +42,9 @@ from speedtrain.util import (
     write_atomic,
 )
 
-ARMS = ("defaults", "plan", "plan-no-rect", "plan-rect", "plan-640", "plan+finetune", "plan-classic")
-# the classic single-script recipe: Adam at 0.001, rect batches, early stopping after 10 epochs
-CLASSIC: dict[str, Any] = {"optimizer": "Adam", "lr0": 0.001, "rect": True, "patience": 10}
+ARMS = ("defaults", "plan", "plan-one-size", "plan-no-rect", "plan-rect", "plan-640", "plan+finetune", "plan-classic")
 DEFAULT_ARMS = ("defaults", "plan")
+BASELINE_FACTOR = 3  # the defaults arm's budget against the plan arms' (--baseline-budget): its accuracy given time
 FINETUNE_SHARE = 0.3  # plan+finetune: the share of its budget the 640-px fine-tune gets
 MAX_CURVE_POINTS = 30  # saved epochs validated per arm (evenly spaced, the last always): bounds the evaluation time
 FORMAT = 1
@@ -53,11 +52,11 @@ JSON_NAME, PNG_NAME = "compare.json", "compare.png"
 Log = Callable[[str], None]
 
 
-def parse_budget(text: str | float | int) -> float:
+def parse_budget(text: str | float | int, flag: str = "--budget") -> float:
     """Seconds from "90s", "20m", "1h", "1h30m" or a plain number of seconds; one clear line otherwise."""
-    seconds = parse_duration(text, "--budget")
+    seconds = parse_duration(text, flag)
     if not 10 <= seconds <= 7 * 24 * 3600:
-        raise UsageError(f"--budget {text!r}: between 10 seconds and 7 days per arm")
+        raise UsageError(f"{flag} {text!r}: between 10 seconds and 7 days per arm")
     return seconds
 
 
@@ -80,8 +79,16 @@ class Arm:
     prepared: bool  # trains on speedtrain's pre-resized copy (its clock includes the resize)
 
 
-def arms_for(plan: TrainPlan, names: Sequence[str], defaults: dict[str, Any], baseline_imgsz: int) -> tuple[Arm, ...]:
-    """The arms' stages: pure, from the plan (made with a fine-tune stage) and Ultralytics' defaults."""
+def arms_for(
+    plan: TrainPlan,
+    names: Sequence[str],
+    defaults: dict[str, Any],
+    baseline_imgsz: int,
+    timed: TrainPlan | None = None,
+    classic: TrainPlan | None = None,
+) -> tuple[Arm, ...]:
+    """The arms' stages: pure, from the plan (made with a fine-tune stage), the plan made for the arms' budget
+    (`timed`: its phases, for the plan arm), the classic recipe's plan and Ultralytics' defaults."""
     main = plan.stages[0]
     ft = plan.stage("finetune") or replace(main, name="finetune", imgsz=planner.FINETUNE_IMGSZ)
     train = replace(main, name="train", when="always")
@@ -100,11 +107,15 @@ def arms_for(plan: TrainPlan, names: Sequence[str], defaults: dict[str, Any], ba
             )  # fmt: skip
             out.append(Arm(name, (stage,), (1.0,), prepared=False))
         elif name == "plan":
+            phased = replace((timed or plan).stages[0], name="train")
+            out.append(Arm(name, (phased,), (1.0,), prepared=True))
+        elif name == "plan-one-size":
             out.append(Arm(name, (train,), (1.0,), prepared=True))
         elif name in ("plan-no-rect", "plan-rect"):
             out.append(Arm(name, (replace(train, rect=name == "plan-rect"),), (1.0,), prepared=True))
         elif name == "plan-classic":
-            out.append(Arm(name, (replace(train, **CLASSIC),), (1.0,), prepared=True))
+            recipe = replace((classic or plan).stages[0], name="train", when="always")
+            out.append(Arm(name, (recipe,), (1.0,), prepared=True))
         elif name == "plan-640":
             at = replace(train, imgsz=ft.imgsz, batch=ft.batch, batch_fallbacks=ft.batch_fallbacks, cache=ft.cache)
             out.append(Arm(name, (at,), (1.0,), prepared=True))
@@ -192,6 +203,7 @@ class Comparison(JupyterMixin):
     dataset: DatasetSummary
     arms: tuple[ArmResult, ...]
     requested: tuple[str, ...] = ()  # the arms asked for; fewer ran when the comparison was interrupted
+    baseline_budget_s: float = 0.0  # the defaults arm's budget (0: the same as the other arms')
     format: int = FORMAT
     source: str = field(default="", compare=False)
 
@@ -237,6 +249,27 @@ class Comparison(JupyterMixin):
                 f"{seconds:.0f} s against {base_s or 0:.0f} s")  # fmt: skip
         return replace(result, line=line)
 
+    def equal_budget(self, name: str = "plan") -> TimeToAccuracy | None:
+        """With a longer baseline budget: when `name` first reached the defaults' best within the arms' budget (the
+        first `budget_s` seconds of their longer run, measured on the same curve); None at equal budgets."""
+        base, arm = self.arm("defaults"), self.arm(name)
+        if base is None or arm is None or not self.baseline_budget_s or self.baseline_budget_s <= self.budget_s:
+            return None
+        within = [p for p in base.curve if p.seconds <= self.budget_s]
+        if not within:
+            return None
+        best = max(within, key=lambda p: p.map50_95)
+        seconds = time_to_reach(arm.curve, best.map50_95)
+        head = (f"at equal time: the defaults' best in their first {self.budget_s:.0f} s was {fmt_map(best.map50_95)} "
+                f"(at {best.seconds:.0f} s, epoch {best.epoch}, {self.baseline_budget_s:.0f} s schedule)")  # fmt: skip
+        if seconds is None:
+            return TimeToAccuracy(name, best.map50_95, None, best.seconds, f"{head}; {name} did not reach it")
+        ratio = seconds / best.seconds if best.seconds else None
+        share = f" ({ratio:.0%} of the time)" if ratio is not None else ""
+        return TimeToAccuracy(
+            name, best.map50_95, seconds, best.seconds, f"{head}; {name} reached it at {seconds:.0f} s{share}"
+        )
+
     # --- rendering ---------------------------------------------------------------------------------------------
 
     def __rich__(self) -> RenderableType:
@@ -262,8 +295,10 @@ class Comparison(JupyterMixin):
             d["latency_ms"] = {str(size): ms for size, ms in a.latency_ms}
             arms.append(d)
         heads = [self.time_to_accuracy(a.name) for a in self.arms if a.name != "defaults"]
+        equal = [e for e in (self.equal_budget(a.name) for a in self.arms if a.name != "defaults") if e is not None]
         return {
-            "format": self.format, "budget_s": self.budget_s, "val_imgsz": self.val_imgsz,
+            "format": self.format, "budget_s": self.budget_s,
+            "baseline_budget_s": self.baseline_budget_s or self.budget_s, "val_imgsz": self.val_imgsz,
             "val_sizes": list(self.val_sizes), "seed": self.seed, "model": self.model, "device": self.device,
             "run_dir": self.run_dir, "started_at": self.started_at, "finished_at": self.finished_at,
             "prepare_s": self.prepare_s, "hardware": hardware.to_dict(self.hardware), "dataset": self.dataset.to_dict(),
@@ -271,6 +306,10 @@ class Comparison(JupyterMixin):
             "time_to_accuracy": [
                 {"arm": t.arm, "target_mAP50-95": t.target, "seconds": t.seconds,
                  "baseline_seconds": t.baseline_seconds, "ratio": t.ratio, "line": t.line} for t in heads
+            ],
+            "equal_budget": [
+                {"arm": t.arm, "target_mAP50-95": t.target, "seconds": t.seconds,
+                 "baseline_seconds": t.baseline_seconds, "ratio": t.ratio, "line": t.line} for t in equal
             ],
         }  # fmt: skip
 
@@ -303,7 +342,7 @@ class Comparison(JupyterMixin):
                 budget_s=doc["budget_s"], val_imgsz=doc["val_imgsz"], val_sizes=tuple(doc["val_sizes"]),
                 seed=doc["seed"], model=doc["model"], device=doc["device"], run_dir=doc["run_dir"],
                 started_at=doc["started_at"], finished_at=doc["finished_at"], prepare_s=doc["prepare_s"],
-                requested=tuple(doc.get("requested", ())),
+                requested=tuple(doc.get("requested", ())), baseline_budget_s=float(doc.get("baseline_budget_s", 0.0)),
                 hardware=hardware.from_dict(doc["hardware"], str(doc["hardware"].get("source", path))), dataset=dataset,
                 arms=arms,
                 format=doc.get("format", FORMAT), source=str(path),
@@ -329,9 +368,11 @@ def compare(
     name: str,
     quiet: bool,
     hooks: Hooks,
+    baseline_budget_s: float | None = None,
 ) -> Comparison:
-    """`speedtrain compare` from its checked arguments: plan with a fine-tune stage, check Ultralytics' arguments and
-    the disk before the run folder exists, prepare the views, then train every arm."""
+    """`speedtrain compare` from its checked arguments: plan with a fine-tune stage (and for the arms' budget, in
+    phases), check Ultralytics' arguments and the disk before the run folder exists, prepare the views, then train
+    every arm; the defaults arm for `baseline_budget_s` (default BASELINE_FACTOR x the arms' budget)."""
     from speedtrain import ultra, workflow
 
     workflow.check_run_folder(project, name)
@@ -341,13 +382,19 @@ def compare(
     base_size = baseline_imgsz or int(defaults["imgsz"])
     need = len(names) * workflow.CHECKPOINT_ROOM_GB  # each arm's checkpoints (saved epochs go once scored)
     check_free_disk(Path(project), need, f"comparing {len(names)} arms", "free some space")
+    plan_ov = replace(overrides, finetune="yes", extra=planned.plan.stages[0].extra)
+    # the plan arm's phases for the arms' budget (planned for a minute at least; each arm sets its own deadline)
+    timed = planner.plan(planned.hw, planned.stats, replace(plan_ov, time=max(budget_s, 60.0) / 3600))
+    classic = planner.plan(planned.hw, planned.stats, replace(plan_ov, recipe="classic"))
     run_dir = workflow.new_run_dir(project, name)
     hooks.log(f"run folder: {run_dir}")
     prepared, original_yaml, prepared_yaml, prepare_s = prepare_views(planned, Path(project))
+    arms = arms_for(prepared.plan, names, defaults, base_size, timed, classic)
+    baseline_s = baseline_budget_s or BASELINE_FACTOR * budget_s
     return run(
-        prepared, arms_for(prepared.plan, names, defaults, base_size), budget_s, run_dir, original_yaml=original_yaml,
-        prepared_yaml=prepared_yaml, prepare_s=prepare_s, val_imgsz=val_imgsz or base_size, seed=seed, hooks=hooks,
-        log_file=run_dir / workflow.ULTRALYTICS_LOG if quiet else None,
+        prepared, arms, budget_s, run_dir, original_yaml=original_yaml, prepared_yaml=prepared_yaml,
+        prepare_s=prepare_s, val_imgsz=val_imgsz or base_size, seed=seed, hooks=hooks,
+        log_file=run_dir / workflow.ULTRALYTICS_LOG if quiet else None, baseline_budget_s=baseline_s,
     )  # fmt: skip
 
 
@@ -364,8 +411,10 @@ def run(
     seed: int,
     hooks: Hooks = Hooks(),
     log_file: Path | None = None,
+    baseline_budget_s: float | None = None,
 ) -> Comparison:
-    """Train every arm for `budget_s`, validate their saved epochs and final weights, measure their latency."""
+    """Train every arm for `budget_s` (the defaults arm for `baseline_budget_s`, default the same), validate their
+    saved epochs and final weights, measure their latency."""
     from speedtrain import ultra
 
     log = hooks.log
@@ -386,7 +435,7 @@ def run(
                     arm,
                     source,
                     data,
-                    budget_s,
+                    (baseline_budget_s or budget_s) if arm.name == "defaults" else budget_s,
                     run_dir / arm.name,
                     prepare_s if arm.prepared else 0.0,
                     val_imgsz,
@@ -397,13 +446,15 @@ def run(
                 )  # fmt: skip
             )
             partial = _comparison(planned, budget_s, val_imgsz, val_sizes, seed, run_dir, started, prepare_s, results)
-            partial = replace(partial, requested=tuple(a.name for a in arms))
+            partial = replace(
+                partial, requested=tuple(a.name for a in arms), baseline_budget_s=baseline_budget_s or 0.0
+            )
             partial.to_json(run_dir / JSON_NAME)  # after every arm: an interrupted comparison keeps what finished
             if results[-1].status == "interrupted":
                 log(f"Ctrl-C: stopped during {arm.name}; {JSON_NAME} keeps the arms trained so far")
                 break
     final = _comparison(planned, budget_s, val_imgsz, val_sizes, seed, run_dir, started, prepare_s, results)
-    final = replace(final, requested=tuple(a.name for a in arms))
+    final = replace(final, requested=tuple(a.name for a in arms), baseline_budget_s=baseline_budget_s or 0.0)
     final.to_json(run_dir / JSON_NAME)
     try:
         final.save_png(run_dir / PNG_NAME)
@@ -449,9 +500,13 @@ def _run_arm(
     weights, clock, curve_parts, stage_results = source, offset_s, [], []
     t0 = time.perf_counter()
     for stage, share in zip(arm.stages, arm.shares, strict=True):
-        extra = {**dict(stage.extra), "time": budget_s * share / 3600, "save_period": 1, "plots": False,
-                 "val": True, "seed": seed}  # fmt: skip
-        timed = replace(stage, extra=tuple(extra.items()))
+        extra = {**dict(stage.extra), "save_period": 1, "plots": False, "val": True, "seed": seed}
+        if stage.schedule is not None:  # its phases follow their own deadline: the arm's budget
+            timed = replace(
+                stage, schedule=replace(stage.schedule, budget_s=budget_s * share), extra=tuple(extra.items())
+            )
+        else:  # Ultralytics' time= fits the epochs
+            timed = replace(stage, extra=tuple({**extra, "time": budget_s * share / 3600}.items()))
         progress = _renamed(on_update, arm.name)
         result = runner.train_stage(timed, weights, data_yaml, arm_dir, log=log, on_update=progress,
                                     log_file=log_file)  # fmt: skip

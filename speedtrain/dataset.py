@@ -77,6 +77,9 @@ class Split:
     labelled: int  # images whose label file exists
     backgrounds: int  # images with no label file or an empty one
     instances: int
+    # the 10th percentile of the boxes' sizes, sqrt(w x h) in normalised coordinates (a box, not a polygon); None
+    # when the split has no boxes
+    small_box: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +157,16 @@ class DatasetStats:
     @property
     def errors(self) -> tuple[Problem, ...]:
         return tuple(p for p in self.problems if p.severity == "error")
+
+    def small_box_px(self, imgsz: int) -> float | None:
+        """The training boxes' 10th-percentile size in pixels once images are letterboxed to `imgsz` (their long side
+        to imgsz): the normalised size times imgsz times the images' median sqrt(w x h) / long side."""
+        split = self.split("train")
+        if split is None or split.small_box is None:
+            return None
+        dims = self.image_sizes.dims
+        aspect = statistics.median(math.sqrt(w * h) / max(w, h) for w, h in dims) if dims else 1.0
+        return round(split.small_box * imgsz * aspect, 2)
 
     def decoded_gb(self, imgsz: int | None) -> float:
         """Estimated size of Ultralytics' image cache: train and val each cache their images; None = full size."""
@@ -399,17 +412,29 @@ def _scan_split(name: str, entry: Any, root: Path, nc: int, yaml_path: Path | No
     labels = tuple(label_path(i) for i in images)
     problems: list[Problem] = _shared_labels(images, labels) + _tiffs_opencv_cannot_read(images)
     labelled = backgrounds = instances = 0
+    sides: list[float] = []
     for label in labels:
         rows = _label_rows(Path(label))
         if rows is None:
             backgrounds += 1
             continue
         labelled += 1
-        good = _check_rows(rows, label, nc, problems)
+        good = _check_rows(rows, label, nc, problems, sides)
         instances += good
         backgrounds += not rows
-    split = Split(name, tuple(map(str, sources)), images, labels, labelled, backgrounds, instances)
+    small = _quantile(sides, SMALL_BOX_QUANTILE)
+    split = Split(name, tuple(map(str, sources)), images, labels, labelled, backgrounds, instances, small)
     return split, problems
+
+
+SMALL_BOX_QUANTILE = 0.1  # the box size the plan keeps large enough at its lowest resolution (schedule.py)
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values.sort()
+    return round(values[min(len(values) - 1, int(q * len(values)))], 6)
 
 
 def _shared_labels(images: tuple[str, ...], labels: tuple[str, ...]) -> list[Problem]:
@@ -425,8 +450,9 @@ def _shared_labels(images: tuple[str, ...], labels: tuple[str, ...]) -> list[Pro
     ]  # fmt: skip
 
 
-def _check_rows(rows: list[list[str]], label: str, nc: int, problems: list[Problem]) -> int:
-    """Validate label rows like Ultralytics' verify_image_label; return the count of usable rows."""
+def _check_rows(rows: list[list[str]], label: str, nc: int, problems: list[Problem], sides: list[float]) -> int:
+    """Validate label rows like Ultralytics' verify_image_label; return the count of usable rows. Each usable box's
+    size, sqrt(w x h) in normalised coordinates, is appended to `sides`."""
     good = 0
     for n, row in enumerate(rows, 1):
         if row and row[0] in ("<too-large>", "<binary>", "<not-a-file>", "<unreadable>"):
@@ -457,6 +483,8 @@ def _check_rows(rows: list[list[str]], label: str, nc: int, problems: list[Probl
         if min(coords) < -COORD_TOLERANCE or max(coords) > 1 + COORD_TOLERANCE:
             problems.append(Problem("warning", "coords-out-of-range", label, f"line {n}: coordinates outside [0, 1]"))
             continue
+        if len(coords) == 4:
+            sides.append(math.sqrt(max(coords[2], 0.0) * max(coords[3], 0.0)))
         good += 1
     return good
 

@@ -139,6 +139,18 @@ def broadcast(value: Any) -> Any:
     return box[0]
 
 
+def broadcast_float(value: float) -> float:
+    """Rank 0's number on every rank, as one small tensor: cheap enough to agree on a clock after every batch."""
+    import torch
+    import torch.distributed as dist
+
+    if not joined():
+        return value
+    box = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    dist.broadcast(box, src=0)
+    return float(box.item())
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from speedtrain.schedule import Schedule
+
 COMMANDS = ("plan", "train", "compare")  # every knob is an option of these, unless its `not_in` says why not
 
 When = Literal["always", "auto", "ask"]  # when a stage runs: always, when the main stage missed the target, if asked
@@ -80,6 +82,7 @@ def knob(
 
 BUDGET = "compare's --budget sets each arm's length (Ultralytics' time=)"
 ARMS = "compare's arms decide the fine-tune (plan+finetune)"
+CLASSIC_ARM = "compare's plan-classic arm trains the classic recipe"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +92,9 @@ class Overrides:
     model: str | None = knob("--model", "-m", help="A .pt file or model yaml. Default: yolo26n.", shown="title",
                              tune=True)  # fmt: skip
     imgsz: int | None = knob(
-        "--img-size", "--imgsz", help="Main-stage image size (multiple of 32). Default: 416.", ultralytics="imgsz",
-        baseline=640, cell=lambda s: s.imgsz, tune=True,
+        "--img-size", "--imgsz", ultralytics="imgsz", baseline=640, cell=lambda s: _sizes(s), tune=True,
+        help="Main-stage image size (multiple of 32); with --time, the first phase's. Default: 416 (--time: from the "
+        "boxes' sizes).",
     )  # fmt: skip
     batch: int | None = knob(
         "--batch-size", "--batch", "-b", help="Total batch size. Default: sized from free VRAM.", ultralytics="batch",
@@ -116,14 +120,17 @@ class Overrides:
     rect: bool | None = knob("--rect", help="Rectangular batches (turns shuffle and mosaic off). Default: off.",
                              ultralytics="rect", baseline=False, cell=lambda s: s.rect)  # fmt: skip
     close_mosaic: int | None = knob(
-        "--close-mosaic", minimum=0, help="Last epochs without mosaic. Default: 10.", ultralytics="close_mosaic",
-        baseline=10, cell=lambda s: s.close_mosaic,
+        "--close-mosaic", minimum=0, help="Last epochs without mosaic. Default: 10 (--time: the budget's last 10%).",
+        ultralytics="close_mosaic", baseline=10,
+        cell=lambda s: f"last {s.schedule.close_mosaic:.0%} of budget" if s.schedule else s.close_mosaic,
     )  # fmt: skip
-    patience: int | None = knob("--patience", minimum=0, help="Early-stopping patience. Default: 100.",
-                                ultralytics="patience", baseline=100, cell=lambda s: s.patience)  # fmt: skip
+    patience: int | None = knob(
+        "--patience", minimum=0, help="Early-stopping patience. Default: 100 (--time: off).", ultralytics="patience",
+        baseline=100, cell=lambda s: "off" if s.schedule and not s.patience else s.patience,
+    )  # fmt: skip
     val_every: str | int | None = knob(
         "--val-every", help="Validate every N epochs, or auto (under 15% of the run). Default: 1.", baseline=1,
-        cell=lambda s: "auto" if s.val_every == 0 else s.val_every,
+        cell=lambda s: "phase ends" if s.schedule else "auto" if s.val_every == 0 else s.val_every,
     )  # fmt: skip
     threads: int | None = knob(
         "--threads", minimum=1, help="torch threads in the training process. Default: physical cores on CPU.",
@@ -146,8 +153,13 @@ class Overrides:
         help="Training processes (ranks) on this node. Default: one per GPU of --device; on a CPU, N gloo ranks.",
     )  # fmt: skip
     time: str | float | None = knob(
-        "--time", help="Time budget of the whole run (2h, 90m, 1h30m, or hours); epochs fitted to it.",
-        ultralytics="time", shown="time row", not_in={"compare": BUDGET},
+        "--time", ultralytics="time", shown="time row", not_in={"compare": BUDGET},
+        help="Time budget of the whole run (2h, 90m, 1h30m, or hours): phases of rising image size, one learning-rate "
+        "curve to zero at the deadline.",
+    )  # fmt: skip
+    recipe: Literal["speedtrain", "classic"] = knob(
+        "--recipe", default="speedtrain", shown="optimizer row", not_in={"compare": CLASSIC_ARM},
+        help="classic: the single-script recipe (Adam at 0.001, rect, cosine, close_mosaic 10, patience 10).",
     )  # fmt: skip
     finetune: Literal["yes", "no", "auto", "ask"] = knob(
         "--finetune", default="auto", shown="fine-tune line", not_in={"compare": ARMS},
@@ -172,6 +184,11 @@ class Overrides:
     sample: bool = False  # training on the embedded sample
 
 
+def _sizes(stage: Stage) -> str:
+    """The training size, or a budgeted run's phases: "320->416->640"."""
+    return "->".join(str(p.imgsz) for p in stage.schedule.phases) if stage.schedule else str(stage.imgsz)
+
+
 def _with_fallbacks(stage: Stage) -> str:
     """The batch and the out-of-memory chain below it: "48 ->32->16->8"."""
     return f"{stage.batch}" + (" ->" + "->".join(map(str, stage.batch_fallbacks)) if stage.batch_fallbacks else "")
@@ -187,7 +204,15 @@ class Row:
     reason: tuple[str, ...]
 
 
-PLANNED_ROWS = (Row("cos_lr", False, lambda s: s.cos_lr, ("cos_lr", "lr0")),)
+PLANNED_ROWS = (
+    Row("cos_lr", False, lambda s: "linear to 0 at the deadline" if s.schedule else s.cos_lr, ("cos_lr", "lr0")),
+    Row(
+        "warmup_epochs",
+        3.0,
+        lambda s: f"{s.schedule.warmup:.0%} of budget" if s.schedule else s.warmup_epochs,
+        ("warmup_epochs",),
+    ),
+)
 
 
 def _declared() -> tuple[Knob, ...]:
@@ -273,6 +298,7 @@ class Stage:
     ram_cache_need_gb: float = 0.0  # available RAM a RAM cache needs, margins included; re-checked before training
     pipeline: PipelineKind = "ultralytics"  # "fast": speedtrain.pipeline's decode-once store, batched augmentation
     threads: int | None = None  # torch intra-op threads, set after Ultralytics' device selection; None: its own
+    schedule: Schedule | None = None  # --time: the phases and the learning-rate curve, followed during training
     extra: tuple[tuple[str, Any], ...] = ()
 
     @property
@@ -286,7 +312,17 @@ class Stage:
 
     def train_args(self) -> dict[str, Any]:
         """Arguments for model.train(); every key is an Ultralytics train argument."""
-        skip = {"name", "batch_fallbacks", "when", "ram_cache_need_gb", "pipeline", "threads", "extra", "val_every"}
+        skip = {
+            "name",
+            "batch_fallbacks",
+            "when",
+            "ram_cache_need_gb",
+            "pipeline",
+            "threads",
+            "extra",
+            "val_every",
+            "schedule",
+        }
         args = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         args.update(self.extra)
         return args

@@ -21,6 +21,7 @@ from speedtrain.knobs import (  # noqa: F401 -- the plan's records, re-exported 
     TrainPlan,
     When,
 )
+from speedtrain.schedule import Schedule, plan_schedule
 from speedtrain.util import closest, duration, parse_duration
 
 DEFAULT_MODEL = "yolo26n"
@@ -107,6 +108,21 @@ EVIDENCE = {
     "added 0.005 at 640 for 30% of the time (at the full rate it undid the main stage: 0.483 to 0.369)",
 }
 
+# --recipe classic: the single-script recipe the project started from, applied exactly (where the user set nothing)
+CLASSIC: dict[str, Any] = {"optimizer": "Adam", "lr0": 0.001, "rect": True, "close_mosaic": 10, "patience": 10}
+CLASSIC_COST = (
+    "measured from COCO weights on ppe-large: 0.111 mAP50-95 at 640 after one epoch against the plan's 0.273 "
+    "(Adam at 0.001 learns about half as much per epoch; rect turns mosaic and shuffling off)"
+)
+# --time: what the deadline plan rests on (each reason cites its own; the docs' "Time to accuracy" page has them all)
+SCHEDULE_EVIDENCE = {
+    "phases": "not yet measured apart from the whole plan",
+    "warmup": "a pretrained start needs about one epoch of warmup (Ultralytics' fine-tuning guide), not its 3 of a "
+    "from-scratch COCO run",
+    "lr": "a learning rate decayed linearly to zero at the end of the budget beats the usual schedules at small "
+    "budgets (Budgeted Training, ICLR 2020; REX, arXiv 2107.04197)",
+}
+
 # Ultralytics train arguments that speedtrain owns: they come from its own flags.
 RESERVED_ARGS = {
     "data": "--dataset",
@@ -123,7 +139,7 @@ RESERVED_ARGS = {
 
 def plan(hw: HardwareSnapshot, stats: DatasetStats, overrides: Overrides | None = None) -> TrainPlan:
     """Decide every knob of the run, each with a one-line reason."""
-    ov = _fold_extra(overrides or Overrides())
+    ov = _classic(_fold_extra(overrides or Overrides()))
     reasons: dict[str, str] = {}
     warnings: list[str] = []
     device, gpus = _device(hw, ov.device, reasons)
@@ -142,8 +158,17 @@ def plan(hw: HardwareSnapshot, stats: DatasetStats, overrides: Overrides | None 
         stages.append(finetune)
     for stage in stages:
         _refuse_impossible_batch(hw, stage, gpus)
+    reasons["warmup_epochs"] = "3: Ultralytics' default"
+    if ov.recipe == "classic":
+        reasons["optimizer"] = f"Adam at 0.001 (--recipe classic; {CLASSIC_COST})"
     if ov.time is not None:
-        stages, reasons["time"] = _timed(stages, ov.time)
+        seconds = _budget_seconds(ov.time)
+        why_not = _no_phases(ov, stages[0])
+        if why_not:
+            stages, reasons["time"] = _timed(stages, seconds)
+            reasons["time"] += f"; {why_not}"
+        else:
+            stages = [_deadline_stage(stats, ov, stages, seconds, reasons)]
     prepare_size, reasons["prepare"] = _prepare(stats, stages, ov.prepare)
     return TrainPlan(
         device=device,
@@ -151,7 +176,7 @@ def plan(hw: HardwareSnapshot, stats: DatasetStats, overrides: Overrides | None 
         stages=tuple(stages),
         reasons=tuple(reasons.items()),
         target_map=ov.target_map,
-        estimates=tuple(_estimates(stats, main).items()),
+        estimates=tuple(_estimates(stats, stages[0]).items()),
         warnings=tuple(warnings),
         cache_estimate_gb=round(stats.decoded_gb(main.imgsz), 3),
         prepare_size=prepare_size,
@@ -694,10 +719,17 @@ def _imgsz(value: int | None, flag: str, default: int, warnings: list[str]) -> i
 def _estimates(stats: DatasetStats, main: Stage) -> dict[str, str]:
     """Theoretical factors against the baseline; labelled as estimates, never as measurements."""
     res = (BASELINE["imgsz"] / main.imgsz) ** 2
+    if main.schedule is not None:  # images per second scale with 1/pixels: each phase's share at its own rate
+        res = sum(p.share * (BASELINE["imgsz"] / p.imgsz) ** 2 for p in main.schedule.phases)
     n = max(stats.train_images, 1)
     iters = math.ceil(n / BASELINE["batch"]) / math.ceil(n / main.batch)
     out = {
-        "resolution": f"{res:.2f}x fewer pixels per image than {BASELINE['imgsz']} (estimate: compute ~ pixels)",
+        "resolution": (
+            f"{res:.2f}x the images of {BASELINE['imgsz']}-px training in the same time, over the phases"
+            if main.schedule is not None
+            else f"{res:.2f}x fewer pixels per image than {BASELINE['imgsz']}"
+        )
+        + " (estimate: compute ~ pixels)",
         "iterations": (
             f"as many iterations per epoch as batch {BASELINE['batch']}"
             if round(iters, 2) == 1
@@ -711,16 +743,101 @@ def _estimates(stats: DatasetStats, main: Stage) -> dict[str, str]:
     return out
 
 
-def _timed(stages: list[Stage], budget: str | float) -> tuple[list[Stage], str]:
-    """--time: the run's budget shared between its stages, each handed to Ultralytics as time= (hours), which fits
-    the stage's epochs to it from the measured mean epoch time after every epoch and rebuilds the learning-rate
-    schedule with them, so that a cosine schedule still ends at its final rate when the time is up."""
+def _budget_seconds(budget: str | float) -> float:
+    """--time in seconds: "20m", "1h30m", or a plain number of hours as Ultralytics' time= takes it."""
     try:  # a plain number is hours, as Ultralytics' time= (here the whole run's, not each stage's)
         seconds = float(budget) * 3600 if not isinstance(budget, bool) else -1.0
     except ValueError:
         seconds = parse_duration(budget, "--time")
     if not 60 <= seconds <= 30 * 24 * 3600:
         raise UsageError(f"--time {budget}: between 1 minute and 30 days")
+    return seconds
+
+
+def _classic(ov: Overrides) -> Overrides:
+    """--recipe classic: the single-script recipe's settings wherever the user set nothing."""
+    if ov.recipe == "classic":
+        return replace(ov, **{k: v for k, v in CLASSIC.items() if getattr(ov, k) is None})
+    if ov.recipe != "speedtrain":
+        raise UsageError(f"--recipe {ov.recipe!r}: expected speedtrain or classic")
+    return ov
+
+
+def _no_phases(ov: Overrides, main: Stage) -> str:
+    """Why a --time run cannot be planned in phases ("" when it can): each phase changes the image size of
+    Ultralytics' shuffled, square batches, which rect batches and the fast pipeline's decoded store do not allow."""
+    if ov.recipe == "classic":
+        return "--recipe classic: Ultralytics' time= fits the epochs, as the classic script trained"
+    if main.rect:
+        return "rect batches keep one image size: Ultralytics' time= fits the epochs"
+    if main.pipeline == "fast":
+        return "the fast pipeline decodes the images at one size: Ultralytics' time= fits the epochs"
+    return ""
+
+
+def _deadline_stage(
+    stats: DatasetStats, ov: Overrides, stages: list[Stage], seconds: float, reasons: dict[str, str]
+) -> Stage:
+    """--time: one stage that trains phases of rising image size and ends at the size the model is scored at (the
+    fine-tune's, else the main stage's), with one learning-rate curve to zero at the deadline. Batch and cache are
+    those planned for the largest size; the fine-tune stage is the last phase."""
+    main, final_stage = stages[0], stages[-1]
+    final = final_stage.imgsz
+    user_first = main.imgsz if ov.imgsz is not None and final_stage is not main else None
+    pretrained = not str(ov.model or DEFAULT_MODEL).lower().endswith((".yaml", ".yml"))
+    schedule, why_low = plan_schedule(seconds, final, user_first, stats.small_box_px(final), pretrained)
+    stage = replace(
+        main, imgsz=final, batch=final_stage.batch, batch_fallbacks=final_stage.batch_fallbacks,
+        cache=final_stage.cache, ram_cache_need_gb=final_stage.ram_cache_need_gb, warmup_epochs=0.0,
+        close_mosaic=0, patience=ov.patience or 0, val_every=1, schedule=schedule, when="always",
+    )  # fmt: skip
+    reasons.update(_schedule_reasons(schedule, why_low, ov, len(stages) > 1))
+    if final_stage is not main:  # batch and cache as planned for the largest size; the fine-tune's own rows go
+        reasons["batch"] = reasons.pop("finetune.batch") + f" (planned at {final}, the largest phase)"
+        reasons["cache"] = reasons.pop("finetune.cache") + "; refilled at each phase's size"
+        reasons.pop("finetune.lr0", None)
+    reasons["epochs"] = "fitted to the deadline at run time from the measured pace" + (
+        "" if main.optimizer != "auto" else f" ({main.epochs} only sizes optimizer=auto's choice)"
+    )
+    return stage
+
+
+def _schedule_reasons(schedule: Schedule, why_low: str, ov: Overrides, had_finetune: bool) -> dict[str, str]:
+    rows = "; ".join(f"{size} px for {share:.0%} (lr x{a:.2f} -> x{b:.2f})" for size, share, a, b in schedule.rows())
+    start = "pretrained weights" if schedule.warmup < 0.1 else "scratch"
+    out = {
+        "time": (
+            f"{duration(schedule.budget_s)}, planned in phases: {rows}; lowest size {why_low}; the epochs are "
+            f"fitted at run time from the measured pace ({SCHEDULE_EVIDENCE['phases']})"
+        ),
+        "imgsz": (
+            f"phases ending at {schedule.final_imgsz}, the size the model is scored at; the first phase's size "
+            + ("set by user" if ov.imgsz is not None else f"from the boxes: {why_low}")
+        ),
+        "cos_lr": (
+            f"one linear curve over every phase, warmup then down to 0 at the deadline (the optimizer and its "
+            f"state go on across phases); {SCHEDULE_EVIDENCE['lr']}"
+        ),
+        "warmup_epochs": (f"{schedule.warmup:.0%} of the budget from {start}: {SCHEDULE_EVIDENCE['warmup']}"),
+        "close_mosaic": f"mosaic off for the budget's last {schedule.close_mosaic:.0%} (not a count of epochs)",
+        "patience": "set by user"
+        if ov.patience
+        else "off: the run anneals to its deadline; stopping early would cut it",
+        "val_every": "at each phase's end and the last epoch (at the final size); the low-resolution epochs are not "
+        "validated",
+    }
+    if had_finetune:
+        out["finetune"] = (
+            f"the last phase trains at {schedule.final_imgsz} (--time plans the whole run; the fine-tune is its last "
+            "phase, on the same learning-rate curve)"
+        )
+    return out
+
+
+def _timed(stages: list[Stage], seconds: float) -> tuple[list[Stage], str]:
+    """--time without phases: the run's budget shared between its stages, each handed to Ultralytics as time=
+    (hours), which fits the stage's epochs to it from the measured mean epoch time after every epoch and rebuilds
+    the learning-rate schedule with them, so that a cosine schedule still ends at its final rate when the time is up."""
     shares = {"main": 1.0} if len(stages) == 1 else {"main": 1 - FINETUNE_TIME_SHARE, "finetune": FINETUNE_TIME_SHARE}
     timed = [replace(s, extra=(*s.extra, ("time", round(seconds * shares[s.name] / 3600, 5)))) for s in stages]
     split = ", ".join(f"{s.name} {duration(seconds * shares[s.name])}" for s in stages)

@@ -97,6 +97,9 @@ class StageResult:
     estimated_epoch_s: float | None = None
     estimated_from_batches: int = 0
     scores: tuple[tuple[int, float], ...] = ()  # (image size, mAP50-95) of the final weights, measured after training
+    # a budgeted stage (--time), per epoch: image size, start and end on its training clock (seconds), the learning
+    # rate's factor of its peak at both, whether it was validated and trained with mosaic
+    phase_log: tuple[dict[str, Any], ...] = ()
 
     def metric(self, key: str) -> float | None:
         return dict(self.best_metrics).get(key)

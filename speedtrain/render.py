@@ -21,6 +21,7 @@ from speedtrain.dataset import Problem
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.knobs import TrainPlan
 from speedtrain.records import DatasetSummary, Preparation, ResizeSummary, StageProgress, StageResult, TuneResult
+from speedtrain.schedule import Schedule
 from speedtrain.speedreport import SpeedReport, StageReport
 from speedtrain.util import duration, fmt_map, spread
 
@@ -85,6 +86,8 @@ def render_plan(plan: TrainPlan) -> RenderableType:
         else:
             table.add_row(key, "", str(value), "set by user")
     parts: list[RenderableType] = [table]
+    if main.schedule is not None:
+        parts.append(render_phases(main.schedule, reasons.get("time", "")))
     if reasons.get("device"):
         parts.append(Text(f"device: {reasons['device']}"))
     parts.append(Text(f"prepare: {reasons.get('prepare', 'off')}"))
@@ -102,6 +105,24 @@ def render_plan(plan: TrainPlan) -> RenderableType:
         parts += [Text(f"  {k}: {v}") for k, v in plan.estimates]
     parts += [Text(f"warning: {w}", style="yellow") for w in plan.warnings]
     return Group(*parts)
+
+
+def render_phases(schedule: Schedule, why: str) -> RenderableType:
+    """A budgeted run's phases: each one's size, share and time of the budget, and the learning rate at its ends."""
+    table = Table(title=f"Phases: {duration(schedule.budget_s)} (--time)", title_justify="left", expand=False)
+    for column in ("phase", "image size", "share of the budget", "from", "learning rate (x peak)"):
+        table.add_column(column)
+    at = 0.0
+    for i, (size, share, lr_start, lr_end) in enumerate(schedule.rows(), 1):
+        table.add_row(str(i), f"{size} px", f"{share:.0%}", duration(at * schedule.budget_s),
+                      f"{lr_start:.2f} -> {lr_end:.2f}")  # fmt: skip
+        at += share
+    notes = Text(
+        f"warmup {schedule.warmup:.0%} of the budget; mosaic off for its last {schedule.close_mosaic:.0%}; the "
+        "epochs of each phase are fitted at run time from the measured pace; validated at each phase's end and at "
+        f"the deadline, at {schedule.final_imgsz} px"
+    )
+    return Group(table, notes)
 
 
 def render_planned(rep: SpeedReport) -> RenderableType:
@@ -501,6 +522,8 @@ def render_comparison(c: Comparison, saved: Path) -> RenderableType:
     """A comparison: per arm its size, batch, epochs, images/s, final mAP at each size, latency and wall time; then
     each arm's time to the baseline's accuracy, and the notes."""
     title = f"compare: {c.model} on {c.device}, {c.budget_s:.0f} s per arm"
+    if c.baseline_budget_s and c.baseline_budget_s != c.budget_s:
+        title += f" ({c.baseline_budget_s:.0f} s for the defaults)"
     caption = "mAP@N: the final weights' mAP50-95 at N px; ms@640: latency, batch 1"
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left", box=None,
                   padding=(0, 1), pad_edge=False, header_style="bold underline")  # fmt: skip
@@ -516,6 +539,7 @@ def render_comparison(c: Comparison, saved: Path) -> RenderableType:
             f"{a.wall_s:.0f}",
         )  # fmt: skip
     lines = [Text(c.time_to_accuracy(a.name).line, style="bold") for a in c.arms if a.name != "defaults"]
+    lines += [Text(e.line) for e in (c.equal_budget(a.name) for a in c.arms if a.name != "defaults") if e]
     notes = [f"{a.name}: {a.note}" for a in c.arms if a.note]
     missing = [n for n in c.requested if c.arm(n) is None]
     if missing:

@@ -280,6 +280,8 @@ def train_stage(
         log(f"{stage.name}: no checkpoint of an earlier epoch; starting the stage again")
     world = distributed.world()
     recorder = _recorder(stage, later, world, on_update, log)
+    if stage.schedule is not None:
+        recorder.phases = _phases(stage, stage_dir, checkpoint, world, log)
     fallbacks: list[OomFallback] = list(previous.oom_fallbacks) if previous else []
     current = replace(stage, batch=previous.batch if previous and checkpoint else stage.batch)
     gpu_ids = stage.gpu_ids
@@ -336,6 +338,23 @@ def _recorder(
     if stage.val_every != 1:
         recorder.cadence = ultra.ValCadence(every=stage.val_every, patience=stage.patience)
     return recorder
+
+
+PHASES_STATE = "phases.json"  # a budgeted stage's deadline state, written beside each checkpoint
+
+
+def _phases(stage: Stage, stage_dir: Path, checkpoint: Path | None, world: distributed.World | None, log: Log) -> Any:
+    """A budgeted stage's phase follower: fresh, or going on from the state saved with `checkpoint`."""
+    from speedtrain import schedule, ultra
+
+    assert stage.schedule is not None
+    leader = world is None or world.leader
+    saved = ultra.read_phase_state(stage_dir / PHASES_STATE) if checkpoint is not None else None
+    deadline, elapsed = saved if saved else (schedule.Deadline(stage.schedule), 0.0)
+    if saved:
+        log(f"{stage.name}: going on at {deadline.imgsz} px, {elapsed:.0f} s into its {stage.schedule.budget_s:.0f} s")
+    return ultra.Phases(deadline, stage_dir / PHASES_STATE if leader else None, elapsed, world is not None,
+                        log if leader else None)  # fmt: skip
 
 
 def _gather_rank_figures(
@@ -457,7 +476,7 @@ def _stage_result(
     done = max([*rec.epoch_times, -1]) + 1 or len(epoch_times)
     summary = monitor.summary()
     curve_map, curve_loss, curve_epochs = checkpoints.epoch_curves(stage_dir / "results.csv")
-    status = status or _ended(stage, trainer, done)
+    status = status or _ended(stage, trainer, done, rec)
     return StageResult(
         name=stage.name,
         status=status,
@@ -487,14 +506,21 @@ def _stage_result(
         epoch_map50_95=curve_map,
         epoch_loss=curve_loss,
         epoch_validated=checkpoints.validated_epochs(curve_epochs),
+        phase_log=tuple(rec.phases.deadline.log) if rec.phases is not None else before.phase_log,
         **_cadence_figures(rec),
         **_estimate(rec, before),
     )
 
 
-def _ended(stage: Stage, trainer: Any, done: int) -> ResultStatus:
-    """A stage that trained to its end: all its epochs (with --time, as many as Ultralytics fitted), or fewer when
-    early stopping ended it."""
+def _ended(stage: Stage, trainer: Any, done: int, rec: Recorder | None = None) -> ResultStatus:
+    """A stage that trained to its end: all its epochs (with --time, as many as Ultralytics fitted, or to the
+    deadline of its phases), or fewer when early stopping ended it."""
+    if stage.schedule is not None:
+        return (
+            "completed"
+            if rec is not None and rec.phases is not None and rec.phases.deadline.stopped
+            else ("early-stopped")
+        )
     fitted = int(getattr(trainer, "epochs", 0) or 0) if "time" in dict(stage.extra) else 0
     return "completed" if done >= (fitted or stage.epochs) else "early-stopped"
 

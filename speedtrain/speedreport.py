@@ -32,6 +32,7 @@ from speedtrain.records import (
     StageResult,
     TuneResult,
 )
+from speedtrain.schedule import Schedule
 from speedtrain.util import read_json, utc_now, write_atomic
 
 FORMAT = 1
@@ -306,6 +307,7 @@ def _measured_dict(r: StageResult) -> dict[str, Any]:
     data["oom_fallbacks"] = [asdict(o) for o in r.oom_fallbacks]
     data["ranks"] = [asdict(figures) for figures in r.ranks]
     data["best_metrics"] = dict(r.best_metrics)
+    data["phase_log"] = [dict(e) for e in r.phase_log]
     return data
 
 
@@ -316,6 +318,7 @@ def _plan(doc: dict[str, Any]) -> TrainPlan:
         kw = {k: v for k, v in raw.items() if k in names}
         kw["batch_fallbacks"] = tuple(kw.get("batch_fallbacks", ()))
         kw["extra"] = tuple((kw.get("extra") or {}).items())
+        kw["schedule"] = Schedule.from_dict(kw["schedule"]) if kw.get("schedule") else None
         stages.append(Stage(**kw))
     return TrainPlan(
         device=doc["device"],
@@ -363,6 +366,7 @@ def _stage_report(stage: Stage, raw: dict[str, Any]) -> StageReport:
             oom_fallbacks=tuple(OomFallback(**o) for o in m.get("oom_fallbacks", [])),
             ranks=tuple(RankFigures(**r) for r in m.get("ranks", [])),
             best_metrics=tuple(m.get("best_metrics", {}).items()),
+            phase_log=tuple(dict(e) for e in m.get("phase_log", ())),
         )
         result = StageResult(**kw)
     return StageReport(stage, cast(StageStatus, status), raw.get("note", ""), result)

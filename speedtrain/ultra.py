@@ -17,6 +17,8 @@ validator's training flag.
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import logging
 import math
 import os
@@ -52,7 +54,8 @@ from speedtrain.errors import TrainingError, UsageError
 from speedtrain.pipeline import Hyp, StoreLoader, augment, build_store, keep_resident, take, to_ultralytics
 from speedtrain.planner import VAL_LAST, VAL_SHARE, val_every_for
 from speedtrain.records import Log, OnProgress, StageProgress
-from speedtrain.util import ANSI, PlainStream, duration, first_line
+from speedtrain.schedule import Deadline
+from speedtrain.util import ANSI, PlainStream, duration, first_line, write_atomic
 
 Callbacks = dict[str, list[Callable[[Any], None]]]
 ULTRALYTICS_OOM_RETRIES = 3  # internal (engine/trainer.py _do_train): at 3, its own first-epoch batch halving is off
@@ -245,6 +248,21 @@ class RankTrainer(DetectionTrainer):
         if WORLD_SIZE > 1:
             self.world_size = WORLD_SIZE  # internal: engine/trainer.py (8.4.190) reads world_size and ddp
             self.ddp = False  # this process is a rank already: never Ultralytics' own relaunch
+
+    def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None) -> Any:
+        """The training images at `train_imgsz` when a budgeted run's phase sets it (its first phase, or the phase a
+        resumed run goes on in), so that they are loaded and cached at that size; validation stays at args.imgsz,
+        the size the model is scored at. DetectionTrainer's documented hook."""
+        size = getattr(self, "train_imgsz", None)
+        if mode != "train" or not size:
+            return super().build_dataset(img_path, mode, batch)
+        args = self.args
+        self.args = copy.copy(args)
+        self.args.imgsz = size
+        try:
+            return super().build_dataset(img_path, mode, batch)
+        finally:
+            self.args = args
 
     def _setup_ddp(self) -> None:  # internal: engine/trainer.py _do_train calls it when world_size > 1
         self.device = distributed.rank_device(str(self.args.device))
@@ -439,6 +457,178 @@ class ValCadence:
         return len(self.skipped) * (sum(self.val_s.values()) / len(self.val_s)) if self.val_s else 0.0
 
 
+# --- a budgeted run's phases --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Phases:
+    """--time: follows a schedule.Deadline inside one Ultralytics run. Before every batch the learning rate of each
+    parameter group is set from the deadline's curve (its `initial_lr` times the curve's factor); a batch that ends at
+    the deadline stops the run there (Ultralytics validates and saves that epoch, then validates best.pt); after each
+    epoch the deadline says whether to validate it (a phase's end, the last), the next epoch's image size and whether
+    mosaic closes. A size change rebuilds the training set's transforms at the new size (and refills a RAM cache) and
+    restarts the loader, as Ultralytics' own close_mosaic does. The state is written beside each checkpoint, so a
+    resumed run goes on along the same curve.
+
+    The clock is the training time since the first epoch began (rank 0's, broadcast after every batch when ranks
+    train together), validation pauses included; a resumed run goes on from the time its checkpoint was saved at.
+
+    internal (engine/trainer.py _do_train, 8.4.190): the warmup and the scheduler's step are left with nothing to do
+    (warmup_epochs=0; the learning rate is set after them, before every batch), close_mosaic=0 leaves mosaic to the
+    deadline, `trainer.stop` set in on_train_batch_end ends the epoch, `args.val` decides the validation,
+    `trainer.epochs` (kept a step ahead) decides the final epoch; data/base.py: `imgsz`, `ims`, `buffer`, `cache`,
+    `cache_images()`, `build_transforms(hyp)` and data/dataset.py `close_mosaic(hyp)` of the training set."""
+
+    deadline: Deadline
+    state_file: Path | None = None
+    elapsed0: float = 0.0  # training time before this process (a resumed run's)
+    collective: bool = False
+    log: Log | None = None
+    _t0: float = 0.0
+    _epoch_t0: float = 0.0
+    _batches: int = 0
+    _cut: bool = False
+    _closed: bool = False  # mosaic closed in this process's dataset
+    _val_t0: float = 0.0
+    _val_took: float | None = None
+    _told: bool = False
+    _last_t: float = 0.0
+    _lr_start: float = 0.0
+    _closed_at_start: bool = False
+
+    def callbacks(self) -> Callbacks:
+        return {
+            "on_pretrain_routine_start": [self._before_setup],
+            "on_train_start": [self._train_start],
+            "on_train_epoch_start": [self._epoch_start],
+            "on_train_batch_start": [self._batch_start],
+            "on_train_batch_end": [self._batch_end],
+            "on_train_epoch_end": [self._epoch_end],
+            "on_val_start": [self._val_start],
+            "on_val_end": [self._val_end],
+            "on_fit_epoch_end": [self._fit_epoch_end],
+            "on_model_save": [self._save],
+        }
+
+    def now(self) -> float:
+        t = self.elapsed0 + time.perf_counter() - self._t0
+        return distributed.broadcast_float(t) if self.collective else t
+
+    def _before_setup(self, trainer: Any) -> None:
+        trainer.train_imgsz = self.deadline.imgsz  # RankTrainer.build_dataset loads the training images at it
+
+    def _train_start(self, trainer: Any) -> None:
+        self._t0 = time.perf_counter()
+        self.deadline.images = len(trainer.train_loader.dataset)
+        test = getattr(trainer, "test_loader", None)
+        self.deadline.val_images = len(test.dataset) if test is not None else 0
+
+    def _epoch_start(self, trainer: Any) -> None:
+        dataset, changed = trainer.train_loader.dataset, False
+        if dataset.imgsz != self.deadline.imgsz:
+            if self.log:
+                phases, lr = len(self.deadline.schedule.phases), self.deadline.lr(self.now())
+                self.log(
+                    f"phase {self.deadline.phase + 1} of {phases}: {self.deadline.imgsz} px from epoch "
+                    f"{trainer.epoch + 1} (learning rate x{lr:.2f} of its peak)"
+                )
+            _resize_training_set(trainer, self.deadline.imgsz, self._closed)
+            changed = True
+        if self.deadline.closed and not self._closed:
+            trainer._close_dataloader_mosaic()  # internal: engine/trainer.py, the same call close_mosaic makes
+            self._closed = changed = True
+        if changed:
+            trainer.train_loader.reset()
+        self._epoch_t0, self._batches, self._cut = self.now(), 0, False
+        self._lr_start, self._closed_at_start = self.deadline.lr(self._epoch_t0), self._closed
+
+    def _batch_start(self, trainer: Any) -> None:
+        factor = self.deadline.lr(self.now())
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+    def _batch_end(self, trainer: Any) -> None:
+        self._batches += 1
+        t = self._last_t = self.now()
+        if self.deadline.should_stop(t):
+            trainer.stop = self._cut = True
+        nb = len(trainer.train_loader)
+        if not self._told and self.log and self._batches >= min(nb, max(ETA_BATCHES, nb // 10)):
+            self._told = True
+            images = self._batches * trainer.batch_size  # every rank's batches: the epoch counts them all
+            self.deadline.measured(self.deadline.imgsz, t - self._epoch_t0, max(1, images))
+            line = self.deadline.fits()
+            if line:
+                self.log(f"{line} (from the first {self._batches} batches)")
+
+    def _epoch_end(self, trainer: Any) -> None:
+        t, size = self.now(), self.deadline.imgsz
+        images = len(trainer.train_loader.dataset)
+        if self._cut:
+            images = max(1, round(images * self._batches / max(1, len(trainer.train_loader))))
+        self.deadline.measured(size, t - self._epoch_t0, images)
+        lr_end = self.deadline.lr(t)
+        step = self.deadline.epoch_end(t, trainer.epoch, self._cut)
+        span, lrs = (self._epoch_t0, t), (self._lr_start, lr_end)
+        self.deadline.record(trainer.epoch, size, span, lrs, step.validate, not self._closed_at_start)
+        trainer.args.val = step.validate
+        if not step.validate:  # as ValCadence: best.pt is chosen among validated epochs
+            trainer.metrics = {k: float("nan") for k in (trainer.metrics or {})}
+            trainer.fitness = None
+        if step.stop:
+            trainer.stop = True
+            if self.log:
+                budget = duration(self.deadline.schedule.budget_s)
+                self.log(
+                    f"deadline: training ends after epoch {trainer.epoch + 1} at {duration(t)} of {budget}; "
+                    f"validating it at {trainer.args.imgsz} px"
+                )
+        trainer.epochs = trainer.args.epochs = step.epochs
+        self._val_took = None
+
+    def _val_start(self, validator: Any) -> None:
+        self._val_t0 = time.perf_counter()
+
+    def _val_end(self, validator: Any) -> None:
+        if validator.training:
+            self._val_took = time.perf_counter() - self._val_t0
+
+    def _fit_epoch_end(self, trainer: Any) -> None:
+        if self._val_took is not None and not self.deadline.stopped:
+            self.deadline.validated(self.now(), self._val_took)  # the final validation's time, kept in reserve
+            self._val_took = None
+
+    def _save(self, trainer: Any) -> None:
+        if self.state_file is not None:
+            state = self.deadline.state() | {"elapsed": round(self.now() if not self.collective else self._last_t, 3)}
+            write_atomic(self.state_file, json.dumps(state, indent=1).encode())
+
+
+def _resize_training_set(trainer: Any, imgsz: int, mosaic_closed: bool) -> None:
+    """The training set at another image size: images loaded (and a RAM cache refilled) and transforms built at it.
+    internal: data/base.py BaseDataset (8.4.190) resizes on load to `imgsz` and keeps recent images in `ims`."""
+    dataset = trainer.train_loader.dataset
+    dataset.imgsz = imgsz
+    dataset.buffer.clear()
+    dataset.ims, dataset.im_hw0, dataset.im_hw = [None] * dataset.ni, [None] * dataset.ni, [None] * dataset.ni
+    if dataset.cache == "ram":
+        dataset.cache_images()
+    hyp = copy.copy(trainer.args)
+    if mosaic_closed:
+        dataset.close_mosaic(hyp)  # zeroes mosaic, mixup, copy_paste and cutmix, then builds the transforms
+    else:
+        dataset.transforms = dataset.build_transforms(hyp=hyp)
+
+
+def read_phase_state(path: Path) -> tuple[Deadline, float] | None:
+    """A budgeted stage's saved state (the deadline and the training time at its last checkpoint), or None."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        return Deadline.from_state(doc), float(doc.get("elapsed", 0.0))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 # --- process state: set for a call, restored after it -------------------------------------------------------------
 
 
@@ -570,6 +760,7 @@ class Recorder:
     t0: float = field(default_factory=time.perf_counter)  # the stage's start: setup and retries count
     ends: dict[int, float] = field(default_factory=dict)  # epoch -> seconds since t0 when it was saved
     cadence: ValCadence | None = None  # when the stage does not validate every epoch (--val-every)
+    phases: Phases | None = None  # --time: a budgeted stage's phases and learning-rate curve
     log: Log | None = None  # where the time estimates go
     estimated_epoch_s: float | None = None
     estimated_from: int = 0
@@ -591,9 +782,10 @@ class Recorder:
         }
         if self.on_update or self.log:
             events["on_train_batch_end"] = [self.on_train_batch_end]
-        if self.cadence is not None:
-            for event, functions in self.cadence.callbacks().items():
-                events.setdefault(event, []).extend(functions)
+        for part in (self.cadence, self.phases):
+            if part is not None:
+                for event, functions in part.callbacks().items():
+                    events.setdefault(event, []).extend(functions)
         return events
 
     def on_train_epoch_start(self, trainer: Any) -> None:
@@ -622,6 +814,8 @@ class Recorder:
         epoch_s = first + per_batch * (total - 1)
         epochs = max(1, trainer.epochs - trainer.epoch)
         self.estimated_epoch_s, self.estimated_from = round(epoch_s, 2), self.batches
+        if self.phases is not None:  # a budgeted stage: its phases say what fits (Phases' own line)
+            return
         budget = float(getattr(trainer.args, "time", None) or 0) * 3600  # --time: Ultralytics fits the epochs
         if budget:
             log(
