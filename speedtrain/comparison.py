@@ -203,7 +203,7 @@ class Comparison(JupyterMixin):
     dataset: DatasetSummary
     arms: tuple[ArmResult, ...]
     requested: tuple[str, ...] = ()  # the arms asked for; fewer ran when the comparison was interrupted
-    baseline_budget_s: float = 0.0  # the defaults arm's budget (0: the same as the other arms')
+    baseline_budget_s: float = 0.0  # the defaults arm's budget (0, in documents from before it existed: the same)
     format: int = FORMAT
     source: str = field(default="", compare=False)
 
@@ -298,7 +298,7 @@ class Comparison(JupyterMixin):
         equal = [e for e in (self.equal_budget(a.name) for a in self.arms if a.name != "defaults") if e is not None]
         return {
             "format": self.format, "budget_s": self.budget_s,
-            "baseline_budget_s": self.baseline_budget_s or self.budget_s, "val_imgsz": self.val_imgsz,
+            "baseline_budget_s": self.baseline_budget_s, "val_imgsz": self.val_imgsz,
             "val_sizes": list(self.val_sizes), "seed": self.seed, "model": self.model, "device": self.device,
             "run_dir": self.run_dir, "started_at": self.started_at, "finished_at": self.finished_at,
             "prepare_s": self.prepare_s, "hardware": hardware.to_dict(self.hardware), "dataset": self.dataset.to_dict(),

@@ -540,6 +540,11 @@ def render_comparison(c: Comparison, saved: Path) -> RenderableType:
         )  # fmt: skip
     lines = [Text(c.time_to_accuracy(a.name).line, style="bold") for a in c.arms if a.name != "defaults"]
     lines += [Text(e.line) for e in (c.equal_budget(a.name) for a in c.arms if a.name != "defaults") if e]
+    return Group(table, *lines, *[Text(n) for n in _comparison_notes(c)], Text(f"saved: {saved}"))
+
+
+def _comparison_notes(c: Comparison) -> list[str]:
+    """The lines under a comparison's table: each arm's note, what did not run, how the curves were measured."""
     notes = [f"{a.name}: {a.note}" for a in c.arms if a.note]
     missing = [n for n in c.requested if c.arm(n) is None]
     if missing:
@@ -550,7 +555,7 @@ def render_comparison(c: Comparison, saved: Path) -> RenderableType:
         f"curves: every saved epoch validated afterwards at {c.val_imgsz} px (not counted in the budget); "
         "latency: the trained network's forward pass on the training device"
     )
-    return Group(table, *lines, *[Text(n) for n in notes], Text(f"saved: {saved}"))
+    return notes
 
 
 def save_comparison_png(c: Comparison, path: Path) -> Path:

@@ -36,7 +36,7 @@ def test_bad_budgets_are_one_line(text):
 def test_arms_are_checked_and_deduplicated():
     assert comparison.parse_arms("plan, defaults,plan") == ("plan", "defaults")
     assert comparison.parse_arms(["defaults", "plan-640"]) == ("defaults", "plan-640")
-    with pytest.raises(UsageError, match="unknown arm 'fast'; known: defaults, plan, plan-no-rect"):
+    with pytest.raises(UsageError, match="unknown arm 'fast'; known: defaults, plan, plan-one-size, plan-no-rect"):
         comparison.parse_arms("defaults,fast")
 
 
@@ -103,15 +103,23 @@ def test_a_comparison_round_trips_and_draws(tmp_path):
 
 
 def test_arms_change_one_thing_each():
-    plan = planner.plan(snapshot((24,)), fake_stats(), planner.Overrides(finetune="yes"))
+    hw, stats = snapshot((24,)), fake_stats()
+    plan = planner.plan(hw, stats, planner.Overrides(finetune="yes"))
+    timed = planner.plan(hw, stats, planner.Overrides(finetune="yes", time="20m"))
+    classic_plan = planner.plan(hw, stats, planner.Overrides(finetune="yes", recipe="classic"))
     d = ultra.defaults()
-    arms = {a.name: a for a in comparison.arms_for(plan, comparison.ARMS, d, 640)}
+    arms = {a.name: a for a in comparison.arms_for(plan, comparison.ARMS, d, 640, timed, classic_plan)}
     base = arms["defaults"].stages[0]
     assert (base.imgsz, base.batch, base.optimizer, base.rect, base.patience, base.cache, base.workers) == (
         d["imgsz"], d["batch"], d["optimizer"], d["rect"], d["patience"], False, d["workers"],
     )  # fmt: skip
-    main = arms["plan"].stages[0]
-    assert (main.imgsz, main.batch, main.optimizer, main.rect) == (416, plan.stages[0].batch, "auto", False)
+    phased = arms["plan"].stages[0]  # the plan for the arms' budget: its phases
+    assert phased.schedule is not None
+    assert [p.imgsz for p in phased.schedule.phases] == [320, 416, 640]
+    assert dataclasses.replace(phased, name="main") == timed.stages[0]
+    main = arms["plan-one-size"].stages[0]  # the plan's main stage at one size for the whole budget
+    assert (main.imgsz, main.batch, main.optimizer, main.rect, main.schedule) == (
+        416, plan.stages[0].batch, "auto", False, None)  # fmt: skip
     assert arms["plan-no-rect"].stages[0] == main
     assert dataclasses.replace(arms["plan-rect"].stages[0], rect=False) == main
     classic = arms["plan-classic"].stages[0]
@@ -123,6 +131,20 @@ def test_arms_change_one_thing_each():
     assert sum(arms["plan+finetune"].shares) == pytest.approx(1.0)
     assert not arms["defaults"].prepared
     assert all(a.prepared for n, a in arms.items() if n != "defaults")
+
+
+def test_a_longer_baseline_sets_the_target_and_the_equal_time_line_sits_beside_it():
+    base = arm("defaults", curve((300, 0.1), (1000, 0.30), (2000, 0.36), (3500, 0.40)), final=0.40)
+    plan = arm("plan", curve((200, 0.2), (700, 0.33), (1150, 0.41)), final=0.41)
+    c = dataclasses.replace(comp(base, plan), baseline_budget_s=3600.0)
+    tta = c.time_to_accuracy("plan")
+    assert (tta.target, tta.seconds, tta.baseline_seconds) == (0.40, 1150, 3500)
+    equal = c.equal_budget("plan")
+    assert equal is not None
+    assert (equal.target, equal.seconds, equal.baseline_seconds) == (0.30, 700, 1000)  # their best in 1200 s
+    assert "in their first 1200 s was 0.300" in equal.line
+    assert "(70% of the time)" in equal.line
+    assert comp(base, plan).equal_budget("plan") is None  # equal budgets: the headline is the equal-time figure
 
 
 def test_cli_refuses_a_bad_budget_or_arm_in_one_line(tmp_path):

@@ -132,3 +132,37 @@ def test_validating_every_third_epoch_keeps_best_pt_among_validated_epochs(ultra
     # best.pt is that epoch's weights: Ultralytics' final validation of it (the model fused) matches its row
     assert m.metric("mAP50-95") == pytest.approx(best, abs=0.005)
     assert best_map50(rep) >= FLOOR_MAP50
+
+
+BUDGET = "2m"
+
+
+def test_a_budgeted_run_goes_through_its_phases_and_anneals_at_its_deadline(tmp_path):
+    """--time 2m from COCO weights on 64 photos: one run through 320, 416 and 640 px, its learning rate (as the
+    optimizer last used it, in results.csv) under 5% of its peak at the end, the deadline kept, and it learns."""
+    import csv
+
+    project = tmp_path / "runs"
+    project.mkdir()
+    shutil.copy2(WEIGHTS, project / "yolov8n.pt")
+    rep = speedtrain.train(
+        ppe_subset(tmp_path / "ppe"), model=str(project / "yolov8n.pt"), time=BUDGET, prepare="no", device="cpu",
+        project=project, verbose=False, log=lambda _: None, plots=False, seed=0,
+    )  # fmt: skip
+    stage, m = rep.main.stage, rep.main.measured
+    assert m is not None
+    assert stage.schedule is not None
+    assert m.status == "completed"
+    sizes = [e["imgsz"] for e in m.phase_log]
+    assert sizes == sorted(sizes)
+    assert set(sizes) == {p.imgsz for p in stage.schedule.phases} == {320, 416, 640}
+    for before, after in zip(m.phase_log, m.phase_log[1:], strict=False):  # one curve, continuous
+        assert after["lr_start"] <= before["lr_end"] + 1e-6
+    with (Path(m.save_dir or "") / "results.csv").open(newline="") as f:
+        rows = [{k.strip(): v.strip() for k, v in r.items()} for r in csv.DictReader(f)]
+    peak = max(float(r["lr/pg0"]) for r in rows)
+    assert float(rows[-1]["lr/pg0"]) < 0.05 * peak
+    assert len(rows) == len(m.phase_log) == m.epochs_done
+    batch_s = max(e["end_s"] - e["start_s"] for e in m.phase_log) / 4  # 64 photos: 4 batches an epoch
+    assert m.phase_log[-1]["end_s"] <= stage.schedule.budget_s + batch_s  # the deadline, within a batch
+    assert best_map50(rep) >= FLOOR_MAP50

@@ -430,13 +430,85 @@ def test_the_cadence_validates_every_kth_and_the_last_epochs_and_auto_the_first(
         ("1h30m", "yes", (), {"main": 1.05, "finetune": 0.45}, "30% for the fine-tune"),
         ("90m", "auto", (), {"main": 1.05, "finetune": 0.45}, "left unused when it is skipped"),
         (0.5, "no", (), {"main": 0.5}, "30m 00s"),  # a number is hours, as Ultralytics' time=
-        (None, "no", (("time", 0.25),), {"main": 0.25}, "15m 00s"),  # Ultralytics' own time= is planned the same
     ],
 )
-def test_a_time_budget_is_shared_between_the_stages(budget, finetune, extra, hours, why):
-    p = plan(snapshot((24,)), fake_stats(), Overrides(time=budget, finetune=finetune, extra=extra))
+def test_a_time_budget_without_phases_is_shared_between_the_stages(budget, finetune, extra, hours, why):
+    """rect batches keep one image size: Ultralytics' time= fits each stage's epochs, as before phases existed."""
+    p = plan(snapshot((24,)), fake_stats(), Overrides(time=budget, finetune=finetune, extra=extra, rect=True))
     assert {s.name: s.train_args()["time"] for s in p.stages} == pytest.approx(hours)
     assert why in p.reason("time")
+    assert "rect batches keep one image size" in p.reason("time")
+    assert all(s.schedule is None for s in p.stages)
+
+
+@pytest.mark.parametrize(
+    ("budget", "extra", "seconds"),
+    [("20m", (), 1200.0), (0.5, (), 1800.0), (None, (("time", 0.25),), 900.0)],  # hours; Ultralytics' own time=
+)
+def test_a_time_budget_plans_one_stage_in_phases_to_its_deadline(budget, extra, seconds):
+    p = plan(snapshot((24,)), fake_stats(), Overrides(time=budget, extra=extra, model="yolov8n.pt"))
+    (stage,) = p.stages  # the fine-tune is the last phase
+    assert stage.schedule is not None
+    assert stage.schedule.budget_s == seconds
+    assert [ph.imgsz for ph in stage.schedule.phases] == [320, 416, 640]
+    assert stage.imgsz == 640  # validated and scored at the final size
+    args = stage.train_args()
+    assert "time" not in args  # the phases keep their own deadline; Ultralytics' time= would refit the epochs
+    assert args["warmup_epochs"] == 0
+    assert args["close_mosaic"] == 0
+    assert args["patience"] == 0
+    assert "320 px for 50%" in p.reason("time")
+    assert "lr x" in p.reason("time")
+    assert "linear" in p.reason("cos_lr")
+    assert "Budgeted Training" in p.reason("cos_lr")
+    assert "pretrained" in p.reason("warmup_epochs")
+    assert "last phase" in p.reason("finetune")
+
+
+def test_a_time_budget_plans_batch_and_cache_for_the_largest_phase():
+    hw = snapshot((8,))
+    timed = plan(hw, fake_stats(), Overrides(time="1h"))
+    untimed = plan(hw, fake_stats(), Overrides(finetune="yes"))
+    assert timed.stages[0].batch == untimed.stage("finetune").batch < untimed.stages[0].batch
+    assert "planned at 640" in timed.reason("batch")
+
+
+def test_a_time_budget_from_scratch_warms_up_longer():
+    scratch = plan(snapshot((24,)), fake_stats(), Overrides(time="1h", model="yolo26n.yaml")).stages[0].schedule
+    pretrained = plan(snapshot((24,)), fake_stats(), Overrides(time="1h", model="yolo26n.pt")).stages[0].schedule
+    assert scratch is not None
+    assert pretrained is not None
+    assert scratch.warmup > pretrained.warmup
+
+
+@pytest.mark.parametrize(
+    ("overrides", "why"),
+    [
+        ({"rect": True}, "rect batches keep one image size"),
+        ({"recipe": "classic"}, "--recipe classic"),
+        ({"pipeline": "fast"}, "the fast pipeline decodes the images at one size"),
+    ],
+)
+def test_a_time_budget_keeps_one_size_where_phases_cannot_be(overrides, why):
+    p = plan(snapshot((24,)), fake_stats(), Overrides(time="1h", **overrides))
+    assert all(s.schedule is None for s in p.stages)
+    assert why in p.reason("time")
+
+
+def test_the_classic_recipe_is_the_single_script_exactly_with_its_measured_cost():
+    p = plan(snapshot((24,)), fake_stats(), Overrides(recipe="classic"))
+    main = p.stages[0]
+    assert (main.optimizer, main.lr0, main.rect, main.cos_lr, main.close_mosaic, main.patience) == (
+        "Adam", 0.001, True, True, 10, 10)  # fmt: skip
+    assert "0.111" in p.reason("optimizer")
+    assert "0.273" in p.reason("optimizer")
+    mine = plan(snapshot((24,)), fake_stats(), Overrides(recipe="classic", patience=30))
+    assert mine.stages[0].patience == 30  # what the user sets still wins
+
+
+def test_an_unknown_recipe_is_one_line():
+    with pytest.raises(UsageError, match="expected speedtrain or classic"):
+        plan(snapshot((24,)), fake_stats(), Overrides(recipe="fast"))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("budget", "says"), [("30s", "between 1 minute"), ("soon", "a duration such as"),

@@ -29,7 +29,9 @@ def test_a_format_1_report_round_trips_exactly():
         added = ("epoch_validated", "val_every", "val_time_s", "val_saved_s", "estimated_epoch_s",
                  "estimated_from_batches")  # fmt: skip
         assert [stage["measured"].pop(k) for k in added] == [[], 1, 0.0, 0.0, None, 0]  # as before they existed
+        assert stage["measured"].pop("phase_log") == []
         assert stage.pop("val_every") == 1
+        assert stage.pop("schedule") is None
     assert again.pop("ranks") == 1  # one process
     assert again == doc
     assert SpeedReport.from_dict(json.loads(rep.to_json())) == rep
