@@ -4,6 +4,7 @@ results.csv keeps (epoch times, the mAP and loss curves, the best epoch). torch 
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -12,6 +13,15 @@ from speedtrain.knobs import Stage
 from speedtrain.records import StageResult
 
 RESUME_NAME = "resume.pt"  # an atomic copy of each saved last.pt: Ultralytics writes last.pt in place and strips it
+PHASES_STATE = "phases.json"  # a budgeted stage's deadline state, written just before each resume.pt
+
+
+def deadline_reached(stage_dir: Path) -> bool:
+    """Whether a budgeted stage saved its last epoch at its deadline (its phases' state says it stopped there)."""
+    try:
+        return bool(json.loads((stage_dir / PHASES_STATE).read_text(encoding="utf-8")).get("stopped"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def going_on_from(stage_dir: Path) -> tuple[int, str]:
@@ -31,7 +41,8 @@ def finished_before(
     rows = csv_rows(stage_dir / "results.csv")
     saved = checkpoint_epoch(checkpoint) + 1 if checkpoint is not None else 0
     best = stage_dir / "weights" / "best.pt"
-    if max(saved, len(rows)) < stage.epochs:
+    trained = deadline_reached(stage_dir) if stage.schedule else max(saved, len(rows)) >= stage.epochs
+    if not trained:
         if checkpoint is None and rows:
             intact = f"{best} is intact" if loads(best) else "best.pt is damaged too"
             raise TrainingError(
@@ -54,7 +65,8 @@ def finished_before(
         epoch_map50_95=maps, epoch_loss=losses, epoch_validated=validated_epochs(validated),
         images_per_epoch=previous.images_per_epoch if previous else 0,
         oom_fallbacks=previous.oom_fallbacks if previous else (),
-        note=f"had trained all {stage.epochs} epochs before it stopped; kept as it was (best.pt, results.csv)",
+        note=("had trained to its deadline" if stage.schedule else f"had trained all {stage.epochs} epochs")
+        + " before it stopped; kept as it was (best.pt, results.csv)",
     )  # fmt: skip
 
 

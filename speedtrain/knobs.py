@@ -248,6 +248,12 @@ FROM_ULTRALYTICS = {k.ultralytics: k.name for k in KNOBS if k.ultralytics and k.
 BASELINE: dict[str, Any] = {k: BY_NAME[k].baseline for k in ("imgsz", "batch", "cache", "workers")}
 
 
+def table_cell(name: str, stage: Stage) -> Any:
+    """A knob's cell in the plan table for `stage` (its declaration's)."""
+    cell = BY_NAME[name].cell
+    return cell(stage) if cell is not None else getattr(stage, name)
+
+
 def for_command(command: str) -> tuple[Knob, ...]:
     return tuple(k for k in KNOBS if command in k.commands)
 

@@ -114,8 +114,9 @@ def render_phases(schedule: Schedule, why: str) -> RenderableType:
         table.add_column(column)
     at = 0.0
     for i, (size, share, lr_start, lr_end) in enumerate(schedule.rows(), 1):
+        peak = " -> 1.00" if at <= schedule.warmup < at + share else ""  # the warmup ends in this phase
         table.add_row(str(i), f"{size} px", f"{share:.0%}", duration(at * schedule.budget_s),
-                      f"{lr_start:.2f} -> {lr_end:.2f}")  # fmt: skip
+                      f"{lr_start:.2f}{peak} -> {lr_end:.2f}")  # fmt: skip
         at += share
     notes = Text(
         f"warmup {schedule.warmup:.0%} of the budget; mosaic off for its last {schedule.close_mosaic:.0%}; the "
@@ -258,7 +259,7 @@ def render_measured(rep: SpeedReport) -> RenderableType:
         times = m.epoch_times_s
         table.add_row(
             name,
-            f"{m.epochs_done}/{s.stage.epochs}",
+            f"{m.epochs_done}" if s.stage.schedule else f"{m.epochs_done}/{s.stage.epochs}",
             str(m.batch),
             f"{statistics.fmean(times):.1f}" if times else "-",
             _num(m.images_per_s_steady or m.images_per_s, "{:.1f}"),
@@ -279,7 +280,9 @@ def stage_notes(s: StageReport) -> list[str]:
     notes = []
     if m.epoch_map50_95:
         notes.append(accuracy_line(name, m.epoch_map50_95, m.epoch_loss, s.stage.imgsz, m.epoch_validated))
-    if m.val_every > 1 or m.epoch_validated:
+    if m.phase_log and s.stage.schedule:
+        notes.append(schedule_line(name, m.phase_log, s.stage.schedule.budget_s))
+    elif m.val_every > 1 or m.epoch_validated:
         notes.append(cadence_line(name, m, s.stage.val_every))
     if m.estimated_epoch_s and m.train_times_s:
         notes.append(estimate_line(name, m))
@@ -320,6 +323,23 @@ def cadence_line(name: str, m: StageResult, planned: int) -> str:
     cost = f"; validating took {m.val_time_s:.0f} s" if m.val_time_s else ""
     saved = f", skipping saved about {m.val_saved_s:.0f} s (estimate)" if m.val_saved_s else ""
     return f"{name}: validated {validated} of {m.epochs_done} epochs (every {m.val_every}, {how}){cost}{saved}"
+
+
+def schedule_line(name: str, log: Sequence[dict[str, Any]], budget_s: float) -> str:
+    """A budgeted stage's phases as they ran: each size's epochs and learning rate (x its peak), where mosaic closed,
+    and where the training ended against the deadline."""
+    parts, start = [], 0
+    for i, e in enumerate(log):
+        if i + 1 == len(log) or log[i + 1]["imgsz"] != e["imgsz"]:
+            first, last = log[start], e
+            epochs = f"epoch {first['epoch']}" if first is last else f"epochs {first['epoch']}-{last['epoch']}"
+            parts.append(f"{e['imgsz']} px {epochs} (lr {first['lr_start']:.2f}->{last['lr_end']:.2f})")
+            start = i + 1
+    closed = next((e["epoch"] for e in log if not e["mosaic"]), None)
+    mosaic = f"; mosaic off from epoch {closed}" if closed else ""
+    end = log[-1]["end_s"]
+    return (f"{name}: {', '.join(parts)}{mosaic}; training ended at {duration(end)} of its {duration(budget_s)} "
+            "deadline, the last epoch validated")  # fmt: skip
 
 
 def estimate_line(name: str, m: StageResult) -> str:
@@ -412,9 +432,14 @@ def save_png(rep: SpeedReport, path: str | Path) -> Path:
     baseline: speed and accuracy in one picture."""
     from matplotlib.figure import Figure  # matplotlib comes with Ultralytics; imported only when a PNG is made
 
-    fig = Figure(figsize=PNG_SIZE_IN, dpi=PNG_DPI, layout="constrained")
-    ax_time, ax_rate, ax_map, ax_plan = fig.subplots(1, 4, width_ratios=[1, 1, 1.1, 1.15])
     measured = [(s.stage.name, s.measured) for s in rep.stages if s.measured]
+    phased = [(s.stage, s.measured) for s in rep.stages if s.measured and s.measured.phase_log and s.stage.schedule]
+    size = (PNG_SIZE_IN[0] * 1.25, PNG_SIZE_IN[1]) if phased else PNG_SIZE_IN
+    fig = Figure(figsize=size, dpi=PNG_DPI, layout="constrained")
+    ratios = [1, 1, 1.1, 1.15] + ([1.1] if phased else [])
+    ax_time, ax_rate, ax_map, ax_plan, *ax_schedule = fig.subplots(1, len(ratios), width_ratios=ratios)
+    for (stage, m), ax in zip(phased[:1], ax_schedule, strict=False):
+        _schedule_panel(ax, stage, m)
     ax_loss = ax_map.twinx()
     offset = 0  # stages share one epoch axis: the run as a timeline
     for name, m in measured:
@@ -466,6 +491,30 @@ def _accuracy_lines(ax_map: Any, ax_loss: Any, name: str, m: StageResult, epochs
         ax_loss.plot(at, losses[-len(at) :], linestyle=":", color=line.get_color(), label=f"{name} loss")
 
 
+def _schedule_panel(ax: Any, stage: Any, m: StageResult) -> None:
+    """A budgeted stage's schedule on its training clock: the learning rate (x its peak) and the image size of each
+    epoch, the phase boundaries and the deadline."""
+    log, budget_min = m.phase_log, stage.schedule.budget_s / 60
+    xs = [x for e in log for x in (e["start_s"] / 60, e["end_s"] / 60)]
+    ax.plot(xs, [y for e in log for y in (e["lr_start"], e["lr_end"])], color="tab:blue", label="learning rate")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("learning rate (x peak)")
+    sizes = ax.twinx()
+    sizes.step([e["start_s"] / 60 for e in log] + [log[-1]["end_s"] / 60], [e["imgsz"] for e in log] +
+               [log[-1]["imgsz"]], where="post", color="tab:orange", label="image size")  # fmt: skip
+    sizes.set_ylabel("image size (px)", fontsize=8)
+    for before, e in zip(log, log[1:], strict=False):
+        if e["imgsz"] != before["imgsz"]:
+            ax.axvline(e["start_s"] / 60, color="grey", linewidth=0.8, linestyle="--")
+    ax.axvline(budget_min, color="tab:red", linewidth=1.2, label="deadline")
+    ax.set_xlim(0, budget_min * 1.03)
+    ax.set_xlabel("minutes of training")
+    ax.set_title("Schedule: phases and learning rate", fontsize=10)
+    ax.grid(alpha=0.3)
+    handles = ax.get_legend_handles_labels()[0] + sizes.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=7, loc="upper right")
+
+
 def _rank_lines(ax: Any, name: str, m: StageResult) -> None:
     """Each rank's own images/s as a dotted level (the slowest and fastest only, when there are many)."""
     ranks = sorted((r for r in m.ranks if r.images_per_s), key=lambda r: r.images_per_s or 0.0)
@@ -497,11 +546,11 @@ def _plan_table(ax: Any, rep: SpeedReport) -> None:
     base, main = rep.plan.baseline, rep.plan.stages[0]
     m = rep.main.measured if rep.stages else None
     rows = [
-        ["image size", base["imgsz"], main.imgsz],
+        ["image size", base["imgsz"], knobs.table_cell("imgsz", main)],
         ["batch", base["batch"], m.batch if m else main.batch],
         ["cache", base["cache"], main.cache or "none"],
         ["workers", base["workers"], main.workers],
-        ["rect / cos_lr", "False / False", f"{main.rect} / {main.cos_lr}"],
+        ["rect / lr decay", "False / linear", f"{main.rect} / {'linear to 0' if main.schedule else 'cosine'}"],
         ["optimizer", "auto", main.optimizer],
     ]
     if m and m.images_per_s:

@@ -340,20 +340,17 @@ def _recorder(
     return recorder
 
 
-PHASES_STATE = "phases.json"  # a budgeted stage's deadline state, written beside each checkpoint
-
-
 def _phases(stage: Stage, stage_dir: Path, checkpoint: Path | None, world: distributed.World | None, log: Log) -> Any:
     """A budgeted stage's phase follower: fresh, or going on from the state saved with `checkpoint`."""
     from speedtrain import schedule, ultra
 
     assert stage.schedule is not None
     leader = world is None or world.leader
-    saved = ultra.read_phase_state(stage_dir / PHASES_STATE) if checkpoint is not None else None
+    saved = ultra.read_phase_state(stage_dir / checkpoints.PHASES_STATE) if checkpoint is not None else None
     deadline, elapsed = saved if saved else (schedule.Deadline(stage.schedule), 0.0)
     if saved:
         log(f"{stage.name}: going on at {deadline.imgsz} px, {elapsed:.0f} s into its {stage.schedule.budget_s:.0f} s")
-    return ultra.Phases(deadline, stage_dir / PHASES_STATE if leader else None, elapsed, world is not None,
+    return ultra.Phases(deadline, stage_dir / checkpoints.PHASES_STATE if leader else None, elapsed, world is not None,
                         log if leader else None)  # fmt: skip
 
 

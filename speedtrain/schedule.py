@@ -245,6 +245,8 @@ class Deadline:
         following = self.epoch_s(self.imgsz) or d  # the next epoch, at its own size: closed if mostly in the tail
         if not self.closed and t + following / 2 >= self.end - self.schedule.close_mosaic * self.schedule.budget_s:
             self.closed = True
+        if following and following < self.end - t < (1 + STOP_TAIL) * following:
+            self.move_end(t, t + following)  # a sliver would be left after the next epoch: the curve ends with it
         # validated only at the end: nothing earlier is decided by a score (no early stop, best.pt is the annealed
         # model), and on a CPU each validation at the final size costs about an epoch's share of the budget
         return EpochEnd(False, False, self.imgsz, self.closed, max(epoch + 2, self.projected(t, epoch)))

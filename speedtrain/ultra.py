@@ -507,7 +507,7 @@ class Phases:
             "on_val_start": [self._val_start],
             "on_val_end": [self._val_end],
             "on_fit_epoch_end": [self._fit_epoch_end],
-            "on_model_save": [self._save],
+            "on_model_save": [self._save],  # the Recorder runs it before its resume.pt copy
         }
 
     def now(self) -> float:
@@ -786,6 +786,8 @@ class Recorder:
             if part is not None:
                 for event, functions in part.callbacks().items():
                     events.setdefault(event, []).extend(functions)
+        if self.phases is not None:  # the phases' state first: a resume.pt never goes on from an older state
+            events["on_model_save"] = [self.phases._save, self.on_model_save]
         return events
 
     def on_train_epoch_start(self, trainer: Any) -> None:

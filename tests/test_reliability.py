@@ -419,3 +419,42 @@ def test_a_dataset_moved_away_mid_run_is_one_line_and_resumes_once_back(make_dat
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
     doc = json.loads((project / "train" / "speed_report.json").read_text())
     assert (doc["run"]["status"], doc["stages"][0]["measured"]["epochs_done"]) == ("finished", 2)
+
+
+@pytest.mark.slow
+def test_a_budgeted_run_stopped_by_ctrl_c_goes_on_along_the_same_curve(make_dataset, tmp_path):
+    """--time in phases, Ctrl-C after a saved epoch, then --resume: the run goes on from the checkpoint's time on
+    the same learning-rate curve and phase (no epoch repeated or lost), ends at its deadline, and a second --resume
+    finds it finished."""
+    root, project = make_dataset(16, 4), tmp_path / "runs"
+    cmd = [sys.executable, "-m", "speedtrain", "train", "--dataset", str(root), "--time", "1m", "--img-size", "64",
+           "--finetune-img-size", "128", "--prepare", "no", "--project", str(project), "plots=False"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    state = project / "train" / "main" / checkpoints.PHASES_STATE
+    assert wait_for(lambda: state.exists() or proc.poll() is not None, timeout=180)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130, output[-3000:]
+    before = json.loads(state.read_text())
+    assert not before["stopped"]
+    again = subprocess.run([*cmd[:4], "--resume", str(project / "train")], capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    assert "going on at" in again.stdout
+    doc = json.loads((project / "train" / "speed_report.json").read_text())
+    stage = doc["stages"][0]
+    log = stage["measured"]["phase_log"]
+    assert stage["status"] == "completed"
+    assert [e["epoch"] for e in log] == list(range(1, len(log) + 1))  # no epoch repeated or lost
+    assert log[: len(before["log"])] == before["log"]  # the epochs before the stop kept as they were
+    resumed = log[len(before["log"])]
+    assert resumed["start_s"] >= before["elapsed"] - 1e-6  # the clock went on from the checkpoint's time
+    assert resumed["lr_start"] <= before["log"][-1]["lr_end"] + 1e-6  # on the same falling curve
+    assert [e["imgsz"] for e in log] == sorted(e["imgsz"] for e in log)
+    assert log[-1]["lr_end"] < resumed["lr_start"]
+    assert csv_epochs(project / "train" / "main") == list(range(1, len(log) + 1))
+    third = subprocess.run([*cmd[:4], "--resume", str(project / "train")], capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert third.returncode != 0 or "finished" in (third.stdout + third.stderr)
+    assert "Traceback" not in third.stdout + third.stderr
