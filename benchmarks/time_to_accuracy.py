@@ -6,10 +6,11 @@
 
 Several runs of the same comparison (same dataset, model, budget and machine; e.g. a second call for more arms, or
 another --seed) are read as one: the first run's `defaults` arm sets the target, the baseline's final mAP50-95 at
-the common validation size, and an arm name seen again gets its run's seed appended. Columns: image size, batch,
-epochs trained in the budget, steady training images/s, the final weights' mAP50-95 at each validation size, the
-network's latency at 640 (batch 1), when the arm first reached the baseline's final accuracy (seconds since its
-start, and as a share of the baseline's own time), and its note.
+the common validation size, and an arm name seen again gets its run's folder name and seed appended. Columns:
+image size (a budgeted arm's phases), batch, epochs trained in the budget, steady training images/s, the final
+weights' mAP50-95 at each validation size, the network's latency at 640 (batch 1), when the arm first reached the
+baseline's final accuracy (seconds since its start, and as a share of the baseline's own time), with a longer
+baseline budget also when it reached the baseline's best within the arms' budget, and its note.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def merged(paths: list[Path]) -> Comparison:
     first, arms, seen = runs[0], [], set()
     for run in runs:
         for arm in run.arms:
-            name = arm.name if arm.name not in seen else f"{arm.name} (seed {run.seed})"
+            name = arm.name if arm.name not in seen else f"{arm.name} ({Path(run.run_dir).name}, seed {run.seed})"
             seen.add(name)
             arms.append(replace(arm, name=name))
     sizes = tuple(sorted({s for r in runs for s in r.val_sizes}))
@@ -41,8 +42,10 @@ def merged(paths: list[Path]) -> Comparison:
 
 def table(c: Comparison) -> str:
     """The markdown table, then the setting it was measured in."""
+    longer = bool(c.baseline_budget_s and c.baseline_budget_s > c.budget_s)
     head = ["arm", "size", "batch", "epochs", "img/s", *[f"mAP50-95 @{s}" for s in c.val_sizes], "ms @640",
-            "reached the defaults' final mAP50-95", "note"]  # fmt: skip
+            "reached the defaults' final mAP50-95", *(["reached the defaults' best at equal time"] if longer else []),
+            "note"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a in c.arms:
         finals = [a.final_at(s) for s in c.val_sizes]
@@ -53,10 +56,15 @@ def table(c: Comparison) -> str:
             t = c.time_to_accuracy(a.name)
             reach = (f"{t.seconds:.0f} s ({t.ratio:.2f}x the defaults' {t.baseline_seconds:.0f} s)"
                      if t.seconds is not None and t.ratio is not None else "not within the budget")  # fmt: skip
-        cells = [a.name, str(a.imgsz), str(a.batch), str(a.epochs_done),
+        equal = c.equal_budget(a.name) if longer and a.name != "defaults" else None
+        at_equal = ([] if not longer else ["(the target)" if a.name == "defaults" else "-" if equal is None else
+                    f"{equal.seconds:.0f} s ({equal.seconds / (equal.baseline_seconds or 1):.2f}x the defaults' "
+                    f"{equal.baseline_seconds or 0:.0f} s to {fmt_map(equal.target or 0)})" if equal.seconds is not None
+                    else "not within the budget"])  # fmt: skip
+        cells = [a.name, a.size, str(a.batch), str(a.epochs_done),
                  f"{a.images_per_s:.1f}" if a.images_per_s else "-",
                  *[fmt_map(f.map50_95) if f else "-" for f in finals],
-                 f"{latency:.1f}" if latency else "-", reach, a.note]  # fmt: skip
+                 f"{latency:.1f}" if latency else "-", reach, *at_equal, a.note]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     base = c.arm("defaults")
     target = base.final_at(c.val_imgsz) if base else None
@@ -65,7 +73,9 @@ def table(c: Comparison) -> str:
     lines += [
         "",
         f"{c.dataset.name}: {c.dataset.train_images} train / {c.dataset.val_images} val images; {c.model} on "
-        f"{c.device} ({machine}, {hw.ram_total_gb:.0f} GB RAM); {c.budget_s / 60:.0f} min per arm, seed {c.seed}; "
+        f"{c.device} ({machine}, {hw.ram_total_gb:.0f} GB RAM); {c.budget_s / 60:.0f} min per arm"
+        + (f" ({c.baseline_budget_s / 60:.0f} min for the defaults)" if longer else "")
+        + f", seed {c.seed}; "
         f"{c.started_at[:10]}. Target: the defaults' final mAP50-95 at {c.val_imgsz} px"
         + (f" ({fmt_map(target.map50_95)})" if target else "")
         + "; curves validated at the same size after training, outside the budget.",

@@ -160,6 +160,12 @@ class ArmResult:
     curve: tuple[Point, ...] = ()
     final: tuple[Score, ...] = ()  # the final weights at each validation size
     latency_ms: tuple[tuple[int, float], ...] = ()
+    phases: tuple[int, ...] = ()  # a budgeted arm's image sizes, phase by phase
+
+    @property
+    def size(self) -> str:
+        """ "640", or a budgeted arm's phases: "320-416-640"."""
+        return "-".join(map(str, self.phases)) if self.phases else str(self.imgsz)
 
     def final_at(self, imgsz: int) -> Score | None:
         return next((s for s in self.final if s.imgsz == imgsz), None)
@@ -330,7 +336,8 @@ class Comparison(JupyterMixin):
                 raise SpeedtrainError(f"{path}: compare format {doc['format']} is newer than this speedtrain reads")
             arms = tuple(
                 ArmResult(
-                    **{k: v for k, v in a.items() if k not in ("curve", "final", "latency_ms")},
+                    **{k: v for k, v in a.items() if k not in ("curve", "final", "latency_ms", "phases")},
+                    phases=tuple(int(p) for p in a.get("phases", ())),
                     curve=tuple(Point(p["epoch"], p["seconds"], p["mAP50"], p["mAP50-95"]) for p in a["curve"]),
                     final=tuple(Score(s["imgsz"], s["mAP50"], s["mAP50-95"]) for s in a["final"]),
                     latency_ms=tuple((int(k), float(v)) for k, v in a["latency_ms"].items()),
@@ -545,6 +552,7 @@ def _run_arm(
         images_per_s=main.images_per_s_steady or main.images_per_s,
         wall_s=wall, eval_s=eval_s, status=last.status, note=note, weights=final_weights, curve=curve,
         final=final, latency_ms=measured.latency_ms,
+        phases=tuple(p.imgsz for p in arm.stages[0].schedule.phases) if arm.stages[0].schedule else (),
     )  # fmt: skip
 
 

@@ -443,20 +443,7 @@ def save_png(rep: SpeedReport, path: str | Path) -> Path:
     ax_loss = ax_map.twinx()
     offset = 0  # stages share one epoch axis: the run as a timeline
     for name, m in measured:
-        epochs = list(range(offset + 1, offset + len(m.epoch_times_s) + 1))
-        ax_time.plot(epochs, m.epoch_times_s, marker="o", label=f"{name}: whole epoch")
-        train = m.train_times_s
-        if train:  # after a kill and --resume, the epochs before it have whole-epoch times only: align to the end
-            timed = epochs[len(epochs) - len(train) :]
-            ax_time.plot(timed, train, marker=".", linestyle="--", label=f"{name}: training pass")
-            rates = [m.images_per_epoch / t if t > 0 else 0 for t in train]
-            ax_rate.plot(timed, rates, marker="o", label=f"{name}: all ranks" if m.ranks else name)
-            _rank_lines(ax_rate, name, m)
-        _accuracy_lines(ax_map, ax_loss, name, m, epochs)
-        if offset:
-            for ax in (ax_time, ax_rate, ax_map):
-                ax.axvline(offset + 0.5, color="grey", linewidth=0.8)
-        offset = epochs[-1] if epochs else offset
+        offset = _stage_lines((ax_time, ax_rate, ax_map, ax_loss), name, m, offset)
     _style(ax_time, "Seconds per epoch", "epoch of the run", "s", offset)
     _style(ax_rate, "Training images per second", "epoch of the run", "images/s", offset)
     _style(
@@ -474,6 +461,26 @@ def save_png(rep: SpeedReport, path: str | Path) -> Path:
     fig.savefig(tmp, dpi=PNG_DPI)
     tmp.replace(path)
     return path
+
+
+def _stage_lines(axes: tuple[Any, Any, Any, Any], name: str, m: StageResult, offset: int) -> int:
+    """One stage's epochs on the run's timeline (after `offset` epochs): seconds, images/s, mAP and loss; return
+    the timeline's last epoch."""
+    ax_time, ax_rate, ax_map, ax_loss = axes
+    epochs = list(range(offset + 1, offset + len(m.epoch_times_s) + 1))
+    ax_time.plot(epochs, m.epoch_times_s, marker="o", label=f"{name}: whole epoch")
+    train = m.train_times_s
+    if train:  # after a kill and --resume, the epochs before it have whole-epoch times only: align to the end
+        timed = epochs[len(epochs) - len(train) :]
+        ax_time.plot(timed, train, marker=".", linestyle="--", label=f"{name}: training pass")
+        rates = [m.images_per_epoch / t if t > 0 else 0 for t in train]
+        ax_rate.plot(timed, rates, marker="o", label=f"{name}: all ranks" if m.ranks else name)
+        _rank_lines(ax_rate, name, m)
+    _accuracy_lines(ax_map, ax_loss, name, m, epochs)
+    if offset:
+        for ax in (ax_time, ax_rate, ax_map):
+            ax.axvline(offset + 0.5, color="grey", linewidth=0.8)
+    return epochs[-1] if epochs else offset
 
 
 def _accuracy_lines(ax_map: Any, ax_loss: Any, name: str, m: StageResult, epochs: list[int]) -> None:
@@ -583,7 +590,7 @@ def render_comparison(c: Comparison, saved: Path) -> RenderableType:
         finals = [a.final_at(s) for s in c.val_sizes]
         latency = dict(a.latency_ms).get(640)
         table.add_row(
-            a.name, str(a.imgsz), str(a.batch), str(a.epochs_done), _num(a.images_per_s, "{:.1f}"),
+            a.name, a.size, str(a.batch), str(a.epochs_done), _num(a.images_per_s, "{:.1f}"),
             *[fmt_map(f.map50_95) if f else "-" for f in finals], _num(latency, "{:.1f}"),
             f"{a.wall_s:.0f}",
         )  # fmt: skip

@@ -286,7 +286,7 @@ def test_the_time_to_accuracy_table_merges_runs(tmp_path):
     out = subprocess.run([sys.executable, str(script), str(tmp_path / "a"), str(tmp_path / "b" / "compare.json")],
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
     rows = [line for line in out.splitlines() if line.startswith("| ")]
-    assert [r.split(" | ")[0] for r in rows] == ["| arm", "| defaults", "| plan", "| plan (seed 1)"]
+    assert [r.split(" | ")[0] for r in rows] == ["| arm", "| defaults", "| plan", "| plan (x, seed 1)"]
     assert "380 s (0.38x the defaults' 1000 s)" in rows[2]  # reached 0.30 at 380 s; the defaults at 1000 s
     assert "500 s (0.50x the defaults' 1000 s)" in rows[3]  # the second run's arm against the first's target
     assert "0.330" in rows[3]
