@@ -129,6 +129,29 @@ def test_speedtrain_launches_two_ranks_that_train_disjoint_shards(make_dataset, 
     assert "main: epoch 3/3" in out  # rank 0's progress, a line per saved epoch
 
 
+@pytest.mark.slow
+def test_two_ranks_follow_one_deadline_through_the_phases(make_dataset, tmp_path, trees):
+    """--time in phases on two gloo ranks: rank 0's clock is every rank's, so they switch size, set the learning
+    rate and stop at the deadline after the same batch (a rank that went on alone would hang in its next step)."""
+    root, project = make_dataset(16, 4), tmp_path / "runs"
+    cmd = _speedtrain(
+        "train", "--dataset", str(root), "--device", "cpu", "--nproc-per-node", "2", "--time", "1m", "--img-size",
+        "64", "--finetune-img-size", "128", "--batch-size", "8", "--prepare", "no", "--project", str(project),
+        "--model", "yolo26n.yaml", "plots=False",
+    )  # fmt: skip
+    code, out = trees(cmd).wait()
+    assert code == 0, out[-4000:]
+    doc = _report(project / "train")
+    stage = doc["stages"][0]
+    log = stage["measured"]["phase_log"]
+    assert stage["status"] == "completed"
+    assert [p["imgsz"] for p in stage["schedule"]["phases"]] == [64, 128]
+    assert [e["epoch"] for e in log] == list(range(1, len(log) + 1))
+    assert log[-1]["end_s"] >= 0.9 * 60 - (log[-1]["end_s"] - log[-1]["start_s"])  # it trained to the deadline
+    assert _csv_epochs(project / "train" / "main") == list(range(1, len(log) + 1))
+    assert "Traceback" not in out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
