@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The original workflow's dataset tool: `python optimize_training_speed.py --resize --dataset dataset`.
+"""The single-script dataset tool: `python optimize_training_speed.py --resize --dataset dataset`.
 
 --resize is `speedtrain prepare` (a resized copy beside the dataset, or --in-place), --check is `speedtrain check`;
 with both, the check runs first and its findings do not stop the resize (unreadable images are skipped there).

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The original workflow's entry point: `python train.py --dataset dataset --epochs 50 --batch-size 32 --img-size 416`.
+"""The single-script entry point: `python train.py --dataset dataset --epochs 50 --batch-size 32 --img-size 416`.
 
 Same as `speedtrain train ...`; with no --dataset it trains on the embedded sample.
 """

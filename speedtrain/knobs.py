@@ -7,7 +7,7 @@ The CLI's options, the API's keyword checks, the plan table's rows, `key=value` 
 docs' knob table are all derived from `KNOBS`; the planner holds each knob's rule.
 
 Adding a knob: its field here (and a `Stage` field when Ultralytics gets a new argument), its rule with a reason in
-`planner.py`, the rule's test in `tests/test_planner.py` (with an example value in `KNOB_EXAMPLES` there); then
+`planner.py`, the rule's test in `tests/test_planner.py`, an example value in `EXAMPLES` in `tests/test_knobs.py`; then
 `python tools/cli_docs.py` regenerates the CLI reference and the knob table. Pure data: no I/O, no torch.
 """
 

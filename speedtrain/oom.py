@@ -1,4 +1,4 @@
-"""Which memory ran out, told from an exception: the predicate the OOM policy (runner.train_stage: step down the
+"""Which memory ran out, told from an exception: the predicate the OOM policy (recovery.recover: step down the
 batch chain, or relieve host RAM, or name /dev/shm) and tune's step probe share."""
 
 from __future__ import annotations

@@ -647,7 +647,8 @@ def _threads(hw: HardwareSnapshot, gpus: int, requested: int | None, local_ranks
     one thread on a 2-core machine, 8 on a 64-core one. CPU training loads data in the training process itself
     (Ultralytics forces workers=0), between steps, so no other process needs a core while the step runs: the
     step gets one thread per physical core, PyTorch's own default (SMT siblings share the vector units; measured
-    on the 2-core development VM: 2 threads trained 1.4x faster than Ultralytics' 1, see the README). On a GPU
+    on the 2-core development VM: 2 threads trained 1.46x to 1.74x faster than Ultralytics' 1, see the docs' Measured
+    numbers). On a GPU
     the training process mostly launches kernels and the cores feed the dataloader workers, so it is left alone.
     """
     if requested is not None:

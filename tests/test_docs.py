@@ -100,14 +100,21 @@ def test_every_command_help_ends_with_an_example():
         assert "Example: speedtrain " in (command.help or ""), name
 
 
-HISTORY = re.compile(r"\b(seed project|the seed|lent|this work|workplace|original workflow)\b", re.I)
+HISTORY = re.compile(
+    r"\b(seed project|the seed|lent|this work|workplace|original workflow|new in this version|now also)\b",
+    re.I,
+)
+# what a user reads: the front page, the docs, the product's code and help, the scripts and tools they run
+USER_FACING = ("README.md", "docs/*.md", "speedtrain/*.py", "*.py", "*.sh", "*.ps1", "benchmarks/*", "tools/*.py")
 
 
 def test_words_are_for_users():
-    """Nothing a user reads speaks of how the project was made (in the code, "session" is a process session)."""
+    """Nothing a user reads speaks of how the project was made or of what it was before (in the code, "session" is
+    a process session)."""
     docs = {"README.md": README, **{f"docs/{k}": v for k, v in DOCS.items()}}
-    code = {str(p.relative_to(REPO)): p.read_text() for p in (REPO / "speedtrain").glob("*.py")}
-    for name, text in {**docs, **code}.items():
+    files = {str(p.relative_to(REPO)): p for pattern in USER_FACING for p in REPO.glob(pattern) if p.is_file()}
+    texts = {name: p.read_text(encoding="utf-8") for name, p in files.items()}
+    for name, text in {**texts, **docs}.items():
         hits = [m.group(0) for m in HISTORY.finditer(text)]
         if name in docs:
             hits += re.findall(r"\bsessions?\b", text, re.I)
