@@ -492,10 +492,14 @@ def compare_command(
         ),
     ] = None,
     val_imgsz: Annotated[
-        int | None, typer.Option("--val-img-size", help="Size every saved epoch is validated at. Default: 640.")
+        int | None,
+        typer.Option(
+            "--val-img-size", help=f"Size every saved epoch is validated at. Default: {knobs.ULTRALYTICS_IMGSZ}."
+        ),
     ] = None,
     baseline_imgsz: Annotated[
-        int | None, typer.Option("--baseline-img-size", help="The defaults arm's image size. Default: 640.")
+        int | None,
+        typer.Option("--baseline-img-size", help=f"The defaults arm's image size. Default: {knobs.ULTRALYTICS_IMGSZ}."),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="The same seed for every arm.")] = 0,
     project: ProjectOpt = workflow.DEFAULT_PROJECT,
@@ -575,7 +579,7 @@ def ask_finetune(main: StageResult, out: Console) -> tuple[bool | None, bool]:
         return None, False
     from speedtrain import runner
 
-    size = max((s for s, _ in main.scores), default=640)
+    size = max((s for s, _ in main.scores), default=knobs.ULTRALYTICS_IMGSZ)
     skip = runner.finetune_skip_reason(main, size, None)
     scores = ", ".join(f"{v:.3f} at {s} px" for s, v in main.scores) or "not measured"
     default = "n" if skip else "y"

@@ -19,7 +19,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,17 +95,7 @@ def arms_for(
     out = []
     for name in names:
         if name == "defaults":
-            stage = Stage(
-                name="train", imgsz=baseline_imgsz, epochs=int(defaults["epochs"]), batch=int(defaults["batch"]),
-                batch_fallbacks=tuple(b for b in (int(defaults["batch"]) // 2, int(defaults["batch"]) // 4) if b),
-                workers=int(defaults["workers"]), cache=False, optimizer=str(defaults["optimizer"]),
-                lr0=float(defaults["lr0"]), cos_lr=bool(defaults["cos_lr"]),
-                close_mosaic=int(defaults["close_mosaic"]), rect=bool(defaults["rect"]),
-                patience=int(defaults["patience"]), amp=bool(defaults["amp"]), device=main.device,
-                deterministic=bool(defaults["deterministic"]), warmup_epochs=float(defaults["warmup_epochs"]),
-                extra=main.extra,
-            )  # fmt: skip
-            out.append(Arm(name, (stage,), (1.0,), prepared=False))
+            out.append(Arm(name, (defaults_stage(defaults, baseline_imgsz, main),), (1.0,), prepared=False))
         elif name == "plan":
             phased = replace((timed or plan).stages[0], name="train")
             out.append(Arm(name, (phased,), (1.0,), prepared=True))
@@ -123,6 +113,17 @@ def arms_for(
             tune_stage = replace(ft, when="always")
             out.append(Arm(name, (train, tune_stage), (1 - FINETUNE_SHARE, FINETUNE_SHARE), prepared=True))
     return tuple(out)
+
+
+def defaults_stage(defaults: dict[str, Any], imgsz: int, main: Stage) -> Stage:
+    """Plain Ultralytics: every Stage field that is an Ultralytics train argument takes its default.yaml value (so a
+    field added to Stage is plain Ultralytics' here too); the device, the user's key=value and `imgsz` are the
+    comparison's, the out-of-memory chain halves the batch twice."""
+    args = {f.name: defaults[f.name] for f in fields(Stage) if f.name in defaults and f.name not in ("device", "name")}
+    batch = int(args["batch"])
+    args.update(imgsz=imgsz, cache=args["cache"] or False)
+    return Stage(name="train", batch_fallbacks=tuple(b for b in (batch // 2, batch // 4) if b), device=main.device,
+                 extra=main.extra, **args)  # fmt: skip
 
 
 # --- results ------------------------------------------------------------------------------------------------------

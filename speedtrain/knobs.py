@@ -27,6 +27,9 @@ When = Literal["always", "auto", "ask"]  # when a stage runs: always, when the m
 PipelineKind = Literal["ultralytics", "fast"]
 Cache = Literal["ram", "disk", False]  # as Ultralytics' cache argument takes it; False: no cache
 DEFAULT_TARGET_MAP: float | None = None  # --target-map: unset, --finetune auto decides by the 640-px lag alone
+# Ultralytics' default image size (cfg/default.yaml `imgsz`; tests/test_knobs.py checks): the untuned baseline, where
+# a model is scored and timed besides its own size, and the fine-tune's size
+ULTRALYTICS_IMGSZ = 640
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +45,7 @@ class Knob:
     minimum: float | None
     maximum: float | None
     ultralytics: str | None  # the Ultralytics train argument it sets; `key=value` with that name folds into it
+    planned: Any  # the plan's own default where it is one value (the help text says it; the planner reads it)
     stage: str  # the stage whose Ultralytics argument it sets: "main" or "finetune"
     baseline: Any  # Ultralytics' own value, the plan table's baseline column
     cell: Callable[[Any], Any] | None  # the plan table's cell, from the main Stage; None: shown in `shown`
@@ -66,6 +70,7 @@ def knob(
     minimum: float | None = None,
     maximum: float | None = None,
     ultralytics: str | None = None,
+    planned: Any = None,
     stage: str = "main",
     baseline: Any = None,
     cell: Callable[[Any], Any] | None = None,
@@ -73,8 +78,10 @@ def knob(
     not_in: dict[str, str] | None = None,
     tune: bool = False,
 ) -> Any:
-    """A planned knob's `Overrides` field: the default (None: the planner decides) and everything derived from it."""
-    spec = {"flags": flags, "help": help, "minimum": minimum, "maximum": maximum, "ultralytics": ultralytics,
+    """A planned knob's `Overrides` field: the default (None: the planner decides) and everything derived from it.
+    `{planned}` in the help is the plan's own default."""
+    spec = {"flags": flags, "help": help.format(planned=planned), "minimum": minimum, "maximum": maximum,
+            "ultralytics": ultralytics, "planned": planned,
             "stage": stage, "baseline": baseline, "cell": cell, "shown": shown,
             "not_in": tuple((not_in or {}).items()), "tune": tune}  # fmt: skip
     return field(default=default, metadata={"knob": spec})
@@ -89,12 +96,12 @@ CLASSIC_ARM = "compare's plan-classic arm trains the classic recipe"
 class Overrides:
     """What the user set; None means 'let the planner decide'. The knobs are in the plan table's order."""
 
-    model: str | None = knob("--model", "-m", help="A .pt file or model yaml. Default: yolo26n.", shown="title",
-                             tune=True)  # fmt: skip
+    model: str | None = knob("--model", "-m", help="A .pt file or model yaml. Default: {planned}.", shown="title",
+                             planned="yolo26n", tune=True)  # fmt: skip
     imgsz: int | None = knob(
-        "--img-size", "--imgsz", ultralytics="imgsz", baseline=640, cell=lambda s: _sizes(s), tune=True,
-        help="Main-stage image size (multiple of 32); with --time, the first phase's. Default: 416 (--time: from the "
-        "boxes' sizes).",
+        "--img-size", "--imgsz", ultralytics="imgsz", baseline=ULTRALYTICS_IMGSZ, cell=lambda s: _sizes(s), tune=True,
+        planned=416, help="Main-stage image size (multiple of 32); with --time, the first phase's. Default: {planned} "
+        "(--time: from the boxes' sizes).",
     )  # fmt: skip
     batch: int | None = knob(
         "--batch-size", "--batch", "-b", help="Total batch size. Default: sized from free VRAM.", ultralytics="batch",
@@ -109,8 +116,9 @@ class Overrides:
     )
     workers: int | None = knob("--workers", "-w", help="Dataloader workers per GPU. Default: by RAM.",
                                ultralytics="workers", baseline=8, cell=lambda s: s.workers)  # fmt: skip
-    epochs: int | None = knob("--epochs", "-e", minimum=1, help="Main-stage epochs. Default: 50.", ultralytics="epochs",
-                              baseline=100, cell=lambda s: s.epochs, not_in={"compare": BUDGET})  # fmt: skip
+    epochs: int | None = knob("--epochs", "-e", minimum=1, help="Main-stage epochs. Default: {planned}.", planned=50,
+                              ultralytics="epochs", baseline=100, cell=lambda s: s.epochs,
+                              not_in={"compare": BUDGET})  # fmt: skip
     optimizer: str | None = knob(
         "--optimizer", help="Ultralytics optimizer name. Default: auto (Ultralytics' choice).", ultralytics="optimizer",
         baseline="auto", cell=lambda s: f"{s.optimizer} lr0={s.lr0}",
@@ -120,13 +128,14 @@ class Overrides:
     rect: bool | None = knob("--rect", help="Rectangular batches (turns shuffle and mosaic off). Default: off.",
                              ultralytics="rect", baseline=False, cell=lambda s: s.rect)  # fmt: skip
     close_mosaic: int | None = knob(
-        "--close-mosaic", minimum=0, help="Last epochs without mosaic. Default: 10 (--time: the budget's last 10%).",
+        "--close-mosaic", minimum=0, planned=10,
+        help="Last epochs without mosaic. Default: {planned} (--time: the budget's last 10%).",
         ultralytics="close_mosaic", baseline=10,
         cell=lambda s: f"last {s.schedule.close_mosaic:.0%} of budget" if s.schedule else s.close_mosaic,
     )  # fmt: skip
     patience: int | None = knob(
-        "--patience", minimum=0, help="Early-stopping patience. Default: 100 (--time: off).", ultralytics="patience",
-        baseline=100, cell=lambda s: "off" if s.schedule and not s.patience else s.patience,
+        "--patience", minimum=0, help="Early-stopping patience. Default: {planned} (--time: off).", planned=100,
+        ultralytics="patience", baseline=100, cell=lambda s: "off" if s.schedule and not s.patience else s.patience,
     )  # fmt: skip
     val_every: str | int | None = knob(
         "--val-every", help="Validate every N epochs, or auto (under 15% of the run). Default: 1.", baseline=1,
@@ -165,10 +174,12 @@ class Overrides:
         "--finetune", default="auto", shown="fine-tune line", not_in={"compare": ARMS},
         help="640-px fine-tune: auto (when the main stage's weights lose accuracy at 640), yes, no, or ask at the end.",
     )  # fmt: skip
-    finetune_epochs: int | None = knob("--finetune-epochs", minimum=1, help="Fine-tune epochs. Default: 25.",
+    finetune_epochs: int | None = knob("--finetune-epochs", minimum=1, help="Fine-tune epochs. Default: {planned}.",
+                                       planned=25,
                                        ultralytics="epochs", stage="finetune", shown="fine-tune line",
                                        not_in={"compare": BUDGET})  # fmt: skip
-    finetune_imgsz: int | None = knob("--finetune-img-size", help="Fine-tune image size. Default: 640.",
+    finetune_imgsz: int | None = knob("--finetune-img-size", help="Fine-tune image size. Default: {planned}.",
+                                      planned=ULTRALYTICS_IMGSZ,
                                       ultralytics="imgsz", stage="finetune", shown="fine-tune line")  # fmt: skip
     target_map: float | None = knob(
         "--target-map", default=DEFAULT_TARGET_MAP, minimum=0.0, maximum=1.0, shown="fine-tune line",
@@ -239,6 +250,7 @@ def _value_type(hint: Any) -> tuple[type, tuple[str, ...]]:
 
 KNOBS: tuple[Knob, ...] = _declared()
 BY_NAME = {k.name: k for k in KNOBS}
+PLANNED = {k.name: k.planned for k in KNOBS if k.planned is not None}  # the plan's own one-value defaults
 # key=value arguments (Ultralytics' names) that set a knob of the main stage
 FROM_ULTRALYTICS = {k.ultralytics: k.name for k in KNOBS if k.ultralytics and k.stage == "main" and k.name != "model"}
 

@@ -14,6 +14,7 @@ from speedtrain.knobs import (  # noqa: F401 -- the plan's records, re-exported 
     BASELINE,
     DEFAULT_TARGET_MAP,
     FROM_ULTRALYTICS,
+    PLANNED,
     Cache,
     Overrides,
     PipelineKind,
@@ -24,16 +25,17 @@ from speedtrain.knobs import (  # noqa: F401 -- the plan's records, re-exported 
 from speedtrain.schedule import Schedule, plan_schedule
 from speedtrain.util import closest, duration, parse_duration
 
-DEFAULT_MODEL = "yolo26n"
+# the plan's one-value defaults, declared with their knobs (speedtrain/knobs.py), whose help texts say them
+DEFAULT_MODEL: str = PLANNED["model"]
 FINETUNE_WHEN: dict[str, When] = {"yes": "always", "auto": "auto", "ask": "ask"}
-MAIN_IMGSZ = 416
-FINETUNE_IMGSZ = 640
-MAIN_EPOCHS = 50
-FINETUNE_EPOCHS = 25
+MAIN_IMGSZ: int = PLANNED["imgsz"]
+FINETUNE_IMGSZ: int = PLANNED["finetune_imgsz"]
+MAIN_EPOCHS: int = PLANNED["epochs"]
+FINETUNE_EPOCHS: int = PLANNED["finetune_epochs"]
 SAMPLE_EPOCHS = (3, 2)  # main, fine-tune epochs on the embedded sample: a demo that ends in minutes on a CPU
 FINETUNE_LR_FACTOR = 0.1
-PATIENCE = 100  # Ultralytics' default (cfg/default.yaml, 8.4.190): never cuts a 50-epoch cosine schedule short
-CLOSE_MOSAIC = 10  # Ultralytics' default
+PATIENCE: int = PLANNED["patience"]  # Ultralytics' default (cfg/default.yaml): never cuts a 50-epoch cosine short
+CLOSE_MOSAIC: int = PLANNED["close_mosaic"]  # Ultralytics' default
 # --finetune auto: the fine-tune runs when the main stage's best weights score this much lower (relative mAP50-95)
 # at the fine-tune's size than at their own; below it they already carry over to the larger size
 FINETUNE_LAG = 0.05

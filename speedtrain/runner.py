@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from speedtrain import checkpoints, distributed, recovery
-from speedtrain.knobs import Stage, TrainPlan
+from speedtrain.knobs import ULTRALYTICS_IMGSZ, Stage, TrainPlan
 from speedtrain.monitor import Monitor
 from speedtrain.planner import FINETUNE_LAG
 from speedtrain.records import (
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from speedtrain.ultra import Recorder
 
 
-BASELINE_IMGSZ = 640  # Ultralytics' default image size: the untuned baseline the time estimate is set against
+BASELINE_IMGSZ = ULTRALYTICS_IMGSZ  # the untuned baseline the time estimate is set against
 
 
 def run(
@@ -128,7 +128,7 @@ def _run(
     return RunResult(str(run_dir), source, note, tuple(results), started, round(time.perf_counter() - t0, 2))
 
 
-LATENCY_SIZE = 640  # besides the stage's own size: Ultralytics' default, what an untuned model would run at
+LATENCY_SIZE = ULTRALYTICS_IMGSZ  # besides the stage's own size: what an untuned model would run at
 
 
 def _score_sizes(plan: TrainPlan, stage: Stage) -> tuple[int, ...]:

@@ -21,7 +21,7 @@ from speedtrain import hardware
 from speedtrain.dataset import DatasetStats, Problem
 from speedtrain.errors import SpeedtrainError
 from speedtrain.hardware import HardwareSnapshot
-from speedtrain.knobs import BASELINE, DEFAULT_TARGET_MAP, Stage, TrainPlan
+from speedtrain.knobs import BASELINE, DEFAULT_TARGET_MAP, ULTRALYTICS_IMGSZ, Stage, TrainPlan
 from speedtrain.records import (
     DatasetSummary,
     OomFallback,
@@ -40,7 +40,7 @@ REPORT_NAME = "speed_report.json"
 StageStatus = Literal["pending", "running", "completed", "early-stopped", "skipped", "interrupted"]
 RunStatus = Literal["running", "finished", "interrupted"]
 PENDING: tuple[StageStatus, ...] = ("pending",)  # stages a run never reached; "running" ones resume from a checkpoint
-FINAL_SIZE = 640  # besides its training size, the final model is scored where an untuned model would be used
+FINAL_SIZE = ULTRALYTICS_IMGSZ  # besides its training size, the model is scored where an untuned model is used
 
 
 @dataclass(frozen=True, slots=True)

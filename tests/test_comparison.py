@@ -133,6 +133,16 @@ def test_arms_change_one_thing_each():
     assert all(a.prepared for n, a in arms.items() if n != "defaults")
 
 
+def test_the_defaults_arm_is_ultralytics_default_yaml_for_every_stage_field_ultralytics_has():
+    plan = planner.plan(snapshot((24,)), fake_stats(), planner.Overrides(finetune="yes"))
+    d = ultra.defaults()
+    stage = comparison.defaults_stage(d, 640, plan.stages[0])
+    for f in dataclasses.fields(stage):
+        if f.name in d and f.name not in ("name", "device", "imgsz", "cache"):
+            assert getattr(stage, f.name) == d[f.name], f.name
+    assert (stage.cache, stage.threads, stage.pipeline, stage.schedule) == (False, None, "ultralytics", None)
+
+
 def test_a_longer_baseline_sets_the_target_and_the_equal_time_line_sits_beside_it():
     base = arm("defaults", curve((300, 0.1), (1000, 0.30), (2000, 0.36), (3500, 0.40)), final=0.40)
     plan = arm("plan", curve((200, 0.2), (700, 0.33), (1150, 0.41)), final=0.41)

@@ -185,3 +185,28 @@ def test_a_mistyped_keyword_gets_the_knobs_name():
         api.overrides({"finetune_img_size": 800})
     with pytest.raises(UsageError, match=r"mosaik= is not an Ultralytics train argument; did you mean mosaic=\?"):
         api.overrides({"mosaik": 0.5})
+
+
+# the plan table's baseline is Ultralytics' own value, read from its default.yaml, except where the untuned baseline
+# of the tutorials differs from it (with the reason)
+TUTORIAL_BASELINE = {"cache": "the untuned baseline is the tutorials' disk cache; Ultralytics' own default is none"}
+
+
+def test_the_baselines_are_ultralytics_own_defaults():
+    from speedtrain import ultra_args
+
+    defaults = ultra_args.defaults()
+    assert defaults["imgsz"] == knobs.ULTRALYTICS_IMGSZ
+    for k in KNOBS:
+        if k.ultralytics and k.baseline is not None and k.name not in TUTORIAL_BASELINE:
+            assert k.baseline == defaults[k.ultralytics], k.name
+    for row in knobs.PLANNED_ROWS:
+        assert row.baseline == defaults[row.name], row.name
+
+
+def test_the_plans_one_value_defaults_are_declared_once_and_said_in_the_help():
+    for name, value in knobs.PLANNED.items():
+        assert f"Default: {value}" in knobs.BY_NAME[name].help, name
+    declared = (knobs.PLANNED["imgsz"], knobs.PLANNED["epochs"], knobs.PLANNED["patience"])
+    assert declared == (planner.MAIN_IMGSZ, planner.MAIN_EPOCHS, planner.PATIENCE)
+    assert _plan().stages[0].imgsz == knobs.PLANNED["imgsz"]
