@@ -12,6 +12,7 @@ from speedtrain.errors import UsageError
 from speedtrain.hardware import Gpu, HardwareSnapshot
 from speedtrain.knobs import (  # noqa: F401 -- the plan's records, re-exported for the planner's users
     BASELINE,
+    BY_NAME,
     DEFAULT_TARGET_MAP,
     FROM_ULTRALYTICS,
     PLANNED,
@@ -145,6 +146,7 @@ def plan(hw: HardwareSnapshot, stats: DatasetStats, overrides: Overrides | None 
     reasons: dict[str, str] = {}
     warnings: list[str] = []
     device, gpus = _device(hw, ov.device, reasons)
+    _check_ranks(hw, ov.nproc_per_node, gpus, device)
     ranks = ov.world or ov.nproc_per_node or gpus
     if ranks > 1 and (ov.world or ov.nproc_per_node):
         where = f"{ranks} ranks (torchrun's WORLD_SIZE)" if ov.world else f"{ranks} ranks on this node"
@@ -171,6 +173,9 @@ def plan(hw: HardwareSnapshot, stats: DatasetStats, overrides: Overrides | None 
             reasons["time"] += f"; {why_not}"
         else:
             stages = [_deadline_stage(stats, ov, stages, seconds, reasons)]
+            if ov.epochs is not None or ov.finetune_epochs is not None:
+                warnings.append("--epochs and --finetune-epochs do not apply with --time: the phases' epochs are "
+                                "fitted to the deadline")  # fmt: skip
     prepare_size, reasons["prepare"] = _prepare(stats, stages, ov.prepare)
     return TrainPlan(
         device=device,
@@ -184,6 +189,22 @@ def plan(hw: HardwareSnapshot, stats: DatasetStats, overrides: Overrides | None 
         prepare_size=prepare_size,
         ranks=max(1, ranks),
     )
+
+
+def _check_ranks(hw: HardwareSnapshot, requested: int | None, gpus: int, device: str) -> None:
+    """--nproc-per-node within what this node can run: one rank per GPU of --device on GPUs; on a CPU at most one
+    per logical core (each rank needs a thread of its own), as --threads and --workers are capped."""
+    if requested is None:
+        return
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+        raise UsageError(f"--nproc-per-node {requested}: a whole number of ranks, 1 or more")
+    if gpus and requested != gpus:
+        raise UsageError(f"--nproc-per-node {requested}: --device {device} has {gpus} GPU{'s' if gpus > 1 else ''}; "
+                         "one rank per GPU (leave --nproc-per-node out, or list the GPUs in --device)")  # fmt: skip
+    cores = max(hw.cpu_cores_logical, 1)
+    if not gpus and requested > cores:
+        raise UsageError(f"--nproc-per-node {requested}: this machine has {cores} logical cores; use 1 to {cores} "
+                         "CPU ranks (each needs a core)")  # fmt: skip
 
 
 def _main_stage(
@@ -888,17 +909,30 @@ def _val_every(ov: Overrides, ranks: int) -> tuple[int, str]:
 
 
 def _fold_extra(ov: Overrides) -> Overrides:
-    """Move key=value arguments that name a planned knob (by its Ultralytics name) into the matching override."""
+    """Move key=value arguments that name a planned knob (by its Ultralytics name) into the matching override. A
+    key=value that contradicts the knob's flag, or an earlier key=value, is refused: neither silently wins (as git,
+    click and Ultralytics' own CLI refuse or warn)."""
     changes: dict[str, Any] = {}
     rest = []
     for key, value in ov.extra:
         if key in FROM_ULTRALYTICS:
             if key == "cache":
                 value = {True: "ram", False: "none"}.get(value, value)
-            changes[FROM_ULTRALYTICS[key]] = value
+            name = FROM_ULTRALYTICS[key]
+            _refuse_contradiction(name, key, getattr(ov, name), changes.get(name), value)
+            changes[name] = value
         else:
             rest.append((key, value))
     return replace(ov, extra=tuple(rest), **changes)
+
+
+def _refuse_contradiction(name: str, key: str, flag_value: Any, earlier: Any, value: Any) -> None:
+    """One line when `key=value` sets knob `name` to another value than its flag or an earlier `key=`."""
+    flag = BY_NAME[name].flag
+    if flag_value is not None and str(flag_value) != str(value):
+        raise UsageError(f"{flag} {flag_value} and {key}={value} set the same thing to different values; give one")
+    if earlier is not None and str(earlier) != str(value):
+        raise UsageError(f"{key}={earlier} and {key}={value} are given twice with different values; give one")
 
 
 def _check_type(key: str, raw: str, value: Any, default: Any) -> None:

@@ -159,6 +159,8 @@ def check_run_folder(project: str | os.PathLike[str], name: str) -> Path:
     project = Path(project)
     if not name or name in (".", "..") or any(sep in name for sep in ("/", "\\")):
         raise UsageError(f"--name {name!r}: a run folder name, without / or \\ (it stays inside --project)")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):  # a newline in a folder name breaks every path printed
+        raise UsageError(f"--name {name!r}: control characters (a newline, a tab) cannot be in a run folder name")
     if len(name.encode()) > NAME_MAX_BYTES:  # file systems allow 255 bytes; a suffix (train2, ...) may follow
         raise UsageError(f"--name: {len(name.encode())} bytes; a run folder name of at most {NAME_MAX_BYTES} bytes")
     parent = existing_parent(project)  # nothing is created here: a refused run leaves no folder behind

@@ -162,15 +162,34 @@ def test_prepare_never_writes_into_the_dataset_through_a_link(ds, tmp_path, dire
     ("args", "code", "words"),
     [
         (["--threads", "1000"], 2, ["--threads 1000", "logical cores; use 1 to"]),
-        (["--batch-size", "2", "--nproc-per-node", "4"], 2, ["--batch-size 2", "4 ranks", "--batch-size 4 or more"]),
+        (["--batch-size", "1", "--nproc-per-node", "2"], 2, ["--batch-size 1", "2 ranks", "--batch-size 2 or more"]),
         (["epochs=-3"], 2, ["--epochs -3", "1 or more"]),
-        (["device=7"], 2, ["--device 7", "GPU 7 does not exist"]),
+        (["device=7"], 2, ["--device cpu and device=7", "give one"]),  # the flag and key=value disagree
+        (["--batch-size", "16", "batch=8"], 2, ["--batch-size 16 and batch=8", "different values"]),
+        (["--time", "1h", "time=2"], 2, ["--time 1h and time=2", "give one"]),
+        (["batch=8", "batch=4"], 2, ["batch=8 and batch=4", "given twice"]),
+        (["--nproc-per-node", "1000"], 2, ["--nproc-per-node 1000", "logical cores", "CPU ranks"]),
+        (["--name", "a\nb"], 2, ["--name", "control characters"]),
         (["--device", "mps"], 2, ["--device mps", "use --device cpu"]),
         (["--name", "x" * 300], 2, ["--name", "at most 200 bytes"]),
         (["mosaic=2"], 2, ["mosaic=2", "between 0.0 and 1.0"]),  # Ultralytics' own range check, run up front
         (["fraction=-0.5"], 2, ["fraction=-0.5", "ratio (0, 1]"]),
     ],
-    ids=["threads", "ranks-over-batch", "epochs", "device-number", "mps", "long-name", "mosaic-range", "fraction"],
+    ids=[
+        "threads",
+        "ranks-over-batch",
+        "epochs",
+        "device-twice",
+        "batch-twice",
+        "time-twice",
+        "key-twice",
+        "ranks-over-cores",
+        "control-name",
+        "mps",
+        "long-name",
+        "mosaic-range",
+        "fraction",
+    ],
 )
 def test_impossible_arguments_are_refused_before_a_run_folder_exists(ds, tmp_path, args, code, words):
     if "mps" in args and sys.platform == "darwin":

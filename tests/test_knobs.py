@@ -50,7 +50,8 @@ GPUS = snapshot((24, 24), ram=64, cores=16)  # --device 1 picks one of them: rec
 
 
 def _plan(**values: Any) -> planner.TrainPlan:
-    return planner.plan(GPUS, fake_stats(), Overrides(**{"device": "0", **values}))
+    device = "cpu" if values.get("nproc_per_node") else "0"  # CPU ranks: one rank per GPU of --device on GPUs
+    return planner.plan(GPUS, fake_stats(), Overrides(**{"device": device, **values}))
 
 
 def test_every_knob_has_an_example():
@@ -125,7 +126,8 @@ def test_an_ultralytics_key_value_sets_its_knob(key):
     """`close_mosaic=4` as the yolo command line writes it plans exactly as `--close-mosaic 4`."""
     name = knobs.FROM_ULTRALYTICS[key]
     value = EXAMPLES[name][1]
-    assert _plan(extra=((key, value),)) == _plan(**{name: value})
+    unset = {"device": None} if name == "device" else {}  # the helper's own --device would contradict device=
+    assert _plan(extra=((key, value),), **unset) == _plan(**{name: value})
 
 
 def test_every_row_knob_has_a_reason_in_a_default_plan():

@@ -465,6 +465,12 @@ def test_a_time_budget_plans_one_stage_in_phases_to_its_deadline(budget, extra, 
     assert "last phase" in p.reason("finetune")
 
 
+def test_epochs_given_with_a_time_budget_are_said_not_to_apply():
+    p = plan(snapshot((24,)), fake_stats(), Overrides(time="1h", epochs=1))
+    assert any("--epochs" in w and "fitted to the deadline" in w for w in p.warnings)
+    assert not plan(snapshot((24,)), fake_stats(), Overrides(time="1h")).warnings
+
+
 def test_a_time_budget_plans_batch_and_cache_for_the_largest_phase():
     hw = snapshot((8,))
     timed = plan(hw, fake_stats(), Overrides(time="1h"))
