@@ -197,6 +197,13 @@ def scan(path: str | Path, sample: int = SIZE_SAMPLE) -> DatasetStats:
             f"({train.labelled} label files, all empty or invalid): a detector cannot learn from background "
             f"images alone; label files go in labels/ beside images/, one 'class x y w h' line per box",
         ))  # fmt: skip
+    if val is not None and val.instances == 0 and not same:
+        problems.append(Problem(
+            "warning", NO_VAL_BOXES, str(Path(val.sources[0])),
+            f"none of the {len(val.image_files)} val images has a usable box ({val.labelled} label files): "
+            "Ultralytics cannot compute mAP on them, so a run has no validation metrics; label them, or point "
+            "val: at a labelled split",
+        ))  # fmt: skip
     sizes, size_problems = _image_sizes(train.image_files, sample)
     return DatasetStats(
         yaml_path=str(yaml_path) if yaml_path else None,
@@ -428,6 +435,7 @@ def _scan_split(name: str, entry: Any, root: Path, nc: int, yaml_path: Path | No
 
 
 SMALL_BOX_QUANTILE = 0.1  # the box size the plan keeps large enough at its lowest resolution (schedule.py)
+NO_VAL_BOXES = "val-no-boxes"  # a val split with no box at all: no metrics can be computed on it
 
 
 def _quantile(values: list[float], q: float) -> float | None:

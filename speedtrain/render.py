@@ -265,20 +265,25 @@ def render_measured(rep: SpeedReport) -> RenderableType:
             _num(m.images_per_s_steady or m.images_per_s, "{:.1f}"),
             _num(m.gpu_util_mean, "{:.0f}"),
             _num(m.gpu_mem_peak_gb, "{:.1f}"),
-            _num(m.metric("mAP50-95"), "{:.3f}"),
-            _num(m.score_at(640), "{:.3f}"),
+            *(
+                ("-", "-")
+                if rep.no_metrics
+                else (_num(m.metric("mAP50-95"), "{:.3f}"), _num(m.score_at(640), "{:.3f}"))
+            ),
         )
-        notes += stage_notes(s)
+        notes += stage_notes(s, bool(rep.no_metrics))
+    if rep.no_metrics:
+        notes.insert(0, rep.no_metrics)
     return Group(table, *[Text(n) for n in notes])
 
 
-def stage_notes(s: StageReport) -> list[str]:
+def stage_notes(s: StageReport, no_metrics: bool = False) -> list[str]:
     """The lines under the measured table for one stage that ran: its learning, validation cadence, time estimate,
     out-of-memory steps, threads and CPU, ranks, fast-pipeline store, inference latency and weights."""
     name, m = s.stage.name, s.measured
     assert m is not None
     notes = []
-    if m.epoch_map50_95:
+    if m.epoch_map50_95 and not no_metrics:
         notes.append(accuracy_line(name, m.epoch_map50_95, m.epoch_loss, s.stage.imgsz, m.epoch_validated))
     if m.phase_log and s.stage.schedule:
         notes.append(schedule_line(name, m.phase_log, s.stage.schedule.budget_s))
@@ -354,6 +359,8 @@ def estimate_line(name: str, m: StageResult) -> str:
 def final_accuracy(rep: SpeedReport) -> str:
     """', the model's mAP50-95 0.412 at 640 px, 0.398 at 416 px' for the run's final line; '' when unmeasured."""
     scores = sorted(rep.final_scores(), key=lambda s: -s[0])
+    if rep.no_metrics:
+        return f", {rep.no_metrics}"
     if not scores:
         return ""
     return ", the model's mAP50-95 " + ", ".join(f"{value:.3f} at {size} px" for size, value in scores)

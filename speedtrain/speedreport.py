@@ -18,7 +18,7 @@ from rich.console import RenderableType
 from rich.jupyter import JupyterMixin
 
 from speedtrain import hardware
-from speedtrain.dataset import DatasetStats, Problem
+from speedtrain.dataset import NO_VAL_BOXES, DatasetStats, Problem
 from speedtrain.errors import SpeedtrainError
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.knobs import BASELINE, DEFAULT_TARGET_MAP, ULTRALYTICS_IMGSZ, Stage, TrainPlan
@@ -161,9 +161,17 @@ class SpeedReport(JupyterMixin):
         values = [v for v in values if v is not None]
         return values[-1] if values else None
 
+    @property
+    def no_metrics(self) -> str:
+        """Why the run has no validation metrics ("" when it has): a val split without a single box."""
+        found = next((p for p in self.dataset.problems if p.kind == NO_VAL_BOXES), None)
+        return f"no validation metrics: the val split has no boxes ({found.file})" if found else ""
+
     def final_scores(self) -> tuple[tuple[int, float], ...]:
         """The final model's mAP50-95 at its training size and at 640 (Ultralytics' default size), (size, mAP50-95)
-        ascending: the last stage that trained."""
+        ascending: the last stage that trained; none when the val split has no boxes to score against."""
+        if self.no_metrics:
+            return ()
         for s in reversed(self.stages):
             r = s.measured
             if r and r.epochs_done:

@@ -207,3 +207,23 @@ def test_check_finds_every_kind_of_problem(make_dataset):
 def test_check_on_clean_copy_finds_nothing(make_dataset):
     root = make_dataset(4, 2)
     assert dataset.check(dataset.scan(root), workers=1) == ()
+
+
+def test_a_val_split_without_a_single_box_is_a_finding(make_dataset):
+    root = make_dataset(8, 4)
+    for label in (root / "labels" / "val").glob("*.txt"):
+        label.unlink()
+    stats = dataset.scan(root)
+    found = [p for p in stats.problems if p.kind == dataset.NO_VAL_BOXES]
+    assert len(found) == 1
+    assert "none of the 4 val images has a usable box" in found[0].detail
+    assert found[0] in dataset.check(stats)  # `speedtrain check` lists it: never "no problems found"
+    assert not [p for p in dataset.scan(make_dataset(8, 4, name="ok")).problems if p.kind == dataset.NO_VAL_BOXES]
+
+
+def test_the_scan_knows_the_small_boxes(make_dataset):
+    stats = dataset.scan(make_dataset(8, 4))
+    small = stats.split("train").small_box
+    assert small is not None
+    assert 0 < small < 1
+    assert stats.small_box_px(640) == pytest.approx(2 * stats.small_box_px(320), rel=0.01)

@@ -177,3 +177,25 @@ def test_console_is_plain_ascii_when_not_a_terminal():
     assert "\x1b" not in text
     assert all(ord(ch) < 128 for ch in text)
     assert "| knob" in text  # tables drawn with ASCII characters
+
+
+def test_a_val_split_without_boxes_reports_no_metrics_rather_than_a_measured_looking_zero():
+    doc = stored()
+    doc["dataset"]["problems"] = [{"severity": "warning", "kind": "val-no-boxes", "file": "/d/images/val",
+                                   "detail": "none of the 4 val images has a usable box"}]  # fmt: skip
+    rep = typed(doc)
+    assert rep.final_scores() == ()
+    text = render(render_mod.render_report(rep), width=200)
+    assert "no validation metrics: the val split has no boxes (/d/images/val)" in text
+    assert "mAP50-95 0." not in text
+    assert "mAP50-95 at" not in text  # no accuracy line either
+
+
+def test_a_schedule_line_says_each_phase_and_where_the_deadline_fell():
+    log = [{"epoch": e, "imgsz": s, "start_s": 10.0 * (e - 1), "end_s": 10.0 * e, "lr_start": round(1 - (e - 1) / 5, 2),
+            "lr_end": round(1 - e / 5, 2), "validated": e == 5, "mosaic": e < 5} for e, s in
+           zip(range(1, 6), (320, 320, 416, 640, 640), strict=True)]  # fmt: skip
+    line = render_mod.schedule_line("main", log, 60.0)
+    assert line.startswith("main: 320 px epochs 1-2 (lr 1.00->0.60), 416 px epoch 3 (lr 0.60->0.40), 640 px epochs")
+    assert "mosaic off from epoch 5" in line
+    assert "training ended at 0m 50s of its 1m 00s deadline" in line
