@@ -399,6 +399,7 @@ def train(
         return _train_as_rank(world, dataset_path, overrides, extra, project, name, allow_download, quiet, hooks,
                               autotune_first or retune, retune, budget_s)  # fmt: skip
     planned = make_plan(dataset_path, overrides, extra, None, allow_download)
+    check_ultralytics_args(planned)  # before the resized copy or a tune's files exist, as before the run folder
     if planned.plan.prepare_size:
         with hooks.progress_of(f"resizing to {planned.plan.prepare_size} px") as resized:
             planned = prepare_dataset(planned, Path(project), resized)

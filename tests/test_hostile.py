@@ -174,6 +174,7 @@ def test_prepare_never_writes_into_the_dataset_through_a_link(ds, tmp_path, dire
         (["--name", "x" * 300], 2, ["--name", "at most 200 bytes"]),
         (["mosaic=2"], 2, ["mosaic=2", "between 0.0 and 1.0"]),  # Ultralytics' own range check, run up front
         (["fraction=-0.5"], 2, ["fraction=-0.5", "ratio (0, 1]"]),
+        (["fraction=0.0"], 2, ["fraction=0.0", "ratio (0, 1]"]),  # checked before the resized copy is made
     ],
     ids=[
         "threads",
@@ -189,6 +190,7 @@ def test_prepare_never_writes_into_the_dataset_through_a_link(ds, tmp_path, dire
         "long-name",
         "mosaic-range",
         "fraction",
+        "fraction-zero",
     ],
 )
 def test_impossible_arguments_are_refused_before_a_run_folder_exists(ds, tmp_path, args, code, words):
@@ -197,9 +199,9 @@ def test_impossible_arguments_are_refused_before_a_run_folder_exists(ds, tmp_pat
     root, before = ds
     torch_loaded = any(a.startswith(("mosaic=", "fraction=")) for a in args)  # Ultralytics' own checks import it
     out = _speedtrain("train", "--dataset", root, "--device", "cpu", "--project", tmp_path / "runs", *args,
-                      memory=None if torch_loaded else MEMORY_LIMIT)  # fmt: skip
+                      "--prepare", "yes", memory=None if torch_loaded else MEMORY_LIMIT)  # fmt: skip
     _one_line(out, code, *words)
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists()  # neither a run folder nor the resized copy's .datasets
     assert tree_hash(root) == before
 
 

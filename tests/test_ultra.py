@@ -82,6 +82,24 @@ def test_every_internal_reach_is_where_ultra_expects_it():
     import ultralytics.engine.trainer as trainer_module
 
     assert trainer_module.nn is __import__("torch").nn, moved("engine/trainer.py importing torch's nn as nn")
+    # Phases: a budgeted run's phases inside one Ultralytics run
+    train = inspect.getsource(BaseTrainer._do_train)
+    assert train.index('run_callbacks("on_train_batch_start")') < train.index("# Warmup"), moved("batch start")
+    assert "if nw and ni <= nw" in train, moved("the warmup skipped with warmup_epochs=0")
+    assert "if self.stop:\n                    break" in train, moved("the stop between batches")
+    assert "self.args.val or final_epoch" in train, moved("args.val deciding the epoch's validation")
+    assert "final_epoch = epoch + 1 >= self.epochs" in train, moved("trainer.epochs deciding the final epoch")
+    assert "not self.args.close_mosaic" in train, moved("close_mosaic=0 leaving mosaic alone")
+    assert "close_mosaic(hyp=copy(self.args))" in inspect.getsource(BaseTrainer._close_dataloader_mosaic)
+    from ultralytics.data.base import BaseDataset
+    from ultralytics.data.dataset import YOLODataset
+
+    load = inspect.getsource(BaseDataset.load_image)
+    assert "self.imgsz" in load, moved("load_image resizing to dataset.imgsz")
+    assert "self.buffer.append(i)" in load, moved("load_image's buffer of recent images")
+    assert {"cache_images", "build_transforms"} <= set(vars(BaseDataset)), moved("BaseDataset's cache and transforms")
+    assert "close_mosaic" in vars(YOLODataset), moved("YOLODataset.close_mosaic")
+    assert "build_dataset" in vars(DetectionTrainer), moved("DetectionTrainer.build_dataset (the train size hook)")
 
 
 def test_fast_trainer_is_a_plain_class_importable_by_name():
