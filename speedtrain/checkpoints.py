@@ -41,7 +41,9 @@ def finished_before(
     rows = csv_rows(stage_dir / "results.csv")
     saved = checkpoint_epoch(checkpoint) + 1 if checkpoint is not None else 0
     best = stage_dir / "weights" / "best.pt"
-    trained = deadline_reached(stage_dir) if stage.schedule else max(saved, len(rows)) >= stage.epochs
+    # with Ultralytics' time=, the epochs it fitted to the budget (in the checkpoint's arguments) are the stage's
+    target = fitted_epochs(checkpoint) or stage.epochs if checkpoint is not None and _timed(stage) else stage.epochs
+    trained = deadline_reached(stage_dir) if stage.schedule else max(saved, len(rows)) >= target
     if not trained:
         if checkpoint is None and rows:
             intact = f"{best} is intact" if loads(best) else "best.pt is damaged too"
@@ -65,9 +67,27 @@ def finished_before(
         epoch_map50_95=maps, epoch_loss=losses, epoch_validated=validated_epochs(validated),
         images_per_epoch=previous.images_per_epoch if previous else 0,
         oom_fallbacks=previous.oom_fallbacks if previous else (),
-        note=("had trained to its deadline" if stage.schedule else f"had trained all {stage.epochs} epochs")
+        note=("had trained to its deadline" if stage.schedule else f"had trained all {target} epochs")
         + " before it stopped; kept as it was (best.pt, results.csv)",
     )  # fmt: skip
+
+
+def _timed(stage: Stage) -> bool:
+    return "time" in dict(stage.extra)
+
+
+def fitted_epochs(checkpoint: Path | None) -> int:
+    """The epochs a checkpoint's run was set to train (Ultralytics' time= refits them after every epoch and saves
+    them in the checkpoint's train_args); 0 when unknown."""
+    if checkpoint is None:
+        return 0
+    import torch
+
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        return int((ckpt.get("train_args") or {}).get("epochs") or 0)
+    except Exception:  # a truncated or foreign file: unknown
+        return 0
 
 
 def loads(weights: Path) -> bool:

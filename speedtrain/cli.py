@@ -22,7 +22,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from speedtrain import api, distributed, hardware, knobs, planner, render, ultra_args, workflow
 from speedtrain import dataset as dataset_mod
-from speedtrain.errors import DatasetError, PeerFailed, SpeedtrainError, UsageError
+from speedtrain.errors import DatasetError, PeerFailed, SpeedtrainError, Terminated, UsageError
 from speedtrain.records import DatasetSummary, OnProgress, StageProgress, StageResult
 from speedtrain.speedreport import REPORT_NAME, SpeedReport
 from speedtrain.util import closest, plain_streams
@@ -46,7 +46,8 @@ class _Commands(TyperGroup):
     def invoke(self, ctx: Any) -> Any:
         voice = api.CLI_VOICE.set(True)  # the library's messages keep naming flags
         try:
-            return super().invoke(ctx)
+            with _stop_signals_interrupt():
+                return super().invoke(ctx)
         except PeerFailed as exc:  # one rank of several: the rank that failed first says why
             raise typer.Exit(exc.exit_code) from None
         except SpeedtrainError as exc:
@@ -63,10 +64,40 @@ class _Commands(TyperGroup):
                 "tune": "nothing was cached; run tune again",
                 "compare": "compare.json in the run folder keeps the arms that finished; run compare again",
             }.get(ctx.invoked_subcommand or "", "nothing was changed")
-            err_console.print(f"[bold red]interrupted[/]: {what}", soft_wrap=True)
-            raise typer.Exit(143 if getattr(exc, "signal_name", "") == "SIGTERM" else 130) from None
+            by = getattr(exc, "signal_name", "")
+            err_console.print(f"[bold red]interrupted[/]{f' by {by}' if by else ''}: {what}", soft_wrap=True)
+            raise typer.Exit(EXIT_BY_SIGNAL.get(by, 130)) from None
         finally:
             api.CLI_VOICE.reset(voice)
+
+
+EXIT_BY_SIGNAL = {"SIGTERM": 143, "SIGHUP": 129}  # 128 + the signal's number, what shells and schedulers expect
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler, `timeout`, CI) and SIGHUP (a closed terminal) end a command as Ctrl-C does: cleanly,
+    its worker processes stopped, one line and 143 or 129, instead of Python's default of dying at once and leaving
+    them behind. A training stage installs its own handler over this one (it finishes its epoch first)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        exc = Terminated()
+        exc.signal_name = signal.Signals(signum).name
+        raise exc
+
+    wanted = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    before = {s: signal.signal(s, stop) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 app = typer.Typer(

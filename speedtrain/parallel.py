@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import TypeVar
@@ -43,7 +44,7 @@ def pmap(
                 progress(done, total)
             yield result
         return
-    with ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_worker_start, initargs=(os.getpid(),)) as pool:
         queue = iter(items)
         running: set[Future[R]] = set()
         done = 0
@@ -73,6 +74,29 @@ def pmap(
             raise
 
 
-def _ignore_sigint() -> None:
-    """Workers leave Ctrl-C to the main process, which stops the pool cleanly and keeps finished work."""
+def _worker_start(parent: int) -> None:
+    """Workers leave Ctrl-C to the main process, which stops the pool cleanly and keeps finished work; and they end
+    with it however it ends (SIGKILL included): on Linux the kernel sends them SIGTERM when it dies (prctl's
+    PR_SET_PDEATHSIG), so none is left blocked on a pipe to a process that is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for stop in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):  # not the parent's handlers: a worker just ends
+        if stop is not None:
+            signal.signal(stop, signal.SIG_DFL)
+    _die_with_parent(parent)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl here: the pool's own shutdown still ends the workers
+        return
+    if os.getppid() != parent:  # the parent died before the request was in place
+        os._exit(1)

@@ -142,7 +142,8 @@ RESERVED_ARGS = {
 
 def plan(hw: HardwareSnapshot, stats: DatasetStats, overrides: Overrides | None = None) -> TrainPlan:
     """Decide every knob of the run, each with a one-line reason."""
-    ov = _classic(_fold_extra(overrides or Overrides()))
+    folded = _fold_extra(overrides or Overrides())
+    ov = _classic(folded)
     reasons: dict[str, str] = {}
     warnings: list[str] = []
     device, gpus = _device(hw, ov.device, reasons)
@@ -163,7 +164,9 @@ def plan(hw: HardwareSnapshot, stats: DatasetStats, overrides: Overrides | None 
     for stage in stages:
         _refuse_impossible_batch(hw, stage, gpus)
     reasons["warmup_epochs"] = "3: Ultralytics' default"
-    if ov.recipe == "classic":
+    if ov.recipe == "classic":  # the recipe's own settings say so, not "set by user"
+        for key in (k for k in CLASSIC if getattr(folded, k) is None):
+            reasons[key] = reasons.get(key, "").replace("set by user", "--recipe classic", 1) or "--recipe classic"
         reasons["optimizer"] = f"Adam at 0.001 (--recipe classic; {CLASSIC_COST})"
     if ov.time is not None:
         seconds = _budget_seconds(ov.time)

@@ -508,8 +508,11 @@ def test_the_classic_recipe_is_the_single_script_exactly_with_its_measured_cost(
         "Adam", 0.001, True, True, 10, 10)  # fmt: skip
     assert "0.111" in p.reason("optimizer")
     assert "0.273" in p.reason("optimizer")
+    for key in ("rect", "patience", "close_mosaic"):  # the recipe's own settings say so, not "set by user"
+        assert p.reason(key).startswith("--recipe classic"), key
     mine = plan(snapshot((24,)), fake_stats(), Overrides(recipe="classic", patience=30))
     assert mine.stages[0].patience == 30  # what the user sets still wins
+    assert mine.reason("patience") == "set by user"
 
 
 def test_an_unknown_recipe_is_one_line():

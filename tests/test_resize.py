@@ -239,3 +239,33 @@ def test_interrupted_run_then_rerun_leaves_every_image_valid(make_dataset, tmp_p
         with Image.open(p) as im:
             im.load()  # raises on a truncated file
             assert max(im.size) == 416
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
+def test_a_stop_signal_to_check_alone_leaves_no_worker_behind(make_dataset, tmp_path, sig):
+    """As `timeout`, CI or a scheduler stop it (the signal to speedtrain's process only, not its group): one line and
+    128 + the signal's number, the workers gone with it, the dataset untouched; killed outright, the workers still
+    end (the kernel stops them when their parent dies)."""
+    import psutil
+
+    root = _big_dataset(make_dataset, IMAGES)
+    before = tree_hash(root)
+    cmd = [sys.executable, "-m", "speedtrain", "check", "--dataset", str(root), "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    me = psutil.Process(proc.pid)
+    assert wait_for(lambda: proc.poll() is not None or len(me.children()) >= 2, timeout=60)
+    assert proc.poll() is None, proc.stderr.read()
+    workers = me.children(recursive=True)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, [p.pid for p in alive]
+    assert tree_hash(root) == before
+    if sig == signal.SIGKILL:
+        return
+    err = proc.stderr.read()
+    assert proc.returncode == {signal.SIGTERM: 143, signal.SIGHUP: 129}[sig]
+    assert err.strip().splitlines() == [
+        f"interrupted by {signal.Signals(sig).name}: nothing was changed; run check again"
+    ]
