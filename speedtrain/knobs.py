@@ -166,6 +166,11 @@ class Overrides:
         help="Time budget of the whole run (2h, 90m, 1h30m, or hours): phases of rising image size, one learning-rate "
         "curve to zero at the deadline.",
     )  # fmt: skip
+    phases: str | None = knob(
+        "--phases", shown="time row",
+        help="--time: the phases' image sizes, rising, e.g. 320,416,640 (the last is the size the model is scored "
+        "at). Default: from the boxes' sizes.",
+    )  # fmt: skip
     recipe: Literal["speedtrain", "classic"] = knob(
         "--recipe", default="speedtrain", shown="optimizer row", not_in={"compare": CLASSIC_ARM},
         help="classic: the single-script recipe (Adam at 0.001, rect, cosine, close_mosaic 10, patience 10).",

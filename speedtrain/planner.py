@@ -23,7 +23,7 @@ from speedtrain.knobs import (  # noqa: F401 -- the plan's records, re-exported 
     TrainPlan,
     When,
 )
-from speedtrain.schedule import Schedule, plan_schedule
+from speedtrain.schedule import MAX_PHASES, Schedule, plan_schedule
 from speedtrain.util import closest, duration, parse_duration
 
 # the plan's one-value defaults, declared with their knobs (speedtrain/knobs.py), whose help texts say them
@@ -168,6 +168,8 @@ def plan(hw: HardwareSnapshot, stats: DatasetStats, overrides: Overrides | None 
         for key in (k for k in CLASSIC if getattr(folded, k) is None):
             reasons[key] = reasons.get(key, "").replace("set by user", "--recipe classic", 1) or "--recipe classic"
         reasons["optimizer"] = f"Adam at 0.001 (--recipe classic; {CLASSIC_COST})"
+    if ov.phases is not None and ov.time is None:
+        raise UsageError(f"--phases {ov.phases}: phases are planned against a deadline; give --time too")
     if ov.time is not None:
         seconds = _budget_seconds(ov.time)
         why_not = _no_phases(ov, stages[0])
@@ -793,13 +795,16 @@ def _classic(ov: Overrides) -> Overrides:
 def _no_phases(ov: Overrides, main: Stage) -> str:
     """Why a --time run cannot be planned in phases ("" when it can): each phase changes the image size of
     Ultralytics' shuffled, square batches, which rect batches and the fast pipeline's decoded store do not allow."""
+    why = ""
     if ov.recipe == "classic":
-        return "--recipe classic: Ultralytics' time= fits the epochs, as the classic script trained"
-    if main.rect:
-        return "rect batches keep one image size: Ultralytics' time= fits the epochs"
-    if main.pipeline == "fast":
-        return "the fast pipeline decodes the images at one size: Ultralytics' time= fits the epochs"
-    return ""
+        why = "--recipe classic: Ultralytics' time= fits the epochs, as the classic script trained"
+    elif main.rect:
+        why = "rect batches keep one image size: Ultralytics' time= fits the epochs"
+    elif main.pipeline == "fast":
+        why = "the fast pipeline decodes the images at one size: Ultralytics' time= fits the epochs"
+    if ov.phases is not None and why:
+        raise UsageError(f"--phases {ov.phases}: with {why.split(':')[0]} a run cannot be trained in phases")
+    return why
 
 
 def _deadline_stage(
@@ -809,10 +814,11 @@ def _deadline_stage(
     fine-tune's, else the main stage's), with one learning-rate curve to zero at the deadline. Batch and cache are
     those planned for the largest size; the fine-tune stage is the last phase."""
     main, final_stage = stages[0], stages[-1]
-    final = final_stage.imgsz
+    sizes = _phase_sizes(ov.phases)
+    final = sizes[-1] if sizes else final_stage.imgsz
     user_first = main.imgsz if ov.imgsz is not None and final_stage is not main else None
     pretrained = not str(ov.model or DEFAULT_MODEL).lower().endswith((".yaml", ".yml"))
-    schedule, why_low = plan_schedule(seconds, final, user_first, stats.small_box_px(final), pretrained)
+    schedule, why_low = plan_schedule(seconds, final, user_first, stats.small_box_px(final), pretrained, sizes)
     stage = replace(
         main, imgsz=final, batch=final_stage.batch, batch_fallbacks=final_stage.batch_fallbacks,
         cache=final_stage.cache, ram_cache_need_gb=final_stage.ram_cache_need_gb, warmup_epochs=0.0,
@@ -827,6 +833,21 @@ def _deadline_stage(
         "" if main.optimizer != "auto" else f" ({main.epochs} only sizes optimizer=auto's choice)"
     )
     return stage
+
+
+def _phase_sizes(text: str | None) -> tuple[int, ...]:
+    """--phases "320,416,640": rising image sizes, multiples of 32, at most MAX_PHASES; one clear line otherwise."""
+    if text is None:
+        return ()
+    try:
+        sizes = tuple(int(p) for p in str(text).replace(" ", "").split(",") if p)
+    except ValueError:
+        sizes = ()
+    if not sizes or any(s <= 0 or s % STRIDE for s in sizes) or list(sizes) != sorted(set(sizes)):
+        raise UsageError(f"--phases {text}: rising image sizes, multiples of {STRIDE}, e.g. 320,416,640")
+    if len(sizes) > MAX_PHASES:
+        raise UsageError(f"--phases {text}: at most {MAX_PHASES} phases")
+    return sizes
 
 
 def _schedule_reasons(schedule: Schedule, why_low: str, ov: Overrides, had_finetune: bool) -> dict[str, str]:

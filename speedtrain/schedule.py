@@ -29,6 +29,7 @@ MID_IMGSZ = 416  # the single size measured best for a whole run (see planner.EV
 SHARES = {1: (1.0,), 2: (0.7, 0.3), 3: (0.5, 0.3, 0.2)}
 WARMUP_SHARE = {True: 0.05, False: 0.15}  # pretrained: about one epoch of twenty; from scratch: Ultralytics' 3 of 20
 CLOSE_MOSAIC_SHARE = 0.1  # mosaic off for the last tenth of the budget (Ultralytics: the last 10 of 100 epochs)
+MAX_PHASES = max(SHARES)
 STOP_TAIL = 0.05  # an epoch end this close to the deadline (as a share of an epoch) ends the run there
 VAL_COST = 0.5  # a validation image against a training image at the same size, until a validation is measured
 
@@ -113,15 +114,24 @@ def lowest_size(final: int, small_box_px: float | None) -> tuple[int, str]:
 
 
 def plan_schedule(
-    budget_s: float, final: int, first: int | None, small_box_px: float | None, pretrained: bool
+    budget_s: float,
+    final: int,
+    first: int | None,
+    small_box_px: float | None,
+    pretrained: bool,
+    sizes: tuple[int, ...] = (),
 ) -> tuple[Schedule, str]:
-    """The phases for `budget_s` seconds of training that end at `final` px: from `first` (the user's --img-size) or
-    the lowest size the boxes allow, through MID_IMGSZ when it lies between, with SHARES of the budget."""
-    if first is not None:
+    """The phases for `budget_s` seconds of training that end at `final` px: `sizes` as given (--phases), or from
+    `first` (the user's --img-size) or the lowest size the boxes allow, through MID_IMGSZ when it lies between;
+    with SHARES of the budget."""
+    if sizes:
+        low, why = sizes[0], f"{sizes[0]}: set by user (--phases)"
+    elif first is not None:
         low, why = first, f"{first}: set by user (--img-size)"
     else:
         low, why = lowest_size(final, small_box_px)
-    sizes = [low] if low >= final else [low, *([MID_IMGSZ] if low < MID_IMGSZ < final else []), final]
+    if not sizes:
+        sizes = (low,) if low >= final else (low, *([MID_IMGSZ] if low < MID_IMGSZ < final else []), final)
     phases = tuple(Phase(s, share) for s, share in zip(sizes, SHARES[len(sizes)], strict=True))
     schedule = Schedule(float(budget_s), phases, WARMUP_SHARE[pretrained], CLOSE_MOSAIC_SHARE)
     return schedule, why

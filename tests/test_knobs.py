@@ -40,6 +40,7 @@ EXAMPLES: dict[str, tuple[list[str], Any, str, Any]] = {
     # planned in phases with their own deadline: Ultralytics' time= (which refits the epochs) is not passed on
     "time": (["--time", "2h"], "2h", "2h 00m", None),
     "recipe": (["--recipe", "classic"], "classic", "Adam lr0=0.001", None),
+    "phases": (["--phases", "416,640"], "416,640", "416 px", None),
     "finetune": (["--finetune", "yes"], "yes", "(--finetune yes)", None),
     "finetune_epochs": (["--finetune-epochs", "4"], 4, "4 epochs at 640", 4),
     "finetune_imgsz": (["--finetune-img-size", "800"], 800, "epochs at 800", 800),
@@ -47,6 +48,7 @@ EXAMPLES: dict[str, tuple[list[str], Any, str, Any]] = {
     "prepare": (["--prepare", "no"], "no", "off (--prepare no)", None),
 }
 GPUS = snapshot((24, 24), ram=64, cores=16)  # --device 1 picks one of them: rect needs a single rank
+NEEDS = {"phases": {"time": "1h"}}  # a knob that only means something beside another one
 
 
 def _plan(**values: Any) -> planner.TrainPlan:
@@ -96,7 +98,8 @@ def _stop() -> Any:
 @pytest.mark.parametrize("knob", KNOBS, ids=lambda k: k.name)
 def test_each_knob_changes_the_plan_and_the_plan_shows_it(knob):
     _, value, shown, _ = EXAMPLES[knob.name]
-    default, planned = _plan(), _plan(**{knob.name: value})
+    needs = NEEDS.get(knob.name, {})
+    default, planned = _plan(**needs), _plan(**needs, **{knob.name: value})
     assert planned != default, f"{knob.name}: the planner has no rule for it"
     text = _rendered(planned)
     if knob.shown == "row":

@@ -465,6 +465,36 @@ def test_a_time_budget_plans_one_stage_in_phases_to_its_deadline(budget, extra, 
     assert "last phase" in p.reason("finetune")
 
 
+@pytest.mark.parametrize(
+    ("phases", "sizes", "shares"),
+    [("416,640", (416, 640), (0.7, 0.3)), ("416", (416,), (1.0,)), ("320, 480, 800", (320, 480, 800), (0.5, 0.3, 0.2))],
+)
+def test_the_phases_can_be_given(phases, sizes, shares):
+    p = plan(snapshot((24,)), fake_stats(), Overrides(time="30m", phases=phases))
+    schedule = p.stages[0].schedule
+    assert schedule is not None
+    assert tuple(ph.imgsz for ph in schedule.phases) == sizes
+    assert tuple(ph.share for ph in schedule.phases) == shares
+    assert p.stages[0].imgsz == sizes[-1]  # scored at the last phase's size
+    assert "set by user (--phases)" in p.reason("time")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        ({"phases": "416,640"}, "give --time too"),
+        ({"time": "1h", "phases": "640,416"}, "rising image sizes"),
+        ({"time": "1h", "phases": "400,640"}, "multiples of 32"),
+        ({"time": "1h", "phases": "big"}, "rising image sizes"),
+        ({"time": "1h", "phases": "224,320,416,640"}, "at most 3 phases"),
+        ({"time": "1h", "phases": "416,640", "rect": True}, "with rect batches keep one image size a run cannot"),
+    ],
+)
+def test_impossible_phases_are_one_line(overrides, says):
+    with pytest.raises(UsageError, match=says):
+        plan(snapshot((24,)), fake_stats(), Overrides(**overrides))
+
+
 def test_epochs_given_with_a_time_budget_are_said_not_to_apply():
     p = plan(snapshot((24,)), fake_stats(), Overrides(time="1h", epochs=1))
     assert any("--epochs" in w and "fitted to the deadline" in w for w in p.warnings)
