@@ -384,15 +384,17 @@ def compare(
     from speedtrain import ultra, workflow
 
     workflow.check_run_folder(project, name)
-    planned = workflow.make_plan(dataset_path, replace(overrides, finetune="yes"), extra)
+    # the one-size arms' plan (a fine-tune stage for plan+finetune and plan-640; the phases are the plan arm's)
+    planned = workflow.make_plan(dataset_path, replace(overrides, finetune="yes", phases=None), extra)
     defaults = ultra.defaults()
     workflow.check_ultralytics_args(planned)
     base_size = baseline_imgsz or int(defaults["imgsz"])
     need = len(names) * workflow.CHECKPOINT_ROOM_GB  # each arm's checkpoints (saved epochs go once scored)
     check_free_disk(Path(project), need, f"comparing {len(names)} arms", "free some space")
-    plan_ov = replace(overrides, finetune="yes", extra=planned.plan.stages[0].extra)
+    plan_ov = replace(overrides, finetune="yes", extra=planned.plan.stages[0].extra, phases=None)
     # the plan arm's phases for the arms' budget (planned for a minute at least; each arm sets its own deadline)
-    timed = planner.plan(planned.hw, planned.stats, replace(plan_ov, time=max(budget_s, 60.0) / 3600))
+    timed = planner.plan(planned.hw, planned.stats, replace(plan_ov, time=max(budget_s, 60.0) / 3600,
+                                                            phases=overrides.phases))  # fmt: skip
     classic = planner.plan(planned.hw, planned.stats, replace(plan_ov, recipe="classic"))
     run_dir = workflow.new_run_dir(project, name)
     hooks.log(f"run folder: {run_dir}")
