@@ -585,7 +585,7 @@ def render_comparison(c: Comparison, saved: Path) -> RenderableType:
     """A comparison: per arm its size, batch, epochs, images/s, final mAP at each size, latency and wall time; then
     each arm's time to the baseline's accuracy, and the notes."""
     title = f"compare: {c.model} on {c.device}, {c.budget_s:.0f} s per arm"
-    if c.baseline_budget_s and c.baseline_budget_s != c.budget_s:
+    if c.baseline_budget_s and c.baseline_budget_s != c.budget_s and c.arm("defaults"):
         title += f" ({c.baseline_budget_s:.0f} s for the defaults)"
     caption = "mAP@N: the final weights' mAP50-95 at N px; ms@640: latency, batch 1"
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left", box=None,
