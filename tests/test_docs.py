@@ -16,7 +16,9 @@ from speedtrain import planner, ultra_args
 from speedtrain.cli import app
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
+GUIDE = (REPO / "SPEED_OPTIMIZATION_GUIDE.md").read_text(encoding="utf-8")
 DOCS = {p.name: p.read_text(encoding="utf-8") for p in sorted((REPO / "docs").glob("*.md"))}
+DOCS["speed-guide.md"] = GUIDE  # the site's page is the root guide, included
 ALL = README + "\n".join(DOCS.values())
 
 
@@ -37,6 +39,16 @@ def test_every_command_and_flag_is_documented():
             if param.param_type_name == "option":
                 longs = [o for o in param.opts + param.secondary_opts if o.startswith("--") and o != "--help"]
                 assert any(o in DOCS["cli.md"] for o in longs), f"{name}: {longs}"
+
+
+def test_the_speed_guide_is_one_file_at_the_root_that_the_site_includes():
+    page = (REPO / "docs" / "speed-guide.md").read_text(encoding="utf-8")
+    assert re.fullmatch(r'\{%\s*include-markdown "\.\./SPEED_OPTIMIZATION_GUIDE\.md"\s*%\}\s*', page)
+    assert "(SPEED_OPTIMIZATION_GUIDE.md)" in README
+    for target in re.findall(r"\]\((?!https?://)([^)#]+)", GUIDE):  # links work from the root (GitHub) ...
+        assert (REPO / target).exists(), target
+    # ... and the plugin rewrites them for the site: docs/compare.md becomes compare.md (mkdocs --strict checks it)
+    assert "include-markdown" in (REPO / "mkdocs.yml").read_text(encoding="utf-8")
 
 
 def test_every_planned_knob_has_a_row_in_the_plan_page():
