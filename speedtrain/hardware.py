@@ -46,6 +46,8 @@ class HardwareSnapshot:
     gpu_backend: str = "none"  # "nvml", "torch" or "none": where the GPU figures came from
     source: str = "probed"  # "probed", or the snapshot file it was loaded from
     notes: tuple[str, ...] = field(default=())
+    # what trains here: python, torch, torchvision, ultralytics, speedtrain (installed versions, read without import)
+    versions: tuple[tuple[str, str], ...] = field(default=())
 
     @property
     def has_gpu(self) -> bool:
@@ -70,7 +72,25 @@ def probe(path: str | Path = ".") -> HardwareSnapshot:
         shm_free_gb=shm_free_gb(),
         gpu_backend=backend,
         notes=tuple(notes),
+        versions=software_versions(),
     )
+
+
+SOFTWARE = ("torch", "torchvision", "ultralytics", "speedtrain")
+
+
+def software_versions() -> tuple[tuple[str, str], ...]:
+    """The Python and package versions a run trains with, from the installed metadata (nothing is imported)."""
+    import platform
+    from importlib import metadata
+
+    found = [("python", platform.python_version())]
+    for name in SOFTWARE:
+        try:
+            found.append((name, metadata.version(name)))
+        except metadata.PackageNotFoundError:
+            found.append((name, "not installed"))
+    return tuple(found)
 
 
 def shm_free_gb(path: Path = Path("/dev/shm")) -> float | None:
@@ -236,6 +256,7 @@ def to_dict(snapshot: HardwareSnapshot) -> dict[str, Any]:
     data = asdict(snapshot)
     data["gpus"] = [asdict(g) for g in snapshot.gpus]
     data["notes"] = list(snapshot.notes)
+    data["versions"] = dict(snapshot.versions)
     return data
 
 
@@ -271,8 +292,9 @@ def from_dict(data: Any, source: str = "dict") -> HardwareSnapshot:
             gpu_backend=str(data.get("gpu_backend", "nvml" if gpus else "none")),
             source=source,
             notes=tuple(str(n) for n in data.get("notes", [])),
+            versions=tuple((str(k), str(v)) for k, v in (data.get("versions") or {}).items()),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise HardwareError(
             f"{source}: not a valid hardware snapshot ({first_line(exc)} is missing or wrong)"
         ) from None

@@ -48,6 +48,8 @@ def render_hardware(hw: HardwareSnapshot) -> RenderableType:
         table.add_row("Swap", f"{hw.swap_free_gb:.1f} of {hw.swap_total_gb:.1f} GB free")
     table.add_row("CPU", f"{hw.cpu_cores_physical} physical / {hw.cpu_cores_logical} logical cores")
     table.add_row("Disk", f"{hw.disk_free_gb:.1f} GB free")
+    if hw.versions:
+        table.add_row("Software", ", ".join(f"{name} {version}" for name, version in hw.versions))
     for note in hw.notes:
         table.add_row("Note", note)
     return table

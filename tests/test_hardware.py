@@ -222,3 +222,15 @@ def test_a_run_across_nodes_is_planned_for_the_weakest_node():
     assert (merged.ram_available_gb, merged.cpu_cores_logical, merged.disk_free_gb) == (64, 16, 100)
     assert "2 nodes: planned for the least free VRAM" in merged.notes[-1]
     assert weakest([big]) is big
+
+
+def test_the_probe_records_the_software_a_run_trains_with_and_a_snapshot_keeps_it():
+    import platform
+    from importlib import metadata
+
+    snap = hardware.probe()
+    versions = dict(snap.versions)
+    assert versions["python"] == platform.python_version()
+    assert versions["ultralytics"] == metadata.version("ultralytics")
+    assert versions["torch"] == metadata.version("torch")
+    assert hardware.from_dict(hardware.to_dict(snap), "x").versions == snap.versions
