@@ -5,6 +5,7 @@ Nothing here writes inside the user's dataset.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,10 +28,18 @@ from speedtrain.dataset import (
     open_image,
     opencv_skips,
 )
-from speedtrain.errors import UsageError
+from speedtrain.errors import DiskSpaceError, UsageError
 from speedtrain.parallel import Progress, default_workers, pmap
 from speedtrain.records import ResizeSummary
-from speedtrain.util import check_free_disk, existing_parent, first_line, within, write_atomic
+from speedtrain.util import (
+    check_free_disk,
+    disk_full_is_one_line,
+    existing_parent,
+    first_line,
+    is_disk_full,
+    within,
+    write_atomic,
+)
 
 VIEW_DIR = ".datasets"
 
@@ -203,8 +212,10 @@ def resize_dataset(
     tally = _run_jobs(jobs, workers, progress, manifest, out_dir, (size, quality))
     removed = _remove_orphans(pairs, manifest, out_dir) if not in_place else 0
     _save_manifest(out_dir, manifest)
-    labels = 0 if in_place else _copy_labels(pairs)
-    yaml_path = None if in_place else _write_yaml(stats, root, out_dir)
+    kept = f"every image finished so far is kept; free some space and run the same prepare again to complete {out_dir}"
+    with disk_full_is_one_line(out_dir, kept):
+        labels = 0 if in_place else _copy_labels(pairs)
+        yaml_path = None if in_place else _write_yaml(stats, root, out_dir)
     return ResizeSummary(
         out_dir=str(out_dir),
         yaml_path=str(yaml_path) if yaml_path else None,
@@ -245,6 +256,10 @@ def _run_jobs(
     tally, last_save = _Tally(), time.monotonic()
     try:
         for src, dst, status, n_before, n_after, error in pmap(_resize_one, jobs, workers, progress):
+            if status == "no-space":  # the disk filled up: stop, keep what is done (the manifest below) and say so
+                done = tally.resized + tally.copied
+                raise DiskSpaceError(f"{dst}: the disk is full ({error}); the {done} images finished are kept; free "
+                                     f"some space and run the same prepare again to complete {out_dir}")  # fmt: skip
             if status == "failed":
                 tally.failed.append(Problem("warning", "unreadable-image", src, f"skipped: {error}"))
                 continue
@@ -255,7 +270,8 @@ def _run_jobs(
                 _save_manifest(out_dir, manifest)
                 last_save = time.monotonic()
     finally:
-        _save_manifest(out_dir, manifest)
+        with contextlib.suppress(OSError):  # a full disk may refuse the manifest too: a re-run then redoes those
+            _save_manifest(out_dir, manifest)
     return tally
 
 
@@ -354,8 +370,8 @@ def _resize_one(job: tuple[str, str, int, int]) -> tuple[str, str, str, int, int
         resized = ImageOps.exif_transpose(resized)  # rotate the pixels per EXIF; the orientation tag is dropped
         _save_atomic(resized, Path(dst), fmt, quality, icc)
         return src, dst, "resized", before, os.path.getsize(dst), ""
-    except Exception as exc:  # a corrupt image is reported and skipped, never the run's end
-        return src, dst, "failed", 0, 0, first_line(exc)
+    except Exception as exc:  # a corrupt image is reported and skipped, never the run's end; a full disk ends it
+        return src, dst, "no-space" if is_disk_full(exc) else "failed", 0, 0, first_line(exc)
 
 
 def _downscale(im: Image.Image, target: tuple[int, int]) -> Image.Image:

@@ -4,6 +4,7 @@ existing folder, an exception's first line, a UTC timestamp. Defined once here."
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -14,6 +15,26 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space left, or over the quota
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL
+
+
+@contextlib.contextmanager
+def disk_full_is_one_line(path: Path, kept: str) -> Iterator[None]:
+    """A write that finds the disk full becomes one line naming the file and what is kept (DiskSpaceError, exit 6),
+    never a traceback from deep inside the write."""
+    from speedtrain.errors import DiskSpaceError
+
+    try:
+        yield
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise DiskSpaceError(f"{path}: the disk is full ({exc.strerror}); {kept}") from None
 
 
 def write_atomic(path: Path, data: bytes) -> None:

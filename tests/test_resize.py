@@ -14,7 +14,7 @@ from conftest import tree_hash, wait_for
 from PIL import Image, ImageOps
 
 from speedtrain import dataset, resize, util
-from speedtrain.errors import UsageError
+from speedtrain.errors import DiskSpaceError, UsageError
 
 
 def test_view_links_every_image_and_label_and_leaves_the_dataset_alone(make_dataset, tmp_path):
@@ -269,3 +269,48 @@ def test_a_stop_signal_to_check_alone_leaves_no_worker_behind(make_dataset, tmp_
     assert err.strip().splitlines() == [
         f"interrupted by {signal.Signals(sig).name}: nothing was changed; run check again"
     ]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 300 MB file system (tmpfs): big enough for prepare's up-front check, small enough to fill."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300M", "tmpfs", str(mnt)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here ({made.stderr.decode().strip()[:80]})")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_disk_that_fills_during_prepare_is_one_line_and_a_rerun_completes(make_dataset, tmp_path, small_disk):
+    """Another writer fills the disk after a few images: prepare stops with one line naming the file and what is kept
+    (exit 6), every image written is whole, none is dropped in silence; with room again, the same prepare completes."""
+    root = make_dataset(24, 4)
+    out = small_disk / "copy"
+    filler = small_disk / "filler"
+
+    def fill(done: int, total: int) -> None:
+        if done == 6 and not filler.exists():  # the disk fills up while the copy is being written
+            free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+            with filler.open("wb") as f:
+                f.truncate(0)
+                f.write(b"\0" * (free - 64 * 1024))
+
+    stats = dataset.scan(root)
+    with pytest.raises(DiskSpaceError) as err:
+        resize.resize_dataset(stats, 64, out, workers=1, progress=fill)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "the disk is full" in message
+    assert "run the same prepare again" in message
+    assert err.value.exit_code == 6
+    for p in out.rglob("*.jpg"):  # what was written is whole
+        with Image.open(p) as im:
+            im.load()
+    assert not list(out.rglob("*.tmp"))
+    filler.unlink()
+    summary = resize.resize_dataset(stats, 64, out, workers=1)
+    assert summary.processed + summary.unchanged == 28  # (a full disk may have refused the manifest: then redone)
+    assert len(list(out.rglob("*.jpg"))) == 28
+    assert summary.labels_copied > 0
