@@ -690,6 +690,11 @@ def _log(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `speedtrain` script, `python -m speedtrain` and the top-level shims."""
+    if sys.stdout is None:  # started with its standard output closed (`>&-`): what it prints would be lost
+        if sys.stderr is not None:
+            sys.stderr.write("error: standard output is closed, so the plan and the report would be lost; redirect "
+                             "it instead (> run.log)\n")  # fmt: skip
+        raise SystemExit(1)
     app(args=argv, prog_name="speedtrain")
 
 

@@ -340,3 +340,15 @@ def test_a_run_with_images_opencv_cannot_decode_trains_without_them(ds, tmp_path
     doc = json.loads((tmp_path / "runs" / "train" / "speed_report.json").read_text())
     assert doc["stages"][0]["status"] == "completed"
     assert tree_hash(root) == before
+
+
+def test_a_closed_standard_output_is_one_line_not_a_silent_success(ds):
+    root, before = ds
+    cmd = [sys.executable, "-m", "speedtrain", "plan", "--dataset", str(root)]
+    out = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=60,
+                         pass_fds=(), close_fds=True, preexec_fn=lambda: os.close(1))  # fmt: skip
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        "error: standard output is closed, so the plan and the report would be lost; redirect it instead (> run.log)"
+    ]
+    assert tree_hash(root) == before
