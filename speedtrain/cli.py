@@ -261,7 +261,8 @@ def train(
     project: ProjectOpt = workflow.DEFAULT_PROJECT,
     name: Annotated[str, typer.Option("--name", help="Run folder name; taken names get 2, 3, ...")] = "train",
     resume: Annotated[
-        Path | None, typer.Option("--resume", help="Go on with an interrupted run folder (other flags are ignored).")
+        Path | None,
+        typer.Option("--resume", help="Go on with an interrupted run folder, as it was planned (with --verbose only)."),
     ] = None,
     allow_download: AllowDownloadOpt = False,
     autotune: Annotated[
@@ -278,8 +279,26 @@ def train(
 
     Example: speedtrain train --dataset dataset --epochs 50 --batch-size 32 --img-size 416 mosaic=0.5
     """
+    if resume:
+        _refuse_flags_with_resume(ctx)
     with _plain_text_when_piped(ctx.args, dataset):
         _train(ctx, locals())
+
+
+RESUME_TAKES = {"resume", "verbose"}  # --resume goes on with the run's own plan; how it is shown may change
+
+
+def _refuse_flags_with_resume(ctx: typer.Context) -> None:
+    """Flags given with --resume would be ignored (the run goes on as it was planned): one line, not a silence."""
+    # the parameter source compared by name: Typer may bring its own copy of click's enum
+    given = [p for p in ctx.command.params if p.name and p.name not in RESUME_TAKES
+             and getattr(ctx.get_parameter_source(p.name), "name", "") == "COMMANDLINE"]  # fmt: skip
+    names = [next((o for o in p.opts if o.startswith("--")), p.opts[0]) for p in given] + list(ctx.args)
+    if names:
+        raise UsageError(
+            f"{', '.join(names)} with --resume: the run goes on as it was planned, so these would be ignored; leave "
+            "them out, or start a new run with them"
+        )
 
 
 def _train(ctx: typer.Context, params: dict[str, Any]) -> None:

@@ -110,6 +110,18 @@ def test_train_resume_calls_resume_only(calls, tmp_path):
     assert "train" not in calls
 
 
+@pytest.mark.parametrize(
+    "extra", [["--epochs", "5", "--batch-size", "4"], ["mosaic=0.5"], ["--dataset", "x", "--name", "y"]]
+)
+def test_flags_given_with_resume_are_one_line_not_ignored_in_silence(calls, tmp_path, extra):
+    result = invoke("train", "--resume", tmp_path, *extra)
+    assert result.exit_code == 2
+    assert "with --resume: the run goes on as it was planned" in result.stderr
+    assert all(t in result.stderr for t in extra if t.startswith(("--", "mosaic")))
+    assert "resume" not in calls
+    assert invoke("train", "--resume", tmp_path, "--verbose").exit_code == 0  # how it is shown may change
+
+
 def test_an_interrupted_run_exits_130_with_the_resume_command(calls, monkeypatch, tmp_path):
     assert FINISHED.run is not None
     stopped = dataclasses.replace(FINISHED, run=dataclasses.replace(FINISHED.run, interrupted=True))
