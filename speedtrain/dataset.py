@@ -11,7 +11,7 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 from PIL import Image
@@ -124,6 +124,7 @@ class DatasetStats:
     problems: tuple[Problem, ...] = ()
     notes: tuple[str, ...] = field(default=())
     has_download_script: bool = False
+    fingerprint: str = ""  # every image's and label file's path, size and mtime, hashed: what --resume checks
 
     def split(self, name: str) -> Split | None:
         return next((s for s in self.splits if s.name == name), None)
@@ -214,7 +215,49 @@ def scan(path: str | Path, sample: int = SIZE_SAMPLE) -> DatasetStats:
         problems=tuple(problems + size_problems),
         notes=tuple(notes),
         has_download_script=bool(data.get("download")),
+        fingerprint=fingerprint(splits),
     )
+
+
+def fingerprint(splits: Iterable[Split]) -> str:
+    """A hash of every image's and label file's path, size and modification time (a missing label counts as
+    missing): equal when the files a run trains on are the ones it started with. Reads no image."""
+    h = hashlib.sha1()
+    for split in splits:
+        for image, label in zip(split.image_files, split.label_files, strict=True):
+            for path in (image, label):
+                try:
+                    st = os.stat(path)
+                    h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                except OSError:
+                    h.update(f"{path}\0-\n".encode())
+    return h.hexdigest()[:16]
+
+
+def changes(before: DatasetSummaryLike, after: DatasetStats) -> list[str]:
+    """What differs between a run's dataset and the same dataset now, in words ([] when nothing does)."""
+    out = []
+    for what, old, new in (("training images", before.train_images, after.train_images),
+                           ("val images", before.val_images, after.val_images),
+                           ("label files", before.label_files, after.label_files)):  # fmt: skip
+        if old != new:
+            out.append(f"{what} {old} -> {new}")
+    if not out and before.fingerprint and before.fingerprint != after.fingerprint:
+        out.append("images or label files changed (same counts)")
+    return out
+
+
+class DatasetSummaryLike(Protocol):
+    """What a report keeps of a scan (records.DatasetSummary), as far as `changes` reads it."""
+
+    @property
+    def train_images(self) -> int: ...
+    @property
+    def val_images(self) -> int: ...
+    @property
+    def label_files(self) -> int: ...
+    @property
+    def fingerprint(self) -> str: ...
 
 
 def _resolve(path: Path) -> tuple[Path | None, dict[str, Any], Path, list[str]]:

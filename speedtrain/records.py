@@ -252,6 +252,7 @@ class DatasetSummary:
     sample_size: int
     problems: tuple[Problem, ...] = ()
     notes: tuple[str, ...] = ()
+    fingerprint: str = ""  # the scan's hash of every file's path, size and mtime ("" in reports before it)
 
     @property
     def name(self) -> str:
@@ -267,6 +268,7 @@ class DatasetSummary:
             val_images=stats.val_images, label_files=stats.label_files, background_images=stats.background_images,
             classes=stats.classes, median_long_side=sizes.median_long_side(), max_long_side=sizes.max_long_side(),
             sampled=sizes.sampled, sample_size=len(sizes.dims), problems=stats.problems, notes=tuple(stats.notes),
+            fingerprint=stats.fingerprint,
         )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
@@ -330,6 +332,7 @@ def _dataset_dict(d: DatasetSummary) -> dict[str, Any]:
         },
         "problems": [asdict(p) for p in d.problems],
         "notes": list(d.notes),
+        "fingerprint": d.fingerprint,
     }
 
 
@@ -342,6 +345,7 @@ def _dataset(raw: dict[str, Any]) -> DatasetSummary:
         median_long_side=int(size.get("median_long_side", 0)), max_long_side=int(size.get("max_long_side", 0)),
         sampled=bool(size.get("sampled", False)), sample_size=int(size.get("sample_size", 0)),
         problems=tuple(Problem(**p) for p in raw.get("problems", [])), notes=tuple(raw.get("notes", [])),
+        fingerprint=str(raw.get("fingerprint", "")),
     )  # fmt: skip
 
 

@@ -260,7 +260,27 @@ def check_resumable(run_dir: str | os.PathLike[str]) -> SpeedReport:
     data_yaml = rep.run.data_yaml
     if not data_yaml or not Path(data_yaml).is_file():
         raise DatasetError(f"{run_dir}: the dataset view {data_yaml} is gone; start a new run")
+    _refuse_a_changed_dataset(rep, run_dir)
     return rep
+
+
+def _refuse_a_changed_dataset(rep: SpeedReport, run_dir: Path) -> None:
+    """--resume goes on with the images a run started with: a dataset changed since (images deleted, labels edited)
+    is one line saying what changed, instead of training on a stale resized copy without a word."""
+    original = rep.prepare.original_dataset if rep.prepare else rep.dataset
+    if not original.fingerprint:  # a report from before fingerprints: nothing to compare with
+        return
+    where = original.yaml_path or original.root
+    try:
+        now = dataset.scan(where)
+    except SpeedtrainError as exc:
+        raise DatasetError(f"{run_dir}: its dataset {where} cannot be read now ({exc}); restore it to go on") from None
+    changed = dataset.changes(original, now)
+    if changed:
+        raise DatasetError(
+            f"{run_dir}: its dataset changed since the run started ({'; '.join(changed)}); a run goes on with the "
+            f"images it started with: restore them, or start a new run on {where}"
+        )
 
 
 def _run(

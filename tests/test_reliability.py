@@ -458,3 +458,24 @@ def test_a_budgeted_run_stopped_by_ctrl_c_goes_on_along_the_same_curve(make_data
                            timeout=300)  # fmt: skip
     assert third.returncode != 0 or "finished" in (third.stdout + third.stderr)
     assert "Traceback" not in third.stdout + third.stderr
+
+
+@pytest.mark.slow
+def test_resume_after_the_dataset_changed_says_what_changed_instead_of_training_on_a_stale_copy(make_dataset, tmp_path):
+    root, project = make_dataset(16, 4), tmp_path / "runs"
+    proc = subprocess.Popen(_train_cmd(root, project, 6), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoint = project / "train" / "main" / "weights" / checkpoints.RESUME_NAME
+    assert wait_for(lambda: checkpoint.exists() or proc.poll() is not None, timeout=180)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=180)
+    for image in sorted((root / "images" / "train").iterdir())[:5]:
+        image.unlink()
+    again = subprocess.run([*_train_cmd(root, project, 6)[:4], "--resume", str(project / "train")],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 3, again.stdout[-2000:] + again.stderr[-2000:]
+    lines = [ln for ln in again.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    assert "its dataset changed since the run started (training images 16 -> 11" in lines[0]
+    assert "Traceback" not in again.stdout + again.stderr
+    assert checkpoints.checkpoint_epoch(checkpoint) >= 0  # the saved epochs are kept for when the images are back
