@@ -591,10 +591,10 @@ def compare_command(
     else:
         console.print(result)
     if result.interrupted:
-        err_console.print(
-            f"interrupted: {result.run_dir} keeps the arms that finished; run compare again for all", soft_wrap=True
-        )
-        raise typer.Exit(130)
+        by = result.stopped_by
+        err_console.print(f"interrupted{f' by {by}' if by else ''}: {result.run_dir} keeps the arms that finished; "
+                          "run compare again for all", soft_wrap=True)  # fmt: skip
+        raise typer.Exit(EXIT_BY_SIGNAL.get(by or "", 130))
 
 
 @app.command("report")

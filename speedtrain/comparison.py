@@ -162,6 +162,7 @@ class ArmResult:
     final: tuple[Score, ...] = ()  # the final weights at each validation size
     latency_ms: tuple[tuple[int, float], ...] = ()
     phases: tuple[int, ...] = ()  # a budgeted arm's image sizes, phase by phase
+    stopped_by: str | None = None  # the signal that interrupted the arm ("SIGINT", "SIGTERM")
 
     @property
     def size(self) -> str:
@@ -217,6 +218,11 @@ class Comparison(JupyterMixin):
     @property
     def interrupted(self) -> bool:
         return any(a.status == "interrupted" for a in self.arms) or len(self.arms) < len(self.requested)
+
+    @property
+    def stopped_by(self) -> str | None:
+        """The signal that interrupted the comparison (None: Ctrl-C, or not interrupted)."""
+        return next((a.stopped_by for a in self.arms if a.stopped_by and a.stopped_by != "SIGINT"), None)
 
     def arm(self, name: str) -> ArmResult | None:
         return next((a for a in self.arms if a.name == name), None)
@@ -461,7 +467,7 @@ def run(
             )
             partial.to_json(run_dir / JSON_NAME)  # after every arm: an interrupted comparison keeps what finished
             if results[-1].status == "interrupted":
-                log(f"Ctrl-C: stopped during {arm.name}; {JSON_NAME} keeps the arms trained so far")
+                log(f"stopped during {arm.name}; {JSON_NAME} keeps the arms trained so far")
                 break
     final = _comparison(planned, budget_s, val_imgsz, val_sizes, seed, run_dir, started, prepare_s, results)
     final = replace(final, requested=tuple(a.name for a in arms), baseline_budget_s=baseline_budget_s or 0.0)
@@ -530,6 +536,12 @@ def _run_arm(
     last = stage_results[-1]
     ran = arm.stages[len(stage_results) - 1]
     final_weights = last.weights or last.last_weights
+    if last.status == "interrupted":  # stopped (Ctrl-C, SIGTERM): no minutes of validation after the request
+        by = f" by {last.stopped_by}" if last.stopped_by and last.stopped_by != "SIGINT" else ""
+        return ArmResult(name=arm.name, imgsz=arm.stages[0].imgsz, batch=stage_results[0].batch,
+                         epochs_done=sum(r.epochs_done for r in stage_results), images_per_s=None, wall_s=wall,
+                         eval_s=0.0, status="interrupted", weights=final_weights, stopped_by=last.stopped_by,
+                         note=f"interrupted{by}: its saved epochs are kept in {arm_dir}, not validated")  # fmt: skip
     log(f"{arm.name}: validating its saved epochs at {val_imgsz} px")
     t_eval = time.perf_counter()
     from speedtrain import ultra
