@@ -355,6 +355,34 @@ def test_a_run_stopped_after_its_last_epoch_resumes_to_finished_without_training
     assert (weights / "best.pt").read_bytes() == best
 
 
+@pytest.mark.slow
+def test_a_time_fitted_run_stopped_after_its_fitted_epochs_resumes_to_finished(make_dataset, tmp_path):
+    """--time without phases (rect): Ultralytics fits fewer epochs than the plan's 50 to the budget; a run that
+    died after the last of them (during its final validation) is finished on --resume, never Ultralytics'
+    "nothing to resume" traceback, and the report never advises a --resume that cannot work."""
+    root, project = make_dataset(8, 2), tmp_path / "runs"
+    cmd = [sys.executable, "-m", "speedtrain", "train", "--dataset", str(root), "--img-size", "64", "--time", "1m",
+           "--rect", "--finetune", "no", "--prepare", "no", "--project", str(project), "plots=False"]  # fmt: skip
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-2000:]
+    report = project / "train" / "speed_report.json"
+    doc = json.loads(report.read_text())
+    done = doc["stages"][0]["measured"]["epochs_done"]
+    assert doc["stages"][0]["epochs"] > done  # Ultralytics fitted fewer epochs than planned
+    doc["run"]["status"] = "running"  # as a kill during the final validation leaves it
+    doc["stages"][0].update(status="running", measured=None, note="")
+    report.write_text(json.dumps(doc))
+    rows = _csv_rows(project / "train" / "main")
+    again = subprocess.run([*cmd[:4], "--resume", str(project / "train")], capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    assert "Traceback" not in again.stdout + again.stderr
+    doc = json.loads(report.read_text())
+    assert (doc["run"]["status"], doc["stages"][0]["status"]) == ("finished", "completed")
+    assert f"had trained all {done} epochs" in doc["stages"][0]["note"]
+    assert _csv_rows(project / "train" / "main") == rows  # nothing trained again
+
+
 SIGTERM_WHILE_SCORING = """
 import os, signal, sys
 import speedtrain.ultra as ultra
