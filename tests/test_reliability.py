@@ -357,7 +357,7 @@ def test_a_run_stopped_after_its_last_epoch_resumes_to_finished_without_training
 
 @pytest.mark.slow
 def test_a_time_fitted_run_stopped_after_its_fitted_epochs_resumes_to_finished(make_dataset, tmp_path):
-    """--time without phases (rect): Ultralytics fits fewer epochs than the plan's 50 to the budget; a run that
+    """--time without phases (rect): Ultralytics fits other epochs than the plan's 50 to the budget; a run that
     died after the last of them (during its final validation) is finished on --resume, never Ultralytics'
     "nothing to resume" traceback, and the report never advises a --resume that cannot work."""
     root, project = make_dataset(8, 2), tmp_path / "runs"
@@ -368,7 +368,7 @@ def test_a_time_fitted_run_stopped_after_its_fitted_epochs_resumes_to_finished(m
     report = project / "train" / "speed_report.json"
     doc = json.loads(report.read_text())
     done = doc["stages"][0]["measured"]["epochs_done"]
-    assert doc["stages"][0]["epochs"] > done  # Ultralytics fitted fewer epochs than planned
+    assert doc["stages"][0]["epochs"] != done  # Ultralytics fitted another number of epochs than planned
     doc["run"]["status"] = "running"  # as a kill during the final validation leaves it
     doc["stages"][0].update(status="running", measured=None, note="")
     report.write_text(json.dumps(doc))
