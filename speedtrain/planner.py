@@ -176,6 +176,10 @@ def plan(hw: HardwareSnapshot, stats: DatasetStats, overrides: Overrides | None 
         if why_not:
             stages, reasons["time"] = _timed(stages, seconds)
             reasons["time"] += f"; {why_not}"
+            if ov.epochs is not None:  # engine/trainer.py (8.4.190): time= refits the epochs after the first one
+                warnings.append(f"--epochs {ov.epochs} with --time: Ultralytics' time= sets the epochs from the "
+                                "budget after the first epoch" + (" (--epochs 1 still ends the run after it)"
+                                                                  if ov.epochs == 1 else ""))  # fmt: skip
         else:
             stages = [_deadline_stage(stats, ov, stages, seconds, reasons)]
             if ov.epochs is not None or ov.finetune_epochs is not None:
