@@ -516,13 +516,7 @@ def _run_arm(
     weights, clock, curve_parts, stage_results = source, offset_s, [], []
     t0 = time.perf_counter()
     for stage, share in zip(arm.stages, arm.shares, strict=True):
-        extra = {**dict(stage.extra), "save_period": 1, "plots": False, "val": True, "seed": seed}
-        if stage.schedule is not None:  # its phases follow their own deadline: the arm's budget
-            timed = replace(
-                stage, schedule=replace(stage.schedule, budget_s=budget_s * share), extra=tuple(extra.items())
-            )
-        else:  # Ultralytics' time= fits the epochs
-            timed = replace(stage, extra=tuple({**extra, "time": budget_s * share / 3600}.items()))
+        timed = _for_budget(stage, budget_s * share, seed)
         progress = _renamed(on_update, arm.name)
         result = runner.train_stage(timed, weights, data_yaml, arm_dir, log=log, on_update=progress,
                                     log_file=log_file)  # fmt: skip
@@ -537,11 +531,7 @@ def _run_arm(
     ran = arm.stages[len(stage_results) - 1]
     final_weights = last.weights or last.last_weights
     if last.status == "interrupted":  # stopped (Ctrl-C, SIGTERM): no minutes of validation after the request
-        by = f" by {last.stopped_by}" if last.stopped_by and last.stopped_by != "SIGINT" else ""
-        return ArmResult(name=arm.name, imgsz=arm.stages[0].imgsz, batch=stage_results[0].batch,
-                         epochs_done=sum(r.epochs_done for r in stage_results), images_per_s=None, wall_s=wall,
-                         eval_s=0.0, status="interrupted", weights=final_weights, stopped_by=last.stopped_by,
-                         note=f"interrupted{by}: its saved epochs are kept in {arm_dir}, not validated")  # fmt: skip
+        return _interrupted(arm, stage_results, wall, arm_dir)
     log(f"{arm.name}: validating its saved epochs at {val_imgsz} px")
     t_eval = time.perf_counter()
     from speedtrain import ultra
@@ -569,6 +559,25 @@ def _run_arm(
         final=final, latency_ms=measured.latency_ms,
         phases=tuple(p.imgsz for p in arm.stages[0].schedule.phases) if arm.stages[0].schedule else (),
     )  # fmt: skip
+
+
+def _for_budget(stage: Stage, seconds: float, seed: int) -> Stage:
+    """An arm's stage for `seconds`: saving every epoch; a budgeted stage's phases with that deadline, else
+    Ultralytics' time= fitting the epochs."""
+    extra = {**dict(stage.extra), "save_period": 1, "plots": False, "val": True, "seed": seed}
+    if stage.schedule is not None:
+        return replace(stage, schedule=replace(stage.schedule, budget_s=seconds), extra=tuple(extra.items()))
+    return replace(stage, extra=tuple({**extra, "time": seconds / 3600}.items()))
+
+
+def _interrupted(arm: Arm, results: list[StageResult], wall: float, arm_dir: Path) -> ArmResult:
+    """An arm stopped by Ctrl-C or SIGTERM: what it trained, its saved epochs kept and not validated."""
+    last = results[-1]
+    by = f" by {last.stopped_by}" if last.stopped_by and last.stopped_by != "SIGINT" else ""
+    return ArmResult(name=arm.name, imgsz=arm.stages[0].imgsz, batch=results[0].batch,
+                     epochs_done=sum(r.epochs_done for r in results), images_per_s=None, wall_s=wall, eval_s=0.0,
+                     status="interrupted", weights=last.weights or last.last_weights, stopped_by=last.stopped_by,
+                     note=f"interrupted{by}: its saved epochs are kept in {arm_dir}, not validated")  # fmt: skip
 
 
 def _why_it_ended(results: list[StageResult], ran: Stage, budget_s: float) -> str:

@@ -98,5 +98,5 @@ def _die_with_parent(parent: int) -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):  # no prctl here: the pool's own shutdown still ends the workers
         return
-    if os.getppid() != parent:  # the parent died before the request was in place
-        os._exit(1)
+    if os.getppid() != parent:  # the parent died before the request was in place: the signal it would have sent
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -164,27 +164,9 @@ def plan(hw: HardwareSnapshot, stats: DatasetStats, overrides: Overrides | None 
     for stage in stages:
         _refuse_impossible_batch(hw, stage, gpus)
     reasons["warmup_epochs"] = "3: Ultralytics' default"
-    if ov.recipe == "classic":  # the recipe's own settings say so, not "set by user"
-        for key in (k for k in CLASSIC if getattr(folded, k) is None):
-            reasons[key] = reasons.get(key, "").replace("set by user", "--recipe classic", 1) or "--recipe classic"
-        reasons["optimizer"] = f"Adam at 0.001 (--recipe classic; {CLASSIC_COST})"
-    if ov.phases is not None and ov.time is None:
-        raise UsageError(f"--phases {ov.phases}: phases are planned against a deadline; give --time too")
-    if ov.time is not None:
-        seconds = _budget_seconds(ov.time)
-        why_not = _no_phases(ov, stages[0])
-        if why_not:
-            stages, reasons["time"] = _timed(stages, seconds)
-            reasons["time"] += f"; {why_not}"
-            if ov.epochs is not None:  # engine/trainer.py (8.4.190): time= refits the epochs after the first one
-                warnings.append(f"--epochs {ov.epochs} with --time: Ultralytics' time= sets the epochs from the "
-                                "budget after the first epoch" + (" (--epochs 1 still ends the run after it)"
-                                                                  if ov.epochs == 1 else ""))  # fmt: skip
-        else:
-            stages = [_deadline_stage(stats, ov, stages, seconds, reasons)]
-            if ov.epochs is not None or ov.finetune_epochs is not None:
-                warnings.append("--epochs and --finetune-epochs do not apply with --time: the phases' epochs are "
-                                "fitted to the deadline")  # fmt: skip
+    if ov.recipe == "classic":
+        _classic_reasons(folded, reasons)
+    stages = _budgeted(stats, ov, stages, reasons, warnings)
     prepare_size, reasons["prepare"] = _prepare(stats, stages, ov.prepare)
     return TrainPlan(
         device=device,
@@ -198,6 +180,37 @@ def plan(hw: HardwareSnapshot, stats: DatasetStats, overrides: Overrides | None 
         prepare_size=prepare_size,
         ranks=max(1, ranks),
     )
+
+
+def _classic_reasons(given: Overrides, reasons: dict[str, str]) -> None:
+    """--recipe classic: the recipe's own settings say so as their reason, not "set by user"."""
+    for key in (k for k in CLASSIC if getattr(given, k) is None):
+        reasons[key] = reasons.get(key, "").replace("set by user", "--recipe classic", 1) or "--recipe classic"
+    reasons["optimizer"] = f"Adam at 0.001 (--recipe classic; {CLASSIC_COST})"
+
+
+def _budgeted(
+    stats: DatasetStats, ov: Overrides, stages: list[Stage], reasons: dict[str, str], warnings: list[str]
+) -> list[Stage]:
+    """--time: the run in phases against its deadline, or (where phases cannot be) Ultralytics' time= per stage."""
+    if ov.phases is not None and ov.time is None:
+        raise UsageError(f"--phases {ov.phases}: phases are planned against a deadline; give --time too")
+    if ov.time is None:
+        return stages
+    seconds = _budget_seconds(ov.time)
+    why_not = _no_phases(ov, stages[0])
+    if why_not:
+        stages, reasons["time"] = _timed(stages, seconds)
+        reasons["time"] += f"; {why_not}"
+        if ov.epochs is not None:  # engine/trainer.py (8.4.190): time= refits the epochs after the first one
+            once = " (--epochs 1 still ends the run after it)" if ov.epochs == 1 else ""
+            warnings.append(f"--epochs {ov.epochs} with --time: Ultralytics' time= sets the epochs from the budget "
+                            f"after the first epoch{once}")  # fmt: skip
+        return stages
+    if ov.epochs is not None or ov.finetune_epochs is not None:
+        warnings.append("--epochs and --finetune-epochs do not apply with --time: the phases' epochs are fitted to "
+                        "the deadline")  # fmt: skip
+    return [_deadline_stage(stats, ov, stages, seconds, reasons)]
 
 
 def _check_ranks(hw: HardwareSnapshot, requested: int | None, gpus: int, device: str) -> None:

@@ -284,15 +284,7 @@ def stage_notes(s: StageReport, no_metrics: bool = False) -> list[str]:
     out-of-memory steps, threads and CPU, ranks, fast-pipeline store, inference latency and weights."""
     name, m = s.stage.name, s.measured
     assert m is not None
-    notes = []
-    if m.epoch_map50_95 and not no_metrics:
-        notes.append(accuracy_line(name, m.epoch_map50_95, m.epoch_loss, s.stage.imgsz, m.epoch_validated))
-    if m.phase_log and s.stage.schedule:
-        notes.append(schedule_line(name, m.phase_log, s.stage.schedule.budget_s))
-    elif m.val_every > 1 or m.epoch_validated:
-        notes.append(cadence_line(name, m, s.stage.val_every))
-    if m.estimated_epoch_s and m.train_times_s:
-        notes.append(estimate_line(name, m))
+    notes = _learning_notes(s, m, no_metrics)
     notes += [f"{name}: out of memory at batch {oom.from_batch}, continued with {oom.to_batch} (epoch {oom.epoch}, "
               f"{oom.at})" for oom in m.oom_fallbacks]  # fmt: skip
     if s.status == "interrupted" and s.note:
@@ -309,6 +301,20 @@ def stage_notes(s: StageReport, no_metrics: bool = False) -> list[str]:
         notes.append(f"{name}: inference {at} px (batch 1, on {s.stage.device.split(',')[0]}, median; network alone)")
     if m.weights:
         notes.append(f"{name} weights: {m.weights}")
+    return notes
+
+
+def _learning_notes(s: StageReport, m: StageResult, no_metrics: bool) -> list[str]:
+    """A stage's accuracy by epoch, its phases (or validation cadence) and its time estimate."""
+    name, notes = s.stage.name, []
+    if m.epoch_map50_95 and not no_metrics:
+        notes.append(accuracy_line(name, m.epoch_map50_95, m.epoch_loss, s.stage.imgsz, m.epoch_validated))
+    if m.phase_log and s.stage.schedule:
+        notes.append(schedule_line(name, m.phase_log, s.stage.schedule.budget_s))
+    elif m.val_every > 1 or m.epoch_validated:
+        notes.append(cadence_line(name, m, s.stage.val_every))
+    if m.estimated_epoch_s and m.train_times_s:
+        notes.append(estimate_line(name, m))
     return notes
 
 
