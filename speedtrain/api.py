@@ -17,7 +17,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +43,10 @@ from speedtrain.speedreport import SpeedReport
 from speedtrain.util import closest
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack  # PEP 692: typing.Unpack from Python 3.11; read by type checkers only
+
     from speedtrain.comparison import Comparison
+    from speedtrain.keywords import CompareKeywords, Keywords
 
 PathLike = str | os.PathLike[str]
 CHOICES = {k.name: k.choices for k in knobs.KNOBS if k.choices}  # declared once, in speedtrain/knobs.py
@@ -62,7 +65,7 @@ def plan(
     hardware: PathLike | HardwareSnapshot | None = None,
     allow_download: bool = False,
     extra: Sequence[str] = (),
-    **args: Any,
+    **args: Unpack[Keywords],
 ) -> SpeedReport:
     """The training plan for `dataset` (the embedded sample when None) on this machine, or on the machine of a
     saved snapshot `hardware`: a SpeedReport with no run, which renders as the plan table with its reasons.
@@ -106,7 +109,7 @@ def tune(
     retune: bool = False,
     log: Log | None = None,
     extra: Sequence[str] = (),
-    **args: Any,
+    **args: Unpack[Keywords],
 ) -> TuneResult:
     """Measure the model's step rate per batch and the dataloader's per workers and cache; the fastest setting."""
     if budget_s < 5:
@@ -134,7 +137,7 @@ def train(
     on_event: OnEvent | None = None,
     progress: ProgressFactory | None = None,
     extra: Sequence[str] = (),
-    **args: Any,
+    **args: Unpack[Keywords],
 ) -> SpeedReport:
     """Plan and train `dataset` (the embedded sample when None), prepare and tune as planned or asked; return the
     SpeedReport (also written to PROJECT/NAME/speed_report.json with its PNG).
@@ -168,7 +171,7 @@ def compare(
     log: Log | None = None,
     on_update: OnProgress | None = None,
     extra: Sequence[str] = (),
-    **args: Any,
+    **args: Unpack[CompareKeywords],
 ) -> Comparison:
     """Train each arm (plain Ultralytics "defaults", speedtrain's "plan", and variants) on `dataset` for the
     wall-clock `budget` each ("20m", "90s", or seconds; the defaults arm for `baseline_budget`, default 3x `budget`:
@@ -210,7 +213,7 @@ def report(run_dir: PathLike) -> SpeedReport:
     return SpeedReport.from_json(Path(run_dir))
 
 
-def overrides(args: dict[str, Any]) -> Overrides:
+def overrides(args: Mapping[str, Any]) -> Overrides:
     """Overrides from keyword arguments named like the CLI's options; any other name must be an Ultralytics train
     argument of the right type (those go to Ultralytics as given)."""
     bad = {k: v for k, v in args.items() if k in CHOICES and v is not None and v not in CHOICES[k]}
@@ -244,7 +247,7 @@ def refuse_external_launcher() -> None:
 
 def _planned(
     dataset: PathLike | None,
-    args: dict[str, Any],
+    args: Mapping[str, Any],
     extra: Sequence[str] = (),
     hardware_file: PathLike | HardwareSnapshot | None = None,
     allow_download: bool = False,

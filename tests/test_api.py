@@ -178,3 +178,24 @@ def test_hints_name_the_keyword_in_python_and_the_flag_on_the_command_line(make_
     result = CliRunner().invoke(app, ["plan", "--dataset", str(root), "--threads", "1000"])
     assert result.exit_code == 2
     assert "--threads 1000: this machine has" in result.stderr
+
+
+def test_the_keywords_are_typed_so_a_type_checker_catches_a_typo(tmp_path):
+    """speedtrain/keywords.py (generated from the knobs and Ultralytics' arguments): mypy accepts the API's real
+    keywords, Ultralytics' own included, and names a mistyped keyword or a choice that does not exist."""
+    from mypy import api as mypy_api
+
+    snippet = tmp_path / "use.py"
+    snippet.write_text(
+        "import speedtrain\n"
+        'speedtrain.train("data", epochs=30, finetune="yes", mosaic=0.5, time="20m", seed=1)\n'
+        'speedtrain.plan("data", epoch=30)\n'
+        'speedtrain.train("data", finetune="maybe")\n'
+        'speedtrain.compare("data", budget="20m", phases="416,640")\n'
+    )
+    out, _, code = mypy_api.run([str(snippet), "--no-incremental", "--follow-imports=silent"])
+    errors = [line for line in out.splitlines() if ": error:" in line]
+    assert code == 1
+    assert [line.split(":")[1] for line in errors] == ["3", "4"], out
+    assert '"epoch"' in errors[0]
+    assert '"maybe"' in errors[1] or "finetune" in errors[1]
