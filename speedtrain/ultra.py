@@ -1,9 +1,10 @@
 """The one place speedtrain touches Ultralytics: every import of it, every argument it is called with, every
 internal it reaches into.
 
-Ultralytics is pinned exactly (`ultralytics==8.4.190` in pyproject.toml) because of the reaches marked
-"internal" below: each names the file it was read from in 8.4.190, and `tests/test_ultra.py` fails with a clear
-message when an upgrade moves one. Everything else here is Ultralytics' public API (YOLO(), model.train/val,
+Ultralytics is held to a tested range (`ultralytics>=8.4.172,<8.5` in pyproject.toml, checked at startup by
+ultra_args.check_version) because of the reaches marked "internal" below: each names the file it was read from in
+8.4.190, and `tests/test_ultra.py`, which CI runs at both ends of the range, fails with a clear message when an
+upgrade moves one. Everything else here is Ultralytics' public API (YOLO(), model.train/val,
 callbacks, DetectionTrainer's documented hooks).
 
 Importing this module imports Ultralytics (and torch: about 2 s). Other modules import it inside the functions

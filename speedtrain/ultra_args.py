@@ -10,16 +10,49 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from speedtrain.errors import TrainingError
+from speedtrain.errors import TrainingError, UsageError
+
+# The Ultralytics versions speedtrain works with, tested at both ends in CI (.ci/run): 8.4.172 is the oldest whose
+# internals speedtrain/ultra.py reaches (tests/test_ultra.py; read in every 8.4 wheel down to 8.4.0: before 8.4.172
+# optimizer=auto chose differently and a run-time dependency was missing), 8.4.190 the newest tested; a new minor
+# version may move them. The pin in pyproject.toml says the same.
+LOWEST, NEWEST_TESTED, BELOW = "8.4.172", "8.4.190", "8.5"
+RANGE = f">={LOWEST},<{BELOW}"
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for part in text.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def check_version(installed: str | None = None) -> str:
+    """The installed Ultralytics version, or one line naming the range speedtrain works with and the version found
+    (read from the package's metadata: nothing is imported)."""
+    try:
+        found = installed or metadata.version("ultralytics")
+    except metadata.PackageNotFoundError:
+        raise TrainingError(f"Ultralytics is not installed here: pip install 'ultralytics{RANGE}'") from None
+    if not _version_tuple(LOWEST) <= _version_tuple(found) < _version_tuple(BELOW):
+        raise UsageError(
+            f"Ultralytics {found} is installed; speedtrain works with ultralytics{RANGE}: pip install "
+            f"'ultralytics{RANGE}'"
+        )
+    return found
 
 
 def defaults() -> dict[str, Any]:
-    """Ultralytics' train arguments and their defaults (a copy: callers may change it)."""
+    """Ultralytics' train arguments and their defaults (a copy: callers may change it); an Ultralytics outside the
+    supported range is refused here, before anything reads or trains."""
+    check_version()
     return dict(_load())
 
 

@@ -1,7 +1,7 @@
 """The Ultralytics boundary: one module touches Ultralytics, and every internal it reaches still exists.
 
 If one of these fails after an Ultralytics upgrade, the message names what moved; speedtrain.ultra was written
-against 8.4.190 (the exact pin in pyproject.toml).
+against 8.4.190 and works back to 8.4.172 (the range in pyproject.toml; CI runs these tests at both ends).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import pickle
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ def moved(what: str) -> str:
 
     return (
         f"Ultralytics {ultralytics.__version__} moved {what}; speedtrain/ultra.py reads it as in {WRITTEN_AGAINST}: "
-        "update ultra.py and the pin in pyproject.toml together"
+        "update ultra.py and the range in pyproject.toml together"
     )
 
 
@@ -41,12 +42,34 @@ def test_importing_speedtrain_does_not_import_ultralytics_or_torch():
     assert out.stdout.split() == ["False", "False"]
 
 
-def test_the_pinned_version_is_the_one_installed():
+def test_the_declared_range_is_the_checked_one_and_holds_the_installed_version():
     import ultralytics
 
-    pin = re.search(r'"ultralytics==([\d.]+)"', (REPO / "pyproject.toml").read_text())
-    assert pin, "pyproject.toml pins ultralytics exactly"
-    assert pin.group(1) == WRITTEN_AGAINST == ultralytics.__version__, moved("its version")
+    from speedtrain import ultra_args
+
+    declared = re.search(r'"ultralytics>=([\d.]+),<([\d.]+)"', (REPO / "pyproject.toml").read_text())
+    assert declared, "pyproject.toml declares a range for ultralytics"
+    assert declared.groups() == (ultra_args.LOWEST, ultra_args.BELOW)
+    assert ultra_args.NEWEST_TESTED == WRITTEN_AGAINST
+    assert ultra_args.check_version() == ultralytics.__version__
+
+
+@pytest.mark.parametrize(
+    ("version", "ok"),
+    [("8.4.172", True), ("8.4.190", True), ("8.4.999", True), ("8.4.171", False), ("8.3.250", False),
+     ("8.5.0", False), ("9.0.1", False), ("8.4.180.dev0", True)],
+)  # fmt: skip
+def test_an_ultralytics_outside_the_range_is_one_line(version, ok):
+    from speedtrain import ultra_args
+    from speedtrain.errors import UsageError
+
+    if ok:
+        assert ultra_args.check_version(version) == version
+        return
+    with pytest.raises(UsageError) as err:
+        ultra_args.check_version(version)
+    assert str(err.value) == (f"Ultralytics {version} is installed; speedtrain works with ultralytics>=8.4.172,<8.5: "
+                              "pip install 'ultralytics>=8.4.172,<8.5'")  # fmt: skip
 
 
 def test_every_internal_reach_is_where_ultra_expects_it():
@@ -85,7 +108,9 @@ def test_every_internal_reach_is_where_ultra_expects_it():
     # Phases: a budgeted run's phases inside one Ultralytics run
     train = inspect.getsource(BaseTrainer._do_train)
     assert train.index('run_callbacks("on_train_batch_start")') < train.index("# Warmup"), moved("batch start")
-    assert "if nw and ni <= nw" in train, moved("the warmup skipped with warmup_epochs=0")
+    assert "ni <= nw" in train or "ni < nw" in train, moved("the warmup gated by its iterations")
+    no_warmup = types.SimpleNamespace(args=types.SimpleNamespace(warmup_epochs=0.0), epochs=50)
+    assert BaseTrainer._get_warmup_iterations(no_warmup, 100) <= 0, moved("warmup_epochs=0 skipping the warmup")
     assert "if self.stop:\n                    break" in train, moved("the stop between batches")
     assert "self.args.val or final_epoch" in train, moved("args.val deciding the epoch's validation")
     assert "final_epoch = epoch + 1 >= self.epochs" in train, moved("trainer.epochs deciding the final epoch")
