@@ -71,7 +71,7 @@ def plan(
     saved snapshot `hardware`: a SpeedReport with no run, which renders as the plan table with its reasons.
     `extra`: Ultralytics arguments as the yolo command line writes them ("mosaic=0.5")."""
     with process_state_restored():
-        return _planned(dataset, args, extra, hardware, allow_download).report()
+        return SpeedReport.of(_planned(dataset, args, extra, hardware, allow_download))
 
 
 def prepare(

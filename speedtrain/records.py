@@ -9,15 +9,12 @@ import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from speedtrain.dataset import DatasetStats, Problem
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.knobs import Cache, Overrides, TrainPlan
 from speedtrain.parallel import Progress
-
-if TYPE_CHECKING:
-    from speedtrain.speedreport import SpeedReport
 
 Log = Callable[[str], None]  # where progress lines go
 
@@ -307,12 +304,6 @@ class Planned:
     plan: TrainPlan
     prepared: Preparation | None = None  # once the dataset was resized
     tuned: TuneResult | None = None  # the tune result applied to the plan (train --autotune)
-
-    def report(self) -> SpeedReport:
-        """The plan as a report (no stage run yet): what `speedtrain plan` shows and prints as JSON."""
-        from speedtrain.speedreport import SpeedReport  # a report renders and reads JSON: above the records
-
-        return SpeedReport.planned(self.hw, self.stats, self.plan, self.prepared, self.tuned)
 
 
 def _dataset_dict(d: DatasetSummary) -> dict[str, Any]:

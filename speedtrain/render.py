@@ -22,11 +22,11 @@ from speedtrain.hardware import HardwareSnapshot
 from speedtrain.knobs import TrainPlan
 from speedtrain.records import DatasetSummary, Preparation, ResizeSummary, StageProgress, StageResult, TuneResult
 from speedtrain.schedule import Schedule
-from speedtrain.speedreport import SpeedReport, StageReport
 from speedtrain.util import duration, fmt_map, spread
 
-if TYPE_CHECKING:  # a Comparison renders itself through this module, like a SpeedReport
+if TYPE_CHECKING:  # a SpeedReport and a Comparison render themselves through this module: their types only
     from speedtrain.comparison import Comparison
+    from speedtrain.speedreport import SpeedReport, StageReport
 
 MEASURED_CAPTION = (
     "img/s: training pass, after the first epoch when there are several; mAP: mAP50-95 of the stage's best weights "

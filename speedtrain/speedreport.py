@@ -25,6 +25,7 @@ from speedtrain.knobs import BASELINE, DEFAULT_TARGET_MAP, ULTRALYTICS_IMGSZ, St
 from speedtrain.records import (
     DatasetSummary,
     OomFallback,
+    Planned,
     Preparation,
     RankFigures,
     ResizeSummary,
@@ -100,6 +101,11 @@ class SpeedReport(JupyterMixin):
     ) -> SpeedReport:
         summary = stats if isinstance(stats, DatasetSummary) else DatasetSummary.of(stats)
         return cls(plan, hw, summary, tuple(StageReport(s) for s in plan.stages), None, prepare, tune)
+
+    @classmethod
+    def of(cls, planned: Planned) -> SpeedReport:
+        """A planned run as a report (no stage run yet): what `speedtrain plan` shows and prints as JSON."""
+        return cls.planned(planned.hw, planned.stats, planned.plan, planned.prepared, planned.tuned)
 
     def started(self, run_dir: Path, data_yaml: Path) -> SpeedReport:
         return replace(self, run=RunInfo(str(run_dir), str(data_yaml), "running"))

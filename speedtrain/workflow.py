@@ -224,7 +224,7 @@ def start(
     run_dir = new_run_dir(project, name)
     view_yaml = resize.make_view(planned.stats, resize.view_dir(planned.stats, Path(project)))
     log(f"run folder: {run_dir}")
-    rep = planned.report().started(run_dir, view_yaml)
+    rep = SpeedReport.of(planned).started(run_dir, view_yaml)
     rep.to_json(run_dir / REPORT_NAME)
     return rep, run_dir
 
@@ -427,7 +427,7 @@ def train(
     if autotune_first or retune:
         planned, tuned = autotune(planned, Path(project), budget_s=budget_s, retune=retune, log=hooks.log)
         hooks.event("tuned", tuned)
-    hooks.event("planned", planned.report())
+    hooks.event("planned", SpeedReport.of(planned))
     if planned.plan.ranks > 1:  # several GPUs (or --nproc-per-node): speedtrain starts one rank each
         _, run_dir = start(planned, project, name, hooks.log)
         return launch.run(run_dir, planned.plan.ranks, quiet=quiet, log=hooks.log)
@@ -470,7 +470,7 @@ def _train_as_rank(
                     planned = prepare_dataset(planned, Path(project))
                 if tune:
                     planned, _ = autotune(planned, Path(project), budget_s=budget_s, retune=retune, log=hooks.log)
-                hooks.event("planned", planned.report())
+                hooks.event("planned", SpeedReport.of(planned))
                 run_dir = start(planned, project, name, hooks.log)[1]
                 distributed.remember_run(Path(project), run_dir)
                 outcome = ("run", str(run_dir))

@@ -37,7 +37,7 @@ def test_make_plan_takes_a_snapshot_a_file_or_the_real_machine(make_dataset, tmp
 
 def test_the_plan_report_is_the_plan_json(make_dataset):
     planned = workflow.make_plan(make_dataset(8, 4), Overrides(epochs=3), ("mosaic=0.5",), snapshot((24,)))
-    rep = planned.report()
+    rep = SpeedReport.of(planned)
     doc = rep.to_dict()
     assert doc["stages"][0]["epochs"] == 3
     assert doc["stages"][0]["extra"] == {"mosaic": 0.5}
