@@ -139,7 +139,7 @@ class Overrides:
     )  # fmt: skip
     val_every: str | int | None = knob(
         "--val-every", help="Validate every N epochs, or auto (under 15% of the run). Default: 1.", baseline=1,
-        cell=lambda s: "phase ends" if s.schedule else "auto" if s.val_every == 0 else s.val_every,
+        cell=lambda s: "at the end" if s.schedule else "auto" if s.val_every == 0 else s.val_every,
     )  # fmt: skip
     threads: int | None = knob(
         "--threads", minimum=1, help="torch threads in the training process. Default: physical cores on CPU.",

@@ -122,8 +122,8 @@ def render_phases(schedule: Schedule, why: str) -> RenderableType:
         at += share
     notes = Text(
         f"warmup {schedule.warmup:.0%} of the budget; mosaic off for its last {schedule.close_mosaic:.0%}; the "
-        "epochs of each phase are fitted at run time from the measured pace; validated at each phase's end and at "
-        f"the deadline, at {schedule.final_imgsz} px"
+        "epochs of each phase are fitted at run time from the measured pace; validated at the deadline, at "
+        f"{schedule.final_imgsz} px (its time kept in reserve)"
     )
     return Group(table, notes)
 
