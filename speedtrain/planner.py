@@ -888,8 +888,8 @@ def _schedule_reasons(schedule: Schedule, why_low: str, ov: Overrides, had_finet
         "patience": "set by user"
         if ov.patience
         else "off: the run anneals to its deadline; stopping early would cut it",
-        "val_every": "the last epoch only, at the final size: nothing earlier is decided by a score (no early stop; the "
-        "kept weights are the annealed ones), and its time is kept in reserve before the deadline",
+        "val_every": "the last epoch only, at the final size: nothing earlier is decided by a score (no early stop; "
+        "the kept weights are the annealed ones), and its time is kept in reserve before the deadline",
     }
     if had_finetune:
         out["finetune"] = (
