@@ -61,7 +61,7 @@ def _example_commands() -> list[str]:
     """Every `speedtrain ...` line in a bash or console block of the README and the docs."""
     found = []
     for text in (README, *DOCS.values()):
-        for block in re.findall(r"```(?:bash|console)\n(.*?)```", text, re.S):
+        for block in re.findall(r"```(?:bash|console)\n(.*?)```", text, re.S):  # in a tab too (indented)
             for line in block.replace("\\\n", " ").splitlines():  # continued lines are one command
                 line = line.split("  #")[0].strip().removeprefix("$ ")
                 if line.startswith("speedtrain ") and "[" not in line and "..." not in line:
