@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from speedtrain import checkpoints, distributed, recovery
+from speedtrain.errors import Terminated
 from speedtrain.knobs import ULTRALYTICS_IMGSZ, Stage, TrainPlan
 from speedtrain.monitor import Monitor
 from speedtrain.planner import FINETUNE_LAG
@@ -428,6 +429,15 @@ def _graceful_sigint(recorder: Recorder, log: Log) -> Iterator[None]:
             for sig, before in previous.items():
                 signal.signal(sig, before)
             raise KeyboardInterrupt
+        if not recorder.starts and not recorder.collective:
+            # before the first epoch (a label scan, a cache filling, Ultralytics' setup: minutes on a large
+            # dataset) there is no epoch to save: stop now rather than after the scan, the cache and a whole epoch
+            for sig, before in previous.items():
+                signal.signal(sig, before)
+            name = signal.Signals(signum).name
+            log(f"{'Ctrl-C' if signum == signal.SIGINT else name} before the first epoch: stopping now (nothing "
+                "was trained; the run starts this stage again with --resume)")  # fmt: skip
+            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
         recorder.stop_requested = True
         recorder.stop_signal = signal.Signals(signum).name
         first[0] = time.monotonic()

@@ -11,7 +11,7 @@ import torch
 from conftest import CUDA_OOM, run_benchmark, table_rows, tree_hash
 
 from speedtrain import checkpoints, oom, recovery, runner, ultra, workflow
-from speedtrain.errors import TrainingError, UsageError
+from speedtrain.errors import Terminated, TrainingError, UsageError
 from speedtrain.knobs import Overrides
 from speedtrain.records import StageResult
 
@@ -356,7 +356,7 @@ def test_ctrl_c_in_a_forked_dataloader_worker_is_ignored():
     import multiprocessing
     import signal
 
-    recorder, lines = ultra.Recorder(), []
+    recorder, lines = ultra.Recorder(starts={0: 0.0}), []  # the first epoch has begun
 
     def worker(queue):
         os.kill(os.getpid(), signal.SIGINT)  # twice: a second Ctrl-C would raise KeyboardInterrupt in the owner
@@ -387,7 +387,7 @@ def test_ctrl_c_in_a_forked_dataloader_worker_is_ignored():
 def test_the_stop_message_promises_only_what_happens(sig, says):
     import signal
 
-    recorder, lines = ultra.Recorder(), []
+    recorder, lines = ultra.Recorder(starts={0: 0.0}), []  # the first epoch has begun
     before = {s: signal.getsignal(s) for s in runner.GRACEFUL_SIGNALS}
     with runner._graceful_sigint(recorder, lines.append):
         os.kill(os.getpid(), getattr(signal, sig))
@@ -398,12 +398,34 @@ def test_the_stop_message_promises_only_what_happens(sig, says):
     assert {s: signal.getsignal(s) for s in runner.GRACEFUL_SIGNALS} == before  # handlers given back
 
 
+@pytest.mark.parametrize(
+    ("sig", "raised", "says"),
+    [
+        ("SIGINT", KeyboardInterrupt, "Ctrl-C before the first epoch"),
+        ("SIGTERM", Terminated, "SIGTERM before the first epoch"),
+    ],
+)
+def test_a_stop_before_the_first_epoch_means_now(sig, raised, says):
+    """During a label scan, a cache filling or Ultralytics' setup (minutes at 100,000 images) there is no epoch to
+    save: the first Ctrl-C or SIGTERM stops at once, saying so, and gives the handlers back."""
+    import signal
+
+    recorder, lines = ultra.Recorder(), []
+    before = {s: signal.getsignal(s) for s in runner.GRACEFUL_SIGNALS}
+    with pytest.raises(raised), runner._graceful_sigint(recorder, lines.append):
+        os.kill(os.getpid(), getattr(signal, sig))
+    assert len(lines) == 1
+    assert says in lines[0]
+    assert "stopping now" in lines[0]
+    assert {s: signal.getsignal(s) for s in runner.GRACEFUL_SIGNALS} == before
+
+
 def test_a_relayed_signal_is_the_same_request_and_a_later_one_stops_at_once(monkeypatch):
     """SLURM signals every process of a job step, and torchrun passes the signal on to its ranks as well: a copy
     within RELAY_S is the same request; a second Ctrl-C after that stops at once."""
     import signal
 
-    recorder, lines = ultra.Recorder(), []
+    recorder, lines = ultra.Recorder(starts={0: 0.0}), []  # the first epoch has begun
     with runner._graceful_sigint(recorder, lines.append):
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)  # the launcher's copy: no KeyboardInterrupt
