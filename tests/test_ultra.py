@@ -7,6 +7,7 @@ against 8.4.190 and works back to 8.4.172 (the range in pyproject.toml; CI runs 
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import pickle
 import re
@@ -222,3 +223,101 @@ def test_the_argument_table_read_without_importing_ultralytics_is_its_own():
     from speedtrain import ultra_args
 
     assert ultra_args.defaults() == dict(DEFAULT_CFG_DICT), moved("cfg/default.yaml")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class _Dataset:
+    """What Phases touches of Ultralytics' training set (data/base.py, data/dataset.py 8.4.190)."""
+
+    def __init__(self, imgsz: int) -> None:
+        self.imgsz, self.ni, self.cache, self.buffer = imgsz, 8, None, [1, 2]
+        self.ims = self.im_hw0 = self.im_hw = [object()] * self.ni
+        self.transforms, self.built, self.closed = None, [], False
+
+    def build_transforms(self, hyp: object) -> str:
+        self.built.append((self.imgsz, getattr(hyp, "mosaic", None)))
+        return f"transforms at {self.imgsz}"
+
+    def close_mosaic(self, hyp: object) -> None:
+        self.closed = True
+        self.transforms = self.build_transforms(types.SimpleNamespace(mosaic=0.0))
+
+    def __len__(self) -> int:
+        return self.ni
+
+
+class _Loader:
+    def __init__(self, dataset: _Dataset, batches: int) -> None:
+        self.dataset, self.batches, self.resets = dataset, batches, 0
+
+    def reset(self) -> None:
+        self.resets += 1
+
+    def __len__(self) -> int:
+        return self.batches
+
+
+def _trainer(imgsz: int) -> types.SimpleNamespace:
+    groups = [{"initial_lr": 0.01, "lr": 0.0}, {"initial_lr": 0.01, "lr": 0.0}]
+    trainer = types.SimpleNamespace(
+        epoch=0, epochs=50, stop=False, metrics={"metrics/mAP50-95(B)": 0.1}, fitness=0.1, batch_size=4,
+        world_size=1, args=types.SimpleNamespace(val=True, epochs=50, imgsz=640, mosaic=1.0),
+        optimizer=types.SimpleNamespace(param_groups=groups), test_loader=_Loader(_Dataset(640), 2),
+    )  # fmt: skip
+    trainer.train_loader = _Loader(_Dataset(imgsz), 2)
+    trainer._close_dataloader_mosaic = lambda: trainer.train_loader.dataset.close_mosaic(trainer.args)
+    return trainer
+
+
+def test_phases_follow_the_deadline_batch_by_batch_in_a_fake_trainer(monkeypatch, tmp_path):
+    """ultra.Phases on a trainer that behaves like Ultralytics' (its callbacks in _do_train's order): the first
+    phase's size reaches the dataset build, the learning rate is set before every batch from the curve, the size
+    switches at the phase boundary (transforms rebuilt, loader restarted), mosaic closes in the tail, only the
+    epoch at the deadline is validated, and the run stops between batches at the deadline."""
+    from speedtrain import schedule, ultra
+
+    clock = _Clock()
+    monkeypatch.setattr(ultra.time, "perf_counter", clock)
+    plan = schedule.Schedule(100.0, (schedule.Phase(320, 0.5), schedule.Phase(640, 0.5)), 0.05, 0.1)
+    phases = ultra.Phases(schedule.Deadline(plan), tmp_path / "phases.json")
+    trainer = _trainer(640)
+    phases._before_setup(trainer)
+    assert trainer.train_imgsz == 320  # RankTrainer.build_dataset reads it
+    trainer.train_loader.dataset.imgsz = 320  # as build_dataset made it
+    phases._train_start(trainer)
+    seen, lrs = [], []
+    for epoch in range(100):
+        trainer.epoch = epoch
+        phases._epoch_start(trainer)
+        seen.append(trainer.train_loader.dataset.imgsz)
+        for _ in range(len(trainer.train_loader)):
+            phases._batch_start(trainer)
+            lrs.append(trainer.optimizer.param_groups[0]["lr"])
+            clock.t += 5.0  # each batch: 5 s at 320, as at any size here
+            phases._batch_end(trainer)
+            if trainer.stop:
+                break
+        phases._epoch_end(trainer)
+        phases._fit_epoch_end(trainer)
+        phases._save(trainer)
+        if trainer.stop:
+            break
+    assert trainer.stop
+    assert seen == sorted(seen)
+    assert set(seen) == {320, 640}
+    assert trainer.train_loader.resets >= 2  # the size switch and the mosaic close each restart the loader
+    assert trainer.train_loader.dataset.closed  # mosaic off in the budget's tail
+    assert max(lrs) == pytest.approx(0.01, rel=0.1)  # the peak: initial_lr x 1
+    assert lrs[-1] < 0.01 * 0.05  # annealed at the deadline
+    assert trainer.args.val is True  # the deadline's epoch is validated ...
+    log = json.loads((tmp_path / "phases.json").read_text())["log"]
+    assert [e["validated"] for e in log].count(True) == 1  # ... and only it
+    assert log[-1]["end_s"] <= 100.0 + 5.0  # within a batch of the deadline
+    assert trainer.epochs == trainer.args.epochs == log[-1]["epoch"]  # Ultralytics sees it as the final epoch
