@@ -453,7 +453,8 @@ def step_compare(out: Path, work: Path, _args: argparse.Namespace) -> None:
     project = work / "runs" / "compare"
     cmd = [
         sys.executable, "-m", "speedtrain", "compare", "--dataset", s["dataset"], "--model", MODEL, "--budget",
-        f"{s['compare_budget_s']}s", "--arms", COMPARE_ARMS, "--img-size", str(s["imgsz"]), "--baseline-img-size",
+        f"{s['compare_budget_s']}s", "--baseline-budget", f"{s['compare_budget_s']}s", "--arms", COMPARE_ARMS,
+        "--img-size", str(s["imgsz"]), "--baseline-img-size", str(s["defaults_imgsz"]), "--finetune-img-size",
         str(s["defaults_imgsz"]), "--prepare", "no", "--project", str(project), "--json",
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -463,8 +464,8 @@ def step_compare(out: Path, work: Path, _args: argparse.Namespace) -> None:
     doc = json.loads(done.stdout)
     record(out, "compare", {
         "budget_s": doc["budget_s"], "val_imgsz": doc["val_imgsz"], "val_sizes": doc["val_sizes"],
-        "arms": [{k: a[k] for k in ("name", "imgsz", "batch", "epochs_done", "images_per_s", "wall_s", "eval_s",
-                                    "final", "latency_ms", "note")} for a in doc["arms"]],
+        "arms": [{k: a.get(k) for k in ("name", "imgsz", "phases", "batch", "epochs_done", "images_per_s", "wall_s",
+                                        "eval_s", "final", "latency_ms", "note")} for a in doc["arms"]],
         "time_to_accuracy": doc["time_to_accuracy"],
     })  # fmt: skip
 
