@@ -168,8 +168,8 @@ class Overrides:
     )  # fmt: skip
     phases: str | None = knob(
         "--phases", shown="time row",
-        help="--time: the phases' image sizes, rising, e.g. 320,416,640 (the last is the size the model is scored "
-        "at). Default: from the boxes' sizes.",
+        help="--time: the phases' image sizes, rising, e.g. 320,416,640, or with their shares of the budget, "
+        "416:0.6,640:0.4 (the last is the size the model is scored at). Default: from the boxes' sizes.",
     )  # fmt: skip
     recipe: Literal["speedtrain", "classic"] = knob(
         "--recipe", default="speedtrain", shown="optimizer row", not_in={"compare": CLASSIC_ARM},

@@ -831,11 +831,12 @@ def _deadline_stage(
     fine-tune's, else the main stage's), with one learning-rate curve to zero at the deadline. Batch and cache are
     those planned for the largest size; the fine-tune stage is the last phase."""
     main, final_stage = stages[0], stages[-1]
-    sizes = _phase_sizes(ov.phases)
+    sizes, shares = _phase_sizes(ov.phases)
     final = sizes[-1] if sizes else final_stage.imgsz
     user_first = main.imgsz if ov.imgsz is not None and final_stage is not main else None
     pretrained = not str(ov.model or DEFAULT_MODEL).lower().endswith((".yaml", ".yml"))
-    schedule, why_low = plan_schedule(seconds, final, user_first, stats.small_box_px(final), pretrained, sizes)
+    schedule, why_low = plan_schedule(seconds, final, user_first, stats.small_box_px(final), pretrained, sizes,
+                                      shares)  # fmt: skip
     stage = replace(
         main, imgsz=final, batch=final_stage.batch, batch_fallbacks=final_stage.batch_fallbacks,
         cache=final_stage.cache, ram_cache_need_gb=final_stage.ram_cache_need_gb, warmup_epochs=0.0,
@@ -852,19 +853,25 @@ def _deadline_stage(
     return stage
 
 
-def _phase_sizes(text: str | None) -> tuple[int, ...]:
-    """--phases "320,416,640": rising image sizes, multiples of 32, at most MAX_PHASES; one clear line otherwise."""
+def _phase_sizes(text: str | None) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """--phases "320,416,640", or with each phase's share of the budget "416:0.6,640:0.4": rising image sizes,
+    multiples of 32, at most MAX_PHASES, shares (all or none) summing to 1; one clear line otherwise."""
     if text is None:
-        return ()
+        return (), ()
+    example = f"--phases {text}: rising image sizes, multiples of {STRIDE}, e.g. 320,416,640 or 416:0.6,640:0.4"
     try:
-        sizes = tuple(int(p) for p in str(text).replace(" ", "").split(",") if p)
-    except ValueError:
-        sizes = ()
+        parts = [p.split(":") for p in str(text).replace(" ", "").split(",") if p]
+        sizes = tuple(int(p[0]) for p in parts)
+        shares = tuple(float(p[1]) for p in parts if len(p) == 2)
+    except (ValueError, IndexError):
+        raise UsageError(example) from None
     if not sizes or any(s <= 0 or s % STRIDE for s in sizes) or list(sizes) != sorted(set(sizes)):
-        raise UsageError(f"--phases {text}: rising image sizes, multiples of {STRIDE}, e.g. 320,416,640")
+        raise UsageError(example)
     if len(sizes) > MAX_PHASES:
         raise UsageError(f"--phases {text}: at most {MAX_PHASES} phases")
-    return sizes
+    if shares and (len(shares) != len(sizes) or min(shares) <= 0 or abs(sum(shares) - 1) > 0.01):
+        raise UsageError(f"--phases {text}: give every phase a share, each above 0, together 1 (e.g. 416:0.6,640:0.4)")
+    return sizes, shares
 
 
 def _schedule_reasons(schedule: Schedule, why_low: str, ov: Overrides, had_finetune: bool) -> dict[str, str]:

@@ -120,6 +120,7 @@ def plan_schedule(
     small_box_px: float | None,
     pretrained: bool,
     sizes: tuple[int, ...] = (),
+    shares: tuple[float, ...] = (),
 ) -> tuple[Schedule, str]:
     """The phases for `budget_s` seconds of training that end at `final` px: `sizes` as given (--phases), or from
     `first` (the user's --img-size) or the lowest size the boxes allow, through MID_IMGSZ when it lies between;
@@ -132,7 +133,8 @@ def plan_schedule(
         low, why = lowest_size(final, small_box_px)
     if not sizes:
         sizes = (low,) if low >= final else (low, *([MID_IMGSZ] if low < MID_IMGSZ < final else []), final)
-    phases = tuple(Phase(s, share) for s, share in zip(sizes, SHARES[len(sizes)], strict=True))
+    given = tuple(round(s / sum(shares), 6) for s in shares) if shares else SHARES[len(sizes)]
+    phases = tuple(Phase(s, share) for s, share in zip(sizes, given, strict=True))
     schedule = Schedule(float(budget_s), phases, WARMUP_SHARE[pretrained], CLOSE_MOSAIC_SHARE)
     return schedule, why
 

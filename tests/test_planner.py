@@ -467,7 +467,12 @@ def test_a_time_budget_plans_one_stage_in_phases_to_its_deadline(budget, extra, 
 
 @pytest.mark.parametrize(
     ("phases", "sizes", "shares"),
-    [("416,640", (416, 640), (0.7, 0.3)), ("416", (416,), (1.0,)), ("320, 480, 800", (320, 480, 800), (0.5, 0.3, 0.2))],
+    [
+        ("416,640", (416, 640), (0.7, 0.3)),
+        ("416", (416,), (1.0,)),
+        ("320, 480, 800", (320, 480, 800), (0.5, 0.3, 0.2)),
+        ("416:0.5,640:0.5", (416, 640), (0.5, 0.5)),
+    ],
 )
 def test_the_phases_can_be_given(phases, sizes, shares):
     p = plan(snapshot((24,)), fake_stats(), Overrides(time="30m", phases=phases))
@@ -487,6 +492,8 @@ def test_the_phases_can_be_given(phases, sizes, shares):
         ({"time": "1h", "phases": "400,640"}, "multiples of 32"),
         ({"time": "1h", "phases": "big"}, "rising image sizes"),
         ({"time": "1h", "phases": "224,320,416,640"}, "at most 3 phases"),
+        ({"time": "1h", "phases": "416:0.5,640"}, "give every phase a share"),
+        ({"time": "1h", "phases": "416:0.5,640:0.7"}, "together 1"),
         ({"time": "1h", "phases": "416,640", "rect": True}, "with rect batches keep one image size a run cannot"),
     ],
 )
