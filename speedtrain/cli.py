@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import inspect
 import json
 import os
@@ -56,6 +57,13 @@ class _Commands(TyperGroup):
         except ClickUsageError as exc:  # a bad flag value, a missing option, an unknown command: one line too
             err_console.print(f"[bold red]error:[/] {usage_line(exc)}", soft_wrap=True, highlight=False)
             raise typer.Exit(2) from None
+        except OSError as exc:
+            if exc.filename is not None or exc.errno not in OUTPUT_FAILED:
+                raise
+            _quiet_stdout()  # what is left in its buffer must not fail again at exit
+            err_console.print(f"[bold red]error:[/] cannot write to standard output ({exc.strerror}): the disk "
+                              "under it is full, or it was closed", soft_wrap=True)  # fmt: skip
+            raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
             what = {
                 "train": "a training run goes on with --resume RUN_DIR (its folder is above)",
@@ -72,6 +80,14 @@ class _Commands(TyperGroup):
 
 
 EXIT_BY_SIGNAL = {"SIGTERM": 143, "SIGHUP": 129}  # 128 + the signal's number, what shells and schedulers expect
+# an output that cannot be written: a full disk or quota (> file), a closed pipe (| head), a closed descriptor
+OUTPUT_FAILED = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EPIPE, errno.EBADF, errno.EIO}
+
+
+def _quiet_stdout() -> None:
+    """Point standard output at /dev/null, so that the interpreter's last flush of it cannot fail again."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @contextlib.contextmanager

@@ -352,3 +352,17 @@ def test_a_closed_standard_output_is_one_line_not_a_silent_success(ds):
         "error: standard output is closed, so the plan and the report would be lost; redirect it instead (> run.log)"
     ]
     assert tree_hash(root) == before
+
+
+@pytest.mark.parametrize("command", [["probe"], ["plan", "--json"], ["check"]])
+def test_an_output_on_a_full_disk_is_one_line_not_a_traceback(ds, command):
+    root, before = ds
+    args = [*command, "--dataset", str(root)] if command[0] != "probe" else command
+    with open("/dev/full", "w") as full:  # a real device whose every write fails with ENOSPC
+        out = subprocess.run([sys.executable, "-m", "speedtrain", *args], stdout=full, stderr=subprocess.PIPE,
+                             text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        "error: cannot write to standard output (No space left on device): the disk under it is full, or it was closed"
+    ]
+    assert tree_hash(root) == before
