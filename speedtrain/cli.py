@@ -547,7 +547,7 @@ def compare_command(
         str,
         typer.Option(
             "--arms",
-            help="Comma-separated: defaults, plan, plan-one-size, plan-rect, plan-no-rect, plan-640, plan+finetune, "
+            help="Comma-separated: defaults, plan, plan-phases, plan-rect, plan-no-rect, plan-640, plan+finetune, "
             "plan-classic.",
         ),
     ] = "defaults,plan",

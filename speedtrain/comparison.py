@@ -42,7 +42,7 @@ from speedtrain.util import (
     write_atomic,
 )
 
-ARMS = ("defaults", "plan", "plan-one-size", "plan-no-rect", "plan-rect", "plan-640", "plan+finetune", "plan-classic")
+ARMS = ("defaults", "plan", "plan-phases", "plan-no-rect", "plan-rect", "plan-640", "plan+finetune", "plan-classic")
 DEFAULT_ARMS = ("defaults", "plan")
 BASELINE_FACTOR = 3  # the defaults arm's budget against the plan arms' (--baseline-budget): its accuracy given time
 FINETUNE_SHARE = 0.3  # plan+finetune: the share of its budget the 640-px fine-tune gets
@@ -86,9 +86,11 @@ def arms_for(
     baseline_imgsz: int,
     timed: TrainPlan | None = None,
     classic: TrainPlan | None = None,
+    phased: TrainPlan | None = None,
 ) -> tuple[Arm, ...]:
     """The arms' stages: pure, from the plan (made with a fine-tune stage), the plan made for the arms' budget
-    (`timed`: its phases, for the plan arm), the classic recipe's plan and Ultralytics' defaults."""
+    (`timed`: what `train --time` plans, for the plan arm; `phased`: in phases), the classic recipe's plan and
+    Ultralytics' defaults."""
     main = plan.stages[0]
     ft = plan.stage("finetune") or replace(main, name="finetune", imgsz=planner.FINETUNE_IMGSZ)
     train = replace(main, name="train", when="always")
@@ -97,10 +99,9 @@ def arms_for(
         if name == "defaults":
             out.append(Arm(name, (defaults_stage(defaults, baseline_imgsz, main),), (1.0,), prepared=False))
         elif name == "plan":
-            phased = replace((timed or plan).stages[0], name="train")
-            out.append(Arm(name, (phased,), (1.0,), prepared=True))
-        elif name == "plan-one-size":
-            out.append(Arm(name, (train,), (1.0,), prepared=True))
+            out.append(Arm(name, (replace((timed or plan).stages[0], name="train", when="always"),), (1.0,), True))
+        elif name == "plan-phases":
+            out.append(Arm(name, (replace((phased or plan).stages[0], name="train", when="always"),), (1.0,), True))
         elif name in ("plan-no-rect", "plan-rect"):
             out.append(Arm(name, (replace(train, rect=name == "plan-rect"),), (1.0,), prepared=True))
         elif name == "plan-classic":
@@ -398,14 +399,18 @@ def compare(
     need = len(names) * workflow.CHECKPOINT_ROOM_GB  # each arm's checkpoints (saved epochs go once scored)
     check_free_disk(Path(project), need, f"comparing {len(names)} arms", "free some space")
     plan_ov = replace(overrides, finetune="yes", extra=planned.plan.stages[0].extra, phases=None)
-    # the plan arm's phases for the arms' budget (planned for a minute at least; each arm sets its own deadline)
-    timed = planner.plan(planned.hw, planned.stats, replace(plan_ov, time=max(budget_s, 60.0) / 3600,
-                                                            phases=overrides.phases))  # fmt: skip
+    # the plan arms for the arms' budget, as `train --time` plans it and in phases (planned for a minute at least;
+    # each arm sets its own deadline)
+    budgeted = replace(plan_ov, time=max(budget_s, 60.0) / 3600, finetune=overrides.finetune)
+    timed = planner.plan(planned.hw, planned.stats, replace(budgeted, phases=overrides.phases))
+    phased = None
+    if "plan-phases" in names:
+        phased = planner.plan(planned.hw, planned.stats, replace(budgeted, phases=overrides.phases or "auto"))
     classic = planner.plan(planned.hw, planned.stats, replace(plan_ov, recipe="classic"))
     run_dir = workflow.new_run_dir(project, name)
     hooks.log(f"run folder: {run_dir}")
     prepared, original_yaml, prepared_yaml, prepare_s = prepare_views(planned, Path(project))
-    arms = arms_for(prepared.plan, names, defaults, base_size, timed, classic)
+    arms = arms_for(prepared.plan, names, defaults, base_size, timed, classic, phased)
     baseline_s = baseline_budget_s or BASELINE_FACTOR * budget_s
     return run(
         prepared, arms, budget_s, run_dir, original_yaml=original_yaml, prepared_yaml=prepared_yaml,

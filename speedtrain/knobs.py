@@ -163,13 +163,14 @@ class Overrides:
     )  # fmt: skip
     time: str | float | None = knob(
         "--time", ultralytics="time", shown="time row", not_in={"compare": BUDGET},
-        help="Time budget of the whole run (2h, 90m, 1h30m, or hours): phases of rising image size, one learning-rate "
-        "curve to zero at the deadline.",
+        help="Time budget of the whole run (2h, 90m, 1h30m, or hours): Ultralytics' time= fits the epochs and the "
+        "learning-rate schedule to it, at one size.",
     )  # fmt: skip
     phases: str | None = knob(
         "--phases", shown="time row",
-        help="--time: the phases' image sizes, rising, e.g. 320,416,640, or with their shares of the budget, "
-        "416:0.6,640:0.4 (the last is the size the model is scored at). Default: from the boxes' sizes.",
+        help="--time in phases of rising image size on one learning-rate curve to zero at the deadline: auto (sizes "
+        "from the boxes), the sizes, e.g. 320,416,640, or with their shares, 416:0.6,640:0.4 (the last is the size "
+        "the model is scored at). Default: off, one size.",
     )  # fmt: skip
     recipe: Literal["speedtrain", "classic"] = knob(
         "--recipe", default="speedtrain", shown="optimizer row", not_in={"compare": CLASSIC_ARM},

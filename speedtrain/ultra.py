@@ -526,9 +526,10 @@ class Phases:
 
     def _epoch_start(self, trainer: Any) -> None:
         dataset, changed = trainer.train_loader.dataset, False
+        t = self.now()  # every rank, before any branch: on ranks, the clock is a collective each one must join
         if dataset.imgsz != self.deadline.imgsz:
             if self.log:
-                phases, lr = len(self.deadline.schedule.phases), self.deadline.lr(self.now())
+                phases, lr = len(self.deadline.schedule.phases), self.deadline.lr(t)
                 self.log(
                     f"phase {self.deadline.phase + 1} of {phases}: {self.deadline.imgsz} px from epoch "
                     f"{trainer.epoch + 1} (learning rate x{lr:.2f} of its peak)"
@@ -540,7 +541,7 @@ class Phases:
             self._closed = changed = True
         if changed:
             trainer.train_loader.reset()
-        self._epoch_t0, self._batches, self._cut = self.now(), 0, False
+        self._epoch_t0, self._batches, self._cut = t, 0, False
         self._lr_start, self._closed_at_start = self.deadline.lr(self._epoch_t0), self._closed
 
     def _batch_start(self, trainer: Any) -> None:
@@ -595,7 +596,9 @@ class Phases:
             self._val_took = time.perf_counter() - self._val_t0
 
     def _fit_epoch_end(self, trainer: Any) -> None:
-        if self._val_took is not None and not self.deadline.stopped:
+        if self._val_took is not None and not self.deadline.stopped and not self.collective:
+            # one process only: on ranks, rank 0 alone validates, and a clock it read alone would be a collective
+            # the others never join (their deadline keeps the estimated reserve, the same on every rank)
             self.deadline.validated(self.now(), self._val_took)  # the final validation's time, kept in reserve
             self._val_took = None
 

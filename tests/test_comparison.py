@@ -36,7 +36,7 @@ def test_bad_budgets_are_one_line(text):
 def test_arms_are_checked_and_deduplicated():
     assert comparison.parse_arms("plan, defaults,plan") == ("plan", "defaults")
     assert comparison.parse_arms(["defaults", "plan-640"]) == ("defaults", "plan-640")
-    with pytest.raises(UsageError, match="unknown arm 'fast'; known: defaults, plan, plan-one-size, plan-no-rect"):
+    with pytest.raises(UsageError, match="unknown arm 'fast'; known: defaults, plan, plan-phases, plan-no-rect"):
         comparison.parse_arms("defaults,fast")
 
 
@@ -105,21 +105,24 @@ def test_a_comparison_round_trips_and_draws(tmp_path):
 def test_arms_change_one_thing_each():
     hw, stats = snapshot((24,)), fake_stats()
     plan = planner.plan(hw, stats, planner.Overrides(finetune="yes"))
-    timed = planner.plan(hw, stats, planner.Overrides(finetune="yes", time="20m"))
+    timed = planner.plan(hw, stats, planner.Overrides(time="20m"))
+    in_phases = planner.plan(hw, stats, planner.Overrides(finetune="yes", time="20m", phases="auto"))
     classic_plan = planner.plan(hw, stats, planner.Overrides(finetune="yes", recipe="classic"))
     d = ultra.defaults()
-    arms = {a.name: a for a in comparison.arms_for(plan, comparison.ARMS, d, 640, timed, classic_plan)}
+    arms = {a.name: a for a in comparison.arms_for(plan, comparison.ARMS, d, 640, timed, classic_plan, in_phases)}
     base = arms["defaults"].stages[0]
     assert (base.imgsz, base.batch, base.optimizer, base.rect, base.patience, base.cache, base.workers) == (
         d["imgsz"], d["batch"], d["optimizer"], d["rect"], d["patience"], False, d["workers"],
     )  # fmt: skip
-    phased = arms["plan"].stages[0]  # the plan for the arms' budget: its phases
+    phased = arms["plan-phases"].stages[0]  # the plan for the arms' budget in phases
     assert phased.schedule is not None
     assert [p.imgsz for p in phased.schedule.phases] == [320, 416, 640]
-    assert dataclasses.replace(phased, name="main") == timed.stages[0]
-    main = arms["plan-one-size"].stages[0]  # the plan's main stage at one size for the whole budget
-    assert (main.imgsz, main.batch, main.optimizer, main.rect, main.schedule) == (
-        416, plan.stages[0].batch, "auto", False, None)  # fmt: skip
+    assert dataclasses.replace(phased, name="main") == in_phases.stages[0]
+    budgeted = arms["plan"].stages[0]  # as `train --time` plans it: the main stage, time= for the whole budget
+    assert dataclasses.replace(budgeted, name="main") == timed.stages[0]
+    assert (budgeted.imgsz, budgeted.schedule, dict(budgeted.extra)["time"]) == (416, None, pytest.approx(1 / 3, abs=1e-5))
+    main = dataclasses.replace(plan.stages[0], name="train", when="always")  # the plan's main stage, one size
+    assert dataclasses.replace(budgeted, extra=main.extra) == main
     assert arms["plan-no-rect"].stages[0] == main
     assert dataclasses.replace(arms["plan-rect"].stages[0], rect=False) == main
     classic = arms["plan-classic"].stages[0]

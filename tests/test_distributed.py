@@ -135,9 +135,9 @@ def test_two_ranks_follow_one_deadline_through_the_phases(make_dataset, tmp_path
     rate and stop at the deadline after the same batch (a rank that went on alone would hang in its next step)."""
     root, project = make_dataset(16, 4), tmp_path / "runs"
     cmd = _speedtrain(
-        "train", "--dataset", str(root), "--device", "cpu", "--nproc-per-node", "2", "--time", "1m", "--img-size",
-        "64", "--finetune-img-size", "128", "--batch-size", "8", "--prepare", "no", "--project", str(project),
-        "--model", "yolo26n.yaml", "plots=False",
+        "train", "--dataset", str(root), "--device", "cpu", "--nproc-per-node", "2", "--time", "1m", "--phases", "auto",
+        "--img-size", "64", "--finetune-img-size", "128", "--batch-size", "8", "--prepare", "no", "--project",
+        str(project), "--model", "yolo26n.yaml", "plots=False",
     )  # fmt: skip
     code, out = trees(cmd).wait()
     assert code == 0, out[-4000:]

@@ -428,7 +428,7 @@ def test_the_cadence_validates_every_kth_and_the_last_epochs_and_auto_the_first(
     [
         ("2h", "no", (), {"main": 2.0}, "2h 00m: main 2h 00m"),
         ("1h30m", "yes", (), {"main": 1.05, "finetune": 0.45}, "30% for the fine-tune"),
-        ("90m", "auto", (), {"main": 1.05, "finetune": 0.45}, "left unused when it is skipped"),
+        ("90m", "auto", (), {"main": 1.5}, "1h 30m: main 1h 30m"),  # an auto fine-tune: off, the budget is main's
         (0.5, "no", (), {"main": 0.5}, "30m 00s"),  # a number is hours, as Ultralytics' time=
     ],
 )
@@ -446,7 +446,7 @@ def test_a_time_budget_without_phases_is_shared_between_the_stages(budget, finet
     [("20m", (), 1200.0), (0.5, (), 1800.0), (None, (("time", 0.25),), 900.0)],  # hours; Ultralytics' own time=
 )
 def test_a_time_budget_plans_one_stage_in_phases_to_its_deadline(budget, extra, seconds):
-    p = plan(snapshot((24,)), fake_stats(), Overrides(time=budget, extra=extra, model="yolov8n.pt"))
+    p = plan(snapshot((24,)), fake_stats(), Overrides(time=budget, extra=extra, model="yolov8n.pt", phases="auto"))
     (stage,) = p.stages  # the fine-tune is the last phase
     assert stage.schedule is not None
     assert stage.schedule.budget_s == seconds
@@ -503,22 +503,25 @@ def test_impossible_phases_are_one_line(overrides, says):
 
 
 def test_epochs_given_with_a_time_budget_are_said_not_to_apply():
-    p = plan(snapshot((24,)), fake_stats(), Overrides(time="1h", epochs=1))
+    p = plan(snapshot((24,)), fake_stats(), Overrides(time="1h", epochs=1, phases="auto"))
     assert any("--epochs" in w and "fitted to the deadline" in w for w in p.warnings)
-    assert not plan(snapshot((24,)), fake_stats(), Overrides(time="1h")).warnings
+    assert not plan(snapshot((24,)), fake_stats(), Overrides(time="1h", phases="auto")).warnings
+    one = plan(snapshot((24,)), fake_stats(), Overrides(time="1h", epochs=1))
+    assert any("--epochs 1 with --time" in w and "still ends the run after it" in w for w in one.warnings)
 
 
 def test_a_time_budget_plans_batch_and_cache_for_the_largest_phase():
     hw = snapshot((8,))
-    timed = plan(hw, fake_stats(), Overrides(time="1h"))
+    timed = plan(hw, fake_stats(), Overrides(time="1h", phases="auto"))
     untimed = plan(hw, fake_stats(), Overrides(finetune="yes"))
     assert timed.stages[0].batch == untimed.stage("finetune").batch < untimed.stages[0].batch
     assert "planned at 640" in timed.reason("batch")
 
 
 def test_a_time_budget_from_scratch_warms_up_longer():
-    scratch = plan(snapshot((24,)), fake_stats(), Overrides(time="1h", model="yolo26n.yaml")).stages[0].schedule
-    pretrained = plan(snapshot((24,)), fake_stats(), Overrides(time="1h", model="yolo26n.pt")).stages[0].schedule
+    phased = Overrides(time="1h", phases="auto")
+    scratch = plan(snapshot((24,)), fake_stats(), replace(phased, model="yolo26n.yaml")).stages[0].schedule
+    pretrained = plan(snapshot((24,)), fake_stats(), replace(phased, model="yolo26n.pt")).stages[0].schedule
     assert scratch is not None
     assert pretrained is not None
     assert scratch.warmup > pretrained.warmup
@@ -536,6 +539,24 @@ def test_a_time_budget_keeps_one_size_where_phases_cannot_be(overrides, why):
     p = plan(snapshot((24,)), fake_stats(), Overrides(time="1h", **overrides))
     assert all(s.schedule is None for s in p.stages)
     assert why in p.reason("time")
+    with pytest.raises(UsageError, match="a run cannot be trained in phases"):
+        plan(snapshot((24,)), fake_stats(), Overrides(time="1h", phases="auto", **overrides))
+
+
+def test_a_time_budget_trains_one_size_with_time_by_default_and_says_what_it_measured():
+    """The measured best in a budget: the main stage at its size with Ultralytics' time= for the whole budget; an
+    auto fine-tune is off (its share would go unused or overrun the budget), --finetune yes keeps 30% for it."""
+    p = plan(snapshot((24,)), fake_stats(), Overrides(time="1h", model="yolov8n.pt"))
+    (stage,) = p.stages
+    assert stage.schedule is None
+    assert stage.imgsz == planner.MAIN_IMGSZ
+    assert stage.train_args()["time"] == pytest.approx(1.0)
+    assert "0.31x" in p.reason("time")
+    assert "--phases auto" in p.reason("time")
+    assert p.reason("finetune").startswith("off with --time")
+    assert "finetune.batch" not in dict(p.reasons)
+    yes = plan(snapshot((24,)), fake_stats(), Overrides(time="1h", model="yolov8n.pt", finetune="yes"))
+    assert {s.name: s.train_args()["time"] for s in yes.stages} == pytest.approx({"main": 0.7, "finetune": 0.3})
 
 
 def test_the_classic_recipe_is_the_single_script_exactly_with_its_measured_cost():

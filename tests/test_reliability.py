@@ -455,8 +455,9 @@ def test_a_budgeted_run_stopped_by_ctrl_c_goes_on_along_the_same_curve(make_data
     the same learning-rate curve and phase (no epoch repeated or lost), ends at its deadline, and a second --resume
     finds it finished."""
     root, project = make_dataset(16, 4), tmp_path / "runs"
-    cmd = [sys.executable, "-m", "speedtrain", "train", "--dataset", str(root), "--time", "1m", "--img-size", "64",
-           "--finetune-img-size", "128", "--prepare", "no", "--project", str(project), "plots=False"]  # fmt: skip
+    cmd = [sys.executable, "-m", "speedtrain", "train", "--dataset", str(root), "--time", "1m", "--phases", "auto",
+           "--img-size", "64", "--finetune-img-size", "128", "--prepare", "no", "--project", str(project),
+           "plots=False"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     state = project / "train" / "main" / checkpoints.PHASES_STATE
     assert wait_for(lambda: state.exists() or proc.poll() is not None, timeout=180)

@@ -19,7 +19,8 @@ def _train(root: Path, tmp: Path, settings: dict[str, bool]) -> Path:
     """Train 2 epochs and a 1-epoch fine-tune with Ultralytics' integrations set as given; the run folder."""
     # not a test run to Ultralytics (its callbacks stay quiet under pytest): no PYTEST_* in the child's environment
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    env |= {"YOLO_CONFIG_DIR": str(tmp / "yolo-config"), "MLFLOW_TRACKING_URI": (tmp / "mlruns").as_uri()}
+    env |= {"YOLO_CONFIG_DIR": str(tmp / "yolo-config"), "MLFLOW_TRACKING_URI": (tmp / "mlruns").as_uri(),
+            "MLFLOW_ALLOW_FILE_STORE": "true"}  # MLflow 3.x refuses a local file store unless told (docs/trackers.md)
     switch = f"from ultralytics.utils import SETTINGS; SETTINGS.update({json.dumps(settings)})"  # `yolo settings`
     subprocess.run([sys.executable, "-c", switch.replace("true", "True").replace("false", "False")], env=env,
                    check=True, timeout=120)  # fmt: skip
@@ -42,11 +43,14 @@ def test_tensorboard_logs_every_stage_in_its_own_folder(make_dataset, tmp_path):
         acc.Reload()
         tags = acc.Tags()["scalars"]
         assert "metrics/mAP50-95(B)" in tags
-        assert len(acc.Scalars("metrics/mAP50-95(B)")) == epochs
+        steps = [e.step for e in acc.Scalars("metrics/mAP50-95(B)")]
+        assert steps == list(range(1, epochs + 2))  # every epoch, then the final validation of best.pt at epochs+1
 
 
-def test_mlflow_records_each_stage_as_a_run_with_its_metrics(make_dataset, tmp_path):
+def test_mlflow_records_each_stage_as_a_run_with_its_metrics(make_dataset, tmp_path, monkeypatch):
     import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # this test's own client reads the same local store
 
     run = _train(make_dataset(8, 4), tmp_path, {"tensorboard": False, "mlflow": True})
     client = mlflow.MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
