@@ -120,7 +120,8 @@ def test_arms_change_one_thing_each():
     assert dataclasses.replace(phased, name="main") == in_phases.stages[0]
     budgeted = arms["plan"].stages[0]  # as `train --time` plans it: the main stage, time= for the whole budget
     assert dataclasses.replace(budgeted, name="main") == timed.stages[0]
-    assert (budgeted.imgsz, budgeted.schedule, dict(budgeted.extra)["time"]) == (416, None, pytest.approx(1 / 3, abs=1e-5))
+    hours = pytest.approx(1 / 3, abs=1e-5)
+    assert (budgeted.imgsz, budgeted.schedule, dict(budgeted.extra)["time"]) == (416, None, hours)
     main = dataclasses.replace(plan.stages[0], name="train", when="always")  # the plan's main stage, one size
     assert dataclasses.replace(budgeted, extra=main.extra) == main
     assert arms["plan-no-rect"].stages[0] == main
@@ -176,8 +177,8 @@ def test_two_arms_on_real_images_for_twenty_seconds_each(make_dataset, tmp_path)
     root = make_dataset(16, 4)
     before, env, threads = tree_hash(root), dict(os.environ), torch.get_num_threads()
     c = speedtrain.compare(
-        root, budget="20s", arms="defaults,plan", imgsz=64, baseline_imgsz=64, finetune_imgsz=96, device="cpu",
-        project=tmp_path / "runs", verbose=False, log=lambda _: None,
+        root, budget="20s", baseline_budget="20s", arms="defaults,plan", imgsz=64, baseline_imgsz=64,
+        finetune_imgsz=96, device="cpu", project=tmp_path / "runs", verbose=False, log=lambda _: None,
     )  # fmt: skip
     assert [a.name for a in c.arms] == ["defaults", "plan"]
     for a in c.arms:

@@ -19,8 +19,11 @@ def _train(root: Path, tmp: Path, settings: dict[str, bool]) -> Path:
     """Train 2 epochs and a 1-epoch fine-tune with Ultralytics' integrations set as given; the run folder."""
     # not a test run to Ultralytics (its callbacks stay quiet under pytest): no PYTEST_* in the child's environment
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    env |= {"YOLO_CONFIG_DIR": str(tmp / "yolo-config"), "MLFLOW_TRACKING_URI": (tmp / "mlruns").as_uri(),
-            "MLFLOW_ALLOW_FILE_STORE": "true"}  # MLflow 3.x refuses a local file store unless told (docs/trackers.md)
+    env |= {
+        "YOLO_CONFIG_DIR": str(tmp / "yolo-config"),
+        "MLFLOW_TRACKING_URI": (tmp / "mlruns").as_uri(),
+        "MLFLOW_ALLOW_FILE_STORE": "true",
+    }  # MLflow 3.x refuses a local file store unless told (docs/trackers.md)
     switch = f"from ultralytics.utils import SETTINGS; SETTINGS.update({json.dumps(settings)})"  # `yolo settings`
     subprocess.run([sys.executable, "-c", switch.replace("true", "True").replace("false", "False")], env=env,
                    check=True, timeout=120)  # fmt: skip
