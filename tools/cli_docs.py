@@ -158,6 +158,7 @@ MACHINE = REPO / "docs" / "examples" / "machine.json"  # a fixed machine: the sa
 SAMPLES = (  # (page, marker name, plan arguments): `speedtrain plan` on the embedded sample, as it prints
     (REPO / "docs" / "getting-started.md", "sample plan", ()),
     (REPO / "docs" / "plan.md", "sample plan with --time", ("--time", "20m")),
+    (REPO / "docs" / "plan.md", "sample plan in phases", ("--time", "20m", "--phases", "auto")),
 )
 
 
