@@ -75,7 +75,7 @@ ROW_TITLES = {
     "floor": "step floor (fwd + bwd + step, batches on the device)",
 }
 CHECKS = ("facts", "probe", "dataset", *THROUGHPUT_ROWS, "oom", "ctrlc", "compare")
-COMPARE_ARMS = "defaults,plan,plan-rect"
+COMPARE_ARMS = "defaults,plan,plan-phases"
 
 
 def settings(out: Path) -> dict[str, Any]:
