@@ -487,7 +487,8 @@ def _compare_rows(rec: dict[str, Any] | None, failed: dict[str, str]) -> list[st
     for a in rec["arms"]:
         finals = {f["imgsz"]: f["mAP50-95"] for f in a["final"]}
         lines.append(
-            f"| {a['name']} | {a['imgsz']} / {a['batch']} | {a['epochs_done']} | {_f(a['images_per_s'])} | "
+            f"| {a['name']} | {'-'.join(map(str, a.get('phases') or [a['imgsz']]))} / {a['batch']} | "
+            f"{a['epochs_done']} | {_f(a['images_per_s'])} | "
             + " | ".join(_f(finals.get(s), 3) for s in sizes)
             + f" | {_f(a['latency_ms'].get('640'))} | {a['wall_s']:.0f} |"
         )

@@ -37,13 +37,18 @@ def test_gpu_check_cpu_mode_runs_every_step(tmp_path):
     assert (ctrlc["first_exit"], ctrlc["resume_exit"], ctrlc["ok"]) == (130, 0, True)
     assert ctrlc["epochs_after_resume"] == [1, 2, 3, 4]  # every epoch exactly once
     cmp = recs["compare"]
-    assert [a["name"] for a in cmp["arms"]] == ["defaults", "plan", "plan-rect"]
+    assert [a["name"] for a in cmp["arms"]] == ["defaults", "plan", "plan-phases"]
     assert all(a["epochs_done"] >= 1 for a in cmp["arms"])
-    assert [t["arm"] for t in cmp["time_to_accuracy"]] == ["plan", "plan-rect"]
+    assert [t["arm"] for t in cmp["time_to_accuracy"]] == ["plan", "plan-phases"]
+    phases = cmp["arms"][2]["phases"]  # rising sizes that end at the size the defaults train at
+    assert phases
+    assert phases == sorted(phases)
+    assert phases[-1] == cmp["arms"][0]["imgsz"]
     md = (out / "gpu_check.md").read_text()
     assert "| speedtrain train --pipeline fast | 64 / 16 |" in md
-    assert "Time to accuracy (`speedtrain compare --arms defaults,plan,plan-rect`, 10 s per arm" in md
-    assert "| plan-rect | 64 / 16 |" in md
+    assert "Time to accuracy (`speedtrain compare --arms defaults,plan,plan-phases`, 10 s per arm" in md
+    assert "| plan | 64 / 16 |" in md
+    assert f"| plan-phases | {'-'.join(map(str, phases))} / " in md
     assert "| Ctrl-C mid-epoch, then --resume | OK |" in md
     assert md in done.stdout  # the table is printed at the end too
 

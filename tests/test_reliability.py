@@ -478,7 +478,7 @@ def test_a_budgeted_run_stopped_by_ctrl_c_goes_on_along_the_same_curve(make_data
     assert [e["epoch"] for e in log] == list(range(1, len(log) + 1))  # no epoch repeated or lost
     assert log[: len(before["log"])] == before["log"]  # the epochs before the stop kept as they were
     resumed = log[len(before["log"])]
-    assert resumed["start_s"] >= before["elapsed"] - 1e-6  # the clock went on from the checkpoint's time
+    assert resumed["start_s"] >= before["elapsed"] - 0.01  # the clock went on from the checkpoint's time (to 0.01 s)
     curve = schedule.Deadline.from_state(before)  # on the same curve: where the saved one was at that second
     assert resumed["lr_start"] == pytest.approx(curve.lr(resumed["start_s"]), abs=0.01)  # a restart: 0 or 1
     assert [e["imgsz"] for e in log] == sorted(e["imgsz"] for e in log)
