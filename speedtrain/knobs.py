@@ -323,6 +323,7 @@ class Stage:
     pipeline: PipelineKind = "ultralytics"  # "fast": speedtrain.pipeline's decode-once store, batched augmentation
     threads: int | None = None  # torch intra-op threads, set after Ultralytics' device selection; None: its own
     schedule: Schedule | None = None  # --time: the phases and the learning-rate curve, followed during training
+    max_epochs: int | None = None  # --time with --epochs: the most epochs time= may fit; None: as many as fit
     extra: tuple[tuple[str, Any], ...] = ()
 
     @property
@@ -346,6 +347,7 @@ class Stage:
             "extra",
             "val_every",
             "schedule",
+            "max_epochs",
         }
         args = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         args.update(self.extra)

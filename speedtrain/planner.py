@@ -213,13 +213,10 @@ def _budgeted(
             for key in ("finetune.batch", "finetune.cache", "finetune.lr0"):
                 reasons.pop(key, None)
             stages = stages[:1]
-        stages, reasons["time"] = _timed(stages, seconds)
+        stages, reasons["time"] = _timed(_capped(stages, ov, reasons), seconds)
         reasons["time"] += f"; {why_not}" if why_not else f" ({SCHEDULE_EVIDENCE['one-size']}; {PHASES_HINT})"
-        reasons["epochs"] = f"{reasons['epochs']}; Ultralytics' time= refits them to the budget after the first epoch"
-        if ov.epochs is not None:  # engine/trainer.py (8.4.190): time= refits the epochs after the first one
-            once = " (--epochs 1 still ends the run after it)" if ov.epochs == 1 else ""
-            warnings.append(f"--epochs {ov.epochs} with --time: Ultralytics' time= sets the epochs from the budget "
-                            f"after the first epoch{once}")  # fmt: skip
+        if ov.epochs is None:
+            reasons["epochs"] += "; Ultralytics' time= refits them to the budget after the first epoch"
         return stages
     if ov.epochs is not None or ov.finetune_epochs is not None:
         warnings.append("--epochs and --finetune-epochs do not apply with --time: the phases' epochs are fitted to "
@@ -917,6 +914,24 @@ def _schedule_reasons(schedule: Schedule, why_low: str, ov: Overrides, had_finet
             f"the last phase trains at {schedule.final_imgsz} (--time plans the whole run; the fine-tune is its last "
             "phase, on the same learning-rate curve)"
         )
+    return out
+
+
+def _capped(stages: list[Stage], ov: Overrides, reasons: dict[str, str]) -> list[Stage]:
+    """--epochs (--finetune-epochs) with --time: a limit the budget's fit never trains past. Ultralytics' time= alone
+    refits the epochs to the budget after the first one whatever epochs= says (engine/trainer.py, 8.4.190)."""
+    limits = {"main": ov.epochs, "finetune": ov.finetune_epochs}
+    out = []
+    for stage in stages:
+        limit = limits[stage.name]
+        if limit is not None:
+            stage = replace(stage, max_epochs=limit)
+            why = f"at most {limit} epoch{'s' if limit > 1 else ''} with --time, fewer where the budget ends first"
+            if stage.name == "main":
+                reasons["epochs"] = f"set by user: {why} (the epochs that fit are measured after the first)"
+            else:
+                reasons["finetune"] = f"{reasons.get('finetune', '')}; the fine-tune {why}".lstrip("; ")
+        out.append(stage)
     return out
 
 

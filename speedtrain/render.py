@@ -287,7 +287,7 @@ def stage_notes(s: StageReport, no_metrics: bool = False) -> list[str]:
     notes = _learning_notes(s, m, no_metrics)
     notes += [f"{name}: out of memory at batch {oom.from_batch}, continued with {oom.to_batch} (epoch {oom.epoch}, "
               f"{oom.at})" for oom in m.oom_fallbacks]  # fmt: skip
-    if s.status == "interrupted" and s.note:
+    if s.note:  # interrupted, a limit that ended it, a final validation that failed
         notes.append(f"{name}: {s.note}")
     if m.threads or m.cpu_util_mean is not None:
         threads = f"{m.threads} torch threads, " if m.threads else ""

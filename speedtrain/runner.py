@@ -335,6 +335,7 @@ def _recorder(
                               collective=world is not None, log=log if leader else None)  # fmt: skip
     if stage.imgsz < BASELINE_IMGSZ:
         recorder.baseline_factor = (BASELINE_IMGSZ / stage.imgsz) ** 2
+    recorder.max_epochs = stage.max_epochs
     recorder.later = tuple((s.name, s.epochs, (s.imgsz / stage.imgsz) ** 2, s.when != "always") for s in later)
     if stage.val_every != 1:
         recorder.cadence = ultra.ValCadence(every=stage.val_every, patience=stage.patience)
@@ -540,7 +541,7 @@ def _weights(stage_dir: Path) -> dict[str, Any]:
 def _stopped(rec: Recorder, status: ResultStatus, done: int) -> dict[str, Any]:
     """An interrupted stage's note and the signal that stopped it."""
     if status != "interrupted":
-        return {"note": "", "stopped_by": None}
+        return {"note": rec.limit_note if status == "completed" else "", "stopped_by": None}
     by = f" by {rec.stop_signal}" if rec.stop_signal and rec.stop_signal != "SIGINT" else ""
     return {"note": f"interrupted{by} after epoch {done}; resume with --resume", "stopped_by": rec.stop_signal}
 

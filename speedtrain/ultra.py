@@ -770,6 +770,8 @@ class Recorder:
     estimated_from: int = 0
     baseline_factor: float = 0.0  # (640 / imgsz)^2 for a stage trained below Ultralytics' 640: the baseline's estimate
     later: tuple[tuple[str, int, float, bool], ...] = ()  # stages after this one: name, epochs, pixels ratio, maybe
+    max_epochs: int | None = None  # --time with --epochs: time= never fits more epochs than these
+    limit_note: str = ""  # set when that limit, not the budget, ends the stage
     _first_batch_end: float = 0.0
 
     def callbacks(self) -> dict[str, list[Callable[[Any], None]]]:
@@ -827,7 +829,7 @@ class Recorder:
             log(
                 f"{self.stage}: about {max(1, int(budget // epoch_s))} epochs' training passes fit its "
                 f"{duration(budget)} ({epoch_s:.1f} s each; estimate from the first {self.batches} batches, "
-                "validation not included)"
+                f"validation not included){self.limited}"
             )
             return
         baseline = (f"; at Ultralytics' 640 px about {duration(epoch_s * epochs * self.baseline_factor)} "
@@ -890,6 +892,7 @@ class Recorder:
     def on_fit_epoch_end(self, trainer: Any) -> None:
         # Also fired once more by final_eval() for the last epoch; keep the first (the epoch's own).
         if trainer.epoch in self.starts and trainer.epoch not in self.epoch_times:
+            self._limit_fitted_epochs(trainer)
             self.epoch_times[trainer.epoch] = time.perf_counter() - self.starts[trainer.epoch]
             self.ends[trainer.epoch] = time.perf_counter() - self.t0
             score = (getattr(trainer, "metrics", None) or {}).get("metrics/mAP50-95(B)")
@@ -909,6 +912,29 @@ class Recorder:
                 finishing = states[0][1]
             if self.stop_requested and not finishing:
                 raise StopRequested(f"stopped after epoch {trainer.epoch + 1}")
+
+    def _limit_fitted_epochs(self, trainer: Any) -> None:
+        """--epochs with --time: Ultralytics' time= has just refit the epochs to the budget from the mean epoch time
+        and rebuilt the learning-rate schedule for them (engine/trainer.py _do_train, 8.4.190); more than the limit
+        become the limit, with the schedule rebuilt the same way, so that it still ends at its final rate."""
+        limit = self.max_epochs
+        if not limit or not getattr(trainer.args, "time", None) or trainer.epochs <= limit:
+            return
+        fitted, budget = trainer.epochs, float(trainer.args.time) * 3600
+        epochs = f"{limit} epoch{'s' if limit > 1 else ''}"
+        self.limit_note = (
+            f"ended by its limit of {epochs} before its {duration(budget)} budget (about {fitted} fit it at the "
+            "measured epoch time, validation included)"
+        )
+        trainer.epochs = trainer.args.epochs = limit
+        trainer._setup_scheduler()
+        trainer.scheduler.last_epoch = trainer.epoch
+        trainer.stop = bool(trainer.stop) or trainer.epoch + 1 >= limit
+
+    @property
+    def limited(self) -> str:
+        """The estimate line's words for a limit on the epochs the budget may fit."""
+        return f"; at most {self.max_epochs} (the epoch limit)" if self.max_epochs else ""
 
 
 def join_group(device: Any) -> None:

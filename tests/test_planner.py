@@ -506,8 +506,18 @@ def test_epochs_given_with_a_time_budget_are_said_not_to_apply():
     p = plan(snapshot((24,)), fake_stats(), Overrides(time="1h", epochs=1, phases="auto"))
     assert any("--epochs" in w and "fitted to the deadline" in w for w in p.warnings)
     assert not plan(snapshot((24,)), fake_stats(), Overrides(time="1h", phases="auto")).warnings
-    one = plan(snapshot((24,)), fake_stats(), Overrides(time="1h", epochs=1))
-    assert any("--epochs 1 with --time" in w and "still ends the run after it" in w for w in one.warnings)
+
+
+def test_epochs_given_with_one_size_under_a_time_budget_are_its_limit():
+    one = plan(snapshot((24,)), fake_stats(), Overrides(time="1h", epochs=5, finetune="yes", finetune_epochs=2))
+    assert [(s.name, s.max_epochs) for s in one.stages] == [("main", 5), ("finetune", 2)]
+    assert "at most 5 epochs with --time, fewer where the budget ends first" in one.reason("epochs")
+    assert "the fine-tune at most 2 epochs" in one.reason("finetune")
+    assert not one.warnings
+    assert "max_epochs" not in one.stages[0].train_args()  # a limit speedtrain keeps, not an Ultralytics argument
+    free = plan(snapshot((24,)), fake_stats(), Overrides(time="1h", finetune="yes"))
+    assert [s.max_epochs for s in free.stages] == [None, None]
+    assert "refits them to the budget" in free.reason("epochs")
 
 
 def test_a_time_budget_plans_batch_and_cache_for_the_largest_phase():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -381,6 +382,25 @@ def test_a_time_fitted_run_stopped_after_its_fitted_epochs_resumes_to_finished(m
     assert (doc["run"]["status"], doc["stages"][0]["status"]) == ("finished", "completed")
     assert f"had trained all {done} epochs" in doc["stages"][0]["note"]
     assert _csv_rows(project / "train" / "main") == rows  # nothing trained again
+
+
+@pytest.mark.slow
+def test_epochs_with_a_time_budget_are_a_limit_the_run_and_its_report_agree_on(make_dataset, tmp_path):
+    """--epochs 2 --time 10m: Ultralytics' time= alone would refit the epochs to the budget after the first (dozens
+    here); the run trains 2, every progress line says "/2", and the report says the limit ended it, not the budget."""
+    root, project = make_dataset(8, 2), tmp_path / "runs"
+    cmd = [sys.executable, "-m", "speedtrain", "train", "--dataset", str(root), "--img-size", "64", "--time", "10m"]
+    cmd += ["--epochs", "2", "--finetune", "no", "--prepare", "no", "--project", str(project), "plots=False"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert re.findall(r"main: epoch (\d+)/(\d+)", run.stdout) == [("1", "2"), ("2", "2")], run.stdout
+    doc = json.loads((project / "train" / "speed_report.json").read_text())
+    stage = doc["stages"][0]
+    assert (stage["status"], stage["measured"]["epochs_done"], stage["max_epochs"]) == ("completed", 2, 2)
+    assert re.fullmatch(r"ended by its limit of 2 epochs before its 10m 00s budget \(about \d+ fit it .*\)",
+                        stage["note"]), stage["note"]  # fmt: skip
+    assert "main: ended by its limit of 2 epochs" in run.stdout
+    assert len(_csv_rows(project / "train" / "main")) == 2
 
 
 SIGTERM_WHILE_SCORING = """

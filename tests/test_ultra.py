@@ -83,6 +83,9 @@ def test_every_internal_reach_is_where_ultra_expects_it():
     from ultralytics.utils.events import events
 
     assert "_oom_retries" in inspect.getsource(BaseTrainer._do_train), moved("the trainer's own OOM retry counter")
+    refit = "self.epochs = self.args.epochs = math.ceil(self.args.time * 3600 / mean_epoch_time)"
+    assert refit in inspect.getsource(BaseTrainer._do_train), moved("time= refitting the epochs")
+    assert callable(BaseTrainer._setup_scheduler), moved("BaseTrainer._setup_scheduler")
     assert hasattr(events, "enabled"), moved("the analytics switch (utils/events.py events.enabled)")
     assert isinstance(WEIGHTS_DIR, Path), moved("WEIGHTS_DIR")
     assert "yolo26n" in GITHUB_ASSETS_STEMS, moved("GITHUB_ASSETS_STEMS")
