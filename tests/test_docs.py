@@ -32,6 +32,22 @@ def test_the_cli_reference_is_generated_from_the_app_and_fresh():
     assert out.returncode == 0, out.stderr
 
 
+def test_the_sample_report_picture_check_sees_a_changed_picture(tmp_path):
+    """The freshness check of the sample report's PNG: the same picture passes, one with a panel redrawn fails."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from cli_docs import SAMPLE_PNG, same_picture
+    from PIL import Image, ImageDraw
+
+    with Image.open(SAMPLE_PNG) as picture:
+        copy, changed = tmp_path / "copy.png", tmp_path / "changed.png"
+        picture.save(copy)
+        w, h = picture.size
+        ImageDraw.Draw(picture).rectangle((w // 4, h // 4, w // 3, h // 2), fill="black")
+        picture.save(changed)
+    assert same_picture(SAMPLE_PNG, copy)
+    assert not same_picture(SAMPLE_PNG, changed)
+
+
 def test_every_command_and_flag_is_documented():
     for name, command in _commands().items():
         assert f"speedtrain {name}" in DOCS["cli.md"], name
