@@ -10,13 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 pytestmark = pytest.mark.slow
 
 
-def _train(root: Path, tmp: Path, settings: dict[str, bool]) -> Path:
-    """Train 2 epochs and a 1-epoch fine-tune with Ultralytics' integrations set as given; the run folder."""
+def _train(root: Path, tmp: Path, settings: dict[str, bool], *ranks: str) -> Path:
+    """Train 2 epochs and a 1-epoch fine-tune with Ultralytics' integrations set as given (`ranks`: the flags for
+    several ranks, the main stage alone); the run folder."""
     # not a test run to Ultralytics (its callbacks stay quiet under pytest): no PYTEST_* in the child's environment
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     env |= {
@@ -30,8 +32,15 @@ def _train(root: Path, tmp: Path, settings: dict[str, bool]) -> Path:
     cmd = [sys.executable, "-m", "speedtrain", "train", "--dataset", str(root), "--img-size", "64", "--epochs", "2",
            "--finetune", "yes", "--finetune-img-size", "96", "--finetune-epochs", "1", "--prepare", "no",
            "--project", str(tmp / "runs"), "plots=False"]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    if ranks:
+        cmd = [*cmd[: cmd.index("--finetune")], "--finetune", "no", *cmd[cmd.index("--prepare") :], *ranks]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp)
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:  # ranks run in sessions of their own: none outlives the test
+        for child in psutil.Process().children(recursive=True):
+            child.kill()
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-2000:]
     return tmp / "runs" / "train"
 
 
@@ -64,3 +73,23 @@ def test_mlflow_records_each_stage_as_a_run_with_its_metrics(make_dataset, tmp_p
     for r in runs.values():
         assert r.info.status == "FINISHED"
         assert "metrics/mAP50-95B" in r.data.metrics or "metrics/mAP50-95(B)" in r.data.metrics
+
+
+def test_two_ranks_log_once(make_dataset, tmp_path, monkeypatch):
+    """Two gloo ranks with TensorBoard and MLflow on: rank 0 alone logs (Ultralytics' callbacks run on rank 0), one
+    event file with each epoch once, one MLflow run."""
+    import mlflow
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    run = _train(make_dataset(8, 4), tmp_path, {"tensorboard": True, "mlflow": True}, "--device", "cpu",
+                 "--nproc-per-node", "2")  # fmt: skip
+    assert json.loads((run / "speed_report.json").read_text())["ranks"] == 2
+    assert len(list((run / "main").glob("events.out.tfevents.*"))) == 1
+    acc = EventAccumulator(str(run / "main"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("metrics/mAP50-95(B)")] == [1, 2, 3]  # 2 epochs, the final validation
+    client = mlflow.MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name(str(run))
+    assert experiment is not None
+    assert [r.info.run_name for r in client.search_runs([experiment.experiment_id])] == ["main"]
