@@ -32,6 +32,7 @@ def test_a_format_1_report_round_trips_exactly():
         assert stage["measured"].pop("phase_log") == []
         assert stage.pop("val_every") == 1
         assert stage.pop("schedule") is None
+        assert stage.pop("max_epochs") is None
     assert again.pop("ranks") == 1  # one process
     assert again["hardware"].pop("versions") == {}  # not recorded before it existed
     assert again["dataset"].pop("fingerprint") == ""
