@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,7 @@ class HardwareSnapshot:
     notes: tuple[str, ...] = field(default=())
     # what trains here: python, torch, torchvision, ultralytics, speedtrain (installed versions, read without import)
     versions: tuple[tuple[str, str], ...] = field(default=())
+    libc: str = ""  # "glibc 2.36": the C library, whose allocator decides what a RAM cache's fill holds; "" unknown
 
     @property
     def has_gpu(self) -> bool:
@@ -73,6 +75,7 @@ def probe(path: str | Path = ".") -> HardwareSnapshot:
         gpu_backend=backend,
         notes=tuple(notes),
         versions=software_versions(),
+        libc=" ".join(platform.libc_ver()).strip(),
     )
 
 
@@ -293,6 +296,7 @@ def from_dict(data: Any, source: str = "dict") -> HardwareSnapshot:
             source=source,
             notes=tuple(str(n) for n in data.get("notes", [])),
             versions=tuple((str(k), str(v)) for k, v in (data.get("versions") or {}).items()),
+            libc=str(data.get("libc", "")),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise HardwareError(

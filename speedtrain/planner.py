@@ -63,11 +63,15 @@ MODEL_SCALE_MEMORY = {"n": 1.0, "s": 2.0, "m": 3.5, "l": 5.0, "x": 7.5}
 CUDA_CONTEXT_GB = 1.0
 VRAM_USABLE_FRACTION = 0.7
 
-# RAM cache margin: Ultralytics' own check (BaseDataset.check_cache_ram) wants 1.5x the decoded size; on top,
+# RAM cache margin. Measured peaks (4,000 ppe-large photos at 416, a 1.33 GB cache, Linux): the process grew by
+# 1.02x the cache while it filled with speedtrain.allocator setting glibc's allocator, by 1.98x without (Ultralytics
+# packs the cached images into one tensor and glibc keeps the freed copies). 1.5x where the allocator is set (also
+# Ultralytics' own check, BaseDataset.check_cache_ram), 2.1x elsewhere (the packing copy, unmeasured there); on top,
 # each forked dataloader worker holds its own private memory (torch runtime, augmentation and prefetch buffers;
 # an estimate of 0.3 GB each, the cached images themselves are shared copy-on-write), and 2 GB stay free for
 # the OS and the training process.
 RAM_CACHE_FACTOR = 1.5
+RAM_CACHE_FACTOR_UNTUNED = 2.1
 WORKER_RAM_GB = 0.3
 RAM_RESERVE_GB = 2.0
 DISK_RESERVE_GB = 1.0
@@ -277,7 +281,7 @@ def _main_stage(
     val_every, reasons["val_every"] = _val_every(ov, ranks)
     return Stage(
         name="main",
-        ram_cache_need_gb=round(ram_cache_need_gb(stats, imgsz, workers, gpus), 2),
+        ram_cache_need_gb=round(ram_cache_need_gb(hw, stats, imgsz, workers, gpus), 2),
         imgsz=imgsz,
         epochs=epochs,
         batch=batch,
@@ -353,7 +357,7 @@ def _finetune_stage(
         lr0=round(main.lr0 * FINETUNE_LR_FACTOR, 8),
         close_mosaic=min(CLOSE_MOSAIC if ov.close_mosaic is None else ov.close_mosaic, epochs),
         warmup_epochs=0.0,
-        ram_cache_need_gb=round(ram_cache_need_gb(stats, imgsz, main.workers, gpus), 2),
+        ram_cache_need_gb=round(ram_cache_need_gb(hw, stats, imgsz, main.workers, gpus), 2),
         when=FINETUNE_WHEN[ov.finetune],
         extra=extra,
     )
@@ -728,11 +732,17 @@ def _threads(hw: HardwareSnapshot, gpus: int, requested: int | None, local_ranks
     )
 
 
-def ram_cache_need_gb(stats: DatasetStats, imgsz: int, workers: int, gpus: int) -> float:
-    """Available RAM a RAM cache needs: decoded images x 1.5, each worker's own memory, and a reserve."""
+def ram_cache_factor(hw: HardwareSnapshot) -> float:
+    """The process's growth while a RAM cache fills, per byte cached, with margin: glibc's allocator is set for the
+    fill (speedtrain.allocator), other C libraries keep the packing copy."""
+    return RAM_CACHE_FACTOR if hw.libc.startswith("glibc") else RAM_CACHE_FACTOR_UNTUNED
+
+
+def ram_cache_need_gb(hw: HardwareSnapshot, stats: DatasetStats, imgsz: int, workers: int, gpus: int) -> float:
+    """Available RAM a RAM cache needs: decoded images x the fill's factor, each worker's own memory, a reserve."""
     ranks = max(gpus, 1)  # every DDP rank caches its own copy
     decoded = stats.decoded_gb(imgsz) * ranks
-    return decoded * RAM_CACHE_FACTOR + WORKER_RAM_GB * workers * ranks + RAM_RESERVE_GB
+    return decoded * ram_cache_factor(hw) + WORKER_RAM_GB * workers * ranks + RAM_RESERVE_GB
 
 
 def _cache(
@@ -745,11 +755,11 @@ def _cache(
             raise UsageError(f"--cache {requested!r}: expected ram, disk or none")
         return value, "set by user"
     decoded = stats.decoded_gb(imgsz) * max(gpus, 1)
-    need = ram_cache_need_gb(stats, imgsz, workers, gpus)
+    need = ram_cache_need_gb(hw, stats, imgsz, workers, gpus)
     if need <= hw.ram_available_gb:
         return "ram", (
             f"ram: {decoded:.2f} GB decoded at {imgsz}; needs {need:.1f} GB with margin "
-            f"(x{RAM_CACHE_FACTOR} + {WORKER_RAM_GB} GB/worker + {RAM_RESERVE_GB:.0f} GB), "
+            f"(x{ram_cache_factor(hw)} + {WORKER_RAM_GB} GB/worker + {RAM_RESERVE_GB:.0f} GB), "
             f"{hw.ram_available_gb:.1f} GB available"
         )
     # Ultralytics' disk cache stores each image as a full-resolution .npy beside the training images.

@@ -221,7 +221,7 @@ def probe_loaders(
     n_gpus = max(1, len(stage.gpu_ids))
     workers = [w for w in WORKER_CANDIDATES if w <= hw.cpu_cores_logical // n_gpus] if on_gpu else [0]
     caches: list[Cache] = [False, "disk"]
-    if ram_cache_need_gb(stats, stage.imgsz, max(workers or [0]), n_gpus) <= hw.ram_available_gb:
+    if ram_cache_need_gb(hw, stats, stage.imgsz, max(workers or [0]), n_gpus) <= hw.ram_available_gb:
         caches.append("ram")
     planned = (stage.workers if on_gpu else 0, stage.cache)
     combos = [planned, *((w, c) for c in caches for w in workers or [0] if (w, c) != planned)]

@@ -49,7 +49,7 @@ from ultralytics.utils import (
 )
 from ultralytics.utils.downloads import GITHUB_ASSETS_STEMS
 
-from speedtrain import distributed
+from speedtrain import allocator, distributed
 from speedtrain.checkpoints import RESUME_NAME
 from speedtrain.errors import TrainingError, UsageError
 from speedtrain.pipeline import Hyp, StoreLoader, augment, build_store, keep_resident, take, to_ultralytics
@@ -608,6 +608,18 @@ class Phases:
             write_atomic(self.state_file, json.dumps(state, indent=1).encode())
 
 
+def _cache_fill_start(trainer: Any) -> None:
+    # The datasets (and a RAM cache) are built between on_pretrain_routine_start and _end (engine/trainer.py
+    # _setup_train, 8.4.190): the allocator holds the cache once, not the cache and its packing copy.
+    if trainer.args.cache in ("ram", True):
+        allocator.fill_start()
+
+
+def _cache_fill_end(trainer: Any) -> None:
+    if trainer.args.cache in ("ram", True):
+        allocator.fill_end()
+
+
 def _resize_training_set(trainer: Any, imgsz: int, mosaic_closed: bool) -> None:
     """The training set at another image size: images loaded (and a RAM cache refilled) and transforms built at it.
     internal: data/base.py BaseDataset (8.4.190) resizes on load to `imgsz` and keeps recent images in `ims`."""
@@ -616,7 +628,11 @@ def _resize_training_set(trainer: Any, imgsz: int, mosaic_closed: bool) -> None:
     dataset.buffer.clear()
     dataset.ims, dataset.im_hw0, dataset.im_hw = [None] * dataset.ni, [None] * dataset.ni, [None] * dataset.ni
     if dataset.cache == "ram":
-        dataset.cache_images()
+        allocator.fill_start()
+        try:
+            dataset.cache_images()
+        finally:
+            allocator.fill_end()
     hyp = copy.copy(trainer.args)
     if mosaic_closed:
         dataset.close_mosaic(hyp)  # zeroes mosaic, mixup, copy_paste and cutmix, then builds the transforms
@@ -779,7 +795,8 @@ class Recorder:
         # Ultralytics' select_device() sets torch's threads for CPU training (min(8, cores - 1)) in the trainer's
         # __init__ and again when final_eval validates best.pt; the thread callbacks run right after each.
         events: dict[str, list[Callable[[Any], None]]] = {
-            "on_pretrain_routine_start": [self.apply_threads],
+            "on_pretrain_routine_start": [self.apply_threads, _cache_fill_start],
+            "on_pretrain_routine_end": [_cache_fill_end],
             "on_val_start": [self.apply_threads, self.on_val_start],
             "on_train_epoch_start": [self.on_train_epoch_start],
             "on_train_epoch_end": [self.on_train_epoch_end],

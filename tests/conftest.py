@@ -130,9 +130,10 @@ def snapshot(
     disk: float = 500.0,
     ram_available: float | None = None,
     physical: int | None = None,
+    libc: str = "glibc 2.36",
 ) -> HardwareSnapshot:
     """A fake machine: one GPU per entry in `vram` (total GB), `free_ratio` of it free; physical cores default
-    to half the logical ones (two hardware threads per core)."""
+    to half the logical ones (two hardware threads per core); Linux's C library unless `libc` says otherwise."""
     gpus = tuple(Gpu(i, f"Fake GPU {v:g}GB", v, round(v * free_ratio, 2)) for i, v in enumerate(vram))
     return HardwareSnapshot(
         gpus=gpus,
@@ -143,6 +144,7 @@ def snapshot(
         disk_free_gb=disk,
         gpu_backend="nvml" if gpus else "none",
         source="fake",
+        libc=libc,
     )
 
 

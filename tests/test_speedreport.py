@@ -35,6 +35,7 @@ def test_a_format_1_report_round_trips_exactly():
         assert stage.pop("max_epochs") is None
     assert again.pop("ranks") == 1  # one process
     assert again["hardware"].pop("versions") == {}  # not recorded before it existed
+    assert again["hardware"].pop("libc") == ""
     assert again["dataset"].pop("fingerprint") == ""
     assert again["prepare"]["original_dataset"].pop("fingerprint") == ""
     assert again == doc

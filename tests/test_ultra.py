@@ -86,6 +86,12 @@ def test_every_internal_reach_is_where_ultra_expects_it():
     refit = "self.epochs = self.args.epochs = math.ceil(self.args.time * 3600 / mean_epoch_time)"
     assert refit in inspect.getsource(BaseTrainer._do_train), moved("time= refitting the epochs")
     assert callable(BaseTrainer._setup_scheduler), moved("BaseTrainer._setup_scheduler")
+    # a RAM cache fills while the datasets are built: between these two events (allocator.fill_start, fill_end)
+    assert 'run_callbacks("on_pretrain_routine_start")' in inspect.getsource(BaseTrainer.__init__), moved("init")
+    setup_train = inspect.getsource(BaseTrainer._setup_train)
+    built, ended = setup_train.find("self._build_train_pipeline()"), setup_train.find("on_pretrain_routine_end")
+    assert 0 <= built < ended, moved("the datasets built before on_pretrain_routine_end")
+    assert "self.get_dataloader(" in inspect.getsource(BaseTrainer._build_train_pipeline), moved("the loaders")
     assert hasattr(events, "enabled"), moved("the analytics switch (utils/events.py events.enabled)")
     assert isinstance(WEIGHTS_DIR, Path), moved("WEIGHTS_DIR")
     assert "yolo26n" in GITHUB_ASSETS_STEMS, moved("GITHUB_ASSETS_STEMS")
