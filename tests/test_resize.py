@@ -59,6 +59,30 @@ def test_view_follows_changes_and_drops_stale_caches(make_dataset, tmp_path):
     assert dataset.scan(view / "data.yaml").train_images == 3
 
 
+def test_an_unchanged_view_is_checked_with_one_readlink_a_link_and_no_stat_a_file(make_dataset, tmp_path, monkeypatch):
+    """At 25,000 images the view's check ran a stat, an is_dir, an is_symlink and a readlink per link through
+    pathlib (17-23 s); now one os.scandir walk and a readlink per link: counted, not timed."""
+    root = make_dataset(12, 4)
+    stats, view = dataset.scan(root), tmp_path / "view"
+    resize.make_view(stats, view)
+    links = sum(1 for p in view.rglob("*") if p.is_symlink())
+    calls: dict[str, int] = {}
+    for name in ("stat", "lstat", "readlink", "symlink", "unlink", "listdir"):
+        real = getattr(os, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, counted)
+    resize.make_view(stats, view)
+    monkeypatch.undo()
+    assert links == 12 + 4 + stats.label_files
+    assert calls.get("readlink") == links
+    assert calls.get("symlink", 0) == calls.get("unlink", 0) == 0  # nothing made again
+    assert calls.get("stat", 0) + calls.get("lstat", 0) + calls.get("listdir", 0) <= 6  # per folder, not per file
+
+
 def test_view_dir_is_stable_per_dataset(make_dataset, tmp_path):
     a, b = dataset.scan(make_dataset(2, 1, name="a")), dataset.scan(make_dataset(2, 1, name="b"))
     assert resize.view_dir(a, tmp_path) == resize.view_dir(a, tmp_path) != resize.view_dir(b, tmp_path)
