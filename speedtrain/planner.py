@@ -267,8 +267,9 @@ def _main_stage(
         batch = clamped
     workers, reasons["workers"] = _workers(hw, gpus, ov.workers, batch, imgsz, warnings)
     threads, reasons["threads"] = _threads(hw, gpus, ov.threads, ov.nproc_per_node or 1)
-    cache, reasons["cache"] = _cache(hw, stats, imgsz, workers, gpus, ov.cache)
     epochs, reasons["epochs"] = _epochs(ov)
+    once = epochs == 1 and ov.time is None  # with --time the epochs that fit are not known yet
+    cache, reasons["cache"] = _cache(hw, stats, imgsz, workers, gpus, ov.cache, once)
     pipeline, reasons["pipeline"] = _pipeline(ov.pipeline, gpus)
     rect, reasons["rect"] = _rect(ov.rect, pipeline, ranks)
     close_mosaic, reasons["close_mosaic"] = _close_mosaic(ov.close_mosaic, epochs, rect)
@@ -336,8 +337,9 @@ def _finetune_stage(
     batch, fallbacks, reasons["finetune.batch"] = _batch(hw, gpus, model, imgsz, user_batch, main.device, ranks)
     if user_batch is not None:
         reasons["finetune.batch"] = f"user batch scaled by ({main.imgsz}/{imgsz})^2 for the larger images"
-    cache, reasons["finetune.cache"] = _cache(hw, stats, imgsz, main.workers, gpus, ov.cache)
     epochs = ov.finetune_epochs or (SAMPLE_EPOCHS[1] if ov.sample else FINETUNE_EPOCHS)
+    once = epochs == 1 and ov.time is None
+    cache, reasons["finetune.cache"] = _cache(hw, stats, imgsz, main.workers, gpus, ov.cache, once)
     optimizer, extra = main.optimizer, main.extra
     if optimizer == "auto":  # auto would choose its full rate again: name its choice, with auto's settings
         optimizer, _ = auto_optimizer(stats.train_images, batch, epochs, stats.classes)
@@ -746,14 +748,26 @@ def ram_cache_need_gb(hw: HardwareSnapshot, stats: DatasetStats, imgsz: int, wor
 
 
 def _cache(
-    hw: HardwareSnapshot, stats: DatasetStats, imgsz: int, workers: int, gpus: int, requested: str | None
+    hw: HardwareSnapshot,
+    stats: DatasetStats,
+    imgsz: int,
+    workers: int,
+    gpus: int,
+    requested: str | None,
+    once: bool = False,
 ) -> tuple[Cache, str]:
+    """Ultralytics' image cache for a stage; `once`: the stage trains one epoch (each image is loaded once)."""
     if requested is not None:
         choices: dict[str, Cache] = {"ram": "ram", "disk": "disk", "none": False}
         value = choices.get(requested)
         if value is None:
             raise UsageError(f"--cache {requested!r}: expected ram, disk or none")
         return value, "set by user"
+    if once:  # Ultralytics fills a cache (RAM or .npy files) before the first batch, every image decoded once
+        return False, (
+            "none: one epoch loads each image once either way; a cache would load them all before the first batch "
+            "and save nothing"
+        )
     decoded = stats.decoded_gb(imgsz) * max(gpus, 1)
     need = ram_cache_need_gb(hw, stats, imgsz, workers, gpus)
     if need <= hw.ram_available_gb:

@@ -287,9 +287,12 @@ class Preparation:
     load_ms_prepared: float | None
     load_sample: int
     original_dataset: DatasetSummary
+    ram_cache: bool = False  # the run caches the copy in RAM: each image is loaded once a run, not once an epoch
 
     @property
     def saving_s_per_epoch(self) -> float | None:
+        """Loading saved by the copy each time every training image is loaded: once an epoch, or once a run when the
+        RAM cache loads each image once (then it is the saving per run)."""
         before, after = self.load_ms_original, self.load_ms_prepared
         return round((before - after) * self.original_dataset.train_images / 1000, 2) if before and after else None
 

@@ -186,8 +186,10 @@ def render_prepared(record: Preparation) -> RenderableType:
     if record.load_ms_original and record.load_ms_prepared and record.saving_s_per_epoch is not None:
         lines.append(
             f"loading one image: {record.load_ms_original:.1f} ms original vs {record.load_ms_prepared:.1f} ms "
-            f"prepared (measured on {record.load_sample} images, one process): about "
-            f"{record.saving_s_per_epoch:.1f} s of loading saved per epoch"
+            f"prepared (median of {record.load_sample} images, one process): about "
+            f"{record.saving_s_per_epoch:.1f} s of loading saved "
+            + ("per run (the RAM cache loads each image once)" if record.ram_cache else "per epoch")
+            + " (estimate)"
         )
     failed = s.failed
     lines += [f"skipped (unreadable: not in the copy, not trained on): {f.line()}" for f in failed[:10]]

@@ -296,7 +296,8 @@ def train_stage(
         Monitor(gpu_ids) as monitor,
         _graceful_sigint(recorder, log),
         torch_threads_restored(),
-        ultra.output_to(log_file),
+        ultra.output_to(log_file) as hidden,
+        _heard_while_setting_up(recorder, hidden, log, stage.name),
     ):
         while True:
             _reset_peak_memory(gpu_ids)  # per attempt: after a fallback the report shows the batch that ran
@@ -453,6 +454,36 @@ def _graceful_sigint(recorder: Recorder, log: Log) -> Iterator[None]:
     finally:
         for sig, before in previous.items():
             signal.signal(sig, before)
+
+
+SETUP_HEARTBEAT_S = 10.0  # while a stage sets up with Ultralytics' output hidden: a line at least this often
+
+
+@contextlib.contextmanager
+def _heard_while_setting_up(
+    recorder: Recorder, hidden: Any, log: Log, stage: str, every: float = SETUP_HEARTBEAT_S
+) -> Iterator[None]:
+    """Until the stage's first batch, with Ultralytics' output in its log file (`hidden`: that stream, None when it
+    is on the console): every `every` s a line with the time so far and Ultralytics' latest line (its label scan,
+    its image cache's fill, with their counts and rates), so that minutes of setup at 25,000 images are not silence.
+    """
+    if hidden is None:
+        yield
+        return
+    done, t0 = threading.Event(), time.monotonic()
+
+    def beat() -> None:
+        while not done.wait(every) and not (recorder.batches or recorder.epoch_times):
+            latest = hidden.latest[:100]
+            log(f"{stage}: setting up, {time.monotonic() - t0:.0f} s" + (f": {latest}" if latest else ""))
+
+    thread = threading.Thread(target=beat, name="speedtrain-setup-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 RELAY_S = 2.0  # a second signal this soon after the first is the same request relayed, not a second Ctrl-C

@@ -394,6 +394,7 @@ def _preparation_dict(p: Preparation) -> dict[str, Any]:
         "load_ms_prepared": p.load_ms_prepared,
         "load_sample": p.load_sample,
         "saving_s_per_epoch": p.saving_s_per_epoch,
+        "ram_cache": p.ram_cache,
         "original_dataset": p.original_dataset.to_dict(),
     }
 
@@ -414,6 +415,7 @@ def _preparation(raw: dict[str, Any]) -> Preparation:
         load_ms_prepared=raw.get("load_ms_prepared"),
         load_sample=int(raw.get("load_sample", 0)),
         original_dataset=DatasetSummary.from_dict(raw["original_dataset"]),
+        ram_cache=bool(raw.get("ram_cache", False)),
     )
 
 

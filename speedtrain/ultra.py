@@ -716,11 +716,12 @@ def plain_text_when_piped() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def output_to(log_file: Path | None) -> Iterator[None]:
+def output_to(log_file: Path | None) -> Iterator[PlainStream | None]:
     """Send Ultralytics' console output (LOGGER's stream handlers, its progress bars on sys.stdout/stderr) to
-    `log_file` for the block, without colour codes; None leaves it on the console."""
+    `log_file` for the block, without colour codes; yield that stream (its `latest` line), or None: `log_file` None
+    leaves the output on the console."""
     if log_file is None:
-        yield
+        yield None
         return
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("a", encoding="utf-8", buffering=1) as f:
@@ -730,7 +731,7 @@ def output_to(log_file: Path | None) -> Iterator[None]:
         out, err = sys.stdout, sys.stderr
         sys.stdout = sys.stderr = plain  # type: ignore[assignment]
         try:
-            yield
+            yield plain
         finally:
             sys.stdout, sys.stderr = out, err
             for handler, stream in zip(handlers, streams, strict=True):

@@ -135,16 +135,23 @@ def utc_now() -> str:
 
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal colour and cursor codes
+LINE_BREAKS = re.compile(r"[\r\n]+")
 
 
 class PlainStream:
-    """A text stream that drops ANSI colour codes on their way to a file or pipe."""
+    """A text stream that drops ANSI colour codes on their way to a file or pipe, and keeps the last line written
+    (a progress bar's latest frame, redrawn after a carriage return, included) as `latest`."""
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
+        self.latest = ""
 
     def write(self, text: str) -> int:
-        return self._stream.write(ANSI.sub("", text))
+        plain = ANSI.sub("", text)
+        lines = [line.strip() for line in LINE_BREAKS.split(plain) if line.strip()]
+        if lines:
+            self.latest = lines[-1]
+        return self._stream.write(plain)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)

@@ -117,7 +117,8 @@ def prepare_dataset(
     copies = [i for s in stats.splits if s.name == "train" for i in s.image_files]
     imgsz = plan.stages[0].imgsz
     before, after = resize.measure_load_ms(train_images, imgsz), resize.measure_load_ms(copies, imgsz)
-    record = Preparation(decision, summary, before, after, min(16, len(train_images)), DatasetSummary.of(planned.stats))
+    sample, original = min(resize.LOAD_SAMPLE, len(train_images)), DatasetSummary.of(planned.stats)
+    record = Preparation(decision, summary, before, after, sample, original, plan.stages[0].cache == "ram")
     return replace(planned, stats=stats, plan=plan, prepared=record)
 
 

@@ -615,3 +615,24 @@ def test_an_epoch_the_cadence_skips_has_no_metrics_and_no_fitness_so_best_pt_kee
     cadence._epoch_end(trainer)
     assert trainer.args.val is True
     assert trainer.fitness == 0.5  # left for Ultralytics' validation to set
+
+
+def test_one_epoch_caches_nothing_since_a_cache_would_load_every_image_before_the_first_batch():
+    hw = snapshot((24,))
+    one = plan(hw, fake_stats(), Overrides(epochs=1, finetune="yes", finetune_epochs=1))
+    assert [s.cache for s in one.stages] == [False, False]
+    assert one.reason("cache").startswith("none: one epoch loads each image once either way")
+    assert plan(hw, fake_stats(), Overrides(epochs=2)).stages[0].cache == "ram"
+    assert plan(hw, fake_stats(), Overrides(epochs=1, cache="ram")).stages[0].cache == "ram"  # the user's word
+    assert plan(hw, fake_stats(), Overrides(epochs=1, time="1h")).stages[0].cache == "ram"  # epochs fitted later
+
+
+def test_the_ram_cache_budget_counts_the_packing_copy_where_the_allocator_is_not_set():
+    from speedtrain.planner import RAM_CACHE_FACTOR, RAM_CACHE_FACTOR_UNTUNED, ram_cache_need_gb
+
+    stats = fake_stats(20000, 2000)
+    glibc, other = snapshot(ram=64.0), snapshot(ram=64.0, libc="")
+    decoded = stats.decoded_gb(416)
+    assert ram_cache_need_gb(glibc, stats, 416, 0, 0) == pytest.approx(decoded * RAM_CACHE_FACTOR + 2.0)
+    assert ram_cache_need_gb(other, stats, 416, 0, 0) == pytest.approx(decoded * RAM_CACHE_FACTOR_UNTUNED + 2.0)
+    assert f"x{RAM_CACHE_FACTOR_UNTUNED}" in plan(other, stats, Overrides()).reason("cache")

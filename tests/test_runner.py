@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CUDA_OOM, run_benchmark, table_rows, tree_hash
+from conftest import CUDA_OOM, run_benchmark, table_rows, tree_hash, wait_for
 
 from speedtrain import checkpoints, oom, recovery, runner, ultra, workflow
 from speedtrain.errors import Terminated, TrainingError, UsageError
@@ -510,3 +511,26 @@ def test_a_time_budget_ends_with_the_learning_rate_schedule_complete(make_datase
         rates = [float(r["lr/pg0"]) for r in csv.DictReader(f)]
     assert len(rates) == m.epochs_done
     assert rates[-1] < 0.1 * max(rates)  # annealed: lr0 x lrf at the end of a cosine schedule, not cut halfway
+
+
+def test_a_stage_setting_up_with_ultralytics_output_hidden_says_what_it_does_every_few_seconds():
+    """Ultralytics' label scan and image-cache fill (minutes at 25,000 images) go to its log file: until the first
+    batch a line names the time so far and Ultralytics' latest line, with its count and rate."""
+    import io
+
+    from speedtrain.util import PlainStream
+
+    recorder, lines, hidden = ultra.Recorder(), [], PlainStream(io.StringIO())
+    with runner._heard_while_setting_up(recorder, hidden, lines.append, "main", every=0.05):
+        hidden.write("\r\x1b[Ktrain: Caching images (0.1GB RAM): 10% 2500/25000 1.2kit/s 2s<18s")
+        hidden.write("\r\x1b[Ktrain: Caching images (0.4GB RAM): 45% 11250/25000 1.2kit/s 9s<11s")
+        assert wait_for(lambda: len(lines) >= 2, 5)
+        recorder.batches = 1  # the first batch: the stage speaks for itself from here
+        time.sleep(0.2)
+        heard = len(lines)
+        time.sleep(0.2)
+    assert len(lines) == heard  # no line after the first batch
+    assert lines[-1].startswith("main: setting up, 0 s: train: Caching images (0.4GB RAM): 45% 11250/25000")
+    with runner._heard_while_setting_up(ultra.Recorder(), None, lines.append, "main", every=0.01):
+        time.sleep(0.1)  # Ultralytics' output on the console (--verbose): it speaks for itself
+    assert len(lines) == heard
