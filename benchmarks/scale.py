@@ -6,8 +6,9 @@
 For each size, builds a dataset of that many training images from the source's real photos (each repeated under
 distinct names as hard links, or copies across file systems; the source's val split as is) in --work, then runs,
 each in a fresh process: speedtrain's first run in a new project folder (the one-off pre-resize included), its
-second run there (what every later run pays), and plain Ultralytics (`model.train(data=...)`, its defaults, one
-epoch). Every run stops at its first training batch. Printed per run: the seconds at which each phase ended (scan
+second run there (what every later run pays), both as planned (the fine-tune off), and plain Ultralytics
+(`model.train(data=...)`, its defaults). Every run stops at its first training batch, timed from the call (the
+imports before it). Printed per run: the seconds at which each phase ended (scan
 and plan, the pre-resize, the linked view, Ultralytics' setup with its label scan and image cache), the longest
 stretch with nothing printed, the process's peak resident memory, and the time to the first batch against plain
 Ultralytics'. A markdown table; --out writes it to a file too. --tiny: 40 images, a smoke run.
@@ -92,9 +93,10 @@ class Clock:
 
     def stop(self, extra: dict | None = None) -> None:
         self.mark("first batch")
-        doc = {"marks": self.marks, "silence_s": round(self.silence[0], 1), "silence_before": self.silence[1],
-               "peak_gb": round(_peak_gb(), 2), **(extra or {})}  # fmt: skip
-        print(RESULT + json.dumps(doc), flush=True)
+        silence, before = round(self.silence[0], 1), self.silence[1]
+        doc = {"marks": self.marks, "silence_s": silence, "silence_before": before, "peak_gb": round(_peak_gb(), 2)}
+        # on the real stdout: speedtrain sends sys.stdout to its log file while a stage trains
+        print("\n" + RESULT + json.dumps(doc | (extra or {})), file=sys.__stdout__, flush=True)
         os._exit(0)  # the first batch is all this measures: no epoch, no report
 
 
@@ -102,14 +104,23 @@ def run_speedtrain(data: str, project: str, model: str) -> None:
     import contextlib
 
     import speedtrain
+    from speedtrain import ultra
 
     clock = Clock()
+    callbacks = ultra.Recorder.callbacks
+
+    def marked(self: ultra.Recorder) -> dict:  # Ultralytics' setup ends: its datasets (and image cache) are built
+        events = callbacks(self)
+        events.setdefault("on_pretrain_routine_end", []).append(lambda trainer: clock.mark("setup"))
+        return events
+
+    ultra.Recorder.callbacks = marked  # type: ignore[method-assign]
 
     def log(line: str) -> None:
         clock.heard(line)
         if line.startswith("run folder:"):
             clock.mark("view")
-        print(line, file=sys.stderr, flush=True)
+        print(line, file=sys.__stderr__, flush=True)
 
     @contextlib.contextmanager
     def progress(label: str):
@@ -127,8 +138,8 @@ def run_speedtrain(data: str, project: str, model: str) -> None:
     def on_update(progress: object) -> None:
         clock.stop()
 
-    speedtrain.train(data, project=project, model=model, epochs=1, finetune="no", verbose=False, log=log,
-                     on_update=on_update, on_event=on_event, progress=progress)  # fmt: skip
+    hooks = {"log": log, "on_update": on_update, "on_event": on_event, "progress": progress}
+    speedtrain.train(data, project=project, model=model, finetune="no", verbose=False, **hooks)  # the planned epochs
 
 
 def run_ultralytics(data: str, project: str, model: str) -> None:
@@ -138,7 +149,7 @@ def run_ultralytics(data: str, project: str, model: str) -> None:
     yolo = YOLO(model)
     yolo.add_callback("on_pretrain_routine_end", lambda trainer: clock.mark("setup"))
     yolo.add_callback("on_train_batch_end", lambda trainer: clock.stop())
-    yolo.train(data=data, epochs=1, project=project, name="train", plots=False, exist_ok=True)
+    yolo.train(data=data, project=project, name="train", plots=False, exist_ok=True)  # its defaults
 
 
 def measure(kind: str, data: Path, project: Path, model: str, work: Path) -> dict:
@@ -147,10 +158,10 @@ def measure(kind: str, data: Path, project: Path, model: str, work: Path) -> dic
     cmd = [sys.executable, __file__, "--run", kind, str(data), str(project), model]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work)
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith(RESULT)]
+    lines = [ln.split(RESULT, 1)[1] for ln in done.stdout.splitlines() if RESULT in ln]
     if not lines:
         raise SystemExit(f"{kind} on {data}: no result (exit {done.returncode}): {done.stderr[-2000:]}")
-    return json.loads(lines[-1][len(RESULT) :]) | {"wall_s": round(time.perf_counter() - t0, 1)}
+    return json.loads(lines[-1]) | {"wall_s": round(time.perf_counter() - t0, 1)}
 
 
 PHASES = ("scan and plan", "prepare", "view", "setup", "first batch")
@@ -165,7 +176,8 @@ def table(rows: list[tuple[int, str, dict]]) -> str:
         cells = [str(marks.get(p, "-")) for p in PHASES]
         ratio = marks["first batch"] / plain[n] if plain.get(n) else None
         vs = f"{ratio:.2f}x" if ratio else "-"
-        out.append(f"| {n:,} | {kind} | " + " | ".join(cells) + f" | {vs} | {r['silence_s']} s | {r['peak_gb']} GB |")
+        silence = "-" if kind == "plain Ultralytics" else f"{r['silence_s']} s"  # it prints to the console itself
+        out.append(f"| {n:,} | {kind} | " + " | ".join(cells) + f" | {vs} | {silence} | {r['peak_gb']} GB |")
     return "\n".join(out)
 
 
@@ -197,8 +209,8 @@ def main() -> None:
             for kind in ("speedtrain, first run", "speedtrain, second run", "plain Ultralytics"):
                 rows.append((n, kind, measure(kind, data, project, model, work)))
                 print(f"{n} images, {kind}: {rows[-1][2]}", file=sys.stderr, flush=True)
-    text = (f"Time to the first training batch, {platform.node() or 'this machine'} ({os.cpu_count()} CPUs), "
-            f"{time.strftime('%Y-%m-%d')}\n\n{table(rows)}\n")  # fmt: skip
+    machine = f"{platform.node() or 'this machine'} ({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d')}"
+    text = f"Time to the first training batch, {machine}\n\n{table(rows)}\n"
     print(text)
     if args.out:
         args.out.write_text(text)

@@ -534,3 +534,15 @@ def test_a_stage_setting_up_with_ultralytics_output_hidden_says_what_it_does_eve
     with runner._heard_while_setting_up(ultra.Recorder(), None, lines.append, "main", every=0.01):
         time.sleep(0.1)  # Ultralytics' output on the console (--verbose): it speaks for itself
     assert len(lines) == heard
+
+
+@pytest.mark.slow
+def test_the_scale_benchmark_times_every_phase_to_the_first_batch(tmp_path):
+    """benchmarks/scale.py --tiny: speedtrain's first and second run and plain Ultralytics, each to its first batch."""
+    rows = table_rows(run_benchmark("scale.py", tmp_path), "40 ")
+    assert [r[1] for r in rows] == ["speedtrain, first run", "speedtrain, second run", "plain Ultralytics"]
+    for row in rows:
+        first_batch = float(row[6])
+        assert first_batch > 0
+        assert row[7].endswith("x") and row[9].endswith("GB")
+    assert all(float(rows[0][i]) <= float(rows[0][6]) for i in (2, 3, 4, 5))  # the phases end in order
