@@ -100,7 +100,7 @@ class Clock:
         os._exit(0)  # the first batch is all this measures: no epoch, no report
 
 
-def run_speedtrain(data: str, project: str, model: str) -> None:
+def run_speedtrain(data: str, project: str, model: str, cache: str | None = None) -> None:
     import contextlib
 
     import speedtrain
@@ -139,7 +139,8 @@ def run_speedtrain(data: str, project: str, model: str) -> None:
         clock.stop()
 
     hooks = {"log": log, "on_update": on_update, "on_event": on_event, "progress": progress}
-    speedtrain.train(data, project=project, model=model, finetune="no", verbose=False, **hooks)  # the planned epochs
+    knobs = {"cache": cache} if cache else {}
+    speedtrain.train(data, project=project, model=model, finetune="no", verbose=False, **hooks, **knobs)
 
 
 def run_ultralytics(data: str, project: str, model: str) -> None:
@@ -152,10 +153,19 @@ def run_ultralytics(data: str, project: str, model: str) -> None:
     yolo.train(data=data, project=project, name="train", plots=False, exist_ok=True)  # its defaults
 
 
-def measure(kind: str, data: Path, project: Path, model: str, work: Path) -> dict:
+def measure(kind: str, data: Path, project: Path, model: str, work: Path, cache: str | None = None) -> dict:
     """One run in a fresh process; its result line."""
     env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(work / "yolo-config")}
-    cmd = [sys.executable, __file__, "--run", kind, str(data), str(project), model]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--run",
+        kind,
+        str(data),
+        str(project),
+        model,
+        *(["--cache", cache] if cache else []),
+    ]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work)
     lines = [ln.split(RESULT, 1)[1] for ln in done.stdout.splitlines() if RESULT in ln]
@@ -188,12 +198,17 @@ def main() -> None:
     ap.add_argument("--model", default="yolov8n.pt")
     ap.add_argument("--work", type=Path, help="where the datasets and runs go (default: a temporary folder)")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--cache", choices=("ram", "disk", "none"), help="speedtrain's runs: this cache, not the plan's")
+    ap.add_argument("--no-plain", action="store_true", help="leave plain Ultralytics out (measured already)")
     ap.add_argument("--tiny", action="store_true", help="a smoke run: 40 images from the embedded sample's photos")
     ap.add_argument("--run", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run:
         kind, data, project, model = args.run
-        (run_speedtrain if kind.startswith("speedtrain") else run_ultralytics)(data, project, model)
+        if kind.startswith("speedtrain"):
+            run_speedtrain(data, project, model, args.cache)
+        else:
+            run_ultralytics(data, project, model)
         raise SystemExit(f"{kind}: training ended before its first batch was heard")
     sizes = [40] if args.tiny else [int(s) for s in args.sizes.split(",")]
     source = REPO / "speedtrain" / "sample" if args.tiny else args.source
@@ -206,8 +221,11 @@ def main() -> None:
             data = build(source, n, work / f"ds-{n}")
             project = work / f"runs-{n}"
             shutil.rmtree(project, ignore_errors=True)
-            for kind in ("speedtrain, first run", "speedtrain, second run", "plain Ultralytics"):
-                rows.append((n, kind, measure(kind, data, project, model, work)))
+            kinds = ["speedtrain, first run", "speedtrain, second run"] + (
+                [] if args.no_plain else ["plain Ultralytics"]
+            )
+            for kind in kinds:
+                rows.append((n, kind, measure(kind, data, project, model, work, args.cache)))
                 print(f"{n} images, {kind}: {rows[-1][2]}", file=sys.stderr, flush=True)
     machine = f"{platform.node() or 'this machine'} ({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d')}"
     text = f"Time to the first training batch, {machine}\n\n{table(rows)}\n"
