@@ -103,13 +103,15 @@ class ImageSizes:
         """Fraction of sampled images whose long side exceeds `long_side`."""
         return sum(max(d) > long_side for d in self.dims) / len(self.dims) if self.dims else 0.0
 
-    def decoded_bytes_per_image(self, imgsz: int | None) -> float:
-        """Mean bytes of one decoded image (3 channels uint8): long side resized to imgsz, or as stored if None."""
+    def decoded_bytes_per_image(self, imgsz: int | None, shrink_only: bool = False) -> float:
+        """Mean bytes of one decoded image (3 channels uint8): long side resized to imgsz, or as stored if None;
+        `shrink_only`: only images larger than imgsz are resized (a pre-resized copy keeps smaller ones as they are)."""
         if not self.dims:
             return (imgsz or 640) ** 2 * 3.0
         total = 0.0
         for w, h in self.dims:
             r = 1.0 if imgsz is None else imgsz / max(w, h)
+            r = min(r, 1.0) if shrink_only else r
             total += round(w * r) * round(h * r) * 3
         return total / len(self.dims)
 
@@ -168,6 +170,12 @@ class DatasetStats:
         dims = self.image_sizes.dims
         aspect = statistics.median(math.sqrt(w * h) / max(w, h) for w, h in dims) if dims else 1.0
         return round(split.small_box * imgsz * aspect, 2)
+
+    def stored_gb(self, at_most: int | None) -> float:
+        """Estimated size of Ultralytics' disk cache (.npy files of the images as stored, train and val), for the
+        images as they are (None) or as a copy pre-resized to `at_most` px stores them."""
+        per_image = self.image_sizes.decoded_bytes_per_image(at_most, shrink_only=True)
+        return per_image * (self.train_images + self.val_images) / 1024**3
 
     def decoded_gb(self, imgsz: int | None) -> float:
         """Estimated size of Ultralytics' image cache: train and val each cache their images; None = full size."""

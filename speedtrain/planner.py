@@ -71,6 +71,16 @@ VRAM_USABLE_FRACTION = 0.7
 # an estimate of 0.3 GB each, the cached images themselves are shared copy-on-write), and 2 GB stay free for
 # the OS and the training process.
 RAM_CACHE_FACTOR = 1.5
+# Ultralytics' disk cache instead of its RAM cache where the .npy files hold images at about the training size (at
+# most this many times their decoded size there: a fine-tune's 640-px copy under a 416-px main stage is 2.4x)
+NPY_MAX_RATIO = 2.5
+CACHE_EVIDENCE = (
+    "measured on 25,000 ppe-large photos pre-resized to 416 (2-vCPU CPU): the second run's first batch came after "
+    "12 s with the disk cache against 42 s with the RAM cache (filled again on every run) and 15 s for plain "
+    "Ultralytics, and the process held 2.5 GB against 10.9 GB; on 300 of them a training pass took 16.3 s against "
+    "16.0 s after the first epoch (2 runs each, within this machine's run-to-run noise; the first epoch, while the "
+    "new files were written out, 18.0 s against 16.5 s), the same mAP"
+)
 RAM_CACHE_FACTOR_UNTUNED = 2.1
 WORKER_RAM_GB = 0.3
 RAM_RESERVE_GB = 2.0
@@ -177,6 +187,7 @@ def plan(hw: HardwareSnapshot, stats: DatasetStats, overrides: Overrides | None 
         _classic_reasons(folded, reasons)
     stages = _budgeted(stats, ov, stages, reasons, warnings)
     prepare_size, reasons["prepare"] = _prepare(stats, stages, ov.prepare)
+    stages = _kept_caches(hw, stats, stages, prepare_size, ov.cache, reasons)
     return TrainPlan(
         device=device,
         model=model,
@@ -786,6 +797,36 @@ def _cache(
     return False, f"none: neither RAM ({need:.1f} GB needed) nor disk ({disk:.1f} GB needed) has room"
 
 
+def _kept_caches(
+    hw: HardwareSnapshot,
+    stats: DatasetStats,
+    stages: list[Stage],
+    prepare_size: int | None,
+    requested: str | None,
+    reasons: dict[str, str],
+) -> list[Stage]:
+    """A planned RAM cache becomes Ultralytics' disk cache where the images it would store are at about the training
+    size (a pre-resized copy, or images no larger): the .npy files stay in speedtrain's view of the dataset between
+    runs, so only the first run fills them, the operating system keeps them in memory where it has room (one copy for
+    every rank of the machine), and the process does not hold the cache (CACHE_EVIDENCE)."""
+    if requested is not None:
+        return stages
+    out = []
+    for stage in stages:
+        npy = stats.stored_gb(prepare_size)
+        at_size = stats.decoded_gb(stage.imgsz)
+        if stage.cache == "ram" and npy <= NPY_MAX_RATIO * at_size and npy + DISK_RESERVE_GB <= hw.disk_free_gb:
+            where = f"at most {prepare_size} px, the pre-resized copy" if prepare_size else "as stored"
+            key = "cache" if stage.name == "main" else "finetune.cache"
+            reasons[key] = (
+                f"disk: {npy:.2f} GB of decoded images ({where}) as .npy files in speedtrain's view of the dataset, "
+                f"kept between runs: only the first run fills them; {CACHE_EVIDENCE}"
+            )
+            stage = replace(stage, cache="disk", ram_cache_need_gb=0.0)
+        out.append(stage)
+    return out
+
+
 def _imgsz(value: int | None, flag: str, default: int, warnings: list[str]) -> int:
     if value is None:
         return default
@@ -821,6 +862,8 @@ def _estimates(stats: DatasetStats, main: Stage) -> dict[str, str]:
     }
     if main.cache == "ram":
         out["cache"] = "no disk reads of cached images (estimate: helps when loading is the bottleneck)"
+    elif main.cache == "disk":
+        out["cache"] = "no image decoding once the .npy files exist (estimate: helps when loading is the bottleneck)"
     return out
 
 

@@ -41,7 +41,9 @@ MACHINES = [
     ids=[m[0] for m in MACHINES],
 )
 def test_plan_for_machine(hw, device, batch, fallbacks, cache, workers):
-    p = plan(hw, fake_stats())
+    # photos far over the training size, not pre-resized: .npy files would hold them at full size, so the RAM rule
+    # decides (test_a_pre_resized_copy_is_cached_on_disk for the copy)
+    p = plan(hw, fake_stats(size=(1920, 1440)), Overrides(prepare="no"))
     main = p.stage("main")
     assert (p.device, main.batch, main.batch_fallbacks, main.cache, main.workers) == (
         device,
@@ -622,17 +624,37 @@ def test_one_epoch_caches_nothing_since_a_cache_would_load_every_image_before_th
     one = plan(hw, fake_stats(), Overrides(epochs=1, finetune="yes", finetune_epochs=1))
     assert [s.cache for s in one.stages] == [False, False]
     assert one.reason("cache").startswith("none: one epoch loads each image once either way")
-    assert plan(hw, fake_stats(), Overrides(epochs=2)).stages[0].cache == "ram"
+    assert plan(hw, fake_stats(), Overrides(epochs=2)).stages[0].cache == "disk"
     assert plan(hw, fake_stats(), Overrides(epochs=1, cache="ram")).stages[0].cache == "ram"  # the user's word
-    assert plan(hw, fake_stats(), Overrides(epochs=1, time="1h")).stages[0].cache == "ram"  # epochs fitted later
+    assert plan(hw, fake_stats(), Overrides(epochs=1, time="1h")).stages[0].cache == "disk"  # epochs fitted later
 
 
 def test_the_ram_cache_budget_counts_the_packing_copy_where_the_allocator_is_not_set():
     from speedtrain.planner import RAM_CACHE_FACTOR, RAM_CACHE_FACTOR_UNTUNED, ram_cache_need_gb
 
-    stats = fake_stats(20000, 2000)
+    stats = fake_stats(20000, 2000, size=(1920, 1440))  # not pre-resized: .npy files would be 21x the cache
     glibc, other = snapshot(ram=64.0), snapshot(ram=64.0, libc="")
     decoded = stats.decoded_gb(416)
     assert ram_cache_need_gb(glibc, stats, 416, 0, 0) == pytest.approx(decoded * RAM_CACHE_FACTOR + 2.0)
     assert ram_cache_need_gb(other, stats, 416, 0, 0) == pytest.approx(decoded * RAM_CACHE_FACTOR_UNTUNED + 2.0)
-    assert f"x{RAM_CACHE_FACTOR_UNTUNED}" in plan(other, stats, Overrides()).reason("cache")
+    assert f"x{RAM_CACHE_FACTOR_UNTUNED}" in plan(other, stats, Overrides(prepare="no")).reason("cache")
+
+
+def test_a_pre_resized_copy_is_cached_on_disk_where_later_runs_reuse_it():
+    """.npy files of images at about the training size: kept between runs (a second run's first batch at once),
+    held by the operating system's page cache, not by the process; the RAM rule decides where they would be large."""
+    hw = snapshot((24,), ram=64.0)
+    copy = plan(hw, fake_stats(), Overrides(finetune="no"))  # 640x480 photos: pre-resized to 416
+    assert copy.prepare_size == 416
+    assert copy.stages[0].cache == "disk"
+    assert copy.stages[0].ram_cache_need_gb == 0.0
+    npy = fake_stats().stored_gb(416)
+    assert npy == pytest.approx(fake_stats().decoded_gb(416))  # the copy's images are at the training size
+    assert copy.reason("cache").startswith(f"disk: {npy:.2f} GB of decoded images (at most 416 px, the pre-resized")
+    assert "kept between runs" in copy.reason("cache")
+    assert "no image decoding once the .npy files exist" in dict(copy.estimates)["cache"]
+    with_finetune = plan(hw, fake_stats(), Overrides(finetune="yes"))  # a 640 copy under a 416 stage: 2.4x
+    assert [s.cache for s in with_finetune.stages] == ["disk", "disk"]
+    assert plan(hw, fake_stats(size=(1920, 1440)), Overrides(prepare="no")).stages[0].cache == "ram"  # 21x
+    assert plan(snapshot((24,), ram=64.0, disk=1.2), fake_stats(), Overrides()).stages[0].cache == "ram"  # no room
+    assert plan(hw, fake_stats(), Overrides(cache="ram")).stages[0].cache == "ram"

@@ -161,7 +161,7 @@ def test_download_script_of_a_complete_dataset_never_runs(make_dataset, tmp_path
 
 @pytest.mark.slow
 def test_ram_cache_falls_back_to_disk_when_memory_dropped(make_dataset, tmp_path, monkeypatch):
-    planned = workflow.make_plan(make_dataset(4, 2), Overrides(epochs=1, **TINY), ["plots=False"])
+    planned = workflow.make_plan(make_dataset(4, 2), Overrides(epochs=1, cache="ram", **TINY), ["plots=False"])
     assert planned.plan.stages[0].cache == "ram"
     real = workflow.psutil.virtual_memory
     monkeypatch.setattr(workflow.psutil, "virtual_memory", lambda: real()._replace(available=int(0.5 * 1024**3)))

@@ -81,7 +81,7 @@ def test_host_memory_policy_gives_up_cache_then_workers_never_the_batch(tmp_path
 
     from speedtrain import planner
 
-    stage = planner.plan(snapshot((24,), ram=64), fake_stats()).stage("main")
+    stage = planner.plan(snapshot((24,), ram=64), fake_stats(), Overrides(cache="ram")).stage("main")
     assert (stage.batch, stage.workers, stage.cache) == (48, 16, "ram")
     steps = []
     for _ in range(5):
@@ -544,5 +544,6 @@ def test_the_scale_benchmark_times_every_phase_to_the_first_batch(tmp_path):
     for row in rows:
         first_batch = float(row[6])
         assert first_batch > 0
-        assert row[7].endswith("x") and row[9].endswith("GB")
+        assert row[7].endswith("x")
+        assert row[9].endswith("GB")
     assert all(float(rows[0][i]) <= float(rows[0][6]) for i in (2, 3, 4, 5))  # the phases end in order

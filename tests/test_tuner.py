@@ -11,9 +11,11 @@ from typer.testing import CliRunner
 
 from speedtrain import planner, tuner
 from speedtrain.cli import app
+from speedtrain.knobs import Overrides
 from speedtrain.records import LoaderProbe, StepProbe
 
-STAGE = planner.plan(snapshot((24,)), fake_stats()).stages[0]  # batch 48, 16 workers, RAM cache
+RAM = Overrides(cache="ram")  # the loader probes below are written for a RAM-cached plan
+STAGE = planner.plan(snapshot((24,)), fake_stats(), RAM).stages[0]  # batch 48, 16 workers, RAM cache
 
 STEPS = (
     StepProbe(16, 400.0, 3.0),
@@ -132,7 +134,9 @@ def test_train_autotune_uses_the_measured_configuration(make_dataset, tmp_path):
     assert "Tune" in result.output
 
 
-CPU_STAGE = planner.plan(snapshot((), ram=24, cores=2, physical=2), fake_stats()).stages[0]  # batch 16, 0 workers, ram
+CPU_STAGE = planner.plan(snapshot((), ram=24, cores=2, physical=2), fake_stats(), RAM).stages[
+    0
+]  # batch 16, 0 workers, ram
 
 
 @pytest.mark.parametrize(
@@ -172,7 +176,7 @@ def test_the_plan_is_always_measured_first(monkeypatch):
 
     monkeypatch.setattr(tuner, "_time_loader", fake_time_loader)
     hw = snapshot((24,), ram=64, cores=16)
-    gpu_stage = planner.plan(hw, fake_stats()).stages[0]  # 16 workers, RAM cache
+    gpu_stage = planner.plan(hw, fake_stats(), RAM).stages[0]  # 16 workers, RAM cache
     tuner.probe_loaders(gpu_stage, "d.yaml", hw, fake_stats(), True, deadline=0.0, log=lambda _: None)
     assert calls == [(16, "ram")]
 
