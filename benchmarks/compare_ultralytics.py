@@ -55,9 +55,22 @@ def rows_to_run(plan: planner.TrainPlan, tuned: planner.TrainPlan, epochs: int, 
     main = replace(plan.stages[0], epochs=epochs, patience=100)
     gpu = plan.device != "cpu"
     defaults = replace(
-        main, imgsz=640, batch=16, batch_fallbacks=(8,), workers=8, cache=False, optimizer="auto", lr0=0.01,
-        cos_lr=False, close_mosaic=10, rect=False, amp=gpu, warmup_epochs=3.0, threads=None, deterministic=True,
-    )  # fmt: skip
+        main,
+        imgsz=640,
+        batch=16,
+        batch_fallbacks=(8,),
+        workers=8,
+        cache=False,
+        optimizer="auto",
+        lr0=0.01,
+        cos_lr=False,
+        close_mosaic=10,
+        rect=False,
+        amp=gpu,
+        warmup_epochs=3.0,
+        threads=None,
+        deterministic=True,
+    )
     rows = {
         "(a) Ultralytics defaults": defaults,
         "(b) Ultralytics batch=-1": replace(defaults, batch=-1 if gpu else 16),

@@ -123,8 +123,11 @@ def _smi(fields: str) -> dict[str, str]:
     try:
         text = subprocess.run(
             ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits", "-i", "0"],
-            capture_output=True, text=True, timeout=30, check=True,
-        ).stdout  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return {}
     return dict(zip(fields.split(","), (v.strip() for v in text.strip().split(",")), strict=False))
@@ -222,11 +225,20 @@ def step_floor(out: Path, _work: Path, _args: argparse.Namespace) -> None:
     on_gpu = stage.on_gpu
     steps = tuner.probe_steps(stage, MODEL, on_gpu, time.perf_counter() + 60, log=lambda _: None)
     mine = next(p for p in steps if p.batch == tuner._plan_batch(stage))
-    record(out, "floor", {
-        "row": "floor", "batch": mine.batch, "imgsz": stage.imgsz, "images_per_s": mine.images_per_s,
-        "rel_err": mine.rel_err, "peak_vram_gb": mine.peak_mem_gb, "oom": mine.oom,
-        "all_batches": [{"batch": p.batch, "images_per_s": p.images_per_s, "oom": p.oom} for p in steps],
-    })  # fmt: skip
+    record(
+        out,
+        "floor",
+        {
+            "row": "floor",
+            "batch": mine.batch,
+            "imgsz": stage.imgsz,
+            "images_per_s": mine.images_per_s,
+            "rel_err": mine.rel_err,
+            "peak_vram_gb": mine.peak_mem_gb,
+            "oom": mine.oom,
+            "all_batches": [{"batch": p.batch, "images_per_s": p.images_per_s, "oom": p.oom} for p in steps],
+        },
+    )
 
 
 def step_plain(out: Path, work: Path, args: argparse.Namespace) -> None:
@@ -304,10 +316,28 @@ TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "
 
 def _train_cmd(s: dict[str, Any], project: Path, epochs: int, *flags: str) -> list[str]:
     return [
-        sys.executable, "-m", "speedtrain", "train", "--dataset", s["dataset"], "--model", MODEL, "--epochs",
-        str(epochs), "--img-size", str(s["imgsz"]), "--finetune", "no", "--prepare", "no", "--project",
-        str(project), *flags, "plots=False", "patience=100",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "speedtrain",
+        "train",
+        "--dataset",
+        s["dataset"],
+        "--model",
+        MODEL,
+        "--epochs",
+        str(epochs),
+        "--img-size",
+        str(s["imgsz"]),
+        "--finetune",
+        "no",
+        "--prepare",
+        "no",
+        "--project",
+        str(project),
+        *flags,
+        "plots=False",
+        "patience=100",
+    ]
 
 
 def step_speedtrain(out: Path, work: Path, args: argparse.Namespace) -> None:
@@ -331,18 +361,32 @@ def step_speedtrain(out: Path, work: Path, args: argparse.Namespace) -> None:
     main = doc["stages"][0]
     m = main["measured"]
     tuned = doc.get("tune") or {}
-    record(out, args.row, {
-        "row": args.row, "images_per_s": m.get("images_per_s_steady") or m.get("images_per_s"),
-        "gpu_util": m.get("gpu_util_mean"), "cpu_util": m.get("cpu_util_mean"),
-        "peak_vram_gb": m.get("gpu_mem_peak_gb"),
-        "epoch_train_s": m.get("train_times_s"), "wall_s": round(wall, 1), "batch": m.get("batch"),
-        "imgsz": main["imgsz"], "workers": main["workers"], "cache": main["cache"], "pipeline": main.get("pipeline"),
-        "deterministic": main.get("deterministic"), "threads": m.get("threads"),
-        "oom_fallbacks": m.get("oom_fallbacks"), "tune_s": tuned.get("elapsed_s"),
-        "tune_kept_plan": tuned.get("kept_plan"), "tune_achieved": tuned.get("achieved_images_per_s"),
-        "tune_plan_achieved": tuned.get("plan_achieved_images_per_s"),
-        "map50_95": m.get("best_metrics", {}).get("mAP50-95"),
-    })  # fmt: skip
+    record(
+        out,
+        args.row,
+        {
+            "row": args.row,
+            "images_per_s": m.get("images_per_s_steady") or m.get("images_per_s"),
+            "gpu_util": m.get("gpu_util_mean"),
+            "cpu_util": m.get("cpu_util_mean"),
+            "peak_vram_gb": m.get("gpu_mem_peak_gb"),
+            "epoch_train_s": m.get("train_times_s"),
+            "wall_s": round(wall, 1),
+            "batch": m.get("batch"),
+            "imgsz": main["imgsz"],
+            "workers": main["workers"],
+            "cache": main["cache"],
+            "pipeline": main.get("pipeline"),
+            "deterministic": main.get("deterministic"),
+            "threads": m.get("threads"),
+            "oom_fallbacks": m.get("oom_fallbacks"),
+            "tune_s": tuned.get("elapsed_s"),
+            "tune_kept_plan": tuned.get("kept_plan"),
+            "tune_achieved": tuned.get("achieved_images_per_s"),
+            "tune_plan_achieved": tuned.get("plan_achieved_images_per_s"),
+            "map50_95": m.get("best_metrics", {}).get("mAP50-95"),
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------ OOM
@@ -365,9 +409,15 @@ def step_oom(out: Path, work: Path, _args: argparse.Namespace) -> None:
     total = torch.cuda.get_device_properties(0).total_memory / 1024**3
     torch.cuda.set_per_process_memory_fraction(cap_gb / total, 0)
     stage = replace(
-        _plan_stage(out), imgsz=640, batch=256, batch_fallbacks=(128, 64, 32, 16, 8, 4), epochs=1, cache=False,
-        workers=4, extra=(("plots", False), ("fraction", min(1.0, 512 / s["images"]))),
-    )  # fmt: skip
+        _plan_stage(out),
+        imgsz=640,
+        batch=256,
+        batch_fallbacks=(128, 64, 32, 16, 8, 4),
+        epochs=1,
+        cache=False,
+        workers=4,
+        extra=(("plots", False), ("fraction", min(1.0, 512 / s["images"]))),
+    )
     at_start: list[float] = []
     original = runner._train_once
 
@@ -377,14 +427,23 @@ def step_oom(out: Path, work: Path, _args: argparse.Namespace) -> None:
 
     runner._train_once = traced
     result = runner.train_stage(stage, MODEL, _view(out, work), work / "runs" / "oom", log=print)
-    record(out, "oom", {
-        "cap_gb": cap_gb, "tried": [f.from_batch for f in result.oom_fallbacks] + [result.batch],
-        "fallbacks": [{"epoch": f.epoch, "from": f.from_batch, "to": f.to_batch, "error": f.error[:120]}
-                      for f in result.oom_fallbacks],
-        "allocated_gb_at_each_attempt": at_start, "status": result.status, "epochs_done": result.epochs_done,
-        "peak_vram_gb": result.gpu_mem_peak_gb,
-        "ok": result.status == "completed" and len(result.oom_fallbacks) >= 1 and max(at_start[1:] or [0]) < 0.5,
-    })  # fmt: skip
+    record(
+        out,
+        "oom",
+        {
+            "cap_gb": cap_gb,
+            "tried": [f.from_batch for f in result.oom_fallbacks] + [result.batch],
+            "fallbacks": [
+                {"epoch": f.epoch, "from": f.from_batch, "to": f.to_batch, "error": f.error[:120]}
+                for f in result.oom_fallbacks
+            ],
+            "allocated_gb_at_each_attempt": at_start,
+            "status": result.status,
+            "epochs_done": result.epochs_done,
+            "peak_vram_gb": result.gpu_mem_peak_gb,
+            "ok": result.status == "completed" and len(result.oom_fallbacks) >= 1 and max(at_start[1:] or [0]) < 0.5,
+        },
+    )
 
 
 def _view(out: Path, work: Path) -> str:
@@ -404,9 +463,12 @@ def step_ctrlc(out: Path, work: Path, _args: argparse.Namespace) -> None:
     project = work / "runs" / "ctrlc"
     epochs = 4
     proc = subprocess.Popen(
-        _train_cmd(s, project, epochs), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        _train_cmd(s, project, epochs),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-    )  # fmt: skip
+    )
     csv_path = project / "train" / "main" / "results.csv"
     if not _wait(lambda: len(_csv_epochs(csv_path)) >= 1 or proc.poll() is not None, timeout=240):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -416,15 +478,24 @@ def step_ctrlc(out: Path, work: Path, _args: argparse.Namespace) -> None:
     after_ctrlc = _csv_epochs(csv_path)
     resumed = subprocess.run(
         [sys.executable, "-m", "speedtrain", "train", "--resume", str(project / "train")],
-        capture_output=True, text=True, timeout=400,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     epochs_seen = _csv_epochs(csv_path)
-    record(out, "ctrlc", {
-        "first_exit": proc.returncode, "epochs_after_ctrlc": after_ctrlc, "resume_exit": resumed.returncode,
-        "epochs_after_resume": epochs_seen, "tail": first_out.strip().splitlines()[-3:],
-        "resume_tail": (resumed.stdout + resumed.stderr).strip().splitlines()[-3:],
-        "ok": proc.returncode == 130 and resumed.returncode == 0 and epochs_seen == list(range(1, epochs + 1)),
-    })  # fmt: skip
+    record(
+        out,
+        "ctrlc",
+        {
+            "first_exit": proc.returncode,
+            "epochs_after_ctrlc": after_ctrlc,
+            "resume_exit": resumed.returncode,
+            "epochs_after_resume": epochs_seen,
+            "tail": first_out.strip().splitlines()[-3:],
+            "resume_tail": (resumed.stdout + resumed.stderr).strip().splitlines()[-3:],
+            "ok": proc.returncode == 130 and resumed.returncode == 0 and epochs_seen == list(range(1, epochs + 1)),
+        },
+    )
 
 
 def _csv_epochs(path: Path) -> list[int]:
@@ -452,22 +523,66 @@ def step_compare(out: Path, work: Path, _args: argparse.Namespace) -> None:
     s = settings(out)
     project = work / "runs" / "compare"
     cmd = [
-        sys.executable, "-m", "speedtrain", "compare", "--dataset", s["dataset"], "--model", MODEL, "--budget",
-        f"{s['compare_budget_s']}s", "--baseline-budget", f"{s['compare_budget_s']}s", "--arms", COMPARE_ARMS,
-        "--img-size", str(s["imgsz"]), "--baseline-img-size", str(s["defaults_imgsz"]), "--finetune-img-size",
-        str(s["defaults_imgsz"]), "--prepare", "no", "--project", str(project), "--json",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "speedtrain",
+        "compare",
+        "--dataset",
+        s["dataset"],
+        "--model",
+        MODEL,
+        "--budget",
+        f"{s['compare_budget_s']}s",
+        "--baseline-budget",
+        f"{s['compare_budget_s']}s",
+        "--arms",
+        COMPARE_ARMS,
+        "--img-size",
+        str(s["imgsz"]),
+        "--baseline-img-size",
+        str(s["defaults_imgsz"]),
+        "--finetune-img-size",
+        str(s["defaults_imgsz"]),
+        "--prepare",
+        "no",
+        "--project",
+        str(project),
+        "--json",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     sys.stderr.write(done.stderr[-20000:])
     if done.returncode != 0:
         raise SystemExit(f"speedtrain compare exited {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
     doc = json.loads(done.stdout)
-    record(out, "compare", {
-        "budget_s": doc["budget_s"], "val_imgsz": doc["val_imgsz"], "val_sizes": doc["val_sizes"],
-        "arms": [{k: a.get(k) for k in ("name", "imgsz", "phases", "batch", "epochs_done", "images_per_s", "wall_s",
-                                        "eval_s", "final", "latency_ms", "note")} for a in doc["arms"]],
-        "time_to_accuracy": doc["time_to_accuracy"],
-    })  # fmt: skip
+    record(
+        out,
+        "compare",
+        {
+            "budget_s": doc["budget_s"],
+            "val_imgsz": doc["val_imgsz"],
+            "val_sizes": doc["val_sizes"],
+            "arms": [
+                {
+                    k: a.get(k)
+                    for k in (
+                        "name",
+                        "imgsz",
+                        "phases",
+                        "batch",
+                        "epochs_done",
+                        "images_per_s",
+                        "wall_s",
+                        "eval_s",
+                        "final",
+                        "latency_ms",
+                        "note",
+                    )
+                }
+                for a in doc["arms"]
+            ],
+            "time_to_accuracy": doc["time_to_accuracy"],
+        },
+    )
 
 
 def _compare_rows(rec: dict[str, Any] | None, failed: dict[str, str]) -> list[str]:

@@ -137,13 +137,20 @@ def kornia_aug(st: Any, idx: Any, hyp: pipeline.Hyp, size: int) -> tuple[Any, An
     boxes = st.labels[torch.as_tensor(idx)][..., 1:]
     aug = K.AugmentationSequential(
         K.RandomMosaic((size, size), mosaic_grid=(2, 2), p=hyp.mosaic),
-        K.RandomAffine(hyp.degrees, translate=(hyp.translate, hyp.translate), scale=(1 - hyp.scale, 1 + hyp.scale),
-                       shear=hyp.shear, p=1.0, padding_mode="fill", fill_value=torch.full((3,), 114 / 255)),
+        K.RandomAffine(
+            hyp.degrees,
+            translate=(hyp.translate, hyp.translate),
+            scale=(1 - hyp.scale, 1 + hyp.scale),
+            shear=hyp.shear,
+            p=1.0,
+            padding_mode="fill",
+            fill_value=torch.full((3,), 114 / 255),
+        ),
         K.ColorJiggle(brightness=hyp.hsv_v, saturation=hyp.hsv_s, hue=hyp.hsv_h, p=1.0),
         K.RandomHorizontalFlip(p=hyp.fliplr),
         K.RandomVerticalFlip(p=hyp.flipud),
         data_keys=["input", "bbox_xyxy"],
-    )  # fmt: skip
+    )
 
     def run() -> Any:
         out, b = aug(imgs, boxes)

@@ -36,16 +36,26 @@ def merged(paths: list[Path]) -> Comparison:
             seen.add(name)
             arms.append(replace(arm, name=name))
     sizes = tuple(sorted({s for r in runs for s in r.val_sizes}))
-    return replace(first, arms=tuple(arms), val_sizes=sizes, requested=tuple(a.name for a in arms),
-                   model=Path(first.model).name)  # fmt: skip
+    return replace(
+        first, arms=tuple(arms), val_sizes=sizes, requested=tuple(a.name for a in arms), model=Path(first.model).name
+    )
 
 
 def table(c: Comparison) -> str:
     """The markdown table, then the setting it was measured in."""
     longer = bool(c.baseline_budget_s and c.baseline_budget_s > c.budget_s)
-    head = ["arm", "size", "batch", "epochs", "img/s", *[f"mAP50-95 @{s}" for s in c.val_sizes], "ms @640",
-            "reached the defaults' final mAP50-95", *(["reached the defaults' best at equal time"] if longer else []),
-            "note"]  # fmt: skip
+    head = [
+        "arm",
+        "size",
+        "batch",
+        "epochs",
+        "img/s",
+        *[f"mAP50-95 @{s}" for s in c.val_sizes],
+        "ms @640",
+        "reached the defaults' final mAP50-95",
+        *(["reached the defaults' best at equal time"] if longer else []),
+        "note",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a in c.arms:
         finals = [a.final_at(s) for s in c.val_sizes]
@@ -54,17 +64,38 @@ def table(c: Comparison) -> str:
             reach = "(the target)"
         else:
             t = c.time_to_accuracy(a.name)
-            reach = (f"{t.seconds:.0f} s ({t.ratio:.2f}x the defaults' {t.baseline_seconds:.0f} s)"
-                     if t.seconds is not None and t.ratio is not None else "not within the budget")  # fmt: skip
+            reach = (
+                f"{t.seconds:.0f} s ({t.ratio:.2f}x the defaults' {t.baseline_seconds:.0f} s)"
+                if t.seconds is not None and t.ratio is not None
+                else "not within the budget"
+            )
         equal = c.equal_budget(a.name) if longer and a.name != "defaults" else None
-        at_equal = ([] if not longer else ["(the target)" if a.name == "defaults" else "-" if equal is None else
-                    f"{equal.seconds:.0f} s ({equal.seconds / (equal.baseline_seconds or 1):.2f}x the defaults' "
-                    f"{equal.baseline_seconds or 0:.0f} s to {fmt_map(equal.target or 0)})" if equal.seconds is not None
-                    else "not within the budget"])  # fmt: skip
-        cells = [a.name, a.size, str(a.batch), str(a.epochs_done),
-                 f"{a.images_per_s:.1f}" if a.images_per_s else "-",
-                 *[fmt_map(f.map50_95) if f else "-" for f in finals],
-                 f"{latency:.1f}" if latency else "-", reach, *at_equal, a.note]  # fmt: skip
+        at_equal = (
+            []
+            if not longer
+            else [
+                "(the target)"
+                if a.name == "defaults"
+                else "-"
+                if equal is None
+                else f"{equal.seconds:.0f} s ({equal.seconds / (equal.baseline_seconds or 1):.2f}x the defaults' "
+                f"{equal.baseline_seconds or 0:.0f} s to {fmt_map(equal.target or 0)})"
+                if equal.seconds is not None
+                else "not within the budget"
+            ]
+        )
+        cells = [
+            a.name,
+            a.size,
+            str(a.batch),
+            str(a.epochs_done),
+            f"{a.images_per_s:.1f}" if a.images_per_s else "-",
+            *[fmt_map(f.map50_95) if f else "-" for f in finals],
+            f"{latency:.1f}" if latency else "-",
+            reach,
+            *at_equal,
+            a.note,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     base = c.arm("defaults")
     target = base.final_at(c.val_imgsz) if base else None

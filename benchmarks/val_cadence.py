@@ -88,15 +88,27 @@ def main() -> None:
         data = subset(a.dataset, Path(tmp) / "data", a.train, a.val)
         for arm in a.arms.split(","):
             rep = speedtrain.train(
-                data, model=a.model, imgsz=a.img_size, epochs=a.epochs, val_every=arm, finetune="no", prepare="no",
-                project=Path(tmp) / "runs", name=f"val-every-{arm}", verbose=False, log=lambda _: None, seed=0,
+                data,
+                model=a.model,
+                imgsz=a.img_size,
+                epochs=a.epochs,
+                val_every=arm,
+                finetune="no",
+                prepare="no",
+                project=Path(tmp) / "runs",
+                name=f"val-every-{arm}",
+                verbose=False,
+                log=lambda _: None,
+                seed=0,
                 plots=False,
-            )  # fmt: skip
+            )
             lines.append("| " + " | ".join(row(arm, rep)) + " |")
             print(lines[-1], flush=True)
-    setting = (f"\n{a.dataset.name}: first {a.train} train / {a.val} val photos, {a.epochs} epochs at {a.img_size} "
-               f"px from {Path(a.model).name}, seed 0; {platform.processor() or platform.machine()}, "
-               f"{os.cpu_count()} logical cores")  # fmt: skip
+    setting = (
+        f"\n{a.dataset.name}: first {a.train} train / {a.val} val photos, {a.epochs} epochs at {a.img_size} "
+        f"px from {Path(a.model).name}, seed 0; {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} logical cores"
+    )
     text = "\n".join(lines) + "\n" + setting + "\n"
     print(text)
     if a.out:

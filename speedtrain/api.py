@@ -90,9 +90,14 @@ def prepare(
     with process_state_restored():
         stats = workflow.scan_dataset(dataset)
         return resize.resize_dataset(
-            stats, size, Path(out) if out else None, workers=workers, quality=quality, in_place=in_place,
+            stats,
+            size,
+            Path(out) if out else None,
+            workers=workers,
+            quality=quality,
+            in_place=in_place,
             progress=progress,
-        )  # fmt: skip
+        )
 
 
 def check(dataset: PathLike, *, workers: int | None = None, progress: Progress | None = None) -> tuple[Problem, ...]:
@@ -117,8 +122,9 @@ def tune(
     refuse_external_launcher()
     with process_state_restored():
         ov = overrides(args)
-        return workflow.tune(dataset, ov, tuple(extra), project=project, budget_s=budget_s, retune=retune,
-                             log=log or _print)  # fmt: skip
+        return workflow.tune(
+            dataset, ov, tuple(extra), project=project, budget_s=budget_s, retune=retune, log=log or _print
+        )
 
 
 def train(
@@ -151,9 +157,18 @@ def train(
     hooks = Hooks(log or _print, on_update, ask, on_event, progress)
     with process_state_restored():
         return workflow.train(
-            dataset, overrides(args), tuple(extra), project=project, name=name, autotune_first=autotune,
-            retune=retune, budget_s=budget_s, allow_download=allow_download, quiet=not verbose, hooks=hooks,
-        )  # fmt: skip
+            dataset,
+            overrides(args),
+            tuple(extra),
+            project=project,
+            name=name,
+            autotune_first=autotune,
+            retune=retune,
+            budget_s=budget_s,
+            allow_download=allow_download,
+            quiet=not verbose,
+            hooks=hooks,
+        )
 
 
 def compare(
@@ -187,10 +202,20 @@ def compare(
     refuse_external_launcher()
     with process_state_restored():
         return compare_mod.compare(
-            dataset, overrides(args), tuple(extra), names, budget_s, val_imgsz=val_imgsz,
-            baseline_imgsz=baseline_imgsz, seed=seed, project=project, name=name, quiet=not verbose,
-            hooks=Hooks(log or _print, on_update), baseline_budget_s=baseline_s,
-        )  # fmt: skip
+            dataset,
+            overrides(args),
+            tuple(extra),
+            names,
+            budget_s,
+            val_imgsz=val_imgsz,
+            baseline_imgsz=baseline_imgsz,
+            seed=seed,
+            project=project,
+            name=name,
+            quiet=not verbose,
+            hooks=Hooks(log or _print, on_update),
+            baseline_budget_s=baseline_s,
+        )
 
 
 def resume(
@@ -227,8 +252,10 @@ def overrides(args: Mapping[str, Any]) -> Overrides:
         for key in rest:
             close = closest(key, OVERRIDES) if key not in known and key not in planner.RESERVED_ARGS else []
             if close:  # a mistyped keyword of speedtrain's own
-                raise UsageError(f"{key}= is not a keyword of speedtrain nor an Ultralytics train argument; did you "
-                                 f"mean {' or '.join(c + '=' for c in close)}?")  # fmt: skip
+                raise UsageError(
+                    f"{key}= is not a keyword of speedtrain nor an Ultralytics train argument; did you "
+                    f"mean {' or '.join(c + '=' for c in close)}?"
+                )
         extra = planner.check_extra_args(rest, known)
     return Overrides(**picked, extra=extra)
 

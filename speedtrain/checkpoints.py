@@ -59,17 +59,27 @@ def finished_before(
     maps, losses, validated = epoch_curves(stage_dir / "results.csv")
     metrics = best_row_metrics(rows)
     return StageResult(
-        name=stage.name, status="completed", imgsz=stage.imgsz, batch=previous.batch if previous else stage.batch,
-        epochs_planned=stage.epochs, epochs_done=max(saved, len(rows)), epoch_times_s=epoch_times,
-        train_times_s=previous.train_times_s if previous else (), best_metrics=metrics, weights=str(best),
+        name=stage.name,
+        status="completed",
+        imgsz=stage.imgsz,
+        batch=previous.batch if previous else stage.batch,
+        epochs_planned=stage.epochs,
+        epochs_done=max(saved, len(rows)),
+        epoch_times_s=epoch_times,
+        train_times_s=previous.train_times_s if previous else (),
+        best_metrics=metrics,
+        weights=str(best),
         last_weights=str(stage_dir / "weights" / "last.pt") if (stage_dir / "weights" / "last.pt").is_file() else None,
-        save_dir=str(stage_dir), wall_time_s=previous.wall_time_s if previous else round(sum(epoch_times), 2),
-        epoch_map50_95=maps, epoch_loss=losses, epoch_validated=validated_epochs(validated),
+        save_dir=str(stage_dir),
+        wall_time_s=previous.wall_time_s if previous else round(sum(epoch_times), 2),
+        epoch_map50_95=maps,
+        epoch_loss=losses,
+        epoch_validated=validated_epochs(validated),
         images_per_epoch=previous.images_per_epoch if previous else 0,
         oom_fallbacks=previous.oom_fallbacks if previous else (),
         note=("had trained to its deadline" if stage.schedule else f"had trained all {target} epochs")
         + " before it stopped; kept as it was (best.pt, results.csv)",
-    )  # fmt: skip
+    )
 
 
 def _timed(stage: Stage) -> bool:
@@ -108,8 +118,11 @@ def best_row_metrics(rows: list[dict[str, str]]) -> tuple[tuple[str, float], ...
     best: tuple[float, dict[str, float]] | None = None
     for row in rows:
         try:
-            m = {k.removeprefix("metrics/").removesuffix("(B)"): float(v) for k, v in row.items()
-                 if k.startswith("metrics/")}  # fmt: skip
+            m = {
+                k.removeprefix("metrics/").removesuffix("(B)"): float(v)
+                for k, v in row.items()
+                if k.startswith("metrics/")
+            }
         except ValueError:
             continue
         fit = m.get("mAP50-95", 0.0)

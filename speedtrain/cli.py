@@ -61,8 +61,11 @@ class _Commands(TyperGroup):
             if exc.filename is not None or exc.errno not in OUTPUT_FAILED:
                 raise
             _quiet_stdout()  # what is left in its buffer must not fail again at exit
-            err_console.print(f"[bold red]error:[/] cannot write to standard output ({exc.strerror}): the disk "
-                              "under it is full, or it was closed", soft_wrap=True)  # fmt: skip
+            err_console.print(
+                f"[bold red]error:[/] cannot write to standard output ({exc.strerror}): the disk "
+                "under it is full, or it was closed",
+                soft_wrap=True,
+            )
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
             what = {
@@ -222,8 +225,9 @@ def _knob_option(knob: knobs.Knob) -> inspect.Parameter:
     option = typer.Option(*flags, help=knob.help, min=knob.minimum, max=knob.maximum)
     kind: Any = Literal[knob.choices] if knob.choices else knob.type
     kind = kind | None if knob.default is None else kind
-    return inspect.Parameter(knob.name, inspect.Parameter.KEYWORD_ONLY, default=knob.default,
-                             annotation=Annotated[kind, option])  # fmt: skip
+    return inspect.Parameter(
+        knob.name, inspect.Parameter.KEYWORD_ONLY, default=knob.default, annotation=Annotated[kind, option]
+    )
 
 
 @app.command()
@@ -307,8 +311,13 @@ RESUME_TAKES = {"resume", "verbose"}  # --resume goes on with the run's own plan
 def _refuse_flags_with_resume(ctx: typer.Context) -> None:
     """Flags given with --resume would be ignored (the run goes on as it was planned): one line, not a silence."""
     # the parameter source compared by name: Typer may bring its own copy of click's enum
-    given = [p for p in ctx.command.params if p.name and p.name not in RESUME_TAKES
-             and getattr(ctx.get_parameter_source(p.name), "name", "") == "COMMANDLINE"]  # fmt: skip
+    given = [
+        p
+        for p in ctx.command.params
+        if p.name
+        and p.name not in RESUME_TAKES
+        and getattr(ctx.get_parameter_source(p.name), "name", "") == "COMMANDLINE"
+    ]
     names = [next((o for o in p.opts if o.startswith("--")), p.opts[0]) for p in given] + list(ctx.args)
     if names:
         raise UsageError(
@@ -355,10 +364,19 @@ def _train(ctx: typer.Context, params: dict[str, Any]) -> None:
             result = api.resume(p.resume, **hooks)
         else:
             result = api.train(
-                p.dataset, project=p.project, name=p.name, autotune=p.autotune, retune=p.retune,
-                budget_s=p.budget_s, allow_download=p.allow_download, on_event=on_event, progress=_progress,
-                extra=ctx.args, **hooks, **params["knob_values"],
-            )  # fmt: skip
+                p.dataset,
+                project=p.project,
+                name=p.name,
+                autotune=p.autotune,
+                retune=p.retune,
+                budget_s=p.budget_s,
+                allow_download=p.allow_download,
+                on_event=on_event,
+                progress=_progress,
+                extra=ctx.args,
+                **hooks,
+                **params["knob_values"],
+            )
     _finish(result, plan_shown=not p.resume)
     if ctrl_c_at_prompt[0]:  # the run is finished and its report printed; the exit code still says Ctrl-C
         raise typer.Exit(130)
@@ -472,8 +490,9 @@ def prepare_command(
     Example: speedtrain prepare --dataset datasets/mine --size 416
     """
     with _progress(f"resizing to {size} px", quiet=as_json) as progress:
-        summary = api.prepare(dataset, size, out, workers=workers, quality=quality, in_place=in_place,
-                              progress=progress)  # fmt: skip
+        summary = api.prepare(
+            dataset, size, out, workers=workers, quality=quality, in_place=in_place, progress=progress
+        )
     if as_json:
         typer.echo(json.dumps(summary.to_dict(), indent=2))
     else:
@@ -528,8 +547,9 @@ def tune_command(
         contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext(),
         _plain_text_when_piped(ctx.args, dataset),
     ):
-        result = api.tune(dataset, project=project, budget_s=budget_s, retune=retune, log=log, extra=ctx.args,
-                          **knob_values)  # fmt: skip
+        result = api.tune(
+            dataset, project=project, budget_s=budget_s, retune=retune, log=log, extra=ctx.args, **knob_values
+        )
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
@@ -597,19 +617,32 @@ def compare_command(
             display[0](event)
 
         result = api.compare(
-            dataset, budget=budget, arms=arms, baseline_budget=baseline_budget, val_imgsz=val_imgsz,
-            baseline_imgsz=baseline_imgsz, seed=seed,
-            project=project, name=name, verbose=verbose, log=log, on_update=None if verbose else on_update,
-            extra=ctx.args, **knob_values,
-        )  # fmt: skip
+            dataset,
+            budget=budget,
+            arms=arms,
+            baseline_budget=baseline_budget,
+            val_imgsz=val_imgsz,
+            baseline_imgsz=baseline_imgsz,
+            seed=seed,
+            project=project,
+            name=name,
+            verbose=verbose,
+            log=log,
+            on_update=None if verbose else on_update,
+            extra=ctx.args,
+            **knob_values,
+        )
     if as_json:
         typer.echo(result.to_json(), nl=False)
     else:
         console.print(result)
     if result.interrupted:
         by = result.stopped_by
-        err_console.print(f"interrupted{f' by {by}' if by else ''}: {result.run_dir} keeps the arms that finished; "
-                          "run compare again for all", soft_wrap=True)  # fmt: skip
+        err_console.print(
+            f"interrupted{f' by {by}' if by else ''}: {result.run_dir} keeps the arms that finished; "
+            "run compare again for all",
+            soft_wrap=True,
+        )
         raise typer.Exit(EXIT_BY_SIGNAL.get(by or "", 130))
 
 
@@ -650,8 +683,11 @@ def ask_finetune(main: StageResult, out: Console) -> tuple[bool | None, bool]:
     scores = ", ".join(f"{v:.3f} at {s} px" for s, v in main.scores) or "not measured"
     default = "n" if skip else "y"
     choices = "[y/N]" if skip else "[Y/n]"
-    out.print(f"\nMain stage mAP50-95: {scores}. Fine-tune at {size} px now? {choices} "
-              f"({default} after {PROMPT_TIMEOUT_S:.0f} s) ", end="")  # fmt: skip
+    out.print(
+        f"\nMain stage mAP50-95: {scores}. Fine-tune at {size} px now? {choices} "
+        f"({default} after {PROMPT_TIMEOUT_S:.0f} s) ",
+        end="",
+    )
     try:
         line = _read_line(PROMPT_TIMEOUT_S)
     except KeyboardInterrupt:
@@ -727,8 +763,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `speedtrain` script, `python -m speedtrain` and the top-level shims."""
     if sys.stdout is None:  # started with its standard output closed (`>&-`): what it prints would be lost
         if sys.stderr is not None:
-            sys.stderr.write("error: standard output is closed, so the plan and the report would be lost; redirect "
-                             "it instead (> run.log)\n")  # fmt: skip
+            sys.stderr.write(
+                "error: standard output is closed, so the plan and the report would be lost; redirect "
+                "it instead (> run.log)\n"
+            )
         raise SystemExit(1)
     app(args=argv, prog_name="speedtrain")
 

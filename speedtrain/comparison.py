@@ -123,8 +123,13 @@ def defaults_stage(defaults: dict[str, Any], imgsz: int, main: Stage) -> Stage:
     args = {f.name: defaults[f.name] for f in fields(Stage) if f.name in defaults and f.name not in ("device", "name")}
     batch = int(args["batch"])
     args.update(imgsz=imgsz, cache=args["cache"] or False)
-    return Stage(name="train", batch_fallbacks=tuple(b for b in (batch // 2, batch // 4) if b), device=main.device,
-                 extra=main.extra, **args)  # fmt: skip
+    return Stage(
+        name="train",
+        batch_fallbacks=tuple(b for b in (batch // 2, batch // 4) if b),
+        device=main.device,
+        extra=main.extra,
+        **args,
+    )
 
 
 # --- results ------------------------------------------------------------------------------------------------------
@@ -243,24 +248,32 @@ class Comparison(JupyterMixin):
             first = next((p.seconds for p in sorted(arm.curve, key=lambda p: p.epoch) if p.map50_95 > 0), None)
             if own is not None and own.map50_95 > 0:  # the arm learned something the baseline did not
                 since = f"first measured above 0 at {first:.0f} s and " if first is not None else ""
-                line = (f"the baseline's final mAP50-95 at {size} px is 0 (nothing measurable learned in this budget) "
-                        f"while {name} {since}its final weights score {fmt_map(own.map50_95)}: {name} is ahead, but "
-                        "a time ratio needs a baseline above 0 (give it more time, or start from pretrained "
-                        "weights)")  # fmt: skip
+                line = (
+                    f"the baseline's final mAP50-95 at {size} px is 0 (nothing measurable learned in this budget) "
+                    f"while {name} {since}its final weights score {fmt_map(own.map50_95)}: {name} is ahead, but "
+                    "a time ratio needs a baseline above 0 (give it more time, or start from pretrained "
+                    "weights)"
+                )
             else:
-                line = (f"the baseline's final mAP50-95 at {size} px is {fmt_map(target)}: no accuracy to compare "
-                        "within this budget (give it more time, or start from pretrained weights)")  # fmt: skip
+                line = (
+                    f"the baseline's final mAP50-95 at {size} px is {fmt_map(target)}: no accuracy to compare "
+                    "within this budget (give it more time, or start from pretrained weights)"
+                )
             return TimeToAccuracy(name, target, None, None, line)
         seconds, base_s = time_to_reach(arm.curve, target), time_to_reach(base.curve, target)
         if seconds is None:
             best = max((p.map50_95 for p in arm.curve), default=0.0)
-            line = (f"{name} did not reach the baseline's mAP50-95 {fmt_map(target)} (at {size} px) within the "
-                    f"budget; its best was {fmt_map(best)}")  # fmt: skip
+            line = (
+                f"{name} did not reach the baseline's mAP50-95 {fmt_map(target)} (at {size} px) within the "
+                f"budget; its best was {fmt_map(best)}"
+            )
             return TimeToAccuracy(name, target, None, base_s, line)
         result = TimeToAccuracy(name, target, seconds, base_s, "")
         share = f"{result.ratio:.0%} of the time" if result.ratio is not None else f"{seconds:.0f} s"
-        line = (f"{name} reached the baseline's mAP50-95 {fmt_map(target)} (at {size} px) in {share}: "
-                f"{seconds:.0f} s against {base_s or 0:.0f} s")  # fmt: skip
+        line = (
+            f"{name} reached the baseline's mAP50-95 {fmt_map(target)} (at {size} px) in {share}: "
+            f"{seconds:.0f} s against {base_s or 0:.0f} s"
+        )
         return replace(result, line=line)
 
     def equal_budget(self, name: str = "plan") -> TimeToAccuracy | None:
@@ -274,8 +287,10 @@ class Comparison(JupyterMixin):
             return None
         best = max(within, key=lambda p: p.map50_95)
         seconds = time_to_reach(arm.curve, best.map50_95)
-        head = (f"at equal time: the defaults' best in their first {self.budget_s:.0f} s was {fmt_map(best.map50_95)} "
-                f"(at {best.seconds:.0f} s, epoch {best.epoch}, {self.baseline_budget_s:.0f} s schedule)")  # fmt: skip
+        head = (
+            f"at equal time: the defaults' best in their first {self.budget_s:.0f} s was {fmt_map(best.map50_95)} "
+            f"(at {best.seconds:.0f} s, epoch {best.epoch}, {self.baseline_budget_s:.0f} s schedule)"
+        )
         if seconds is None:
             return TimeToAccuracy(name, best.map50_95, None, best.seconds, f"{head}; {name} did not reach it")
         ratio = seconds / best.seconds if best.seconds else None
@@ -303,29 +318,55 @@ class Comparison(JupyterMixin):
         arms = []
         for a in self.arms:
             d = asdict(a)
-            d["curve"] = [{"epoch": p.epoch, "seconds": p.seconds, "mAP50": p.map50, "mAP50-95": p.map50_95}
-                          for p in a.curve]  # fmt: skip
+            d["curve"] = [
+                {"epoch": p.epoch, "seconds": p.seconds, "mAP50": p.map50, "mAP50-95": p.map50_95} for p in a.curve
+            ]
             d["final"] = [{"imgsz": s.imgsz, "mAP50": s.map50, "mAP50-95": s.map50_95} for s in a.final]
             d["latency_ms"] = {str(size): ms for size, ms in a.latency_ms}
             arms.append(d)
         heads = [self.time_to_accuracy(a.name) for a in self.arms if a.name != "defaults"]
         equal = [e for e in (self.equal_budget(a.name) for a in self.arms if a.name != "defaults") if e is not None]
         return {
-            "format": self.format, "budget_s": self.budget_s,
-            "baseline_budget_s": self.baseline_budget_s, "val_imgsz": self.val_imgsz,
-            "val_sizes": list(self.val_sizes), "seed": self.seed, "model": self.model, "device": self.device,
-            "run_dir": self.run_dir, "started_at": self.started_at, "finished_at": self.finished_at,
-            "prepare_s": self.prepare_s, "hardware": hardware.to_dict(self.hardware), "dataset": self.dataset.to_dict(),
-            "requested": list(self.requested), "interrupted": self.interrupted, "arms": arms,
+            "format": self.format,
+            "budget_s": self.budget_s,
+            "baseline_budget_s": self.baseline_budget_s,
+            "val_imgsz": self.val_imgsz,
+            "val_sizes": list(self.val_sizes),
+            "seed": self.seed,
+            "model": self.model,
+            "device": self.device,
+            "run_dir": self.run_dir,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "prepare_s": self.prepare_s,
+            "hardware": hardware.to_dict(self.hardware),
+            "dataset": self.dataset.to_dict(),
+            "requested": list(self.requested),
+            "interrupted": self.interrupted,
+            "arms": arms,
             "time_to_accuracy": [
-                {"arm": t.arm, "target_mAP50-95": t.target, "seconds": t.seconds,
-                 "baseline_seconds": t.baseline_seconds, "ratio": t.ratio, "line": t.line} for t in heads
+                {
+                    "arm": t.arm,
+                    "target_mAP50-95": t.target,
+                    "seconds": t.seconds,
+                    "baseline_seconds": t.baseline_seconds,
+                    "ratio": t.ratio,
+                    "line": t.line,
+                }
+                for t in heads
             ],
             "equal_budget": [
-                {"arm": t.arm, "target_mAP50-95": t.target, "seconds": t.seconds,
-                 "baseline_seconds": t.baseline_seconds, "ratio": t.ratio, "line": t.line} for t in equal
+                {
+                    "arm": t.arm,
+                    "target_mAP50-95": t.target,
+                    "seconds": t.seconds,
+                    "baseline_seconds": t.baseline_seconds,
+                    "ratio": t.ratio,
+                    "line": t.line,
+                }
+                for t in equal
             ],
-        }  # fmt: skip
+        }
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2) + "\n"
@@ -354,14 +395,24 @@ class Comparison(JupyterMixin):
             )
             dataset = DatasetSummary.from_dict(doc["dataset"])
             return cls(
-                budget_s=doc["budget_s"], val_imgsz=doc["val_imgsz"], val_sizes=tuple(doc["val_sizes"]),
-                seed=doc["seed"], model=doc["model"], device=doc["device"], run_dir=doc["run_dir"],
-                started_at=doc["started_at"], finished_at=doc["finished_at"], prepare_s=doc["prepare_s"],
-                requested=tuple(doc.get("requested", ())), baseline_budget_s=float(doc.get("baseline_budget_s", 0.0)),
-                hardware=hardware.from_dict(doc["hardware"], str(doc["hardware"].get("source", path))), dataset=dataset,
+                budget_s=doc["budget_s"],
+                val_imgsz=doc["val_imgsz"],
+                val_sizes=tuple(doc["val_sizes"]),
+                seed=doc["seed"],
+                model=doc["model"],
+                device=doc["device"],
+                run_dir=doc["run_dir"],
+                started_at=doc["started_at"],
+                finished_at=doc["finished_at"],
+                prepare_s=doc["prepare_s"],
+                requested=tuple(doc.get("requested", ())),
+                baseline_budget_s=float(doc.get("baseline_budget_s", 0.0)),
+                hardware=hardware.from_dict(doc["hardware"], str(doc["hardware"].get("source", path))),
+                dataset=dataset,
                 arms=arms,
-                format=doc.get("format", FORMAT), source=str(path),
-            )  # fmt: skip
+                format=doc.get("format", FORMAT),
+                source=str(path),
+            )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SpeedtrainError(f"{path}: not a speedtrain comparison ({first_line(exc)})") from None
 
@@ -413,10 +464,19 @@ def compare(
     arms = arms_for(prepared.plan, names, defaults, base_size, timed, classic, phased)
     baseline_s = baseline_budget_s or BASELINE_FACTOR * budget_s
     return run(
-        prepared, arms, budget_s, run_dir, original_yaml=original_yaml, prepared_yaml=prepared_yaml,
-        prepare_s=prepare_s, val_imgsz=val_imgsz or base_size, seed=seed, hooks=hooks,
-        log_file=run_dir / workflow.ULTRALYTICS_LOG if quiet else None, baseline_budget_s=baseline_s,
-    )  # fmt: skip
+        prepared,
+        arms,
+        budget_s,
+        run_dir,
+        original_yaml=original_yaml,
+        prepared_yaml=prepared_yaml,
+        prepare_s=prepare_s,
+        val_imgsz=val_imgsz or base_size,
+        seed=seed,
+        hooks=hooks,
+        log_file=run_dir / workflow.ULTRALYTICS_LOG if quiet else None,
+        baseline_budget_s=baseline_s,
+    )
 
 
 def run(
@@ -464,7 +524,7 @@ def run(
                     seed,
                     hooks,
                     log_file,
-                )  # fmt: skip
+                )
             )
             partial = _comparison(planned, budget_s, val_imgsz, val_sizes, seed, run_dir, started, prepare_s, results)
             partial = replace(
@@ -496,11 +556,20 @@ def _comparison(
     results: list[ArmResult],
 ) -> Comparison:
     return Comparison(
-        budget_s=budget_s, val_imgsz=val_imgsz, val_sizes=val_sizes, seed=seed, model=planned.plan.model,
-        device=planned.plan.device, run_dir=str(run_dir), started_at=started, finished_at=utc_now(),
-        prepare_s=round(prepare_s, 2), hardware=planned.hw, dataset=DatasetSummary.of(planned.stats),
+        budget_s=budget_s,
+        val_imgsz=val_imgsz,
+        val_sizes=val_sizes,
+        seed=seed,
+        model=planned.plan.model,
+        device=planned.plan.device,
+        run_dir=str(run_dir),
+        started_at=started,
+        finished_at=utc_now(),
+        prepare_s=round(prepare_s, 2),
+        hardware=planned.hw,
+        dataset=DatasetSummary.of(planned.stats),
         arms=tuple(results),
-    )  # fmt: skip
+    )
 
 
 def _run_arm(
@@ -523,8 +592,7 @@ def _run_arm(
     for stage, share in zip(arm.stages, arm.shares, strict=True):
         timed = _for_budget(stage, budget_s * share, seed)
         progress = _renamed(on_update, arm.name)
-        result = runner.train_stage(timed, weights, data_yaml, arm_dir, log=log, on_update=progress,
-                                    log_file=log_file)  # fmt: skip
+        result = runner.train_stage(timed, weights, data_yaml, arm_dir, log=log, on_update=progress, log_file=log_file)
         stage_results.append(result)
         curve_parts.append((clock, timed, result))
         clock += result.wall_time_s
@@ -557,13 +625,21 @@ def _run_arm(
     if last.status == "early-stopped":
         note = note or _why_it_ended(stage_results, ran, budget_s)
     return ArmResult(
-        name=arm.name, imgsz=arm.stages[0].imgsz, batch=main.batch,
+        name=arm.name,
+        imgsz=arm.stages[0].imgsz,
+        batch=main.batch,
         epochs_done=sum(r.epochs_done for r in stage_results),
         images_per_s=main.images_per_s_steady or main.images_per_s,
-        wall_s=wall, eval_s=eval_s, status=last.status, note=note, weights=final_weights, curve=curve,
-        final=final, latency_ms=measured.latency_ms,
+        wall_s=wall,
+        eval_s=eval_s,
+        status=last.status,
+        note=note,
+        weights=final_weights,
+        curve=curve,
+        final=final,
+        latency_ms=measured.latency_ms,
         phases=tuple(p.imgsz for p in arm.stages[0].schedule.phases) if arm.stages[0].schedule else (),
-    )  # fmt: skip
+    )
 
 
 def _for_budget(stage: Stage, seconds: float, seed: int) -> Stage:
@@ -579,10 +655,19 @@ def _interrupted(arm: Arm, results: list[StageResult], wall: float, arm_dir: Pat
     """An arm stopped by Ctrl-C or SIGTERM: what it trained, its saved epochs kept and not validated."""
     last = results[-1]
     by = f" by {last.stopped_by}" if last.stopped_by and last.stopped_by != "SIGINT" else ""
-    return ArmResult(name=arm.name, imgsz=arm.stages[0].imgsz, batch=results[0].batch,
-                     epochs_done=sum(r.epochs_done for r in results), images_per_s=None, wall_s=wall, eval_s=0.0,
-                     status="interrupted", weights=last.weights or last.last_weights, stopped_by=last.stopped_by,
-                     note=f"interrupted{by}: its saved epochs are kept in {arm_dir}, not validated")  # fmt: skip
+    return ArmResult(
+        name=arm.name,
+        imgsz=arm.stages[0].imgsz,
+        batch=results[0].batch,
+        epochs_done=sum(r.epochs_done for r in results),
+        images_per_s=None,
+        wall_s=wall,
+        eval_s=0.0,
+        status="interrupted",
+        weights=last.weights or last.last_weights,
+        stopped_by=last.stopped_by,
+        note=f"interrupted{by}: its saved epochs are kept in {arm_dir}, not validated",
+    )
 
 
 def _why_it_ended(results: list[StageResult], ran: Stage, budget_s: float) -> str:
@@ -596,8 +681,10 @@ def _why_it_ended(results: list[StageResult], ran: Stage, budget_s: float) -> st
     epochs = last.epoch_validated or tuple(range(1, len(last.epoch_map50_95) + 1))  # --val-every: the validated ones
     if best is not None and last.epochs_done - epochs[best] >= ran.patience * last.val_every:
         return f"ended before the budget: no improvement for {ran.patience} epochs (patience)"
-    return (f"ended before the budget ({trained:.0f} of {budget_s:.0f} s): Ultralytics' time= fitted "
-            f"{last.epochs_done} epochs to the budget from the mean epoch time")  # fmt: skip
+    return (
+        f"ended before the budget ({trained:.0f} of {budget_s:.0f} s): Ultralytics' time= fitted "
+        f"{last.epochs_done} epochs to the budget from the mean epoch time"
+    )
 
 
 def _renamed(on_update: OnProgress | None, name: str) -> OnProgress | None:

@@ -200,19 +200,27 @@ def scan(path: str | Path, sample: int = SIZE_SAMPLE) -> DatasetStats:
     if same and not any("validating on the train" in n for n in notes):
         notes.append("val is the training images: its mAP measures memorisation, not how well the model generalises")
     if train.instances == 0:
-        problems.append(Problem(
-            "error", "no-labels", str(Path(train.sources[0])),
-            f"none of the {len(train.image_files)} training images has a usable box "
-            f"({train.labelled} label files, all empty or invalid): a detector cannot learn from background "
-            f"images alone; label files go in labels/ beside images/, one 'class x y w h' line per box",
-        ))  # fmt: skip
+        problems.append(
+            Problem(
+                "error",
+                "no-labels",
+                str(Path(train.sources[0])),
+                f"none of the {len(train.image_files)} training images has a usable box "
+                f"({train.labelled} label files, all empty or invalid): a detector cannot learn from background "
+                f"images alone; label files go in labels/ beside images/, one 'class x y w h' line per box",
+            )
+        )
     if val is not None and val.instances == 0 and not same:
-        problems.append(Problem(
-            "warning", NO_VAL_BOXES, str(Path(val.sources[0])),
-            f"none of the {len(val.image_files)} val images has a usable box ({val.labelled} label files): "
-            "Ultralytics cannot compute mAP on them, so a run has no validation metrics; label them, or point "
-            "val: at a labelled split",
-        ))  # fmt: skip
+        problems.append(
+            Problem(
+                "warning",
+                NO_VAL_BOXES,
+                str(Path(val.sources[0])),
+                f"none of the {len(val.image_files)} val images has a usable box ({val.labelled} label files): "
+                "Ultralytics cannot compute mAP on them, so a run has no validation metrics; label them, or point "
+                "val: at a labelled split",
+            )
+        )
     sizes, size_problems = _image_sizes(train.image_files, sample)
     return DatasetStats(
         yaml_path=str(yaml_path) if yaml_path else None,
@@ -245,9 +253,11 @@ def fingerprint(splits: Iterable[Split]) -> str:
 def changes(before: DatasetSummaryLike, after: DatasetStats) -> list[str]:
     """What differs between a run's dataset and the same dataset now, in words ([] when nothing does)."""
     out = []
-    for what, old, new in (("training images", before.train_images, after.train_images),
-                           ("val images", before.val_images, after.val_images),
-                           ("label files", before.label_files, after.label_files)):  # fmt: skip
+    for what, old, new in (
+        ("training images", before.train_images, after.train_images),
+        ("val images", before.val_images, after.val_images),
+        ("label files", before.label_files, after.label_files),
+    ):
         if old != new:
             out.append(f"{what} {old} -> {new}")
     if not out and before.fingerprint and before.fingerprint != after.fingerprint:
@@ -503,10 +513,16 @@ def _shared_labels(images: tuple[str, ...], labels: tuple[str, ...]) -> list[Pro
     for image, label in zip(images, labels, strict=True):
         readers.setdefault(label, []).append(image)
     return [
-        Problem("warning", "shared-label", label, f"read by {len(imgs)} images: {', '.join(Path(i).name for i in imgs)}"
-                "; rename all but one (each image's boxes go in its own label file)")
-        for label, imgs in readers.items() if len(imgs) > 1
-    ]  # fmt: skip
+        Problem(
+            "warning",
+            "shared-label",
+            label,
+            f"read by {len(imgs)} images: {', '.join(Path(i).name for i in imgs)}"
+            "; rename all but one (each image's boxes go in its own label file)",
+        )
+        for label, imgs in readers.items()
+        if len(imgs) > 1
+    ]
 
 
 def _check_rows(rows: list[list[str]], label: str, nc: int, problems: list[Problem], sides: list[float]) -> int:

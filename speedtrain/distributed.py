@@ -91,10 +91,16 @@ def join(device: Any) -> None:
         # torchrun --max-restarts keeps its agent's store across restarts: the keys of the group that failed (its
         # ranks' addresses, its barrier counts) are still there, and a group formed on them connects to dead ports
         # or waits forever (seen with torch 2.14 and gloo). Each attempt gets keys of its own.
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                              timeout=TIMEOUT)  # fmt: skip
-        dist.init_process_group(backend, store=dist.PrefixStore(f"speedtrain/attempt_{restart}", store),
-                                rank=_int("RANK", 0), world_size=_int("WORLD_SIZE", 1), timeout=TIMEOUT)  # fmt: skip
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=TIMEOUT
+        )
+        dist.init_process_group(
+            backend,
+            store=dist.PrefixStore(f"speedtrain/attempt_{restart}", store),
+            rank=_int("RANK", 0),
+            world_size=_int("WORLD_SIZE", 1),
+            timeout=TIMEOUT,
+        )
         return
     dist.init_process_group(backend, timeout=TIMEOUT)
 

@@ -339,8 +339,10 @@ def weakest(snapshots: list[HardwareSnapshot]) -> HardwareSnapshot:
     all_gpus = [g for s in snapshots for g in s.gpus]
     free = min((g.free_vram_gb for g in all_gpus), default=0.0)
     total = min((g.total_vram_gb for g in all_gpus), default=0.0)
-    gpus = tuple(replace(g, free_vram_gb=min(g.free_vram_gb, free), total_vram_gb=min(g.total_vram_gb, total))
-                 for g in first.gpus)  # fmt: skip
+    gpus = tuple(
+        replace(g, free_vram_gb=min(g.free_vram_gb, free), total_vram_gb=min(g.total_vram_gb, total))
+        for g in first.gpus
+    )
     shm = [s.shm_free_gb for s in snapshots if s.shm_free_gb is not None]
     return replace(
         first,

@@ -80,10 +80,20 @@ def knob(
 ) -> Any:
     """A planned knob's `Overrides` field: the default (None: the planner decides) and everything derived from it.
     `{planned}` in the help is the plan's own default."""
-    spec = {"flags": flags, "help": help.format(planned=planned), "minimum": minimum, "maximum": maximum,
-            "ultralytics": ultralytics, "planned": planned,
-            "stage": stage, "baseline": baseline, "cell": cell, "shown": shown,
-            "not_in": tuple((not_in or {}).items()), "tune": tune}  # fmt: skip
+    spec = {
+        "flags": flags,
+        "help": help.format(planned=planned),
+        "minimum": minimum,
+        "maximum": maximum,
+        "ultralytics": ultralytics,
+        "planned": planned,
+        "stage": stage,
+        "baseline": baseline,
+        "cell": cell,
+        "shown": shown,
+        "not_in": tuple((not_in or {}).items()),
+        "tune": tune,
+    }
     return field(default=default, metadata={"knob": spec})
 
 
@@ -96,17 +106,34 @@ CLASSIC_ARM = "compare's plan-classic arm trains the classic recipe"
 class Overrides:
     """What the user set; None means 'let the planner decide'. The knobs are in the plan table's order."""
 
-    model: str | None = knob("--model", "-m", help="A .pt file or model yaml. Default: {planned}.", shown="title",
-                             planned="yolo26n", tune=True)  # fmt: skip
+    model: str | None = knob(
+        "--model",
+        "-m",
+        help="A .pt file or model yaml. Default: {planned}.",
+        shown="title",
+        planned="yolo26n",
+        tune=True,
+    )
     imgsz: int | None = knob(
-        "--img-size", "--imgsz", ultralytics="imgsz", baseline=ULTRALYTICS_IMGSZ, cell=lambda s: _sizes(s), tune=True,
-        planned=416, help="Main-stage image size (multiple of 32); with --time, the first phase's. Default: {planned} "
+        "--img-size",
+        "--imgsz",
+        ultralytics="imgsz",
+        baseline=ULTRALYTICS_IMGSZ,
+        cell=lambda s: _sizes(s),
+        tune=True,
+        planned=416,
+        help="Main-stage image size (multiple of 32); with --time, the first phase's. Default: {planned} "
         "(--time: from the boxes' sizes).",
-    )  # fmt: skip
+    )
     batch: int | None = knob(
-        "--batch-size", "--batch", "-b", help="Total batch size. Default: sized from free VRAM.", ultralytics="batch",
-        baseline=16, cell=lambda s: _with_fallbacks(s),
-    )  # fmt: skip
+        "--batch-size",
+        "--batch",
+        "-b",
+        help="Total batch size. Default: sized from free VRAM.",
+        ultralytics="batch",
+        baseline=16,
+        cell=lambda s: _with_fallbacks(s),
+    )
     cache: Literal["ram", "disk", "none"] | None = knob(
         "--cache",
         help="Image cache. Default: ram if it fits, else disk.",
@@ -114,87 +141,171 @@ class Overrides:
         baseline="disk",
         cell=lambda s: s.cache or "none",
     )
-    workers: int | None = knob("--workers", "-w", help="Dataloader workers per GPU. Default: by RAM.",
-                               ultralytics="workers", baseline=8, cell=lambda s: s.workers)  # fmt: skip
-    epochs: int | None = knob("--epochs", "-e", minimum=1, help="Main-stage epochs. Default: {planned}.", planned=50,
-                              ultralytics="epochs", baseline=100, cell=lambda s: s.epochs,
-                              not_in={"compare": BUDGET})  # fmt: skip
+    workers: int | None = knob(
+        "--workers",
+        "-w",
+        help="Dataloader workers per GPU. Default: by RAM.",
+        ultralytics="workers",
+        baseline=8,
+        cell=lambda s: s.workers,
+    )
+    epochs: int | None = knob(
+        "--epochs",
+        "-e",
+        minimum=1,
+        help="Main-stage epochs. Default: {planned}.",
+        planned=50,
+        ultralytics="epochs",
+        baseline=100,
+        cell=lambda s: s.epochs,
+        not_in={"compare": BUDGET},
+    )
     optimizer: str | None = knob(
-        "--optimizer", help="Ultralytics optimizer name. Default: auto (Ultralytics' choice).", ultralytics="optimizer",
-        baseline="auto", cell=lambda s: f"{s.optimizer} lr0={s.lr0}",
-    )  # fmt: skip
-    lr0: float | None = knob("--lr0", minimum=0.0, help="Initial learning rate. Default: auto's.", ultralytics="lr0",
-                             shown="optimizer row")  # fmt: skip
-    rect: bool | None = knob("--rect", help="Rectangular batches (turns shuffle and mosaic off). Default: off.",
-                             ultralytics="rect", baseline=False, cell=lambda s: s.rect)  # fmt: skip
+        "--optimizer",
+        help="Ultralytics optimizer name. Default: auto (Ultralytics' choice).",
+        ultralytics="optimizer",
+        baseline="auto",
+        cell=lambda s: f"{s.optimizer} lr0={s.lr0}",
+    )
+    lr0: float | None = knob(
+        "--lr0", minimum=0.0, help="Initial learning rate. Default: auto's.", ultralytics="lr0", shown="optimizer row"
+    )
+    rect: bool | None = knob(
+        "--rect",
+        help="Rectangular batches (turns shuffle and mosaic off). Default: off.",
+        ultralytics="rect",
+        baseline=False,
+        cell=lambda s: s.rect,
+    )
     close_mosaic: int | None = knob(
-        "--close-mosaic", minimum=0, planned=10,
+        "--close-mosaic",
+        minimum=0,
+        planned=10,
         help="Last epochs without mosaic. Default: {planned} (--time: the budget's last 10%).",
-        ultralytics="close_mosaic", baseline=10,
+        ultralytics="close_mosaic",
+        baseline=10,
         cell=lambda s: f"last {s.schedule.close_mosaic:.0%} of budget" if s.schedule else s.close_mosaic,
-    )  # fmt: skip
+    )
     patience: int | None = knob(
-        "--patience", minimum=0, help="Early-stopping patience. Default: {planned} (--time: off).", planned=100,
-        ultralytics="patience", baseline=100, cell=lambda s: "off" if s.schedule and not s.patience else s.patience,
-    )  # fmt: skip
+        "--patience",
+        minimum=0,
+        help="Early-stopping patience. Default: {planned} (--time: off).",
+        planned=100,
+        ultralytics="patience",
+        baseline=100,
+        cell=lambda s: "off" if s.schedule and not s.patience else s.patience,
+    )
     val_every: str | int | None = knob(
-        "--val-every", help="Validate every N epochs, or auto (under 15% of the run). Default: 1.", baseline=1,
+        "--val-every",
+        help="Validate every N epochs, or auto (under 15% of the run). Default: 1.",
+        baseline=1,
         cell=lambda s: "at the end" if s.schedule else "auto" if s.val_every == 0 else s.val_every,
-    )  # fmt: skip
+    )
     threads: int | None = knob(
-        "--threads", minimum=1, help="torch threads in the training process. Default: physical cores on CPU.",
-        baseline="auto", cell=lambda s: s.threads or "auto", tune=True,
-    )  # fmt: skip
+        "--threads",
+        minimum=1,
+        help="torch threads in the training process. Default: physical cores on CPU.",
+        baseline="auto",
+        cell=lambda s: s.threads or "auto",
+        tune=True,
+    )
     deterministic: bool | None = knob(
-        "--deterministic", help="Bitwise-repeatable runs (slower on a GPU). Default: off.", ultralytics="deterministic",
-        baseline=True, cell=lambda s: s.deterministic,
-    )  # fmt: skip
-    amp: bool | None = knob("--amp", help="Mixed precision on a GPU. Default: on for a GPU, off on CPU.",
-                            ultralytics="amp", baseline=True, cell=lambda s: s.amp)  # fmt: skip
+        "--deterministic",
+        help="Bitwise-repeatable runs (slower on a GPU). Default: off.",
+        ultralytics="deterministic",
+        baseline=True,
+        cell=lambda s: s.deterministic,
+    )
+    amp: bool | None = knob(
+        "--amp",
+        help="Mixed precision on a GPU. Default: on for a GPU, off on CPU.",
+        ultralytics="amp",
+        baseline=True,
+        cell=lambda s: s.amp,
+    )
     pipeline: Literal["auto", "fast", "ultralytics"] = knob(
-        "--pipeline", default="auto", help="Training input: fast (decode once, augment batches), ultralytics, auto.",
-        baseline="ultralytics", cell=lambda s: s.pipeline,
-    )  # fmt: skip
-    device: str | None = knob("--device", help="cpu, mps, 0 or 0,1. Default: all visible GPUs.", ultralytics="device",
-                              shown="device line", tune=True)  # fmt: skip
+        "--pipeline",
+        default="auto",
+        help="Training input: fast (decode once, augment batches), ultralytics, auto.",
+        baseline="ultralytics",
+        cell=lambda s: s.pipeline,
+    )
+    device: str | None = knob(
+        "--device",
+        help="cpu, mps, 0 or 0,1. Default: all visible GPUs.",
+        ultralytics="device",
+        shown="device line",
+        tune=True,
+    )
     nproc_per_node: int | None = knob(
-        "--nproc-per-node", minimum=1, shown="device line", not_in={"compare": "compare measures one process"},
+        "--nproc-per-node",
+        minimum=1,
+        shown="device line",
+        not_in={"compare": "compare measures one process"},
         help="Training processes (ranks) on this node. Default: one per GPU of --device; on a CPU, N gloo ranks.",
-    )  # fmt: skip
+    )
     time: str | float | None = knob(
-        "--time", ultralytics="time", shown="time row", not_in={"compare": BUDGET},
+        "--time",
+        ultralytics="time",
+        shown="time row",
+        not_in={"compare": BUDGET},
         help="Time budget of the whole run (2h, 90m, 1h30m, or hours): Ultralytics' time= fits the epochs and the "
         "learning-rate schedule to it, at one size.",
-    )  # fmt: skip
+    )
     phases: str | None = knob(
-        "--phases", shown="time row",
+        "--phases",
+        shown="time row",
         help="--time in phases of rising image size on one learning-rate curve to zero at the deadline: auto (sizes "
         "from the boxes), the sizes, e.g. 320,416,640, or with their shares, 416:0.6,640:0.4 (the last is the size "
         "the model is scored at). Default: off, one size.",
-    )  # fmt: skip
+    )
     recipe: Literal["speedtrain", "classic"] = knob(
-        "--recipe", default="speedtrain", shown="optimizer row", not_in={"compare": CLASSIC_ARM},
+        "--recipe",
+        default="speedtrain",
+        shown="optimizer row",
+        not_in={"compare": CLASSIC_ARM},
         help="classic: the single-script recipe (Adam at 0.001, rect, cosine, close_mosaic 10, patience 10).",
-    )  # fmt: skip
+    )
     finetune: Literal["yes", "no", "auto", "ask"] = knob(
-        "--finetune", default="auto", shown="fine-tune line", not_in={"compare": ARMS},
+        "--finetune",
+        default="auto",
+        shown="fine-tune line",
+        not_in={"compare": ARMS},
         help="640-px fine-tune: auto (when the main stage's weights lose accuracy at 640), yes, no, or ask at the end.",
-    )  # fmt: skip
-    finetune_epochs: int | None = knob("--finetune-epochs", minimum=1, help="Fine-tune epochs. Default: {planned}.",
-                                       planned=25,
-                                       ultralytics="epochs", stage="finetune", shown="fine-tune line",
-                                       not_in={"compare": BUDGET})  # fmt: skip
-    finetune_imgsz: int | None = knob("--finetune-img-size", help="Fine-tune image size. Default: {planned}.",
-                                      planned=ULTRALYTICS_IMGSZ,
-                                      ultralytics="imgsz", stage="finetune", shown="fine-tune line")  # fmt: skip
+    )
+    finetune_epochs: int | None = knob(
+        "--finetune-epochs",
+        minimum=1,
+        help="Fine-tune epochs. Default: {planned}.",
+        planned=25,
+        ultralytics="epochs",
+        stage="finetune",
+        shown="fine-tune line",
+        not_in={"compare": BUDGET},
+    )
+    finetune_imgsz: int | None = knob(
+        "--finetune-img-size",
+        help="Fine-tune image size. Default: {planned}.",
+        planned=ULTRALYTICS_IMGSZ,
+        ultralytics="imgsz",
+        stage="finetune",
+        shown="fine-tune line",
+    )
     target_map: float | None = knob(
-        "--target-map", default=DEFAULT_TARGET_MAP, minimum=0.0, maximum=1.0, shown="fine-tune line",
-        help="--finetune auto: skip it once mAP50-95 at 640 reaches this.", not_in={"compare": ARMS},
-    )  # fmt: skip
+        "--target-map",
+        default=DEFAULT_TARGET_MAP,
+        minimum=0.0,
+        maximum=1.0,
+        shown="fine-tune line",
+        help="--finetune auto: skip it once mAP50-95 at 640 reaches this.",
+        not_in={"compare": ARMS},
+    )
     prepare: Literal["auto", "yes", "no"] = knob(
-        "--prepare", default="auto", shown="prepare line",
+        "--prepare",
+        default="auto",
+        shown="prepare line",
         help="Pre-resize the dataset once: auto (when most images are much larger), yes, no.",
-    )  # fmt: skip
+    )
     # not knobs: set by speedtrain itself
     world: int | None = None  # ranks in all, when a launcher (torchrun, srun) started this process as one of them
     extra: tuple[tuple[str, Any], ...] = ()  # other Ultralytics train arguments, key=value
@@ -284,8 +395,10 @@ def table_rows() -> tuple[tuple[str, Any, Callable[[Any], Any], tuple[str, ...]]
 
 def markdown_table() -> str:
     """The docs' knob table, generated from the declarations (tools/cli_docs.py writes it into docs/plan.md)."""
-    lines = ["| knob (Python) | flag | Ultralytics argument | Ultralytics' value | shown in the plan | commands |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| knob (Python) | flag | Ultralytics argument | Ultralytics' value | shown in the plan | commands |",
+        "|---|---|---|---|---|---|",
+    ]
     for k in KNOBS:
         ult = f"`{k.ultralytics}`" + (" (fine-tune)" if k.stage == "finetune" else "") if k.ultralytics else "-"
         base = "-" if k.baseline is None else f"`{k.baseline}`"

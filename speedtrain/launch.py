@@ -80,9 +80,16 @@ def launch_config(nproc: int, run_id: str) -> Any:
 
     grace: dict[str, Any] = {"shutdown_timeout": SHUTDOWN_S} if _has_grace_field(LaunchConfig) else {}
     return LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=run_id, rdzv_backend="c10d",
-        rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=MONITOR_S, **grace,
-    )  # fmt: skip
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=run_id,
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=0,
+        monitor_interval=MONITOR_S,
+        **grace,
+    )
 
 
 def grace_s() -> int:
@@ -123,6 +130,9 @@ def failure_line(exc: Any, run_dir: Path) -> str:
     how = failure.signal_name() if failure.exitcode < 0 else f"exit code {failure.exitcode}"
     why = "was killed" if failure.exitcode < 0 else "failed"
     saved = [d.name for d in _stage_dirs(run_dir) if resume_point(d) is not None]
-    kept = (f"the saved epochs of {', '.join(saved)} are kept: go on with `speedtrain train --resume {run_dir}`"
-            if saved else f"no epoch was saved yet; its log: {run_dir / 'ultralytics.log'}")  # fmt: skip
+    kept = (
+        f"the saved epochs of {', '.join(saved)} are kept: go on with `speedtrain train --resume {run_dir}`"
+        if saved
+        else f"no epoch was saved yet; its log: {run_dir / 'ultralytics.log'}"
+    )
     return f"rank {rank} {why} ({how}, pid {failure.pid}); the other ranks were stopped; {kept}"

@@ -115,8 +115,12 @@ def _build(folder: Path, files: list[str], imgsz: int, workers: int | None) -> N
         for i, h, w in pmap(_decode_into, jobs, workers):
             hw[i] = (h, w)
         labels = [_labels_for(f, int(h), int(w)) for f, (h, w) in zip(files, hw, strict=True)]
-        np.savez(tmp / "labels.npz", hw=hw, counts=np.array([len(x) for x in labels]),
-                 rows=np.concatenate(labels) if labels else np.zeros((0, 5), np.float32))  # fmt: skip
+        np.savez(
+            tmp / "labels.npz",
+            hw=hw,
+            counts=np.array([len(x) for x in labels]),
+            rows=np.concatenate(labels) if labels else np.zeros((0, 5), np.float32),
+        )
         write_atomic(tmp / "meta.json", json.dumps({"files": files, "imgsz": imgsz}).encode())
         if folder.exists() and not (folder / "meta.json").is_file():
             shutil.rmtree(folder)  # half of one from a run that was killed before the store existed in this form
@@ -147,8 +151,12 @@ def _exclusive(lock: Path) -> Iterator[None]:
 
 def _check_room(root: Path, nbytes: int) -> None:
     """The store is written once, in full: refuse before writing when the disk cannot hold it."""
-    check_free_disk(root, nbytes / 1024**3, "the fast pipeline's decoded store",
-                    "free space, lower --img-size, or use --pipeline ultralytics")  # fmt: skip
+    check_free_disk(
+        root,
+        nbytes / 1024**3,
+        "the fast pipeline's decoded store",
+        "free space, lower --img-size, or use --pipeline ultralytics",
+    )
 
 
 def load_store(folder: Path) -> Store:
@@ -393,8 +401,11 @@ def warp(tiles: Any, offsets: Any, used: Any, mosaic: Any, centre: Any, canvas: 
     b, t, s = tiles.shape[0], tiles.shape[1], tiles.shape[2]
     cols = 2 if t == 4 else 1
     inv = _affine_inverse(m)  # (B, 3, 3)
-    ys, xs = torch.meshgrid(torch.arange(size, device=m.device, dtype=torch.float32),
-                            torch.arange(size, device=m.device, dtype=torch.float32), indexing="ij")  # fmt: skip
+    ys, xs = torch.meshgrid(
+        torch.arange(size, device=m.device, dtype=torch.float32),
+        torch.arange(size, device=m.device, dtype=torch.float32),
+        indexing="ij",
+    )
     pts = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, -1, 3)  # (1, S*S, 3)
     src = (pts @ inv.transpose(1, 2))[..., :2]  # (B, S*S, 2): the canvas point of every output pixel
     cx, cy = src[..., 0], src[..., 1]
@@ -408,11 +419,13 @@ def warp(tiles: Any, offsets: Any, used: Any, mosaic: Any, centre: Any, canvas: 
     rows = 2 if t == 4 else 1
     if t == 4:  # a single image in a mosaic batch: its last half pixel must not blend with the next atlas slot
         atlas_xy = torch.where(mosaic.view(b, 1, 1), atlas_xy, atlas_xy.clamp(max=s - 0.5))
-    atlas = (tiles.view(b, rows, cols, s, s, 3).permute(0, 5, 1, 3, 2, 4).reshape(b, 3, rows * s, cols * s).float()
-             - PAD)  # PAD becomes 0, like grid_sample's zero padding  # fmt: skip
+    atlas = (
+        tiles.view(b, rows, cols, s, s, 3).permute(0, 5, 1, 3, 2, 4).reshape(b, 3, rows * s, cols * s).float() - PAD
+    )  # PAD becomes 0, like grid_sample's zero padding
     grid = (2 * atlas_xy + 1) / (cols * s) - 1
-    sampled = F.grid_sample(atlas, grid.view(b, size, size, 2), mode="bilinear", padding_mode="zeros",
-                            align_corners=False)  # fmt: skip
+    sampled = F.grid_sample(
+        atlas, grid.view(b, size, size, 2), mode="bilinear", padding_mode="zeros", align_corners=False
+    )
     keep = inside & used.gather(1, q)
     return sampled * keep.view(b, 1, size, size) + PAD
 
@@ -448,8 +461,9 @@ def warp_boxes(boxes: Any, mask: Any, m: Any, scale: Any, size: int) -> tuple[An
     import torch
 
     x1, y1, x2, y2 = boxes[..., 1], boxes[..., 2], boxes[..., 3], boxes[..., 4]
-    corners = torch.stack([torch.stack([x1, y1], -1), torch.stack([x2, y1], -1), torch.stack([x1, y2], -1),
-                           torch.stack([x2, y2], -1)], 2)  # (B, N, 4, 2)  # fmt: skip
+    corners = torch.stack(
+        [torch.stack([x1, y1], -1), torch.stack([x2, y1], -1), torch.stack([x1, y2], -1), torch.stack([x2, y2], -1)], 2
+    )  # (B, N, 4, 2)
     ones = torch.ones_like(corners[..., :1])
     pts = torch.cat([corners, ones], -1) @ m[:, None].transpose(-1, -2)  # (B, N, 4, 3)
     xy = pts[..., :2]
@@ -482,8 +496,11 @@ def hsv(imgs: Any, hyp: Hyp, rand: Any) -> Any:
     d = mx - mn
     red, green, blue = x[:, 0], x[:, 1], x[:, 2]
     safe = d.clamp_min(1e-8)
-    hue = torch.where(argmx == 0, ((green - blue) / safe) % 6, torch.where(argmx == 1, (blue - red) / safe + 2,
-                                                                            (red - green) / safe + 4))  # fmt: skip
+    hue = torch.where(
+        argmx == 0,
+        ((green - blue) / safe) % 6,
+        torch.where(argmx == 1, (blue - red) / safe + 2, (red - green) / safe + 4),
+    )
     hue = torch.where(d > 0, hue / 6, torch.zeros_like(hue))
     sat = torch.where(mx > 0, d / mx.clamp_min(1e-8), torch.zeros_like(mx))
     hue = (hue + r[:, 0, None, None]) % 1.0
@@ -520,8 +537,15 @@ def to_ultralytics(out: dict[str, Any], files: list[str]) -> dict[str, Any]:
     rows = out["boxes"][where[:, 0], where[:, 1]]
     idx = where[:, 0].float()
     xyxy = rows[:, 1:] / s
-    xywh = torch.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2,
-                        xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], 1)  # fmt: skip
+    xywh = torch.stack(
+        [
+            (xyxy[:, 0] + xyxy[:, 2]) / 2,
+            (xyxy[:, 1] + xyxy[:, 3]) / 2,
+            xyxy[:, 2] - xyxy[:, 0],
+            xyxy[:, 3] - xyxy[:, 1],
+        ],
+        1,
+    )
     return {
         "img": out["img"].clamp(0, 1),
         "cls": rows[:, :1],
@@ -546,8 +570,15 @@ class StoreDataset:
         self.labels = []
         for (h, w), rows in zip(store.hw, store.labels, strict=True):
             xyxy = rows[:, 1:] / s
-            xywh = np.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2,
-                             xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], 1)  # fmt: skip
+            xywh = np.stack(
+                [
+                    (xyxy[:, 0] + xyxy[:, 2]) / 2,
+                    (xyxy[:, 1] + xyxy[:, 3]) / 2,
+                    xyxy[:, 2] - xyxy[:, 0],
+                    xyxy[:, 3] - xyxy[:, 1],
+                ],
+                1,
+            )
             self.labels.append({"cls": rows[:, :1], "bboxes": xywh, "shape": (int(h), int(w))})
 
     def __len__(self) -> int:
@@ -598,9 +629,16 @@ class StoreLoader:
     drop_last = False
 
     def __init__(
-        self, store: Store, batch_size: int, seed: int, hyp: Hyp, device: Any = "cpu", rank: int = -1,
-        world: int = 1, resident: bool = False,
-    ) -> None:  # fmt: skip
+        self,
+        store: Store,
+        batch_size: int,
+        seed: int,
+        hyp: Hyp,
+        device: Any = "cpu",
+        rank: int = -1,
+        world: int = 1,
+        resident: bool = False,
+    ) -> None:
         import torch
 
         self.dataset = StoreDataset(store)

@@ -222,9 +222,11 @@ def _budgeted(
     if why_not or ov.phases is None:
         if ov.phases is None and len(stages) > 1 and stages[1].when != "always":
             # the budget to the main stage: an auto fine-tune would either leave its share unused or overrun it
-            reasons["finetune"] = (f"off with --time (--finetune {ov.finetune}): the whole budget trains one size, "
-                                   f"the measured best (see time); --finetune yes gives it {FINETUNE_TIME_SHARE:.0%} "
-                                   "of the budget")  # fmt: skip
+            reasons["finetune"] = (
+                f"off with --time (--finetune {ov.finetune}): the whole budget trains one size, "
+                f"the measured best (see time); --finetune yes gives it {FINETUNE_TIME_SHARE:.0%} "
+                "of the budget"
+            )
             for key in ("finetune.batch", "finetune.cache", "finetune.lr0"):
                 reasons.pop(key, None)
             stages = stages[:1]
@@ -234,8 +236,9 @@ def _budgeted(
             reasons["epochs"] += "; Ultralytics' time= refits them to the budget after the first epoch"
         return stages
     if ov.epochs is not None or ov.finetune_epochs is not None:
-        warnings.append("--epochs and --finetune-epochs do not apply with --time: the phases' epochs are fitted to "
-                        "the deadline")  # fmt: skip
+        warnings.append(
+            "--epochs and --finetune-epochs do not apply with --time: the phases' epochs are fitted to the deadline"
+        )
     return [_deadline_stage(stats, ov, stages, seconds, reasons)]
 
 
@@ -247,12 +250,16 @@ def _check_ranks(hw: HardwareSnapshot, requested: int | None, gpus: int, device:
     if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
         raise UsageError(f"--nproc-per-node {requested}: a whole number of ranks, 1 or more")
     if gpus and requested != gpus:
-        raise UsageError(f"--nproc-per-node {requested}: --device {device} has {gpus} GPU{'s' if gpus > 1 else ''}; "
-                         "one rank per GPU (leave --nproc-per-node out, or list the GPUs in --device)")  # fmt: skip
+        raise UsageError(
+            f"--nproc-per-node {requested}: --device {device} has {gpus} GPU{'s' if gpus > 1 else ''}; "
+            "one rank per GPU (leave --nproc-per-node out, or list the GPUs in --device)"
+        )
     cores = max(hw.cpu_cores_logical, 1)
     if not gpus and requested > cores:
-        raise UsageError(f"--nproc-per-node {requested}: this machine has {cores} logical cores; use 1 to {cores} "
-                         "CPU ranks (each needs a core)")  # fmt: skip
+        raise UsageError(
+            f"--nproc-per-node {requested}: this machine has {cores} logical cores; use 1 to {cores} "
+            "CPU ranks (each needs a core)"
+        )
 
 
 def _main_stage(
@@ -913,13 +920,21 @@ def _deadline_stage(
     final = sizes[-1] if sizes else final_stage.imgsz
     user_first = main.imgsz if ov.imgsz is not None and final_stage is not main else None
     pretrained = not str(ov.model or DEFAULT_MODEL).lower().endswith((".yaml", ".yml"))
-    schedule, why_low = plan_schedule(seconds, final, user_first, stats.small_box_px(final), pretrained, sizes,
-                                      shares)  # fmt: skip
+    schedule, why_low = plan_schedule(seconds, final, user_first, stats.small_box_px(final), pretrained, sizes, shares)
     stage = replace(
-        main, imgsz=final, batch=final_stage.batch, batch_fallbacks=final_stage.batch_fallbacks,
-        cache=final_stage.cache, ram_cache_need_gb=final_stage.ram_cache_need_gb, warmup_epochs=0.0,
-        close_mosaic=0, patience=ov.patience or 0, val_every=1, schedule=schedule, when="always",
-    )  # fmt: skip
+        main,
+        imgsz=final,
+        batch=final_stage.batch,
+        batch_fallbacks=final_stage.batch_fallbacks,
+        cache=final_stage.cache,
+        ram_cache_need_gb=final_stage.ram_cache_need_gb,
+        warmup_epochs=0.0,
+        close_mosaic=0,
+        patience=ov.patience or 0,
+        val_every=1,
+        schedule=schedule,
+        when="always",
+    )
     reasons.update(_schedule_reasons(schedule, why_low, ov, len(stages) > 1))
     if final_stage is not main:  # batch and cache as planned for the largest size; the fine-tune's own rows go
         reasons["batch"] = reasons.pop("finetune.batch") + f" (planned at {final}, the largest phase)"
@@ -1009,11 +1024,15 @@ def _timed(stages: list[Stage], seconds: float) -> tuple[list[Stage], str]:
     shares = {"main": 1.0} if len(stages) == 1 else {"main": 1 - FINETUNE_TIME_SHARE, "finetune": FINETUNE_TIME_SHARE}
     timed = [replace(s, extra=(*s.extra, ("time", round(seconds * shares[s.name] / 3600, 5)))) for s in stages]
     split = ", ".join(f"{s.name} {duration(seconds * shares[s.name])}" for s in stages)
-    why = (f"{duration(seconds)}: {split}; Ultralytics' time= per stage fits the epochs to it from the measured epoch "
-           "time and rebuilds the learning-rate schedule with them")  # fmt: skip
+    why = (
+        f"{duration(seconds)}: {split}; Ultralytics' time= per stage fits the epochs to it from the measured epoch "
+        "time and rebuilds the learning-rate schedule with them"
+    )
     if len(stages) > 1:
-        why += (f"; {FINETUNE_TIME_SHARE:.0%} for the fine-tune (measured: it added 0.005 mAP50-95 at 640 in 30% "
-                "of the time)")  # fmt: skip
+        why += (
+            f"; {FINETUNE_TIME_SHARE:.0%} for the fine-tune (measured: it added 0.005 mAP50-95 at 640 in 30% "
+            "of the time)"
+        )
         if stages[1].when != "always":
             why += ", left unused when it is skipped"
     return timed, why
@@ -1048,8 +1067,9 @@ def _val_every(ov: Overrides, ranks: int) -> tuple[int, str]:
         )
     if not raw.isdigit() or int(raw) < 1:
         raise UsageError(f"--val-every {ov.val_every}: expected auto or a whole number of epochs, 1 or more")
-    return int(raw), "set by user" + (f"; the last {VAL_LAST} and any epoch that could stop the run early are "
-                                      "validated too" if int(raw) > 1 else "")  # fmt: skip
+    return int(raw), "set by user" + (
+        f"; the last {VAL_LAST} and any epoch that could stop the run early are validated too" if int(raw) > 1 else ""
+    )
 
 
 def _fold_extra(ov: Overrides) -> Overrides:

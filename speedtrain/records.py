@@ -261,12 +261,21 @@ class DatasetSummary:
     def of(cls, stats: DatasetStats) -> DatasetSummary:
         sizes = stats.image_sizes
         return cls(
-            yaml_path=stats.yaml_path, root=stats.root, train_images=stats.train_images,
-            val_images=stats.val_images, label_files=stats.label_files, background_images=stats.background_images,
-            classes=stats.classes, median_long_side=sizes.median_long_side(), max_long_side=sizes.max_long_side(),
-            sampled=sizes.sampled, sample_size=len(sizes.dims), problems=stats.problems, notes=tuple(stats.notes),
+            yaml_path=stats.yaml_path,
+            root=stats.root,
+            train_images=stats.train_images,
+            val_images=stats.val_images,
+            label_files=stats.label_files,
+            background_images=stats.background_images,
+            classes=stats.classes,
+            median_long_side=sizes.median_long_side(),
+            max_long_side=sizes.max_long_side(),
+            sampled=sizes.sampled,
+            sample_size=len(sizes.dims),
+            problems=stats.problems,
+            notes=tuple(stats.notes),
             fingerprint=stats.fingerprint,
-        )  # fmt: skip
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The report's "dataset" block (also what `speedtrain check --json` prints)."""
@@ -333,14 +342,21 @@ def _dataset_dict(d: DatasetSummary) -> dict[str, Any]:
 def _dataset(raw: dict[str, Any]) -> DatasetSummary:
     size = raw.get("image_size", {})
     return DatasetSummary(
-        yaml_path=raw.get("yaml_path"), root=raw["root"], train_images=int(raw["train_images"]),
-        val_images=int(raw["val_images"]), label_files=int(raw.get("label_files", 0)),
-        background_images=int(raw.get("background_images", 0)), classes=int(raw.get("classes", 0)),
-        median_long_side=int(size.get("median_long_side", 0)), max_long_side=int(size.get("max_long_side", 0)),
-        sampled=bool(size.get("sampled", False)), sample_size=int(size.get("sample_size", 0)),
-        problems=tuple(Problem(**p) for p in raw.get("problems", [])), notes=tuple(raw.get("notes", [])),
+        yaml_path=raw.get("yaml_path"),
+        root=raw["root"],
+        train_images=int(raw["train_images"]),
+        val_images=int(raw["val_images"]),
+        label_files=int(raw.get("label_files", 0)),
+        background_images=int(raw.get("background_images", 0)),
+        classes=int(raw.get("classes", 0)),
+        median_long_side=int(size.get("median_long_side", 0)),
+        max_long_side=int(size.get("max_long_side", 0)),
+        sampled=bool(size.get("sampled", False)),
+        sample_size=int(size.get("sample_size", 0)),
+        problems=tuple(Problem(**p) for p in raw.get("problems", [])),
+        notes=tuple(raw.get("notes", [])),
         fingerprint=str(raw.get("fingerprint", "")),
-    )  # fmt: skip
+    )
 
 
 OnEvent = Callable[[str, Any], None]

@@ -42,12 +42,17 @@ def after_rank_oom(
                 "plan; try a smaller --img-size or model (for example --model yolo26n.yaml)"
             )
         epoch = int(worst["epoch"])
-        history.append(OomFallback(epoch, int(worst["batch"]), smaller, str(worst["at"]),
-                                   f"rank {worst['rank']}: {worst['error']}"))  # fmt: skip
+        history.append(
+            OomFallback(
+                epoch, int(worst["batch"]), smaller, str(worst["at"]), f"rank {worst['rank']}: {worst['error']}"
+            )
+        )
         batch = smaller
         where = f"from the checkpoint after epoch {epoch - 1}" if epoch > 1 else "from the start"
-        log(f"{stage.name}: rank {worst['rank']} ran out of memory in epoch {epoch} at batch {worst['batch']}; "
-            f"all {world.size} ranks go on with {smaller} {where}")  # fmt: skip
+        log(
+            f"{stage.name}: rank {worst['rank']} ran out of memory in epoch {epoch} at batch {worst['batch']}; "
+            f"all {world.size} ranks go on with {smaller} {where}"
+        )
         if world.leader:
             from speedtrain.util import write_atomic
 
@@ -142,9 +147,17 @@ def validate_again(
         log(f"{stage.name}: the final validation ran out of memory; validating {best.name} again at batch {batch}")
         try:
             metrics = ultra.validate(
-                best, data_yaml, batch=batch, imgsz=stage.imgsz, device=stage.device, plots=False, verbose=False,
-                project=str(stage_dir), name="final-val", exist_ok=True,
-            )  # fmt: skip
+                best,
+                data_yaml,
+                batch=batch,
+                imgsz=stage.imgsz,
+                device=stage.device,
+                plots=False,
+                verbose=False,
+                project=str(stage_dir),
+                name="final-val",
+                exist_ok=True,
+            )
             note = f"the final validation ran out of memory ({first_line(exc)}); validated again at batch {batch}"
             return metrics, note
         except Exception as again:
@@ -158,8 +171,11 @@ def validate_again(
 
 def disk_full(stage_name: str, stage_dir: Path, exc: OSError) -> DiskSpaceError:
     point = resume_point(stage_dir)
-    where = (f"the last complete checkpoint is {point}" if point is not None else
-             "no epoch of this stage was saved yet, so it starts again")  # fmt: skip
+    where = (
+        f"the last complete checkpoint is {point}"
+        if point is not None
+        else "no epoch of this stage was saved yet, so it starts again"
+    )
     return DiskSpaceError(
         f"{stage_name}: the disk filled up while training ({exc.filename or stage_dir}); free some space "
         f"and go on with --resume ({where})"
@@ -179,8 +195,9 @@ def image_gone(exc: BaseException) -> str | None:
 
 def dataset_changed(stage_name: str, stage_dir: Path, image: str) -> DatasetError:
     point = resume_point(stage_dir)
-    kept = (f"the epochs saved so far are kept ({point})" if point is not None else
-            "no epoch of this stage was saved yet")  # fmt: skip
+    kept = (
+        f"the epochs saved so far are kept ({point})" if point is not None else "no epoch of this stage was saved yet"
+    )
     return DatasetError(
         f"{stage_name}: {image} disappeared while training (the dataset was moved or deleted?); {kept}: put it "
         "back and go on with --resume"

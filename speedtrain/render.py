@@ -117,8 +117,13 @@ def render_phases(schedule: Schedule, why: str) -> RenderableType:
     at = 0.0
     for i, (size, share, lr_start, lr_end) in enumerate(schedule.rows(), 1):
         peak = " -> 1.00" if at <= schedule.warmup < at + share else ""  # the warmup ends in this phase
-        table.add_row(str(i), f"{size} px", f"{share:.0%}", duration(at * schedule.budget_s),
-                      f"{lr_start:.2f}{peak} -> {lr_end:.2f}")  # fmt: skip
+        table.add_row(
+            str(i),
+            f"{size} px",
+            f"{share:.0%}",
+            duration(at * schedule.budget_s),
+            f"{lr_start:.2f}{peak} -> {lr_end:.2f}",
+        )
         at += share
     notes = Text(
         f"warmup {schedule.warmup:.0%} of the budget; mosaic off for its last {schedule.close_mosaic:.0%}; the "
@@ -287,8 +292,10 @@ def stage_notes(s: StageReport, no_metrics: bool = False) -> list[str]:
     name, m = s.stage.name, s.measured
     assert m is not None
     notes = _learning_notes(s, m, no_metrics)
-    notes += [f"{name}: out of memory at batch {oom.from_batch}, continued with {oom.to_batch} (epoch {oom.epoch}, "
-              f"{oom.at})" for oom in m.oom_fallbacks]  # fmt: skip
+    notes += [
+        f"{name}: out of memory at batch {oom.from_batch}, continued with {oom.to_batch} (epoch {oom.epoch}, {oom.at})"
+        for oom in m.oom_fallbacks
+    ]
     if s.note:  # interrupted, a limit that ended it, a final validation that failed
         notes.append(f"{name}: {s.note}")
     if m.threads or m.cpu_util_mean is not None:
@@ -353,17 +360,21 @@ def schedule_line(name: str, log: Sequence[dict[str, Any]], budget_s: float) -> 
     closed = next((e["epoch"] for e in log if not e["mosaic"]), None)
     mosaic = f"; mosaic off from epoch {closed}" if closed else ""
     end = log[-1]["end_s"]
-    return (f"{name}: {', '.join(parts)}{mosaic}; training ended at {duration(end)} of its {duration(budget_s)} "
-            "deadline, the last epoch validated")  # fmt: skip
+    return (
+        f"{name}: {', '.join(parts)}{mosaic}; training ended at {duration(end)} of its {duration(budget_s)} "
+        "deadline, the last epoch validated"
+    )
 
 
 def estimate_line(name: str, m: StageResult) -> str:
     """The time estimate printed while the stage's first epoch ran, beside what was measured."""
     measured, estimated = statistics.fmean(m.train_times_s), m.estimated_epoch_s or 0.0
     off = (measured - estimated) / estimated if estimated else 0.0
-    return (f"{name}: an epoch's training pass, estimated {m.estimated_epoch_s:.1f} s from the first "
-            f"{m.estimated_from_batches} batches; measured {measured:.1f} s (mean of {len(m.train_times_s)}, "
-            f"{off:+.0%})")  # fmt: skip
+    return (
+        f"{name}: an epoch's training pass, estimated {m.estimated_epoch_s:.1f} s from the first "
+        f"{m.estimated_from_batches} batches; measured {measured:.1f} s (mean of {len(m.train_times_s)}, "
+        f"{off:+.0%})"
+    )
 
 
 def final_accuracy(rep: SpeedReport) -> str:
@@ -524,8 +535,13 @@ def _schedule_panel(ax: Any, stage: Any, m: StageResult) -> None:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("learning rate (x peak)")
     sizes = ax.twinx()
-    sizes.step([e["start_s"] / 60 for e in log] + [log[-1]["end_s"] / 60], [e["imgsz"] for e in log] +
-               [log[-1]["imgsz"]], where="post", color="tab:orange", label="image size")  # fmt: skip
+    sizes.step(
+        [e["start_s"] / 60 for e in log] + [log[-1]["end_s"] / 60],
+        [e["imgsz"] for e in log] + [log[-1]["imgsz"]],
+        where="post",
+        color="tab:orange",
+        label="image size",
+    )
     sizes.set_ylabel("image size (px)", fontsize=8)
     for before, e in zip(log, log[1:], strict=False):
         if e["imgsz"] != before["imgsz"]:
@@ -547,8 +563,14 @@ def _rank_lines(ax: Any, name: str, m: StageResult) -> None:
     shown = ranks if len(ranks) <= SHOWN_RANKS else [ranks[0], ranks[-1]]
     for r in shown:
         ax.axhline(r.images_per_s, linestyle=":", linewidth=1, color="grey")
-        ax.annotate(f"{name} rank {r.rank}", (0.01, r.images_per_s), xycoords=("axes fraction", "data"), fontsize=6,
-                    va="bottom", color="grey")  # fmt: skip
+        ax.annotate(
+            f"{name} rank {r.rank}",
+            (0.01, r.images_per_s),
+            xycoords=("axes fraction", "data"),
+            fontsize=6,
+            va="bottom",
+            color="grey",
+        )
 
 
 def _style(ax: Any, title: str, xlabel: str, ylabel: str, epochs: int) -> None:
@@ -598,8 +620,16 @@ def render_comparison(c: Comparison, saved: Path) -> RenderableType:
     if c.baseline_budget_s and c.baseline_budget_s != c.budget_s and c.arm("defaults"):
         title += f" ({c.baseline_budget_s:.0f} s for the defaults)"
     caption = "mAP@N: the final weights' mAP50-95 at N px; ms@640: latency, batch 1"
-    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left", box=None,
-                  padding=(0, 1), pad_edge=False, header_style="bold underline")  # fmt: skip
+    table = Table(
+        title=title,
+        title_justify="left",
+        caption=caption,
+        caption_justify="left",
+        box=None,
+        padding=(0, 1),
+        pad_edge=False,
+        header_style="bold underline",
+    )
     table.add_column("arm", no_wrap=True, min_width=max(len(a.name) for a in c.arms) if c.arms else 3)
     for col in ("size", "batch", "epochs", "img/s", *[f"mAP@{s}" for s in c.val_sizes], "ms@640", "wall s"):
         table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
@@ -607,10 +637,15 @@ def render_comparison(c: Comparison, saved: Path) -> RenderableType:
         finals = [a.final_at(s) for s in c.val_sizes]
         latency = dict(a.latency_ms).get(640)
         table.add_row(
-            a.name, a.size, str(a.batch), str(a.epochs_done), _num(a.images_per_s, "{:.1f}"),
-            *[fmt_map(f.map50_95) if f else "-" for f in finals], _num(latency, "{:.1f}"),
+            a.name,
+            a.size,
+            str(a.batch),
+            str(a.epochs_done),
+            _num(a.images_per_s, "{:.1f}"),
+            *[fmt_map(f.map50_95) if f else "-" for f in finals],
+            _num(latency, "{:.1f}"),
             f"{a.wall_s:.0f}",
-        )  # fmt: skip
+        )
     lines = [Text(c.time_to_accuracy(a.name).line, style="bold") for a in c.arms if a.name != "defaults"]
     lines += [Text(e.line) for e in (c.equal_budget(a.name) for a in c.arms if a.name != "defaults") if e]
     return Group(table, *lines, *[Text(n) for n in _comparison_notes(c)], Text(f"saved: {saved}"))

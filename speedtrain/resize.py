@@ -300,8 +300,10 @@ def _run_jobs(
         for src, dst, status, n_before, n_after, error in pmap(_resize_one, jobs, workers, progress):
             if status == "no-space":  # the disk filled up: stop, keep what is done (the manifest below) and say so
                 done = tally.resized + tally.copied
-                raise DiskSpaceError(f"{dst}: the disk is full ({error}); the {done} images finished are kept; free "
-                                     f"some space and run the same prepare again to complete {out_dir}")  # fmt: skip
+                raise DiskSpaceError(
+                    f"{dst}: the disk is full ({error}); the {done} images finished are kept; free "
+                    f"some space and run the same prepare again to complete {out_dir}"
+                )
             if status == "failed":
                 tally.failed.append(Problem("warning", "unreadable-image", src, f"skipped: {error}"))
                 continue

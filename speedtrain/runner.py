@@ -68,8 +68,9 @@ def run(
     from speedtrain import ultra
 
     with ultra.session():
-        return _run(plan, data_yaml, run_dir, started, t0, previous, hooks, before_stage, on_progress, log_file,
-                    resuming)  # fmt: skip
+        return _run(
+            plan, data_yaml, run_dir, started, t0, previous, hooks, before_stage, on_progress, log_file, resuming
+        )
 
 
 def _run(
@@ -108,9 +109,17 @@ def _run(
             stage = before_stage(stage)
             on_progress(tuple(results), stage.name)
             result = train_stage(
-                stage, weights, data_yaml, Path(run_dir), log=log, previous=prior, on_update=hooks.on_update,
-                log_file=log_file, resuming=resuming, later=plan.stages[index + 1 :],
-            )  # fmt: skip
+                stage,
+                weights,
+                data_yaml,
+                Path(run_dir),
+                log=log,
+                previous=prior,
+                on_update=hooks.on_update,
+                log_file=log_file,
+                resuming=resuming,
+                later=plan.stages[index + 1 :],
+            )
             world = distributed.world()
             if result.status != "interrupted":
                 # Ultralytics' validator gathers from every rank when ranks exist (detect/val.py gather_stats,
@@ -123,8 +132,16 @@ def _run(
             on_progress(tuple(results), None)
             if result.status == "interrupted":
                 wall = round(time.perf_counter() - t0, 2)
-                return RunResult(str(run_dir), source, note, tuple(results), started, wall, interrupted=True,
-                                 stopped_by=result.stopped_by)  # fmt: skip
+                return RunResult(
+                    str(run_dir),
+                    source,
+                    note,
+                    tuple(results),
+                    started,
+                    wall,
+                    interrupted=True,
+                    stopped_by=result.stopped_by,
+                )
         weights = results[-1].weights or results[-1].last_weights or weights
     return RunResult(str(run_dir), source, note, tuple(results), started, round(time.perf_counter() - t0, 2))
 
@@ -146,9 +163,18 @@ def validate_at(
     speedtrain figure at another size is measured (batch of the stage, first device of the stage)."""
     from speedtrain import ultra
 
-    raw = ultra.validate(weights, data_yaml, imgsz=imgsz, batch=max(1, stage.batch // max(1, len(stage.gpu_ids))),
-                         device=stage.device.split(",")[0], plots=False, verbose=False, project=str(project),
-                         name=f"{Path(weights).stem}-{imgsz}", exist_ok=True)  # fmt: skip
+    raw = ultra.validate(
+        weights,
+        data_yaml,
+        imgsz=imgsz,
+        batch=max(1, stage.batch // max(1, len(stage.gpu_ids))),
+        device=stage.device.split(",")[0],
+        plots=False,
+        verbose=False,
+        project=str(project),
+        name=f"{Path(weights).stem}-{imgsz}",
+        exist_ok=True,
+    )
     metrics = ultra.metrics_dict(raw)
     return round(metrics.get("metrics/mAP50(B)", 0.0), 5), round(metrics.get("metrics/mAP50-95(B)", 0.0), 5)
 
@@ -199,8 +225,9 @@ def with_latency(result: StageResult, stage: Stage, log: Log) -> StageResult:
     threads = stage.threads or psutil.cpu_count(logical=False) or 1
     try:
         with torch_threads_restored(threads):
-            measured = tuple((size, ultra.latency_ms(weights, size, device, runs)) for size in
-                             sorted({stage.imgsz, LATENCY_SIZE}))  # fmt: skip
+            measured = tuple(
+                (size, ultra.latency_ms(weights, size, device, runs)) for size in sorted({stage.imgsz, LATENCY_SIZE})
+            )
     except Exception as exc:  # a convenience figure: never the reason a finished stage fails
         log(f"{stage.name}: could not measure inference latency ({first_line(exc)})")
         return result
@@ -308,8 +335,9 @@ def train_stage(
                 status = "interrupted"
                 break
             except Exception as exc:
-                step = recovery.recover(exc, stage, current, stage_dir, data_yaml, world, bool(gpu_ids),
-                                        recorder.in_final_eval, log)  # fmt: skip
+                step = recovery.recover(
+                    exc, stage, current, stage_dir, data_yaml, world, bool(gpu_ids), recorder.in_final_eval, log
+                )
                 if step.stage is None:  # only the final validation failed: the stage is trained
                     metrics, note = step.metrics, step.note
                     break
@@ -332,8 +360,13 @@ def _recorder(
     from speedtrain import ultra
 
     leader = world is None or world.leader
-    recorder = ultra.Recorder(threads=stage.threads, stage=stage.name, on_update=on_update,
-                              collective=world is not None, log=log if leader else None)  # fmt: skip
+    recorder = ultra.Recorder(
+        threads=stage.threads,
+        stage=stage.name,
+        on_update=on_update,
+        collective=world is not None,
+        log=log if leader else None,
+    )
     if stage.imgsz < BASELINE_IMGSZ:
         recorder.baseline_factor = (BASELINE_IMGSZ / stage.imgsz) ** 2
     recorder.max_epochs = stage.max_epochs
@@ -353,8 +386,13 @@ def _phases(stage: Stage, stage_dir: Path, checkpoint: Path | None, world: distr
     deadline, elapsed = saved if saved else (schedule.Deadline(stage.schedule), 0.0)
     if saved:
         log(f"{stage.name}: going on at {deadline.imgsz} px, {elapsed:.0f} s into its {stage.schedule.budget_s:.0f} s")
-    return ultra.Phases(deadline, stage_dir / checkpoints.PHASES_STATE if leader else None, elapsed, world is not None,
-                        log if leader else None)  # fmt: skip
+    return ultra.Phases(
+        deadline,
+        stage_dir / checkpoints.PHASES_STATE if leader else None,
+        elapsed,
+        world is not None,
+        log if leader else None,
+    )
 
 
 def _gather_rank_figures(
@@ -368,8 +406,16 @@ def _gather_rank_figures(
     timed = result.train_times_s or result.epoch_times_s
     device = str(getattr(trainer, "device", None) or (f"cuda:{gpu_ids[0]}" if gpu_ids else "cpu"))
     rate = _rate(shard, timed[1:]) or _rate(shard, timed)  # steady state, like the stage's own figure
-    mine = RankFigures(world.rank, distributed.host(), device, rate, result.gpu_util_mean,
-                       result.gpu_mem_peak_gb, shard, len(loader) if loader is not None else 0)  # fmt: skip
+    mine = RankFigures(
+        world.rank,
+        distributed.host(),
+        device,
+        rate,
+        result.gpu_util_mean,
+        result.gpu_mem_peak_gb,
+        shard,
+        len(loader) if loader is not None else 0,
+    )
     return tuple(distributed.gather(mine))
 
 
@@ -386,8 +432,9 @@ def _train_once(
 
     args = stage.train_args() | {"project": str(project), "name": stage.name, "exist_ok": True}
     try:
-        return ultra.train(weights, data_yaml, args, recorder.callbacks(), resume=checkpoint,
-                           fast=stage.pipeline == "fast")  # fmt: skip
+        return ultra.train(
+            weights, data_yaml, args, recorder.callbacks(), resume=checkpoint, fast=stage.pipeline == "fast"
+        )
     finally:
         recovery.free_memory()
 
@@ -437,8 +484,10 @@ def _graceful_sigint(recorder: Recorder, log: Log) -> Iterator[None]:
             for sig, before in previous.items():
                 signal.signal(sig, before)
             name = signal.Signals(signum).name
-            log(f"{'Ctrl-C' if signum == signal.SIGINT else name} before the first epoch: stopping now (nothing "
-                "was trained; the run starts this stage again with --resume)")  # fmt: skip
+            log(
+                f"{'Ctrl-C' if signum == signal.SIGINT else name} before the first epoch: stopping now (nothing "
+                "was trained; the run starts this stage again with --resume)"
+            )
             raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
         recorder.stop_requested = True
         recorder.stop_signal = signal.Signals(signum).name
@@ -589,8 +638,11 @@ def _cadence_figures(rec: Recorder) -> dict[str, Any]:
     if rec.cadence is None:
         return {"val_every": 1, "val_time_s": 0.0, "val_saved_s": 0.0}
     cadence = rec.cadence
-    return {"val_every": cadence.cadence, "val_time_s": round(sum(cadence.val_s.values()), 2),
-            "val_saved_s": round(cadence.saved_s(), 1)}  # fmt: skip
+    return {
+        "val_every": cadence.cadence,
+        "val_time_s": round(sum(cadence.val_s.values()), 2),
+        "val_saved_s": round(cadence.saved_s(), 1),
+    }
 
 
 def _merged_times(

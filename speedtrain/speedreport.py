@@ -131,11 +131,17 @@ class SpeedReport(JupyterMixin):
 
     def finished(self, result: RunResult) -> SpeedReport:
         run = replace(
-            self.run or RunInfo(result.run_dir), run_dir=result.run_dir, model_source=result.model_source,
-            model_note=result.model_note, started_at=result.started_at, finished_at=utc_now(),
-            wall_time_s=result.wall_time_s, interrupted=result.interrupted, stopped_by=result.stopped_by,
+            self.run or RunInfo(result.run_dir),
+            run_dir=result.run_dir,
+            model_source=result.model_source,
+            model_note=result.model_note,
+            started_at=result.started_at,
+            finished_at=utc_now(),
+            wall_time_s=result.wall_time_s,
+            interrupted=result.interrupted,
+            stopped_by=result.stopped_by,
             status="interrupted" if result.interrupted else "finished",
-        )  # fmt: skip
+        )
         return replace(self.with_results(result.stages), run=run)
 
     def with_stage(self, stage: Stage, warning: str = "") -> SpeedReport:

@@ -95,8 +95,9 @@ def tune(
     loaders = probe_loaders(stage, data_yaml, hw, stats, on_gpu, deadline, log)
     result = decide(stage, steps, loaders, stats)
     if confirm and project is not None and result.predicted_images_per_s:
-        trial = functools.partial(_confirm, model_source=model_source, data_yaml=data_yaml, project=project,
-                                  stats=stats)  # fmt: skip
+        trial = functools.partial(
+            _confirm, model_source=model_source, data_yaml=data_yaml, project=project, stats=stats
+        )
         result = confirm_against_plan(stage, result, trial, log)
         if on_gpu and result.bound == "data" and stage.pipeline != "fast":
             result = confirm_fast_pipeline(stage, result, trial, log)
@@ -295,9 +296,25 @@ def decide(
     plan_key = (_plan_batch(stage), stage.workers if stage.on_gpu else 0, stage.cache)
     if not timed or not loaders:
         why = "the probes ran out of time or memory; the plan stays as it was"
-        return TuneResult("", stage.device, "", stage.imgsz, steps, loaders, stage.batch, stage.workers,
-                          stage.cache, 0.0, "unknown", 1.0, (why,), kept_plan=True, plan_batch=stage.batch,
-                          plan_workers=plan_key[1], plan_cache=stage.cache)  # fmt: skip
+        return TuneResult(
+            "",
+            stage.device,
+            "",
+            stage.imgsz,
+            steps,
+            loaders,
+            stage.batch,
+            stage.workers,
+            stage.cache,
+            0.0,
+            "unknown",
+            1.0,
+            (why,),
+            kept_plan=True,
+            plan_batch=stage.batch,
+            plan_workers=plan_key[1],
+            plan_cache=stage.cache,
+        )
     options = [_option(s, x) for s in timed for x in loaders]
     incumbent = next((o for o in options if (o.step.batch, o.loader.workers, o.loader.cache) == plan_key), None)
     chosen = _chosen(options, incumbent)
@@ -487,8 +504,14 @@ def _confirm(
     limit = PROBE_IMAGES["gpu" if stage.on_gpu else "cpu"]
     extra = {**dict(stage.extra), "fraction": min(1.0, limit / max(1, stats.train_images)), "plots": False}
     trial = replace(
-        stage, name="tune-confirm", epochs=1, batch=batch, workers=workers, cache=cache, extra=tuple(extra.items()),
-    )  # fmt: skip
+        stage,
+        name="tune-confirm",
+        epochs=1,
+        batch=batch,
+        workers=workers,
+        cache=cache,
+        extra=tuple(extra.items()),
+    )
     return train_stage(trial, model_source, data_yaml, project / ".tune-runs", log=lambda _: None).images_per_s
 
 

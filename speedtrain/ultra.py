@@ -357,8 +357,16 @@ class FastDetectionTrainer(RankTrainer):
         self.fast_store, self.fast_hyp, self.fast_resident = store, Hyp.from_args(self.args), resident
         seed = int(self.args.seed) + max(RANK, 0)
         self.fast_dgen = torch.Generator(device=self.device).manual_seed(seed)  # augmentation, on the device
-        return StoreLoader(store, batch_size, int(self.args.seed), self.fast_hyp, self.device,
-                           RANK if world > 1 else -1, world, resident)  # fmt: skip
+        return StoreLoader(
+            store,
+            batch_size,
+            int(self.args.seed),
+            self.fast_hyp,
+            self.device,
+            RANK if world > 1 else -1,
+            world,
+            resident,
+        )
 
     def preprocess_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         if "fast" not in batch:
@@ -850,11 +858,17 @@ class Recorder:
                 f"validation not included){self.limited}"
             )
             return
-        baseline = (f"; at Ultralytics' 640 px about {duration(epoch_s * epochs * self.baseline_factor)} "
-                    "(estimate: time ~ pixels)" if self.baseline_factor else "")  # fmt: skip
+        baseline = (
+            f"; at Ultralytics' 640 px about {duration(epoch_s * epochs * self.baseline_factor)} "
+            "(estimate: time ~ pixels)"
+            if self.baseline_factor
+            else ""
+        )
         for name, n, ratio, maybe in self.later:  # the whole run: later stages at their own image size
-            baseline += (f"; then {name}{' (if it runs)' if maybe else ''} about {duration(epoch_s * ratio * n)} "
-                         f"for {n} epochs (estimate: time ~ pixels)")  # fmt: skip
+            baseline += (
+                f"; then {name}{' (if it runs)' if maybe else ''} about {duration(epoch_s * ratio * n)} "
+                f"for {n} epochs (estimate: time ~ pixels)"
+            )
         log(
             f"{self.stage}: about {duration(epoch_s * epochs)} for {epochs} epochs' training passes "
             f"({epoch_s:.1f} s each; estimate from the first {self.batches} batches, validation not "

@@ -60,8 +60,9 @@ def defaults() -> dict[str, Any]:
 def _load() -> dict[str, Any]:
     spec = importlib.util.find_spec("ultralytics")  # finds the package without importing it
     folders = list(spec.submodule_search_locations or []) if spec else []
-    path = next((Path(f) / "cfg" / "default.yaml" for f in folders if (Path(f) / "cfg" / "default.yaml").is_file()),
-                None)  # fmt: skip
+    path = next(
+        (Path(f) / "cfg" / "default.yaml" for f in folders if (Path(f) / "cfg" / "default.yaml").is_file()), None
+    )
     if path is None:
         raise TrainingError("Ultralytics is not installed here (pip install -r requirements.txt)")
     data = yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -137,9 +137,17 @@ def autotune(
     view_yaml = resize.make_view(planned.stats, resize.view_dir(planned.stats, project))
     source, _ = ultra.resolve_model(planned.plan.model)
     result = tuner.tune(
-        planned.plan.stages[0], source, view_yaml, planned.hw, planned.stats,
-        budget_s=budget_s, cache_dir=project / ".tune", retune=retune, project=project, log=log,
-    )  # fmt: skip
+        planned.plan.stages[0],
+        source,
+        view_yaml,
+        planned.hw,
+        planned.stats,
+        budget_s=budget_s,
+        cache_dir=project / ".tune",
+        retune=retune,
+        project=project,
+        log=log,
+    )
     if not result.predicted_images_per_s:
         return planned, result
     why = f"{result.predicted_images_per_s} img/s predicted, {result.bound}-bound" + (
@@ -147,8 +155,9 @@ def autotune(
     )
     fast = tuner.fast_pipeline_faster(result)
     auto = planned.overrides.pipeline == "auto"
-    plan = planner.apply_tuned(planned.plan, result.batch, result.workers, result.cache, why,
-                               fast_measured_faster=fast, pipeline_auto=auto)  # fmt: skip
+    plan = planner.apply_tuned(
+        planned.plan, result.batch, result.workers, result.cache, why, fast_measured_faster=fast, pipeline_auto=auto
+    )
     return replace(planned, plan=plan, tuned=result), result
 
 
@@ -316,15 +325,22 @@ def _run(
     try:
         with _sigterm_interrupts(world is None):
             result = runner.run(
-                current.plan, rep.run.data_yaml, run_dir, previous=previous, hooks=hooks,
-                before_stage=before_stage, on_progress=save,
-                log_file=run_dir / ULTRALYTICS_LOG if quiet else None, resuming=rep.run.resumed_at is not None,
-            )  # fmt: skip
+                current.plan,
+                rep.run.data_yaml,
+                run_dir,
+                previous=previous,
+                hooks=hooks,
+                before_stage=before_stage,
+                on_progress=save,
+                log_file=run_dir / ULTRALYTICS_LOG if quiet else None,
+                resuming=rep.run.resumed_at is not None,
+            )
     except KeyboardInterrupt as exc:  # between stages (scoring, latency): inside one, the stage saves its epoch first
         if owner and current.run is not None:
             stopped = getattr(exc, "signal_name", "SIGINT")
-            run = replace(current.run, status="interrupted", interrupted=True, stopped_by=stopped,
-                          finished_at=utc_now())  # fmt: skip
+            run = replace(
+                current.run, status="interrupted", interrupted=True, stopped_by=stopped, finished_at=utc_now()
+            )
             replace(current.with_results(current.results(), None), run=run).to_json(path)
         raise
     final = current.finished(result)
@@ -417,8 +433,20 @@ def train(
     check_run_folder(project, name)
     world = distributed.world()
     if world is not None:  # torchrun, srun or another launcher started this process as one rank of several
-        return _train_as_rank(world, dataset_path, overrides, extra, project, name, allow_download, quiet, hooks,
-                              autotune_first or retune, retune, budget_s)  # fmt: skip
+        return _train_as_rank(
+            world,
+            dataset_path,
+            overrides,
+            extra,
+            project,
+            name,
+            allow_download,
+            quiet,
+            hooks,
+            autotune_first or retune,
+            retune,
+            budget_s,
+        )
     planned = make_plan(dataset_path, overrides, extra, None, allow_download)
     check_ultralytics_args(planned)  # before the resized copy or a tune's files exist, as before the run folder
     if planned.plan.prepare_size:

@@ -102,9 +102,15 @@ def test_notebook_style_training_returns_a_real_report_and_leaves_the_process_al
     threads = torch.get_num_threads()
     lines: list[str] = []
     rep = speedtrain.train(
-        dataset=dataset, epochs=1, imgsz=64, device="cpu", finetune="no", project=tmp_path / "runs",
-        verbose=False, log=lines.append,
-    )  # fmt: skip
+        dataset=dataset,
+        epochs=1,
+        imgsz=64,
+        device="cpu",
+        finetune="no",
+        project=tmp_path / "runs",
+        verbose=False,
+        log=lines.append,
+    )
     assert isinstance(rep, speedtrain.SpeedReport)
     assert rep.run is not None
     assert rep.run.status == "finished"

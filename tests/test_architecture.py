@@ -10,8 +10,21 @@ from conftest import REPO
 from radon.complexity import cc_rank, cc_visit
 
 PACKAGE = REPO / "speedtrain"
-RECORDS = ("StageResult", "RunResult", "OomFallback", "RankFigures", "StageProgress", "TuneResult", "ResizeSummary",
-           "DatasetSummary", "Preparation", "Planned", "Overrides", "Stage", "TrainPlan")  # fmt: skip
+RECORDS = (
+    "StageResult",
+    "RunResult",
+    "OomFallback",
+    "RankFigures",
+    "StageProgress",
+    "TuneResult",
+    "ResizeSummary",
+    "DatasetSummary",
+    "Preparation",
+    "Planned",
+    "Overrides",
+    "Stage",
+    "TrainPlan",
+)
 
 
 def test_no_function_is_rated_d_or_worse():
@@ -30,13 +43,26 @@ def test_each_record_is_declared_once_in_records_or_knobs():
         for node in ast.parse(path.read_text(encoding="utf-8")).body:
             if isinstance(node, ast.ClassDef) and node.name in RECORDS:
                 where.setdefault(node.name, []).append(path.name)
-    assert where == {name: ["knobs.py" if name in ("Overrides", "Stage", "TrainPlan") else "records.py"]
-                     for name in RECORDS}  # fmt: skip
+    assert where == {
+        name: ["knobs.py" if name in ("Overrides", "Stage", "TrainPlan") else "records.py"] for name in RECORDS
+    }
 
 
 def test_the_runner_does_one_job():
     """The stage loop: Ultralytics' callbacks are ultra.Recorder's, failures recovery.py's, a stage folder's
     checkpoints checkpoints.py's."""
-    names = {n.name for n in ast.parse((PACKAGE / "runner.py").read_text(encoding="utf-8")).body
-             if isinstance(n, ast.FunctionDef | ast.ClassDef)}  # fmt: skip
+    names = {
+        n.name
+        for n in ast.parse((PACKAGE / "runner.py").read_text(encoding="utf-8")).body
+        if isinstance(n, ast.FunctionDef | ast.ClassDef)
+    }
     assert not names & {"Recorder", "_Recorder", "resume_point", "checkpoint_epoch", "recover", "check_model"}
+
+
+def test_the_formatter_formats_every_line():
+    """ruff format decides the layout everywhere (ruff format --check runs in CI): no line opts out of it."""
+    marker = "fmt: " + "skip"
+    files = [p for d in ("speedtrain", "tests", "benchmarks", "tools") for p in (REPO / d).rglob("*.py")]
+    files += list(REPO.glob("*.py"))
+    assert len(files) > 50
+    assert [str(p.relative_to(REPO)) for p in files if marker in p.read_text(encoding="utf-8")] == []

@@ -104,8 +104,19 @@ def test_train_and_report(make_dataset, tmp_path):
     import torch
 
     threads_before = torch.get_num_threads()
-    args = ["train", "--dataset", make_dataset(6, 2), "--img-size", 64, "--epochs", 1, "--finetune-img-size", 96,
-            "--finetune", "ask"]  # fmt: skip
+    args = [
+        "train",
+        "--dataset",
+        make_dataset(6, 2),
+        "--img-size",
+        64,
+        "--epochs",
+        1,
+        "--finetune-img-size",
+        96,
+        "--finetune",
+        "ask",
+    ]
     result = invoke(*args, "--project", tmp_path / "runs", "--name", "cli", "plots=False")
     assert result.exit_code == 0, result.output
     report_path = tmp_path / "runs" / "cli" / "speed_report.json"
@@ -301,8 +312,10 @@ def test_optimize_training_speed_shim(make_dataset):
 )
 def test_argument_errors_suggest_and_come_before_torch_is_imported(args, code, says):
     """One line with the closest valid name, and no second spent importing torch or Ultralytics first."""
-    probe = ("import sys\nfrom speedtrain.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
-             "    print(e.code, 'torch' in sys.modules, 'ultralytics' in sys.modules)")  # fmt: skip
+    probe = (
+        "import sys\nfrom speedtrain.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+        "    print(e.code, 'torch' in sys.modules, 'ultralytics' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == [str(code), "False", "False"], out.stderr
     assert says in out.stderr
@@ -347,8 +360,13 @@ def _train_in_a_terminal(args: list[str], keys: bytes | None, tmp_path: Path) ->
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SHORT_PROMPT)
-    env = {**os.environ, "PYTHONPATH": str(hook), "COLUMNS": "120", "TERM": "xterm",
-           "PROMPT_S": "3" if keys is None else "60"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(hook),
+        "COLUMNS": "120",
+        "TERM": "xterm",
+        "PROMPT_S": "3" if keys is None else "60",
+    }
     pid, fd = pty.fork()
     if pid == 0:  # the child: speedtrain with the pseudo-terminal as its stdin, stdout and stderr
         os.execve(sys.executable, [sys.executable, "-m", "speedtrain", "train", *args], env)
@@ -387,11 +405,26 @@ def _train_in_a_terminal(args: list[str], keys: bytes | None, tmp_path: Path) ->
     ],
     ids=["yes", "no", "eof", "ctrl-c", "timeout"],
 )
-def test_the_finetune_prompt_never_blocks_and_never_loses_the_report(make_dataset, tmp_path, keys, code, finetune,
-                                                                      says):  # fmt: skip
-    args = ["--dataset", str(make_dataset(4, 2)), "--img-size", "64", "--epochs", "1", "--finetune", "ask",
-            "--finetune-img-size", "96", "--finetune-epochs", "1", "--project", str(tmp_path / "runs"),
-            "plots=False"]  # fmt: skip
+def test_the_finetune_prompt_never_blocks_and_never_loses_the_report(
+    make_dataset, tmp_path, keys, code, finetune, says
+):
+    args = [
+        "--dataset",
+        str(make_dataset(4, 2)),
+        "--img-size",
+        "64",
+        "--epochs",
+        "1",
+        "--finetune",
+        "ask",
+        "--finetune-img-size",
+        "96",
+        "--finetune-epochs",
+        "1",
+        "--project",
+        str(tmp_path / "runs"),
+        "plots=False",
+    ]
     exit_code, out = _train_in_a_terminal(args, keys, tmp_path)
     assert exit_code == code, out[-3000:]
     doc = json.loads((tmp_path / "runs" / "train" / "speed_report.json").read_text())

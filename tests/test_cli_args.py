@@ -57,18 +57,51 @@ PLAN_DEFAULTS = {k.name: k.default for k in knobs.KNOBS}  # every knob is an opt
 
 def test_plan_passes_every_option(calls, tmp_path):
     result = invoke(
-        "plan", "--dataset", tmp_path, "--hardware", tmp_path / "box.json", "--epochs", "7", "--batch-size", "16",
-        "--img-size", "320", "--cache", "disk", "--no-rect", "--finetune", "no", "--pipeline", "fast", "--threads",
-        "3", "--deterministic", "--val-every", "3", "--allow-download", "mosaic=0.5",
-    )  # fmt: skip
+        "plan",
+        "--dataset",
+        tmp_path,
+        "--hardware",
+        tmp_path / "box.json",
+        "--epochs",
+        "7",
+        "--batch-size",
+        "16",
+        "--img-size",
+        "320",
+        "--cache",
+        "disk",
+        "--no-rect",
+        "--finetune",
+        "no",
+        "--pipeline",
+        "fast",
+        "--threads",
+        "3",
+        "--deterministic",
+        "--val-every",
+        "3",
+        "--allow-download",
+        "mosaic=0.5",
+    )
     assert result.exit_code == 0, result.output
     args, kwargs = calls["plan"]
     assert args == (tmp_path,)
     assert kwargs == {
-        **PLAN_DEFAULTS, "hardware": tmp_path / "box.json", "allow_download": True, "extra": ["mosaic=0.5"],
-        "epochs": 7, "batch": 16, "imgsz": 320, "cache": "disk", "rect": False, "finetune": "no",
-        "pipeline": "fast", "threads": 3, "deterministic": True, "val_every": "3",
-    }  # fmt: skip
+        **PLAN_DEFAULTS,
+        "hardware": tmp_path / "box.json",
+        "allow_download": True,
+        "extra": ["mosaic=0.5"],
+        "epochs": 7,
+        "batch": 16,
+        "imgsz": 320,
+        "cache": "disk",
+        "rect": False,
+        "finetune": "no",
+        "pipeline": "fast",
+        "threads": 3,
+        "deterministic": True,
+        "val_every": "3",
+    }
 
 
 def test_plan_json_is_the_reports_json(calls):
@@ -80,10 +113,29 @@ def test_plan_json_is_the_reports_json(calls):
 
 def test_train_passes_every_option(calls, tmp_path):
     result = invoke(
-        "train", "--dataset", tmp_path, "--epochs", "3", "--device", "cpu", "--finetune", "yes", "--project",
-        tmp_path / "runs", "--name", "exp", "--autotune", "--budget-s", "30", "--verbose", "--nproc-per-node", "2",
-        "--time", "2h", "seed=1",
-    )  # fmt: skip
+        "train",
+        "--dataset",
+        tmp_path,
+        "--epochs",
+        "3",
+        "--device",
+        "cpu",
+        "--finetune",
+        "yes",
+        "--project",
+        tmp_path / "runs",
+        "--name",
+        "exp",
+        "--autotune",
+        "--budget-s",
+        "30",
+        "--verbose",
+        "--nproc-per-node",
+        "2",
+        "--time",
+        "2h",
+        "seed=1",
+    )
     assert result.exit_code == 0, result.output
     args, kwargs = calls["train"]
     assert args == (tmp_path,)
@@ -91,10 +143,21 @@ def test_train_passes_every_option(calls, tmp_path):
     assert all(callable(h) for k, h in hooks.items() if k != "on_update")
     assert hooks["on_update"] is None  # --verbose: Ultralytics' own output, no progress display
     assert kwargs == {
-        **PLAN_DEFAULTS, "project": tmp_path / "runs", "name": "exp", "autotune": True, "retune": False,
-        "budget_s": 30.0, "allow_download": False, "verbose": True, "extra": ["seed=1"], "epochs": 3,
-        "device": "cpu", "finetune": "yes", "nproc_per_node": 2, "time": "2h",
-    }  # fmt: skip
+        **PLAN_DEFAULTS,
+        "project": tmp_path / "runs",
+        "name": "exp",
+        "autotune": True,
+        "retune": False,
+        "budget_s": 30.0,
+        "allow_download": False,
+        "verbose": True,
+        "extra": ["seed=1"],
+        "epochs": 3,
+        "device": "cpu",
+        "finetune": "yes",
+        "nproc_per_node": 2,
+        "time": "2h",
+    }
     assert "Measured on this machine" in result.output
     assert "resume" not in calls
 
@@ -132,16 +195,34 @@ def test_an_interrupted_run_exits_130_with_the_resume_command(calls, monkeypatch
 
 
 def test_tune_passes_its_options(calls, tmp_path):
-    result = invoke("tune", "--dataset", tmp_path, "--imgsz", "320", "--budget-s", "20", "--retune", "--project",
-                    tmp_path, "--json", "fraction=0.5")  # fmt: skip
+    result = invoke(
+        "tune",
+        "--dataset",
+        tmp_path,
+        "--imgsz",
+        "320",
+        "--budget-s",
+        "20",
+        "--retune",
+        "--project",
+        tmp_path,
+        "--json",
+        "fraction=0.5",
+    )
     assert result.exit_code == 0, result.output
     args, kwargs = calls["tune"]
     assert args == (tmp_path,)
     assert callable(kwargs.pop("log"))
     assert kwargs == {
-        "project": tmp_path, "budget_s": 20.0, "retune": True, "extra": ["fraction=0.5"], "model": None,
-        "imgsz": 320, "device": None, "threads": None,
-    }  # fmt: skip
+        "project": tmp_path,
+        "budget_s": 20.0,
+        "retune": True,
+        "extra": ["fraction=0.5"],
+        "model": None,
+        "imgsz": 320,
+        "device": None,
+        "threads": None,
+    }
     assert json.loads(result.output) == TUNED.to_dict()
 
 

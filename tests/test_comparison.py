@@ -55,14 +55,37 @@ def test_time_to_reach_is_the_first_epoch_at_or_over_the_target():
 
 
 def arm(name: str, pts: tuple[Point, ...], final: float, size: int = 640) -> ArmResult:
-    return ArmResult(name, size, 16, len(pts), 100.0, pts[-1].seconds if pts else 0.0, 1.0, "completed",
-                     curve=pts, final=(Score(size, final * 1.5, final),))  # fmt: skip
+    return ArmResult(
+        name,
+        size,
+        16,
+        len(pts),
+        100.0,
+        pts[-1].seconds if pts else 0.0,
+        1.0,
+        "completed",
+        curve=pts,
+        final=(Score(size, final * 1.5, final),),
+    )
 
 
 def comp(*arms: ArmResult) -> Comparison:
     stats = fake_stats()
-    return Comparison(1200.0, 640, (416, 640), 0, "yolo26n", "0", "/tmp/x", "t0", "t1", 0.0, snapshot((80,)),
-                      DatasetSummary.of(stats), arms)  # fmt: skip
+    return Comparison(
+        1200.0,
+        640,
+        (416, 640),
+        0,
+        "yolo26n",
+        "0",
+        "/tmp/x",
+        "t0",
+        "t1",
+        0.0,
+        snapshot((80,)),
+        DatasetSummary.of(stats),
+        arms,
+    )
 
 
 def test_time_to_accuracy_from_recorded_curves():
@@ -112,8 +135,14 @@ def test_arms_change_one_thing_each():
     arms = {a.name: a for a in comparison.arms_for(plan, comparison.ARMS, d, 640, timed, classic_plan, in_phases)}
     base = arms["defaults"].stages[0]
     assert (base.imgsz, base.batch, base.optimizer, base.rect, base.patience, base.cache, base.workers) == (
-        d["imgsz"], d["batch"], d["optimizer"], d["rect"], d["patience"], False, d["workers"],
-    )  # fmt: skip
+        d["imgsz"],
+        d["batch"],
+        d["optimizer"],
+        d["rect"],
+        d["patience"],
+        False,
+        d["workers"],
+    )
     phased = arms["plan-phases"].stages[0]  # the plan for the arms' budget in phases
     assert phased.schedule is not None
     assert [p.imgsz for p in phased.schedule.phases] == [320, 416, 640]
@@ -177,9 +206,18 @@ def test_two_arms_on_real_images_for_twenty_seconds_each(make_dataset, tmp_path)
     root = make_dataset(16, 4)
     before, env, threads = tree_hash(root), dict(os.environ), torch.get_num_threads()
     c = speedtrain.compare(
-        root, budget="20s", baseline_budget="20s", arms="defaults,plan", imgsz=64, baseline_imgsz=64,
-        finetune_imgsz=96, device="cpu", project=tmp_path / "runs", verbose=False, log=lambda _: None,
-    )  # fmt: skip
+        root,
+        budget="20s",
+        baseline_budget="20s",
+        arms="defaults,plan",
+        imgsz=64,
+        baseline_imgsz=64,
+        finetune_imgsz=96,
+        device="cpu",
+        project=tmp_path / "runs",
+        verbose=False,
+        log=lambda _: None,
+    )
     assert [a.name for a in c.arms] == ["defaults", "plan"]
     for a in c.arms:
         assert a.epochs_done >= 1
@@ -234,9 +272,26 @@ def test_a_stop_ends_the_comparison_after_the_epoch_promptly_and_keeps_what_fini
     from conftest import wait_for
 
     root, project = make_dataset(16, 4), tmp_path / "runs"
-    cmd = [sys.executable, "-m", "speedtrain", "compare", "--dataset", str(root), "--budget", "120s", "--img-size",
-           "64", "--baseline-img-size", "64", "--finetune-img-size", "96", "--device", "cpu", "--project",
-           str(project)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "speedtrain",
+        "compare",
+        "--dataset",
+        str(root),
+        "--budget",
+        "120s",
+        "--img-size",
+        "64",
+        "--baseline-img-size",
+        "64",
+        "--finetune-img-size",
+        "96",
+        "--device",
+        "cpu",
+        "--project",
+        str(project),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     saved = project / "compare" / "defaults" / "train" / "weights" / "last.pt"
     assert wait_for(lambda: saved.exists() or proc.poll() is not None, timeout=180)
@@ -261,8 +316,10 @@ def test_the_table_fits_80_columns_in_a_log_file():
 
     from speedtrain.cli import _Console
 
-    c = comp(arm("defaults", curve((300, 0.1), (1000, 0.30)), final=0.30),
-             arm("plan+finetune", curve((100, 0.15), (380, 0.31)), final=0.31))  # fmt: skip
+    c = comp(
+        arm("defaults", curve((300, 0.1), (1000, 0.30)), final=0.30),
+        arm("plan+finetune", curve((100, 0.15), (380, 0.31)), final=0.31),
+    )
     out = io.StringIO()
     _Console(file=out, width=80).print(c)
     text = out.getvalue()
@@ -275,9 +332,17 @@ def test_the_table_fits_80_columns_in_a_log_file():
 @pytest.mark.slow
 def test_the_640_and_finetune_arms_on_real_images(make_dataset, tmp_path):
     c = speedtrain.compare(
-        make_dataset(16, 4), budget="12s", arms="plan-640,plan+finetune", imgsz=64, baseline_imgsz=64,
-        finetune_imgsz=96, device="cpu", project=tmp_path / "runs", verbose=False, log=lambda _: None,
-    )  # fmt: skip
+        make_dataset(16, 4),
+        budget="12s",
+        arms="plan-640,plan+finetune",
+        imgsz=64,
+        baseline_imgsz=64,
+        finetune_imgsz=96,
+        device="cpu",
+        project=tmp_path / "runs",
+        verbose=False,
+        log=lambda _: None,
+    )
     at_640, two = c.arm("plan-640"), c.arm("plan+finetune")
     assert at_640 is not None
     assert two is not None
@@ -304,8 +369,12 @@ def test_the_time_to_accuracy_table_merges_runs(tmp_path):
         (tmp_path / name).mkdir()
         c.to_json(tmp_path / name / comparison.JSON_NAME)
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "time_to_accuracy.py"
-    out = subprocess.run([sys.executable, str(script), str(tmp_path / "a"), str(tmp_path / "b" / "compare.json")],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "a"), str(tmp_path / "b" / "compare.json")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     assert [r.split(" | ")[0] for r in rows] == ["| arm", "| defaults", "| plan", "| plan (x, seed 1)"]
     assert "380 s (0.38x the defaults' 1000 s)" in rows[2]  # reached 0.30 at 380 s; the defaults at 1000 s
@@ -324,6 +393,5 @@ def test_the_time_to_accuracy_table_merges_runs(tmp_path):
 )
 def test_why_an_arm_ended_before_its_planned_epochs(wall, maps, says):
     stage = dataclasses.replace(planner.plan(snapshot(()), fake_stats()).stage("main"), patience=10)
-    result = StageResult("train", "early-stopped", 416, 16, 50, len(maps), wall_time_s=wall,
-                                epoch_map50_95=maps)  # fmt: skip
+    result = StageResult("train", "early-stopped", 416, 16, 50, len(maps), wall_time_s=wall, epoch_map50_95=maps)
     assert says in comparison._why_it_ended([result], stage, 1200.0)

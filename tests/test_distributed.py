@@ -28,10 +28,28 @@ HARD_TIMEOUT = 240  # seconds for any one launch: a healthy one takes 15-40 s on
 
 def _train(root: Path, project: Path, *extra: str, epochs: int = 3) -> list[str]:
     return [
-        "train", "--dataset", str(root), "--device", "cpu", "--img-size", "64", "--epochs", str(epochs),
-        "--batch-size", "8", "--finetune", "no", "--prepare", "no", "--project", str(project),
-        "--model", "yolo26n.yaml", "plots=False", *extra,
-    ]  # fmt: skip
+        "train",
+        "--dataset",
+        str(root),
+        "--device",
+        "cpu",
+        "--img-size",
+        "64",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "8",
+        "--finetune",
+        "no",
+        "--prepare",
+        "no",
+        "--project",
+        str(project),
+        "--model",
+        "yolo26n.yaml",
+        "plots=False",
+        *extra,
+    ]
 
 
 def _speedtrain(*args: str) -> list[str]:
@@ -43,8 +61,9 @@ class Tree:
     when the test ends."""
 
     def __init__(self, cmd: list[str], env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, **(env or {})})  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
+        )
         self.ps = psutil.Process(self.proc.pid)
 
     def ranks(self) -> list[psutil.Process]:
@@ -135,10 +154,31 @@ def test_two_ranks_follow_one_deadline_through_the_phases(make_dataset, tmp_path
     rate and stop at the deadline after the same batch (a rank that went on alone would hang in its next step)."""
     root, project = make_dataset(16, 4), tmp_path / "runs"
     cmd = _speedtrain(
-        "train", "--dataset", str(root), "--device", "cpu", "--nproc-per-node", "2", "--time", "1m", "--phases", "auto",
-        "--img-size", "64", "--finetune-img-size", "128", "--batch-size", "8", "--prepare", "no", "--project",
-        str(project), "--model", "yolo26n.yaml", "plots=False",
-    )  # fmt: skip
+        "train",
+        "--dataset",
+        str(root),
+        "--device",
+        "cpu",
+        "--nproc-per-node",
+        "2",
+        "--time",
+        "1m",
+        "--phases",
+        "auto",
+        "--img-size",
+        "64",
+        "--finetune-img-size",
+        "128",
+        "--batch-size",
+        "8",
+        "--prepare",
+        "no",
+        "--project",
+        str(project),
+        "--model",
+        "yolo26n.yaml",
+        "plots=False",
+    )
     code, out = trees(cmd).wait()
     assert code == 0, out[-4000:]
     doc = _report(project / "train")
@@ -162,9 +202,23 @@ def _free_port() -> int:
 def test_two_nodes_under_torchrun_with_the_fast_pipeline(make_dataset, tmp_path, trees):
     """Two "nodes" of one rank each, as two torchrun processes would run on two machines, over 127.0.0.1."""
     root, project = make_dataset(13, 4), tmp_path / "runs"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "t2",
-                "-m", "speedtrain"]  # fmt: skip
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{_free_port()}",
+        "--rdzv-id",
+        "t2",
+        "-m",
+        "speedtrain",
+    ]
     nodes = [trees([*torchrun, *_train(root, project, "--pipeline", "fast", epochs=2)]) for _ in range(2)]
     results = [node.wait() for node in nodes]
     assert all(code == 0 for code, _ in results), "\n".join(out[-3000:] for _, out in results)
@@ -206,8 +260,11 @@ def test_an_oom_on_one_rank_steps_every_rank_down_together(make_dataset, tmp_pat
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(FAKE_OOM)
     seen = tmp_path / "rank1-batches.txt"
-    env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
-           "SPEEDTRAIN_TEST_OOM_RANK": "1", "SPEEDTRAIN_TEST_OOM_LOG": str(seen)}  # fmt: skip
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
+        "SPEEDTRAIN_TEST_OOM_RANK": "1",
+        "SPEEDTRAIN_TEST_OOM_LOG": str(seen),
+    }
     code, out = trees(_speedtrain(*_train(root, project, "--nproc-per-node", "2")), env).wait()
     assert code == 0, out[-4000:]
     doc = _assert_trained_together(project / "train", 3)
@@ -230,11 +287,30 @@ def test_under_torchrun_with_max_restarts_an_oom_restarts_the_same_run_one_batch
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(FAKE_OOM)
-    env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
-           "SPEEDTRAIN_TEST_OOM_RANK": "1", "SPEEDTRAIN_TEST_OOM_LOG": str(tmp_path / "seen.txt")}  # fmt: skip
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-                "--max-restarts", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
-                "--rdzv-id", "oom1", "-m", "speedtrain"]  # fmt: skip
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
+        "SPEEDTRAIN_TEST_OOM_RANK": "1",
+        "SPEEDTRAIN_TEST_OOM_LOG": str(tmp_path / "seen.txt"),
+    }
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{_free_port()}",
+        "--rdzv-id",
+        "oom1",
+        "-m",
+        "speedtrain",
+    ]
     code, out = trees([*torchrun, *_train(root, project)], env).wait()
     assert code == 0, out[-4000:]
     doc = _assert_trained_together(project / "train", 3)

@@ -27,8 +27,9 @@ def _commands() -> dict:
 
 
 def test_the_cli_reference_is_generated_from_the_app_and_fresh():
-    out = subprocess.run([sys.executable, str(REPO / "tools" / "cli_docs.py"), "--check"], capture_output=True,
-                         text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "cli_docs.py"), "--check"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
 
 
@@ -119,9 +120,21 @@ def test_quick_start_has_exactly_two_commands_and_ci_runs_them():
 
 
 def test_json_keys_are_documented():
-    for key in ("total_vram_gb", "free_vram_gb", "batch_fallbacks", "epoch_times_s", "images_per_s",
-                "iterations_per_epoch", "gpu_util_mean", "gpu_mem_peak_gb", "oom_fallbacks", "best_metrics",
-                "epoch_map50_95", "epoch_loss", "scores"):  # fmt: skip
+    for key in (
+        "total_vram_gb",
+        "free_vram_gb",
+        "batch_fallbacks",
+        "epoch_times_s",
+        "images_per_s",
+        "iterations_per_epoch",
+        "gpu_util_mean",
+        "gpu_mem_peak_gb",
+        "oom_fallbacks",
+        "best_metrics",
+        "epoch_map50_95",
+        "epoch_loss",
+        "scores",
+    ):
         assert f'"{key}"' in DOCS["json.md"], key
 
 

@@ -17,8 +17,11 @@ def test_gpu_check_cpu_mode_runs_every_step(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable}
     done = subprocess.run(
         ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out), "--cpu", "--work", str(tmp_path / "work")],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     doc = json.loads((out / "gpu_check.json").read_text())
     assert doc["failed"] == {}, doc["failed"]

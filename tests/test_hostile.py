@@ -198,8 +198,19 @@ def test_impossible_arguments_are_refused_before_a_run_folder_exists(ds, tmp_pat
         pytest.skip("Apple silicon has MPS")
     root, before = ds
     torch_loaded = any(a.startswith(("mosaic=", "fraction=")) for a in args)  # Ultralytics' own checks import it
-    out = _speedtrain("train", "--dataset", root, "--device", "cpu", "--project", tmp_path / "runs", *args,
-                      "--prepare", "yes", memory=None if torch_loaded else MEMORY_LIMIT)  # fmt: skip
+    out = _speedtrain(
+        "train",
+        "--dataset",
+        root,
+        "--device",
+        "cpu",
+        "--project",
+        tmp_path / "runs",
+        *args,
+        "--prepare",
+        "yes",
+        memory=None if torch_loaded else MEMORY_LIMIT,
+    )
     _one_line(out, code, *words)
     assert not (tmp_path / "runs").exists()  # neither a run folder nor the resized copy's .datasets
     assert tree_hash(root) == before
@@ -207,8 +218,19 @@ def test_impossible_arguments_are_refused_before_a_run_folder_exists(ds, tmp_pat
 
 def test_compare_runs_ultralytics_checks_before_its_folder_exists(ds, tmp_path):
     root, before = ds
-    out = _speedtrain("compare", "--dataset", root, "--budget", "60s", "--device", "cpu", "--project",
-                      tmp_path / "runs", "hsv_s=3", memory=None)  # fmt: skip
+    out = _speedtrain(
+        "compare",
+        "--dataset",
+        root,
+        "--budget",
+        "60s",
+        "--device",
+        "cpu",
+        "--project",
+        tmp_path / "runs",
+        "hsv_s=3",
+        memory=None,
+    )
     _one_line(out, 2, "hsv_s=3", "between 0.0 and 1.0")
     assert not (tmp_path / "runs").exists()
     assert tree_hash(root) == before
@@ -270,9 +292,25 @@ def test_ranks_started_from_a_folder_holding_a_speedtrain_folder_train(make_data
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('the working directory shadowed the package')\n")
     (shadow / "rank.py").write_text("raise SystemExit('the working directory shadowed the package')\n")
-    cmd = [str(Path(sys.executable).parent / "speedtrain"), "train", "--dataset", str(root), "--img-size", "64",
-           "--epochs", "1", "--finetune", "no", "--device", "cpu", "--nproc-per-node", "2",
-           "--project", str(tmp_path / "runs"), "plots=False"]  # fmt: skip
+    cmd = [
+        str(Path(sys.executable).parent / "speedtrain"),
+        "train",
+        "--dataset",
+        str(root),
+        "--img-size",
+        "64",
+        "--epochs",
+        "1",
+        "--finetune",
+        "no",
+        "--device",
+        "cpu",
+        "--nproc-per-node",
+        "2",
+        "--project",
+        str(tmp_path / "runs"),
+        "plots=False",
+    ]
     out = subprocess.run(cmd, cwd=shadow.parent, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     doc = json.loads((tmp_path / "runs" / "train" / "speed_report.json").read_text())
@@ -333,8 +371,25 @@ def test_a_run_with_images_opencv_cannot_decode_trains_without_them(ds, tmp_path
     root, _ = ds
     _add_images_opencv_refuses(root)
     before = tree_hash(root)
-    cmd = [sys.executable, "-m", "speedtrain", "train", "--dataset", str(root), "--img-size", "64", "--epochs", "1",
-           "--finetune", "no", "--device", "cpu", "--project", str(tmp_path / "runs"), "plots=False"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "speedtrain",
+        "train",
+        "--dataset",
+        str(root),
+        "--img-size",
+        "64",
+        "--epochs",
+        "1",
+        "--finetune",
+        "no",
+        "--device",
+        "cpu",
+        "--project",
+        str(tmp_path / "runs"),
+        "plots=False",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     doc = json.loads((tmp_path / "runs" / "train" / "speed_report.json").read_text())
@@ -345,8 +400,16 @@ def test_a_run_with_images_opencv_cannot_decode_trains_without_them(ds, tmp_path
 def test_a_closed_standard_output_is_one_line_not_a_silent_success(ds):
     root, before = ds
     cmd = [sys.executable, "-m", "speedtrain", "plan", "--dataset", str(root)]
-    out = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=60,
-                         pass_fds=(), close_fds=True, preexec_fn=lambda: os.close(1))  # fmt: skip
+    out = subprocess.run(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        pass_fds=(),
+        close_fds=True,
+        preexec_fn=lambda: os.close(1),
+    )
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [
         "error: standard output is closed, so the plan and the report would be lost; redirect it instead (> run.log)"
@@ -359,8 +422,9 @@ def test_an_output_on_a_full_disk_is_one_line_not_a_traceback(ds, command):
     root, before = ds
     args = [*command, "--dataset", str(root)] if command[0] != "probe" else command
     with open("/dev/full", "w") as full:  # a real device whose every write fails with ENOSPC
-        out = subprocess.run([sys.executable, "-m", "speedtrain", *args], stdout=full, stderr=subprocess.PIPE,
-                             text=True, timeout=120)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-m", "speedtrain", *args], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120
+        )
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1] == (  # after check's progress line, which goes to stderr

@@ -224,8 +224,23 @@ def test_a_piped_run_reads_clean(make_dataset, tmp_path, verbose):
     dump, layer table, progress bars) go to RUN_DIR/ultralytics.log, or to the console with --verbose. In a file
     or pipe (CI logs, SLURM) nothing carries colour codes, which Ultralytics writes unconditionally."""
     root = make_dataset(4, 1)
-    cmd = [sys.executable, "-m", "speedtrain", "train", "--dataset", str(root), "--img-size", "64", "--epochs", "2",
-           "--finetune", "no", "--project", str(tmp_path / "runs"), "plots=False"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "speedtrain",
+        "train",
+        "--dataset",
+        str(root),
+        "--img-size",
+        "64",
+        "--epochs",
+        "2",
+        "--finetune",
+        "no",
+        "--project",
+        str(tmp_path / "runs"),
+        "plots=False",
+    ]
     cmd += ["--verbose"] if verbose else []
     env = {**os.environ, "YOLO_VERBOSE": "True"}  # the tests run Ultralytics quiet; here its log is the point
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

@@ -77,8 +77,9 @@ def test_every_knob_is_an_option_of_plan_and_train_and_compare_unless_it_says_wh
         assert not ({k.name for k in KNOBS} - declared) & options, f"{name} has a knob its declaration leaves out"
 
 
-@pytest.mark.parametrize(("knob", "command"), [(k, c) for k in KNOBS for c in k.commands],
-                         ids=lambda v: getattr(v, "name", v))  # fmt: skip
+@pytest.mark.parametrize(
+    ("knob", "command"), [(k, c) for k in KNOBS for c in k.commands], ids=lambda v: getattr(v, "name", v)
+)
 def test_each_flag_reaches_the_api_as_its_keyword(calls, knob, command, tmp_path, monkeypatch):  # noqa: F811
     got: dict[str, Any] = {}
     monkeypatch.setattr(cli.api, "compare", lambda *a, **kw: got.update(kw) or _stop())
@@ -107,8 +108,14 @@ def test_each_knob_changes_the_plan_and_the_plan_shows_it(knob):
         assert f" {shown} " in row, row
         assert "set by user" in row, row
     else:
-        part = {"title": "Plan:", "optimizer row": "optimizer", "time row": "time", "device line": "device:",
-                "fine-tune line": "fine-tune:", "prepare line": "prepare:"}[knob.shown]  # fmt: skip
+        part = {
+            "title": "Plan:",
+            "optimizer row": "optimizer",
+            "time row": "time",
+            "device line": "device:",
+            "fine-tune line": "fine-tune:",
+            "prepare line": "prepare:",
+        }[knob.shown]
         assert shown in text[text.index(part) :], f"{knob.name}: {shown!r} not in the plan's {knob.shown}"
 
 

@@ -53,8 +53,10 @@ def roboflow(with_test: bool) -> Builder:
             _put(test, root / "test" / "images", root / "test" / "labels")
             data["test"] = "../test/images"
         names = names_80()
-        _write(root / "data.yaml", {**data, "nc": len(names), "names": names,
-                                    "roboflow": {"workspace": "w", "project": "p", "version": 1}})  # fmt: skip
+        _write(
+            root / "data.yaml",
+            {**data, "nc": len(names), "names": names, "roboflow": {"workspace": "w", "project": "p", "version": 1}},
+        )
         return root
 
     return build
@@ -75,8 +77,10 @@ def absolute_splits(tmp: Path) -> Path:
     root = classic(tmp).parent
     cfg = tmp / "configs"
     cfg.mkdir()
-    return _write(cfg / "ppe.yaml", {"train": str(root / "images" / "train"), "val": str(root / "images" / "val"),
-                                     "names": names_80()})  # fmt: skip
+    return _write(
+        cfg / "ppe.yaml",
+        {"train": str(root / "images" / "train"), "val": str(root / "images" / "val"), "names": names_80()},
+    )
 
 
 def folder_lists(tmp: Path) -> Path:
@@ -86,8 +90,7 @@ def folder_lists(tmp: Path) -> Path:
     _put(train[:3], root / "images" / "a", root / "labels" / "a")
     _put(train[3:], root / "images" / "b", root / "labels" / "b")
     _put(val, root / "images" / "val", root / "labels" / "val")
-    return _write(root / "data.yaml", {"train": ["images/a", "images/b"], "val": ["images/val"],
-                                       "names": names_80()})  # fmt: skip
+    return _write(root / "data.yaml", {"train": ["images/a", "images/b"], "val": ["images/val"], "names": names_80()})
 
 
 def txt_lists(tmp: Path) -> Path:
@@ -97,8 +100,7 @@ def txt_lists(tmp: Path) -> Path:
     _put(train + val, root / "images" / "all", root / "labels" / "all")
     (root / "train.txt").write_text("".join(f"./images/all/{img.name}\n" for img, _ in train))
     (root / "val.txt").write_text("".join(f"./images/all/{img.name}\n" for img, _ in val))
-    return _write(root / "data.yaml", {"path": str(root), "train": "train.txt", "val": "val.txt",
-                                       "names": names_80()})  # fmt: skip
+    return _write(root / "data.yaml", {"path": str(root), "train": "train.txt", "val": "val.txt", "names": names_80()})
 
 
 LAYOUTS: dict[str, Builder] = {
@@ -160,8 +162,22 @@ def test_prepare_and_the_linked_view_keep_every_image(layout, tmp_path):
 @pytest.mark.slow
 def test_train_accepts_every_layout(layout, tmp_path):
     name, given = layout
-    result = _invoke("train", "--dataset", given, "--img-size", 64, "--epochs", 1, "--finetune", "no",
-                     "--device", "cpu", "--project", tmp_path / "runs", "plots=False")  # fmt: skip
+    result = _invoke(
+        "train",
+        "--dataset",
+        given,
+        "--img-size",
+        64,
+        "--epochs",
+        1,
+        "--finetune",
+        "no",
+        "--device",
+        "cpu",
+        "--project",
+        tmp_path / "runs",
+        "plots=False",
+    )
     assert result.exit_code == 0, (name, result.output)
     doc = json.loads((tmp_path / "runs" / "train" / "speed_report.json").read_text())
     assert doc["stages"][0]["measured"]["images_per_epoch"] == N_TRAIN

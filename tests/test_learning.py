@@ -71,9 +71,19 @@ def train(root: Path, project: Path, **kw: object) -> SpeedReport:
     if not model.exists():
         shutil.copy2(WEIGHTS, model)
     return speedtrain.train(
-        root, model=str(model), imgsz=IMGSZ, epochs=EPOCHS, finetune="no", prepare="no", device="cpu",
-        project=project, verbose=False, log=lambda _: None, plots=False, **{"seed": 0, **kw},
-    )  # fmt: skip
+        root,
+        model=str(model),
+        imgsz=IMGSZ,
+        epochs=EPOCHS,
+        finetune="no",
+        prepare="no",
+        device="cpu",
+        project=project,
+        verbose=False,
+        log=lambda _: None,
+        plots=False,
+        **{"seed": 0, **kw},
+    )
 
 
 def best_map50(rep: SpeedReport) -> float:
@@ -149,9 +159,18 @@ def test_a_budgeted_run_goes_through_its_phases_and_anneals_at_its_deadline(tmp_
     project.mkdir()
     shutil.copy2(WEIGHTS, project / "yolov8n.pt")
     rep = speedtrain.train(
-        ppe_subset(tmp_path / "ppe"), model=str(project / "yolov8n.pt"), time=BUDGET, phases="auto", prepare="no",
-        device="cpu", project=project, verbose=False, log=lambda _: None, plots=False, seed=0,
-    )  # fmt: skip
+        ppe_subset(tmp_path / "ppe"),
+        model=str(project / "yolov8n.pt"),
+        time=BUDGET,
+        phases="auto",
+        prepare="no",
+        device="cpu",
+        project=project,
+        verbose=False,
+        log=lambda _: None,
+        plots=False,
+        seed=0,
+    )
     stage, m = rep.main.stage, rep.main.measured
     assert m is not None
     assert stage.schedule is not None

@@ -54,8 +54,14 @@ def _photos(root: Path) -> Path:
 
 def _fill(data_yaml: Path, mode: str, tmp: Path) -> dict:
     env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(tmp / "yolo-config")}
-    out = subprocess.run([sys.executable, "-c", FILL, str(data_yaml), mode, str(IMGSZ)], capture_output=True, text=True,
-                         env=env, timeout=300, cwd=tmp)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", FILL, str(data_yaml), mode, str(IMGSZ)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

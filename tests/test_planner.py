@@ -364,8 +364,15 @@ def test_rect_under_multi_gpu_says_what_ultralytics_will_do(vram, rect, expected
 
 def test_accuracy_sensitive_choices_cite_what_they_rest_on():
     p = plan(snapshot((24,)), fake_stats(), Overrides(finetune="auto"))
-    for key, evidence in (("imgsz", "imgsz"), ("optimizer", "optimizer"), ("rect", "rect"), ("cos_lr", "cos_lr"),
-                          ("patience", "patience"), ("finetune", "finetune"), ("val_every", "val_every")):  # fmt: skip
+    for key, evidence in (
+        ("imgsz", "imgsz"),
+        ("optimizer", "optimizer"),
+        ("rect", "rect"),
+        ("cos_lr", "cos_lr"),
+        ("patience", "patience"),
+        ("finetune", "finetune"),
+        ("val_every", "val_every"),
+    ):
         assert planner.EVIDENCE[evidence] in p.reason(key), key
     mine = plan(snapshot((24,)), fake_stats(), Overrides(imgsz=640, rect=True, optimizer="SGD", patience=50))
     for key in ("imgsz", "optimizer", "patience"):
@@ -575,7 +582,13 @@ def test_the_classic_recipe_is_the_single_script_exactly_with_its_measured_cost(
     p = plan(snapshot((24,)), fake_stats(), Overrides(recipe="classic"))
     main = p.stages[0]
     assert (main.optimizer, main.lr0, main.rect, main.cos_lr, main.close_mosaic, main.patience) == (
-        "Adam", 0.001, True, True, 10, 10)  # fmt: skip
+        "Adam",
+        0.001,
+        True,
+        True,
+        10,
+        10,
+    )
     assert "0.111" in p.reason("optimizer")
     assert "0.273" in p.reason("optimizer")
     for key in ("rect", "patience", "close_mosaic"):  # the recipe's own settings say so, not "set by user"
@@ -590,8 +603,9 @@ def test_an_unknown_recipe_is_one_line():
         plan(snapshot((24,)), fake_stats(), Overrides(recipe="fast"))  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("budget", "says"), [("30s", "between 1 minute"), ("soon", "a duration such as"),
-                                             (-1, "between 1 minute")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("budget", "says"), [("30s", "between 1 minute"), ("soon", "a duration such as"), (-1, "between 1 minute")]
+)
 def test_an_impossible_time_budget_is_refused(budget, says):
     with pytest.raises(UsageError, match=says):
         plan(snapshot((24,)), fake_stats(), Overrides(time=budget))

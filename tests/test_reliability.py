@@ -100,8 +100,12 @@ def test_interrupted_training_resumes_where_it_stopped(make_dataset, tmp_path, s
     done_before = checkpoints.checkpoint_epoch(checkpoint) + 1
     assert 1 <= done_before < epochs
     saved_rows = _csv_rows(project / "train" / "main")[:done_before]
-    again = subprocess.run([*_train_cmd(root, project, epochs)[:4], "--resume", str(project / "train")],
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    again = subprocess.run(
+        [*_train_cmd(root, project, epochs)[:4], "--resume", str(project / "train")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
     doc = json.loads((project / "train" / "speed_report.json").read_text())
     m = doc["stages"][0]["measured"]
@@ -173,8 +177,9 @@ def test_ram_cache_falls_back_to_disk_when_memory_dropped(make_dataset, tmp_path
 
 
 def test_recheck_cache_keeps_what_still_fits():
-    stage = planner.Stage("main", 416, 1, 16, (), 8, "ram", "Adam", 0.001, True, 1, True, 10, True, "0",
-                          ram_cache_need_gb=6.0)  # fmt: skip
+    stage = planner.Stage(
+        "main", 416, 1, 16, (), 8, "ram", "Adam", 0.001, True, 1, True, 10, True, "0", ram_cache_need_gb=6.0
+    )
     assert planner.recheck_cache(stage, 8.0) == (stage, "")
     moved, note = planner.recheck_cache(stage, 5.0)
     assert moved.cache == "disk"
@@ -310,15 +315,25 @@ def test_resume_with_every_checkpoint_damaged_stops_and_keeps_the_saved_epochs(m
     root, project, epochs = make_dataset(16, 4), tmp_path / "runs", 6
     proc = subprocess.Popen(_train_cmd(root, project, epochs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     weights = project / "train" / "main" / "weights"
-    assert wait_for(lambda: (weights / checkpoints.RESUME_NAME).exists() and checkpoints.checkpoint_epoch(
-        weights / checkpoints.RESUME_NAME) >= 1 or proc.poll() is not None, timeout=240)  # fmt: skip
+    assert wait_for(
+        lambda: (
+            (weights / checkpoints.RESUME_NAME).exists()
+            and checkpoints.checkpoint_epoch(weights / checkpoints.RESUME_NAME) >= 1
+            or proc.poll() is not None
+        ),
+        timeout=240,
+    )
     proc.kill()
     proc.wait(timeout=60)
     for name in (checkpoints.RESUME_NAME, "last.pt"):
         _truncate(weights / name)
     rows, best = _csv_rows(project / "train" / "main"), (weights / "best.pt").read_bytes()
-    again = subprocess.run([*_train_cmd(root, project, epochs)[:4], "--resume", str(project / "train")],
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    again = subprocess.run(
+        [*_train_cmd(root, project, epochs)[:4], "--resume", str(project / "train")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 5, again.stdout[-2000:] + again.stderr[-2000:]
     lines = [ln for ln in again.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, lines
@@ -345,8 +360,12 @@ def test_a_run_stopped_after_its_last_epoch_resumes_to_finished_without_training
     weights = project / "train" / "main" / "weights"
     _truncate(weights / checkpoints.RESUME_NAME)
     rows, best = _csv_rows(project / "train" / "main"), (weights / "best.pt").read_bytes()
-    again = subprocess.run([*_train_cmd(root, project, 2)[:4], "--resume", str(project / "train")],
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    again = subprocess.run(
+        [*_train_cmd(root, project, 2)[:4], "--resume", str(project / "train")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
     doc = json.loads(report.read_text())
     assert (doc["run"]["status"], doc["stages"][0]["status"]) == ("finished", "completed")
@@ -362,8 +381,26 @@ def test_a_time_fitted_run_stopped_after_its_fitted_epochs_resumes_to_finished(m
     died after the last of them (during its final validation) is finished on --resume, never Ultralytics'
     "nothing to resume" traceback, and the report never advises a --resume that cannot work."""
     root, project = make_dataset(8, 2), tmp_path / "runs"
-    cmd = [sys.executable, "-m", "speedtrain", "train", "--dataset", str(root), "--img-size", "64", "--time", "1m",
-           "--rect", "--finetune", "no", "--prepare", "no", "--project", str(project), "plots=False"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "speedtrain",
+        "train",
+        "--dataset",
+        str(root),
+        "--img-size",
+        "64",
+        "--time",
+        "1m",
+        "--rect",
+        "--finetune",
+        "no",
+        "--prepare",
+        "no",
+        "--project",
+        str(project),
+        "plots=False",
+    ]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stdout[-2000:]
     report = project / "train" / "speed_report.json"
@@ -374,8 +411,7 @@ def test_a_time_fitted_run_stopped_after_its_fitted_epochs_resumes_to_finished(m
     doc["stages"][0].update(status="running", measured=None, note="")
     report.write_text(json.dumps(doc))
     rows = _csv_rows(project / "train" / "main")
-    again = subprocess.run([*cmd[:4], "--resume", str(project / "train")], capture_output=True, text=True,
-                           timeout=300)  # fmt: skip
+    again = subprocess.run([*cmd[:4], "--resume", str(project / "train")], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
     assert "Traceback" not in again.stdout + again.stderr
     doc = json.loads(report.read_text())
@@ -397,8 +433,9 @@ def test_epochs_with_a_time_budget_are_a_limit_the_run_and_its_report_agree_on(m
     doc = json.loads((project / "train" / "speed_report.json").read_text())
     stage = doc["stages"][0]
     assert (stage["status"], stage["measured"]["epochs_done"], stage["max_epochs"]) == ("completed", 2, 2)
-    assert re.fullmatch(r"ended by its limit of 2 epochs before its 10m 00s budget \(about \d+ fit it .*\)",
-                        stage["note"]), stage["note"]  # fmt: skip
+    assert re.fullmatch(
+        r"ended by its limit of 2 epochs before its 10m 00s budget \(about \d+ fit it .*\)", stage["note"]
+    ), stage["note"]
     assert "main: ended by its limit of 2 epochs" in run.stdout
     assert len(_csv_rows(project / "train" / "main")) == 2
 
@@ -432,8 +469,12 @@ def test_sigterm_between_stages_leaves_an_interrupted_report_that_resumes_untrai
     best_pt = project / "train" / "main" / "weights" / "best.pt"
     rows, best = _csv_rows(project / "train" / "main"), best_pt.read_bytes()
     assert len(rows) == 2
-    again = subprocess.run([*_train_cmd(root, project, 2)[:4], "--resume", str(project / "train")],
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    again = subprocess.run(
+        [*_train_cmd(root, project, 2)[:4], "--resume", str(project / "train")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
     doc = json.loads((project / "train" / "speed_report.json").read_text())
     assert (doc["run"]["status"], doc["stages"][0]["status"]) == ("finished", "completed")
@@ -462,8 +503,12 @@ def test_a_dataset_moved_away_mid_run_is_one_line_and_resumes_once_back(make_dat
     assert "resume.pt" in lines[0]  # what was kept
     assert "Traceback" not in out + err
     away.rename(root)
-    again = subprocess.run([*_train_cmd(root, project, 2)[:4], "--resume", str(project / "train")],
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    again = subprocess.run(
+        [*_train_cmd(root, project, 2)[:4], "--resume", str(project / "train")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
     doc = json.loads((project / "train" / "speed_report.json").read_text())
     assert (doc["run"]["status"], doc["stages"][0]["measured"]["epochs_done"]) == ("finished", 2)
@@ -475,9 +520,27 @@ def test_a_budgeted_run_stopped_by_ctrl_c_goes_on_along_the_same_curve(make_data
     the same learning-rate curve and phase (no epoch repeated or lost), ends at its deadline, and a second --resume
     finds it finished."""
     root, project = make_dataset(16, 4), tmp_path / "runs"
-    cmd = [sys.executable, "-m", "speedtrain", "train", "--dataset", str(root), "--time", "1m", "--phases", "auto",
-           "--img-size", "64", "--finetune-img-size", "128", "--prepare", "no", "--project", str(project),
-           "plots=False"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "speedtrain",
+        "train",
+        "--dataset",
+        str(root),
+        "--time",
+        "1m",
+        "--phases",
+        "auto",
+        "--img-size",
+        "64",
+        "--finetune-img-size",
+        "128",
+        "--prepare",
+        "no",
+        "--project",
+        str(project),
+        "plots=False",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     state = project / "train" / "main" / checkpoints.PHASES_STATE
     assert wait_for(lambda: state.exists() or proc.poll() is not None, timeout=180)
@@ -487,8 +550,7 @@ def test_a_budgeted_run_stopped_by_ctrl_c_goes_on_along_the_same_curve(make_data
     assert proc.returncode == 130, output[-3000:]
     before = json.loads(state.read_text())
     assert not before["stopped"]
-    again = subprocess.run([*cmd[:4], "--resume", str(project / "train")], capture_output=True, text=True,
-                           timeout=300)  # fmt: skip
+    again = subprocess.run([*cmd[:4], "--resume", str(project / "train")], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
     assert "going on at" in again.stdout
     doc = json.loads((project / "train" / "speed_report.json").read_text())
@@ -504,8 +566,7 @@ def test_a_budgeted_run_stopped_by_ctrl_c_goes_on_along_the_same_curve(make_data
     assert [e["imgsz"] for e in log] == sorted(e["imgsz"] for e in log)
     assert log[-1]["lr_end"] < resumed["lr_start"]
     assert csv_epochs(project / "train" / "main") == list(range(1, len(log) + 1))
-    third = subprocess.run([*cmd[:4], "--resume", str(project / "train")], capture_output=True, text=True,
-                           timeout=300)  # fmt: skip
+    third = subprocess.run([*cmd[:4], "--resume", str(project / "train")], capture_output=True, text=True, timeout=300)
     assert third.returncode != 0 or "finished" in (third.stdout + third.stderr)
     assert "Traceback" not in third.stdout + third.stderr
 
@@ -521,8 +582,12 @@ def test_resume_after_the_dataset_changed_says_what_changed_instead_of_training_
     proc.communicate(timeout=180)
     for image in sorted((root / "images" / "train").iterdir())[:5]:
         image.unlink()
-    again = subprocess.run([*_train_cmd(root, project, 6)[:4], "--resume", str(project / "train")],
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    again = subprocess.run(
+        [*_train_cmd(root, project, 6)[:4], "--resume", str(project / "train")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 3, again.stdout[-2000:] + again.stderr[-2000:]
     lines = [ln for ln in again.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, lines

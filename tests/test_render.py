@@ -83,10 +83,18 @@ def test_report_shows_the_validation_cadence_and_the_time_estimate(tmp_path):
 
 def _ranks(rates: list[float]) -> list[dict]:
     return [
-        {"rank": i, "node": f"node{i // 2}", "device": f"cuda:{i % 2}", "images_per_s": r, "gpu_util_mean": 90.0,
-         "gpu_mem_peak_gb": 9.5, "images": 64, "batches": 4}
+        {
+            "rank": i,
+            "node": f"node{i // 2}",
+            "device": f"cuda:{i % 2}",
+            "images_per_s": r,
+            "gpu_util_mean": 90.0,
+            "gpu_mem_peak_gb": 9.5,
+            "images": 64,
+            "batches": 4,
+        }
         for i, r in enumerate(rates)
-    ]  # fmt: skip
+    ]
 
 
 def test_a_multi_rank_stage_shows_each_rank_and_names_the_slow_one(tmp_path):
@@ -181,8 +189,14 @@ def test_console_is_plain_ascii_when_not_a_terminal():
 
 def test_a_val_split_without_boxes_reports_no_metrics_rather_than_a_measured_looking_zero():
     doc = stored()
-    doc["dataset"]["problems"] = [{"severity": "warning", "kind": "val-no-boxes", "file": "/d/images/val",
-                                   "detail": "none of the 4 val images has a usable box"}]  # fmt: skip
+    doc["dataset"]["problems"] = [
+        {
+            "severity": "warning",
+            "kind": "val-no-boxes",
+            "file": "/d/images/val",
+            "detail": "none of the 4 val images has a usable box",
+        }
+    ]
     rep = typed(doc)
     assert rep.final_scores() == ()
     text = render(render_mod.render_report(rep), width=200)
@@ -192,9 +206,19 @@ def test_a_val_split_without_boxes_reports_no_metrics_rather_than_a_measured_loo
 
 
 def test_a_schedule_line_says_each_phase_and_where_the_deadline_fell():
-    log = [{"epoch": e, "imgsz": s, "start_s": 10.0 * (e - 1), "end_s": 10.0 * e, "lr_start": round(1 - (e - 1) / 5, 2),
-            "lr_end": round(1 - e / 5, 2), "validated": e == 5, "mosaic": e < 5} for e, s in
-           zip(range(1, 6), (320, 320, 416, 640, 640), strict=True)]  # fmt: skip
+    log = [
+        {
+            "epoch": e,
+            "imgsz": s,
+            "start_s": 10.0 * (e - 1),
+            "end_s": 10.0 * e,
+            "lr_start": round(1 - (e - 1) / 5, 2),
+            "lr_end": round(1 - e / 5, 2),
+            "validated": e == 5,
+            "mosaic": e < 5,
+        }
+        for e, s in zip(range(1, 6), (320, 320, 416, 640, 640), strict=True)
+    ]
     line = render_mod.schedule_line("main", log, 60.0)
     assert line.startswith("main: 320 px epochs 1-2 (lr 1.00->0.60), 416 px epoch 3 (lr 0.60->0.40), 640 px epochs")
     assert "mosaic off from epoch 5" in line

@@ -245,8 +245,9 @@ def test_interrupted_run_then_rerun_leaves_every_image_valid(make_dataset, tmp_p
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     # a few images in: the main process has recorded some of them (with only the first on disk, Ctrl-C could land
     # before its result reached the main process, and nothing would be recorded: a flaky test, seen in CI)
-    started = wait_for(lambda: proc.poll() is not None or (out.is_dir() and len(list(out.rglob("*.png"))) >= 3),
-                       timeout=60)  # fmt: skip
+    started = wait_for(
+        lambda: proc.poll() is not None or (out.is_dir() and len(list(out.rglob("*.png"))) >= 3), timeout=60
+    )
     assert started
     assert proc.poll() is None, proc.stderr.read().decode()
     os.killpg(proc.pid, sig)

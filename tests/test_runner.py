@@ -251,14 +251,18 @@ def test_finetune_auto_decides_by_the_loss_at_the_larger_size(own, at_640, targe
 
 def test_epoch_curves_read_ultralytics_results_csv(tmp_path):
     # the header and number format of ultralytics/engine/trainer.py save_metrics (8.4.190)
-    head = ("epoch,time,train/box_loss,train/cls_loss,train/dfl_loss,metrics/precision(B),metrics/recall(B),"
-            "metrics/mAP50(B),metrics/mAP50-95(B),val/box_loss,val/cls_loss,val/dfl_loss,lr/pg0,lr/pg1,"
-            "lr/pg2")  # fmt: skip
-    rows = ["1,61.2,1.5,3.0,1.4,0.5,0.4,0.3,0.131,1.4,2.0,1.3,0.001,0.001,0.001",
-            "2,122.9,1.25,2.5,1.25,0.6,0.5,0.4,0.2,1.3,1.9,1.2,0.001,0.001,0.001",
-            "3,180.0,nan,2.5,1.25,0.6,0.5,0.4,nan,1.3,1.9,1.2,0.001,0.001,0.001",
-            "4,240.0,1.2,2.4,1.2,nan,nan,nan,nan,nan,nan,nan,0.001,0.001,0.001",  # not validated (--val-every)
-            "5,300.0,1.1,2.3,1.1,0.6,0.5,0.45,0.25,1.3,1.9,1.2,0.001,0.001,0.001"]  # fmt: skip
+    head = (
+        "epoch,time,train/box_loss,train/cls_loss,train/dfl_loss,metrics/precision(B),metrics/recall(B),"
+        "metrics/mAP50(B),metrics/mAP50-95(B),val/box_loss,val/cls_loss,val/dfl_loss,lr/pg0,lr/pg1,"
+        "lr/pg2"
+    )
+    rows = [
+        "1,61.2,1.5,3.0,1.4,0.5,0.4,0.3,0.131,1.4,2.0,1.3,0.001,0.001,0.001",
+        "2,122.9,1.25,2.5,1.25,0.6,0.5,0.4,0.2,1.3,1.9,1.2,0.001,0.001,0.001",
+        "3,180.0,nan,2.5,1.25,0.6,0.5,0.4,nan,1.3,1.9,1.2,0.001,0.001,0.001",
+        "4,240.0,1.2,2.4,1.2,nan,nan,nan,nan,nan,nan,nan,0.001,0.001,0.001",  # not validated (--val-every)
+        "5,300.0,1.1,2.3,1.1,0.6,0.5,0.45,0.25,1.3,1.9,1.2,0.001,0.001,0.001",
+    ]
     (tmp_path / "results.csv").write_text("\n".join([head, *rows]) + "\n")
     assert checkpoints.epoch_curves(tmp_path / "results.csv") == ((0.131, 0.2, 0.25), (5.9, 5.0, 4.5), (1, 2, 5))
     assert checkpoints.epoch_curves(tmp_path / "missing.csv") == ((), (), ())
@@ -469,8 +473,12 @@ def test_the_time_estimate_rests_on_the_steady_batches_of_the_first_epoch(monkey
     clock = [100.0]
     monkeypatch.setattr(ultra.time, "perf_counter", lambda: clock[0])
     said: list[str] = []
-    rec = ultra.Recorder(stage="main", log=said.append, baseline_factor=(640 / 416) ** 2,
-                           later=(("finetune", 25, (640 / 416) ** 2, True),))  # fmt: skip
+    rec = ultra.Recorder(
+        stage="main",
+        log=said.append,
+        baseline_factor=(640 / 416) ** 2,
+        later=(("finetune", 25, (640 / 416) ** 2, True),),
+    )
     trainer = SimpleNamespace(epoch=0, epochs=5, train_loader=[None] * 20, args=SimpleNamespace(time=None))
     assert "on_train_batch_end" in rec.callbacks()
     rec.on_train_epoch_start(trainer)
@@ -478,10 +486,12 @@ def test_the_time_estimate_rests_on_the_steady_batches_of_the_first_epoch(monkey
         clock[0] += 3.0 if n == 1 else 0.5
         rec.on_train_batch_end(trainer)
     assert (rec.estimated_epoch_s, rec.estimated_from) == (12.5, 8)
-    assert said == ["main: about 1m 02s for 5 epochs' training passes (12.5 s each; estimate from the first 8 "
-                    "batches, validation not included); at Ultralytics' 640 px about 2m 28s (estimate: time ~ "
-                    "pixels); then finetune (if it runs) about 12m 20s for 25 epochs (estimate: time ~ "
-                    "pixels)"]  # fmt: skip
+    assert said == [
+        "main: about 1m 02s for 5 epochs' training passes (12.5 s each; estimate from the first 8 "
+        "batches, validation not included); at Ultralytics' 640 px about 2m 28s (estimate: time ~ "
+        "pixels); then finetune (if it runs) about 12m 20s for 25 epochs (estimate: time ~ "
+        "pixels)"
+    ]
     timed = ultra.Recorder(stage="main", log=said.append)  # --time: how many epochs fit the stage's share
     trainer.args.time = 0.05  # 3 minutes
     timed.on_train_epoch_start(trainer)
@@ -499,9 +509,19 @@ def test_a_time_budget_ends_with_the_learning_rate_schedule_complete(make_datase
 
     import speedtrain
 
-    rep = speedtrain.train(make_dataset(8, 2), imgsz=64, time="1m", epochs=300, finetune="no", prepare="no",
-                           device="cpu", project=tmp_path / "runs", verbose=False, log=print,
-                           plots=False)  # fmt: skip
+    rep = speedtrain.train(
+        make_dataset(8, 2),
+        imgsz=64,
+        time="1m",
+        epochs=300,
+        finetune="no",
+        prepare="no",
+        device="cpu",
+        project=tmp_path / "runs",
+        verbose=False,
+        log=print,
+        plots=False,
+    )
     m = rep.main.measured
     assert m is not None
     assert m.status == "completed", m.note

@@ -26,8 +26,14 @@ def test_a_format_1_report_round_trips_exactly():
         assert (stage["measured"].pop("epoch_end_s"), stage["measured"].pop("latency_ms")) == ([], {})
         assert stage["measured"].pop("ranks") == []
         assert [stage["measured"].pop(k) for k in ("epoch_map50_95", "epoch_loss", "scores")] == [[], [], {}]
-        added = ("epoch_validated", "val_every", "val_time_s", "val_saved_s", "estimated_epoch_s",
-                 "estimated_from_batches")  # fmt: skip
+        added = (
+            "epoch_validated",
+            "val_every",
+            "val_time_s",
+            "val_saved_s",
+            "estimated_epoch_s",
+            "estimated_from_batches",
+        )
         assert [stage["measured"].pop(k) for k in added] == [[], 1, 0.0, 0.0, None, 0]  # as before they existed
         assert stage["measured"].pop("phase_log") == []
         assert stage.pop("val_every") == 1
@@ -74,9 +80,20 @@ def test_a_plan_has_the_plan_json_layout():
     plan = planner.plan(hw, stats)
     doc = SpeedReport.planned(hw, stats, plan).to_dict()
     assert set(doc) == {
-        "device", "model", "stages", "reasons", "target_map", "estimates", "warnings", "cache_estimate_gb",
-        "prepare_size", "baseline", "ranks", "hardware", "dataset",
-    }  # fmt: skip
+        "device",
+        "model",
+        "stages",
+        "reasons",
+        "target_map",
+        "estimates",
+        "warnings",
+        "cache_estimate_gb",
+        "prepare_size",
+        "baseline",
+        "ranks",
+        "hardware",
+        "dataset",
+    }
     assert "status" not in doc["stages"][0]
     assert doc["stages"][0]["batch"] == plan.stages[0].batch
     back = SpeedReport.from_dict(doc)
@@ -86,8 +103,9 @@ def test_a_plan_has_the_plan_json_layout():
 
 def _result(stage: planner.Stage, status: str, done: int) -> StageResult:
     """What runner.train_stage returns for `stage` after `done` epochs (the figures are arbitrary)."""
-    return StageResult(stage.name, status, stage.imgsz, stage.batch, stage.epochs, done, (2.0,) * done, (1.5,) * done,
-                       100, 7, 66.7)  # fmt: skip
+    return StageResult(
+        stage.name, status, stage.imgsz, stage.batch, stage.epochs, done, (2.0,) * done, (1.5,) * done, 100, 7, 66.7
+    )
 
 
 def test_a_run_goes_from_pending_to_running_to_finished(tmp_path):

@@ -27,11 +27,35 @@ def _train(root: Path, tmp: Path, settings: dict[str, bool], *ranks: str) -> Pat
         "MLFLOW_ALLOW_FILE_STORE": "true",
     }  # MLflow 3.x refuses a local file store unless told (docs/trackers.md)
     switch = f"from ultralytics.utils import SETTINGS; SETTINGS.update({json.dumps(settings)})"  # `yolo settings`
-    subprocess.run([sys.executable, "-c", switch.replace("true", "True").replace("false", "False")], env=env,
-                   check=True, timeout=120)  # fmt: skip
-    cmd = [sys.executable, "-m", "speedtrain", "train", "--dataset", str(root), "--img-size", "64", "--epochs", "2",
-           "--finetune", "yes", "--finetune-img-size", "96", "--finetune-epochs", "1", "--prepare", "no",
-           "--project", str(tmp / "runs"), "plots=False"]  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-c", switch.replace("true", "True").replace("false", "False")],
+        env=env,
+        check=True,
+        timeout=120,
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "speedtrain",
+        "train",
+        "--dataset",
+        str(root),
+        "--img-size",
+        "64",
+        "--epochs",
+        "2",
+        "--finetune",
+        "yes",
+        "--finetune-img-size",
+        "96",
+        "--finetune-epochs",
+        "1",
+        "--prepare",
+        "no",
+        "--project",
+        str(tmp / "runs"),
+        "plots=False",
+    ]
     if ranks:
         cmd = [*cmd[: cmd.index("--finetune")], "--finetune", "no", *cmd[cmd.index("--prepare") :], *ranks]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp)
@@ -82,8 +106,9 @@ def test_two_ranks_log_once(make_dataset, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    run = _train(make_dataset(8, 4), tmp_path, {"tensorboard": True, "mlflow": True}, "--device", "cpu",
-                 "--nproc-per-node", "2")  # fmt: skip
+    run = _train(
+        make_dataset(8, 4), tmp_path, {"tensorboard": True, "mlflow": True}, "--device", "cpu", "--nproc-per-node", "2"
+    )
     assert json.loads((run / "speed_report.json").read_text())["ranks"] == 2
     assert len(list((run / "main").glob("events.out.tfevents.*"))) == 1
     acc = EventAccumulator(str(run / "main"))

@@ -48,10 +48,12 @@ def test_decide(loaders, expected, bound):
     result = tuner.decide(STAGE, STEPS, loaders, fake_stats())
     assert (result.batch, result.workers, result.cache) == expected
     assert result.bound == bound
-    assert result.predicted_images_per_s == pytest.approx(min(
-        next(s.images_per_s for s in STEPS if s.batch == expected[0]),
-        next(x.images_per_s for x in loaders if (x.workers, x.cache) == expected[1:]),
-    ))  # fmt: skip
+    assert result.predicted_images_per_s == pytest.approx(
+        min(
+            next(s.images_per_s for s in STEPS if s.batch == expected[0]),
+            next(x.images_per_s for x in loaders if (x.workers, x.cache) == expected[1:]),
+        )
+    )
 
 
 def test_zero_workers_load_and_step_in_turn():
@@ -237,8 +239,9 @@ def test_the_fast_pipeline_is_chosen_only_when_measured_faster(fast_rate, chosen
     assert tried == ["fast"]
     assert result.fast_achieved_images_per_s == fast_rate
     faster = tuner.fast_pipeline_faster(result)
-    tuned = planner.apply_tuned(plan, result.batch, result.workers, result.cache, "why",
-                                fast_measured_faster=faster, pipeline_auto=True)  # fmt: skip
+    tuned = planner.apply_tuned(
+        plan, result.batch, result.workers, result.cache, "why", fast_measured_faster=faster, pipeline_auto=True
+    )
     assert tuned.stages[0].pipeline == chosen
     assert ("chosen" if chosen == "fast" else "not chosen") in result.diagnosis[-1]
     if chosen == "fast":

@@ -57,9 +57,17 @@ def test_the_declared_range_is_the_checked_one_and_holds_the_installed_version()
 
 @pytest.mark.parametrize(
     ("version", "ok"),
-    [("8.4.172", True), ("8.4.190", True), ("8.4.999", True), ("8.4.171", False), ("8.3.250", False),
-     ("8.5.0", False), ("9.0.1", False), ("8.4.180.dev0", True)],
-)  # fmt: skip
+    [
+        ("8.4.172", True),
+        ("8.4.190", True),
+        ("8.4.999", True),
+        ("8.4.171", False),
+        ("8.3.250", False),
+        ("8.5.0", False),
+        ("9.0.1", False),
+        ("8.4.180.dev0", True),
+    ],
+)
 def test_an_ultralytics_outside_the_range_is_one_line(version, ok):
     from speedtrain import ultra_args
     from speedtrain.errors import UsageError
@@ -69,8 +77,10 @@ def test_an_ultralytics_outside_the_range_is_one_line(version, ok):
         return
     with pytest.raises(UsageError) as err:
         ultra_args.check_version(version)
-    assert str(err.value) == (f"Ultralytics {version} is installed; speedtrain works with ultralytics>=8.4.172,<8.5: "
-                              "pip install 'ultralytics>=8.4.172,<8.5'")  # fmt: skip
+    assert str(err.value) == (
+        f"Ultralytics {version} is installed; speedtrain works with ultralytics>=8.4.172,<8.5: "
+        "pip install 'ultralytics>=8.4.172,<8.5'"
+    )
 
 
 def test_every_internal_reach_is_where_ultra_expects_it():
@@ -99,8 +109,11 @@ def test_every_internal_reach_is_where_ultra_expects_it():
     assert {"dataset", "batch", "workers", "shuffle", "rank"} <= set(inspect.signature(build_dataloader).parameters)
     assert {"batch", "imgsz", "cache", "workers", "rect", "fraction"} <= set(DEFAULT_CFG_DICT), moved("default.yaml")
     assert list(inspect.signature(DetectionTrainer.get_dataloader).parameters)[1:] == [
-        "dataset_path", "batch_size", "rank", "mode",
-    ], moved("DetectionTrainer.get_dataloader's arguments")  # fmt: skip
+        "dataset_path",
+        "batch_size",
+        "rank",
+        "mode",
+    ], moved("DetectionTrainer.get_dataloader's arguments")
     assert "preprocess_batch" in vars(DetectionTrainer), moved("DetectionTrainer.preprocess_batch")
     assert "model.args" in inspect.getsource(loss.v8DetectionLoss.__init__), moved("v8DetectionLoss reading model.args")
     assert any(type(h).__name__ == "StreamHandler" for h in LOGGER.handlers), moved("LOGGER's console handler")
@@ -276,10 +289,17 @@ class _Loader:
 def _trainer(imgsz: int) -> types.SimpleNamespace:
     groups = [{"initial_lr": 0.01, "lr": 0.0}, {"initial_lr": 0.01, "lr": 0.0}]
     trainer = types.SimpleNamespace(
-        epoch=0, epochs=50, stop=False, metrics={"metrics/mAP50-95(B)": 0.1}, fitness=0.1, batch_size=4,
-        world_size=1, args=types.SimpleNamespace(val=True, epochs=50, imgsz=640, mosaic=1.0),
-        optimizer=types.SimpleNamespace(param_groups=groups), test_loader=_Loader(_Dataset(640), 2),
-    )  # fmt: skip
+        epoch=0,
+        epochs=50,
+        stop=False,
+        metrics={"metrics/mAP50-95(B)": 0.1},
+        fitness=0.1,
+        batch_size=4,
+        world_size=1,
+        args=types.SimpleNamespace(val=True, epochs=50, imgsz=640, mosaic=1.0),
+        optimizer=types.SimpleNamespace(param_groups=groups),
+        test_loader=_Loader(_Dataset(640), 2),
+    )
     trainer.train_loader = _Loader(_Dataset(imgsz), 2)
     trainer._close_dataloader_mosaic = lambda: trainer.train_loader.dataset.close_mosaic(trainer.args)
     return trainer

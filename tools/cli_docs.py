@@ -50,8 +50,18 @@ mistyped name gets the closest ones (`lr=0.01`: did you mean `lrf=` or `lr0=`?).
 
 def generate() -> str:
     """The reference as the app generates it now."""
-    cmd = [sys.executable, "-m", "typer", "speedtrain.cli", "utils", "docs", "--name", "speedtrain",
-           "--title", "Command-line reference"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "typer",
+        "speedtrain.cli",
+        "utils",
+        "docs",
+        "--name",
+        "speedtrain",
+        "--title",
+        "Command-line reference",
+    ]
     text = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO).stdout
     return HEADER + text.rstrip() + "\n" + NOTES
 
@@ -99,8 +109,11 @@ def keywords() -> str:
     own = {p for f in (api.plan, api.train, api.tune) for p in inspect.signature(f).parameters}  # the API's own
     lines = [f"    {k.name}: {_annotation(hints[k.name])}  # {k.flag}" for k in knobs.KNOBS]
     known = {k.name for k in knobs.KNOBS} | set(planner.RESERVED_ARGS) | set(knobs.FROM_ULTRALYTICS) | own
-    ultralytics = [(key, _default_type(default)) for key, default in ultra_args.defaults().items()
-                   if key not in known and key.isidentifier()]  # fmt: skip
+    ultralytics = [
+        (key, _default_type(default))
+        for key, default in ultra_args.defaults().items()
+        if key not in known and key.isidentifier()
+    ]
     lines += [f"    {key}: {kind}" for key, kind in ultralytics]
     compare_own = set(inspect.signature(api.compare).parameters)
     compared = [f"    {k.name}: {_annotation(hints[k.name])}  # {k.flag}" for k in knobs.for_command("compare")]
@@ -245,10 +258,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "report.png"
         start_text = sample_report(sample_plans(start_page.read_text(encoding="utf-8"), start_page), png)
-        outputs = ((OUT, generate()), (PLAN, plan_page), (KEYWORDS, keywords()), (API, api_keywords()),
-                   (start_page, start_text))  # fmt: skip
-        stale = [(path, text) for path, text in outputs
-                 if not path.is_file() or path.read_text(encoding="utf-8") != text]  # fmt: skip
+        outputs = (
+            (OUT, generate()),
+            (PLAN, plan_page),
+            (KEYWORDS, keywords()),
+            (API, api_keywords()),
+            (start_page, start_text),
+        )
+        stale = [
+            (path, text) for path, text in outputs if not path.is_file() or path.read_text(encoding="utf-8") != text
+        ]
         picture_stale = not SAMPLE_PNG.is_file() or not same_picture(png, SAMPLE_PNG)
         if picture_stale and not check:
             SAMPLE_PNG.write_bytes(png.read_bytes())
