@@ -76,7 +76,7 @@ RAM_CACHE_FACTOR = 1.5
 NPY_MAX_RATIO = 2.5
 CACHE_EVIDENCE = (
     "measured on 25,000 ppe-large photos pre-resized to 416 (2-vCPU CPU): the second run's first batch came after "
-    "12 s with the disk cache against 42 s with the RAM cache (filled again on every run) and 15 s for plain "
+    "12 s with the disk cache against 42 s with the RAM cache (filled again on every run) and 15-16 s for plain "
     "Ultralytics, and the process held 2.5 GB against 10.9 GB; on 300 of them a training pass took 16.3 s against "
     "16.0 s after the first epoch (2 runs each, within this machine's run-to-run noise; the first epoch, while the "
     "new files were written out, 18.0 s against 16.5 s), the same mAP"
