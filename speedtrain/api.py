@@ -17,10 +17,12 @@ import os
 import re
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from speedtrain import comparison as compare_mod
 from speedtrain import dataset as dataset_mod
 from speedtrain import hardware, knobs, planner, resize, ultra_args, workflow
 from speedtrain.dataset import Problem
@@ -195,7 +197,6 @@ def compare(
     time (also PROJECT/NAME/compare.json and .png).
     `val_imgsz` is the size every curve is validated at (default: the baseline's size, Ultralytics' 640 unless
     `baseline_imgsz` says otherwise); `**args` shape the plan as for train()."""
-    from speedtrain import comparison as compare_mod
 
     budget_s, names = compare_mod.parse_budget(budget), compare_mod.parse_arms(arms)
     baseline_s = None if baseline_budget is None else compare_mod.parse_budget(baseline_budget, "--baseline-budget")
@@ -352,6 +353,5 @@ BOOLEAN_KEYWORDS = {"allow_download", "autotune", "retune", "verbose", "in_place
 
 
 def _main_thread() -> bool:
-    import threading
 
     return threading.current_thread() is threading.main_thread()

@@ -8,7 +8,11 @@ import errno
 import inspect
 import json
 import os
+import re
+import select
+import signal
 import sys
+import threading
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -21,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperCommand, TyperGroup
 
-from speedtrain import api, distributed, hardware, knobs, planner, render, ultra_args, workflow
+from speedtrain import api, distributed, hardware, knobs, planner, render, runner, ultra_args, workflow
 from speedtrain import dataset as dataset_mod
 from speedtrain.errors import DatasetError, PeerFailed, SpeedtrainError, Terminated, UsageError
 from speedtrain.records import DatasetSummary, OnProgress, StageProgress, StageResult
@@ -98,8 +102,6 @@ def _stop_signals_interrupt() -> Iterator[None]:
     """SIGTERM (a scheduler, `timeout`, CI) and SIGHUP (a closed terminal) end a command as Ctrl-C does: cleanly,
     its worker processes stopped, one line and 143 or 129, instead of Python's default of dying at once and leaving
     them behind. A training stage installs its own handler over this one (it finishes its epoch first)."""
-    import signal
-    import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -134,7 +136,6 @@ app = typer.Typer(
 
 def usage_line(exc: ClickUsageError) -> str:
     """click's message for a bad flag value in one line, with the closest valid choice and where help is."""
-    import re
 
     message = " ".join(exc.format_message().split()).replace("Value error, ", "")  # click's word for a bad choice
     found = re.search(r"'([^']*)' is not one of ((?:'[^']*'(?:, )?)+)", message)
@@ -676,7 +677,6 @@ def ask_finetune(main: StageResult, out: Console) -> tuple[bool | None, bool]:
     (input or output not a terminal): (None, False), and auto decides."""
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         return None, False
-    from speedtrain import runner
 
     size = max((s for s, _ in main.scores), default=knobs.ULTRALYTICS_IMGSZ)
     skip = runner.finetune_skip_reason(main, size, None)
@@ -706,14 +706,11 @@ def ask_finetune(main: StageResult, out: Console) -> tuple[bool | None, bool]:
 def _read_line(timeout: float) -> str | None:
     """A line from standard input ("" at end of input), or None when none came within `timeout` seconds."""
     if os.name == "nt":  # no select() on a Windows console: a reader thread, left behind if nobody answers
-        import threading
-
         box: list[str] = []
         reader = threading.Thread(target=lambda: box.append(sys.stdin.readline()), daemon=True)
         reader.start()
         reader.join(timeout)
         return box[0] if box else None
-    import select
 
     ready, _, _ = select.select([sys.stdin], [], [], timeout)
     return sys.stdin.readline() if ready else None

@@ -26,7 +26,7 @@ from typing import Any
 from rich.console import RenderableType
 from rich.jupyter import JupyterMixin
 
-from speedtrain import hardware, planner, resize, runner
+from speedtrain import hardware, planner, render, resize, runner, workflow
 from speedtrain.errors import SpeedtrainError, UsageError
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.knobs import Overrides, Stage, TrainPlan
@@ -302,13 +302,11 @@ class Comparison(JupyterMixin):
     # --- rendering ---------------------------------------------------------------------------------------------
 
     def __rich__(self) -> RenderableType:
-        from speedtrain import render
 
         return render.render_comparison(self, saved=Path(self.run_dir) / JSON_NAME)
 
     def save_png(self, path: str | Path) -> Path:
         """mAP50-95 against wall-clock seconds, every arm on one axis, the baseline's target as a line."""
-        from speedtrain import render
 
         return render.save_comparison_png(self, Path(path))
 
@@ -439,7 +437,7 @@ def compare(
     """`speedtrain compare` from its checked arguments: plan with a fine-tune stage (and for the arms' budget, in
     phases), check Ultralytics' arguments and the disk before the run folder exists, prepare the views, then train
     every arm; the defaults arm for `baseline_budget_s` (default BASELINE_FACTOR x the arms' budget)."""
-    from speedtrain import ultra, workflow
+    from speedtrain import ultra
 
     workflow.check_run_folder(project, name)
     # the one-size arms' plan (a fine-tune stage for plan+finetune and plan-640; the phases are the plan arm's)
@@ -717,7 +715,6 @@ def _score(weights: str | Path, data: Path, imgsz: int, stage: Stage, arm_dir: P
 def prepare_views(planned: Planned, project: Path) -> tuple[Planned, Path, Path, float]:
     """The original dataset's view (the defaults arm) and, when the plan resizes, the prepared copy's (plan arms),
     with the seconds the resize took."""
-    from speedtrain import workflow
 
     original = resize.make_view(planned.stats, resize.view_dir(planned.stats, project))
     if not planned.plan.prepare_size:

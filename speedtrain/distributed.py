@@ -17,6 +17,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from speedtrain.util import write_atomic
+
 # How long a collective waits for a rank before the group fails. A rank that dies is noticed by the launcher at
 # once, which stops the others; on a CPU (gloo) they also fail at once, on the closed connection. On GPUs, NCCL
 # ranks blocked in a collective with a dead peer notice nothing until this timeout (CUDA's intra-node transports
@@ -194,8 +196,6 @@ def remember_run(project: Path, run_dir: Path) -> None:
     """Rank 0: note which run folder this launch (torchrun's run id) trains, for its restarts."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
     if run_id:
-        from speedtrain.util import write_atomic
-
         write_atomic(project / RUNS_DIR / _safe(run_id), str(run_dir).encode())
 
 

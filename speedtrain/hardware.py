@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field, replace
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,6 @@ SOFTWARE = ("torch", "torchvision", "ultralytics", "speedtrain")
 
 def software_versions() -> tuple[tuple[str, str], ...]:
     """The Python and package versions a run trains with, from the installed metadata (nothing is imported)."""
-    import platform
-    from importlib import metadata
 
     found = [("python", platform.python_version())]
     for name in SOFTWARE:

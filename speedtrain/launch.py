@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from speedtrain import oom
+from speedtrain.checkpoints import resume_point
 from speedtrain.errors import TrainingError
 from speedtrain.speedreport import SpeedReport
 
@@ -124,7 +125,6 @@ RUN_RANK: tuple[str, ...] = (
 
 def failure_line(exc: Any, run_dir: Path) -> str:
     """One line for a failed group: the first rank that failed, how, what was kept, and the command that goes on."""
-    from speedtrain.checkpoints import resume_point
 
     rank, failure = exc.get_first_failure()
     how = failure.signal_name() if failure.exitcode < 0 else f"exit code {failure.exitcode}"

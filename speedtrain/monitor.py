@@ -10,6 +10,8 @@ from typing import Any
 
 import psutil
 
+from speedtrain.hardware import visible_gpus
+
 
 @dataclass(frozen=True, slots=True)
 class MonitorSummary:
@@ -66,8 +68,6 @@ class Monitor:
             return
         try:
             import pynvml
-
-            from speedtrain.hardware import visible_gpus
 
             # CUDA index -> NVML device: under CUDA_VISIBLE_DEVICES=1 (SLURM, shared servers) CUDA's device 0 is
             # NVML's device 1; a MIG slice is a handle below its GPU's.

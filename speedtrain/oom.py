@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+from speedtrain.util import utc_now, write_atomic
+
 MemoryKind = Literal["device", "host", "shm"]
 OOM_MARKERS = (
     "out of memory",  # torch.OutOfMemoryError, and CPU allocators
@@ -67,7 +69,6 @@ FAULT_GLOB = ".oom-rank*.json"
 
 def record_fault(stage_dir: Path, rank: int, batch: int, epoch: int, error: str) -> Path:
     """Write this rank's out-of-memory record (atomically) into the stage folder."""
-    from speedtrain.util import utc_now, write_atomic
 
     stage_dir.mkdir(parents=True, exist_ok=True)
     path = stage_dir / f".oom-rank{rank}.json"

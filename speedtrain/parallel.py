@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
@@ -91,7 +92,6 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 def _die_with_parent(parent: int) -> None:
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)

@@ -32,7 +32,9 @@ import json
 import math
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ import numpy as np
 
 from speedtrain.dataset import label_path, list_images
 from speedtrain.parallel import pmap
+from speedtrain.planner import RAM_CACHE_FACTOR, RAM_RESERVE_GB
 from speedtrain.util import check_free_disk, write_atomic
 
 PAD = 114  # Ultralytics' fill value for letterbox and mosaic borders
@@ -137,7 +140,7 @@ def _build(folder: Path, files: list[str], imgsz: int, workers: int | None) -> N
 def _exclusive(lock: Path) -> Iterator[None]:
     """An exclusive lock on `lock` (a file) for the block, between processes; none where fcntl is missing."""
     try:
-        import fcntl
+        import fcntl  # noqa: PLC0415 -- Unix only
     except ImportError:  # Windows: the atomic rename in _build still keeps every store whole
         yield
         return
@@ -250,7 +253,6 @@ class StoreTensors:
 
     @classmethod
     def of(cls, store: Store, resident: bool = False) -> StoreTensors:
-        import warnings
 
         import torch
 
@@ -656,7 +658,6 @@ class StoreLoader:
         return math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self) -> Any:
-        from concurrent.futures import ThreadPoolExecutor
 
         order = self.sampler.indices()
         if self._single:
@@ -707,6 +708,5 @@ def take(batch: dict[str, Any]) -> dict[str, Any]:
 def keep_resident(store: Store, ram_available_gb: float, world: int) -> bool:
     """Read the store into RAM when it fits the planner's RAM-cache rule on one process; several ranks share
     the memory map through the page cache instead (one copy per node)."""
-    from speedtrain.planner import RAM_CACHE_FACTOR, RAM_RESERVE_GB
 
     return world <= 1 and store.size_gb * RAM_CACHE_FACTOR + RAM_RESERVE_GB <= ram_available_gb

@@ -7,6 +7,8 @@ import re
 from dataclasses import replace
 from typing import Any, cast
 
+import yaml  # values are parsed as the yolo CLI does: numbers, booleans, null, lists
+
 from speedtrain.dataset import DatasetStats
 from speedtrain.errors import UsageError
 from speedtrain.hardware import Gpu, HardwareSnapshot
@@ -1116,7 +1118,6 @@ def _check_type(key: str, raw: str, value: Any, default: Any) -> None:
 
 def parse_extra_args(tokens: list[str], known: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     """Parse yolo-CLI style key=value tokens, checked against Ultralytics' own argument names."""
-    import yaml  # values are parsed as the yolo CLI does: numbers, booleans, null, lists
 
     out = []
     for token in tokens:

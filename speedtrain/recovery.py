@@ -19,7 +19,7 @@ from speedtrain.checkpoints import going_on_from, resume_point
 from speedtrain.errors import DatasetError, DiskSpaceError, PeerFailed, RankOutOfMemory, TrainingError
 from speedtrain.knobs import Stage
 from speedtrain.records import Log, OomFallback
-from speedtrain.util import first_line, utc_now
+from speedtrain.util import first_line, utc_now, write_atomic
 
 OOM_HISTORY = "oom_fallbacks.json"  # a multi-rank stage's fallbacks, kept in its folder across restarts
 
@@ -54,8 +54,6 @@ def after_rank_oom(
             f"all {world.size} ranks go on with {smaller} {where}"
         )
         if world.leader:
-            from speedtrain.util import write_atomic
-
             write_atomic(stage_dir / OOM_HISTORY, json.dumps([asdict(f) for f in history]).encode())
             oom.clear_faults(stage_dir)
     return replace(stage, batch=batch), history

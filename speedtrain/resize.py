@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -550,7 +551,6 @@ LOAD_SAMPLE = 64  # images timed for the preparation's saving: 16 gave 203 and 8
 def measure_load_ms(images: list[str], imgsz: int, sample: int = LOAD_SAMPLE) -> float | None:
     """Milliseconds to load one image as Ultralytics does (cv2.imread, then resize to imgsz): the median over a
     sample spread across the images (a median: one image delayed by other work does not move it)."""
-    import statistics
 
     import cv2
 

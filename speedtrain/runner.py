@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from speedtrain import checkpoints, distributed, recovery
+from speedtrain import checkpoints, distributed, recovery, schedule
 from speedtrain.errors import Terminated
 from speedtrain.knobs import ULTRALYTICS_IMGSZ, Stage, TrainPlan
 from speedtrain.monitor import Monitor
@@ -378,7 +378,7 @@ def _recorder(
 
 def _phases(stage: Stage, stage_dir: Path, checkpoint: Path | None, world: distributed.World | None, log: Log) -> Any:
     """A budgeted stage's phase follower: fresh, or going on from the state saved with `checkpoint`."""
-    from speedtrain import schedule, ultra
+    from speedtrain import ultra
 
     assert stage.schedule is not None
     leader = world is None or world.leader

@@ -17,7 +17,7 @@ from typing import Any, Literal, cast, get_args
 from rich.console import RenderableType
 from rich.jupyter import JupyterMixin
 
-from speedtrain import hardware
+from speedtrain import hardware, render
 from speedtrain.dataset import NO_VAL_BOXES, DatasetStats, Problem
 from speedtrain.errors import SpeedtrainError
 from speedtrain.hardware import HardwareSnapshot
@@ -201,12 +201,10 @@ class SpeedReport(JupyterMixin):
     # --- rendering ---------------------------------------------------------------------------------------------
 
     def __rich__(self) -> RenderableType:
-        from speedtrain import render
 
         return render.render_report(self) if self.run else render.render_planned(self)
 
     def save_png(self, path: str | Path) -> Path:
-        from speedtrain import render
 
         return render.save_png(self, path)
 

@@ -12,6 +12,7 @@ and ultralytics inside functions only.
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import json
 import math
@@ -19,6 +20,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,10 @@ import psutil
 from speedtrain.dataset import DatasetStats
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.knobs import Cache, Stage
+from speedtrain.oom import is_oom
+from speedtrain.planner import ram_cache_need_gb
 from speedtrain.records import LoaderProbe, StepProbe, TuneResult
+from speedtrain.runner import torch_threads_restored, train_stage
 from speedtrain.util import write_atomic
 
 Log = Callable[[str], None]
@@ -119,7 +124,6 @@ def probe_steps(stage: Stage, model_source: str, on_gpu: bool, deadline: float, 
     The plan's own per-GPU batch is always timed (first, so that a short budget still measures it), then the
     candidate sizes in order up to the first out-of-memory one.
     """
-    from speedtrain.runner import torch_threads_restored
 
     with torch_threads_restored(stage.threads):
         return _probe_steps(stage, model_source, on_gpu, deadline, log)
@@ -157,8 +161,6 @@ def _plan_batch(stage: Stage) -> int:
 
 def _time_steps(model: Any, optimizer: Any, scaler: Any, batch: int, imgsz: int, device: Any, amp: bool) -> StepProbe:
     import torch
-
-    from speedtrain.oom import is_oom
 
     g = torch.Generator().manual_seed(0)
     n = batch * 4  # four boxes per image, COCO-like
@@ -217,7 +219,6 @@ def probe_loaders(
 
     The plan's own workers and cache are measured first, so that a short budget still times the plan.
     """
-    from speedtrain.planner import ram_cache_need_gb
 
     n_gpus = max(1, len(stage.gpu_ids))
     workers = [w for w in WORKER_CANDIDATES if w <= hw.cpu_cores_logical // n_gpus] if on_gpu else [0]
@@ -499,7 +500,6 @@ def _confirm(
     stats: DatasetStats,
 ) -> float | None:
     """One epoch of real training on a slice of the training set with this configuration: its images/s."""
-    from speedtrain.runner import train_stage
 
     limit = PROBE_IMAGES["gpu" if stage.on_gpu else "cpu"]
     extra = {**dict(stage.extra), "fraction": min(1.0, limit / max(1, stats.train_images)), "plots": False}
@@ -533,7 +533,6 @@ def _sync(cuda: bool) -> None:
 
 
 def _free(cuda: bool) -> None:
-    import gc
 
     gc.collect()
     if cuda:
@@ -544,7 +543,6 @@ def _free(cuda: bool) -> None:
 
 def _version() -> str:
     """speedtrain's installed version (part of the tune cache's key: a new version measures again)."""
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("speedtrain")

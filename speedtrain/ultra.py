@@ -24,13 +24,16 @@ import logging
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from ultralytics import YOLO
 from ultralytics.cfg import get_cfg
@@ -197,8 +200,6 @@ def latency_ms(weights: str | Path, imgsz: int, device: str, runs: int = 20, war
     """Inference latency of trained weights: the fused network's forward pass on one image of imgsz x imgsz, batch
     1, fp32 (Ultralytics' predict default), on `device`, after `warmup` passes; the median of `runs`, in ms.
     Pre- and post-processing (letterbox, NMS) are not included: they do not depend on how the model was trained."""
-    import statistics
-    import time
 
     dev = torch.device(f"cuda:{device.split(',')[0]}" if device[:1].isdigit() else device)
     model: Any = YOLO(str(weights)).model
@@ -311,7 +312,6 @@ class RankTrainer(DetectionTrainer):
 def _ddp_without_device_ids() -> Iterator[None]:
     """internal: engine/trainer.py _setup_train (8.4.190) wraps the model in DistributedDataParallel with
     device_ids=[device.index], which torch refuses for a CPU module; for the block, its `nn` drops them."""
-    import types
 
     import ultralytics.engine.trainer as trainer_module
 
@@ -343,7 +343,6 @@ class FastDetectionTrainer(RankTrainer):
     def get_dataloader(self, dataset_path: Any, batch_size: int = 16, rank: int = 0, mode: str = "train") -> Any:
         if mode != "train":
             return super().get_dataloader(dataset_path, batch_size, rank, mode)  # validation stays Ultralytics'
-        import psutil
 
         first = Path(dataset_path[0] if isinstance(dataset_path, list) else dataset_path)
         store = build_store(dataset_path, int(self.args.imgsz), first.parent.parent, self.args.workers or None)

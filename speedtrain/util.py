@@ -4,10 +4,12 @@ existing folder, an exception's first line, a UTC timestamp. Defined once here."
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import json
 import os
 import re
+import shutil
 import stat
 import sys
 import tempfile
@@ -15,6 +17,8 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from speedtrain.errors import DiskSpaceError, UsageError
 
 DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space left, or over the quota
 
@@ -27,7 +31,6 @@ def is_disk_full(exc: BaseException) -> bool:
 def disk_full_is_one_line(path: Path, kept: str) -> Iterator[None]:
     """A write that finds the disk full becomes one line naming the file and what is kept (DiskSpaceError, exit 6),
     never a traceback from deep inside the write."""
-    from speedtrain.errors import DiskSpaceError
 
     try:
         yield
@@ -178,9 +181,6 @@ DISK_MARGIN = (1.1, 0.25)  # (factor, GB): what a write is estimated to need, ti
 
 def check_free_disk(where: Path, need_gb: float, what: str, remedy: str = "free some space") -> None:
     """Refuse, before anything is written, what cannot fit on the disk holding `where` (the one margin rule)."""
-    import shutil
-
-    from speedtrain.errors import DiskSpaceError
 
     factor, headroom = DISK_MARGIN
     need = need_gb * factor + headroom
@@ -217,7 +217,6 @@ def spread(n: int, k: int) -> list[int]:
 def closest(name: str, known: Iterable[str], limit: int = 3) -> list[str]:
     """The known names closest to a mistyped one: the best match (a similarity of at least 0.6, difflib's own
     default) and any within 0.1 of it, best first; [] when nothing is close."""
-    import difflib
 
     scored = sorted(((difflib.SequenceMatcher(None, name, k).ratio(), k) for k in set(known)), reverse=True)
     if not scored or scored[0][0] < 0.6:
@@ -234,9 +233,6 @@ def duration(seconds: float) -> str:
 
 def parse_duration(text: str | float | int, flag: str) -> float:
     """Seconds from "90s", "20m", "1h", "1h30m" or a plain number of seconds; one clear line naming `flag`."""
-    import re
-
-    from speedtrain.errors import UsageError
 
     if isinstance(text, int | float) and not isinstance(text, bool):
         return float(text)

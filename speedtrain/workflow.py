@@ -16,8 +16,8 @@ from typing import Any
 
 import psutil
 
-from speedtrain import dataset, distributed, hardware, launch, planner, render, resize, runner, ultra_args
-from speedtrain.dataset import DatasetStats
+from speedtrain import dataset, distributed, hardware, launch, planner, render, resize, runner, tuner, ultra_args
+from speedtrain.dataset import DatasetStats, load_yaml
 from speedtrain.distributed import World
 from speedtrain.errors import DatasetError, PeerFailed, SpeedtrainError, Terminated, UsageError
 from speedtrain.hardware import HardwareSnapshot
@@ -131,7 +131,7 @@ def autotune(
     log: Callable[[str], None] = lambda _: None,
 ) -> tuple[Planned, TuneResult]:
     """Measure the main stage's batch, workers and cache (or reuse a cached measurement) and apply the winner."""
-    from speedtrain import tuner, ultra
+    from speedtrain import ultra
 
     project = Path(project)
     view_yaml = resize.make_view(planned.stats, resize.view_dir(planned.stats, project))
@@ -400,8 +400,6 @@ def check_model(requested: str | None) -> None:
             found = "an empty file" if not head else "text" if head.isascii() else f"bytes {head.hex()}"
             raise UsageError(f"--model {requested}: not a PyTorch checkpoint (found {found}); expected a YOLO .pt")
     elif suffix in (".yaml", ".yml"):
-        from speedtrain.dataset import load_yaml
-
         try:
             cfg = load_yaml(path)
         except DatasetError as exc:

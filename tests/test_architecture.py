@@ -66,3 +66,25 @@ def test_the_formatter_formats_every_line():
     files += list(REPO.glob("*.py"))
     assert len(files) > 50
     assert [str(p.relative_to(REPO)) for p in files if marker in p.read_text(encoding="utf-8")] == []
+
+
+# What a function may import for itself: what is slow to import or absent on some machines. Everything else is
+# imported at the top of its module, where a reader sees what the module depends on.
+DEFERRED = ("torch", "ultralytics", "matplotlib", "speedtrain.ultra", "cv2", "pynvml", "numpy", "fcntl")
+
+
+def test_functions_import_only_what_is_heavy_or_optional():
+    found = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for func in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)):
+            for node in ast.walk(func):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    base = node.module
+                    names = [f"{base}.{a.name}" if base == "speedtrain" else base for a in node.names]
+                else:
+                    continue
+                found += [f"{path.name}:{node.lineno} {n}" for n in names if not n.startswith(DEFERRED)]
+    assert found == [], "import these at the top of the module:\n" + "\n".join(found)
