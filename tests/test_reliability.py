@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -594,3 +596,51 @@ def test_resume_after_the_dataset_changed_says_what_changed_instead_of_training_
     assert "its dataset changed since the run started (training images 16 -> 11" in lines[0]
     assert "Traceback" not in again.stdout + again.stderr
     assert checkpoints.checkpoint_epoch(checkpoint) >= 0  # the saved epochs are kept for when the images are back
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_ultralytics_fills_the_image_cache_stops_at_once_with_one_line(tmp_path):
+    """Minutes of cache filling at 25,000 images: the first Ctrl-C before the first epoch stops now (not after the
+    fill and a whole epoch), in one line, with the dataset untouched, a readable report, and a run that starts again."""
+    from conftest import coco_images
+
+    root, project = tmp_path / "ds", tmp_path / "runs"
+    photos = coco_images()
+    for split, n in (("train", 400), ("val", 4)):
+        for kind in ("images", "labels"):
+            (root / kind / split).mkdir(parents=True)
+        for i in range(n):
+            image, label = photos[i % len(photos)]
+            os.symlink(image, root / "images" / split / f"{i:04d}_{image.name}")
+            if label.exists():
+                os.symlink(label, root / "labels" / split / f"{i:04d}_{label.name}")
+    (root / "data.yaml").write_text(yaml.safe_dump({"train": "images/train", "val": "images/val", "nc": 80}))
+    before = tree_hash(root)
+    cmd = [sys.executable, "-m", "speedtrain", "train", "--dataset", str(root), "--epochs", "3", "--finetune", "no"]
+    cmd += ["--prepare", "no", "--cache", "disk", "--project", str(project), "plots=False"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    views = project / ".datasets"
+
+    def filling() -> bool:
+        return views.is_dir() and any(views.rglob("*.npy"))
+
+    assert wait_for(lambda: filling() or proc.poll() is not None, timeout=180)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    output, _ = proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 20, output[-2000:]  # at once: not after the fill and an epoch
+    assert proc.returncode == 130, output[-3000:]
+    assert output.count("Ctrl-C before the first epoch: stopping now") == 1, output[-3000:]
+    assert "Traceback" not in output
+    assert len(list(views.rglob("*.npy"))) < 404  # it stopped during the fill
+    doc = json.loads((project / "train" / "speed_report.json").read_text())
+    assert doc["run"]["status"] == "interrupted"
+    assert tree_hash(root) == before
+    again = subprocess.run(
+        [*cmd[:-3], "--epochs", "1", "--project", str(project), "plots=False"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
