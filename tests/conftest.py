@@ -252,3 +252,18 @@ def fake_nvml(devices: list[tuple], migs: dict[int, list[tuple]] | None = None) 
     mod.nvmlDeviceGetMigDeviceHandleByIndex = mig_handle
     mod.nvmlDeviceGetUtilizationRates = utilization
     return mod
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """Ultralytics behind speedtrain's door replaced by a script (tests/scripted_ultra.py): every training path in
+    milliseconds, with what was asked recorded."""
+    from scripted_ultra import Script
+
+    from speedtrain import ultra
+
+    script = Script()
+    monkeypatch.setattr(ultra, "train", script.train)
+    monkeypatch.setattr(ultra, "validate", script.validate)
+    monkeypatch.setattr(ultra, "latency_ms", script.latency_ms)
+    return script

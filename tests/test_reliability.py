@@ -265,21 +265,6 @@ def test_existing_run_folder_gets_a_new_suffix(tmp_path):
 
 
 @pytest.mark.slow
-def test_disk_full_during_training_is_one_clear_error(make_dataset, tmp_path, monkeypatch):
-    from ultralytics.engine.trainer import BaseTrainer
-
-    def full(self):
-        raise OSError(28, "No space left on device", str(self.last))  # what write_bytes raises on a full disk
-
-    monkeypatch.setattr(BaseTrainer, "save_model", full)
-    result = CliRunner().invoke(app, [*_train_cmd(make_dataset(4, 1), tmp_path / "runs", 1)[3:]])
-    assert result.exit_code == 6
-    assert "the disk filled up while training" in result.stderr
-    assert "--resume" in result.stderr
-    assert "Traceback" not in result.output
-
-
-@pytest.mark.slow
 def test_oom_during_validation_goes_on_from_the_checkpoint(make_dataset, tmp_path, monkeypatch):
     import torch
     from conftest import CUDA_OOM

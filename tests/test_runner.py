@@ -1,4 +1,5 @@
-"""Runner: OOM predicate and policy, model resolution, and real CPU training with a faked CUDA OOM."""
+"""The stage loop with real Ultralytics: two stages end to end, the fine-tune decision, signals and the stop they
+ask for, the time estimate, the setup heartbeat and the benchmark smoke runs. Recovery paths: test_recovery.py."""
 
 from __future__ import annotations
 
@@ -9,164 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CUDA_OOM, run_benchmark, table_rows, tree_hash, wait_for
+from conftest import run_benchmark, table_rows, tree_hash, wait_for
 
-from speedtrain import checkpoints, oom, recovery, runner, ultra, workflow
-from speedtrain.errors import Terminated, TrainingError, UsageError
+from speedtrain import runner, ultra, workflow
+from speedtrain.errors import Terminated
 from speedtrain.knobs import Overrides
 from speedtrain.records import StageResult
-
-
-def _chained() -> RuntimeError:
-    try:
-        try:
-            raise torch.OutOfMemoryError(CUDA_OOM)
-        except torch.OutOfMemoryError as inner:
-            raise RuntimeError("validation failed") from inner
-    except RuntimeError as outer:
-        return outer
-
-
-@pytest.mark.parametrize(
-    ("exc", "expected"),
-    [
-        (torch.OutOfMemoryError(CUDA_OOM), True),
-        (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
-        (RuntimeError("cuDNN error: CUDNN_STATUS_NOT_ENOUGH_WORKSPACE"), True),
-        (RuntimeError("GET was unable to find an engine to execute this computation"), True),
-        # cuDNN's catch-all when its workspace cannot be allocated (Ultralytics' own retry counts it as memory)
-        (RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"), True),
-        (MemoryError(), True),
-        (_chained(), True),  # an OOM wrapped by whatever caught it first
-        (RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED"), False),
-        (ValueError("out of memory"), False),  # not a runtime error: a bug, not memory
-        (RuntimeError("shape mismatch"), False),
-    ],
-)
-def test_is_oom(exc, expected):
-    assert oom.is_oom(exc) is expected
-
-
-# torch's own messages (torch/utils/data/dataloader.py, _utils/signal_handling.py and ExceptionWrapper, 2.x)
-BUS_ERROR = (
-    "DataLoader worker (pid 4242) is killed by signal: Bus error. It is possible that dataloader's workers are out "
-    "of shared memory. Please try to raise your shared memory limit."
-)
-OOM_KILLED = "DataLoader worker (pid 4243) is killed by signal: Killed. "
-WORKER_MEMORY = "Caught MemoryError in DataLoader worker process 3.\nOriginal Traceback (most recent call last):\n"
-
-
-@pytest.mark.parametrize(
-    ("exc", "on_gpu", "kind"),
-    [
-        (torch.OutOfMemoryError(CUDA_OOM), True, "device"),
-        (RuntimeError(BUS_ERROR), True, "shm"),
-        (RuntimeError(OOM_KILLED), True, "host"),  # the kernel's OOM killer took a worker: host RAM
-        (MemoryError(WORKER_MEMORY), True, "host"),
-        (MemoryError(WORKER_MEMORY), False, "host"),
-        # in the GPU run's own process a MemoryError is host RAM too; on CPU the batch itself lives there
-        (MemoryError(), True, "host"),
-        (MemoryError(), False, "device"),
-        (RuntimeError("shape mismatch"), True, None),
-    ],
-)
-def test_which_memory_ran_out(exc, on_gpu, kind):
-    assert oom.memory_kind(exc, on_gpu) == kind
-
-
-def test_host_memory_policy_gives_up_cache_then_workers_never_the_batch(tmp_path):
-    from dataclasses import replace
-
-    from conftest import fake_stats, snapshot
-
-    from speedtrain import planner
-
-    stage = planner.plan(snapshot((24,), ram=64), fake_stats(), Overrides(cache="ram")).stage("main")
-    assert (stage.batch, stage.workers, stage.cache) == (48, 16, "ram")
-    steps = []
-    for _ in range(5):
-        stage, fallback = recovery.relieve_host_memory(stage, tmp_path, MemoryError(WORKER_MEMORY), lambda _: None)
-        steps.append((fallback.change, fallback.kind, stage.batch))
-        if stage.workers == 1:
-            break
-    assert steps == [
-        ("cache ram -> disk", "host", 48),
-        ("workers 16 -> 8", "host", 48),
-        ("workers 8 -> 4", "host", 48),
-        ("workers 4 -> 2", "host", 48),
-        ("workers 2 -> 1", "host", 48),
-    ]
-    last = replace(stage, workers=0)
-    with pytest.raises(TrainingError) as err:
-        recovery.relieve_host_memory(last, tmp_path, MemoryError(WORKER_MEMORY), lambda _: None)
-    assert "host RAM ran out with no RAM cache and no dataloader workers" in str(err.value)
-
-
-@pytest.mark.parametrize(
-    ("chain", "current", "expected"),
-    [((32, 16, 8), 48, 32), ((32, 16, 8), 32, 16), ((32, 16, 8), 8, None), ((), 16, None), ((16, 8), 24, 16)],
-)
-def test_next_batch(chain, current, expected):
-    assert oom.next_batch(chain, current) == expected
-
-
-def test_model_offline_falls_back_to_yaml_and_says_so():
-    source, note = ultra.resolve_model("yolo26n", online=False)
-    assert source == "yolo26n.yaml"
-    assert "offline" in note
-    assert "yolo26n.yaml" in note
-
-
-def test_model_online_lets_ultralytics_fetch():
-    source, note = ultra.resolve_model("yolo26n", online=True)
-    assert source == "yolo26n.pt"
-    assert "fetched by Ultralytics" in note
-
-
-def test_local_pt_is_preferred(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "yolo26n.pt").write_bytes(b"weights")
-    source, note = ultra.resolve_model("yolo26n", online=False)
-    assert source == "yolo26n.pt"
-    assert "pretrained weights" in note
-
-
-def test_model_yaml_and_unknown_models():
-    assert ultra.resolve_model("yolo26s.yaml")[0] == "yolo26s.yaml"
-    with pytest.raises(UsageError, match="no such file"):
-        ultra.resolve_model("weights/missing.pt")
-
-
-def _cpu_plan(root: Path, **kw):
-    ov = Overrides(imgsz=64, epochs=1, finetune="no", prepare="no", **kw)
-    return workflow.make_plan(root, ov, ["plots=False", "val=False"])
-
-
-@pytest.mark.slow
-def test_oom_walks_the_plans_batch_chain(make_dataset, tmp_path, fake_cuda_oom):
-    tried = fake_cuda_oom.tried
-    planned = _cpu_plan(make_dataset(8, 2), batch=16)
-    assert planned.plan.stage("main").batch_fallbacks == (8, 4)
-    rep, path = workflow.execute(planned, tmp_path / "runs")
-    doc = rep.to_dict()
-    assert tried == [16, 8, 4]
-    main = doc["stages"][0]["measured"]
-    assert [(o["from_batch"], o["to_batch"]) for o in main["oom_fallbacks"]] == [(16, 8), (8, 4)]
-    assert "CUDA out of memory" in main["oom_fallbacks"][0]["error"]
-    assert main["batch"] == 4
-    assert Path(main["weights"]).is_file()
-
-
-@pytest.mark.slow
-def test_oom_below_the_last_batch_stops_with_remedies(make_dataset, tmp_path, fake_cuda_oom):
-    tried = fake_cuda_oom.tried
-    fake_cuda_oom.max_batch = 0
-    planned = _cpu_plan(make_dataset(4, 1), batch=8)
-    with pytest.raises(TrainingError) as err:
-        workflow.execute(planned, tmp_path / "runs")
-    assert tried == [8, 4]
-    assert "out of memory at batch 4, the smallest in the plan" in str(err.value)
-    assert "--img-size" in str(err.value)
 
 
 @pytest.mark.slow
@@ -249,33 +98,6 @@ def test_finetune_auto_decides_by_the_loss_at_the_larger_size(own, at_640, targe
     assert (why == "") is runs, why
 
 
-def test_epoch_curves_read_ultralytics_results_csv(tmp_path):
-    # the header and number format of ultralytics/engine/trainer.py save_metrics (8.4.190)
-    head = (
-        "epoch,time,train/box_loss,train/cls_loss,train/dfl_loss,metrics/precision(B),metrics/recall(B),"
-        "metrics/mAP50(B),metrics/mAP50-95(B),val/box_loss,val/cls_loss,val/dfl_loss,lr/pg0,lr/pg1,"
-        "lr/pg2"
-    )
-    rows = [
-        "1,61.2,1.5,3.0,1.4,0.5,0.4,0.3,0.131,1.4,2.0,1.3,0.001,0.001,0.001",
-        "2,122.9,1.25,2.5,1.25,0.6,0.5,0.4,0.2,1.3,1.9,1.2,0.001,0.001,0.001",
-        "3,180.0,nan,2.5,1.25,0.6,0.5,0.4,nan,1.3,1.9,1.2,0.001,0.001,0.001",
-        "4,240.0,1.2,2.4,1.2,nan,nan,nan,nan,nan,nan,nan,0.001,0.001,0.001",  # not validated (--val-every)
-        "5,300.0,1.1,2.3,1.1,0.6,0.5,0.45,0.25,1.3,1.9,1.2,0.001,0.001,0.001",
-    ]
-    (tmp_path / "results.csv").write_text("\n".join([head, *rows]) + "\n")
-    assert checkpoints.epoch_curves(tmp_path / "results.csv") == ((0.131, 0.2, 0.25), (5.9, 5.0, 4.5), (1, 2, 5))
-    assert checkpoints.epoch_curves(tmp_path / "missing.csv") == ((), (), ())
-    assert checkpoints.validated_epochs((1, 2, 5)) == (1, 2, 5)
-    assert checkpoints.validated_epochs((1, 2, 3)) == ()  # every epoch: nothing to number
-
-
-def test_run_folders_are_never_reused(tmp_path):
-    first = workflow.new_run_dir(tmp_path, "train")
-    second = workflow.new_run_dir(tmp_path, "train")
-    assert (first.name, second.name) == ("train", "train2")
-
-
 @pytest.mark.slow
 def test_compare_ultralytics_benchmark_smoke(tmp_path):
     """The benchmark script runs end to end (tiny: 8 images, 64 px, 1 epoch) and writes its table."""
@@ -294,65 +116,6 @@ def test_compare_ultralytics_benchmark_smoke(tmp_path):
     threads = {r[0][:4]: int(r[2]) for r in rows}
     assert threads["(c0)"] == min(8, max(1, os.cpu_count() - 1))
     assert threads["(c) "] == hardware.probe().cpu_cores_physical
-
-
-@pytest.mark.slow
-def test_a_dataloader_worker_killed_by_sigbus_is_one_line_about_dev_shm(make_dataset, tmp_path, monkeypatch):
-    from ultralytics.models.yolo.detect import DetectionTrainer
-
-    def bus_error(self, batch):
-        raise RuntimeError(BUS_ERROR)  # what the main process sees when /dev/shm fills up under a worker
-
-    monkeypatch.setattr(DetectionTrainer, "preprocess_batch", bus_error)
-    planned = _cpu_plan(make_dataset(4, 1), batch=4)
-    with pytest.raises(TrainingError) as err:
-        workflow.execute(planned, tmp_path / "runs")
-    message = str(err.value)
-    assert "ran out of shared memory in /dev/shm" in message
-    assert "--shm-size" in message
-    assert "\n" not in message
-
-
-@pytest.mark.slow
-def test_oom_in_the_final_validation_keeps_the_run(make_dataset, tmp_path, monkeypatch):
-    """Ultralytics validates best.pt once more after the last epoch, at twice the batch: an OOM there must not
-    lose a finished training. speedtrain validates the saved weights again with smaller batches."""
-    from conftest import CUDA_OOM
-    from ultralytics.models.yolo.detect import DetectionValidator
-
-    original = DetectionValidator.preprocess
-    sizes = []
-
-    def preprocess(self, batch):
-        if not self.training:  # the final validation (and speedtrain's own re-validation)
-            sizes.append(self.args.batch)
-            if self.args.batch > 4:
-                raise torch.OutOfMemoryError(CUDA_OOM)
-        return original(self, batch)
-
-    monkeypatch.setattr(DetectionValidator, "preprocess", preprocess)
-    planned = _cpu_plan(make_dataset(8, 2), batch=8)
-    doc = workflow.execute(planned, tmp_path / "runs")[0].to_dict()
-    main = doc["stages"][0]
-    assert main["status"] == "completed"
-    # Ultralytics' final validation, then speedtrain's at 8 and 4; then best.pt's score at 640 at the stage's batch
-    # (out of memory here too: said in the log, not fatal, and the report has no 640-px figure)
-    assert sizes == [8, 8, 4, 8]
-    assert "640" not in main["measured"]["scores"]
-    assert main["measured"]["oom_fallbacks"] == []  # training itself never stepped down
-    assert "mAP50-95" in main["measured"]["best_metrics"]
-    assert Path(main["measured"]["weights"]).is_file()
-    assert "validated again at batch 4" in main["note"]
-
-
-@pytest.mark.slow
-def test_peak_memory_is_reset_for_every_attempt(make_dataset, tmp_path, fake_cuda_oom, monkeypatch):
-    resets = []
-    monkeypatch.setattr(runner, "_reset_peak_memory", lambda ids: resets.append(ids))
-    planned = _cpu_plan(make_dataset(8, 2), batch=16)
-    workflow.execute(planned, tmp_path / "runs")
-    assert fake_cuda_oom.tried == [16, 8, 4]
-    assert len(resets) == 3  # before each attempt: the report's peak is the batch that finished, not the failed one
 
 
 def test_ctrl_c_in_a_forked_dataloader_worker_is_ignored():

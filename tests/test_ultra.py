@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from speedtrain import ultra
+from speedtrain.errors import UsageError
+
 REPO = Path(__file__).resolve().parents[1]
 WRITTEN_AGAINST = "8.4.190"
 
@@ -350,3 +353,30 @@ def test_phases_follow_the_deadline_batch_by_batch_in_a_fake_trainer(monkeypatch
     assert [e["validated"] for e in log].count(True) == 1  # ... and only it
     assert log[-1]["end_s"] <= 100.0 + 5.0  # within a batch of the deadline
     assert trainer.epochs == trainer.args.epochs == log[-1]["epoch"]  # Ultralytics sees it as the final epoch
+
+
+def test_model_offline_falls_back_to_yaml_and_says_so():
+    source, note = ultra.resolve_model("yolo26n", online=False)
+    assert source == "yolo26n.yaml"
+    assert "offline" in note
+    assert "yolo26n.yaml" in note
+
+
+def test_model_online_lets_ultralytics_fetch():
+    source, note = ultra.resolve_model("yolo26n", online=True)
+    assert source == "yolo26n.pt"
+    assert "fetched by Ultralytics" in note
+
+
+def test_local_pt_is_preferred(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "yolo26n.pt").write_bytes(b"weights")
+    source, note = ultra.resolve_model("yolo26n", online=False)
+    assert source == "yolo26n.pt"
+    assert "pretrained weights" in note
+
+
+def test_model_yaml_and_unknown_models():
+    assert ultra.resolve_model("yolo26s.yaml")[0] == "yolo26s.yaml"
+    with pytest.raises(UsageError, match="no such file"):
+        ultra.resolve_model("weights/missing.pt")

@@ -1,5 +1,5 @@
 """workflow.py: the steps between the API and the runner (plan, prepare, run folders, resume checks), on real
-images; the training itself is tested in test_runner.py and test_reliability.py."""
+images; the training itself is tested in test_runner.py, test_recovery.py (scripted) and test_reliability.py (real)."""
 
 from __future__ import annotations
 
@@ -109,3 +109,9 @@ def test_is_sample_knows_the_embedded_sample_by_any_name(tmp_path):
     assert workflow.is_sample(workflow.SAMPLE_DIR / "data.yaml")
     assert workflow.is_sample(os.path.relpath(workflow.SAMPLE_DIR))
     assert not workflow.is_sample(tmp_path)
+
+
+def test_run_folders_are_never_reused(tmp_path):
+    first = workflow.new_run_dir(tmp_path, "train")
+    second = workflow.new_run_dir(tmp_path, "train")
+    assert (first.name, second.name) == ("train", "train2")

@@ -1,0 +1,26 @@
+"""A stage's folder as Ultralytics leaves it: results.csv's curves and the epochs it validated."""
+
+from __future__ import annotations
+
+from speedtrain import checkpoints
+
+
+def test_epoch_curves_read_ultralytics_results_csv(tmp_path):
+    # the header and number format of ultralytics/engine/trainer.py save_metrics (8.4.190)
+    head = (
+        "epoch,time,train/box_loss,train/cls_loss,train/dfl_loss,metrics/precision(B),metrics/recall(B),"
+        "metrics/mAP50(B),metrics/mAP50-95(B),val/box_loss,val/cls_loss,val/dfl_loss,lr/pg0,lr/pg1,"
+        "lr/pg2"
+    )
+    rows = [
+        "1,61.2,1.5,3.0,1.4,0.5,0.4,0.3,0.131,1.4,2.0,1.3,0.001,0.001,0.001",
+        "2,122.9,1.25,2.5,1.25,0.6,0.5,0.4,0.2,1.3,1.9,1.2,0.001,0.001,0.001",
+        "3,180.0,nan,2.5,1.25,0.6,0.5,0.4,nan,1.3,1.9,1.2,0.001,0.001,0.001",
+        "4,240.0,1.2,2.4,1.2,nan,nan,nan,nan,nan,nan,nan,0.001,0.001,0.001",  # not validated (--val-every)
+        "5,300.0,1.1,2.3,1.1,0.6,0.5,0.45,0.25,1.3,1.9,1.2,0.001,0.001,0.001",
+    ]
+    (tmp_path / "results.csv").write_text("\n".join([head, *rows]) + "\n")
+    assert checkpoints.epoch_curves(tmp_path / "results.csv") == ((0.131, 0.2, 0.25), (5.9, 5.0, 4.5), (1, 2, 5))
+    assert checkpoints.epoch_curves(tmp_path / "missing.csv") == ((), (), ())
+    assert checkpoints.validated_epochs((1, 2, 5)) == (1, 2, 5)
+    assert checkpoints.validated_epochs((1, 2, 3)) == ()  # every epoch: nothing to number
