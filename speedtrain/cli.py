@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperCommand, TyperGroup
 
-from speedtrain import api, distributed, hardware, knobs, planner, render, runner, ultra_args, workflow
+from speedtrain import api, distributed, hardware, knobs, planner, render, ultra_args, workflow
 from speedtrain import dataset as dataset_mod
 from speedtrain.errors import DatasetError, PeerFailed, SpeedtrainError, Terminated, UsageError
 from speedtrain.records import DatasetSummary, OnProgress, StageProgress, StageResult
@@ -679,7 +679,7 @@ def ask_finetune(main: StageResult, out: Console) -> tuple[bool | None, bool]:
         return None, False
 
     size = max((s for s, _ in main.scores), default=knobs.ULTRALYTICS_IMGSZ)
-    skip = runner.finetune_skip_reason(main, size, None)
+    skip = planner.finetune_skip_reason(main, size, None)
     scores = ", ".join(f"{v:.3f} at {s} px" for s, v in main.scores) or "not measured"
     default = "n" if skip else "y"
     choices = "[y/N]" if skip else "[Y/n]"

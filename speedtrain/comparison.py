@@ -26,7 +26,7 @@ from typing import Any
 from rich.console import RenderableType
 from rich.jupyter import JupyterMixin
 
-from speedtrain import hardware, planner, render, resize, runner, workflow
+from speedtrain import hardware, planner, render, resize, runner, scoring, workflow
 from speedtrain.errors import SpeedtrainError, UsageError
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.knobs import Overrides, Stage, TrainPlan
@@ -38,6 +38,7 @@ from speedtrain.util import (
     parse_duration,
     read_json,
     spread,
+    torch_threads_restored,
     utc_now,
     write_atomic,
 )
@@ -607,7 +608,7 @@ def _run_arm(
     t_eval = time.perf_counter()
     from speedtrain import ultra
 
-    with ultra.output_to(log_file), runner.torch_threads_restored():  # the validator sets its own threads
+    with ultra.output_to(log_file), torch_threads_restored():  # the validator sets its own threads
         points: list[Point] = []
         epochs_before = 0
         for start, st, res in curve_parts:  # a fine-tune's epochs and seconds go on from the main stage's
@@ -617,7 +618,7 @@ def _run_arm(
         curve = tuple(points)
         final = tuple(_score(final_weights, data_yaml, s, ran, arm_dir) for s in val_sizes) if final_weights else ()
         eval_s = round(time.perf_counter() - t_eval, 2)
-        measured = runner.with_latency(last, ran, log)
+        measured = scoring.with_latency(last, ran, log)
     main = stage_results[0]
     note = last.note
     if last.status == "early-stopped":
@@ -709,7 +710,7 @@ def _curve(stage: Stage, result: StageResult, start: float, data: Path, arm_dir:
 
 def _score(weights: str | Path, data: Path, imgsz: int, stage: Stage, arm_dir: Path) -> Score:
     """Ultralytics' validator on `weights` at `imgsz`: the same split and settings for every arm."""
-    return Score(imgsz, *runner.validate_at(weights, data, imgsz, stage, arm_dir / "eval"))
+    return Score(imgsz, *scoring.validate_at(weights, data, imgsz, stage, arm_dir / "eval"))
 
 
 def prepare_views(planned: Planned, project: Path) -> tuple[Planned, Path, Path, float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, cast
 
@@ -25,6 +26,7 @@ from speedtrain.knobs import (  # noqa: F401 -- the plan's records, re-exported 
     TrainPlan,
     When,
 )
+from speedtrain.records import StageResult
 from speedtrain.schedule import MAX_PHASES, Schedule, plan_schedule
 from speedtrain.util import closest, duration, parse_duration
 
@@ -1148,3 +1150,44 @@ def _checked_arg(key: str, raw: str, value: Any, known: dict[str, Any]) -> tuple
         raise UsageError(f"{key}= is not an Ultralytics train argument{hint}")
     _check_type(key, raw, value, known[key])
     return key, value
+
+
+# --- the fine-tune's rule, run after the main stage ---------------------------------------------------------------
+
+
+def skip_reason(
+    stage: Stage,
+    done: list[StageResult],
+    target_map: float | None,
+    decide: Callable[[StageResult], bool | None] | None,
+) -> str:
+    if stage.when == "always" or not done:
+        return ""
+    main = done[0]
+    if stage.when == "auto":
+        return finetune_skip_reason(main, stage.imgsz, target_map)
+    answer = decide(main) if decide else None
+    if answer is None:  # nobody to ask: decided as auto decides
+        why = finetune_skip_reason(main, stage.imgsz, target_map)
+        return f"not asked (no interactive terminal) and, as auto decides, {why}" if why else ""
+    return "" if answer else "declined at the prompt"
+
+
+def finetune_skip_reason(main: StageResult, imgsz: int, target_map: float | None) -> str:
+    """--finetune auto: why the fine-tune at `imgsz` is not needed, or "" when it runs.
+
+    It runs when the main stage's best weights lose accuracy at the larger size: their mAP50-95 there is more than
+    FINETUNE_LAG (relative) under their mAP50-95 at their own size. When either is unknown it runs."""
+    own, there = main.score_at(main.imgsz), main.score_at(imgsz)
+    if own is None or there is None:
+        return ""
+    if target_map is not None and there >= target_map:
+        return f"main stage mAP50-95 at {imgsz} px is {there:.3f}, at or above --target-map {target_map}"
+    if own <= 0 and there <= 0:
+        return f"the main stage's weights score 0 mAP50-95 at {main.imgsz} and at {imgsz} px: nothing to refine yet"
+    if there >= own * (1 - FINETUNE_LAG):
+        return (
+            f"the main stage's weights score {there:.3f} mAP50-95 at {imgsz} px against {own:.3f} at "
+            f"{main.imgsz}: they already carry over (a fine-tune runs when they lose over {FINETUNE_LAG:.0%})"
+        )
+    return ""

@@ -18,13 +18,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psutil
-
-from speedtrain import checkpoints, distributed, recovery, schedule
+from speedtrain import checkpoints, distributed, planner, recovery, schedule, scoring
 from speedtrain.errors import Terminated
 from speedtrain.knobs import ULTRALYTICS_IMGSZ, Stage, TrainPlan
 from speedtrain.monitor import Monitor
-from speedtrain.planner import FINETUNE_LAG
 from speedtrain.records import (
     FINISHED,
     Hooks,
@@ -36,7 +33,7 @@ from speedtrain.records import (
     RunResult,
     StageResult,
 )
-from speedtrain.util import first_line, utc_now
+from speedtrain.util import torch_threads_restored, utc_now
 
 if TYPE_CHECKING:
     from speedtrain.ultra import Recorder
@@ -101,7 +98,7 @@ def _run(
         if prior and prior.status in FINISHED:
             results.append(prior)
         else:
-            skip = _skip_reason(stage, results, plan.target_map, hooks.ask)
+            skip = planner.skip_reason(stage, results, plan.target_map, hooks.ask)
             if skip:
                 log(f"{stage.name}: skipped ({skip})")
                 results.append(StageResult(stage.name, "skipped", stage.imgsz, stage.batch, stage.epochs, 0, note=skip))
@@ -124,10 +121,10 @@ def _run(
             if result.status != "interrupted":
                 # Ultralytics' validator gathers from every rank when ranks exist (detect/val.py gather_stats,
                 # 8.4.190): with several, rank 0 cannot validate alone, and the fine-tune runs whatever the score
-                sizes = _score_sizes(plan, stage) if world is None or world.size == 1 else ()
+                sizes = scoring.score_sizes(plan, stage) if world is None or world.size == 1 else ()
                 if world is None or world.leader:  # rank 0's model: rank 0 times it
-                    result = with_latency(result, stage, log)
-                result = with_scores(result, stage, data_yaml, sizes, log_file, log)
+                    result = scoring.with_latency(result, stage, log)
+                result = scoring.with_scores(result, stage, data_yaml, sizes, log_file, log)
             results.append(result)
             on_progress(tuple(results), None)
             if result.status == "interrupted":
@@ -144,134 +141,6 @@ def _run(
                 )
         weights = results[-1].weights or results[-1].last_weights or weights
     return RunResult(str(run_dir), source, note, tuple(results), started, round(time.perf_counter() - t0, 2))
-
-
-LATENCY_SIZE = ULTRALYTICS_IMGSZ  # besides the stage's own size: what an untuned model would run at
-
-
-def _score_sizes(plan: TrainPlan, stage: Stage) -> tuple[int, ...]:
-    """Sizes a finished stage's weights are validated at besides its own: 640 (Ultralytics' default, where an
-    untuned model is used) and the size of a stage that follows it (the fine-tune decides by it)."""
-    later = [s.imgsz for s in plan.stages[plan.stages.index(stage) + 1 :]] if stage in plan.stages else []
-    return tuple(sorted({LATENCY_SIZE, *later} - {stage.imgsz}))
-
-
-def validate_at(
-    weights: str | Path, data_yaml: str | Path, imgsz: int, stage: Stage, project: Path
-) -> tuple[float, float]:
-    """(mAP50, mAP50-95) of `weights` by Ultralytics' validator at `imgsz` on the dataset's val split, the way every
-    speedtrain figure at another size is measured (batch of the stage, first device of the stage)."""
-    from speedtrain import ultra
-
-    raw = ultra.validate(
-        weights,
-        data_yaml,
-        imgsz=imgsz,
-        batch=max(1, stage.batch // max(1, len(stage.gpu_ids))),
-        device=stage.device.split(",")[0],
-        plots=False,
-        verbose=False,
-        project=str(project),
-        name=f"{Path(weights).stem}-{imgsz}",
-        exist_ok=True,
-    )
-    metrics = ultra.metrics_dict(raw)
-    return round(metrics.get("metrics/mAP50(B)", 0.0), 5), round(metrics.get("metrics/mAP50-95(B)", 0.0), 5)
-
-
-def with_scores(
-    result: StageResult, stage: Stage, data_yaml: str | Path, sizes: tuple[int, ...], log_file: Path | None, log: Log
-) -> StageResult:
-    """The result with its final weights' mAP50-95 at its own size (Ultralytics' final validation) and validated
-    at each of `sizes`; a failed validation is said and left out."""
-    from speedtrain import ultra
-
-    weights = result.weights or result.last_weights
-    own = result.metric("mAP50-95")
-    scores = [(stage.imgsz, own)] if own is not None else []
-    if not weights:
-        return replace(result, scores=tuple(scores))
-    threads = stage.threads or (None if stage.on_gpu else psutil.cpu_count(logical=False) or 1)
-    for size in sizes:
-        log(f"{stage.name}: validating its best weights at {size} px")
-        try:
-            with ultra.output_to(log_file), torch_threads_restored(threads):
-                scores.append(
-                    (size, validate_at(weights, data_yaml, size, stage, Path(weights).parents[1] / "eval")[1])
-                )
-        except Exception as exc:  # a figure for the report: never the reason a finished stage fails
-            log(f"{stage.name}: could not validate at {size} px ({first_line(exc)})")
-        finally:
-            recovery.free_memory()
-    return replace(result, scores=tuple(sorted(scores)))
-
-
-LATENCY_RUNS = {"gpu": 50, "cpu": 20}
-
-
-def with_latency(result: StageResult, stage: Stage, log: Log) -> StageResult:
-    """The result with its trained model's inference latency measured on the training device (batch 1, median),
-    at the stage's size and at 640; unchanged when there are no weights or the measurement fails.
-
-    On a CPU the thread count is fixed (the stage's, else one per physical core) so that models trained with
-    different settings are timed alike: Ultralytics' validator leaves torch at min(8, cores - 1) threads."""
-    from speedtrain import ultra
-
-    weights = result.weights or result.last_weights
-    if not weights:
-        return result
-    runs = LATENCY_RUNS["gpu" if stage.on_gpu else "cpu"]
-    device = stage.device.split(",")[0]
-    threads = stage.threads or psutil.cpu_count(logical=False) or 1
-    try:
-        with torch_threads_restored(threads):
-            measured = tuple(
-                (size, ultra.latency_ms(weights, size, device, runs)) for size in sorted({stage.imgsz, LATENCY_SIZE})
-            )
-    except Exception as exc:  # a convenience figure: never the reason a finished stage fails
-        log(f"{stage.name}: could not measure inference latency ({first_line(exc)})")
-        return result
-    finally:
-        recovery.free_memory()
-    return replace(result, latency_ms=measured)
-
-
-def _skip_reason(
-    stage: Stage,
-    done: list[StageResult],
-    target_map: float | None,
-    decide: Callable[[StageResult], bool | None] | None,
-) -> str:
-    if stage.when == "always" or not done:
-        return ""
-    main = done[0]
-    if stage.when == "auto":
-        return finetune_skip_reason(main, stage.imgsz, target_map)
-    answer = decide(main) if decide else None
-    if answer is None:  # nobody to ask: decided as auto decides
-        why = finetune_skip_reason(main, stage.imgsz, target_map)
-        return f"not asked (no interactive terminal) and, as auto decides, {why}" if why else ""
-    return "" if answer else "declined at the prompt"
-
-
-def finetune_skip_reason(main: StageResult, imgsz: int, target_map: float | None) -> str:
-    """--finetune auto: why the fine-tune at `imgsz` is not needed, or "" when it runs.
-
-    It runs when the main stage's best weights lose accuracy at the larger size: their mAP50-95 there is more than
-    FINETUNE_LAG (relative) under their mAP50-95 at their own size. When either is unknown it runs."""
-    own, there = main.score_at(main.imgsz), main.score_at(imgsz)
-    if own is None or there is None:
-        return ""
-    if target_map is not None and there >= target_map:
-        return f"main stage mAP50-95 at {imgsz} px is {there:.3f}, at or above --target-map {target_map}"
-    if own <= 0 and there <= 0:
-        return f"the main stage's weights score 0 mAP50-95 at {main.imgsz} and at {imgsz} px: nothing to refine yet"
-    if there >= own * (1 - FINETUNE_LAG):
-        return (
-            f"the main stage's weights score {there:.3f} mAP50-95 at {imgsz} px against {own:.3f} at "
-            f"{main.imgsz}: they already carry over (a fine-tune runs when they lose over {FINETUNE_LAG:.0%})"
-        )
-    return ""
 
 
 def train_stage(
@@ -437,21 +306,6 @@ def _train_once(
         )
     finally:
         recovery.free_memory()
-
-
-@contextlib.contextmanager
-def torch_threads_restored(threads: int | None = None) -> Iterator[None]:
-    """Leave torch's thread count as it was found (Ultralytics and the plan change it for CPU training);
-    with `threads`, set it for the block."""
-    import torch
-
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

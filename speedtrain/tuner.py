@@ -32,8 +32,8 @@ from speedtrain.knobs import Cache, Stage
 from speedtrain.oom import is_oom
 from speedtrain.planner import ram_cache_need_gb
 from speedtrain.records import LoaderProbe, StepProbe, TuneResult
-from speedtrain.runner import torch_threads_restored, train_stage
-from speedtrain.util import write_atomic
+from speedtrain.runner import train_stage
+from speedtrain.util import torch_threads_restored, write_atomic
 
 Log = Callable[[str], None]
 TIE = 0.05  # among configurations that beat the plan, those within 5% of the best predicted rate count as ties

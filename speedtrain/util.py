@@ -247,3 +247,18 @@ def parse_duration(text: str | float | int, flag: str) -> float:
 def fmt_map(value: float) -> str:
     """An mAP with three decimals, or with as many as it takes not to print a small non-zero value as 0.000."""
     return f"{value:.3f}" if value == 0 or value >= 0.001 else f"{value:.5f}".rstrip("0")  # scores keep 5
+
+
+@contextlib.contextmanager
+def torch_threads_restored(threads: int | None = None) -> Iterator[None]:
+    """Leave torch's thread count as it was found (Ultralytics and the plan change it for CPU training);
+    with `threads`, set it for the block."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -10,6 +10,7 @@ from conftest import fake_stats, snapshot
 from speedtrain import planner, ultra
 from speedtrain.errors import UsageError
 from speedtrain.planner import Overrides, plan
+from speedtrain.records import StageResult
 from speedtrain.speedreport import SpeedReport
 
 # fake_stats(): 1000 train + 200 val images of 640x480 -> 0.435 GB decoded at 416, 1.03 GB at 640.
@@ -672,3 +673,26 @@ def test_a_pre_resized_copy_is_cached_on_disk_where_later_runs_reuse_it():
     assert plan(hw, fake_stats(size=(1920, 1440)), Overrides(prepare="no")).stages[0].cache == "ram"  # 21x
     assert plan(snapshot((24,), ram=64.0, disk=1.2), fake_stats(), Overrides()).stages[0].cache == "ram"  # no room
     assert plan(hw, fake_stats(), Overrides(cache="ram")).stages[0].cache == "ram"
+
+
+def _main(own: float | None, at_640: float | None) -> StageResult:
+    scores = tuple((size, v) for size, v in ((416, own), (640, at_640)) if v is not None)
+    return StageResult("main", "completed", 416, 16, 50, 50, scores=scores)
+
+
+@pytest.mark.parametrize(
+    ("own", "at_640", "target", "runs"),
+    [
+        (0.40, 0.30, None, True),  # the weights lose a quarter at 640: fine-tune
+        (0.40, 0.385, None, False),  # within 5 %: they carry over
+        (0.40, 0.45, None, False),  # better at 640 than at 416
+        (0.40, 0.30, 0.25, False),  # --target-map reached at 640 already
+        (0.40, 0.30, 0.35, True),
+        (None, 0.30, None, True),  # nothing to compare: the plan's stage runs
+        (0.40, None, None, True),  # e.g. several ranks, where 640 is not validated
+        (0.0, 0.0, None, False),  # nothing learned: nothing to refine
+    ],
+)
+def test_finetune_auto_decides_by_the_loss_at_the_larger_size(own, at_640, target, runs):
+    why = planner.finetune_skip_reason(_main(own, at_640), 640, target)
+    assert (why == "") is runs, why

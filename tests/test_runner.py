@@ -15,7 +15,6 @@ from conftest import run_benchmark, table_rows, tree_hash, wait_for
 from speedtrain import runner, ultra, workflow
 from speedtrain.errors import Terminated
 from speedtrain.knobs import Overrides
-from speedtrain.records import StageResult
 
 
 @pytest.mark.slow
@@ -73,29 +72,6 @@ def test_finetune_auto_is_skipped_when_the_target_is_met(make_dataset, tmp_path)
     assert ft["status"] == "skipped"
     assert ft["measured"] is None
     assert "at or above --target-map 0.0" in ft["note"]
-
-
-def _main(own: float | None, at_640: float | None) -> StageResult:
-    scores = tuple((size, v) for size, v in ((416, own), (640, at_640)) if v is not None)
-    return StageResult("main", "completed", 416, 16, 50, 50, scores=scores)
-
-
-@pytest.mark.parametrize(
-    ("own", "at_640", "target", "runs"),
-    [
-        (0.40, 0.30, None, True),  # the weights lose a quarter at 640: fine-tune
-        (0.40, 0.385, None, False),  # within 5 %: they carry over
-        (0.40, 0.45, None, False),  # better at 640 than at 416
-        (0.40, 0.30, 0.25, False),  # --target-map reached at 640 already
-        (0.40, 0.30, 0.35, True),
-        (None, 0.30, None, True),  # nothing to compare: the plan's stage runs
-        (0.40, None, None, True),  # e.g. several ranks, where 640 is not validated
-        (0.0, 0.0, None, False),  # nothing learned: nothing to refine
-    ],
-)
-def test_finetune_auto_decides_by_the_loss_at_the_larger_size(own, at_640, target, runs):
-    why = runner.finetune_skip_reason(_main(own, at_640), 640, target)
-    assert (why == "") is runs, why
 
 
 @pytest.mark.slow
