@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,8 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from speedtrain import checkpoints, distributed, planner, recovery, schedule, scoring
-from speedtrain.errors import Terminated
+from speedtrain import checkpoints, distributed, interrupts, planner, recovery, schedule, scoring
 from speedtrain.knobs import ULTRALYTICS_IMGSZ, Stage, TrainPlan
 from speedtrain.monitor import Monitor
 from speedtrain.records import (
@@ -190,7 +187,7 @@ def train_stage(
     t0 = time.perf_counter()
     with (
         Monitor(gpu_ids) as monitor,
-        _graceful_sigint(recorder, log),
+        interrupts.graceful_stop(recorder, log),
         torch_threads_restored(),
         ultra.output_to(log_file) as hidden,
         _heard_while_setting_up(recorder, hidden, log, stage.name),
@@ -308,57 +305,6 @@ def _train_once(
         recovery.free_memory()
 
 
-@contextlib.contextmanager
-def _graceful_sigint(recorder: Recorder, log: Log) -> Iterator[None]:
-    """First Ctrl-C or SIGTERM (a scheduler's preemption: SLURM, Kubernetes): finish the epoch, save, stop, so a
-    requeued job goes on with --resume and loses at most the epoch that was running. A second one: stop now.
-
-    On a rank, every rank stops after the same epoch (the recorder's collective)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    owner = os.getpid()
-    first = [0.0]  # when the first signal came
-
-    def handler(signum: int, frame: Any) -> None:
-        if os.getpid() != owner:
-            # A forked DataLoader worker inherits this handler, and a terminal's Ctrl-C (or SLURM's SIGTERM to the
-            # job step) reaches every process: the worker ignores it and keeps feeding the epoch being finished.
-            return
-        if recorder.stop_requested and time.monotonic() - first[0] < RELAY_S:
-            return  # the same stop passed on by a launcher (torchrun, srun) right after the scheduler's own
-        if recorder.stop_requested:
-            for sig, before in previous.items():
-                signal.signal(sig, before)
-            raise KeyboardInterrupt
-        if not recorder.starts and not recorder.collective:
-            # before the first epoch (a label scan, a cache filling, Ultralytics' setup: minutes on a large
-            # dataset) there is no epoch to save: stop now rather than after the scan, the cache and a whole epoch
-            for sig, before in previous.items():
-                signal.signal(sig, before)
-            name = signal.Signals(signum).name
-            log(
-                f"{'Ctrl-C' if signum == signal.SIGINT else name} before the first epoch: stopping now (nothing "
-                "was trained; the run starts this stage again with --resume)"
-            )
-            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
-        recorder.stop_requested = True
-        recorder.stop_signal = signal.Signals(signum).name
-        first[0] = time.monotonic()
-        if signum == signal.SIGINT:
-            log("Ctrl-C: stopping after this epoch is saved; press Ctrl-C again to stop at once (loses this epoch)")
-        else:
-            log(f"{recorder.stop_signal} (preempted?): stopping after this epoch is saved; go on with --resume")
-
-    previous = {sig: signal.signal(sig, handler) for sig in GRACEFUL_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, before in previous.items():
-            signal.signal(sig, before)
-
-
 SETUP_HEARTBEAT_S = 10.0  # while a stage sets up with Ultralytics' output hidden: a line at least this often
 
 
@@ -387,10 +333,6 @@ def _heard_while_setting_up(
     finally:
         done.set()
         thread.join()
-
-
-RELAY_S = 2.0  # a second signal this soon after the first is the same request relayed, not a second Ctrl-C
-GRACEFUL_SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None)) if s is not None)
 
 
 NOTHING_BEFORE = StageResult("", "completed", 0, 0, 0, 0)  # a stage with no earlier part: every figure empty

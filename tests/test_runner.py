@@ -13,7 +13,6 @@ import torch
 from conftest import run_benchmark, table_rows, tree_hash, wait_for
 
 from speedtrain import runner, ultra, workflow
-from speedtrain.errors import Terminated
 from speedtrain.knobs import Overrides
 
 
@@ -92,92 +91,6 @@ def test_compare_ultralytics_benchmark_smoke(tmp_path):
     threads = {r[0][:4]: int(r[2]) for r in rows}
     assert threads["(c0)"] == min(8, max(1, os.cpu_count() - 1))
     assert threads["(c) "] == hardware.probe().cpu_cores_physical
-
-
-def test_ctrl_c_in_a_forked_dataloader_worker_is_ignored():
-    """A terminal's Ctrl-C reaches the whole process group, DataLoader workers included (forked, so they inherit
-    speedtrain's handler): a worker must keep running, and only the training process asks to stop."""
-    import multiprocessing
-    import signal
-
-    recorder, lines = ultra.Recorder(starts={0: 0.0}), []  # the first epoch has begun
-
-    def worker(queue):
-        os.kill(os.getpid(), signal.SIGINT)  # twice: a second Ctrl-C would raise KeyboardInterrupt in the owner
-        os.kill(os.getpid(), signal.SIGINT)
-        queue.put(recorder.stop_requested)
-
-    with runner._graceful_sigint(recorder, lines.append):
-        queue = multiprocessing.get_context("fork").Queue()
-        child = multiprocessing.get_context("fork").Process(target=worker, args=(queue,))
-        child.start()
-        child.join(timeout=30)
-        assert child.exitcode == 0  # the worker survived both signals
-        assert queue.get(timeout=5) is False  # and did not take the request for itself
-        assert lines == []  # nor printed the stop message once per worker
-        os.kill(os.getpid(), signal.SIGINT)  # the training process itself: the first Ctrl-C asks to stop
-        assert recorder.stop_requested
-        assert len(lines) == 1
-        assert "stopping after this epoch is saved" in lines[0]
-
-
-@pytest.mark.parametrize(
-    ("sig", "says"),
-    [
-        ("SIGINT", "Ctrl-C: stopping after this epoch is saved"),
-        ("SIGTERM", "SIGTERM (preempted?): stopping after this epoch is saved; go on with --resume"),
-    ],
-)
-def test_the_stop_message_promises_only_what_happens(sig, says):
-    import signal
-
-    recorder, lines = ultra.Recorder(starts={0: 0.0}), []  # the first epoch has begun
-    before = {s: signal.getsignal(s) for s in runner.GRACEFUL_SIGNALS}
-    with runner._graceful_sigint(recorder, lines.append):
-        os.kill(os.getpid(), getattr(signal, sig))
-        assert recorder.stop_requested
-        assert recorder.stop_signal == sig
-    assert len(lines) == 1
-    assert says in lines[0]
-    assert {s: signal.getsignal(s) for s in runner.GRACEFUL_SIGNALS} == before  # handlers given back
-
-
-@pytest.mark.parametrize(
-    ("sig", "raised", "says"),
-    [
-        ("SIGINT", KeyboardInterrupt, "Ctrl-C before the first epoch"),
-        ("SIGTERM", Terminated, "SIGTERM before the first epoch"),
-    ],
-)
-def test_a_stop_before_the_first_epoch_means_now(sig, raised, says):
-    """During a label scan, a cache filling or Ultralytics' setup (minutes at 100,000 images) there is no epoch to
-    save: the first Ctrl-C or SIGTERM stops at once, saying so, and gives the handlers back."""
-    import signal
-
-    recorder, lines = ultra.Recorder(), []
-    before = {s: signal.getsignal(s) for s in runner.GRACEFUL_SIGNALS}
-    with pytest.raises(raised), runner._graceful_sigint(recorder, lines.append):
-        os.kill(os.getpid(), getattr(signal, sig))
-    assert len(lines) == 1
-    assert says in lines[0]
-    assert "stopping now" in lines[0]
-    assert {s: signal.getsignal(s) for s in runner.GRACEFUL_SIGNALS} == before
-
-
-def test_a_relayed_signal_is_the_same_request_and_a_later_one_stops_at_once(monkeypatch):
-    """SLURM signals every process of a job step, and torchrun passes the signal on to its ranks as well: a copy
-    within RELAY_S is the same request; a second Ctrl-C after that stops at once."""
-    import signal
-
-    recorder, lines = ultra.Recorder(starts={0: 0.0}), []  # the first epoch has begun
-    with runner._graceful_sigint(recorder, lines.append):
-        os.kill(os.getpid(), signal.SIGTERM)
-        os.kill(os.getpid(), signal.SIGTERM)  # the launcher's copy: no KeyboardInterrupt
-        assert recorder.stop_requested
-        assert len(lines) == 1
-        monkeypatch.setattr(runner, "RELAY_S", 0.0)
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_metrics_from_a_metrics_object_and_from_the_dict_ddp_returns():
