@@ -24,9 +24,9 @@ def deadline_reached(stage_dir: Path) -> bool:
         return False
 
 
-def going_on_from(stage_dir: Path) -> tuple[int, str]:
-    """The 1-based epoch that was running (the one after the last checkpoint), and where training goes on from."""
-    checkpoint = resume_point(stage_dir)
+def going_on_from(checkpoint: Path | None) -> tuple[int, str]:
+    """The 1-based epoch that was running (the one after `checkpoint`, the stage's resume point), and where training
+    goes on from."""
     epoch = (checkpoint_epoch(checkpoint) + 1 if checkpoint else 0) + 1
     return epoch, f"from the checkpoint after epoch {epoch - 1}" if checkpoint else "from the start"
 

@@ -68,12 +68,12 @@ def _read_list(path: Path) -> list[Any]:
 
 
 def rank_failure(
-    stage: Stage, stage_dir: Path, world: distributed.World, kind: str | None, exc: BaseException
+    stage: Stage, stage_dir: Path, point: Path | None, world: distributed.World, kind: str | None, exc: BaseException
 ) -> TrainingError:
     """What ends a rank's training: its own out-of-memory (recorded, so that the ranks restart one batch smaller),
     a peer's (the collective this rank waited in broke), or another error."""
     if kind == "device" and oom.next_batch(stage.batch_fallbacks, stage.batch) is not None:
-        epoch, _ = going_on_from(stage_dir)
+        epoch, _ = going_on_from(point)
         oom.record_fault(stage_dir, world.rank, stage.batch, epoch, first_line(exc))
         return RankOutOfMemory(
             f"{stage.name}: rank {world.rank} ran out of memory at batch {stage.batch} in epoch {epoch}; the ranks "
@@ -90,7 +90,7 @@ def rank_failure(
     return TrainingError(f"{stage.name}: rank {world.rank} failed: {first_line(exc)}")
 
 
-def step_down(stage: Stage, stage_dir: Path, batch: int, exc: BaseException, log: Log) -> tuple[int, OomFallback]:
+def step_down(stage: Stage, point: Path | None, batch: int, exc: BaseException, log: Log) -> tuple[int, OomFallback]:
     """The OOM policy: free memory, take the next batch of the chain, go on from the last saved epoch."""
     free_memory()
     smaller = oom.next_batch(stage.batch_fallbacks, batch)
@@ -99,12 +99,12 @@ def step_down(stage: Stage, stage_dir: Path, batch: int, exc: BaseException, log
             f"{stage.name}: out of memory at batch {batch}, the smallest in the plan; "
             f"try a smaller --img-size or model (for example --model yolo26n.yaml)"
         ) from None
-    epoch, where = going_on_from(stage_dir)
+    epoch, where = going_on_from(point)
     log(f"{stage.name}: out of memory in epoch {epoch} at batch {batch}; going on with {smaller} {where}")
     return smaller, OomFallback(epoch, batch, smaller, utc_now(), first_line(exc))
 
 
-def relieve_host_memory(stage: Stage, stage_dir: Path, exc: BaseException, log: Log) -> tuple[Stage, OomFallback]:
+def relieve_host_memory(stage: Stage, point: Path | None, exc: BaseException, log: Log) -> tuple[Stage, OomFallback]:
     """Host RAM ran out on a GPU run: drop the RAM cache to disk, else halve the workers; the batch stays."""
     free_memory()
     if stage.cache == "ram":
@@ -116,7 +116,7 @@ def relieve_host_memory(stage: Stage, stage_dir: Path, exc: BaseException, log: 
             f"{stage.name}: host RAM ran out with no RAM cache and no dataloader workers ({first_line(exc)}); "
             "close other programs or train on a machine with more memory"
         ) from None
-    epoch, where = going_on_from(stage_dir)
+    epoch, where = going_on_from(point)
     log(f"{stage.name}: host RAM ran out in epoch {epoch} ({first_line(exc)}); going on with {change} {where}")
     return smaller, OomFallback(epoch, stage.batch, stage.batch, utc_now(), first_line(exc), kind="host", change=change)
 
@@ -167,8 +167,7 @@ def validate_again(
             batch = max(1, batch // 2)
 
 
-def disk_full(stage_name: str, stage_dir: Path, exc: OSError) -> DiskSpaceError:
-    point = resume_point(stage_dir)
+def disk_full(stage_name: str, stage_dir: Path, point: Path | None, exc: OSError) -> DiskSpaceError:
     where = (
         f"the last complete checkpoint is {point}"
         if point is not None
@@ -191,8 +190,7 @@ def image_gone(exc: BaseException) -> str | None:
     return os.readlink(path) if path.is_symlink() else str(path)
 
 
-def dataset_changed(stage_name: str, stage_dir: Path, image: str) -> DatasetError:
-    point = resume_point(stage_dir)
+def dataset_changed(stage_name: str, point: Path | None, image: str) -> DatasetError:
     kept = (
         f"the epochs saved so far are kept ({point})" if point is not None else "no epoch of this stage was saved yet"
     )
@@ -215,11 +213,13 @@ def free_memory() -> None:
 
 @dataclass(frozen=True, slots=True)
 class Recovery:
-    """What a stage does after a failure it survives: train again as `stage` (with the `fallback` recorded), or,
-    when only the final validation of best.pt ran out of memory, keep the `metrics` of validating it again."""
+    """What a stage does after a failure it survives: train again as `stage` from `checkpoint` (None: from the
+    start) with the `fallback` recorded, or, when only the final validation of best.pt ran out of memory, keep the
+    `metrics` of validating it again."""
 
     stage: Stage | None = None
     fallback: OomFallback | None = None
+    checkpoint: Path | None = None
     metrics: Any = None
     note: str = ""
 
@@ -236,16 +236,17 @@ def recover(
     log: Log,
 ) -> Recovery:
     """The recovery ladder for a failed training call of `stage` (running as `current`): the step that goes on, or
-    the one-line error that ends the stage (raised)."""
+    the one-line error that ends the stage (raised). The stage's resume point is looked up once, here."""
+    point = resume_point(stage_dir)
     if isinstance(exc, OSError):
         if (gone := image_gone(exc)) is not None:
-            raise dataset_changed(stage.name, stage_dir, gone) from None
+            raise dataset_changed(stage.name, point, gone) from None
         if exc.errno != errno.ENOSPC:
             raise exc
-        raise disk_full(stage.name, stage_dir, exc) from None
+        raise disk_full(stage.name, stage_dir, point, exc) from None
     kind = oom.memory_kind(exc, on_gpu=on_gpu)
     if world is not None:
-        raise rank_failure(current, stage_dir, world, kind, exc) from None
+        raise rank_failure(current, stage_dir, point, world, kind, exc) from None
     if kind is None:
         raise exc
     if kind == "shm":
@@ -254,7 +255,7 @@ def recover(
         metrics, note = validate_again(current, stage_dir, data_yaml, exc, log)
         return Recovery(metrics=metrics, note=note)
     if kind == "host":
-        smaller, fallback = relieve_host_memory(current, stage_dir, exc, log)
-        return Recovery(smaller, fallback)
-    batch, fallback = step_down(stage, stage_dir, current.batch, exc, log)
-    return Recovery(replace(current, batch=batch), fallback)
+        smaller, fallback = relieve_host_memory(current, point, exc, log)
+        return Recovery(smaller, fallback, point)
+    batch, fallback = step_down(stage, point, current.batch, exc, log)
+    return Recovery(replace(current, batch=batch), fallback, point)

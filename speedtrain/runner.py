@@ -207,7 +207,7 @@ def train_stage(
                 if step.stage is None:  # only the final validation failed: the stage is trained
                     metrics, note = step.metrics, step.note
                     break
-                current, checkpoint = step.stage, checkpoints.resume_point(stage_dir)
+                current, checkpoint = step.stage, step.checkpoint
                 fallbacks.append(step.fallback)  # type: ignore[arg-type]
     wall = time.perf_counter() - t0
     result = _stage_result(

@@ -315,7 +315,7 @@ def test_host_memory_policy_gives_up_cache_then_workers_never_the_batch(tmp_path
     assert (stage.batch, stage.workers, stage.cache) == (48, 16, "ram")
     steps = []
     for _ in range(5):
-        stage, fallback = recovery.relieve_host_memory(stage, tmp_path, MemoryError(WORKER_MEMORY), lambda _: None)
+        stage, fallback = recovery.relieve_host_memory(stage, None, MemoryError(WORKER_MEMORY), lambda _: None)
         steps.append((fallback.change, fallback.kind, stage.batch))
         if stage.workers == 1:
             break
@@ -328,5 +328,5 @@ def test_host_memory_policy_gives_up_cache_then_workers_never_the_batch(tmp_path
     ]
     last = replace(stage, workers=0)
     with pytest.raises(TrainingError) as err:
-        recovery.relieve_host_memory(last, tmp_path, MemoryError(WORKER_MEMORY), lambda _: None)
+        recovery.relieve_host_memory(last, None, MemoryError(WORKER_MEMORY), lambda _: None)
     assert "host RAM ran out with no RAM cache and no dataloader workers" in str(err.value)
