@@ -84,7 +84,7 @@ def rows_to_run(plan: planner.TrainPlan, tuned: planner.TrainPlan, epochs: int, 
 
 
 def measure(stage: Stage, weights: str, data_yaml: Path, project: Path) -> dict[str, str]:
-    result = runner.train_stage(stage, weights, data_yaml, project, log=lambda _: None)
+    result = runner.train_stage(stage, weights, runner.StageContext(data_yaml, project))
     times = result.epoch_times_s
     steady = result.images_per_s_steady or result.images_per_s
     return {
@@ -143,7 +143,7 @@ def main() -> None:
         # The first training in a process pays one-off costs (thread pools, allocator, lazy imports): spend them
         # on an unrecorded run so that row order cannot bias the table.
         warm = replace(planned.plan.stages[0], imgsz=64, epochs=1)
-        runner.train_stage(warm, weights, view, Path(tmp) / "runs" / "warmup", log=lambda _: None)
+        runner.train_stage(warm, weights, runner.StageContext(view, Path(tmp) / "runs" / "warmup"))
         results = {}
         for name, stage in rows_to_run(planned.plan, tuned.plan, args.epochs, args.tiny).items():
             results[name] = measure(stage, weights, view, Path(tmp) / "runs" / name.split(")")[0].strip("("))

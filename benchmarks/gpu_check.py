@@ -398,6 +398,7 @@ def step_oom(out: Path, work: Path, _args: argparse.Namespace) -> None:
     import torch
 
     from speedtrain import runner
+    from speedtrain.records import Hooks
 
     if not torch.cuda.is_available():
         record(out, "oom", {"skipped": "needs CUDA (set_per_process_memory_fraction caps GPU memory only)"})
@@ -426,7 +427,9 @@ def step_oom(out: Path, work: Path, _args: argparse.Namespace) -> None:
         return original(*a, **kw)
 
     runner._train_once = traced
-    result = runner.train_stage(stage, MODEL, _view(out, work), work / "runs" / "oom", log=print)
+    result = runner.train_stage(
+        stage, MODEL, runner.StageContext(_view(out, work), work / "runs" / "oom", Hooks(log=print))
+    )
     record(
         out,
         "oom",

@@ -226,7 +226,7 @@ def main() -> None:
         view = resize.make_view(planned.stats, Path(tmp) / "view")
         weights, note = ultra.resolve_model(args.model)
         base = replace(planned.plan.stages[0], epochs=args.epochs, patience=100, rect=False)
-        runner.train_stage(replace(base, imgsz=64, epochs=1), weights, view, Path(tmp) / "warmup", log=lambda _: None)
+        runner.train_stage(replace(base, imgsz=64, epochs=1), weights, runner.StageContext(view, Path(tmp) / "warmup"))
         rows = {
             "Ultralytics pipeline": replace(base, pipeline="ultralytics"),
             "speedtrain --pipeline fast": replace(base, pipeline="fast"),

@@ -514,15 +514,12 @@ def run(
                 _run_arm(
                     arm,
                     source,
-                    data,
+                    runner.StageContext(data, run_dir / arm.name, hooks, log_file),
                     (baseline_budget_s or budget_s) if arm.name == "defaults" else budget_s,
-                    run_dir / arm.name,
                     prepare_s if arm.prepared else 0.0,
                     val_imgsz,
                     val_sizes,
                     seed,
-                    hooks,
-                    log_file,
                 )
             )
             partial = _comparison(planned, budget_s, val_imgsz, val_sizes, seed, run_dir, started, prepare_s, results)
@@ -574,24 +571,25 @@ def _comparison(
 def _run_arm(
     arm: Arm,
     source: str,
-    data_yaml: Path,
+    context: runner.StageContext,
     budget_s: float,
-    arm_dir: Path,
     offset_s: float,
     val_imgsz: int,
     val_sizes: tuple[int, ...],
     seed: int,
-    hooks: Hooks,
-    log_file: Path | None,
 ) -> ArmResult:
-    log, on_update = hooks.log, hooks.on_update
+    """One arm trained for `budget_s` in the context's folder (its stages in turn, from `source`), `offset_s` of
+    preparation already on its clock; then its saved epochs validated at `val_imgsz` and its final weights at each
+    of `val_sizes`."""
+    log, on_update, log_file = context.hooks.log, context.hooks.on_update, context.log_file
+    data_yaml, arm_dir = Path(context.data_yaml), context.project
     log(f"{arm.name}: training for {budget_s:.0f} s")
     weights, clock, curve_parts, stage_results = source, offset_s, [], []
     t0 = time.perf_counter()
     for stage, share in zip(arm.stages, arm.shares, strict=True):
         timed = _for_budget(stage, budget_s * share, seed)
         progress = _renamed(on_update, arm.name)
-        result = runner.train_stage(timed, weights, data_yaml, arm_dir, log=log, on_update=progress, log_file=log_file)
+        result = runner.train_stage(timed, weights, replace(context, hooks=replace(context.hooks, on_update=progress)))
         stage_results.append(result)
         curve_parts.append((clock, timed, result))
         clock += result.wall_time_s

@@ -12,7 +12,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,48 +39,48 @@ if TYPE_CHECKING:
 BASELINE_IMGSZ = ULTRALYTICS_IMGSZ  # the untuned baseline the time estimate is set against
 
 
+@dataclass(frozen=True, slots=True)
+class StageContext:
+    """What every stage of a run shares: the dataset it trains on (the data.yaml of its linked view), the folder its
+    stages are written in, the caller's hooks (progress lines, each batch's progress, the fine-tune question), the
+    file Ultralytics' own output goes to (None: the console) and whether the run goes on after an interruption or a
+    kill (`resuming`: a stage goes on from its last checkpoint)."""
+
+    data_yaml: str | Path
+    project: Path
+    hooks: Hooks = Hooks()
+    log_file: Path | None = None
+    resuming: bool = False
+
+
 def run(
     plan: TrainPlan,
-    data_yaml: str | Path,
-    run_dir: str | Path,
+    context: StageContext,
     *,
     previous: tuple[StageResult, ...] = (),
-    hooks: Hooks = Hooks(),
     before_stage: Callable[[Stage], Stage] = lambda s: s,
     on_progress: Callable[[tuple[StageResult, ...], str | None], None] = lambda _r, _s: None,
-    log_file: Path | None = None,
-    resuming: bool = False,
 ) -> RunResult:
     """Train the plan's stages in order (finished ones from `previous` are kept) and return what was measured.
-    `resuming`: a run going on after an interruption or a kill; a stage goes on from its last checkpoint.
-    `hooks`: progress lines, each stage's progress, and the fine-tune question.
 
     `on_progress(results, running_stage)` is called before each stage and after it, so the caller can keep a
     report on disk that a later --resume reads.
     """
-    started, t0 = utc_now(), time.perf_counter()
     from speedtrain import ultra
 
     with ultra.session():
-        return _run(
-            plan, data_yaml, run_dir, started, t0, previous, hooks, before_stage, on_progress, log_file, resuming
-        )
+        return _run(plan, context, previous, before_stage, on_progress)
 
 
 def _run(
     plan: TrainPlan,
-    data_yaml: str | Path,
-    run_dir: str | Path,
-    started: str,
-    t0: float,
+    context: StageContext,
     previous: tuple[StageResult, ...],
-    hooks: Hooks,
     before_stage: Callable[[Stage], Stage],
     on_progress: Callable[[tuple[StageResult, ...], str | None], None],
-    log_file: Path | None,
-    resuming: bool = False,
 ) -> RunResult:
-    log = hooks.log
+    started, t0 = utc_now(), time.perf_counter()
+    log, run_dir = context.hooks.log, str(context.project)
     from speedtrain import ultra
 
     source, note = ultra.fetch(*ultra.resolve_model(plan.model))
@@ -95,72 +95,56 @@ def _run(
         if prior and prior.status in FINISHED:
             results.append(prior)
         else:
-            skip = planner.skip_reason(stage, results, plan.target_map, hooks.ask)
+            skip = planner.skip_reason(stage, results, plan.target_map, context.hooks.ask)
             if skip:
                 log(f"{stage.name}: skipped ({skip})")
                 results.append(StageResult(stage.name, "skipped", stage.imgsz, stage.batch, stage.epochs, 0, note=skip))
                 continue
             stage = before_stage(stage)
             on_progress(tuple(results), stage.name)
-            result = train_stage(
-                stage,
-                weights,
-                data_yaml,
-                Path(run_dir),
-                log=log,
-                previous=prior,
-                on_update=hooks.on_update,
-                log_file=log_file,
-                resuming=resuming,
-                later=plan.stages[index + 1 :],
-            )
-            world = distributed.world()
-            if result.status != "interrupted":
-                # Ultralytics' validator gathers from every rank when ranks exist (detect/val.py gather_stats,
-                # 8.4.190): with several, rank 0 cannot validate alone, and the fine-tune runs whatever the score
-                sizes = scoring.score_sizes(plan, stage) if world is None or world.size == 1 else ()
-                if world is None or world.leader:  # rank 0's model: rank 0 times it
-                    result = scoring.with_latency(result, stage, log)
-                result = scoring.with_scores(result, stage, data_yaml, sizes, log_file, log)
+            trained = train_stage(stage, weights, context, prior, plan.stages[index + 1 :])
+            result = _scored(plan, stage, trained, context)
             results.append(result)
             on_progress(tuple(results), None)
             if result.status == "interrupted":
                 wall = round(time.perf_counter() - t0, 2)
                 return RunResult(
-                    str(run_dir),
-                    source,
-                    note,
-                    tuple(results),
-                    started,
-                    wall,
-                    interrupted=True,
-                    stopped_by=result.stopped_by,
+                    run_dir, source, note, tuple(results), started, wall, interrupted=True, stopped_by=result.stopped_by
                 )
         weights = results[-1].weights or results[-1].last_weights or weights
-    return RunResult(str(run_dir), source, note, tuple(results), started, round(time.perf_counter() - t0, 2))
+    return RunResult(run_dir, source, note, tuple(results), started, round(time.perf_counter() - t0, 2))
+
+
+def _scored(plan: TrainPlan, stage: Stage, result: StageResult, context: StageContext) -> StageResult:
+    """A trained stage's result with its weights' scores and latency (an interrupted one as it is)."""
+    if result.status == "interrupted":
+        return result
+    world, log = distributed.world(), context.hooks.log
+    # Ultralytics' validator gathers from every rank when ranks exist (detect/val.py gather_stats, 8.4.190): with
+    # several, rank 0 cannot validate alone, and the fine-tune runs whatever the score
+    sizes = scoring.score_sizes(plan, stage) if world is None or world.size == 1 else ()
+    if world is None or world.leader:  # rank 0's model: rank 0 times it
+        result = scoring.with_latency(result, stage, log)
+    return scoring.with_scores(result, stage, context.data_yaml, sizes, context.log_file, log)
 
 
 def train_stage(
     stage: Stage,
     weights: str,
-    data_yaml: str | Path,
-    project: Path,
-    log: Log = print,
+    context: StageContext,
     previous: StageResult | None = None,
-    on_update: OnProgress | None = None,
-    log_file: Path | None = None,
-    resuming: bool = False,
     later: tuple[Stage, ...] = (),
 ) -> StageResult:
     """Train one stage; on out-of-memory step down the batch chain and go on from the last checkpoint.
     `later`: the plan's stages after this one, for the time estimate of the whole run.
 
     With `previous` (an interrupted stage of an earlier run), training resumes from that stage's checkpoint.
-    `on_update` receives the stage's progress after every batch; with `log_file`, Ultralytics' own output (its
-    argument dump, layer table, progress bars) goes to that file instead of the console.
+    The hooks' `on_update` receives the stage's progress after every batch; with the context's `log_file`,
+    Ultralytics' own output (its argument dump, layer table, progress bars) goes to that file, not the console.
     """
     from speedtrain import ultra
 
+    log, project, resuming = context.hooks.log, context.project, context.resuming
     stage_dir = project / stage.name
     # A stage an earlier run was interrupted in, or was killed in (`resuming`, and no result in its report), goes on
     # from its last complete checkpoint; a folder reused by a fresh run (tune's trial runs) starts over.
@@ -173,7 +157,7 @@ def train_stage(
     if previous and checkpoint is None:
         log(f"{stage.name}: no checkpoint of an earlier epoch; starting the stage again")
     world = distributed.world()
-    recorder = _recorder(stage, later, world, on_update, log)
+    recorder = _recorder(stage, later, world, context.hooks.on_update, log)
     if stage.schedule is not None:
         recorder.phases = _phases(stage, stage_dir, checkpoint, world, log)
     fallbacks: list[OomFallback] = list(previous.oom_fallbacks) if previous else []
@@ -182,40 +166,76 @@ def train_stage(
     if world is not None:
         current, fallbacks = recovery.after_rank_oom(current, stage_dir, world, log)
         gpu_ids = gpu_ids[world.local_rank : world.local_rank + 1] or gpu_ids[:1]
-    trainer, metrics, note = None, None, ""
-    status: ResultStatus | None = None
+    attempts = _Attempts(current, checkpoint, fallbacks)
     t0 = time.perf_counter()
     with (
         Monitor(gpu_ids) as monitor,
         interrupts.graceful_stop(recorder, log),
         torch_threads_restored(),
-        ultra.output_to(log_file) as hidden,
+        ultra.output_to(context.log_file) as hidden,
         _heard_while_setting_up(recorder, hidden, log, stage.name),
     ):
-        while True:
-            _reset_peak_memory(gpu_ids)  # per attempt: after a fallback the report shows the batch that ran
-            try:
-                trainer, metrics = _train_once(current, weights, data_yaml, project, recorder, checkpoint)
-                break
-            except ultra.StopRequested:
-                status = "interrupted"
-                break
-            except Exception as exc:
-                step = recovery.recover(
-                    exc, stage, current, stage_dir, data_yaml, world, bool(gpu_ids), recorder.in_final_eval, log
-                )
-                if step.stage is None:  # only the final validation failed: the stage is trained
-                    metrics, note = step.metrics, step.note
-                    break
-                current, checkpoint = step.stage, step.checkpoint
-                fallbacks.append(step.fallback)  # type: ignore[arg-type]
-    wall = time.perf_counter() - t0
-    result = _stage_result(
-        stage, current.batch, recorder, monitor, trainer, metrics, stage_dir, wall, fallbacks, status, previous
-    )
+        _train_until_done(attempts, stage, weights, context, recorder, world, gpu_ids)
+    result = _stage_result(stage, attempts, recorder, monitor, stage_dir, time.perf_counter() - t0, previous)
     if world is not None:
-        result = replace(result, ranks=_gather_rank_figures(result, world, trainer, gpu_ids))
-    return replace(result, note=note) if note else result
+        result = replace(result, ranks=_gather_rank_figures(result, world, attempts.trainer, gpu_ids))
+    return replace(result, note=attempts.note) if attempts.note else result
+
+
+@dataclass(slots=True)
+class _Attempts:
+    """A stage's training calls so far: the stage as it trains now (its batch, cache and workers after fallbacks),
+    the checkpoint the next call goes on from, the fallbacks taken, and what the last call left."""
+
+    current: Stage
+    checkpoint: Path | None
+    fallbacks: list[OomFallback]
+    trainer: Any = None
+    metrics: Any = None
+    status: ResultStatus | None = None  # "interrupted" when a stop was asked for; None: decided from the epochs
+    note: str = ""
+
+
+def _train_until_done(
+    attempts: _Attempts,
+    stage: Stage,
+    weights: str,
+    context: StageContext,
+    recorder: Recorder,
+    world: distributed.World | None,
+    gpu_ids: tuple[int, ...],
+) -> None:
+    """Training calls until the stage is trained or stopped; after each failure, recovery's next step (or its
+    one-line error, raised)."""
+    from speedtrain import ultra
+
+    while True:
+        _reset_peak_memory(gpu_ids)  # per attempt: after a fallback the report shows the batch that ran
+        try:
+            attempts.trainer, attempts.metrics = _train_once(
+                attempts.current, weights, context, recorder, attempts.checkpoint
+            )
+            return
+        except ultra.StopRequested:
+            attempts.status = "interrupted"
+            return
+        except Exception as exc:
+            step = recovery.recover(
+                exc,
+                stage,
+                attempts.current,
+                context.project / stage.name,
+                context.data_yaml,
+                world,
+                bool(gpu_ids),
+                recorder.in_final_eval,
+                context.hooks.log,
+            )
+            if step.stage is None:  # only the final validation failed: the stage is trained
+                attempts.metrics, attempts.note = step.metrics, step.note
+                return
+            attempts.current, attempts.checkpoint = step.stage, step.checkpoint
+            attempts.fallbacks.append(step.fallback)  # type: ignore[arg-type]
 
 
 def _recorder(
@@ -286,20 +306,15 @@ def _gather_rank_figures(
 
 
 def _train_once(
-    stage: Stage,
-    weights: str,
-    data_yaml: str | Path,
-    project: Path,
-    recorder: Recorder,
-    checkpoint: Path | None,
+    stage: Stage, weights: str, context: StageContext, recorder: Recorder, checkpoint: Path | None
 ) -> tuple[Any, Any]:
     """One model.train() call: a fresh start from `weights`, or a resume from `checkpoint`."""
     from speedtrain import ultra
 
-    args = stage.train_args() | {"project": str(project), "name": stage.name, "exist_ok": True}
+    args = stage.train_args() | {"project": str(context.project), "name": stage.name, "exist_ok": True}
     try:
         return ultra.train(
-            weights, data_yaml, args, recorder.callbacks(), resume=checkpoint, fast=stage.pipeline == "fast"
+            weights, context.data_yaml, args, recorder.callbacks(), resume=checkpoint, fast=stage.pipeline == "fast"
         )
     finally:
         recovery.free_memory()
@@ -340,15 +355,11 @@ NOTHING_BEFORE = StageResult("", "completed", 0, 0, 0, 0)  # a stage with no ear
 
 def _stage_result(
     stage: Stage,
-    batch: int,
+    attempts: _Attempts,
     rec: Recorder,
     monitor: Monitor,
-    trainer: Any,
-    metrics: Any,
     stage_dir: Path,
     wall: float,
-    fallbacks: list[OomFallback],
-    status: ResultStatus | None,
     previous: StageResult | None,
 ) -> StageResult:
     """What the stage measured: this process's callbacks, the monitor, results.csv, and the part of the stage an
@@ -360,7 +371,8 @@ def _stage_result(
     done = max([*rec.epoch_times, -1]) + 1 or len(epoch_times)
     summary = monitor.summary()
     curve_map, curve_loss, curve_epochs = checkpoints.epoch_curves(stage_dir / "results.csv")
-    status = status or _ended(stage, trainer, done, rec)
+    trainer, batch = attempts.trainer, attempts.current.batch
+    status = attempts.status or _ended(stage, trainer, done, rec)
     return StageResult(
         name=stage.name,
         status=status,
@@ -381,8 +393,8 @@ def _stage_result(
         ram_used_peak_gb=summary.ram_used_peak_gb,
         threads=rec.threads_used or before.threads,
         fast_store=rec.fast_store or before.fast_store,
-        oom_fallbacks=tuple(fallbacks),
-        best_metrics=_metrics(metrics),
+        oom_fallbacks=tuple(attempts.fallbacks),
+        best_metrics=_metrics(attempts.metrics),
         **_weights(stage_dir),
         save_dir=str(stage_dir),
         wall_time_s=round(wall + before.wall_time_s, 2),

@@ -32,7 +32,7 @@ from speedtrain.knobs import Cache, Stage
 from speedtrain.oom import is_oom
 from speedtrain.planner import ram_cache_need_gb
 from speedtrain.records import LoaderProbe, StepProbe, TuneResult
-from speedtrain.runner import train_stage
+from speedtrain.runner import StageContext, train_stage
 from speedtrain.util import torch_threads_restored, write_atomic
 
 Log = Callable[[str], None]
@@ -512,7 +512,7 @@ def _confirm(
         cache=cache,
         extra=tuple(extra.items()),
     )
-    return train_stage(trial, model_source, data_yaml, project / ".tune-runs", log=lambda _: None).images_per_s
+    return train_stage(trial, model_source, StageContext(data_yaml, project / ".tune-runs")).images_per_s
 
 
 def _tree_rss_gb(proc: psutil.Process) -> float:

@@ -324,17 +324,9 @@ def _run(
         raise UsageError(f"{run_dir}: the report has no dataset view to train on; start a new run")
     try:
         with _sigterm_interrupts(world is None):
-            result = runner.run(
-                current.plan,
-                rep.run.data_yaml,
-                run_dir,
-                previous=previous,
-                hooks=hooks,
-                before_stage=before_stage,
-                on_progress=save,
-                log_file=run_dir / ULTRALYTICS_LOG if quiet else None,
-                resuming=rep.run.resumed_at is not None,
-            )
+            log_file = run_dir / ULTRALYTICS_LOG if quiet else None
+            context = runner.StageContext(rep.run.data_yaml, run_dir, hooks, log_file, rep.run.resumed_at is not None)
+            result = runner.run(current.plan, context, previous=previous, before_stage=before_stage, on_progress=save)
     except KeyboardInterrupt as exc:  # between stages (scoring, latency): inside one, the stage saves its epoch first
         if owner and current.run is not None:
             stopped = getattr(exc, "signal_name", "SIGINT")

@@ -210,14 +210,16 @@ def test_an_oom_in_a_rank_restarts_every_rank_one_batch_smaller(make_dataset, tm
     scripted.oom_above, scripted.oom_from_epoch = 32, 2
     lines: list[str] = []
     with pytest.raises(RankOutOfMemory) as err:
-        runner.train_stage(stage, "yolo26n.yaml", data, tmp_path, log=lines.append)
+        runner.train_stage(stage, "yolo26n.yaml", runner.StageContext(data, tmp_path, Hooks(log=lines.append)))
     assert str(err.value) == (
         "main: rank 0 ran out of memory at batch 48 in epoch 3; the ranks restart from the last saved epoch with "
         "batch 32"
     )
     assert [f.name for f in (tmp_path / "main").glob(".oom-rank*.json")] == [".oom-rank0.json"]
     # the launcher starts the ranks again: each reads the record and goes on one batch smaller from epoch 3
-    result = runner.train_stage(stage, "yolo26n.yaml", data, tmp_path, log=lines.append, resuming=True)
+    result = runner.train_stage(
+        stage, "yolo26n.yaml", runner.StageContext(data, tmp_path, Hooks(log=lines.append), resuming=True)
+    )
     assert _calls(scripted) == [(48, 1, None), (32, 3, "resume.pt")]
     assert "main: rank 0 ran out of memory in epoch 3 at batch 48; all 2 ranks go on with 32 from the checkpoint " in (
         "\n".join(lines)
@@ -236,7 +238,7 @@ def test_a_rank_stopped_by_its_peers_oom_says_whose_it_was(make_dataset, tmp_pat
     scripted.faults = {0: RuntimeError("Connection closed by peer [127.0.0.1]:29500")}  # the collective broke
     monkeypatch.setattr("speedtrain.recovery.after_rank_oom", lambda s, d, w, log: (s, []))  # the restart's reading
     with pytest.raises(PeerFailed) as err:
-        runner.train_stage(stage, "yolo26n.yaml", tmp_path / "data.yaml", tmp_path, log=lambda _: None)
+        runner.train_stage(stage, "yolo26n.yaml", runner.StageContext(tmp_path / "data.yaml", tmp_path))
     assert str(err.value) == "main: rank 1 stopped: rank 0 ran out of memory"
 
 
