@@ -98,7 +98,7 @@ def main() -> None:
                 project=Path(tmp) / "runs",
                 name=f"val-every-{arm}",
                 verbose=False,
-                log=lambda _: None,
+                hooks=speedtrain.Hooks(log=lambda _: None),
                 seed=0,
                 plots=False,
             )

@@ -12,10 +12,13 @@ __version__ = "0.1.0"
 
 from speedtrain.api import check, compare, plan, prepare, probe, report, resume, train, tune  # noqa: E402
 from speedtrain.errors import SpeedtrainError  # noqa: E402
+from speedtrain.records import Hooks, StageProgress  # noqa: E402
 from speedtrain.speedreport import SpeedReport  # noqa: E402
 
 __all__ = [
+    "Hooks",
     "SpeedReport",
+    "StageProgress",
     "SpeedtrainError",
     "check",
     "compare",

@@ -18,7 +18,7 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,14 +32,10 @@ from speedtrain.knobs import Overrides
 from speedtrain.parallel import Progress
 from speedtrain.records import (
     Hooks,
-    Log,
-    OnEvent,
-    OnProgress,
     Planned,
-    ProgressFactory,
     ResizeSummary,
-    StageResult,
     TuneResult,
+    silent,
 )
 from speedtrain.speedreport import SpeedReport
 from speedtrain.util import closest
@@ -114,18 +110,19 @@ def tune(
     project: PathLike = workflow.DEFAULT_PROJECT,
     budget_s: float = 90.0,
     retune: bool = False,
-    log: Log | None = None,
+    hooks: Hooks | None = None,
     extra: Sequence[str] = (),
     **args: Unpack[Keywords],
 ) -> TuneResult:
-    """Measure the model's step rate per batch and the dataloader's per workers and cache; the fastest setting."""
+    """Measure the model's step rate per batch and the dataloader's per workers and cache; the fastest setting.
+    `hooks.log` receives its lines (printed when left out)."""
     if budget_s < 5:
         raise UsageError(f"budget_s {budget_s}: at least 5 seconds")
     refuse_external_launcher()
     with process_state_restored():
         ov = overrides(args)
         return workflow.tune(
-            dataset, ov, tuple(extra), project=project, budget_s=budget_s, retune=retune, log=log or _print
+            dataset, ov, tuple(extra), project=project, budget_s=budget_s, retune=retune, log=_heard(hooks).log
         )
 
 
@@ -139,38 +136,35 @@ def train(
     budget_s: float = 90.0,
     allow_download: bool = False,
     verbose: bool = True,
-    log: Log | None = None,
-    on_update: OnProgress | None = None,
-    ask: Callable[[StageResult], bool | None] | None = None,
-    on_event: OnEvent | None = None,
-    progress: ProgressFactory | None = None,
+    hooks: Hooks | None = None,
     extra: Sequence[str] = (),
     **args: Unpack[Keywords],
 ) -> SpeedReport:
     """Plan and train `dataset` (the embedded sample when None), prepare and tune as planned or asked; return the
     SpeedReport (also written to PROJECT/NAME/speed_report.json with its PNG).
 
-    `verbose=False` sends Ultralytics' own output to the run folder's ultralytics.log; `log` receives speedtrain's
-    progress lines (printed when None); `on_update` each stage's progress after every batch; `ask` decides a
-    `finetune="ask"` stage (True, False, or None: decided as `finetune="auto"`, the default, decides).
-    `on_event(kind, value)` hears "prepared" (a Preparation), "tuned" (a TuneResult) and "planned" (the SpeedReport
-    about to run); `progress(label)` makes the context that reports the resize's (done, total).
+    `verbose=False` sends Ultralytics' own output to the run folder's ultralytics.log. `hooks` (a speedtrain.Hooks)
+    is what the caller hears and answers: `log` receives speedtrain's progress lines (printed when left out);
+    `on_update` each stage's progress after every batch; `ask` decides a `finetune="ask"` stage (True, False, or
+    None: decided as `finetune="auto"`, the default, decides); `on_event(kind, value)` hears "prepared" (a
+    Preparation), "tuned" (a TuneResult) and "planned" (the SpeedReport about to run); `progress(label)` makes the
+    context that reports the resize's (done, total).
     """
-    hooks = Hooks(log or _print, on_update, ask, on_event, progress)
+    hooks = _heard(hooks)
     with process_state_restored():
-        return workflow.train(
+        request = workflow.TrainRequest(
             dataset,
             overrides(args),
             tuple(extra),
-            project=project,
-            name=name,
-            autotune_first=autotune,
-            retune=retune,
-            budget_s=budget_s,
-            allow_download=allow_download,
+            project,
+            name,
+            autotune,
+            retune,
+            budget_s,
+            allow_download,
             quiet=not verbose,
-            hooks=hooks,
         )
+        return workflow.train(request, hooks)
 
 
 def compare(
@@ -185,8 +179,7 @@ def compare(
     project: PathLike = workflow.DEFAULT_PROJECT,
     name: str = "compare",
     verbose: bool = True,
-    log: Log | None = None,
-    on_update: OnProgress | None = None,
+    hooks: Hooks | None = None,
     extra: Sequence[str] = (),
     **args: Unpack[CompareKeywords],
 ) -> Comparison:
@@ -196,42 +189,42 @@ def compare(
     return the Comparison: per-arm table, mAP-over-time curves, time to the defaults' accuracy and the same at equal
     time (also PROJECT/NAME/compare.json and .png).
     `val_imgsz` is the size every curve is validated at (default: the baseline's size, Ultralytics' 640 unless
-    `baseline_imgsz` says otherwise); `**args` shape the plan as for train()."""
+    `baseline_imgsz` says otherwise); `**args` shape the plan as for train(), and `hooks` as for train() (its
+    `log` and `on_update`)."""
 
     budget_s, names = compare_mod.parse_budget(budget), compare_mod.parse_arms(arms)
     baseline_s = None if baseline_budget is None else compare_mod.parse_budget(baseline_budget, "--baseline-budget")
     refuse_external_launcher()
     with process_state_restored():
-        return compare_mod.compare(
+        request = compare_mod.CompareRequest(
             dataset,
             overrides(args),
             tuple(extra),
             names,
             budget_s,
-            val_imgsz=val_imgsz,
-            baseline_imgsz=baseline_imgsz,
-            seed=seed,
-            project=project,
-            name=name,
+            val_imgsz,
+            baseline_imgsz,
+            seed,
+            project,
+            name,
             quiet=not verbose,
-            hooks=Hooks(log or _print, on_update),
             baseline_budget_s=baseline_s,
         )
+        return compare_mod.compare(request, _heard(hooks))
 
 
 def resume(
     run_dir: PathLike,
     *,
     verbose: bool = True,
-    log: Log | None = None,
-    on_update: OnProgress | None = None,
-    ask: Callable[[StageResult], bool | None] | None = None,
+    hooks: Hooks | None = None,
 ) -> SpeedReport:
-    """Go on with an interrupted or killed run from its last saved epoch; the finished SpeedReport.
+    """Go on with an interrupted or killed run from its last saved epoch; the finished SpeedReport. `hooks` as for
+    train() (its `log`, `on_update` and `ask`).
 
     A run of several ranks goes on with as many (speedtrain starts them; under a launcher, this process is one)."""
     with process_state_restored():
-        return workflow.resume_run(run_dir, quiet=not verbose, hooks=Hooks(log or _print, on_update, ask))
+        return workflow.resume_run(run_dir, quiet=not verbose, hooks=_heard(hooks))
 
 
 def report(run_dir: PathLike) -> SpeedReport:
@@ -287,6 +280,13 @@ def _planned(
 
 def _print(message: str) -> None:
     print(f"speedtrain: {message}", flush=True)
+
+
+def _heard(hooks: Hooks | None) -> Hooks:
+    """The caller's hooks, with speedtrain's lines printed where they give no `log`."""
+    if hooks is None:
+        return Hooks(log=_print)
+    return dataclasses.replace(hooks, log=_print) if hooks.log is silent else hooks
 
 
 SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None)) if s is not None)

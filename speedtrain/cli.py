@@ -28,7 +28,7 @@ from typer.core import TyperCommand, TyperGroup
 from speedtrain import api, distributed, hardware, knobs, planner, render, ultra_args, workflow
 from speedtrain import dataset as dataset_mod
 from speedtrain.errors import DatasetError, PeerFailed, SpeedtrainError, Terminated, UsageError
-from speedtrain.records import DatasetSummary, OnProgress, StageProgress, StageResult
+from speedtrain.records import DatasetSummary, Hooks, OnProgress, StageProgress, StageResult
 from speedtrain.speedreport import REPORT_NAME, SpeedReport
 from speedtrain.util import closest, plain_streams
 
@@ -359,10 +359,11 @@ def _train(ctx: typer.Context, params: dict[str, Any]) -> None:
                 answer, ctrl_c_at_prompt[0] = ask_finetune(main, out)
             return answer
 
-        hooks: dict[str, Any] = {"log": log, "ask": ask, "verbose": p.verbose}
-        hooks["on_update"] = None if p.verbose else on_update
+        hooks = Hooks(log, None if p.verbose else on_update, ask, on_event, _progress)
         if p.resume:
-            result = api.resume(p.resume, **hooks)
+            result = api.resume(
+                p.resume, verbose=p.verbose, hooks=dataclasses.replace(hooks, on_event=None, progress=None)
+            )
         else:
             result = api.train(
                 p.dataset,
@@ -372,10 +373,9 @@ def _train(ctx: typer.Context, params: dict[str, Any]) -> None:
                 retune=p.retune,
                 budget_s=p.budget_s,
                 allow_download=p.allow_download,
-                on_event=on_event,
-                progress=_progress,
+                verbose=p.verbose,
+                hooks=hooks,
                 extra=ctx.args,
-                **hooks,
                 **params["knob_values"],
             )
     _finish(result, plan_shown=not p.resume)
@@ -549,7 +549,13 @@ def tune_command(
         _plain_text_when_piped(ctx.args, dataset),
     ):
         result = api.tune(
-            dataset, project=project, budget_s=budget_s, retune=retune, log=log, extra=ctx.args, **knob_values
+            dataset,
+            project=project,
+            budget_s=budget_s,
+            retune=retune,
+            hooks=Hooks(log=log),
+            extra=ctx.args,
+            **knob_values,
         )
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
@@ -628,8 +634,7 @@ def compare_command(
             project=project,
             name=name,
             verbose=verbose,
-            log=log,
-            on_update=None if verbose else on_update,
+            hooks=Hooks(log=log, on_update=None if verbose else on_update),
             extra=ctx.args,
             **knob_values,
         )

@@ -419,35 +419,53 @@ class Comparison(JupyterMixin):
 # --- running ------------------------------------------------------------------------------------------------------
 
 
-def compare(
-    dataset_path: str | os.PathLike[str] | None,
-    overrides: Overrides,
-    extra: tuple[str, ...],
-    names: tuple[str, ...],
-    budget_s: float,
-    *,
-    val_imgsz: int | None,
-    baseline_imgsz: int | None,
-    seed: int,
-    project: str | os.PathLike[str],
-    name: str,
-    quiet: bool,
-    hooks: Hooks,
-    baseline_budget_s: float | None = None,
-) -> Comparison:
+@dataclass(frozen=True, slots=True)
+class CompareRequest:
+    """What a comparison was asked for: the dataset (None: the embedded sample), the plan's overrides and
+    Ultralytics arguments, the arms and each one's wall-clock budget (the defaults arm's `baseline_budget_s`,
+    default BASELINE_FACTOR x `budget_s`), the size every curve is validated at (default: the baseline's), the
+    baseline's size (default Ultralytics'), the random seed, the run folder PROJECT/NAME and whether Ultralytics' own
+    output goes to its log file (`quiet`)."""
+
+    dataset: str | os.PathLike[str] | None
+    overrides: Overrides
+    extra: tuple[str, ...]
+    arms: tuple[str, ...]
+    budget_s: float
+    val_imgsz: int | None = None
+    baseline_imgsz: int | None = None
+    seed: int = 0
+    project: str | os.PathLike[str] = workflow.DEFAULT_PROJECT
+    name: str = "compare"
+    quiet: bool = False
+    baseline_budget_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Views:
+    """The datasets the arms train on: the original's linked view (the defaults arm) and the prepared copy's (the
+    plan arms; the original's when the plan does not resize), and the seconds the resize took."""
+
+    original: Path
+    prepared: Path
+    prepare_s: float
+
+
+def compare(request: CompareRequest, hooks: Hooks = Hooks()) -> Comparison:
     """`speedtrain compare` from its checked arguments: plan with a fine-tune stage (and for the arms' budget, in
     phases), check Ultralytics' arguments and the disk before the run folder exists, prepare the views, then train
-    every arm; the defaults arm for `baseline_budget_s` (default BASELINE_FACTOR x the arms' budget)."""
+    every arm; the defaults arm for its baseline budget."""
     from speedtrain import ultra
 
-    workflow.check_run_folder(project, name)
+    r, overrides, names, budget_s = request, request.overrides, request.arms, request.budget_s
+    workflow.check_run_folder(r.project, r.name)
     # the one-size arms' plan (a fine-tune stage for plan+finetune and plan-640; the phases are the plan arm's)
-    planned = workflow.make_plan(dataset_path, replace(overrides, finetune="yes", phases=None), extra)
+    planned = workflow.make_plan(r.dataset, replace(overrides, finetune="yes", phases=None), r.extra)
     defaults = ultra.defaults()
     workflow.check_ultralytics_args(planned)
-    base_size = baseline_imgsz or int(defaults["imgsz"])
+    base_size = r.baseline_imgsz or int(defaults["imgsz"])
     need = len(names) * workflow.CHECKPOINT_ROOM_GB  # each arm's checkpoints (saved epochs go once scored)
-    check_free_disk(Path(project), need, f"comparing {len(names)} arms", "free some space")
+    check_free_disk(Path(r.project), need, f"comparing {len(names)} arms", "free some space")
     plan_ov = replace(overrides, finetune="yes", extra=planned.plan.stages[0].extra, phases=None)
     # the plan arms for the arms' budget, as `train --time` plans it and in phases (planned for a minute at least;
     # each arm sets its own deadline)
@@ -457,50 +475,36 @@ def compare(
     if "plan-phases" in names:
         phased = planner.plan(planned.hw, planned.stats, replace(budgeted, phases=overrides.phases or "auto"))
     classic = planner.plan(planned.hw, planned.stats, replace(plan_ov, recipe="classic"))
-    run_dir = workflow.new_run_dir(project, name)
+    run_dir = workflow.new_run_dir(r.project, r.name)
     hooks.log(f"run folder: {run_dir}")
-    prepared, original_yaml, prepared_yaml, prepare_s = prepare_views(planned, Path(project))
+    prepared, original_yaml, prepared_yaml, prepare_s = prepare_views(planned, Path(r.project))
     arms = arms_for(prepared.plan, names, defaults, base_size, timed, classic, phased)
-    baseline_s = baseline_budget_s or BASELINE_FACTOR * budget_s
-    return run(
-        prepared,
-        arms,
-        budget_s,
-        run_dir,
-        original_yaml=original_yaml,
-        prepared_yaml=prepared_yaml,
-        prepare_s=prepare_s,
-        val_imgsz=val_imgsz or base_size,
-        seed=seed,
-        hooks=hooks,
-        log_file=run_dir / workflow.ULTRALYTICS_LOG if quiet else None,
-        baseline_budget_s=baseline_s,
+    decided = replace(
+        r, val_imgsz=r.val_imgsz or base_size, baseline_budget_s=r.baseline_budget_s or BASELINE_FACTOR * budget_s
     )
+    return run(prepared, arms, decided, run_dir, Views(original_yaml, prepared_yaml, prepare_s), hooks)
 
 
 def run(
     planned: Planned,  # made with a fine-tune stage
     arms: tuple[Arm, ...],
-    budget_s: float,
+    request: CompareRequest,
     run_dir: Path,
-    *,
-    original_yaml: Path,
-    prepared_yaml: Path,
-    prepare_s: float,
-    val_imgsz: int,
-    seed: int,
+    views: Views,
     hooks: Hooks = Hooks(),
-    log_file: Path | None = None,
-    baseline_budget_s: float | None = None,
 ) -> Comparison:
-    """Train every arm for `budget_s` (the defaults arm for `baseline_budget_s`, default the same), validate their
-    saved epochs and final weights, measure their latency."""
+    """Train every arm for the request's budget (the defaults arm for its baseline budget, default the same),
+    validate their saved epochs and final weights at its `val_imgsz` (default the plan's size), measure their
+    latency."""
     from speedtrain import ultra
 
-    log = hooks.log
-
+    log, budget_s, seed = hooks.log, request.budget_s, request.seed
+    baseline_budget_s = request.baseline_budget_s
+    log_file = run_dir / workflow.ULTRALYTICS_LOG if request.quiet else None
+    prepare_s = views.prepare_s
     started = utc_now()
     plan: TrainPlan = planned.plan
+    val_imgsz = request.val_imgsz or plan.stages[0].imgsz
     val_sizes = tuple(sorted({val_imgsz, plan.stages[0].imgsz, *(s.imgsz for a in arms for s in a.stages[:1])}))
     results = []
     with ultra.session():
@@ -509,7 +513,7 @@ def run(
         ultra.go_offline()
         log(note)
         for arm in arms:
-            data = prepared_yaml if arm.prepared else original_yaml
+            data = views.prepared if arm.prepared else views.original
             results.append(
                 _run_arm(
                     arm,

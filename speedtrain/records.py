@@ -363,7 +363,7 @@ OnEvent = Callable[[str, Any], None]
 ProgressFactory = Callable[[str], contextlib.AbstractContextManager[Progress | None]]
 
 
-def _silent(_line: str) -> None:
+def silent(_line: str) -> None:
     """Progress lines that go nowhere."""
 
 
@@ -379,7 +379,7 @@ class Hooks:
     None to let auto decide), the run's milestones (`on_event(kind, value)`: "prepared", "tuned", "planned") and
     the resize's progress (`progress(label)`: a context yielding a (done, total) callback, or None)."""
 
-    log: Log = _silent
+    log: Log = silent
     on_update: OnProgress | None = None
     ask: Callable[[StageResult], bool | None] | None = None
     on_event: OnEvent | None = None
@@ -394,4 +394,4 @@ class Hooks:
 
     def silent(self) -> Hooks:
         """The same hooks without progress lines (a rank other than 0: rank 0 speaks for the run)."""
-        return replace(self, log=_silent)
+        return replace(self, log=silent)

@@ -10,7 +10,7 @@ import platform
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -404,94 +404,79 @@ def check_model(requested: str | None) -> None:
         )
 
 
-def train(
-    dataset_path: str | os.PathLike[str] | None,
-    overrides: Overrides,
-    extra: tuple[str, ...] = (),
-    *,
-    project: str | os.PathLike[str] = DEFAULT_PROJECT,
-    name: str = "train",
-    autotune_first: bool = False,
-    retune: bool = False,
-    budget_s: float = 90.0,
-    allow_download: bool = False,
-    quiet: bool = False,
-    hooks: Hooks = Hooks(),
-) -> SpeedReport:
+@dataclass(frozen=True, slots=True)
+class TrainRequest:
+    """What a training run was asked for: the dataset (None: the embedded sample), the plan's overrides and
+    Ultralytics arguments (`extra`, as the yolo command line writes them), the run folder PROJECT/NAME, whether to
+    tune first (`retune`: measure again even where a tune is cached) within `budget_s`, whether the dataset's
+    download script may run, and whether Ultralytics' own output goes to the run's log file (`quiet`)."""
+
+    dataset: str | os.PathLike[str] | None
+    overrides: Overrides
+    extra: tuple[str, ...] = ()
+    project: str | os.PathLike[str] = DEFAULT_PROJECT
+    name: str = "train"
+    autotune: bool = False
+    retune: bool = False
+    budget_s: float = 90.0
+    allow_download: bool = False
+    quiet: bool = False
+
+    @property
+    def tunes(self) -> bool:
+        return self.autotune or self.retune
+
+
+def train(request: TrainRequest, hooks: Hooks = Hooks()) -> SpeedReport:
     """A whole training run: plan, prepare the dataset when planned, tune when asked, then train here, as
     speedtrain's own ranks (several GPUs, --nproc-per-node), or as one rank of a launcher's group (torchrun, srun)."""
-    check_run_folder(project, name)
+    r = request
+    check_run_folder(r.project, r.name)
     world = distributed.world()
     if world is not None:  # torchrun, srun or another launcher started this process as one rank of several
-        return _train_as_rank(
-            world,
-            dataset_path,
-            overrides,
-            extra,
-            project,
-            name,
-            allow_download,
-            quiet,
-            hooks,
-            autotune_first or retune,
-            retune,
-            budget_s,
-        )
-    planned = make_plan(dataset_path, overrides, extra, None, allow_download)
+        return _train_as_rank(world, r, hooks)
+    planned = make_plan(r.dataset, r.overrides, r.extra, None, r.allow_download)
     check_ultralytics_args(planned)  # before the resized copy or a tune's files exist, as before the run folder
     if planned.plan.prepare_size:
         with hooks.progress_of(f"resizing to {planned.plan.prepare_size} px") as resized:
-            planned = prepare_dataset(planned, Path(project), resized)
+            planned = prepare_dataset(planned, Path(r.project), resized)
         hooks.event("prepared", planned.prepared)
-    if autotune_first or retune:
-        planned, tuned = autotune(planned, Path(project), budget_s=budget_s, retune=retune, log=hooks.log)
+    if r.tunes:
+        planned, tuned = autotune(planned, Path(r.project), budget_s=r.budget_s, retune=r.retune, log=hooks.log)
         hooks.event("tuned", tuned)
     hooks.event("planned", SpeedReport.of(planned))
     if planned.plan.ranks > 1:  # several GPUs (or --nproc-per-node): speedtrain starts one rank each
-        _, run_dir = start(planned, project, name, hooks.log)
-        return launch.run(run_dir, planned.plan.ranks, quiet=quiet, log=hooks.log)
-    return execute(planned, project, name, hooks=hooks, quiet=quiet)[0]
+        _, run_dir = start(planned, r.project, r.name, hooks.log)
+        return launch.run(run_dir, planned.plan.ranks, quiet=r.quiet, log=hooks.log)
+    return execute(planned, r.project, r.name, hooks=hooks, quiet=r.quiet)[0]
 
 
-def _train_as_rank(
-    world: World,
-    dataset_path: str | os.PathLike[str] | None,
-    overrides: Overrides,
-    extra: tuple[str, ...],
-    project: str | os.PathLike[str],
-    name: str,
-    allow_download: bool,
-    quiet: bool,
-    hooks: Hooks,
-    tune: bool,
-    retune: bool,
-    budget_s: float,
-) -> SpeedReport:
+def _train_as_rank(world: World, r: TrainRequest, hooks: Hooks) -> SpeedReport:
     """One rank under an external launcher: rank 0 plans (for the launcher's WORLD_SIZE), prepares and starts the
     run folder while the others wait; then every rank trains its shard. The others' errors name rank 0's."""
     from speedtrain import ultra  # Ultralytics first, then the group
 
-    ultra.join_group(distributed.rank_device(str(overrides.device or "")))
+    ultra.join_group(distributed.rank_device(str(r.overrides.device or "")))
     try:
         # every node probes itself (its local rank 0); rank 0 plans for the weakest
-        mine = hardware.probe(existing_parent(Path(project))) if world.local_rank == 0 else None
+        mine = hardware.probe(existing_parent(Path(r.project))) if world.local_rank == 0 else None
         machine = hardware.weakest([s for s in distributed.gather(mine) if s is not None])
         outcome: tuple[str, Any] = ("error", None)
-        restarted = distributed.restarted_run(Path(project)) if world.leader else None
+        restarted = distributed.restarted_run(Path(r.project)) if world.leader else None
         if restarted is not None:  # torchrun --max-restarts started the group again: go on with its run
             outcome = ("resume", str(restarted))
         elif world.leader:
             try:
                 # the launcher's ranks on this node, and in all
-                ours = replace(overrides, nproc_per_node=world.local_size, world=world.size)
-                planned = make_plan(dataset_path, ours, extra, machine, allow_download)
+                ours = replace(r.overrides, nproc_per_node=world.local_size, world=world.size)
+                planned = make_plan(r.dataset, ours, r.extra, machine, r.allow_download)
                 if planned.plan.prepare_size:
-                    planned = prepare_dataset(planned, Path(project))
-                if tune:
-                    planned, _ = autotune(planned, Path(project), budget_s=budget_s, retune=retune, log=hooks.log)
+                    planned = prepare_dataset(planned, Path(r.project))
+                if r.tunes:
+                    planned, _ = autotune(planned, Path(r.project), budget_s=r.budget_s, retune=r.retune, log=hooks.log)
                 hooks.event("planned", SpeedReport.of(planned))
-                run_dir = start(planned, project, name, hooks.log)[1]
-                distributed.remember_run(Path(project), run_dir)
+                run_dir = start(planned, r.project, r.name, hooks.log)[1]
+                distributed.remember_run(Path(r.project), run_dir)
                 outcome = ("run", str(run_dir))
             except SpeedtrainError as exc:
                 outcome = ("error", exc)
@@ -499,7 +484,7 @@ def _train_as_rank(
         if outcome[0] == "error":
             raise outcome[1] if world.leader else PeerFailed(f"rank 0 could not start the run: {outcome[1]}")
         mine_hooks = hooks if world.leader else hooks.silent()
-        return run_as_rank(outcome[1], resuming=outcome[0] == "resume", hooks=mine_hooks, quiet=quiet)[0]
+        return run_as_rank(outcome[1], resuming=outcome[0] == "resume", hooks=mine_hooks, quiet=r.quiet)[0]
     finally:
         distributed.leave()
 

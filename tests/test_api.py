@@ -111,7 +111,7 @@ def test_notebook_style_training_returns_a_real_report_and_leaves_the_process_al
         finetune="no",
         project=tmp_path / "runs",
         verbose=False,
-        log=lines.append,
+        hooks=speedtrain.Hooks(log=lines.append),
     )
     assert isinstance(rep, speedtrain.SpeedReport)
     assert rep.run is not None

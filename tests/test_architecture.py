@@ -56,7 +56,51 @@ def test_the_runner_does_one_job():
         for n in ast.parse((PACKAGE / "runner.py").read_text(encoding="utf-8")).body
         if isinstance(n, ast.FunctionDef | ast.ClassDef)
     }
-    assert not names & {"Recorder", "_Recorder", "resume_point", "checkpoint_epoch", "recover", "check_model"}
+    assert not names & {
+        "Recorder",
+        "_Recorder",
+        "resume_point",
+        "checkpoint_epoch",
+        "recover",
+        "check_model",
+        "with_scores",
+        "with_latency",
+        "graceful_stop",
+        "finetune_skip_reason",
+    }
+    assert len((PACKAGE / "runner.py").read_text(encoding="utf-8").splitlines()) < 500
+
+
+MOST_PARAMETERS = 11
+# Typer commands take one parameter per option; a knob's declaration its fields; compare() its own options beside
+# the knobs'
+MANY_PARAMETERS = {("cli.py", "*"), ("knobs.py", "knob"), ("api.py", "compare")}
+
+
+def _parameters(fn: ast.FunctionDef) -> int:
+    a = fn.args
+    names = [*a.posonlyargs, *a.args, *a.kwonlyargs, *([a.vararg] if a.vararg else []), *([a.kwarg] if a.kwarg else [])]
+    return len([n for n in names if n.arg not in ("self", "cls")])
+
+
+def test_settings_travel_as_one_value_not_long_parameter_lists():
+    """Where many settings go together they are one value (runner.StageContext, workflow.TrainRequest,
+    comparison.CompareRequest, records.Hooks): no function takes more than MOST_PARAMETERS, and the public
+    speedtrain.train (its keywords; the knobs come as **args) no more either."""
+    long = [
+        f"{path.name}:{node.lineno} {node.name} ({_parameters(node)})"
+        for path in sorted(PACKAGE.glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.FunctionDef)
+        and _parameters(node) > MOST_PARAMETERS
+        and not {(path.name, "*"), (path.name, node.name)} & MANY_PARAMETERS
+    ]
+    assert not long, long
+    import inspect
+
+    import speedtrain
+
+    assert len(inspect.signature(speedtrain.train).parameters) <= MOST_PARAMETERS
 
 
 def test_the_formatter_formats_every_line():

@@ -139,9 +139,9 @@ def test_train_passes_every_option(calls, tmp_path):
     assert result.exit_code == 0, result.output
     args, kwargs = calls["train"]
     assert args == (tmp_path,)
-    hooks = {k: kwargs.pop(k) for k in ("log", "ask", "on_event", "progress", "on_update")}
-    assert all(callable(h) for k, h in hooks.items() if k != "on_update")
-    assert hooks["on_update"] is None  # --verbose: Ultralytics' own output, no progress display
+    hooks = kwargs.pop("hooks")
+    assert all(callable(h) for h in (hooks.log, hooks.ask, hooks.on_event, hooks.progress))
+    assert hooks.on_update is None  # --verbose: Ultralytics' own output, no progress display
     assert kwargs == {
         **PLAN_DEFAULTS,
         "project": tmp_path / "runs",
@@ -167,9 +167,10 @@ def test_train_resume_calls_resume_only(calls, tmp_path):
     assert result.exit_code == 0, result.output
     args, kwargs = calls["resume"]
     assert args == (tmp_path,)
-    assert set(kwargs) == {"log", "ask", "verbose", "on_update"}
+    assert set(kwargs) == {"hooks", "verbose"}
     assert kwargs["verbose"] is False
-    assert callable(kwargs["on_update"])
+    assert callable(kwargs["hooks"].on_update)
+    assert callable(kwargs["hooks"].ask)
     assert "train" not in calls
 
 
@@ -212,7 +213,7 @@ def test_tune_passes_its_options(calls, tmp_path):
     assert result.exit_code == 0, result.output
     args, kwargs = calls["tune"]
     assert args == (tmp_path,)
-    assert callable(kwargs.pop("log"))
+    assert callable(kwargs.pop("hooks").log)
     assert kwargs == {
         "project": tmp_path,
         "budget_s": 20.0,

@@ -80,7 +80,7 @@ def train(root: Path, project: Path, **kw: object) -> SpeedReport:
         device="cpu",
         project=project,
         verbose=False,
-        log=lambda _: None,
+        hooks=speedtrain.Hooks(log=lambda _: None),
         plots=False,
         **{"seed": 0, **kw},
     )
@@ -167,7 +167,7 @@ def test_a_budgeted_run_goes_through_its_phases_and_anneals_at_its_deadline(tmp_
         device="cpu",
         project=project,
         verbose=False,
-        log=lambda _: None,
+        hooks=speedtrain.Hooks(log=lambda _: None),
         plots=False,
         seed=0,
     )

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import run_benchmark, table_rows, tree_hash, wait_for
 
-from speedtrain import runner, ultra, workflow
+from speedtrain import measured, runner, ultra, workflow
 from speedtrain.knobs import Overrides
 
 
@@ -101,9 +101,9 @@ def test_metrics_from_a_metrics_object_and_from_the_dict_ddp_returns():
         results_dict = raw
 
     expected = (("precision", 0.5), ("mAP50-95", 0.4), ("fitness", 0.41))
-    assert runner._metrics(Metrics()) == expected
-    assert runner._metrics(raw) == expected
-    assert runner._metrics(None) == ()
+    assert measured._metrics(Metrics()) == expected
+    assert measured._metrics(raw) == expected
+    assert measured._metrics(None) == ()
 
 
 @pytest.mark.slow
