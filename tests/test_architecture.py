@@ -5,9 +5,12 @@ The layering itself is import-linter's (`lint-imports`, in CI)."""
 from __future__ import annotations
 
 import ast
+import inspect
 
 from conftest import REPO
 from radon.complexity import cc_rank, cc_visit
+
+import speedtrain
 
 PACKAGE = REPO / "speedtrain"
 RECORDS = (
@@ -96,10 +99,6 @@ def test_settings_travel_as_one_value_not_long_parameter_lists():
         and not {(path.name, "*"), (path.name, node.name)} & MANY_PARAMETERS
     ]
     assert not long, long
-    import inspect
-
-    import speedtrain
-
     assert len(inspect.signature(speedtrain.train).parameters) <= MOST_PARAMETERS
 
 
