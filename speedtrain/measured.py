@@ -152,7 +152,7 @@ def _cadence_figures(rec: Recorder) -> dict[str, Any]:
     """--val-every: the cadence the stage ended with, the seconds validating took and what skipping saved."""
     if rec.cadence is None:
         return {"val_every": 1, "val_time_s": 0.0, "val_saved_s": 0.0}
-    cadence = rec.cadence
+    cadence = rec.cadence.policy
     return {
         "val_every": cadence.cadence,
         "val_time_s": round(sum(cadence.val_s.values()), 2),

@@ -27,7 +27,7 @@ from speedtrain.knobs import (  # noqa: F401 -- the plan's records, re-exported 
     When,
 )
 from speedtrain.records import StageResult
-from speedtrain.schedule import MAX_PHASES, Schedule, plan_schedule
+from speedtrain.schedule import MAX_PHASES, VAL_EVERY_MAX, VAL_LAST, VAL_SHARE, Schedule, plan_schedule
 from speedtrain.util import closest, duration, parse_duration
 
 # the plan's one-value defaults, declared with their knobs (speedtrain/knobs.py), whose help texts say them
@@ -96,11 +96,6 @@ SHM_PREFETCH = 4  # batches each training DataLoader worker holds in /dev/shm (U
 PREPARE_FACTOR = 1.5
 PREPARE_SHARE = 0.5
 
-# --val-every auto: validate every k epochs so that validation stays under VAL_SHARE of the run (one Ultralytics
-# user measured 12 min of validation against 30 s of training per epoch, ultralytics #17523)
-VAL_SHARE = 0.15
-VAL_EVERY_MAX = 10  # auto never validates less often than every 10 epochs
-VAL_LAST = 2  # the last epochs of a stage are always validated (best.pt is chosen among validated epochs)
 FINETUNE_TIME_SHARE = 0.3  # --time with a fine-tune: its share of the budget
 VAL_AUTO = 0  # Stage.val_every for auto: decided from the first validated epoch's measured times
 
@@ -1040,16 +1035,6 @@ def _timed(stages: list[Stage], seconds: float) -> tuple[list[Stage], str]:
         if stages[1].when != "always":
             why += ", left unused when it is skipped"
     return timed, why
-
-
-def val_every_for(train_s: float, val_s: float, epochs: int, share: float = VAL_SHARE) -> int:
-    """--val-every auto: validate every k epochs, the smallest k that keeps one validation (val_s) under `share` of
-    the time from one validation to the next (k training passes of train_s, then val_s): k >= v(1-s)/(s t).
-    Capped at VAL_EVERY_MAX and at a quarter of the stage's epochs, so that a stage is still validated often."""
-    if train_s <= 0 or val_s <= 0 or val_s / (train_s + val_s) <= share:
-        return 1
-    k = math.ceil(val_s * (1 - share) / (share * train_s))
-    return max(1, min(k, VAL_EVERY_MAX, epochs // 4))
 
 
 def _val_every(ov: Overrides, ranks: int) -> tuple[int, str]:

@@ -690,3 +690,38 @@ def save_comparison_png(c: Comparison, path: Path) -> Path:
     fig.savefig(tmp)
     tmp.replace(path)
     return path
+
+
+# --- a stage's time estimate, said once in its first epoch ----------------------------------------------------------
+
+
+def first_epoch_estimate(
+    stage: str,
+    epoch_s: float,
+    batches: int,
+    epochs: int,
+    budget_s: float,
+    baseline_factor: float,
+    later: tuple[tuple[str, int, float, bool], ...],
+    max_epochs: int | None,
+) -> str:
+    """The stage's time estimate from its measured first `batches`: the `epochs` left at `epoch_s` each (with
+    --time, how many fit its `budget_s`, at most `max_epochs`); the untuned baseline's at Ultralytics' 640 px
+    (`baseline_factor`: its pixels against the stage's) and each `later` stage's (name, epochs, pixels ratio,
+    whether it may be skipped), all as estimates: time ~ pixels."""
+    measured = f"{epoch_s:.1f} s each; estimate from the first {batches} batches, validation not included"
+    if budget_s:
+        limit = f"; at most {max_epochs} (the epoch limit)" if max_epochs else ""
+        fit = max(1, int(budget_s // epoch_s))
+        return f"{stage}: about {fit} epochs' training passes fit its {duration(budget_s)} ({measured}){limit}"
+    words = f"{stage}: about {duration(epoch_s * epochs)} for {epochs} epochs' training passes ({measured})"
+    if baseline_factor:
+        words += (
+            f"; at Ultralytics' 640 px about {duration(epoch_s * epochs * baseline_factor)} (estimate: time ~ pixels)"
+        )
+    for name, n, ratio, maybe in later:  # the whole run: later stages at their own image size
+        words += (
+            f"; then {name}{' (if it runs)' if maybe else ''} about {duration(epoch_s * ratio * n)} for {n} epochs "
+            "(estimate: time ~ pixels)"
+        )
+    return words

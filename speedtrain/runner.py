@@ -241,7 +241,7 @@ def _recorder(
     recorder.max_epochs = stage.max_epochs
     recorder.later = tuple((s.name, s.epochs, (s.imgsz / stage.imgsz) ** 2, s.when != "always") for s in later)
     if stage.val_every != 1:
-        recorder.cadence = ultra.ValCadence(every=stage.val_every, patience=stage.patience)
+        recorder.cadence = ultra.ValCadence(schedule.Cadence(every=stage.val_every, patience=stage.patience))
     return recorder
 
 

@@ -367,3 +367,73 @@ def simulate(
             break
         epoch += 1
     return dl
+
+
+# --- validation during a stage (--val-every) ------------------------------------------------------------------------
+
+# --val-every auto: validate every k epochs so that validation stays under VAL_SHARE of the run (one Ultralytics
+# user measured 12 min of validation against 30 s of training per epoch, ultralytics #17523)
+VAL_SHARE = 0.15
+VAL_EVERY_MAX = 10  # auto never validates less often than every 10 epochs
+VAL_LAST = 2  # the last epochs of a stage are always validated (best.pt is chosen among validated epochs)
+
+
+def val_every_for(train_s: float, val_s: float, epochs: int, share: float = VAL_SHARE) -> int:
+    """--val-every auto: validate every k epochs, the smallest k that keeps one validation (val_s) under `share` of
+    the time from one validation to the next (k training passes of train_s, then val_s): k >= v(1-s)/(s t).
+    Capped at VAL_EVERY_MAX and at a quarter of the stage's epochs, so that a stage is still validated often."""
+    if train_s <= 0 or val_s <= 0 or val_s / (train_s + val_s) <= share:
+        return 1
+    k = math.ceil(val_s * (1 - share) / (share * train_s))
+    return max(1, min(k, VAL_EVERY_MAX, epochs // 4))
+
+
+@dataclass(slots=True)
+class Cadence:
+    """Which epochs of a stage are validated: every `every` (1: every epoch, as Ultralytics; 0: auto, decided from
+    the first epoch's measured times, which is validated to measure them), always the last VAL_LAST, and patience
+    (the stage's, in validated epochs) scaled to count epochs. Fed the measured seconds of each epoch's training
+    pass and validation (1-based epochs); ultra.ValCadence applies its answers to Ultralytics' trainer."""
+
+    every: int = 1
+    share: float = VAL_SHARE
+    patience: int = 0  # the stage's patience in validated epochs (0: off)
+    decided: int | None = None  # the cadence in use; None until auto has measured
+    train_s: dict[int, float] = field(default_factory=dict)  # epoch -> training pass seconds
+    val_s: dict[int, float] = field(default_factory=dict)  # validated epoch -> validation seconds
+    skipped: list[int] = field(default_factory=list)
+
+    @property
+    def cadence(self) -> int:
+        return self.every if self.every > 0 else self.decided or 1
+
+    def validates(self, epoch: int, epochs: int) -> bool:
+        """Whether `epoch` of `epochs` is validated."""
+        k = self.cadence
+        first = epoch == 1 and self.every == 0  # auto times the first validation to decide
+        return k == 1 or first or epoch % k == 0 or epoch > epochs - VAL_LAST
+
+    def trained(self, epoch: int, seconds: float, epochs: int) -> bool:
+        """`epoch`'s training pass took `seconds`: whether it is validated."""
+        self.train_s[epoch] = seconds
+        return self.validates(epoch, epochs)
+
+    def counted(self, epoch: int) -> bool:
+        """Whether `epoch` is already counted (or was never trained here): nothing more to record."""
+        return epoch not in self.train_s or epoch in self.val_s or epoch in self.skipped
+
+    def validated(self, epoch: int, seconds: float | None, epochs: int) -> int:
+        """`epoch` was validated in `seconds` (None: not validated); the patience in epochs for early stopping
+        (0: leave it as it is)."""
+        if seconds is None:
+            self.skipped.append(epoch)
+            return 0
+        self.val_s[epoch] = seconds
+        if self.every == 0 and self.decided is None:
+            self.decided = val_every_for(self.train_s[epoch], seconds, epochs, self.share)
+        k = self.cadence
+        return self.patience * k if k > 1 and self.patience else 0
+
+    def saved_s(self) -> float:
+        """Validation time the skipped epochs did not spend (estimate: the mean measured validation each)."""
+        return len(self.skipped) * (sum(self.val_s.values()) / len(self.val_s)) if self.val_s else 0.0

@@ -56,9 +56,9 @@ from speedtrain import allocator, distributed
 from speedtrain.checkpoints import RESUME_NAME
 from speedtrain.errors import TrainingError, UsageError
 from speedtrain.pipeline import Hyp, StoreLoader, augment, build_store, keep_resident, take, to_ultralytics
-from speedtrain.planner import VAL_LAST, VAL_SHARE, val_every_for
 from speedtrain.records import Log, OnProgress, StageProgress
-from speedtrain.schedule import Deadline
+from speedtrain.render import first_epoch_estimate
+from speedtrain.schedule import Cadence, Deadline
 from speedtrain.util import ANSI, PlainStream, duration, first_line, write_atomic
 
 Callbacks = dict[str, list[Callable[[Any], None]]]
@@ -379,11 +379,11 @@ class FastDetectionTrainer(RankTrainer):
 
 @dataclass
 class ValCadence:
-    """Ultralytics validates after every epoch (or, with val=False, only the last); this validates every
-    `every` epochs (0: auto, decided from the first epoch's measured times, so that one is validated too), always
-    the last VAL_LAST and any epoch Ultralytics validates on its own (one that could stop the run early: the stopper's
-    possible_stop). Skipped epochs leave NaN metrics in results.csv and no fitness, so best.pt is chosen among
-    validated epochs, and patience (counted in epochs by EarlyStopping) is scaled to count validated ones.
+    """schedule.Cadence applied to Ultralytics' trainer: Ultralytics validates after every epoch (or, with
+    val=False, only the last); this validates the epochs the cadence picks and any Ultralytics validates on its
+    own (one that could stop the run early: the stopper's possible_stop). Skipped epochs leave NaN metrics in
+    results.csv and no fitness, so best.pt is chosen among validated epochs, and patience (counted in epochs by
+    EarlyStopping) is the cadence's, counted in validated epochs.
 
     One process only: ranks would each decide (rank 0 alone knows possible_stop) and validation has collectives,
     so the planner keeps every epoch for several ranks.
@@ -392,13 +392,7 @@ class ValCadence:
     stopper.possible_stop or stop`, right after on_train_epoch_end; save_model writes best.pt when
     best_fitness == fitness; EarlyStopping ignores a None fitness (utils/torch_utils.py)."""
 
-    every: int = 1  # 1: every epoch, as Ultralytics; 0: auto
-    share: float = VAL_SHARE
-    patience: int = 0  # the stage's patience in validated epochs (0: off)
-    decided: int | None = None  # the cadence in use; None until auto has measured
-    train_s: dict[int, float] = field(default_factory=dict)  # epoch (1-based) -> training pass seconds
-    val_s: dict[int, float] = field(default_factory=dict)  # validated epoch (1-based) -> validation seconds
-    skipped: list[int] = field(default_factory=list)
+    policy: Cadence
     _start: float = 0.0
     _end: float = 0.0
     _val_t0: float = 0.0
@@ -413,16 +407,6 @@ class ValCadence:
             "on_val_end": [self._val_end],
         }
 
-    @property
-    def cadence(self) -> int:
-        return self.every if self.every > 0 else self.decided or 1
-
-    def validates(self, epoch: int, epochs: int) -> bool:
-        """Whether the 1-based `epoch` of `epochs` is validated by the cadence."""
-        k = self.cadence
-        first = epoch == 1 and self.every == 0  # auto times the first validation to decide
-        return k == 1 or first or epoch % k == 0 or epoch > epochs - VAL_LAST
-
     def _epoch_start(self, trainer: Any) -> None:
         self._start = time.perf_counter()
         self._val_took = None
@@ -436,9 +420,7 @@ class ValCadence:
 
     def _epoch_end(self, trainer: Any) -> None:
         self._end = time.perf_counter()
-        epoch = trainer.epoch + 1
-        self.train_s[epoch] = self._end - self._start
-        validate = self.validates(epoch, trainer.epochs)
+        validate = self.policy.trained(trainer.epoch + 1, self._end - self._start, trainer.epochs)
         trainer.args.val = validate
         if not validate:  # Ultralytics may still validate (possible_stop): then it overwrites both
             trainer.metrics = {k: float("nan") for k in (trainer.metrics or {})}
@@ -446,23 +428,14 @@ class ValCadence:
 
     def _fit_epoch_end(self, trainer: Any) -> None:
         epoch = trainer.epoch + 1
-        if epoch not in self.train_s or epoch in self.val_s or epoch in self.skipped:
+        if self.policy.counted(epoch):
             return  # final_eval's own call, or an epoch already counted
-        if trainer.fitness is None:
-            self.skipped.append(epoch)
-            return
         # the validation alone (checkpoints are written after every epoch, validated or not); the whole gap when
         # the validator's callbacks did not fire
-        self.val_s[epoch] = self._val_took if self._val_took is not None else time.perf_counter() - self._end
-        if self.every == 0 and self.decided is None:
-            self.decided = val_every_for(self.train_s[epoch], self.val_s[epoch], trainer.epochs, self.share)
-        k = self.cadence
-        if k > 1 and self.patience:
-            trainer.stopper.patience = self.patience * k  # patience counts validated epochs
-
-    def saved_s(self) -> float:
-        """Validation time the skipped epochs did not spend (estimate: the mean measured validation each)."""
-        return len(self.skipped) * (sum(self.val_s.values()) / len(self.val_s)) if self.val_s else 0.0
+        took = self._val_took if self._val_took is not None else time.perf_counter() - self._end
+        patience = self.policy.validated(epoch, None if trainer.fitness is None else took, trainer.epochs)
+        if patience:
+            trainer.stopper.patience = patience
 
 
 # --- a budgeted run's phases --------------------------------------------------------------------------------------
@@ -850,29 +823,8 @@ class Recorder:
         if self.phases is not None:  # a budgeted stage: its phases say what fits (Phases' own line)
             return
         budget = float(getattr(trainer.args, "time", None) or 0) * 3600  # --time: Ultralytics fits the epochs
-        if budget:
-            log(
-                f"{self.stage}: about {max(1, int(budget // epoch_s))} epochs' training passes fit its "
-                f"{duration(budget)} ({epoch_s:.1f} s each; estimate from the first {self.batches} batches, "
-                f"validation not included){self.limited}"
-            )
-            return
-        baseline = (
-            f"; at Ultralytics' 640 px about {duration(epoch_s * epochs * self.baseline_factor)} "
-            "(estimate: time ~ pixels)"
-            if self.baseline_factor
-            else ""
-        )
-        for name, n, ratio, maybe in self.later:  # the whole run: later stages at their own image size
-            baseline += (
-                f"; then {name}{' (if it runs)' if maybe else ''} about {duration(epoch_s * ratio * n)} "
-                f"for {n} epochs (estimate: time ~ pixels)"
-            )
-        log(
-            f"{self.stage}: about {duration(epoch_s * epochs)} for {epochs} epochs' training passes "
-            f"({epoch_s:.1f} s each; estimate from the first {self.batches} batches, validation not "
-            f"included){baseline}"
-        )
+        factor, later, limit = self.baseline_factor, self.later, self.max_epochs
+        log(first_epoch_estimate(self.stage, epoch_s, self.batches, epochs, budget, factor, later, limit))
 
     def _update(self, trainer: Any, fraction: float, done: bool = False) -> None:
         if self.on_update:
@@ -961,11 +913,6 @@ class Recorder:
         trainer._setup_scheduler()
         trainer.scheduler.last_epoch = trainer.epoch
         trainer.stop = bool(trainer.stop) or trainer.epoch + 1 >= limit
-
-    @property
-    def limited(self) -> str:
-        """The estimate line's words for a limit on the epochs the budget may fit."""
-        return f"; at most {self.max_epochs} (the epoch limit)" if self.max_epochs else ""
 
 
 def join_group(device: Any) -> None:

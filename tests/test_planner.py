@@ -408,32 +408,6 @@ def test_an_impossible_cadence_is_refused(vram, value):
 
 
 @pytest.mark.parametrize(
-    ("train_s", "val_s", "epochs", "expected"),
-    [
-        (100.0, 10.0, 50, 1),  # 9 % of an epoch: every epoch
-        (98.0 - 28.0, 28.0, 50, 3),  # the 448/127-image split measured on the VM: 29 % -> 11.8 % at every 3rd
-        (30.0, 760.0, 50, 10),  # validation 25x training (ultralytics #17523): capped at 10
-        (30.0, 760.0, 8, 2),  # a short stage is still validated every quarter
-        (0.0, 5.0, 50, 1),  # nothing measured: every epoch
-    ],
-)
-def test_auto_cadence_keeps_validation_under_its_share(train_s, val_s, epochs, expected):
-    k = planner.val_every_for(train_s, val_s, epochs)
-    assert k == expected
-    if 1 < k < min(planner.VAL_EVERY_MAX, epochs // 4):  # not capped: the smallest k that meets the share
-        assert val_s / (k * train_s + val_s) <= planner.VAL_SHARE < val_s / ((k - 1) * train_s + val_s)
-
-
-def test_the_cadence_validates_every_kth_and_the_last_epochs_and_auto_the_first():
-    cadence = ultra.ValCadence(every=3)
-    assert [e for e in range(1, 11) if cadence.validates(e, 10)] == [3, 6, 9, 10]
-    auto = ultra.ValCadence(every=planner.VAL_AUTO)
-    assert all(auto.validates(e, 10) for e in range(1, 11))  # until it has measured
-    auto.decided = 4
-    assert [e for e in range(1, 11) if auto.validates(e, 10)] == [1, 4, 8, 9, 10]
-
-
-@pytest.mark.parametrize(
     ("budget", "finetune", "extra", "hours", "why"),
     [
         ("2h", "no", (), {"main": 2.0}, "2h 00m: main 2h 00m"),
@@ -610,28 +584,6 @@ def test_an_unknown_recipe_is_one_line():
 def test_an_impossible_time_budget_is_refused(budget, says):
     with pytest.raises(UsageError, match=says):
         plan(snapshot((24,)), fake_stats(), Overrides(time=budget))
-
-
-def test_an_epoch_the_cadence_skips_has_no_metrics_and_no_fitness_so_best_pt_keeps_the_validated_one():
-    """internal: Ultralytics (8.4.190) writes best.pt when best_fitness == fitness; an epoch it does not validate
-    keeps the previous fitness, so with val=False best.pt would follow the latest weights. The cadence clears it."""
-    from types import SimpleNamespace
-
-    cadence = ultra.ValCadence(every=3)
-    metrics = {"metrics/mAP50-95(B)": 0.4, "val/box_loss": 1.2}
-    trainer = SimpleNamespace(epoch=3, epochs=10, args=SimpleNamespace(val=True), metrics=dict(metrics), fitness=0.4)
-    cadence._epoch_start(trainer)
-    cadence._epoch_end(trainer)  # epoch 4: not validated
-    assert trainer.args.val is False
-    assert trainer.fitness is None
-    assert all(v != v for v in trainer.metrics.values())  # NaN in results.csv
-    cadence._fit_epoch_end(trainer)
-    assert cadence.skipped == [4]
-    trainer.epoch, trainer.metrics, trainer.fitness = 5, dict(metrics), 0.5  # epoch 6: validated
-    cadence._epoch_start(trainer)
-    cadence._epoch_end(trainer)
-    assert trainer.args.val is True
-    assert trainer.fitness == 0.5  # left for Ultralytics' validation to set
 
 
 def test_one_epoch_caches_nothing_since_a_cache_would_load_every_image_before_the_first_batch():

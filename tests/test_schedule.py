@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from speedtrain import planner, schedule
 from speedtrain.schedule import (
     CLOSE_MOSAIC_SHARE,
     WARMUP_SHARE,
@@ -158,3 +159,47 @@ def test_the_state_goes_round_a_resume():
     assert again.end == pytest.approx(run.end)
     assert again.lr(700.0) == pytest.approx(run.lr(700.0))
     assert again.log == run.log
+
+
+@pytest.mark.parametrize(
+    ("train_s", "val_s", "epochs", "expected"),
+    [
+        (100.0, 10.0, 50, 1),  # 9 % of an epoch: every epoch
+        (98.0 - 28.0, 28.0, 50, 3),  # the 448/127-image split measured on the VM: 29 % -> 11.8 % at every 3rd
+        (30.0, 760.0, 50, 10),  # validation 25x training (ultralytics #17523): capped at 10
+        (30.0, 760.0, 8, 2),  # a short stage is still validated every quarter
+        (0.0, 5.0, 50, 1),  # nothing measured: every epoch
+    ],
+)
+def test_auto_cadence_keeps_validation_under_its_share(train_s, val_s, epochs, expected):
+    k = schedule.val_every_for(train_s, val_s, epochs)
+    assert k == expected
+    if 1 < k < min(schedule.VAL_EVERY_MAX, epochs // 4):  # not capped: the smallest k that meets the share
+        assert val_s / (k * train_s + val_s) <= schedule.VAL_SHARE < val_s / ((k - 1) * train_s + val_s)
+
+
+def test_the_cadence_validates_every_kth_and_the_last_epochs_and_auto_the_first():
+    cadence = schedule.Cadence(every=3)
+    assert [e for e in range(1, 11) if cadence.validates(e, 10)] == [3, 6, 9, 10]
+    auto = schedule.Cadence(every=planner.VAL_AUTO)
+    assert all(auto.validates(e, 10) for e in range(1, 11))  # until it has measured
+    auto.decided = 4
+    assert [e for e in range(1, 11) if auto.validates(e, 10)] == [1, 4, 8, 9, 10]
+
+
+def test_the_cadence_decides_auto_from_the_first_validation_and_counts_patience_in_validated_epochs():
+    cadence = schedule.Cadence(every=planner.VAL_AUTO, patience=5)
+    assert cadence.trained(1, 70.0, 50)  # auto validates the first epoch to measure it
+    assert cadence.validated(1, 28.0, 50) == 5 * 3  # 28 s against 70 s: every 3rd; patience 5 validated = 15 epochs
+    assert cadence.cadence == 3
+    assert not cadence.trained(2, 70.0, 50)
+    assert cadence.validated(2, None, 50) == 0  # not validated: skipped, patience left as it is
+    assert cadence.counted(2)  # Ultralytics' final validation fires the event again: nothing recorded twice
+    assert cadence.counted(3)  # not trained in this process (an earlier run's): nothing to record
+    assert cadence.trained(3, 70.0, 50)
+    assert not cadence.counted(3)
+    assert cadence.skipped == [2]
+    assert cadence.saved_s() == 28.0  # one skipped validation at the measured 28 s (estimate)
+    every = schedule.Cadence(every=1, patience=5)
+    assert every.trained(1, 70.0, 50)
+    assert every.validated(1, 28.0, 50) == 0  # every epoch: Ultralytics' own patience is already in epochs

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from speedtrain import ultra
+from speedtrain import schedule, ultra
 from speedtrain.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -380,3 +380,25 @@ def test_model_yaml_and_unknown_models():
     assert ultra.resolve_model("yolo26s.yaml")[0] == "yolo26s.yaml"
     with pytest.raises(UsageError, match="no such file"):
         ultra.resolve_model("weights/missing.pt")
+
+
+def test_an_epoch_the_cadence_skips_has_no_metrics_and_no_fitness_so_best_pt_keeps_the_validated_one():
+    """internal: Ultralytics (8.4.190) writes best.pt when best_fitness == fitness; an epoch it does not validate
+    keeps the previous fitness, so with val=False best.pt would follow the latest weights. The cadence clears it."""
+    from types import SimpleNamespace
+
+    cadence = ultra.ValCadence(schedule.Cadence(every=3))
+    metrics = {"metrics/mAP50-95(B)": 0.4, "val/box_loss": 1.2}
+    trainer = SimpleNamespace(epoch=3, epochs=10, args=SimpleNamespace(val=True), metrics=dict(metrics), fitness=0.4)
+    cadence._epoch_start(trainer)
+    cadence._epoch_end(trainer)  # epoch 4: not validated
+    assert trainer.args.val is False
+    assert trainer.fitness is None
+    assert all(v != v for v in trainer.metrics.values())  # NaN in results.csv
+    cadence._fit_epoch_end(trainer)
+    assert cadence.policy.skipped == [4]
+    trainer.epoch, trainer.metrics, trainer.fitness = 5, dict(metrics), 0.5  # epoch 6: validated
+    cadence._epoch_start(trainer)
+    cadence._epoch_end(trainer)
+    assert trainer.args.val is True
+    assert trainer.fitness == 0.5  # left for Ultralytics' validation to set
