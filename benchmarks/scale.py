@@ -138,9 +138,9 @@ def run_speedtrain(data: str, project: str, model: str, cache: str | None = None
     def on_update(progress: object) -> None:
         clock.stop()
 
-    hooks = {"log": log, "on_update": on_update, "on_event": on_event, "progress": progress}
+    hooks = speedtrain.Hooks(log=log, on_update=on_update, on_event=on_event, progress=progress)
     knobs = {"cache": cache} if cache else {}
-    speedtrain.train(data, project=project, model=model, finetune="no", verbose=False, **hooks, **knobs)
+    speedtrain.train(data, project=project, model=model, finetune="no", verbose=False, hooks=hooks, **knobs)
 
 
 def run_ultralytics(data: str, project: str, model: str) -> None:

@@ -11,10 +11,8 @@ switch are restored when it returns, so a notebook can call it again or go on wi
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import os
-import re
 import signal
 import sys
 import threading
@@ -26,7 +24,7 @@ from speedtrain import comparison as compare_mod
 from speedtrain import dataset as dataset_mod
 from speedtrain import hardware, knobs, planner, resize, ultra_args, workflow
 from speedtrain.dataset import Problem
-from speedtrain.errors import SpeedtrainError, UsageError
+from speedtrain.errors import UsageError
 from speedtrain.hardware import HardwareSnapshot
 from speedtrain.knobs import Overrides
 from speedtrain.parallel import Progress
@@ -193,7 +191,7 @@ def compare(
     `log` and `on_update`)."""
 
     budget_s, names = compare_mod.parse_budget(budget), compare_mod.parse_arms(arms)
-    baseline_s = None if baseline_budget is None else compare_mod.parse_budget(baseline_budget, "--baseline-budget")
+    baseline_s = None if baseline_budget is None else compare_mod.parse_budget(baseline_budget, "baseline_budget")
     refuse_external_launcher()
     with process_state_restored():
         request = compare_mod.CompareRequest(
@@ -294,19 +292,18 @@ SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None)) if 
 
 @contextlib.contextmanager
 def process_state_restored() -> Iterator[None]:
-    """Environment variables, signal handlers and torch's thread count as they were, after the block; an error's
-    hints in the API's words (keywords, not flags) unless the command line is calling."""
+    """Environment variables, signal handlers and torch's thread count as they were, after the block; messages
+    worded for Python (keywords, not flags: knobs.said) unless the command line is calling."""
     environ = dict(os.environ)
     handlers = {s: signal.getsignal(s) for s in SIGNALS} if _main_thread() else {}
     torch = sys.modules.get("torch")
     threads = torch.get_num_threads() if torch is not None else None
+    voice = knobs.VOICE.set(knobs.VOICE.get() or "api")
+    os.environ[knobs.VOICE_ENV] = knobs.voice()  # the run's ranks word their messages alike
     try:
         yield
-    except SpeedtrainError as exc:
-        if not CLI_VOICE.get() and exc.args:
-            exc.args = (in_api_words(str(exc.args[0])), *exc.args[1:])
-        raise
     finally:
+        knobs.VOICE.reset(voice)
         for key in set(os.environ) - set(environ):
             del os.environ[key]
         for key, value in environ.items():
@@ -317,39 +314,6 @@ def process_state_restored() -> Iterator[None]:
                 signal.signal(sig, handler)
         if threads is not None and torch is not None and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-
-
-# Messages name the CLI's flags; called from Python, a hint names the keyword instead (`finetune="yes"`, not
-# `--finetune yes`). The CLI sets this for the calls it makes.
-CLI_VOICE: contextvars.ContextVar[bool] = contextvars.ContextVar("speedtrain_cli_voice", default=False)
-FLAG_KEYWORDS = {k.flag: k.name for k in knobs.KNOBS if k.flag != "--" + k.name.replace("_", "-")}
-FLAG_KEYWORDS["--dataset"] = "the dataset argument"
-_FLAG = re.compile(r"--([a-z][a-z0-9-]*)(?:[ =]((?!--)[^\s;:,)]+))?")
-
-
-def in_api_words(message: str) -> str:
-    """A message's flags as the API's keywords: "--finetune yes" becomes finetune='yes', "--resume DIR"
-    speedtrain.resume('DIR')."""
-
-    def keyword(m: re.Match[str]) -> str:
-        flag, value = f"--{m.group(1)}", m.group(2)
-        if flag == "--resume":
-            return f"speedtrain.resume({value!r})" if value else "speedtrain.resume()"
-        key = FLAG_KEYWORDS.get(flag, m.group(1).replace("-", "_"))
-        if value is None:
-            return f"{key}=True" if key in BOOLEAN_KEYWORDS else key
-        try:
-            float(value)
-        except ValueError:
-            return f"{key}={value!r}"
-        return f"{key}={value}"
-
-    return _FLAG.sub(keyword, message)
-
-
-BOOLEAN_KEYWORDS = {"allow_download", "autotune", "retune", "verbose", "in_place"} | {
-    k.name for k in knobs.KNOBS if k.type is bool
-}
 
 
 def _main_thread() -> bool:

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from speedtrain.errors import TrainingError
-from speedtrain.knobs import Stage
+from speedtrain.knobs import Stage, said
 from speedtrain.records import StageResult
 
 RESUME_NAME = "resume.pt"  # an atomic copy of each saved last.pt: Ultralytics writes last.pt in place and strips it
@@ -50,7 +50,7 @@ def finished_before(
             raise TrainingError(
                 f"{stage.name}: {len(rows)} epochs were saved, but weights/{RESUME_NAME} and weights/last.pt cannot "
                 f"be read (damaged), so training cannot go on from them; {intact}: train a new run from it "
-                f"(--model {best}) rather than over these epochs"
+                f"({said('model', best)}) rather than over these epochs"
             )
         return None
     if not loads(best):

@@ -49,7 +49,7 @@ class _Commands(TyperGroup):
     """The one place where a SpeedtrainError becomes one line on stderr and its exit code."""
 
     def invoke(self, ctx: Any) -> Any:
-        voice = api.CLI_VOICE.set(True)  # the library's messages keep naming flags
+        voice = knobs.VOICE.set("cli")  # the library's messages name flags
         try:
             with _stop_signals_interrupt():
                 return super().invoke(ctx)
@@ -83,7 +83,7 @@ class _Commands(TyperGroup):
             err_console.print(f"[bold red]interrupted[/]{f' by {by}' if by else ''}: {what}", soft_wrap=True)
             raise typer.Exit(EXIT_BY_SIGNAL.get(by, 130)) from None
         finally:
-            api.CLI_VOICE.reset(voice)
+            knobs.VOICE.reset(voice)
 
 
 EXIT_BY_SIGNAL = {"SIGTERM": 143, "SIGHUP": 129}  # 128 + the signal's number, what shells and schedulers expect

@@ -29,7 +29,7 @@ from rich.jupyter import JupyterMixin
 from speedtrain import hardware, planner, render, resize, runner, scoring, workflow
 from speedtrain.errors import SpeedtrainError, UsageError
 from speedtrain.hardware import HardwareSnapshot
-from speedtrain.knobs import Overrides, Stage, TrainPlan
+from speedtrain.knobs import Overrides, Stage, TrainPlan, said
 from speedtrain.records import DatasetSummary, Hooks, OnProgress, Planned, StageResult
 from speedtrain.util import (
     check_free_disk,
@@ -53,11 +53,12 @@ JSON_NAME, PNG_NAME = "compare.json", "compare.png"
 Log = Callable[[str], None]
 
 
-def parse_budget(text: str | float | int, flag: str = "--budget") -> float:
-    """Seconds from "90s", "20m", "1h", "1h30m" or a plain number of seconds; one clear line otherwise."""
-    seconds = parse_duration(text, flag)
+def parse_budget(text: str | float | int, name: str = "budget") -> float:
+    """Seconds from "90s", "20m", "1h", "1h30m" or a plain number of seconds; one clear line otherwise, naming the
+    option `name` (its keyword)."""
+    seconds = parse_duration(text, name)
     if not 10 <= seconds <= 7 * 24 * 3600:
-        raise UsageError(f"{flag} {text!r}: between 10 seconds and 7 days per arm")
+        raise UsageError(f"{said(name, text, quoted=True)}: between 10 seconds and 7 days per arm")
     return seconds
 
 
@@ -66,7 +67,11 @@ def parse_arms(arms: str | Sequence[str]) -> tuple[str, ...]:
     names = [a.strip() for a in (arms.split(",") if isinstance(arms, str) else arms) if a.strip()]
     unknown = [a for a in names if a not in ARMS]
     if unknown or not names:
-        raise UsageError(f"--arms: unknown arm {unknown[0]!r}; known: {', '.join(ARMS)}" if unknown else "--arms: none")
+        raise UsageError(
+            f"{said('arms')}: unknown arm {unknown[0]!r}; known: {', '.join(ARMS)}"
+            if unknown
+            else f"{said('arms')}: none"
+        )
     return tuple(dict.fromkeys(names))
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from speedtrain.errors import Terminated
+from speedtrain.knobs import said
 from speedtrain.records import Log
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def graceful_stop(recorder: Recorder, log: Log) -> Iterator[None]:
             name = signal.Signals(signum).name
             log(
                 f"{'Ctrl-C' if signum == signal.SIGINT else name} before the first epoch: stopping now (nothing "
-                "was trained; the run starts this stage again with --resume)"
+                f"was trained; the run starts this stage again with {said('resume')})"
             )
             raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
         recorder.stop_requested = True
@@ -64,7 +65,7 @@ def graceful_stop(recorder: Recorder, log: Log) -> Iterator[None]:
         if signum == signal.SIGINT:
             log("Ctrl-C: stopping after this epoch is saved; press Ctrl-C again to stop at once (loses this epoch)")
         else:
-            log(f"{recorder.stop_signal} (preempted?): stopping after this epoch is saved; go on with --resume")
+            log(f"{recorder.stop_signal} (preempted?): stopping after this epoch is saved; go on with {said('resume')}")
 
     previous = {sig: signal.signal(sig, handler) for sig in GRACEFUL_SIGNALS}
     try:

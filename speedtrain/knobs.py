@@ -13,6 +13,8 @@ Adding a knob: its field here (and a `Stage` field when Ultralytics gets a new a
 
 from __future__ import annotations
 
+import contextvars
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -370,6 +372,48 @@ BY_NAME = {k.name: k for k in KNOBS}
 PLANNED = {k.name: k.planned for k in KNOBS if k.planned is not None}  # the plan's own one-value defaults
 # key=value arguments (Ultralytics' names) that set a knob of the main stage
 FROM_ULTRALYTICS = {k.ultralytics: k.name for k in KNOBS if k.ultralytics and k.stage == "main" and k.name != "model"}
+
+
+# --- a knob or option named as the face a message is for ------------------------------------------------------------
+
+# Which face a message is worded for: "api" (keywords: imgsz=416) while the Python API runs a call; otherwise flags
+# (--img-size 416): the command line, a rank's process, a module called directly. The API sets it; SPEEDTRAIN_VOICE
+# carries it to the processes a run starts (its ranks).
+VOICE: contextvars.ContextVar[str | None] = contextvars.ContextVar("speedtrain_voice", default=None)
+VOICE_ENV = "SPEEDTRAIN_VOICE"
+_NO_VALUE = object()
+# options that are not knobs but that messages name: their keywords where the flag is not "--" + the keyword
+OPTION_FLAGS = {"dataset": "--dataset", "resume": "--resume", "budget_s": "--budget-s"}
+SWITCHES = {"allow_download", "autotune", "retune", "verbose", "in_place"}  # keyword options that are True or False
+
+
+def voice() -> str:
+    """ "api" or "cli": the face a message is worded for now."""
+    return VOICE.get() or os.environ.get(VOICE_ENV) or "cli"
+
+
+def said(name: str, value: Any = _NO_VALUE, quoted: bool = False) -> str:
+    """The knob or option `name` (its API keyword: "imgsz", "finetune", "resume", "dataset"), with `value` when
+    given, as the face the message is for names it: `--img-size 416` on the command line, `imgsz=416` in Python;
+    `--resume DIR` there, `speedtrain.resume('DIR')` here. `quoted`: the command line shows the value's repr."""
+    known = BY_NAME.get(name)
+    if voice() != "api":
+        flag = known.flag if known else OPTION_FLAGS.get(name, "--" + name.replace("_", "-"))
+        return flag if value is _NO_VALUE else f"{flag} {value!r}" if quoted else f"{flag} {value}"
+    if name == "resume":
+        return "speedtrain.resume()" if value is _NO_VALUE else f"speedtrain.resume({str(value)!r})"
+    if name == "dataset":
+        return "the dataset argument" if value is _NO_VALUE else f"the dataset {str(value)!r}"
+    if value is _NO_VALUE:
+        switch = name in SWITCHES or (known is not None and known.type is bool)
+        return f"{name}=True" if switch else name
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return f"{name}={value}" if number or value is None or isinstance(value, bool) else f"{name}={str(value)!r}"
+
+
+def resume_command(run_dir: Any) -> str:
+    """How the face a message is for goes on with the run in `run_dir`: the command, or the API's call."""
+    return f"`speedtrain train --resume {run_dir}`" if voice() != "api" else said("resume", run_dir)
 
 
 # the untuned baseline the report's estimates are set against: Ultralytics' image size, batch and workers, with the

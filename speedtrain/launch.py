@@ -18,6 +18,7 @@ from typing import Any
 from speedtrain import oom
 from speedtrain.checkpoints import resume_point
 from speedtrain.errors import TrainingError
+from speedtrain.knobs import resume_command
 from speedtrain.speedreport import SpeedReport
 
 RANK_MODULE = "speedtrain.rank"
@@ -131,7 +132,7 @@ def failure_line(exc: Any, run_dir: Path) -> str:
     why = "was killed" if failure.exitcode < 0 else "failed"
     saved = [d.name for d in _stage_dirs(run_dir) if resume_point(d) is not None]
     kept = (
-        f"the saved epochs of {', '.join(saved)} are kept: go on with `speedtrain train --resume {run_dir}`"
+        f"the saved epochs of {', '.join(saved)} are kept: go on with {resume_command(run_dir)}"
         if saved
         else f"no epoch was saved yet; its log: {run_dir / 'ultralytics.log'}"
     )

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from speedtrain.dataset import label_path, list_images
+from speedtrain.knobs import said
 from speedtrain.parallel import pmap
 from speedtrain.planner import RAM_CACHE_FACTOR, RAM_RESERVE_GB
 from speedtrain.util import check_free_disk, write_atomic
@@ -158,7 +159,7 @@ def _check_room(root: Path, nbytes: int) -> None:
         root,
         nbytes / 1024**3,
         "the fast pipeline's decoded store",
-        "free space, lower --img-size, or use --pipeline ultralytics",
+        f"free space, lower {said('imgsz')}, or use {said('pipeline', 'ultralytics')}",
     )
 
 

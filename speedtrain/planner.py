@@ -25,6 +25,7 @@ from speedtrain.knobs import (  # noqa: F401 -- the plan's records, re-exported 
     Stage,
     TrainPlan,
     When,
+    said,
 )
 from speedtrain.records import StageResult
 from speedtrain.schedule import MAX_PHASES, VAL_EVERY_MAX, VAL_LAST, VAL_SHARE, Schedule, plan_schedule
@@ -144,13 +145,13 @@ SCHEDULE_EVIDENCE = {
     "budgets (Budgeted Training, ICLR 2020; REX, arXiv 2107.04197)",
 }
 
-# Ultralytics train arguments that speedtrain owns: they come from its own flags.
+# Ultralytics train arguments that speedtrain owns: they come from its own options (named by their keywords).
 RESERVED_ARGS = {
-    "data": "--dataset",
-    "model": "--model",
-    "project": "--project",
-    "name": "--name",
-    "resume": "--resume",
+    "data": "dataset",
+    "model": "model",
+    "project": "project",
+    "name": "name",
+    "resume": "resume",
     "mode": None,
     "task": None,
     "exist_ok": None,
@@ -213,7 +214,7 @@ def _budgeted(
 ) -> list[Stage]:
     """--time: the run in phases against its deadline, or (where phases cannot be) Ultralytics' time= per stage."""
     if ov.phases is not None and ov.time is None:
-        raise UsageError(f"--phases {ov.phases}: phases are planned against a deadline; give --time too")
+        raise UsageError(f"{said('phases', ov.phases)}: phases are planned against a deadline; give {said('time')} too")
     if ov.time is None:
         return stages
     seconds = _budget_seconds(ov.time)
@@ -247,16 +248,16 @@ def _check_ranks(hw: HardwareSnapshot, requested: int | None, gpus: int, device:
     if requested is None:
         return
     if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
-        raise UsageError(f"--nproc-per-node {requested}: a whole number of ranks, 1 or more")
+        raise UsageError(f"{said('nproc_per_node', requested)}: a whole number of ranks, 1 or more")
     if gpus and requested != gpus:
         raise UsageError(
-            f"--nproc-per-node {requested}: --device {device} has {gpus} GPU{'s' if gpus > 1 else ''}; "
-            "one rank per GPU (leave --nproc-per-node out, or list the GPUs in --device)"
+            f"{said('nproc_per_node', requested)}: {said('device', device)} has {gpus} GPU{'s' if gpus > 1 else ''}; "
+            f"one rank per GPU (leave {said('nproc_per_node')} out, or list the GPUs in {said('device')})"
         )
     cores = max(hw.cpu_cores_logical, 1)
     if not gpus and requested > cores:
         raise UsageError(
-            f"--nproc-per-node {requested}: this machine has {cores} logical cores; use 1 to {cores} "
+            f"{said('nproc_per_node', requested)}: this machine has {cores} logical cores; use 1 to {cores} "
             "CPU ranks (each needs a core)"
         )
 
@@ -385,7 +386,7 @@ def _finetune_stage(
 def _epochs(ov: Overrides) -> tuple[int, str]:
     if ov.epochs is not None:
         if isinstance(ov.epochs, bool) or not isinstance(ov.epochs, int) or ov.epochs < 1:
-            raise UsageError(f"--epochs {ov.epochs}: a whole number of epochs, 1 or more")
+            raise UsageError(f"{said('epochs', ov.epochs)}: a whole number of epochs, 1 or more")
         return ov.epochs, "set by user"
     if ov.sample:
         return SAMPLE_EPOCHS[0], f"{SAMPLE_EPOCHS[0]}: a short demo on the embedded sample"
@@ -436,7 +437,9 @@ def _rect(requested: bool | None, pipeline: str, ranks: int = 0) -> tuple[bool, 
         return False, ("set by user, but " if requested else "") + why
     rect = bool(requested)
     if pipeline == "fast" and rect:
-        raise UsageError("--pipeline fast trains on square mosaic batches; it cannot be combined with --rect")
+        raise UsageError(
+            f"{said('pipeline', 'fast')} trains on square mosaic batches; it cannot be combined with {said('rect')}"
+        )
     if rect:
         why = (
             "rect=True: batches of similar aspect ratio, less padding; Ultralytics then turns off shuffle "
@@ -461,7 +464,7 @@ def _amp(requested: bool | None, gpus: int) -> tuple[bool, str]:
 def _close_mosaic(requested: int | None, epochs: int, rect: bool) -> tuple[int, str]:
     """Ultralytics' own 10 last epochs without mosaic (all of a shorter stage), or the user's number."""
     if requested is not None and (isinstance(requested, bool) or not isinstance(requested, int) or requested < 0):
-        raise UsageError(f"--close-mosaic {requested}: a whole number of epochs, 0 or more")
+        raise UsageError(f"{said('close_mosaic', requested)}: a whole number of epochs, 0 or more")
     last = min(CLOSE_MOSAIC if requested is None else requested, epochs)
     why = f"mosaic off for the last {last} epoch{'s' if last != 1 else ''}" if last else "mosaic to the end"
     why = f"set by user: {why}" if requested is not None else f"{why} (Ultralytics' default)"
@@ -486,7 +489,7 @@ def _deterministic(requested: bool | None) -> tuple[bool, str]:
 def _pipeline(requested: str, gpus: int) -> tuple[PipelineKind, str]:
     """Ultralytics' CPU pipeline unless asked, or unless `speedtrain tune` measured the run data-bound on a GPU."""
     if requested not in ("auto", "fast", "ultralytics"):
-        raise UsageError(f"--pipeline {requested!r}: expected auto, fast or ultralytics")
+        raise UsageError(f"{said('pipeline', requested, quoted=True)}: expected auto, fast or ultralytics")
     if requested in ("fast", "ultralytics"):
         return cast(PipelineKind, requested), f"{requested}: set by user"
     if not gpus:
@@ -500,7 +503,7 @@ def _pipeline(requested: str, gpus: int) -> tuple[PipelineKind, str]:
 def _prepare(stats: DatasetStats, stages: list[Stage], mode: str) -> tuple[int | None, str]:
     """Pre-resize to the largest training size when most images are much larger (auto), or always (yes)."""
     if mode not in ("auto", "yes", "no"):
-        raise UsageError(f"--prepare {mode!r}: expected auto, yes or no")
+        raise UsageError(f"{said('prepare', mode, quoted=True)}: expected auto, yes or no")
     if mode == "no":
         return None, "off (--prepare no)"
     size = max(s.imgsz for s in stages)
@@ -571,12 +574,16 @@ def _device(hw: HardwareSnapshot, requested: str | None, reasons: dict[str, str]
         return text, 0
     parts = text.split(",")
     if not all(p.isdigit() for p in parts) or len(set(parts)) != len(parts):
-        raise UsageError(f"--device {requested!r}: expected cpu, mps, a GPU index like 0, or a list like 0,1")
+        raise UsageError(
+            f"{said('device', requested, quoted=True)}: expected cpu, mps, a GPU index like 0, or a list like 0,1"
+        )
     known = {g.index for g in hw.gpus}
     missing = [p for p in parts if int(p) not in known]
     if missing:
         have = f"GPUs {', '.join(map(str, sorted(known)))}" if known else "no CUDA GPU"
-        raise UsageError(f"--device {requested}: GPU {', '.join(missing)} does not exist (this machine has {have})")
+        raise UsageError(
+            f"{said('device', requested)}: GPU {', '.join(missing)} does not exist (this machine has {have})"
+        )
     return ",".join(parts), len(parts)
 
 
@@ -614,11 +621,11 @@ def _batch(
 def _user_batch(requested: int, n: int, chain: tuple[int, ...], ranks: int) -> tuple[int, tuple[int, ...], str]:
     """--batch-size as given (the total over `n` GPUs), with the chain below it for out-of-memory fallbacks."""
     if requested <= 0:
-        raise UsageError(f"--batch-size {requested}: must be a positive number of images")
+        raise UsageError(f"{said('batch', requested)}: must be a positive number of images")
     if requested < max(ranks, 1):  # Ultralytics gives each rank batch // ranks images: 0 fails minutes later
         raise UsageError(
-            f"--batch-size {requested}: the total batch is shared by {ranks} ranks, each needs at least one "
-            f"image; use --batch-size {ranks} or more (e.g. {ranks * 8}: 8 per rank)"
+            f"{said('batch', requested)}: the total batch is shared by {ranks} ranks, each needs at least one "
+            f"image; use {said('batch', ranks)} or more (e.g. {ranks * 8}: 8 per rank)"
         )
     per_gpu = max(1, requested // n)
     return requested, tuple(c * n for c in chain if c < per_gpu), "set by user"
@@ -645,9 +652,9 @@ def _refuse_impossible_batch(hw: HardwareSnapshot, stage: Stage, gpus: int) -> N
         else (hw.ram_available_gb, "available RAM")
     )
     if need > room:
-        flag = "--img-size" if stage.name == "main" else "--finetune-img-size"
+        knob = "imgsz" if stage.name == "main" else "finetune_imgsz"
         raise UsageError(
-            f"{flag} {stage.imgsz}: a batch of {per_gpu} images at that size needs {need:,.1f} GB for its input "
+            f"{said(knob, stage.imgsz)}: a batch of {per_gpu} images at that size needs {need:,.1f} GB for its input "
             f"tensor alone, more than the {room:.1f} GB of {where}; YOLO trains at 320 to 1280"
         )
 
@@ -672,7 +679,7 @@ def _workers(
         most = THREADS_PER_CORE * max(hw.cpu_cores_logical, 1)
         if not 0 <= requested <= most:
             raise UsageError(
-                f"--workers {requested}: this machine has {hw.cpu_cores_logical} logical cores; use 0 to {most}"
+                f"{said('workers', requested)}: this machine has {hw.cpu_cores_logical} logical cores; use 0 to {most}"
             )
         if not gpus:  # ultralytics/engine/trainer.py (8.4.190) sets workers=0 for CPU training, whatever was asked
             if requested:
@@ -734,7 +741,7 @@ def _threads(hw: HardwareSnapshot, gpus: int, requested: int | None, local_ranks
         most = THREADS_PER_CORE * max(hw.cpu_cores_logical, 1)
         if not 1 <= requested <= most:
             raise UsageError(
-                f"--threads {requested}: this machine has {hw.cpu_cores_logical} logical cores; use 1 to {most} "
+                f"{said('threads', requested)}: this machine has {hw.cpu_cores_logical} logical cores; use 1 to {most} "
                 f"(the default, {max(1, min(hw.cpu_cores_physical, hw.cpu_cores_logical))}, is one per physical core)"
             )
         return requested, "set by user"
@@ -778,7 +785,7 @@ def _cache(
         choices: dict[str, Cache] = {"ram": "ram", "disk": "disk", "none": False}
         value = choices.get(requested)
         if value is None:
-            raise UsageError(f"--cache {requested!r}: expected ram, disk or none")
+            raise UsageError(f"{said('cache', requested, quoted=True)}: expected ram, disk or none")
         return value, "set by user"
     if once:  # Ultralytics fills a cache (RAM or .npy files) before the first batch, every image decoded once
         return False, (
@@ -878,9 +885,9 @@ def _budget_seconds(budget: str | float) -> float:
     try:  # a plain number is hours, as Ultralytics' time= (here the whole run's, not each stage's)
         seconds = float(budget) * 3600 if not isinstance(budget, bool) else -1.0
     except ValueError:
-        seconds = parse_duration(budget, "--time")
+        seconds = parse_duration(budget, "time")
     if not 60 <= seconds <= 30 * 24 * 3600:
-        raise UsageError(f"--time {budget}: between 1 minute and 30 days")
+        raise UsageError(f"{said('time', budget)}: between 1 minute and 30 days")
     return seconds
 
 
@@ -889,7 +896,7 @@ def _classic(ov: Overrides) -> Overrides:
     if ov.recipe == "classic":
         return replace(ov, **{k: v for k, v in CLASSIC.items() if getattr(ov, k) is None})
     if ov.recipe != "speedtrain":
-        raise UsageError(f"--recipe {ov.recipe!r}: expected speedtrain or classic")
+        raise UsageError(f"{said('recipe', ov.recipe, quoted=True)}: expected speedtrain or classic")
     return ov
 
 
@@ -904,7 +911,7 @@ def _no_phases(ov: Overrides, main: Stage) -> str:
     elif main.pipeline == "fast":
         why = "the fast pipeline decodes the images at one size: Ultralytics' time= fits the epochs"
     if ov.phases is not None and why:
-        raise UsageError(f"--phases {ov.phases}: with {why.split(':')[0]} a run cannot be trained in phases")
+        raise UsageError(f"{said('phases', ov.phases)}: with {why.split(':')[0]} a run cannot be trained in phases")
     return why
 
 
@@ -950,7 +957,7 @@ def _phase_sizes(text: str | None) -> tuple[tuple[int, ...], tuple[float, ...]]:
     multiples of 32, at most MAX_PHASES, shares (all or none) summing to 1; one clear line otherwise."""
     if text is None or str(text).strip().lower() == "auto":
         return (), ()
-    example = f"--phases {text}: rising image sizes, multiples of {STRIDE}, e.g. 320,416,640 or 416:0.6,640:0.4"
+    example = f"{said('phases', text)}: rising image sizes, multiples of {STRIDE}, e.g. 320,416,640 or 416:0.6,640:0.4"
     try:
         parts = [p.split(":") for p in str(text).replace(" ", "").split(",") if p]
         sizes = tuple(int(p[0]) for p in parts)
@@ -960,9 +967,11 @@ def _phase_sizes(text: str | None) -> tuple[tuple[int, ...], tuple[float, ...]]:
     if not sizes or any(s <= 0 or s % STRIDE for s in sizes) or list(sizes) != sorted(set(sizes)):
         raise UsageError(example)
     if len(sizes) > MAX_PHASES:
-        raise UsageError(f"--phases {text}: at most {MAX_PHASES} phases")
+        raise UsageError(f"{said('phases', text)}: at most {MAX_PHASES} phases")
     if shares and (len(shares) != len(sizes) or min(shares) <= 0 or abs(sum(shares) - 1) > 0.01):
-        raise UsageError(f"--phases {text}: give every phase a share, each above 0, together 1 (e.g. 416:0.6,640:0.4)")
+        raise UsageError(
+            f"{said('phases', text)}: give every phase a share, each above 0, together 1 (e.g. 416:0.6,640:0.4)"
+        )
     return sizes, shares
 
 
@@ -1045,7 +1054,9 @@ def _val_every(ov: Overrides, ranks: int) -> tuple[int, str]:
     raw = str(ov.val_every).strip().lower()
     if ranks > 1:
         if raw not in ("auto", "1"):
-            raise UsageError(f"--val-every {ov.val_every}: with {ranks} ranks every epoch is validated; use 1 or auto")
+            raise UsageError(
+                f"{said('val_every', ov.val_every)}: with {ranks} ranks every epoch is validated; use 1 or auto"
+            )
         return 1, f"1: with {ranks} ranks every epoch is validated (the ranks validate together)"
     if raw == "auto":
         return VAL_AUTO, (
@@ -1055,7 +1066,7 @@ def _val_every(ov: Overrides, ranks: int) -> tuple[int, str]:
             "chosen among validated epochs"
         )
     if not raw.isdigit() or int(raw) < 1:
-        raise UsageError(f"--val-every {ov.val_every}: expected auto or a whole number of epochs, 1 or more")
+        raise UsageError(f"{said('val_every', ov.val_every)}: expected auto or a whole number of epochs, 1 or more")
     return int(raw), "set by user" + (
         f"; the last {VAL_LAST} and any epoch that could stop the run early are validated too" if int(raw) > 1 else ""
     )
@@ -1127,8 +1138,8 @@ def check_extra_args(args: dict[str, Any], known: dict[str, Any]) -> tuple[tuple
 
 def _checked_arg(key: str, raw: str, value: Any, known: dict[str, Any]) -> tuple[str, Any]:
     if key in RESERVED_ARGS:
-        flag = RESERVED_ARGS[key]
-        raise UsageError(f"{key}= is set by speedtrain" + (f"; use {flag}" if flag else ""))
+        option = RESERVED_ARGS[key]
+        raise UsageError(f"{key}= is set by speedtrain" + (f"; use {said(option)}" if option else ""))
     if key not in known:
         close = closest(key, known)
         hint = f"; did you mean {' or '.join(c + '=' for c in close)}?" if close else ""

@@ -17,7 +17,7 @@ from typing import Any
 from speedtrain import distributed, oom
 from speedtrain.checkpoints import going_on_from, resume_point
 from speedtrain.errors import DatasetError, DiskSpaceError, PeerFailed, RankOutOfMemory, TrainingError
-from speedtrain.knobs import Stage
+from speedtrain.knobs import Stage, said
 from speedtrain.records import Log, OomFallback
 from speedtrain.util import first_line, utc_now, write_atomic
 
@@ -39,7 +39,7 @@ def after_rank_oom(
         if smaller is None:
             raise TrainingError(
                 f"{stage.name}: rank {worst['rank']} ran out of memory at batch {worst['batch']}, the smallest in the "
-                "plan; try a smaller --img-size or model (for example --model yolo26n.yaml)"
+                f"plan; try a smaller {said('imgsz')} or model (for example {said('model', 'yolo26n.yaml')})"
             )
         epoch = int(worst["epoch"])
         history.append(
@@ -82,7 +82,7 @@ def rank_failure(
     if kind == "device":
         return TrainingError(
             f"{stage.name}: rank {world.rank} ran out of memory at batch {stage.batch}, the smallest in the plan; "
-            "try a smaller --img-size or model (for example --model yolo26n.yaml)"
+            f"try a smaller {said('imgsz')} or model (for example {said('model', 'yolo26n.yaml')})"
         )
     peer = next((f for f in oom.faults(stage_dir) if f.get("rank") != world.rank), None)
     if peer is not None:
@@ -97,7 +97,7 @@ def step_down(stage: Stage, point: Path | None, batch: int, exc: BaseException, 
     if smaller is None:
         raise TrainingError(
             f"{stage.name}: out of memory at batch {batch}, the smallest in the plan; "
-            f"try a smaller --img-size or model (for example --model yolo26n.yaml)"
+            f"try a smaller {said('imgsz')} or model (for example {said('model', 'yolo26n.yaml')})"
         ) from None
     epoch, where = going_on_from(point)
     log(f"{stage.name}: out of memory in epoch {epoch} at batch {batch}; going on with {smaller} {where}")
@@ -125,7 +125,7 @@ def shm_exhausted(stage: Stage, exc: BaseException) -> TrainingError:
     return TrainingError(
         f"{stage.name}: a dataloader worker ran out of shared memory in /dev/shm ({first_line(exc)}); in Docker "
         f"start the container with a larger --shm-size (for example docker run --shm-size=8g), or train with "
-        f"fewer workers (--workers {stage.workers // 2}); go on with --resume"
+        f"fewer workers ({said('workers', stage.workers // 2)}); go on with {said('resume')}"
     )
 
 
@@ -175,7 +175,7 @@ def disk_full(stage_name: str, stage_dir: Path, point: Path | None, exc: OSError
     )
     return DiskSpaceError(
         f"{stage_name}: the disk filled up while training ({exc.filename or stage_dir}); free some space "
-        f"and go on with --resume ({where})"
+        f"and go on with {said('resume')} ({where})"
     )
 
 
@@ -196,7 +196,7 @@ def dataset_changed(stage_name: str, point: Path | None, image: str) -> DatasetE
     )
     return DatasetError(
         f"{stage_name}: {image} disappeared while training (the dataset was moved or deleted?); {kept}: put it "
-        "back and go on with --resume"
+        f"back and go on with {said('resume')}"
     )
 
 

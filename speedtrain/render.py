@@ -19,7 +19,7 @@ from rich.text import Text
 from speedtrain import knobs
 from speedtrain.dataset import Problem
 from speedtrain.hardware import HardwareSnapshot
-from speedtrain.knobs import TrainPlan
+from speedtrain.knobs import TrainPlan, said
 from speedtrain.records import DatasetSummary, Preparation, ResizeSummary, StageProgress, StageResult, TuneResult
 from speedtrain.schedule import Schedule
 from speedtrain.util import duration, fmt_map, spread
@@ -148,7 +148,7 @@ def render_report(rep: SpeedReport, with_plan: bool = True) -> RenderableType:
     if run:
         parts.append(Text(run.model_note))
         if run.status == "running":  # the report of a run that was killed or crashed: it never finished
-            line = f"Run stopped before it finished (killed or crashed): go on with --resume {run.run_dir}"
+            line = f"Run stopped before it finished (killed or crashed): go on with {said('resume', run.run_dir)}"
         else:
             line = f"Run {run.status} in {duration(run.wall_time_s or 0)}{final_accuracy(rep)}: {run.run_dir}"
         parts.append(Text(line, style="bold"))

@@ -31,6 +31,7 @@ from speedtrain.dataset import (
     opencv_skips,
 )
 from speedtrain.errors import DiskSpaceError, UsageError
+from speedtrain.knobs import said
 from speedtrain.parallel import Progress, default_workers, pmap
 from speedtrain.records import ResizeSummary
 from speedtrain.util import (
@@ -238,7 +239,7 @@ def resize_dataset(
     written to a temporary name and renamed, so an interrupted run never leaves half an image.
     """
     if size < 32:
-        raise UsageError(f"--size {size}: must be at least 32 pixels")
+        raise UsageError(f"{said('size', size)}: must be at least 32 pixels")
     t0 = time.perf_counter()
     root = Path(stats.root)
     out_dir = root if in_place else Path(out or default_out(stats, size)).absolute()
@@ -342,8 +343,8 @@ def _refuse_writing_into_the_dataset(stats: DatasetStats, out_dir: Path) -> None
         if within(out_dir, folder):
             via = "" if out_dir.is_relative_to(folder) else ", through a link"
             raise UsageError(
-                f"--out {out_dir}: inside the dataset ({folder}{via}); the copy must go elsewhere (or pass "
-                "--in-place to overwrite the images themselves)"
+                f"{said('out', out_dir)}: inside the dataset ({folder}{via}); the copy must go elsewhere (or pass "
+                f"{said('in_place')} to overwrite the images themselves)"
             )
 
 
@@ -354,8 +355,8 @@ def _refuse_unwritable(stats: DatasetStats, out_dir: Path, in_place: bool) -> No
     for folder in sorted(targets):
         where = existing_parent(folder)
         if not os.access(where, os.W_OK | os.X_OK):
-            flag = "--in-place" if in_place else "--out"
-            raise UsageError(f"{flag}: cannot write in {where} (read-only or not yours); nothing was changed")
+            option = said("in_place") if in_place else said("out")
+            raise UsageError(f"{option}: cannot write in {where} (read-only or not yours); nothing was changed")
 
 
 def _relative(path: Path, root: Path) -> Path:

@@ -28,7 +28,7 @@ import psutil
 
 from speedtrain.dataset import DatasetStats
 from speedtrain.hardware import HardwareSnapshot
-from speedtrain.knobs import Cache, Stage
+from speedtrain.knobs import Cache, Stage, said
 from speedtrain.oom import is_oom
 from speedtrain.planner import ram_cache_need_gb
 from speedtrain.records import LoaderProbe, StepProbe, TuneResult
@@ -90,7 +90,7 @@ def tune(
     """Probe, decide, confirm and cache; a cached result for the same fingerprint is returned unless `retune`."""
     key = fingerprint(hw, stats, model_source, stage.imgsz, stage.device)
     if not retune and (cached := load_cached(cache_dir, key)):
-        log(f"tune: using the result measured {cached.created_at} (--retune measures again)")
+        log(f"tune: using the result measured {cached.created_at} ({said('retune')} measures again)")
         return cached
     t0 = time.perf_counter()
     on_gpu = stage.on_gpu

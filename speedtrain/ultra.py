@@ -55,6 +55,7 @@ from ultralytics.utils.downloads import GITHUB_ASSETS_STEMS
 from speedtrain import allocator, distributed
 from speedtrain.checkpoints import RESUME_NAME
 from speedtrain.errors import TrainingError, UsageError
+from speedtrain.knobs import said
 from speedtrain.pipeline import Hyp, StoreLoader, augment, build_store, keep_resident, take, to_ultralytics
 from speedtrain.records import Log, OnProgress, StageProgress
 from speedtrain.render import first_epoch_estimate
@@ -85,7 +86,7 @@ def resolve_model(requested: str, online: bool | None = None) -> tuple[str, str]
         if candidate.is_file():
             return str(candidate), f"model {stem}: pretrained weights {candidate}"
     if stem not in GITHUB_ASSETS_STEMS:
-        raise UsageError(f"--model {requested}: no such file, and not an Ultralytics model name")
+        raise UsageError(f"{said('model', requested)}: no such file, and not an Ultralytics model name")
     if online is None:
         online = is_online()
     if online:
@@ -110,7 +111,7 @@ def check_loads(source: str) -> None:
     try:
         YOLO(source)
     except Exception as exc:  # whatever Ultralytics raises for a file it cannot use
-        raise TrainingError(f"--model {source}: Ultralytics cannot load it ({first_line(exc)})") from None
+        raise TrainingError(f"{said('model', source)}: Ultralytics cannot load it ({first_line(exc)})") from None
 
 
 def fetch(source: str, note: str) -> tuple[str, str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from speedtrain.errors import DiskSpaceError, UsageError
+from speedtrain.knobs import said
 
 DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space left, or over the quota
 
@@ -231,15 +232,16 @@ def duration(seconds: float) -> str:
     return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
 
 
-def parse_duration(text: str | float | int, flag: str) -> float:
-    """Seconds from "90s", "20m", "1h", "1h30m" or a plain number of seconds; one clear line naming `flag`."""
+def parse_duration(text: str | float | int, name: str) -> float:
+    """Seconds from "90s", "20m", "1h", "1h30m" or a plain number of seconds; one clear line naming the option
+    `name` (its keyword) as the face asking words it."""
 
     if isinstance(text, int | float) and not isinstance(text, bool):
         return float(text)
     raw = str(text).strip().lower()
     match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?", raw)
     if not raw or not match or not any(match.groups()):
-        raise UsageError(f"{flag} {text!r}: a duration such as 90s, 20m, 1h or 1h30m")
+        raise UsageError(f"{said(name, text, quoted=True)}: a duration such as 90s, 20m, 1h or 1h30m")
     hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
     return hours * 3600 + minutes * 60 + secs
 

@@ -21,7 +21,7 @@ from speedtrain.dataset import DatasetStats, load_yaml
 from speedtrain.distributed import World
 from speedtrain.errors import DatasetError, PeerFailed, SpeedtrainError, Terminated, UsageError
 from speedtrain.hardware import HardwareSnapshot
-from speedtrain.knobs import Overrides, Stage
+from speedtrain.knobs import Overrides, Stage, said, voice
 from speedtrain.parallel import Progress
 from speedtrain.records import DatasetSummary, Hooks, Log, Planned, Preparation, StageResult, TuneResult
 from speedtrain.speedreport import REPORT_NAME, SpeedReport
@@ -32,15 +32,18 @@ DEFAULT_PROJECT: Path = Path("runs") / "speedtrain"
 ULTRALYTICS_LOG = "ultralytics.log"  # Ultralytics' own output of a run, unless --verbose shows it
 
 
-def scan_dataset(path: str | os.PathLike[str] | None, allow_download: bool = False) -> DatasetStats:
-    """Scan the dataset (the embedded sample when `path` is None) and refuse one training cannot use.
+def scan_dataset(
+    path: str | os.PathLike[str] | None, allow_download: bool = False, copy_of: DatasetStats | None = None
+) -> DatasetStats:
+    """Scan the dataset (the embedded sample when `path` is None) and refuse one training cannot use; `copy_of`:
+    the dataset it is speedtrain's resized copy of (its labels are not read again).
 
     A yaml's `download:` script (which plain Ultralytics runs when data is missing) runs only with
     `allow_download`.
     """
     path = Path(path) if path is not None else SAMPLE_DIR
     try:
-        stats = dataset.scan(path)
+        stats = dataset.scan(path, copy_of=copy_of)
     except DatasetError as exc:
         script = dataset.download_script(path)
         if not script or "split" not in str(exc):
@@ -48,7 +51,7 @@ def scan_dataset(path: str | os.PathLike[str] | None, allow_download: bool = Fal
         if not allow_download:
             raise DatasetError(
                 f"{exc}; the yaml has a download: script, which speedtrain does not run (it executes code from the "
-                f"dataset): pass --allow-download to let Ultralytics run it"
+                f"dataset): pass {said('allow_download')} to let Ultralytics run it"
             ) from None
         from speedtrain import ultra
 
@@ -88,8 +91,8 @@ def make_plan(
     check_model(overrides.model)
     if str(overrides.device).strip().lower() == "mps" and not hardware_file and not _has_mps():
         raise UsageError(
-            f"--device mps: Apple's GPU, and this is {platform.system()} on {platform.machine()}; use --device cpu"
-            + (" or a CUDA index such as 0" if hw.gpus else "")
+            f"{said('device', 'mps')}: Apple's GPU, and this is {platform.system()} on {platform.machine()}; "
+            f"use {said('device', 'cpu')}" + (" or a CUDA index such as 0" if hw.gpus else "")
         )
     overrides = replace(overrides, sample=is_sample(dataset_path))
     return Planned(hw, stats, overrides, planner.plan(hw, stats, overrides))
@@ -109,7 +112,7 @@ def prepare_dataset(
         return planned
     out = resize.prepared_dir(planned.stats, project, size)
     summary = resize.resize_dataset(planned.stats, size, out, progress=progress)
-    stats = scan_dataset(summary.yaml_path)
+    stats = scan_dataset(summary.yaml_path, copy_of=planned.stats)
     plan = planner.plan(planned.hw, stats, planned.overrides)
     decision = planned.plan.reason("prepare")
     plan = replace(plan, reasons=tuple((k, decision if k == "prepare" else v) for k, v in plan.reasons))
@@ -168,16 +171,22 @@ def check_run_folder(project: str | os.PathLike[str], name: str) -> Path:
     """--project must be (or become) a folder and --name a plain folder name inside it; checked before any work."""
     project = Path(project)
     if not name or name in (".", "..") or any(sep in name for sep in ("/", "\\")):
-        raise UsageError(f"--name {name!r}: a run folder name, without / or \\ (it stays inside --project)")
+        raise UsageError(
+            f"{said('name', name, quoted=True)}: a run folder name, without / or \\ (it stays inside {said('project')})"
+        )
     if any(ord(c) < 32 or ord(c) == 127 for c in name):  # a newline in a folder name breaks every path printed
-        raise UsageError(f"--name {name!r}: control characters (a newline, a tab) cannot be in a run folder name")
+        raise UsageError(
+            f"{said('name', name, quoted=True)}: control characters (a newline, a tab) cannot be in a run folder name"
+        )
     if len(name.encode()) > NAME_MAX_BYTES:  # file systems allow 255 bytes; a suffix (train2, ...) may follow
-        raise UsageError(f"--name: {len(name.encode())} bytes; a run folder name of at most {NAME_MAX_BYTES} bytes")
+        raise UsageError(
+            f"{said('name')}: {len(name.encode())} bytes; a run folder name of at most {NAME_MAX_BYTES} bytes"
+        )
     parent = existing_parent(project)  # nothing is created here: a refused run leaves no folder behind
     if not parent.is_dir():
-        raise UsageError(f"--project {project}: cannot hold run folders ({parent} is a file)")
+        raise UsageError(f"{said('project', project)}: cannot hold run folders ({parent} is a file)")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--project {project}: cannot hold run folders ({parent} is not writable)")
+        raise UsageError(f"{said('project', project)}: cannot hold run folders ({parent} is not writable)")
     return project
 
 
@@ -187,7 +196,7 @@ def new_run_dir(project: str | os.PathLike[str], name: str) -> Path:
     try:
         project.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"--project {project}: cannot hold run folders ({exc.strerror or exc})") from None
+        raise UsageError(f"{said('project', project)}: cannot hold run folders ({exc.strerror or exc})") from None
     for n in range(1, 10_000):
         candidate = project / (name if n == 1 else f"{name}{n}")
         try:
@@ -266,7 +275,7 @@ def check_resumable(run_dir: str | os.PathLike[str]) -> SpeedReport:
     if rep.run is None:
         raise UsageError(f"{run_dir}: a plan, not a run's report; start a run with speedtrain train")
     if rep.run.status == "finished":
-        raise UsageError(f"{run_dir}: this run finished; start a new one instead of --resume")
+        raise UsageError(f"{run_dir}: this run finished; start a new one instead of {said('resume')}")
     data_yaml = rep.run.data_yaml
     if not data_yaml or not Path(data_yaml).is_file():
         raise DatasetError(f"{run_dir}: the dataset view {data_yaml} is gone; start a new run")
@@ -383,24 +392,26 @@ def check_model(requested: str | None) -> None:
     if not path.exists():
         return  # a model name (yolo26n, yolo11s.yaml) that Ultralytics resolves; resolve_model checks it
     if path.is_dir():
-        raise UsageError(f"--model {requested}: a folder; expected a .pt checkpoint or a model .yaml file")
+        raise UsageError(f"{said('model', requested)}: a folder; expected a .pt checkpoint or a model .yaml file")
     suffix = path.suffix.lower()
     if suffix == ".pt":
         with path.open("rb") as f:
             head = f.read(4)
         if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save: a zip, or a legacy pickle
             found = "an empty file" if not head else "text" if head.isascii() else f"bytes {head.hex()}"
-            raise UsageError(f"--model {requested}: not a PyTorch checkpoint (found {found}); expected a YOLO .pt")
+            raise UsageError(
+                f"{said('model', requested)}: not a PyTorch checkpoint (found {found}); expected a YOLO .pt"
+            )
     elif suffix in (".yaml", ".yml"):
         try:
             cfg = load_yaml(path)
         except DatasetError as exc:
-            raise UsageError(f"--model {exc}") from None
+            raise UsageError(f"{said('model', exc)}") from None
         if not isinstance(cfg, dict) or not {"backbone", "head"} <= set(cfg):
-            raise UsageError(f"--model {requested}: not a YOLO model yaml (no backbone: and head: sections)")
+            raise UsageError(f"{said('model', requested)}: not a YOLO model yaml (no backbone: and head: sections)")
     else:
         raise UsageError(
-            f"--model {requested}: a {suffix or 'suffix-less'} file; expected a .pt checkpoint or a model .yaml"
+            f"{said('model', requested)}: a {suffix or 'suffix-less'} file; expected a .pt checkpoint or a model .yaml"
         )
 
 
@@ -505,9 +516,14 @@ def resume_run(run_dir: str | os.PathLike[str], *, quiet: bool = False, hooks: H
     planned_run = SpeedReport.from_json(Path(run_dir)).plan
     ranks, gpus = planned_run.ranks, len(planned_run.stages[0].gpu_ids)
     if ranks > 1 and gpus and ranks > gpus:
+        instead = (
+            "speedtrain.resume(RUN_DIR) in place of its speedtrain.train(...) call"
+            if voice() == "api"
+            else "`train --resume RUN_DIR` in place of its flags"
+        )
         raise UsageError(
             f"{run_dir}: this run trained as {ranks} ranks across nodes; go on with the launcher command that "
-            "started it (torchrun or srun on every node), with `train --resume RUN_DIR` in place of its flags"
+            f"started it (torchrun or srun on every node), with {instead}"
         )
     if ranks > 1:
         check_resumable(run_dir)

@@ -131,3 +131,40 @@ def test_functions_import_only_what_is_heavy_or_optional():
                     continue
                 found += [f"{path.name}:{node.lineno} {n}" for n in names if not n.startswith(DEFERRED)]
     assert found == [], "import these at the top of the module:\n" + "\n".join(found)
+
+
+def test_errors_name_options_through_the_face_that_asks():
+    """An error names a knob or option with knobs.said (`--img-size 416` on the command line, `imgsz=416` in
+    Python), never a flag written into its text: a raised or returned error's literal text holds no speedtrain flag
+    (Docker's --shm-size is not speedtrain's). The command line itself (cli.py, rank.py) speaks in flags."""
+    from speedtrain import knobs
+
+    ours = {f for k in knobs.KNOBS for f in k.flags} | {
+        "--dataset",
+        "--resume",
+        "--project",
+        "--name",
+        "--allow-download",
+        "--size",
+        "--out",
+        "--in-place",
+        "--arms",
+        "--budget",
+        "--baseline-budget",
+        "--retune",
+        "--autotune",
+        "--budget-s",
+    }
+    found = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        if path.name in ("cli.py", "rank.py", "keywords.py", "knobs.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            value = node.exc if isinstance(node, ast.Raise) else node.value if isinstance(node, ast.Return) else None
+            if not (isinstance(value, ast.Call) and getattr(value.func, "id", "").endswith("Error")):
+                continue
+            for part in ast.walk(value):
+                if isinstance(part, ast.Constant) and isinstance(part.value, str):
+                    words = {w.rstrip(":,;)") for w in part.value.split()}
+                    found += [f"{path.name}:{node.lineno} {w}" for w in words & ours]
+    assert not found, found

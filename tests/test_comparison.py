@@ -216,7 +216,7 @@ def test_two_arms_on_real_images_for_twenty_seconds_each(make_dataset, tmp_path)
         device="cpu",
         project=tmp_path / "runs",
         verbose=False,
-        log=lambda _: None,
+        hooks=speedtrain.Hooks(log=lambda _: None),
     )
     assert [a.name for a in c.arms] == ["defaults", "plan"]
     for a in c.arms:
@@ -341,7 +341,7 @@ def test_the_640_and_finetune_arms_on_real_images(make_dataset, tmp_path):
         device="cpu",
         project=tmp_path / "runs",
         verbose=False,
-        log=lambda _: None,
+        hooks=speedtrain.Hooks(log=lambda _: None),
     )
     at_640, two = c.arm("plan-640"), c.arm("plan+finetune")
     assert at_640 is not None

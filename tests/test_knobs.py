@@ -222,3 +222,44 @@ def test_the_plans_one_value_defaults_are_declared_once_and_said_in_the_help():
     declared = (knobs.PLANNED["imgsz"], knobs.PLANNED["epochs"], knobs.PLANNED["patience"])
     assert declared == (planner.MAIN_IMGSZ, planner.MAIN_EPOCHS, planner.PATIENCE)
     assert _plan().stages[0].imgsz == knobs.PLANNED["imgsz"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "cli", "api"),
+    [
+        ("imgsz", 416, "--img-size 416", "imgsz=416"),
+        ("finetune", "yes", "--finetune yes", "finetune='yes'"),
+        ("finetune_imgsz", 640, "--finetune-img-size 640", "finetune_imgsz=640"),
+        ("rect", None, "--rect", "rect=True"),
+        ("allow_download", None, "--allow-download", "allow_download=True"),
+        ("resume", "runs/x", "--resume runs/x", "speedtrain.resume('runs/x')"),
+        ("resume", None, "--resume", "speedtrain.resume()"),
+        ("dataset", None, "--dataset", "the dataset argument"),
+        ("time", None, "--time", "time"),
+    ],
+)
+def test_a_knob_is_named_as_the_face_asking_names_it(name, value, cli, api):
+    from speedtrain.knobs import VOICE, said
+
+    args = () if value is None else (value,)
+    assert said(name, *args) == cli  # the command line, a rank, a module called directly
+    token = VOICE.set("api")
+    try:
+        assert said(name, *args) == api
+    finally:
+        VOICE.reset(token)
+
+
+def test_a_hint_names_the_keyword_in_python_and_the_flag_on_the_command_line(tmp_path, make_dataset):
+    from typer.testing import CliRunner
+
+    import speedtrain
+    from speedtrain.cli import app
+    from speedtrain.errors import UsageError
+
+    root = make_dataset(2, 1)
+    with pytest.raises(UsageError, match=r"^pipeline='fast' trains on square mosaic batches; .* with rect=True$"):
+        speedtrain.plan(root, pipeline="fast", rect=True)
+    result = CliRunner().invoke(app, ["plan", "--dataset", str(root), "--pipeline", "fast", "--rect"])
+    assert result.exit_code == 2
+    assert "--pipeline fast trains on square mosaic batches; it cannot be combined with --rect" in result.stderr

@@ -583,23 +583,64 @@ def test_resume_after_the_dataset_changed_says_what_changed_instead_of_training_
     assert checkpoints.checkpoint_epoch(checkpoint) >= 0  # the saved epochs are kept for when the images are back
 
 
-@pytest.mark.slow
-def test_ctrl_c_while_ultralytics_fills_the_image_cache_stops_at_once_with_one_line(tmp_path):
-    """Minutes of cache filling at 25,000 images: the first Ctrl-C before the first epoch stops now (not after the
-    fill and a whole epoch), in one line, with the dataset untouched, a readable report, and a run that starts again."""
+def _linked_dataset(root: Path, train: int, val: int = 4) -> None:
+    """`train` + `val` real COCO photos and labels, linked under distinct names (a large dataset in seconds)."""
     from conftest import coco_images
 
-    root, project = tmp_path / "ds", tmp_path / "runs"
     photos = coco_images()
-    for split, n in (("train", 400), ("val", 4)):
+    for split, n in (("train", train), ("val", val)):
         for kind in ("images", "labels"):
             (root / kind / split).mkdir(parents=True)
         for i in range(n):
             image, label = photos[i % len(photos)]
-            os.symlink(image, root / "images" / split / f"{i:04d}_{image.name}")
+            os.symlink(image, root / "images" / split / f"{i:05d}_{image.name}")
             if label.exists():
-                os.symlink(label, root / "labels" / split / f"{i:04d}_{label.name}")
+                os.symlink(label, root / "labels" / split / f"{i:05d}_{label.name}")
     (root / "data.yaml").write_text(yaml.safe_dump({"train": "images/train", "val": "images/val", "nc": 80}))
+
+
+def _stopped_before_the_first_epoch(proc: subprocess.Popen, project: Path, root: Path, before: str) -> str:
+    """Ctrl-C to a run still setting up: it stops at once, in one line, the report readable, the dataset untouched."""
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    output, _ = proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 20, output[-2000:]  # at once: not after the setup and an epoch
+    assert proc.returncode == 130, output[-3000:]
+    assert output.count("Ctrl-C before the first epoch: stopping now") == 1, output[-3000:]
+    assert "Traceback" not in output
+    doc = json.loads((project / "train" / "speed_report.json").read_text())
+    assert doc["run"]["status"] == "interrupted"
+    assert tree_hash(root) == before
+    return output
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_ultralytics_scans_the_labels_stops_at_once_with_one_line(tmp_path):
+    """A label scan of 25,000 images takes a minute before training starts: Ctrl-C then stops the run now, leaves no
+    half-written label cache, and the next run scans and trains."""
+    root, project = tmp_path / "ds", tmp_path / "runs"
+    _linked_dataset(root, 20000)
+    before = tree_hash(root)
+    cmd = [sys.executable, "-m", "speedtrain", "train", "--dataset", str(root), "--epochs", "1", "--finetune", "no"]
+    cmd += ["--prepare", "no", "--cache", "none", "--project", str(project), "plots=False"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = project / "train" / "ultralytics.log"
+
+    def scanning() -> bool:
+        return log.is_file() and "Scanning" in log.read_text(errors="replace")
+
+    assert wait_for(lambda: scanning() or proc.poll() is not None, timeout=300)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    _stopped_before_the_first_epoch(proc, project, root, before)
+    assert not list((project / ".datasets").rglob("train.cache"))  # Ultralytics writes it once the scan is whole
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_ultralytics_fills_the_image_cache_stops_at_once_with_one_line(tmp_path):
+    """Minutes of cache filling at 25,000 images: the first Ctrl-C before the first epoch stops now (not after the
+    fill and a whole epoch), in one line, with the dataset untouched, a readable report, and a run that starts again."""
+    root, project = tmp_path / "ds", tmp_path / "runs"
+    _linked_dataset(root, 400)
     before = tree_hash(root)
     cmd = [sys.executable, "-m", "speedtrain", "train", "--dataset", str(root), "--epochs", "3", "--finetune", "no"]
     cmd += ["--prepare", "no", "--cache", "disk", "--project", str(project), "plots=False"]
@@ -611,17 +652,8 @@ def test_ctrl_c_while_ultralytics_fills_the_image_cache_stops_at_once_with_one_l
 
     assert wait_for(lambda: filling() or proc.poll() is not None, timeout=180)
     assert proc.poll() is None, proc.communicate()[0][-3000:]
-    proc.send_signal(signal.SIGINT)
-    t0 = time.monotonic()
-    output, _ = proc.communicate(timeout=60)
-    assert time.monotonic() - t0 < 20, output[-2000:]  # at once: not after the fill and an epoch
-    assert proc.returncode == 130, output[-3000:]
-    assert output.count("Ctrl-C before the first epoch: stopping now") == 1, output[-3000:]
-    assert "Traceback" not in output
+    _stopped_before_the_first_epoch(proc, project, root, before)
     assert len(list(views.rglob("*.npy"))) < 404  # it stopped during the fill
-    doc = json.loads((project / "train" / "speed_report.json").read_text())
-    assert doc["run"]["status"] == "interrupted"
-    assert tree_hash(root) == before
     again = subprocess.run(
         [*cmd[:-3], "--epochs", "1", "--project", str(project), "plots=False"],
         capture_output=True,

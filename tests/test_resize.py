@@ -339,3 +339,22 @@ def test_a_disk_that_fills_during_prepare_is_one_line_and_a_rerun_completes(make
     assert summary.processed + summary.unchanged == 28  # (a full disk may have refused the manifest: then redone)
     assert len(list(out.rglob("*.jpg"))) == 28
     assert summary.labels_copied > 0
+
+
+def test_the_resized_copy_is_scanned_without_reading_its_labels_again(make_dataset, tmp_path, monkeypatch):
+    """A run scans the dataset, resizes it and plans on the copy: the copy's labels are the originals' copied image
+    for image, so their figures come from the first scan (25,000 label files are not read twice) and equal what
+    reading them gives."""
+    root = make_dataset(12, 4)
+    original = dataset.scan(root)
+    copy = resize.resize_dataset(original, 64, tmp_path / "copy")
+    read = dataset.scan(copy.yaml_path)
+    calls: list[Path] = []
+    real = dataset._label_rows
+    monkeypatch.setattr(dataset, "_label_rows", lambda label: calls.append(label) or real(label))
+    taken = dataset.scan(copy.yaml_path, copy_of=original)
+    assert calls == []
+    assert taken.splits == read.splits  # the copy's own paths, the originals' label figures
+    assert taken.fingerprint == read.fingerprint
+    assert {Path(i).parent.parent.parent for s in taken.splits for i in s.image_files} == {tmp_path / "copy"}
+    assert max(taken.image_sizes.dims[0]) <= 64  # the copy's own images, read from their headers

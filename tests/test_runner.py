@@ -171,7 +171,7 @@ def test_a_time_budget_ends_with_the_learning_rate_schedule_complete(make_datase
         device="cpu",
         project=tmp_path / "runs",
         verbose=False,
-        log=print,
+        hooks=speedtrain.Hooks(log=print),
         plots=False,
     )
     m = rep.main.measured
