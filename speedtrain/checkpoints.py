@@ -43,7 +43,8 @@ def finished_before(
     best = stage_dir / "weights" / "best.pt"
     # with Ultralytics' time=, the epochs it fitted to the budget (in the checkpoint's arguments) are the stage's
     target = fitted_epochs(checkpoint) or stage.epochs if checkpoint is not None and _timed(stage) else stage.epochs
-    trained = deadline_reached(stage_dir) if stage.schedule else max(saved, len(rows)) >= target
+    done = max(saved, len(rows))
+    trained = deadline_reached(stage_dir) if stage.schedule else done >= target
     if not trained:
         if checkpoint is None and rows:
             intact = f"{best} is intact" if loads(best) else "best.pt is damaged too"
@@ -64,7 +65,7 @@ def finished_before(
         imgsz=stage.imgsz,
         batch=previous.batch if previous else stage.batch,
         epochs_planned=stage.epochs,
-        epochs_done=max(saved, len(rows)),
+        epochs_done=done,
         epoch_times_s=epoch_times,
         train_times_s=previous.train_times_s if previous else (),
         best_metrics=metrics,
@@ -77,7 +78,7 @@ def finished_before(
         epoch_validated=validated_epochs(validated),
         images_per_epoch=previous.images_per_epoch if previous else 0,
         oom_fallbacks=previous.oom_fallbacks if previous else (),
-        note=("had trained to its deadline" if stage.schedule else f"had trained all {target} epochs")
+        note=("had trained to its deadline" if stage.schedule else f"had trained all {done} epochs")
         + " before it stopped; kept as it was (best.pt, results.csv)",
     )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from speedtrain import checkpoints
 
 
@@ -24,3 +26,27 @@ def test_epoch_curves_read_ultralytics_results_csv(tmp_path):
     assert checkpoints.epoch_curves(tmp_path / "missing.csv") == ((), (), ())
     assert checkpoints.validated_epochs((1, 2, 5)) == (1, 2, 5)
     assert checkpoints.validated_epochs((1, 2, 3)) == ()  # every epoch: nothing to number
+
+
+def test_a_time_fitted_stage_that_trained_past_its_saved_fit_is_finished_with_the_epochs_it_trained(tmp_path):
+    """Ultralytics' time= saves the checkpoint before it refits the epochs, so the last checkpoint of a run can hold
+    fewer fitted epochs (here 2) than it trained (3): the stage is finished and its note counts what was trained."""
+    import torch
+
+    from speedtrain.knobs import Stage
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    torch.save({"epoch": 2, "model": torch.nn.Linear(1, 1), "train_args": {"epochs": 2}}, weights / "last.pt")
+    torch.save({"epoch": -1, "model": torch.nn.Linear(1, 1)}, weights / "best.pt")
+    head = "epoch,time,train/box_loss,train/cls_loss,train/dfl_loss,metrics/mAP50-95(B)"
+    rows = [f"{n},{n * 10.0},1.0,1.0,1.0,0.{n}" for n in (1, 2, 3)]
+    (tmp_path / "results.csv").write_text("\n".join([head, *rows]) + "\n")
+    stage = Stage("main", 64, 50, 8, (), 0, False, "auto", 0.01, False, 0, True, 10, False, "cpu",
+                  extra=(("time", 0.01),))  # fmt: skip
+    done = checkpoints.finished_before(stage, tmp_path, weights / "last.pt", None)
+    assert done is not None and done.epochs_done == 3
+    assert done.note.startswith("had trained all 3 epochs before it stopped")
+    assert done.weights == str(weights / "best.pt")
+    untimed = dataclasses.replace(stage, extra=())  # without time= the plan's 50 epochs are the target: not finished
+    assert checkpoints.finished_before(untimed, tmp_path, weights / "last.pt", None) is None
