@@ -45,7 +45,8 @@ def test_a_time_fitted_stage_that_trained_past_its_saved_fit_is_finished_with_th
     stage = Stage("main", 64, 50, 8, (), 0, False, "auto", 0.01, False, 0, True, 10, False, "cpu",
                   extra=(("time", 0.01),))  # fmt: skip
     done = checkpoints.finished_before(stage, tmp_path, weights / "last.pt", None)
-    assert done is not None and done.epochs_done == 3
+    assert done is not None
+    assert done.epochs_done == 3
     assert done.note.startswith("had trained all 3 epochs before it stopped")
     assert done.weights == str(weights / "best.pt")
     untimed = dataclasses.replace(stage, extra=())  # without time= the plan's 50 epochs are the target: not finished
