@@ -135,8 +135,8 @@ PHASES_HINT = "--phases auto trains it in phases of rising image size against th
 # --time: what the deadline plan rests on (each reason cites its own; the docs' "Time to accuracy" page has them all)
 SCHEDULE_EVIDENCE = {
     "one-size": "measured from COCO weights on ppe-large, 2-vCPU CPU, 20 minutes: at 416 with time= it reached the "
-    "defaults' 60-minute mAP50-95 (0.481 at 640) in 0.31x their time; in phases 320/416/640 it ended at 0.460, at "
-    "416 on a linear-to-zero curve at 0.465",
+    "defaults' 60-minute mAP50-95 (0.481 at 640) in 0.31x their time (a second run ended at 0.475); in phases "
+    "320/416/640 it ended at 0.460, at 416 on a linear-to-zero curve at 0.465",
     "phases": "measured from COCO weights on ppe-large, 2-vCPU CPU, 20 minutes: 0.460 mAP50-95 at 640 in phases "
     "320/416/640, 0.459 in 416/640, against 0.481 at one size with Ultralytics' time=, the default",
     "warmup": "a pretrained start needs about one epoch of warmup (Ultralytics' fine-tuning guide), not its 3 of a "

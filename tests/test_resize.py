@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tree_hash, wait_for
+from conftest import run_benchmark, table_rows, tree_hash, wait_for
 from PIL import Image, ImageOps
 
 from speedtrain import dataset, resize, util
@@ -358,3 +358,14 @@ def test_the_resized_copy_is_scanned_without_reading_its_labels_again(make_datas
     assert taken.fingerprint == read.fingerprint
     assert {Path(i).parent.parent.parent for s in taken.splits for i in s.image_files} == {tmp_path / "copy"}
     assert max(taken.image_sizes.dims[0]) <= 64  # the copy's own images, read from their headers
+
+
+@pytest.mark.slow
+def test_jpeg_quality_benchmark_smoke(tmp_path):
+    """benchmarks/jpeg_quality.py end to end (tiny: the embedded sample at 160 px, COCO's yolov8n): the copy at
+    quality 50 is smaller than at 95, and the same weights score every copy."""
+    rows = table_rows(run_benchmark("jpeg_quality.py", tmp_path, "--qualities", "95,50"), "95 ", "50 ")
+    assert [r[0] for r in rows] == ["95", "50"]
+    assert float(rows[1][1]) < float(rows[0][1])  # the quality reached the encoder
+    assert 0 < float(rows[0][4]) <= 1  # COCO weights on COCO photos: a real score
+    assert 0 <= float(rows[1][4]) <= 1

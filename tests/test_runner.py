@@ -178,7 +178,9 @@ def test_a_time_budget_ends_with_the_learning_rate_schedule_complete(make_datase
     assert m is not None
     assert m.status == "completed", m.note
     assert 3 <= m.epochs_done < 300  # fitted to the budget, not the planned 300
-    assert m.wall_time_s < 60 + 45  # the hard stop held (setup and the final validation on top)
+    # the hard stop held: time= checks the clock after each epoch, so training ends within one epoch of the minute
+    # (a bound on the epochs, not the wall time, which setup and the final validation stretch on a loaded machine)
+    assert sum(m.epoch_times_s) < 60 + max(m.epoch_times_s) + 5
     with (Path(m.save_dir or "") / "results.csv").open(newline="") as f:
         rates = [float(r["lr/pg0"]) for r in csv.DictReader(f)]
     assert len(rates) == m.epochs_done
