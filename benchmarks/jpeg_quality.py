@@ -60,9 +60,17 @@ def main() -> None:
             summary = resize.resize_dataset(stats, a.size, Path(tmp) / f"q{q}", quality=q)
             took = time.perf_counter() - t0
             m = ultra.validate(
-                a.weights, summary.yaml_path, imgsz=a.size, batch=16, device="cpu", workers=0, plots=False,
-                verbose=False, project=tmp, name=f"val{q}",
-            )  # fmt: skip
+                a.weights,
+                summary.yaml_path,
+                imgsz=a.size,
+                batch=16,
+                device="cpu",
+                workers=0,
+                plots=False,
+                verbose=False,
+                project=tmp,
+                name=f"val{q}",
+            )
             size_mb = images_mb(dataset.scan(Path(tmp) / f"q{q}"))
             lines.append(f"| {q} | {size_mb:.1f} | {took:.1f} | {m.box.map50:.4f} | {m.box.map:.4f} |")
             print(lines[-1], flush=True)

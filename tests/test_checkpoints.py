@@ -42,8 +42,9 @@ def test_a_time_fitted_stage_that_trained_past_its_saved_fit_is_finished_with_th
     head = "epoch,time,train/box_loss,train/cls_loss,train/dfl_loss,metrics/mAP50-95(B)"
     rows = [f"{n},{n * 10.0},1.0,1.0,1.0,0.{n}" for n in (1, 2, 3)]
     (tmp_path / "results.csv").write_text("\n".join([head, *rows]) + "\n")
-    stage = Stage("main", 64, 50, 8, (), 0, False, "auto", 0.01, False, 0, True, 10, False, "cpu",
-                  extra=(("time", 0.01),))  # fmt: skip
+    stage = Stage(
+        "main", 64, 50, 8, (), 0, False, "auto", 0.01, False, 0, True, 10, False, "cpu", extra=(("time", 0.01),)
+    )
     done = checkpoints.finished_before(stage, tmp_path, weights / "last.pt", None)
     assert done is not None
     assert done.epochs_done == 3
