@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The pre-resized copy's JPEG quality: its size on disk and what a trained model scores on it, quality by quality.
 
-    python benchmarks/jpeg_quality.py --weights best.pt [--dataset PATH] [--size 416] [--qualities 95,90,85,75]
+    python benchmarks/jpeg_quality.py --weights best.pt [--dataset PATH] [--size 416] [--qualities auto,95,90,85,75]
         [--out FILE] [--tiny]
 
 Writes the dataset's copy at --size once per quality (speedtrain's own resize, into a temporary folder), then
@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--weights", type=Path, help="trained weights (.pt) to score every copy with")
     ap.add_argument("--dataset", type=Path, default=DEFAULT)
     ap.add_argument("--size", type=int, default=416)
-    ap.add_argument("--qualities", default="95,90,85,75")
+    ap.add_argument("--qualities", default="auto,95,90,85,75", help="numbers, or auto (speedtrain's default)")
     ap.add_argument("--out", type=Path, help="also write the table here")
     ap.add_argument("--tiny", action="store_true", help="a smoke run on the embedded sample")
     a = ap.parse_args()
@@ -55,7 +55,7 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        for q in (int(x) for x in a.qualities.split(",")):
+        for q in (x.strip() for x in a.qualities.split(",")):
             t0 = time.perf_counter()
             summary = resize.resize_dataset(stats, a.size, Path(tmp) / f"q{q}", quality=q)
             took = time.perf_counter() - t0
@@ -72,7 +72,9 @@ def main() -> None:
                 name=f"val{q}",
             )
             size_mb = images_mb(dataset.scan(Path(tmp) / f"q{q}"))
-            lines.append(f"| {q} | {size_mb:.1f} | {took:.1f} | {m.box.map50:.4f} | {m.box.map:.4f} |")
+            chose = "/".join(str(k) for k, _ in summary.qualities) if q == "auto" else ""
+            label = f"{q} ({chose})" if chose else q
+            lines.append(f"| {label} | {size_mb:.1f} | {took:.1f} | {m.box.map50:.4f} | {m.box.map:.4f} |")
             print(lines[-1], flush=True)
     setting = (
         f"\n{a.dataset.name}: {stats.train_images} train / {stats.val_images} val images, {images_mb(stats):.1f} MB "

@@ -76,11 +76,14 @@ def prepare(
     out: PathLike | None = None,
     *,
     workers: int | None = None,
-    quality: int = 95,
+    quality: int | str = "auto",
     in_place: bool = False,
     progress: Progress | None = None,
 ) -> ResizeSummary:
-    """Write a copy of `dataset` with images resized to `size` on the long side (labels copied); the summary."""
+    """Write a copy of `dataset` with images resized to `size` on the long side (labels copied); the summary.
+
+    quality: the JPEG/WebP quality of the copies, 1-100, or "auto": 95, or for a JPEG stored at a lower quality 15
+    above its own and at least 85, so that the copy is not larger than its source."""
     if size < 32:
         raise UsageError(f"size {size}: a long side of at least 32 px")
     with process_state_restored():

@@ -411,11 +411,17 @@ def _run_display(out: Console) -> Iterator[_Display]:
     (--verbose shows Ultralytics' own output instead, and no display)."""
     if not out.is_terminal:
         now = time.monotonic()
-        last, started = [now], {("", -1): now}  # when a line was last printed; when each epoch began
+        last = [now]  # when a line was last printed
+        # when each stage's current epoch began, and how far it is: an epoch that starts again (a compare arm's
+        # fine-tune under the arm's name, a retry one batch smaller) is timed from its new start
+        current: dict[str, tuple[int, float, float]] = {}
 
         def line(ev: StageProgress) -> None:
             now = time.monotonic()
-            began = started.setdefault((ev.stage, ev.epoch), now)
+            epoch, began, done = current.get(ev.stage, (-1, now, 0.0))
+            if epoch != ev.epoch or ev.fraction < done:
+                began = now
+            current[ev.stage] = (ev.epoch, began, ev.fraction)
             if ev.epoch_done:
                 out.print(render.epoch_line(ev))
             elif now - last[0] >= LOG_EVERY_S:  # a long epoch is not minutes of silence in a log
@@ -436,10 +442,14 @@ def _run_display(out: Console) -> Iterator[_Display]:
     )
     with Progress(*columns, console=out, redirect_stdout=False, redirect_stderr=False) as bar:
         tasks: dict[str, Any] = {}
+        reached: dict[str, float] = {}  # each stage's epochs done so far
 
         def update(ev: StageProgress) -> None:
             if ev.stage not in tasks:
                 tasks[ev.stage] = bar.add_task(ev.stage, total=ev.epochs, epoch="", rate="", score="")
+            elif ev.epoch + ev.fraction < reached[ev.stage]:  # started again (a fine-tune, a retry): a new ETA
+                bar.reset(tasks[ev.stage], total=ev.epochs)
+            reached[ev.stage] = ev.epoch + ev.fraction
             bar.update(
                 tasks[ev.stage],
                 completed=ev.epoch + ev.fraction,
@@ -482,7 +492,14 @@ def prepare_command(
         Path | None, typer.Option("--out", "-o", help="Output folder. Default: DATASET_SIZE beside it.")
     ] = None,
     workers: ProcsOpt = None,
-    quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality.")] = 95,
+    quality: Annotated[
+        str,
+        typer.Option(
+            "--quality",
+            help="JPEG/WebP quality of the copies, 1-100, or auto: 95, or for a JPEG stored lower 15 above its own "
+            "(at least 85), so that a copy is not larger than its source.",
+        ),
+    ] = "auto",
     in_place: Annotated[bool, typer.Option("--in-place", help="Overwrite the images themselves (atomically).")] = False,
     as_json: JsonOpt = False,
 ) -> None:

@@ -216,6 +216,7 @@ class ResizeSummary:
     bytes_after: int
     seconds: float
     workers: int
+    qualities: tuple[tuple[int, int], ...] = ()  # (JPEG/WebP quality, images written at it), lowest first
 
     @property
     def processed(self) -> int:
@@ -229,6 +230,7 @@ class ResizeSummary:
         data = asdict(self)
         data["failed"] = [p.line() for p in self.failed]
         data["images_per_s"] = self.images_per_s
+        data["qualities"] = {str(q): n for q, n in self.qualities}
         return data
 
 

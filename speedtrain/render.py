@@ -171,6 +171,7 @@ def render_resize(summary: ResizeSummary) -> RenderableType:
         ("labels copied", s.labels_copied),
         ("removed (source gone)", s.removed),
         ("MB before -> after", f"{s.bytes_before / 1e6:.1f} -> {s.bytes_after / 1e6:.1f}"),
+        ("JPEG/WebP quality", ", ".join(f"{q} ({n} images)" for q, n in s.qualities) or "-"),
         ("time", f"{s.seconds:.2f} s"),
         ("images/s", f"{rate:.1f} ({s.workers} processes)" if rate else "-"),
     ]
@@ -186,7 +187,8 @@ def render_prepared(record: Preparation) -> RenderableType:
         record.decision,
         f"{s.resized + s.copied} images written in {s.seconds:.1f} s "
         f"({s.unchanged} unchanged since an earlier run), {s.bytes_before / 1e6:.1f} -> "
-        f"{s.bytes_after / 1e6:.1f} MB",
+        f"{s.bytes_after / 1e6:.1f} MB"
+        + (f" (JPEG quality {'/'.join(str(q) for q, _ in s.qualities)})" if s.qualities else ""),
     ]
     if record.load_ms_original and record.load_ms_prepared and record.saving_s_per_epoch is not None:
         lines.append(
@@ -397,7 +399,7 @@ def epoch_line(ev: StageProgress) -> str:
 def batch_line(ev: StageProgress, elapsed_s: float) -> str:
     """A line during an epoch, for logs: batch k/n, the last epoch's images/s and an estimate of the epoch's rest."""
     rate = f", {ev.images_per_s} img/s last epoch" if ev.images_per_s else ""
-    left = elapsed_s * (1 - ev.fraction) / ev.fraction if ev.fraction > 0 else None
+    left = elapsed_s * (1 - ev.fraction) / ev.fraction if ev.fraction > 0 and elapsed_s >= 1 else None
     eta = f", about {duration(left)} left in this epoch (estimate)" if left is not None else ""
     where = f"batch {ev.batch}/{ev.batches}" if ev.batches else f"{ev.fraction:.0%}"
     return f"{ev.stage}: epoch {ev.epoch + 1}/{ev.epochs} {where}{rate}{eta}"

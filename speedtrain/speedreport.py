@@ -411,6 +411,7 @@ def _preparation(raw: dict[str, Any]) -> Preparation:
         file, _, detail = str(line).partition(": ")
         failed.append(Problem("warning", "unreadable-image", file, detail))
     s["failed"] = tuple(failed)
+    s["qualities"] = tuple((int(q), int(n)) for q, n in dict(s.get("qualities") or {}).items())
     known = {f.name for f in fields(ResizeSummary)}
     return Preparation(
         decision=raw["decision"],

@@ -347,6 +347,39 @@ def test_a_log_hears_from_a_long_epoch_every_30_seconds(monkeypatch):
     ]
 
 
+def test_an_epoch_that_starts_again_under_the_same_name_is_timed_from_its_own_start(monkeypatch):
+    """A compare arm's fine-tune reports under the arm's name, from epoch 1 again, 15 minutes after the main stage's
+    epoch 1 began (and an OOM retry restarts an epoch): its estimate counts from its own start, not the first's."""
+    import io
+
+    from speedtrain import cli
+    from speedtrain.records import StageProgress
+
+    clock = [0.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+    out = io.StringIO()
+    with cli._run_display(cli._Console(file=out, width=120)) as show:
+        for second, batch in ((0, 1), (40, 10)):
+            clock[0] = second
+            show(StageProgress("plan+finetune", 0, 15, batch / 10, None, None, batch=batch, batches=10))
+        clock[0] = 900.0
+        show(StageProgress("plan+finetune", 14, 15, 1.0, 19.9, 0.468, epoch_done=True, batch=10, batches=10))
+        for second, batch in ((900, 1), (960, 4), (1000, 8), (1040, 2)):  # the fine-tune, then a retry
+            clock[0] = second
+            show(StageProgress("plan+finetune", 0, 25, batch / 10, None, None, batch=batch, batches=10))
+        clock[0] = 1080.0
+        show(StageProgress("plan+finetune", 0, 25, 0.4, None, None, batch=4, batches=10))
+    # the fine-tune's batch 4 at 60 s from its start: 90 s left (not 2,160 s, counted from the main stage's start)
+    assert out.getvalue().splitlines() == [
+        "plan+finetune: epoch 1/15 batch 10/10, about 0m 00s left in this epoch (estimate)",
+        "plan+finetune: epoch 15/15  19.9 img/s  mAP50-95 0.468",
+        "plan+finetune: epoch 1/25 batch 4/10, about 1m 30s left in this epoch (estimate)",
+        "plan+finetune: epoch 1/25 batch 8/10, about 0m 25s left in this epoch (estimate)",
+        "plan+finetune: epoch 1/25 batch 2/10",  # the retry's first batch: nothing timed yet
+        "plan+finetune: epoch 1/25 batch 4/10, about 1m 00s left in this epoch (estimate)",
+    ]
+
+
 # sitecustomize: a short prompt (3 s when nothing is typed; long enough for a busy machine when keys are typed)
 SHORT_PROMPT = "import os, speedtrain.cli\nspeedtrain.cli.PROMPT_TIMEOUT_S = float(os.environ['PROMPT_S'])\n"
 

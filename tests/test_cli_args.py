@@ -233,7 +233,7 @@ def test_prepare_check_probe_and_report(calls, tmp_path):
     assert args == (tmp_path, 320, None)
     assert "progress" in kwargs  # a bar on a terminal, None with --json
     del kwargs["progress"]
-    assert kwargs == {"workers": None, "quality": 80, "in_place": True}
+    assert kwargs == {"workers": None, "quality": "80", "in_place": True}
 
     root = Path(__file__).parents[1] / "speedtrain" / "sample"
     assert invoke("check", "--dataset", root, "--workers", "2").exit_code == 0

@@ -362,3 +362,12 @@ def test_a_dataset_folder_starting_with_a_dash(make_dataset, tmp_path, monkeypat
     result = CliRunner().invoke(app, ["plan", "--dataset", "-ds", "--json"])  # the value of --dataset, not a flag
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["dataset"]["train_images"] == 4
+
+
+def test_prepare_with_a_quality_it_cannot_write_is_one_line(make_dataset, tmp_path):
+    root = make_dataset(2, 1)
+    result = CliRunner().invoke(
+        app, ["prepare", "--dataset", str(root), "--quality", "best", "--out", str(tmp_path / "p")]
+    )
+    one_line_error(result, 2, "--quality best", "from 1 to 100, or auto")
+    assert not (tmp_path / "p").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -363,9 +364,76 @@ def test_the_resized_copy_is_scanned_without_reading_its_labels_again(make_datas
 @pytest.mark.slow
 def test_jpeg_quality_benchmark_smoke(tmp_path):
     """benchmarks/jpeg_quality.py end to end (tiny: the embedded sample at 160 px, COCO's yolov8n): the copy at
-    quality 50 is smaller than at 95, and the same weights score every copy."""
-    rows = table_rows(run_benchmark("jpeg_quality.py", tmp_path, "--qualities", "95,50"), "95 ", "50 ")
-    assert [r[0] for r in rows] == ["95", "50"]
-    assert float(rows[1][1]) < float(rows[0][1])  # the quality reached the encoder
-    assert 0 < float(rows[0][4]) <= 1  # COCO weights on COCO photos: a real score
-    assert 0 <= float(rows[1][4]) <= 1
+    quality 50 is smaller than at 95, auto names the qualities it chose, and the same weights score every copy."""
+    out = run_benchmark("jpeg_quality.py", tmp_path, "--qualities", "auto,95,50")
+    rows = table_rows(out, "auto ", "95 ", "50 ")
+    assert [r[0].split(" (")[0] for r in rows] == ["auto", "95", "50"]
+    assert re.fullmatch(r"auto \(\d+(/\d+)*\)", rows[0][0])
+    assert float(rows[2][1]) < float(rows[1][1])  # the quality reached the encoder
+    assert 0 < float(rows[1][4]) <= 1  # COCO weights on COCO photos: a real score
+    assert all(0 <= float(r[4]) <= 1 for r in rows)
+
+
+@pytest.mark.parametrize("saved_at", [40, 70, 85, 95])
+def test_a_jpegs_own_quality_is_read_from_its_header(make_dataset, saved_at):
+    """The quality setting a JPEG was saved with, by Pillow and by OpenCV (both libjpeg's tables), from its header."""
+    import cv2
+
+    root = make_dataset(1, 0)
+    photo = next((root / "images" / "train").iterdir())
+    with Image.open(photo) as im:
+        im.convert("RGB").save(photo.with_name("pil.jpg"), quality=saved_at)
+    cv2.imwrite(str(photo.with_name("cv.jpg")), cv2.imread(str(photo)), [cv2.IMWRITE_JPEG_QUALITY, saved_at])
+    for name in ("pil.jpg", "cv.jpg"):
+        with Image.open(photo.with_name(name)) as im:
+            assert resize.jpeg_quality(im) == saved_at, name
+    with Image.open(photo) as im:
+        im.save(photo.with_name("lossless.png"))
+    with Image.open(photo.with_name("lossless.png")) as im:
+        assert resize.jpeg_quality(im) is None
+
+
+def test_auto_quality_keeps_a_copy_of_compressed_photos_smaller_than_its_source(make_dataset):
+    """--quality auto: photos stored at quality 70 are copied at 85 (not larger than their sources, where 95 is),
+    a PNG stays lossless and uncounted; the manifest tells auto from a number, so changing it redoes the copies."""
+    root = make_dataset(6, 2)
+    for photo in (root / "images").rglob("*.jpg"):
+        with Image.open(photo) as im:
+            im.convert("RGB").save(photo, quality=70)
+    png = next((root / "images" / "val").iterdir())
+    with Image.open(png) as im:
+        im.save(png.with_suffix(".png"))
+    png.unlink()
+    stats = dataset.scan(root)
+    auto = resize.resize_dataset(stats, 416, workers=2)
+    assert auto.qualities == ((85, 7),)
+    out = Path(auto.out_dir)
+    sources = sum(p.stat().st_size for p in (root / "images").rglob("*.jpg"))
+    assert sum(p.stat().st_size for p in out.rglob("*.jpg")) < sources
+    for copy in out.rglob("*.jpg"):
+        with Image.open(copy) as im:
+            assert resize.jpeg_quality(im) == 85
+            assert max(im.size) == 416
+    with Image.open(out / "images" / "val" / png.with_suffix(".png").name) as im:
+        assert im.format == "PNG"
+    fixed = resize.resize_dataset(stats, 416, workers=2, quality=95)
+    assert (fixed.resized, fixed.unchanged, fixed.qualities) == (8, 0, ((95, 7),))
+    assert sum(p.stat().st_size for p in out.rglob("*.jpg")) > sources  # at 95 the copies outgrow their sources
+    again = resize.resize_dataset(stats, 416, workers=2, quality="auto")
+    assert (again.resized, again.unchanged) == (8, 0)
+    assert resize.resize_dataset(stats, 416, workers=2).unchanged == 8
+
+
+@pytest.mark.parametrize("quality", [0, 101, "high", 9.5, True])
+def test_a_quality_outside_1_to_100_is_one_clear_line(make_dataset, quality):
+    root = make_dataset(2, 1)
+    before = tree_hash(root)
+    with pytest.raises(UsageError, match=r"--quality .*: a JPEG quality from 1 to 100, or auto"):
+        resize.resize_dataset(dataset.scan(root), 320, workers=1, quality=quality)
+    assert tree_hash(root) == before
+    assert not root.with_name("ds_320").exists()
+
+
+def test_copy_quality_rule():
+    """95 where the source is not a JPEG or is stored at 80 or more; 15 above a lower one, never under 85."""
+    assert [resize.copy_quality(q) for q in (None, 100, 95, 80, 75, 70, 40)] == [95, 95, 95, 95, 90, 85, 85]
