@@ -591,8 +591,8 @@ def compare_command(
         str,
         typer.Option(
             "--arms",
-            help="Comma-separated: defaults, plan, plan-phases, plan-rect, plan-no-rect, plan-640, plan+finetune, "
-            "plan-classic.",
+            help="Comma-separated: defaults, plan, plan-one-size, plan-phases, plan-rect, plan-no-rect, plan-640, "
+            "plan+finetune, plan-classic.",
         ),
     ] = "defaults,plan",
     baseline_budget: Annotated[

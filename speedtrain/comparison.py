@@ -8,9 +8,9 @@ and retries included). The baseline's target is its final weights' mAP50-95; tim
 epoch at which an arm's curve reaches it (MLPerf Training's way of scoring detectors: time to a target mAP).
 
 Arms: `defaults` is plain Ultralytics (its default.yaml: 640 px, batch 16, optimizer auto, 8 workers, no cache,
-no rect, patience 100); `plan` is speedtrain's plan for this machine; `plan-rect`, `plan-no-rect`, `plan-640` and
-`plan+finetune` change one thing each, so a user sees what each knob costs; `plan-classic` is the plan with the
-classic single-script recipe (Adam at lr0 0.001, rect batches, patience 10).
+no rect, patience 100); `plan` is speedtrain's plan for this machine and budget; `plan-one-size`, `plan-rect`,
+`plan-no-rect`, `plan-640` and `plan+finetune` change one thing each, so a user sees what each knob costs;
+`plan-classic` is the plan with the classic single-script recipe (Adam at lr0 0.001, rect batches, patience 10).
 """
 
 from __future__ import annotations
@@ -43,10 +43,20 @@ from speedtrain.util import (
     write_atomic,
 )
 
-ARMS = ("defaults", "plan", "plan-phases", "plan-no-rect", "plan-rect", "plan-640", "plan+finetune", "plan-classic")
+ARMS = (
+    "defaults",
+    "plan",
+    "plan-one-size",
+    "plan-phases",
+    "plan-no-rect",
+    "plan-rect",
+    "plan-640",
+    "plan+finetune",
+    "plan-classic",
+)
 DEFAULT_ARMS = ("defaults", "plan")
 BASELINE_FACTOR = 3  # the defaults arm's budget against the plan arms' (--baseline-budget): its accuracy given time
-FINETUNE_SHARE = 0.3  # plan+finetune: the share of its budget the 640-px fine-tune gets
+FINETUNE_SHARE = planner.FINETUNE_TIME_SHARE  # plan+finetune: the share of its budget the 640-px fine-tune gets
 MAX_CURVE_POINTS = 30  # saved epochs validated per arm (evenly spaced, the last always): bounds the evaluation time
 FORMAT = 1
 JSON_NAME, PNG_NAME = "compare.json", "compare.png"
@@ -104,8 +114,13 @@ def arms_for(
     for name in names:
         if name == "defaults":
             out.append(Arm(name, (defaults_stage(defaults, baseline_imgsz, main),), (1.0,), prepared=False))
-        elif name == "plan":
-            out.append(Arm(name, (replace((timed or plan).stages[0], name="train", when="always"),), (1.0,), True))
+        elif name == "plan":  # as `train --time` plans it: with --finetune auto, the last 30 % at 640
+            stages = timed.stages if timed else plan.stages[:1]
+            named = tuple(replace(s, name="train" if s.name == "main" else s.name, when="always") for s in stages)
+            out.append(Arm(name, named, planner.time_shares(stages), prepared=True))
+        elif name == "plan-one-size":  # `plan` without its fine-tune: the main stage for the whole budget
+            main_timed = (timed or plan).stages[0]
+            out.append(Arm(name, (replace(main_timed, name="train", when="always"),), (1.0,), prepared=True))
         elif name == "plan-phases":
             out.append(Arm(name, (replace((phased or plan).stages[0], name="train", when="always"),), (1.0,), True))
         elif name in ("plan-no-rect", "plan-rect"):

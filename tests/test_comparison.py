@@ -36,7 +36,7 @@ def test_bad_budgets_are_one_line(text):
 def test_arms_are_checked_and_deduplicated():
     assert comparison.parse_arms("plan, defaults,plan") == ("plan", "defaults")
     assert comparison.parse_arms(["defaults", "plan-640"]) == ("defaults", "plan-640")
-    with pytest.raises(UsageError, match="unknown arm 'fast'; known: defaults, plan, plan-phases, plan-no-rect"):
+    with pytest.raises(UsageError, match="unknown arm 'fast'; known: defaults, plan, plan-one-size, plan-phases"):
         comparison.parse_arms("defaults,fast")
 
 
@@ -147,10 +147,15 @@ def test_arms_change_one_thing_each():
     assert phased.schedule is not None
     assert [p.imgsz for p in phased.schedule.phases] == [320, 416, 640]
     assert dataclasses.replace(phased, name="main") == in_phases.stages[0]
-    budgeted = arms["plan"].stages[0]  # as `train --time` plans it: the main stage, time= for the whole budget
+    # as `train --time` plans it: the main stage for 70 % of the budget, then the 640-px fine-tune
+    budgeted, then = arms["plan"].stages
     assert dataclasses.replace(budgeted, name="main") == timed.stages[0]
-    hours = pytest.approx(1 / 3, abs=1e-5)
-    assert (budgeted.imgsz, budgeted.schedule, dict(budgeted.extra)["time"]) == (416, None, hours)
+    assert then == timed.stages[1]
+    assert arms["plan"].shares == pytest.approx((0.7, 0.3))
+    assert (budgeted.imgsz, budgeted.schedule, then.imgsz, then.when) == (416, None, 640, "always")
+    assert dict(budgeted.extra)["time"] == pytest.approx(0.7 / 3, abs=1e-5)
+    (one_size,) = arms["plan-one-size"].stages  # the same main stage, for the whole budget
+    assert (one_size, arms["plan-one-size"].shares) == (budgeted, (1.0,))
     main = dataclasses.replace(plan.stages[0], name="train", when="always")  # the plan's main stage, one size
     assert dataclasses.replace(budgeted, extra=main.extra) == main
     assert arms["plan-no-rect"].stages[0] == main

@@ -412,7 +412,8 @@ def test_an_impossible_cadence_is_refused(vram, value):
     [
         ("2h", "no", (), {"main": 2.0}, "2h 00m: main 2h 00m"),
         ("1h30m", "yes", (), {"main": 1.05, "finetune": 0.45}, "30% for the fine-tune"),
-        ("90m", "auto", (), {"main": 1.5}, "1h 30m: main 1h 30m"),  # an auto fine-tune: off, the budget is main's
+        ("90m", "auto", (), {"main": 1.05, "finetune": 0.45}, "30% for the fine-tune"),  # measured: it pays
+        ("90m", "ask", (), {"main": 1.5}, "1h 30m: main 1h 30m"),  # asked after main, it could leave 30% unused
         (0.5, "no", (), {"main": 0.5}, "30m 00s"),  # a number is hours, as Ultralytics' time=
     ],
 )
@@ -537,20 +538,29 @@ def test_a_time_budget_keeps_one_size_where_phases_cannot_be(overrides, why):
         plan(snapshot((24,)), fake_stats(), Overrides(time="1h", phases="auto", **overrides))
 
 
-def test_a_time_budget_trains_one_size_with_time_by_default_and_says_what_it_measured():
-    """The measured best in a budget: the main stage at its size with Ultralytics' time= for the whole budget; an
-    auto fine-tune is off (its share would go unused or overrun the budget), --finetune yes keeps 30% for it."""
+def test_a_time_budget_trains_one_size_then_640_by_default_and_says_what_it_measured():
+    """The measured best in a budget: the main stage at its size with Ultralytics' time= for 70 % of it, then the
+    640-px fine-tune for the rest (auto cannot wait to decide: a skipped fine-tune would leave its share unused);
+    --finetune no trains one size for the whole budget, and ask, which could be declined, does too."""
     p = plan(snapshot((24,)), fake_stats(), Overrides(time="1h", model="yolov8n.pt"))
-    (stage,) = p.stages
-    assert stage.schedule is None
-    assert stage.imgsz == planner.MAIN_IMGSZ
-    assert stage.train_args()["time"] == pytest.approx(1.0)
+    main, then = p.stages
+    assert (main.schedule, main.imgsz, then.imgsz, then.when) == (None, planner.MAIN_IMGSZ, 640, "always")
+    assert {s.name: s.train_args()["time"] for s in p.stages} == pytest.approx({"main": 0.7, "finetune": 0.3})
     assert "0.31x" in p.reason("time")
     assert "--phases auto" in p.reason("time")
-    assert p.reason("finetune").startswith("off with --time")
-    assert "finetune.batch" not in dict(p.reasons)
+    assert p.reason("finetune").startswith("the last 30% of the budget at 640 px")
+    for figure in ("0.483", "0.408", "0.386", "--finetune no"):
+        assert figure in p.reason("finetune"), figure
     yes = plan(snapshot((24,)), fake_stats(), Overrides(time="1h", model="yolov8n.pt", finetune="yes"))
-    assert {s.name: s.train_args()["time"] for s in yes.stages} == pytest.approx({"main": 0.7, "finetune": 0.3})
+    assert [(s.name, s.imgsz, s.train_args()["time"]) for s in yes.stages] == [
+        (s.name, s.imgsz, s.train_args()["time"]) for s in p.stages
+    ]
+    for choice in ("no", "ask"):
+        (stage,) = plan(snapshot((24,)), fake_stats(), Overrides(time="1h", model="yolov8n.pt", finetune=choice)).stages
+        assert stage.train_args()["time"] == pytest.approx(1.0)
+    asked = plan(snapshot((24,)), fake_stats(), Overrides(time="1h", model="yolov8n.pt", finetune="ask"))
+    assert asked.reason("finetune").startswith("off with --time (--finetune ask)")
+    assert "finetune.batch" not in dict(asked.reasons)
 
 
 def test_the_classic_recipe_is_the_single_script_exactly_with_its_measured_cost():
