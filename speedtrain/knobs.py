@@ -273,7 +273,8 @@ class Overrides:
         default="auto",
         shown="fine-tune line",
         not_in={"compare": ARMS},
-        help="640-px fine-tune: auto (when the main stage's weights lose accuracy at 640), yes, no, or ask at the end.",
+        help="640-px fine-tune: auto (when the main stage's weights lose accuracy at 640; with --time, the last "
+        "30% of the budget), yes, no, or ask at the end.",
     )
     finetune_epochs: int | None = knob(
         "--finetune-epochs",

@@ -45,6 +45,7 @@ def test_a_format_1_report_round_trips_exactly():
     assert again["dataset"].pop("fingerprint") == ""
     assert again["prepare"]["original_dataset"].pop("fingerprint") == ""
     assert again["prepare"].pop("ram_cache") is False
+    assert again["prepare"]["summary"].pop("qualities") == {}  # not recorded before it existed
     assert again == doc
     assert SpeedReport.from_dict(json.loads(rep.to_json())) == rep
 
@@ -169,3 +170,12 @@ def test_a_report_renders_itself_in_jupyter():
     assert f"{rep.images_per_s:.1f}" in bundle["text/plain"]
     plan_only = SpeedReport.planned(rep.hardware, rep.dataset, rep.plan)
     assert "Plan: yolo26n" in plan_only._repr_mimebundle_(include=[], exclude=[])["text/plain"]
+
+
+def test_the_prepared_copys_jpeg_qualities_round_trip():
+    doc = json.loads(V1_TODAY.read_text())
+    doc["prepare"]["summary"]["qualities"] = {"85": 30, "95": 2}
+    rep = SpeedReport.from_dict(doc)
+    assert rep.prepare is not None
+    assert rep.prepare.summary.qualities == ((85, 30), (95, 2))
+    assert json.loads(rep.to_json())["prepare"]["summary"]["qualities"] == {"85": 30, "95": 2}
