@@ -57,7 +57,7 @@ ARMS = (
 DEFAULT_ARMS = ("defaults", "plan")
 BASELINE_FACTOR = 3  # the defaults arm's budget against the plan arms' (--baseline-budget): its accuracy given time
 FINETUNE_SHARE = planner.FINETUNE_TIME_SHARE  # plan+finetune: the share of its budget the 640-px fine-tune gets
-MAX_CURVE_POINTS = 30  # saved epochs validated per arm (evenly spaced, the last always): bounds the evaluation time
+MAX_CURVE_POINTS = 30  # saved epochs validated per arm (shared by its stages, evenly spaced, each one's last always)
 FORMAT = 1
 JSON_NAME, PNG_NAME = "compare.json", "compare.png"
 Log = Callable[[str], None]
@@ -633,8 +633,9 @@ def _run_arm(
     with ultra.output_to(log_file), torch_threads_restored():  # the validator sets its own threads
         points: list[Point] = []
         epochs_before = 0
-        for start, st, res in curve_parts:  # a fine-tune's epochs and seconds go on from the main stage's
-            part = _curve(st, res, start, data_yaml, arm_dir, val_imgsz)
+        limits = curve_limits([res.epochs_done for _, _, res in curve_parts], MAX_CURVE_POINTS)
+        for (start, st, res), limit in zip(curve_parts, limits, strict=True):  # a fine-tune's go on from main's
+            part = _curve(st, res, start, data_yaml, arm_dir, val_imgsz, limit)
             points += [replace(p, epoch=p.epoch + epochs_before) for p in part]
             epochs_before += res.epochs_done
         curve = tuple(points)
@@ -715,12 +716,29 @@ def _renamed(on_update: OnProgress | None, name: str) -> OnProgress | None:
     return lambda ev: on_update(replace(ev, stage=name))
 
 
-def _curve(stage: Stage, result: StageResult, start: float, data: Path, arm_dir: Path, imgsz: int) -> list[Point]:
-    """Validate the stage's saved epochs (at most MAX_CURVE_POINTS, evenly spaced, the last always) at `imgsz`,
-    then delete their checkpoints (best.pt and last.pt stay)."""
+def curve_limits(epochs: list[int], cap: int) -> list[int]:
+    """How many saved epochs of each of an arm's stages its curve validates: all of them while the arm has at most
+    `cap`, else `cap` shared in proportion to the epochs (largest remainders), at least the last of each stage."""
+    total = sum(epochs)
+    if total <= cap:
+        return list(epochs)
+    exact = [cap * e / total for e in epochs]
+    limits = [min(e, max(1, int(x))) for e, x in zip(epochs, exact, strict=True)]
+    by_remainder = sorted(range(len(epochs)), key=lambda i: int(exact[i]) - exact[i])
+    for i in by_remainder:
+        if sum(limits) < cap and limits[i] < epochs[i]:
+            limits[i] += 1
+    return limits
+
+
+def _curve(
+    stage: Stage, result: StageResult, start: float, data: Path, arm_dir: Path, imgsz: int, limit: int
+) -> list[Point]:
+    """Validate `limit` of the stage's saved epochs (evenly spaced, the last always) at `imgsz`, then delete their
+    checkpoints (best.pt and last.pt stay)."""
     weights = Path(result.save_dir or arm_dir / stage.name) / "weights"
     saved = sorted((int(p.stem.removeprefix("epoch")), p) for p in weights.glob("epoch*.pt"))
-    picked = {saved[i][0] for i in spread(len(saved), MAX_CURVE_POINTS)}
+    picked = {saved[i][0] for i in spread(len(saved), limit)}
     points = []
     for epoch, path in saved:
         if epoch in picked and epoch < len(result.epoch_end_s):

@@ -209,9 +209,11 @@ def read_json(path: Path, what: str, error: type[Exception], missing: str) -> An
 
 
 def spread(n: int, k: int) -> list[int]:
-    """min(n, k) indices of range(n), evenly spaced, the first and the last included."""
+    """min(n, k) indices of range(n), evenly spaced, the first and the last included (only the last for k=1)."""
     if n <= k:
         return list(range(n))
+    if k <= 1:
+        return [n - 1] if k == 1 else []
     return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
 
 

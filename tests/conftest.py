@@ -40,7 +40,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     deselected = len(terminalreporter.stats.get("deselected", []))
     if deselected and config.getoption("markexpr") == "not slow":
         terminalreporter.write_line(
-            f"{deselected} slow tests not run (real CPU trainings, benchmark smoke runs; about 25 minutes on 2 cores): "
+            f"{deselected} slow tests not run (real CPU trainings, benchmark smoke runs; about 27 minutes on 2 cores): "
             "python -m pytest -m slow"
         )
 

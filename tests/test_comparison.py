@@ -17,6 +17,7 @@ from speedtrain.cli import app
 from speedtrain.comparison import ArmResult, Comparison, Point, Score, time_to_reach
 from speedtrain.errors import UsageError
 from speedtrain.records import DatasetSummary, StageResult
+from speedtrain.util import spread
 
 
 @pytest.mark.parametrize(
@@ -233,9 +234,10 @@ def test_two_arms_on_real_images_for_twenty_seconds_each(make_dataset, tmp_path)
         assert seconds == sorted(seconds)
         assert 0 < seconds[-1] <= a.wall_s
         assert [s.imgsz for s in a.final] == [64]
-        assert dict(a.latency_ms).keys() == {64, 640}
+        # the network as its arm ends: the defaults at 64, the plan after its fine-tune (the last 30 %) at 96
+        assert dict(a.latency_ms).keys() == ({64, 640} if a.name == "defaults" else {96, 640})
         assert a.wall_s < 20 + 30  # the budget, plus setup and the last epoch's overrun
-        assert not list((Path(c.run_dir) / a.name / "train" / "weights").glob("epoch*.pt"))  # deleted once scored
+        assert not list((Path(c.run_dir) / a.name).glob("*/weights/epoch*.pt"))  # deleted once scored
     tta = c.time_to_accuracy("plan")
     base = c.arm("defaults")
     assert base is not None
@@ -400,3 +402,25 @@ def test_why_an_arm_ended_before_its_planned_epochs(wall, maps, says):
     stage = dataclasses.replace(planner.plan(snapshot(()), fake_stats()).stage("main"), patience=10)
     result = StageResult("train", "early-stopped", 416, 16, 50, len(maps), wall_time_s=wall, epoch_map50_95=maps)
     assert says in comparison._why_it_ended([result], stage, 1200.0)
+
+
+@pytest.mark.parametrize(
+    ("epochs", "limits"),
+    [
+        ([20], [20]),
+        ([51], [30]),
+        ([36, 15], [21, 9]),  # an arm's main stage and fine-tune share the arm's 30 points
+        ([20, 10], [20, 10]),
+        ([100, 1], [29, 1]),  # every stage keeps its last epoch
+        ([200, 3], [29, 1]),
+        ([10, 10, 10, 10], [8, 8, 7, 7]),
+    ],
+)
+def test_an_arms_curve_validates_at_most_30_epochs_shared_by_its_stages(epochs, limits):
+    got = comparison.curve_limits(epochs, comparison.MAX_CURVE_POINTS)
+    assert got == limits
+    assert sum(got) == min(sum(epochs), comparison.MAX_CURVE_POINTS)
+    for n, k in zip(epochs, got, strict=True):  # the epochs picked: k of n, evenly spaced, the last always
+        picked = spread(n, k)
+        assert len(picked) == k
+        assert picked[-1] == n - 1

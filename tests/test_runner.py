@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import run_benchmark, table_rows, tree_hash, wait_for
 
 from speedtrain import measured, runner, ultra, workflow
@@ -185,6 +186,40 @@ def test_a_time_budget_ends_with_the_learning_rate_schedule_complete(make_datase
         rates = [float(r["lr/pg0"]) for r in csv.DictReader(f)]
     assert len(rates) == m.epochs_done
     assert rates[-1] < 0.1 * max(rates)  # annealed: lr0 x lrf at the end of a cosine schedule, not cut halfway
+
+
+@pytest.mark.slow
+def test_a_time_budget_gives_its_last_30_percent_to_the_fine_tune_by_default(make_dataset, tmp_path):
+    """--time 1m with --finetune left at auto: the main stage trains its 70 % at its size, then the fine-tune its
+    30 % at the larger size from the main stage's best weights; each ends within one epoch of its share."""
+    import speedtrain
+
+    rep = speedtrain.train(
+        make_dataset(8, 2),
+        imgsz=64,
+        finetune_imgsz=96,
+        time="1m",
+        prepare="no",
+        device="cpu",
+        project=tmp_path / "runs",
+        verbose=False,
+        hooks=speedtrain.Hooks(log=print),
+        plots=False,
+    )
+    assert [(s.stage.name, s.stage.imgsz, s.status) for s in rep.stages] == [
+        ("main", 64, "completed"),
+        ("finetune", 96, "completed"),
+    ]
+    main, finetune = (s.measured for s in rep.stages)
+    assert main is not None
+    assert finetune is not None
+    for stage, share in ((main, 0.7), (finetune, 0.3)):
+        assert stage.epochs_done >= 1
+        assert sum(stage.epoch_times_s) < 60 * share + max(stage.epoch_times_s) + 5
+    assert rep.stages[1].stage.train_args()["time"] == pytest.approx(0.3 / 60, abs=1e-5)
+    args = yaml.safe_load((Path(finetune.save_dir or "") / "args.yaml").read_text())  # Ultralytics' own record
+    assert (args["model"], args["imgsz"]) == (main.weights, 96)  # from the main stage's best weights
+    assert rep.metric("mAP50-95") is not None
 
 
 def test_a_stage_setting_up_with_ultralytics_output_hidden_says_what_it_does_every_few_seconds():
